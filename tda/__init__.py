@@ -1,0 +1,22 @@
+"""tda: training-data attribution with projected per-example gradients.
+
+Public API: :class:`Attributor` (featurize, fit, score in memory), tasks
+(:class:`ClassificationTask`), :class:`Projector`, scorers (:class:`TRAKScorer`), the scoring
+kernel (:func:`score_matrix`, :func:`top_k`) and the error hierarchy.
+"""
+
+from .api import Attributor
+from .errors import TDAError
+from .features import ArrayFeatures, FeatureBlock
+from .featurize import Featurizer
+from .kernel import TopK, score_matrix, top_k
+from .projectors import Projector
+from .scorers import Scorer, TRAKScorer, make_scorer
+from .tasks import ClassificationTask, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attributor", "ArrayFeatures", "ClassificationTask", "FeatureBlock", "Featurizer", "Projector",
+    "Scorer", "TDAError", "TRAKScorer", "Task", "TopK", "make_scorer", "score_matrix", "top_k",
+]

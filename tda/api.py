@@ -1,0 +1,107 @@
+"""The public Python API: attribute a model's predictions to its training data.
+
+Example::
+
+    import tda
+    from tda.data import load_mnist, mnist_collate
+
+    train, test = load_mnist(root, "train", 5000), load_mnist(root, "test", 100)
+    attr = tda.Attributor(model, checkpoints=[sd0, sd1, sd2], collate=mnist_collate, k=1024)
+    attr.fit(train)                      # featurize the training set, fit TRAK
+    scores = attr.scores(test)           # (100, 5000) float32
+    top = attr.top_k(test, k=10)         # proponents / opponents per query
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import Collate, iter_batches
+from .errors import CheckpointError, TDAError
+from .features import ArrayFeatures, FeatureBlock, concat_blocks
+from .featurize import Featurizer
+from .kernel import TopK, score_matrix, top_k
+from .scorers import Scorer, TRAKScorer
+from .tasks import ClassificationTask, Task
+
+
+class Attributor:
+    """Featurize, fit and query in memory.
+
+    Args:
+        model: the ``nn.Module`` (architecture of every checkpoint).
+        checkpoints: state dicts or ``torch.save`` paths, one per checkpoint / trained model.
+        collate: turns a batch of dataset rows into the task's tensors (e.g. ``mnist_collate``).
+        task: output function, default :class:`ClassificationTask`.
+        scorer: default :class:`TRAKScorer` with its default ridge.
+        k: projection dimension. seed: projection seed. kind: ``rademacher`` or ``gaussian``.
+        param_names: parameters to differentiate (``None``: all).
+        batch_size: examples per gradient batch. device: default the model's.
+        progress: show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoints: Sequence[Mapping[str, Tensor] | str | Path],
+        collate: Collate,
+        task: Task | None = None,
+        scorer: Scorer | None = None,
+        k: int = 1024,
+        seed: int = 0,
+        kind: str = "rademacher",
+        param_names: Sequence[str] | None = None,
+        batch_size: int = 128,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not checkpoints:
+            raise CheckpointError("at least one checkpoint is needed; pass model.state_dict() for one")
+        self.checkpoints = list(checkpoints)
+        self.collate = collate
+        self.scorer = scorer if scorer is not None else TRAKScorer()
+        self.featurizer = Featurizer(model, task or ClassificationTask(), k=k, seed=seed, kind=kind,
+                                     param_names=param_names, device=device)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.train_features: ArrayFeatures | None = None
+
+    def featurize(self, data) -> FeatureBlock:
+        """Features of every example of ``data`` (a ``datasets.Dataset``) under every checkpoint."""
+        per_ckpt = []
+        for c, state in enumerate(self.checkpoints):
+            batches = iter_batches(data, self.collate, self.batch_size)
+            rows = []
+            bar = tqdm(total=len(data), desc=f"featurize ckpt {c}", disable=not self.progress, unit="ex")
+            for ids, phi, q in self.featurizer.featurize(state, c, batches):
+                rows.append(FeatureBlock(ids, phi[None], q[None]))
+                bar.update(len(ids))
+            bar.close()
+            per_ckpt.append(concat_blocks(rows))
+        return FeatureBlock(per_ckpt[0].ids, np.concatenate([b.feats for b in per_ckpt]),
+                            np.concatenate([b.q for b in per_ckpt]))
+
+    def fit(self, train_data) -> "Attributor":
+        """Featurize the training set and fit the scorer."""
+        self.train_features = ArrayFeatures(self.featurize(train_data), range(len(self.checkpoints)))
+        self.scorer.fit(self.train_features)
+        return self
+
+    def _train(self) -> ArrayFeatures:
+        if self.train_features is None:
+            raise TDAError("call fit(train_data) before scoring")
+        return self.train_features
+
+    def scores(self, query_data) -> np.ndarray:
+        """Dense scores (n_query, n_train); > 0 means the training example raises f(query)."""
+        return score_matrix(self.featurize(query_data), self.scorer, self._train())
+
+    def top_k(self, query_data, k: int = 10) -> TopK:
+        """Top-k proponents (raise f) and opponents (lower f) per query, by training id."""
+        return top_k(self.featurize(query_data), self.scorer, self._train(), k)

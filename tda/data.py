@@ -1,0 +1,151 @@
+"""Data: MNIST from idx files as a Hugging Face ``datasets.Dataset``, and batching.
+
+Any ``datasets.Dataset`` plugs in the same way: batches are dicts of tensors produced by a
+``collate`` function from the dataset's columns, and every row has an integer example id (the
+``id`` column when present, else its position).
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+Collate = Callable[[Mapping[str, object]], dict[str, Tensor]]
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (optionally gzipped): big-endian header (magic, dims), then data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an idx file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    return data.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(
+        f"MNIST file {stem}(.gz) not found in {root}; set data.root in the config (or the "
+        "root argument) to the folder holding the four idx files"
+    )
+
+
+def load_mnist(root: str | Path, split: str = "train", limit: int | None = None):
+    """MNIST as a ``datasets.Dataset`` with columns ``id`` (int64), ``image`` (784 uint8), ``label``.
+
+    Args:
+        root: folder with the idx files (gzipped or not).
+        split: ``"train"`` (60,000) or ``"test"`` (10,000).
+        limit: keep the first ``limit`` rows.
+    """
+    import datasets
+    import pyarrow as pa
+
+    if split not in MNIST_FILES:
+        raise DataError(f"MNIST split {split!r} is unknown; use 'train' or 'test'")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"MNIST folder {root} does not exist; set data.root to the idx files' folder")
+    images = read_idx(_find(root, MNIST_FILES[split][0]))
+    labels = read_idx(_find(root, MNIST_FILES[split][1]))
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"limit must be >= 1, got {limit}")
+        images, labels = images[:limit], labels[:limit]
+    flat = pa.array(np.ascontiguousarray(images.reshape(len(images), -1)).reshape(-1))
+    table = pa.table({
+        "id": pa.array(np.arange(len(images), dtype=np.int64)),
+        "image": pa.FixedSizeListArray.from_arrays(flat, images.shape[1] * images.shape[2]),
+        "label": pa.array(labels.astype(np.int64)),
+    })
+    return datasets.Dataset(table)
+
+
+def mnist_collate(rows: Mapping[str, object]) -> dict[str, Tensor]:
+    """Batch of MNIST rows -> ``{"x": (B, 784) float32 normalised, "y": (B,) int64}``."""
+    x = torch.from_numpy(np.array(rows["image"], dtype=np.float32)) / 255.0
+    return {"x": (x - MNIST_MEAN) / MNIST_STD, "y": torch.from_numpy(np.array(rows["label"], dtype=np.int64))}
+
+
+def example_ids(dataset) -> np.ndarray:
+    """Integer ids of every row: the ``id`` column if present, else positions."""
+    if "id" in dataset.column_names:
+        ids = dataset.with_format("arrow")["id"].to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise DataError("the data set's 'id' column has duplicates; ids must be unique")
+        return ids
+    return np.arange(len(dataset), dtype=np.int64)
+
+
+def iter_batches(
+    dataset, collate: Collate, batch_size: int = 256, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[np.ndarray, dict[str, Tensor]]]:
+    """Yield ``(ids, batch)`` over rows ``[start, stop)`` of a ``datasets.Dataset``."""
+    n = len(dataset)
+    if n == 0:
+        raise DataError("the data set is empty; nothing to featurize")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    stop = n if stop is None else min(stop, n)
+    ids = example_ids(dataset)
+    view = dataset.with_format("arrow")
+    for lo in range(start, stop, batch_size):
+        hi = min(lo + batch_size, stop)
+        yield ids[lo:hi], collate(_arrow_columns(view[lo:hi]))
+
+
+def _arrow_columns(table) -> dict[str, np.ndarray]:
+    """Columns of an Arrow table as numpy arrays; fixed-size lists become 2-D arrays."""
+    import pyarrow as pa
+
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+        elif pa.types.is_primitive(col.type):
+            out[name] = col.to_numpy(zero_copy_only=False)
+        else:
+            out[name] = np.asarray(col.to_pylist(), dtype=object)
+    return out
+
+
+def as_dataset(data) -> object:
+    """Accept a ``datasets.Dataset`` or a dict of equal-length arrays and return a Dataset."""
+    import datasets
+
+    if isinstance(data, datasets.Dataset):
+        return data
+    if isinstance(data, Mapping):
+        cols = {k: np.asarray(v) for k, v in data.items()}
+        lengths = {k: len(v) for k, v in cols.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"columns have different lengths: {lengths}")
+        return datasets.Dataset.from_dict({k: list(v) if v.ndim > 1 else v for k, v in cols.items()})
+    raise DataError(f"expected a datasets.Dataset or a dict of arrays, got {type(data).__name__}")

@@ -1,0 +1,130 @@
+"""Per-example gradients of a task's output with ``torch.func`` (METHODS.md section 1).
+
+``vmap(grad(f))`` over ``functional_call``: each example is run as a batch of one, so the
+model must not mix examples (BatchNorm in train mode, for instance); the model is put in eval
+mode while gradients are taken and its mode restored afterwards.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from .errors import ConfigError, NonFiniteError
+from .tasks import Batch, Task
+
+
+def select_parameters(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
+    """Names of the parameters to differentiate, in the model's order.
+
+    Args:
+        model: the network.
+        names: exact parameter names, or name prefixes (``"0"`` selects ``"0.weight"`` and
+            ``"0.bias"``). ``None`` selects every parameter that requires grad.
+
+    Raises:
+        ConfigError: a name matches no parameter.
+    """
+    all_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if names is None:
+        return all_names
+    chosen = []
+    for wanted in names:
+        hits = [n for n in all_names if n == wanted or n.startswith(wanted + ".")]
+        if not hits:
+            raise ConfigError(
+                f"parameter {wanted!r} is not in the model; choose from {all_names[:20]}"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    return [n for n in all_names if n in chosen]
+
+
+def parameter_count(model: nn.Module, names: Sequence[str]) -> int:
+    """Total number of scalars in the named parameters (the gradient dimension d)."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _split_params(model: nn.Module, names: Sequence[str]) -> tuple[dict, dict]:
+    wanted = set(names)
+    trainable, frozen = {}, {}
+    for n, p in model.named_parameters():
+        (trainable if n in wanted else frozen)[n] = p.detach()
+    frozen.update({n: b.detach() for n, b in model.named_buffers()})
+    return trainable, frozen
+
+
+def per_example_grads(
+    model: nn.Module,
+    task: Task,
+    batch: Batch,
+    names: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Gradient of ``task.output`` for every example of ``batch``.
+
+    Args:
+        model: the network, already holding the checkpoint's weights.
+        task: output function.
+        batch: mapping of tensors with leading dimension B.
+        names: parameters to differentiate (see :func:`select_parameters`).
+        chunk_size: examples per vmap chunk (bounds memory), ``None`` for all at once.
+
+    Returns:
+        Mapping parameter name -> tensor of shape (B, *param.shape).
+    """
+    names = select_parameters(model, names)
+    trainable, frozen = _split_params(model, names)
+
+    def f(params: dict, example: Mapping[str, Tensor]) -> Tensor:
+        one = {k: v.unsqueeze(0) for k, v in example.items()}  # batch of one
+
+        def call(*args: Tensor) -> Tensor:
+            return functional_call(model, {**frozen, **params}, args)
+
+        return task.output(call, one).squeeze(0)
+
+    with eval_mode(model):
+        grads = vmap(grad(f), in_dims=(None, 0), chunk_size=chunk_size)(trainable, dict(batch))
+    return {n: grads[n] for n in names}
+
+
+def flatten_grads(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    """Concatenate per-example gradients in ``names`` order: (B, d), float32 or wider."""
+    parts = [grads[n].reshape(grads[n].shape[0], -1) for n in names]
+    flat = torch.cat(parts, dim=1)
+    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+
+def loss_weights(model: nn.Module, task: Task, batch: Batch) -> Tensor:
+    """``Q`` per example with the model in eval mode, shape (B,)."""
+    with eval_mode(model), torch.no_grad():
+        return task.loss_weight(model, batch).float()
+
+
+def check_finite(values: Tensor, ids: Sequence[int] | Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the examples whose rows are not finite."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).flatten().tolist()
+        bad_ids = [int(ids[i]) for i in idx[:10]]
+        raise NonFiniteError(
+            f"{what} are NaN or infinite for {len(idx)} example(s), ids {bad_ids}"
+            f"{' ...' if len(idx) > 10 else ''}; check the inputs of these examples and the "
+            "checkpoint (a diverged training run gives NaN weights); nothing was stored"
+        )

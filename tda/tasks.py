@@ -1,0 +1,103 @@
+"""Output functions: what is attributed (METHODS.md section 1).
+
+A task turns a model call and a batch into the scalar measured output ``f(theta, z)`` per
+example (differentiated to build features) and, for TRAK, the loss weight ``Q(theta, z)``.
+
+Classification uses the margin ``f = logit_y - logsumexp_{j != y} logit_j`` (that is
+``log(p_y / (1 - p_y))``), computed by masking the true logit with ``-inf`` so it stays finite
+where ``p_y`` rounds to 1, and ``Q = 1 - softmax(logits)_y`` of the true label.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import ShapeError
+
+Batch = Mapping[str, Tensor]
+ModelCall = Callable[..., Tensor]
+
+
+class Task(ABC):
+    """An output function ``f`` (and optionally ``Q``) over batches of examples.
+
+    Subclasses implement :meth:`output`; :meth:`loss_weight` defaults to 1 (METHODS.md: "Q is 1
+    when undefined").
+    """
+
+    #: Name recorded in store manifests so features of different tasks never mix.
+    name: str = "task"
+
+    @abstractmethod
+    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+        """Measured output per example.
+
+        Args:
+            model: callable running the model on the task's inputs.
+            batch: mapping of tensors with a leading batch dimension B.
+
+        Returns:
+            Tensor of shape (B,).
+        """
+
+    def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
+        """TRAK's ``Q = dLoss/df`` per example, shape (B,). Defaults to ones."""
+        first = next(iter(batch.values()))
+        return torch.ones(first.shape[0], dtype=torch.float32, device=first.device)
+
+
+def _check_logits(logits: Tensor, y: Tensor) -> None:
+    if logits.ndim != 2 or y.ndim != 1 or logits.shape[0] != y.shape[0]:
+        raise ShapeError(
+            f"classification needs logits of shape (B, C) and labels of shape (B,), got "
+            f"{tuple(logits.shape)} and {tuple(y.shape)}; make the model return one row of "
+            "class scores per example"
+        )
+    if logits.shape[1] < 2:
+        raise ShapeError(f"classification needs at least 2 classes, got {logits.shape[1]}")
+
+
+def classification_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """``logit_y - logsumexp_{j != y} logit_j`` per row. Shapes: (B, C), (B,) -> (B,)."""
+    _check_logits(logits, y)
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    true_mask = classes.unsqueeze(0) == y.long().unsqueeze(1)  # (B, C), vmap-safe one-hot
+    true_logit = logits.gather(1, y.long().unsqueeze(1)).squeeze(1)  # (B,)
+    others = logits.masked_fill(true_mask, float("-inf"))  # (B, C)
+    return true_logit - torch.logsumexp(others, dim=1)
+
+
+def classification_loss_weight(logits: Tensor, y: Tensor) -> Tensor:
+    """``Q = 1 - softmax(logits)_y`` of the true label. Shapes: (B, C), (B,) -> (B,)."""
+    _check_logits(logits, y)
+    probs = torch.softmax(logits.float(), dim=1)
+    return 1.0 - probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
+
+
+class ClassificationTask(Task):
+    """Margin output for a classifier taking ``batch[input_key]`` and labels ``batch[label_key]``."""
+
+    name = "classification-margin"
+
+    def __init__(self, input_key: str = "x", label_key: str = "y") -> None:
+        self.input_key = input_key
+        self.label_key = label_key
+
+    def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
+        for key in (self.input_key, self.label_key):
+            if key not in batch:
+                raise ShapeError(
+                    f"batch has no {key!r} entry (has {sorted(batch)}); pass "
+                    f"ClassificationTask(input_key=..., label_key=...) naming your columns"
+                )
+        return model(batch[self.input_key])
+
+    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+        return classification_margin(self._logits(model, batch), batch[self.label_key])
+
+    def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
+        return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
