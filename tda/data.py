@@ -117,10 +117,10 @@ def iter_batches(
     view = dataset.with_format("arrow")
     for lo in range(start, stop, batch_size):
         hi = min(lo + batch_size, stop)
-        yield ids[lo:hi], collate(_arrow_columns(view[lo:hi]))
+        yield ids[lo:hi], collate(arrow_columns(view[lo:hi]))
 
 
-def _arrow_columns(table) -> dict[str, np.ndarray]:
+def arrow_columns(table) -> dict[str, np.ndarray]:
     """Columns of an Arrow table as numpy arrays; fixed-size lists become 2-D arrays."""
     import pyarrow as pa
 

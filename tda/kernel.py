@@ -87,7 +87,7 @@ def top_k(
     n = 0
     for ids, scores in iter_score_blocks(qv, scorer, train, block_rows):
         s = torch.from_numpy(scores)
-        i = torch.from_numpy(ids).unsqueeze(0).expand(m, -1)
+        i = torch.from_numpy(np.array(ids, dtype=np.int64)).unsqueeze(0).expand(m, -1)
         pro = _merge(*pro, s, i, k, largest=True)
         opp = _merge(*opp, s, i, k, largest=False)
         n += len(ids)

@@ -1,0 +1,1 @@
+"""Staged jobs (train, featurize, index, score), their configs and the ``tda`` CLI."""

@@ -1,0 +1,141 @@
+"""Command line: ``tda run CONFIG`` and ``tda query --run DIR --example ID``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stores import FaissIndex, FeatureStore, StoreLock
+from tda.errors import QueryError, TDAError
+from tda.features import FeatureBlock
+
+from .config import RunConfig, load_config, parse_config
+from .report import format_query
+from .run import RunPaths, claim_run_dir, datasets_for, ids_to_rows, load_checkpoint_list, make_featurizer
+from .stages import STAGES, load_scorer, stage_featurize, stage_index, stage_score, stage_train
+
+
+def _stages(args: argparse.Namespace) -> list[str]:
+    if args.only:
+        return [args.only]
+    start = STAGES.index(args.from_stage) if args.from_stage else 0
+    return list(STAGES[start:])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    root = Path(args.out or cfg.out_dir)
+    paths = RunPaths(root)
+    t0 = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    with StoreLock(root):
+        claim_run_dir(cfg, root, args.overwrite)
+        todo = _stages(args)
+        progress = not args.quiet
+        if "train" in todo:
+            stage_train(cfg, paths, progress)
+        if "featurize" in todo:
+            stage_featurize(cfg, paths, progress)
+        if "index" in todo:
+            stage_index(cfg, paths, progress)
+        if "score" in todo:
+            stage_score(cfg, paths, progress)
+    if "score" in todo:
+        print_report(cfg, paths)
+    print(f"\ndone in {time.time() - t0:.1f}s; outputs in {root}/ (checkpoints/, features-train/, "
+          "features-query/, scorer/, index/, scores/scores.npy, scores/topk.npz)")
+    return 0
+
+
+def print_report(cfg: RunConfig, paths: RunPaths) -> None:
+    data = datasets_for(cfg)
+    labels = dict(zip(*(np.asarray(data["train"].with_format("numpy")[c]) for c in ("id", "label"))))
+    with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
+        top = {k: z[k] for k in z.files}
+    qlabels = np.asarray(data["query"].with_format("numpy")["label"])
+    ckpts = load_checkpoint_list(paths)
+    accs = [c.get("query_accuracy") for c in ckpts if c.get("query_accuracy") is not None]
+    print(f"\n{cfg.name}: {len(top['train_ids'])} training examples, {len(top['query_ids'])} queries, "
+          f"{len(ckpts)} checkpoints" + (f", query accuracy {np.mean(accs):.3f}" if accs else ""))
+    print("score > 0: training on the example raises the query's margin log(p/(1-p)) (proponent)")
+    for row in range(min(cfg.score.show, len(top["query_ids"]))):
+        qid = int(top["query_ids"][row])
+        print(format_query(qid, int(qlabels[row]), None, top, row, labels, min(5, cfg.score.topk)))
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    paths = RunPaths(Path(args.run))
+    if not paths.run_file.is_file():
+        raise TDAError(f"{args.run} is not a tda run folder (no run.json); run `tda run CONFIG` first")
+    cfg = parse_config(json.loads(paths.run_file.read_text())["config"])
+    t0 = time.time()
+    index = FaissIndex.load(paths.index)
+    scorer = load_scorer(cfg, paths)
+    block = _query_features(cfg, paths, args.example, args.split)
+    top = index.top_k(scorer.transform_query(block), args.k)
+    elapsed = time.time() - t0
+    data = datasets_for(cfg)
+    labels = dict(zip(*(np.asarray(data["train"].with_format("numpy")[c]) for c in ("id", "label"))))
+    qds = data["query" if args.split == "query" else "train"]
+    qlabel = int(qds.with_format("numpy")[ids_to_rows(qds)[args.example]]["label"])
+    as_dict = {"proponent_ids": top.proponent_ids, "proponent_scores": top.proponent_scores,
+               "opponent_ids": top.opponent_ids, "opponent_scores": top.opponent_scores}
+    print(format_query(args.example, qlabel, None, as_dict, 0, labels, args.k))
+    print(f"  ({elapsed * 1000:.0f} ms, {len(index)} indexed training examples, {index.meta['kind']} index)")
+    return 0
+
+
+def _query_features(cfg: RunConfig, paths: RunPaths, example: int, split: str) -> FeatureBlock:
+    """Stored features of ``example`` if the store has them, else computed now."""
+    store = FeatureStore.open(paths.store(split))
+    ids = store.ids()
+    hit = np.nonzero(ids == example)[0]
+    if len(hit):
+        shard, row = divmod(int(hit[0]), store.manifest["shard_size"])
+        return store.read_shard(shard).select(slice(row, row + 1))
+    raise QueryError(
+        f"example id {example} is not in the {split} split of this run (ids {int(ids.min())}..{int(ids.max())}); "
+        "pick an id from that range or raise data.query_size and rerun"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tda", description="Training-data attribution: which training examples drove a prediction.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the staged job of a YAML config (train, featurize, index, score)")
+    r.add_argument("config", help="YAML config, e.g. configs/mnist_trak.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set featurize.k=512")
+    r.add_argument("--out", help="run folder (default: out_dir from the config)")
+    r.add_argument("--overwrite", action="store_true", help="replace outputs of a different config in the run folder")
+    r.add_argument("--from", dest="from_stage", choices=STAGES, help="start at this stage (earlier outputs must exist)")
+    r.add_argument("--only", choices=STAGES, help="run just this stage")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+    q = sub.add_parser("query", help="top-k proponents/opponents of one example from a finished run")
+    q.add_argument("--run", required=True, help="run folder written by `tda run`")
+    q.add_argument("--example", type=int, required=True, help="example id (in the query split by default)")
+    q.add_argument("--split", choices=("query", "train"), default="query", help="split the example comes from")
+    q.add_argument("-k", type=int, default=10, help="how many proponents and opponents")
+    q.set_defaults(func=cmd_query)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TDAError as exc:
+        print(f"tda: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

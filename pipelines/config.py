@@ -1,0 +1,235 @@
+"""Typed run configuration, parsed from YAML at the edge.
+
+Every section is a dataclass with checks in ``__post_init__``; unknown keys raise
+:class:`ConfigError` with a "did you mean" suggestion. :func:`section_fingerprint` hashes the
+resolved sections an artifact depends on, so features are reused when only scoring settings
+change and refused when the projection or data change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stores._io import fingerprint
+from tda.errors import ConfigError
+
+
+def _key(obj: Any, name: str) -> str:
+    return f"{type(obj).__name__.replace('Config', '').lower()}.{name}"
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{_key(obj, name)} must be >= 1, got {value}")
+
+
+def _choice(obj: Any, name: str, options: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in options:
+        raise ConfigError(f"{_key(obj, name)} is {getattr(obj, name)!r}; choose one of {options}")
+
+
+@dataclass
+class DataConfig:
+    """Data: the shipped MNIST idx files."""
+
+    name: str = "mnist"  # data set; "mnist" reads idx files from `root`
+    root: str = "../shared/data/mnist"  # folder of the idx files (relative to the working dir)
+    train_size: int | None = 10000  # first N training examples (None: all 60,000)
+    query_split: str = "test"  # split the queries come from
+    query_size: int = 500  # first N examples of the query split
+
+    def __post_init__(self) -> None:
+        _choice(self, "name", ("mnist",))
+        _choice(self, "query_split", ("train", "test"))
+        _positive(self, "train_size", "query_size")
+
+
+@dataclass
+class ModelConfig:
+    """Model architecture (an MLP on flattened images)."""
+
+    arch: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [128])  # hidden layer widths
+
+    def __post_init__(self) -> None:
+        _choice(self, "arch", ("mlp",))
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise ConfigError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
+
+
+@dataclass
+class TrainConfig:
+    """Training of the models whose checkpoints are attributed."""
+
+    models: int = 3  # independently trained models (seeds seed, seed+1, ...)
+    epochs: int = 4
+    lr: float = 0.05
+    batch_size: int = 128
+    seed: int = 0
+    checkpoints: str = "final"  # "final": last epoch of each model; "all": every epoch
+
+    def __post_init__(self) -> None:
+        _positive(self, "models", "epochs", "batch_size")
+        _choice(self, "checkpoints", ("final", "all"))
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FeaturizeConfig:
+    """Per-example gradients and their random projection."""
+
+    k: int = 1024  # projection dimension
+    projector: str = "rademacher"  # or "gaussian"
+    seed: int = 0  # projection seed
+    batch_size: int = 256  # examples per gradient batch
+    shard_size: int = 4096  # examples per store shard (unit of resumption)
+    dtype: str = "float32"  # stored dtype: float32 or float16
+    params: list[str] | None = None  # parameter names/prefixes to differentiate (None: all)
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
+    backend: str = "auto"  # projector backend: auto/dense/fast_jl
+
+    def __post_init__(self) -> None:
+        _positive(self, "k", "batch_size", "shard_size")
+        _choice(self, "projector", ("rademacher", "gaussian"))
+        _choice(self, "dtype", ("float32", "float16"))
+        _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "backend", ("auto", "dense", "fast_jl"))
+        if self.seed < 0:
+            raise ConfigError(f"featurize.seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class ScoreConfig:
+    """Scoring and what the report prints."""
+
+    scorer: str = "trak"
+    lambda_rel: float = 0.01  # TRAK ridge relative to mean diag(Phi^T Phi)
+    topk: int = 10  # proponents/opponents kept per query
+    show: int = 3  # queries printed in the report
+    block_rows: int = 8192  # training rows per scoring block
+
+    def __post_init__(self) -> None:
+        _choice(self, "scorer", ("trak",))
+        _positive(self, "topk", "block_rows")
+        if self.show < 0:
+            raise ConfigError(f"score.show must be >= 0, got {self.show}")
+        if not self.lambda_rel > 0:
+            raise ConfigError(f"score.lambda_rel must be > 0, got {self.lambda_rel}")
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index over train-side vectors."""
+
+    kind: str = "flat"  # "flat" (exact) or "ivf" (approximate, large stores)
+    nlist: int | None = None  # IVF cells (default ~4 sqrt(n))
+    nprobe: int = 16  # IVF cells searched per query
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", ("flat", "ivf"))
+        _positive(self, "nlist", "nprobe")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the sections above plus where outputs go."""
+
+    name: str = "run"
+    out_dir: str = "runs/default"  # outputs (checkpoints, stores, index, scores)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[]") for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{where}.{key}" if where else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {known}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def parse_config(values: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from a mapping plus ``section.key=value`` overrides."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (values or {}).items()}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, raw = item.split("=", 1)
+        node = values
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return _build(RunConfig, values, "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file (see ``configs/``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_config(values or {}, overrides)
+
+
+def section_fingerprint(cfg: RunConfig, *sections: str) -> str:
+    """Hash of the named sections of the resolved config."""
+    d = cfg.to_dict()
+    return fingerprint({s: d[s] for s in sections})
+
+
+FEATURE_SECTIONS = ("data", "model", "train", "featurize")
+SCORE_SECTIONS = FEATURE_SECTIONS + ("score", "index")

@@ -1,0 +1,28 @@
+"""Human-readable output: top proponents and opponents of a few queries."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def format_examples(title: str, ids: Sequence[int], scores: Sequence[float], labels: dict[int, int]) -> list[str]:
+    lines = [f"    {title}:"]
+    for i, s in zip(ids, scores):
+        lines.append(f"      train id {int(i):>6}  label {labels.get(int(i), '?')}  score {float(s):+.4e}")
+    return lines
+
+
+def format_query(query_id: int, query_label: int, predicted: int | None, top: dict[str, np.ndarray], row: int,
+                 labels: dict[int, int], k: int) -> str:
+    """Block of text for one query: proponents (raise the margin) and opponents (lower it)."""
+    head = f"  query id {query_id}  label {query_label}"
+    if predicted is not None:
+        head += f"  predicted {predicted}"
+    lines = [head]
+    lines += format_examples("proponents (training on them raises the query's margin)",
+                             top["proponent_ids"][row][:k], top["proponent_scores"][row][:k], labels)
+    lines += format_examples("opponents (training on them lowers the query's margin)",
+                             top["opponent_ids"][row][:k], top["opponent_scores"][row][:k], labels)
+    return "\n".join(lines)
