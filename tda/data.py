@@ -37,11 +37,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an idx file (bad magic number)")
     ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: header says {dims}, found {data.size} values")
-    return data.reshape(dims)
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise DataError(f"{path} is truncated: its header needs {offset} bytes, found {len(raw)}")
+    dims = struct.unpack(f">{ndim}I", raw[4:offset])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - offset != expected:
+        raise DataError(
+            f"{path} is truncated or has trailing bytes: header says {dims} "
+            f"({expected} data bytes), found {len(raw) - offset}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
 
 
 def _find(root: Path, stem: str) -> Path:

@@ -1,0 +1,97 @@
+"""The default job end to end on a tiny subset, resumption, and the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from stores import FaissIndex, FeatureStore
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST idx files not found in {MNIST}")
+TINY = ["--set", f"data.root={MNIST}", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_default_config_parses():
+    cfg = load_config(ROOT / "configs" / "mnist_trak.yaml")
+    assert cfg.score.scorer == "trak" and cfg.featurize.k == 1024
+
+
+def test_tiny_run_outputs(tiny_run, capsys):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    train = FeatureStore.open(tiny_run / "features-train")
+    query = FeatureStore.open(tiny_run / "features-query")
+    assert train.is_complete() and len(train) == cfg.data.train_size and train.k == cfg.featurize.k
+    assert len(query) == cfg.data.query_size and train.checkpoints == list(range(cfg.train.models))
+    scores = np.load(tiny_run / "scores" / "scores.npy")
+    assert scores.shape == (cfg.data.query_size, cfg.data.train_size) and np.isfinite(scores).all()
+    with np.load(tiny_run / "scores" / "topk.npz") as z:
+        top = {k: z[k] for k in z.files}
+    # the index's top-k equals brute force over the dense scores
+    brute = np.argsort(-scores, axis=1)[:, : cfg.score.topk]
+    np.testing.assert_allclose(top["proponent_scores"], np.take_along_axis(scores, brute, 1), rtol=1e-4, atol=1e-6)
+    low = np.sort(scores, axis=1)[:, : cfg.score.topk]
+    np.testing.assert_allclose(top["opponent_scores"], low, rtol=1e-4, atol=1e-6)
+    assert len(FaissIndex.load(tiny_run / "index")) == cfg.data.train_size
+    manifest = json.loads((tiny_run / "features-train" / "manifest.json").read_text())
+    assert manifest["spec"]["k"] == cfg.featurize.k and manifest["spec"]["split"] == "train"
+
+
+def test_rerun_skips_everything_and_changed_config_is_refused(tiny_run, capsys):
+    store = tiny_run / "features-train" / "manifest.json"
+    before = store.stat().st_mtime_ns
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tiny_run), *TINY]) == 0
+    assert store.stat().st_mtime_ns == before
+    code = main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tiny_run), *TINY,
+                 "--set", "featurize.k=32"])
+    assert code == 2 and "overwrite" in capsys.readouterr().err
+    assert store.stat().st_mtime_ns == before
+
+
+def test_resume_after_lost_shards_gives_identical_scores(tiny_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    manifest_path = copy / "features-train" / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["complete"] = {k: v for k, v in m["complete"].items() if not k.endswith("/1")}  # forget shard 1
+    manifest_path.write_text(json.dumps(m))
+    shutil.rmtree(copy / "scores")
+    shutil.rmtree(copy / "index")
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(copy), *TINY]) == 0
+    np.testing.assert_array_equal(np.load(copy / "scores" / "scores.npy"), np.load(tiny_run / "scores" / "scores.npy"))
+
+
+def test_query_cli(tiny_run, capsys):
+    assert main(["query", "--run", str(tiny_run), "--example", "3", "-k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "query id 3" in out and out.count("train id") == 8
+    assert main(["query", "--run", str(tiny_run), "--example", "99999"]) == 2
+    assert "not in the query split" in capsys.readouterr().err
+
+
+def test_config_typo_is_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("featurise:\n  k: 8\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'featurize'" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--overwrite" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "query", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--example" in out.stdout
