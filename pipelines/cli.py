@@ -69,6 +69,36 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
         print(format_query(qid, int(qlabels[row]), None, top, row, labels, min(5, cfg.score.topk)))
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import stage_validate
+
+    cfg = load_config(args.config, args.set)
+    paths = RunPaths(Path(args.out or cfg.out_dir))
+    if not paths.run_file.is_file():
+        raise TDAError(f"{paths.root} has no finished run; run `tda run {args.config}` first")
+    with StoreLock(paths.root):
+        claim_run_dir(cfg, paths.root, overwrite=False)
+        res = stage_validate(cfg, paths, progress=not args.quiet)
+    lds_ = res["lds"]
+    print(f"LDS over {res['subsets']} subsets (alpha {res['alpha']}), {res['n_queries']} queries, "
+          f"{res['checkpoints']} checkpoints; tuning fold chose lambda_rel={lds_['chosen_lambda_rel']:g}")
+    for label in ("tuned", "configured"):
+        r = lds_[label]
+        print(f"  TRAK {label:<10} lambda_rel={r['lambda_rel']:<8g} LDS {r['mean']:.3f} "
+              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] (report fold, {r['n_undefined']} undefined)")
+    if res.get("noise"):
+        print(f"  score noise: {res['noise']['share_distinguishable']:.1%} of train-query pairs distinguishable "
+              f"from zero across checkpoints (median |mean|/std {res['noise']['median_snr']:.2f})")
+    if "removal" in res:
+        rm = res["removal"]
+        for mode, r in rm["modes"].items():
+            print(f"  remove {mode:<6} k={rm['ks']}: mean change {np.round(r['mean_change'], 3).tolist()}, "
+                  f"flip rate {np.round(r['flip_rate'], 2).tolist()}")
+        print(f"  brittleness (smallest k flipping, -1 none): {rm['brittleness']}")
+    print(f"written to {paths.root / 'validation'}/")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run))
     if not paths.run_file.is_file():
@@ -118,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", choices=STAGES, help="run just this stage")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
+    v = sub.add_parser("validate", help="counterfactual validation of a finished run: LDS, removal curves, noise")
+    v.add_argument("config", help="the YAML config of the run")
+    v.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    v.add_argument("--out", help="run folder (default: out_dir from the config)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.set_defaults(func=cmd_validate)
     q = sub.add_parser("query", help="top-k proponents/opponents of one example from a finished run")
     q.add_argument("--run", required=True, help="run folder written by `tda run`")
     q.add_argument("--example", type=int, required=True, help="example id (in the query split by default)")

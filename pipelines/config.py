@@ -141,6 +141,46 @@ class IndexConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """Where independent jobs (retrainings) run."""
+
+    kind: str = "local"  # "local" (in process) or "dask"
+    address: str | None = None  # dask scheduler, e.g. tcp://10.0.0.5:8786; None starts a LocalCluster
+    workers: int = 2  # LocalCluster worker processes
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", ("local", "dask"))
+        _positive(self, "workers")
+
+
+@dataclass
+class ValidateConfig:
+    """Counterfactual validation (METHODS.md section 6)."""
+
+    subsets: int = 100  # J random training subsets
+    alpha: float = 0.5  # subset size as a fraction of the training set
+    models_per_subset: int = 1  # R retrainings per subset (outputs averaged)
+    seed: int = 0  # subset and retraining seeds derive from it
+    queries: int | None = None  # first N queries validated (None: all)
+    ground_truth_dir: str | None = None  # default <out_dir>/ground-truth; share it across runs
+    tune_fraction: float = 0.5  # share of queries and subsets used to choose lambda
+    lambda_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    removal_queries: int = 0  # queries with removal curves (0: off)
+    removal_ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    removal_seeds: int = 1  # retrainings per removal set
+    plots: bool = True  # write PNG plots next to the JSON/CSV
+
+    def __post_init__(self) -> None:
+        _positive(self, "subsets", "models_per_subset", "queries", "removal_seeds")
+        if not 0 < self.alpha < 1 or not 0 < self.tune_fraction < 1:
+            raise ConfigError("validate.alpha and validate.tune_fraction must be in (0, 1)")
+        if not self.lambda_grid or any(not x > 0 for x in self.lambda_grid):
+            raise ConfigError(f"validate.lambda_grid must hold positive values, got {self.lambda_grid}")
+        if self.removal_queries < 0 or any(k < 1 for k in self.removal_ks):
+            raise ConfigError("validate.removal_queries must be >= 0 and removal_ks positive")
+
+
+@dataclass
 class RunConfig:
     """A whole run: the sections above plus where outputs go."""
 
@@ -152,6 +192,8 @@ class RunConfig:
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,7 +11,9 @@ from .features import ArrayFeatures, FeatureBlock
 from .featurize import Featurizer
 from .kernel import TopK, score_matrix, top_k
 from .projectors import Projector
-from .scorers import Scorer, TRAKScorer, make_scorer
+from .representations import RepresentationFeaturizer, hidden_states
+from .scorers import (GradCosScorer, GradDotScorer, RepSimScorer, Scorer, TracInCPScorer,
+                      TRAKScorer, make_scorer)
 from .tasks import ClassificationTask, Task
 
 __version__ = "0.1.0"
@@ -19,4 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Attributor", "ArrayFeatures", "ClassificationTask", "FeatureBlock", "Featurizer", "Projector",
     "Scorer", "TDAError", "TRAKScorer", "Task", "TopK", "make_scorer", "score_matrix", "top_k",
+    "TracInCPScorer", "GradDotScorer", "GradCosScorer", "RepSimScorer", "RepresentationFeaturizer",
+    "hidden_states",
 ]

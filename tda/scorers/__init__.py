@@ -1,16 +1,21 @@
 """Scorers: each defines two transforms whose inner product is the attribution score."""
 
 from .base import Scorer
+from .repsim import RepSimScorer
+from .tracin import GradCosScorer, GradDotScorer, TracInCPScorer
 from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
 
-__all__ = ["Scorer", "TRAKScorer", "DEFAULT_LAMBDA_REL", "make_scorer"]
+__all__ = ["Scorer", "TRAKScorer", "DEFAULT_LAMBDA_REL", "make_scorer", "TracInCPScorer",
+           "GradDotScorer", "GradCosScorer", "RepSimScorer"]
 
 
 def make_scorer(name: str, **kwargs: object) -> Scorer:
-    """Build a scorer by name (``"trak"``)."""
+    """Build a scorer by name (``"trak"``, ``"tracin"``, ``"graddot"``, ``"gradcos"``,
+    ``"repsim"``); ``kwargs`` go to its constructor."""
     from ..errors import ConfigError
 
-    registry = {"trak": TRAKScorer}
+    registry = {"trak": TRAKScorer, "tracin": TracInCPScorer, "graddot": GradDotScorer,
+                "gradcos": GradCosScorer, "repsim": RepSimScorer}
     if name not in registry:
         raise ConfigError(f"unknown scorer {name!r}; choose one of {sorted(registry)}")
     return registry[name](**kwargs)

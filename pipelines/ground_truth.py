@@ -1,0 +1,137 @@
+"""Counterfactual retraining results on disk, resumable, reusable across scorers.
+
+:class:`ResultStore` keeps one ``.npy`` per finished retraining (written atomically, recorded
+in ``manifest.json`` at once) so an interrupted validation resumes where it stopped.
+:class:`GroundTruth` uses it for LDS: J subsets (masks regenerated from the recorded seed and
+checked against a hash) x R seeds, each giving the measured outputs of every query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from stores._io import save_json, save_npy
+from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
+from tda.validation import sample_subsets
+
+FORMAT = "tda-retraining-results"
+
+
+class RetrainJob(Protocol):
+    """Picklable callable: (row indices of the training data to use, seed) -> (m,) outputs f(z_q)."""
+
+    def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray: ...
+
+
+class _OnTask:
+    """Applies a RetrainJob to the task part of a ``(key, task)`` item (picklable)."""
+
+    def __init__(self, job: Callable) -> None:
+        self.job = job
+
+    def __call__(self, item: tuple[Hashable, tuple[np.ndarray, int]]) -> np.ndarray:
+        return self.job(item[1])
+
+
+class ResultStore:
+    """Folder of finished retrainings keyed by strings, bound to a spec it refuses to mix."""
+
+    def __init__(self, root: str | Path, spec: dict[str, Any], width: int) -> None:
+        self.root, self.spec, self.width = Path(root), spec, width
+        path = self.root / "manifest.json"
+        if path.is_file():
+            try:
+                self.manifest = json.loads(path.read_text())
+            except ValueError as exc:
+                raise StoreCorruptError(f"{path} is not valid JSON; delete the folder to recompute") from exc
+            if self.manifest.get("format") != FORMAT:
+                raise ForeignStoreError(f"{self.root} is not a tda retraining-results folder")
+            if self.manifest["spec"] != spec:
+                raise FingerprintMismatchError(
+                    f"{self.root} holds results for {self.manifest['spec']}, not {spec}; use another folder")
+        else:
+            if self.root.exists() and any(self.root.iterdir()):
+                raise ForeignStoreError(f"{self.root} is not empty and has no manifest; choose an empty folder")
+            self.manifest = {"format": FORMAT, "spec": spec, "complete": {}}
+            save_json(path, self.manifest)
+
+    def _file(self, key: str) -> Path:
+        return self.root / "runs" / (key.replace("/", "_") + ".npy")
+
+    def done(self, key: str) -> bool:
+        return key in self.manifest["complete"]
+
+    def run(self, job: RetrainJob, items: list[tuple[str, tuple[np.ndarray, int]]], executor: Any,
+            desc: str = "retrain", progress: bool = True) -> None:
+        """Run the items not yet done; record each result the moment it arrives."""
+        todo = [it for it in items if not self.done(it[0])]
+        bar = tqdm(total=len(todo), desc=desc, unit="model", disable=not progress or not todo)
+        for (key, (_, seed)), out in executor.map_unordered(_OnTask(job), todo):
+            out = np.asarray(out, dtype=np.float64)
+            if out.shape != (self.width,) or not np.isfinite(out).all():
+                raise StoreCorruptError(f"retraining {key} returned shape {out.shape} or non-finite outputs")
+            save_npy(self._file(key), out)
+            self.manifest["complete"][key] = {"seed": int(seed), "file": self._file(key).name}
+            save_json(self.root / "manifest.json", self.manifest)
+            bar.update(1)
+        bar.close()
+
+    def load(self, key: str) -> np.ndarray:
+        if not self.done(key):
+            raise StoreCorruptError(f"{self.root}: result {key} is missing; rerun to resume")
+        return np.load(self._file(key), allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class GroundTruthSpec:
+    """n training examples, m queries, J subsets of size floor(alpha n) x R seeds each."""
+
+    n: int
+    m: int
+    n_subsets: int = 100
+    models_per_subset: int = 1
+    alpha: float = 0.5
+    seed: int = 0
+    job: str = ""  # fingerprint of the training recipe and data
+
+
+def run_seed(base: int, *path: int) -> int:
+    """Deterministic training seed for a retraining identified by ``path`` (recorded in manifests)."""
+    return int(np.random.SeedSequence([base, *path]).generate_state(1)[0] >> 1)
+
+
+class GroundTruth:
+    """LDS ground truth: ``masks`` (J, n) and measured outputs (J, R, m)."""
+
+    def __init__(self, root: str | Path, spec: GroundTruthSpec) -> None:
+        self.spec = spec
+        self.masks = sample_subsets(spec.n, spec.n_subsets, spec.alpha, spec.seed)
+        digest = hashlib.sha256(np.packbits(self.masks).tobytes()).hexdigest()[:16]
+        self.store = ResultStore(root, {**asdict(spec), "mask_hash": digest}, spec.m)
+
+    def _items(self) -> list[tuple[str, tuple[np.ndarray, int]]]:
+        return [(f"s{j:04d}/r{r:02d}", (np.nonzero(self.masks[j])[0], run_seed(self.spec.seed, 1, j, r)))
+                for j in range(self.spec.n_subsets) for r in range(self.spec.models_per_subset)]
+
+    def pending(self) -> list[str]:
+        return [k for k, _ in self._items() if not self.store.done(k)]
+
+    def compute(self, job: RetrainJob, executor: Any, progress: bool = True) -> None:
+        self.store.run(job, self._items(), executor, "ground truth", progress)
+
+    def outputs(self) -> np.ndarray:
+        """(J, R, m) measured outputs."""
+        r_count = self.spec.models_per_subset
+        return np.stack([np.stack([self.store.load(f"s{j:04d}/r{r:02d}") for r in range(r_count)])
+                         for j in range(self.spec.n_subsets)])
+
+    def mean_outputs(self) -> np.ndarray:
+        """(J, m) outputs averaged over the R seeds of each subset."""
+        return self.outputs().mean(axis=1)

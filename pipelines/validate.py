@@ -1,0 +1,167 @@
+"""The validate stage: LDS with fold-tuned lambda, removal curves, brittleness and score noise.
+
+Retrainings run through an executor (local or dask) and are stored as they finish
+(:mod:`pipelines.ground_truth`), so validation resumes after an interruption and its ground
+truth is reused by every scorer. Figures state their fold: lambda is chosen on the tuning
+fold (queries x subsets) only, and reported on the disjoint reporting fold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stores import FeatureStore
+from stores._io import fingerprint, save_json
+from tda.features import ArrayFeatures, FeatureBlock
+from tda.kernel import score_matrix
+from tda.scorers import TRAKScorer
+from tda.tasks import classification_margin
+from tda.training import train_classifier
+from tda.validation import brittleness, lds, removal_sets, score_noise, split_folds
+
+from .config import RunConfig
+from .executors import make_executor
+from .ground_truth import GroundTruth, GroundTruthSpec, ResultStore, run_seed
+from .run import RunPaths, as_numpy_batch, build_model, datasets_for
+
+
+class MNISTRetrainJob:
+    """Train the run's model recipe on a subset of its training rows; return query margins.
+
+    Picklable and self-contained: workers rebuild data from ``cfg`` paths (cached per process).
+    """
+
+    def __init__(self, cfg: RunConfig, n_queries: int) -> None:
+        self.cfg, self.n_queries = cfg, n_queries
+
+    def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray:
+        rows, seed = task
+        torch.set_num_threads(1)
+        train, query = _tensors(self.cfg)
+        t = self.cfg.train
+        model = train_classifier(lambda: build_model(self.cfg), train["x"][rows], train["y"][rows],
+                                 epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=int(seed))
+        with torch.no_grad():
+            logits = model(query["x"][: self.n_queries])
+        return classification_margin(logits, query["y"][: self.n_queries]).double().numpy()
+
+
+_TENSORS: dict[str, tuple[dict, dict]] = {}
+
+
+def _tensors(cfg: RunConfig) -> tuple[dict, dict]:
+    """Train and query tensors of a run, cached per process by the data section."""
+    key = fingerprint(cfg.to_dict()["data"])
+    if key not in _TENSORS:
+        data = datasets_for(cfg)
+        _TENSORS[key] = (as_numpy_batch(data["train"]), as_numpy_batch(data["query"]))
+    return _TENSORS[key]
+
+
+def job_fingerprint(cfg: RunConfig) -> str:
+    d = cfg.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}
+    return fingerprint({"data": d["data"], "model": d["model"], "train": train})
+
+
+def trak_scores(train: ArrayFeatures | FeatureStore, query: FeatureBlock, lambda_rel: float) -> np.ndarray:
+    return score_matrix(query, TRAKScorer(lambda_rel).fit(train), train)
+
+
+def tune_and_report(train: Any, query: FeatureBlock, masks: np.ndarray, outputs: np.ndarray,
+                    grid: list[float], configured: float, folds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Choose lambda_rel on the tuning fold, report LDS on the reporting fold."""
+    tq, rq, tj, rj = (folds[k] for k in ("tune_queries", "report_queries", "tune_subsets", "report_subsets"))
+    tuning = {}
+    for lam in grid:
+        s = trak_scores(train, query.select(tq), lam)
+        tuning[lam] = lds(s, masks[tj], outputs[np.ix_(tj, tq)]).mean
+    best = max(tuning, key=lambda k: -np.inf if np.isnan(tuning[k]) else tuning[k])
+    report = {}
+    for label, lam in (("tuned", best), ("configured", configured)):
+        s = trak_scores(train, query.select(rq), lam)
+        report[label] = {"lambda_rel": lam, "fold": "report",
+                         **lds(s, masks[rj], outputs[np.ix_(rj, rq)]).as_dict()}
+    return {"tuning_fold_lds": {str(k): v for k, v in tuning.items()}, "chosen_lambda_rel": best, **report}
+
+
+def noise_report(train: FeatureStore, query: FeatureBlock, lambda_rel: float) -> dict[str, Any] | None:
+    """Signal to noise of TRAK-1 scores over the independently trained checkpoints."""
+    if len(train.checkpoints) < 2:
+        return None
+    blocks = list(train.iter_blocks())
+    full = FeatureBlock(np.concatenate([b.ids for b in blocks]), np.concatenate([b.feats for b in blocks], 1),
+                        np.concatenate([b.q for b in blocks], 1))
+    stack = []
+    for m in range(len(train.checkpoints)):
+        one = ArrayFeatures(FeatureBlock(full.ids, full.feats[m: m + 1], full.q[m: m + 1]), [m])
+        stack.append(trak_scores(one, FeatureBlock(query.ids, query.feats[m: m + 1], query.q[m: m + 1]), lambda_rel))
+    return score_noise(np.stack(stack)).as_dict()
+
+
+def removal_curves(cfg: RunConfig, paths: RunPaths, scores: np.ndarray, executor: Any, progress: bool) -> dict[str, Any]:
+    """Retrain without the top/random/bottom-k of each of the first queries; change in f and flip rate."""
+    v = cfg.validate
+    nq = min(v.removal_queries, scores.shape[0])
+    n = scores.shape[1]
+    job = MNISTRetrainJob(cfg, nq)
+    store = ResultStore(paths.root / "removal", {"job": job_fingerprint(cfg), "ks": v.removal_ks,
+                                                 "queries": nq, "seeds": v.removal_seeds, "seed": v.seed,
+                                                 "scores": fingerprint(scores[:nq].round(8).tolist())}, nq)
+    items = [(f"full/r{r}", (np.arange(n), run_seed(v.seed, 2, r))) for r in range(v.removal_seeds)]
+    for q in range(nq):
+        for k in v.removal_ks:
+            for mode in ("top", "random", "bottom"):
+                keep = np.setdiff1d(np.arange(n), removal_sets(scores[q], k, mode, seed=v.seed + q))
+                items += [(f"q{q}/k{k}/{mode}/r{r}", (keep, run_seed(v.seed, 2, r))) for r in range(v.removal_seeds)]
+    store.run(job, items, executor, "removal", progress)
+    base = np.stack([store.load(f"full/r{r}") for r in range(v.removal_seeds)])  # (R, nq)
+    curves: dict[str, Any] = {"ks": v.removal_ks, "modes": {}}
+    for mode in ("top", "random", "bottom"):
+        delta = np.zeros((nq, len(v.removal_ks)))
+        flip = np.zeros((nq, len(v.removal_ks)))
+        for q in range(nq):
+            for a, k in enumerate(v.removal_ks):
+                out = np.array([store.load(f"q{q}/k{k}/{mode}/r{r}")[q] for r in range(v.removal_seeds)])
+                delta[q, a] = float((out - base[:, q]).mean())
+                flip[q, a] = float((np.sign(out) != np.sign(base[:, q])).mean())
+        curves["modes"][mode] = {"mean_change": delta.mean(0).tolist(), "flip_rate": flip.mean(0).tolist(),
+                                 "per_query_change": delta.tolist()}
+        if mode == "top":
+            curves["brittleness"] = brittleness(flip >= 0.5, np.array(v.removal_ks)).tolist()
+    return curves
+
+
+def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Any]:
+    """Ground truth (resumable), LDS on folds, noise, optional removal curves; writes validation/."""
+    v = cfg.validate
+    train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
+    m = min(v.queries or len(query_store), len(query_store))
+    query = next(query_store.iter_blocks(len(query_store))).select(slice(0, m))
+    spec = GroundTruthSpec(n=len(train), m=m, n_subsets=v.subsets, models_per_subset=v.models_per_subset,
+                           alpha=v.alpha, seed=v.seed, job=job_fingerprint(cfg))
+    gt = GroundTruth(Path(v.ground_truth_dir) if v.ground_truth_dir else paths.root / "ground-truth", spec)
+    e = cfg.executor
+    with make_executor(e.kind, e.address, e.workers) as executor:
+        gt.compute(MNISTRetrainJob(cfg, m), executor, progress)
+        outputs = gt.mean_outputs()
+        folds = split_folds(m, v.subsets, v.tune_fraction, v.seed)
+        result = {"n_train": len(train), "n_queries": m, "subsets": v.subsets, "alpha": v.alpha,
+                  "models_per_subset": v.models_per_subset, "checkpoints": len(train.checkpoints),
+                  "folds": {k: len(x) for k, x in folds.items()},
+                  "lds": tune_and_report(train, query, gt.masks, outputs, v.lambda_grid, cfg.score.lambda_rel, folds),
+                  "noise": noise_report(train, query, cfg.score.lambda_rel)}
+        scores = trak_scores(train, query, result["lds"]["chosen_lambda_rel"])
+        if v.removal_queries:
+            result["removal"] = removal_curves(cfg, paths, scores, executor, progress)
+    out = paths.root / "validation"
+    save_json(out / "validation.json", result)
+    if v.plots:
+        from .plots import plot_validation
+
+        plot_validation(out, result, scores, gt.masks, outputs)
+    return result
