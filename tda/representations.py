@@ -42,7 +42,9 @@ def find_module(model: nn.Module, module_name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if module_name not in modules:
         names = [n for n in modules if n]
-        shown = ", ".join(repr(n) for n in names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+        shown = ", ".join(repr(n) for n in names[:40])
+        if len(names) > 40:
+            shown += f", ... ({len(names)} in all)"
         raise ConfigError(
             f"module {module_name!r} is not in the model; available module names: {shown}"
         )
@@ -184,7 +186,9 @@ class RepresentationFeaturizer:
         return {"representation": self.module_name, "input_key": self.input_key,
                 "mask_key": self.mask_key, "pooling": "mean-over-tokens"}
 
-    def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
+    def featurize_batch(
+        self, batch: Batch, ids: Sequence[int], checkpoint: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Representations (B, h) float32 and ``q`` (B,) ones for one batch (loaded weights).
 
         ``checkpoint`` is unused (kept for the :class:`~tda.featurize.Featurizer` signature).

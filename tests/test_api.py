@@ -58,7 +58,8 @@ def test_attributor_scores_and_top_k(api_setup) -> None:
     scores = attr.scores(query)
     assert scores.shape == (5, 40) and scores.dtype == np.float32
     assert np.isfinite(scores).all()
-    np.testing.assert_array_equal(scores, score_matrix(attr.featurize(query), attr.scorer, attr.train_features))
+    direct = score_matrix(attr.featurize(query), attr.scorer, attr.train_features)
+    np.testing.assert_array_equal(scores, direct)
     top = attr.top_k(query, k=3)
     assert set(top.proponent_ids.ravel()) <= set(train_ids)
     assert set(top.opponent_ids.ravel()) <= set(train_ids)
@@ -80,7 +81,8 @@ def test_attributor_features_equal_manual_pipeline(api_setup) -> None:
         np.testing.assert_allclose(attr.train_features.block.feats[c], phi.numpy(), rtol=1e-4, atol=1e-6)
         with torch.no_grad():
             p_true = torch.softmax(model(batch["x"]), 1)[torch.arange(40), batch["y"]]
-        np.testing.assert_allclose(attr.train_features.block.q[c], (1 - p_true).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(attr.train_features.block.q[c], (1 - p_true).numpy(),
+                                   rtol=1e-5, atol=1e-6)
     # batching does not change the features
     whole = _attributor(ckpts, batch_size=40).featurize(train)
     np.testing.assert_allclose(whole.feats, attr.train_features.block.feats, rtol=1e-5, atol=1e-7)

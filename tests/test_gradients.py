@@ -49,7 +49,8 @@ def test_matches_float64_autograd_loop(setup) -> None:
     torch.testing.assert_close(flat.double(), ref, rtol=1e-5, atol=1e-6)
     # vmap'd gradients of the float64 model equal the loop to float64 precision
     model64 = copy.deepcopy(model).double()
-    flat64 = flatten_grads(per_example_grads(model64, task, {"x": batch["x"].double(), "y": batch["y"]}), names)
+    batch64 = {"x": batch["x"].double(), "y": batch["y"]}
+    flat64 = flatten_grads(per_example_grads(model64, task, batch64), names)
     assert flat64.dtype == torch.float64
     torch.testing.assert_close(flat64, ref, rtol=1e-10, atol=1e-12)
 
@@ -130,7 +131,8 @@ def test_mode_is_restored(make_mlp, tiny_data, training: bool) -> None:
 def test_mode_is_restored_after_an_error(make_mlp) -> None:
     model = make_mlp().train()
     with pytest.raises(Exception):
-        per_example_grads(model, ClassificationTask(), {"x": torch.zeros(2, 99), "y": torch.zeros(2, dtype=torch.long)})
+        bad_width = {"x": torch.zeros(2, 99), "y": torch.zeros(2, dtype=torch.long)}
+        per_example_grads(model, ClassificationTask(), bad_width)
     assert model.training
 
 

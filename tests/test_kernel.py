@@ -90,7 +90,8 @@ def test_blocked_score_matrix_equals_one_block(trak_setup) -> None:
     for block_rows in (1, 7, 49):
         np.testing.assert_allclose(score_matrix(query, scorer, source, block_rows=block_rows), one,
                                    rtol=1e-6, atol=1e-7)
-    ref = scorer.transform_query(query).astype(np.float64) @ scorer.transform_train(source.block).astype(np.float64).T
+    qv = scorer.transform_query(query).astype(np.float64)
+    ref = qv @ scorer.transform_train(source.block).astype(np.float64).T
     np.testing.assert_allclose(one, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     blocks = list(iter_score_blocks(scorer.transform_query(query), scorer, source, block_rows=20))
     assert [len(ids) for ids, _ in blocks] == [20, 20, 10]

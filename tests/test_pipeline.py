@@ -95,3 +95,22 @@ def test_console_script_help():
     assert out.returncode == 0 and "--overwrite" in out.stdout
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "query", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--example" in out.stdout
+
+
+def test_validate_cli_on_tiny_run(tiny_run, capsys):
+    args = ["validate", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tiny_run), *TINY,
+            "--set", "validate.subsets=8", "--set", "validate.queries=6", "--set", "validate.removal_queries=1",
+            "--set", "validate.removal_ks=[20]", "--set", "validate.plots=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "LDS over 8 subsets" in out and "report fold" in out
+    res = json.loads((tiny_run / "validation" / "validation.json").read_text())
+    assert res["folds"] == {"tune_queries": 3, "report_queries": 3, "tune_subsets": 4, "report_subsets": 4}
+    assert res["lds"]["chosen_lambda_rel"] in load_config(ROOT / "configs" / "tiny.yaml").validate.lambda_grid
+    assert set(res["removal"]["modes"]) == {"top", "random", "bottom"}
+    gt = json.loads((tiny_run / "ground-truth" / "manifest.json").read_text())
+    assert len(gt["complete"]) == 8
+    # rerun: ground truth and removal retrainings are reused, not recomputed
+    mtime = (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns == mtime

@@ -171,7 +171,8 @@ def test_faiss_top_k_equals_brute_force(rng, name: str) -> None:
 
 def test_registry_builds_every_scorer() -> None:
     assert isinstance(make_scorer("tracin", learning_rates=[1.0]), TracInCPScorer)
-    assert make_scorer("tracin", learning_rates=[0.1, 0.2]).hyperparameters() == {"learning_rates": [0.1, 0.2]}
+    tracin = make_scorer("tracin", learning_rates=[0.1, 0.2])
+    assert tracin.hyperparameters() == {"learning_rates": [0.1, 0.2]}
     assert isinstance(make_scorer("graddot"), GradDotScorer)
     assert isinstance(make_scorer("gradcos"), GradCosScorer)
     assert make_scorer("repsim", metric="dot").hyperparameters() == {"metric": "dot"}

@@ -204,7 +204,8 @@ def test_agrees_with_traker_at_the_exact_gradient_limit(tiny_data, spearman_rows
     ckpts = _train_checkpoints(in_dim, hidden, data[0], data[1])
     featurizer = Featurizer(mlp(in_dim, (hidden,), 3), ClassificationTask(), k=k, seed=0)
     assert featurizer.dim == 115
-    train, query = _tda_features(featurizer, ckpts, *data[:2]), _tda_features(featurizer, ckpts, *data[2:])
+    train = _tda_features(featurizer, ckpts, *data[:2])
+    query = _tda_features(featurizer, ckpts, *data[2:])
     scorer, source = _fit(train, lambda_rel)
     ours = score_matrix(query, scorer, source)
     theirs = _traker_scores(tmp_path, in_dim, hidden, ckpts, data, k, float(scorer.lambdas.mean()))
@@ -243,7 +244,8 @@ def test_agrees_with_traker_given_the_same_projection(tiny_data, spearman_rows, 
     ckpts = _train_checkpoints(in_dim, hidden, data[0], data[1])
     featurizer = Featurizer(mlp(in_dim, (hidden,), 3), ClassificationTask(), k=k, seed=0)
     assert featurizer.dim == 387
-    train, query = _tda_features(featurizer, ckpts, *data[:2]), _tda_features(featurizer, ckpts, *data[2:])
+    train = _tda_features(featurizer, ckpts, *data[:2])
+    query = _tda_features(featurizer, ckpts, *data[2:])
 
     scorer, source = _fit(train, lambda_rel)
     ours = score_matrix(query, scorer, source)

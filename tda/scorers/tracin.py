@@ -153,7 +153,9 @@ class TracInCPScorer(Scorer):
         """Check saved learning rates (if any) agree with this scorer's."""
         if "learning_rates" in state:
             saved = np.asarray(state["learning_rates"], dtype=np.float64)
-            if saved.shape != self.learning_rates.shape or not np.allclose(saved, self.learning_rates, rtol=1e-12, atol=0):
+            same = saved.shape == self.learning_rates.shape and np.allclose(
+                saved, self.learning_rates, rtol=1e-12, atol=0)
+            if not same:
                 raise ConfigError(
                     f"saved TracInCP state used learning rates {saved.tolist()}, this scorer "
                     f"{self.learning_rates.tolist()}; rebuild the index or use the saved values"
