@@ -37,7 +37,7 @@ from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.tasks import ClassificationTask
 from tda.training import train_classifier
-from tda.validation import lds, split_folds
+from tda.validation import lds, score_noise, split_folds
 
 LAMBDA_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 
@@ -185,6 +185,13 @@ def main() -> None:
             rows[f"tda TRAK-{m} {kind} default"] = evaluate(s, masks, outputs, folds, tuned=False)
             s, lam = trak_tuned(first(train, m), first(query, m), masks, outputs, folds)
             rows[f"tda TRAK-{m} {kind} tuned (lambda {lam:g})"] = evaluate(s, masks, outputs, folds, tuned=True)
+        if kind == "full" and args.models >= 2:
+            stack = []
+            for m in range(args.models):
+                one = ArrayFeatures(FeatureBlock(train.ids, train.feats[m: m + 1], train.q[m: m + 1]), [m])
+                stack.append(score_matrix(FeatureBlock(query.ids, query.feats[m: m + 1], query.q[m: m + 1]),
+                                          TRAKScorer().fit(one), one))
+            noise = score_noise(np.stack(stack)).as_dict()
         if kind == "full" and not args.no_traker:
             for m, s in traker_scores(cfg, states, ms, args.k, cache).items():
                 rows[f"traker TRAK-{m} {kind} default"] = evaluate(s, masks, outputs, folds, tuned=False)
@@ -203,6 +210,9 @@ def main() -> None:
         b = rows.get(f"traker TRAK-{m} full default", {}).get("report", {}).get("mean")
         if a is not None and b is not None:
             print(f"TRAK-{m} full, report fold: tda default {a:.3f} vs traker {b:.3f} (difference {a - b:+.3f})")
+    if args.models >= 2:
+        print(f"score noise over {args.models} independently trained models (TRAK-1 each): "
+              + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in noise.items()))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from stores import FaissIndex, FeatureStore, StoreLock
-from tda.errors import QueryError, TDAError
+from tda.errors import ConfigError, ForeignStoreError, QueryError, StoreCorruptError, TDAError
 from tda.features import FeatureBlock
 
 from .config import RunConfig, load_config, parse_config
+from .families import family_for
 from .report import format_query
 from .run import RunPaths, claim_run_dir, datasets_for, ids_to_rows, load_checkpoint_list, make_featurizer
-from .stages import STAGES, load_scorer, stage_featurize, stage_index, stage_score, stage_train
+from .stages import STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_score, stage_train
 
 
 def _stages(args: argparse.Namespace) -> list[str]:
@@ -28,6 +29,34 @@ def _stages(args: argparse.Namespace) -> list[str]:
     return list(STAGES[start:])
 
 
+def read_run_file(paths: RunPaths) -> dict:
+    """``run.json`` of a run folder; :class:`ForeignStoreError` / :class:`StoreCorruptError` if absent or damaged."""
+    if not paths.run_file.is_file():
+        raise ForeignStoreError(f"{paths.root} is not a tda run folder (no run.json); run `tda run CONFIG --out {paths.root}` first")
+    try:
+        run = json.loads(paths.run_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreCorruptError(
+            f"{paths.run_file} is not valid JSON ({exc}); restore it, or rerun into a new folder (or pass --overwrite)"
+        ) from exc
+    if not isinstance(run, dict) or run.get("format") != "tda-run" or not isinstance(run.get("config"), dict):
+        raise ForeignStoreError(f"{paths.run_file} was not written by `tda run`; choose another folder")
+    return run
+
+
+def _cleanup_interrupted(paths: RunPaths, repair: bool) -> None:
+    """Under the run lock: drop temporary files of killed writers; with ``repair`` drop damaged shards."""
+    for tmp in paths.root.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if repair:
+        for split in ("train", "query"):
+            if (paths.store(split) / "manifest.json").is_file():
+                dropped = FeatureStore.open(paths.store(split)).repair()
+                if dropped:
+                    print(f"repair: {len(dropped)} damaged records dropped from {paths.store(split)}; re-featurizing",
+                          file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     root = Path(args.out or cfg.out_dir)
@@ -35,7 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.time()
     root.mkdir(parents=True, exist_ok=True)
     with StoreLock(root):
+        if paths.run_file.exists():
+            try:
+                read_run_file(paths)
+            except TDAError:
+                if not args.overwrite:
+                    raise
+                paths.run_file.unlink()  # damaged or foreign: --overwrite replaces it
         claim_run_dir(cfg, root, args.overwrite)
+        _cleanup_interrupted(paths, args.repair)
         todo = _stages(args)
         progress = not args.quiet
         if "train" in todo:
@@ -54,7 +91,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_report(cfg: RunConfig, paths: RunPaths) -> None:
-    data = datasets_for(cfg)
+    text = family_for(cfg).report(cfg, paths)  # a model family may print its own report
+    if text is not None:
+        print(text)
+        return
+    data = datasets_for(cfg, paths)
     labels = dict(zip(*(np.asarray(data["train"].with_format("numpy")[c]) for c in ("id", "label"))))
     with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
         top = {k: z[k] for k in z.files}
@@ -73,9 +114,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .validate import stage_validate
 
     cfg = load_config(args.config, args.set)
+    if cfg.model.family != "classifier":  # the retraining jobs train classifiers
+        raise ConfigError(f"tda validate supports the classifier family only, not {cfg.model.family!r}")
     paths = RunPaths(Path(args.out or cfg.out_dir))
     if not paths.run_file.is_file():
         raise TDAError(f"{paths.root} has no finished run; run `tda run {args.config}` first")
+    read_run_file(paths)
     with StoreLock(paths.root):
         claim_run_dir(cfg, paths.root, overwrite=False)
         res = stage_validate(cfg, paths, progress=not args.quiet)
@@ -101,16 +145,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run))
-    if not paths.run_file.is_file():
-        raise TDAError(f"{args.run} is not a tda run folder (no run.json); run `tda run CONFIG` first")
-    cfg = parse_config(json.loads(paths.run_file.read_text())["config"])
+    cfg = parse_config(read_run_file(paths)["config"])
     t0 = time.time()
-    index = FaissIndex.load(paths.index)
     scorer = load_scorer(cfg, paths)
     block = _query_features(cfg, paths, args.example, args.split)
-    top = index.top_k(scorer.transform_query(block), args.k)
+    vectors = scorer.transform_query(block)  # (1, D)
+    index = load_index(cfg, paths, dim=vectors.shape[1], n_train=FeatureStore.open(paths.store("train")).n)
+    if not 1 <= args.k <= len(index):
+        raise QueryError(f"-k must be between 1 and the {len(index)} indexed training examples, got {args.k}")
+    top = index.top_k(vectors, args.k)
     elapsed = time.time() - t0
-    data = datasets_for(cfg)
+    data = datasets_for(cfg, paths)
     labels = dict(zip(*(np.asarray(data["train"].with_format("numpy")[c]) for c in ("id", "label"))))
     qds = data["query" if args.split == "query" else "train"]
     qlabel = int(qds.with_format("numpy")[ids_to_rows(qds)[args.example]]["label"])
@@ -144,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable), e.g. --set featurize.k=512")
     r.add_argument("--out", help="run folder (default: out_dir from the config)")
     r.add_argument("--overwrite", action="store_true", help="replace outputs of a different config in the run folder")
+    r.add_argument("--repair", action="store_true",
+                   help="check every stored shard against its sha256 and re-featurize missing, truncated or corrupt ones")
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="start at this stage (earlier outputs must exist)")
     r.add_argument("--only", choices=STAGES, help="run just this stage")
     r.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -37,31 +37,39 @@ def _choice(obj: Any, name: str, options: tuple[str, ...]) -> None:
         raise ConfigError(f"{_key(obj, name)} is {getattr(obj, name)!r}; choose one of {options}")
 
 
+#: Default folder of each data set (relative to the working dir); the model family decides
+#: which data sets it reads (see pipelines/families.py).
+DATA_ROOTS = {"mnist": "../shared/data/mnist", "fashion-mnist": "/usr/share/datasets/fashion-mnist",
+              "cifar2": "../shared/data/cifar10"}
+
+
 @dataclass
 class DataConfig:
-    """Data: the shipped MNIST idx files."""
+    """Data: a named data set read from files under ``root``."""
 
-    name: str = "mnist"  # data set; "mnist" reads idx files from `root`
-    root: str = "../shared/data/mnist"  # folder of the idx files (relative to the working dir)
-    train_size: int | None = 10000  # first N training examples (None: all 60,000)
+    name: str = "mnist"  # "mnist" / "fashion-mnist" (idx files) or "cifar2" (npz); the family checks it
+    root: str = DATA_ROOTS["mnist"]  # folder of the files (default: the named data set's folder)
+    train_size: int | None = 10000  # first N training examples (None: all)
     query_split: str = "test"  # split the queries come from
     query_size: int = 500  # first N examples of the query split
 
     def __post_init__(self) -> None:
-        _choice(self, "name", ("mnist",))
         _choice(self, "query_split", ("train", "test"))
         _positive(self, "train_size", "query_size")
+        if self.root == DATA_ROOTS["mnist"] and self.name != "mnist":
+            self.root = DATA_ROOTS.get(self.name, self.root)  # the MNIST default means "the default"
 
 
 @dataclass
 class ModelConfig:
-    """Model architecture (an MLP on flattened images)."""
+    """Model: its family (pipelines/families.py), architecture and family-specific options."""
 
-    arch: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [128])  # hidden layer widths
+    family: str = "classifier"  # "classifier" or "diffusion" (see pipelines/families.py)
+    arch: str = "mlp"  # classifier: "mlp" or "cnn"; diffusion: "unet"
+    hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths / CNN or UNet channels per level
+    options: dict[str, Any] = field(default_factory=dict)  # family options, checked by the family
 
     def __post_init__(self) -> None:
-        _choice(self, "arch", ("mlp",))
         if not self.hidden or any(int(h) < 1 for h in self.hidden):
             raise ConfigError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
 
@@ -112,19 +120,21 @@ class FeaturizeConfig:
 class ScoreConfig:
     """Scoring and what the report prints."""
 
-    scorer: str = "trak"
+    scorer: str = "trak"  # the family lists its scorers (classifier: trak; diffusion: dtrak, diffusion-tracin/-retrac)
     lambda_rel: float = 0.01  # TRAK ridge relative to mean diag(Phi^T Phi)
     topk: int = 10  # proponents/opponents kept per query
     show: int = 3  # queries printed in the report
     block_rows: int = 8192  # training rows per scoring block
+    influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
 
     def __post_init__(self) -> None:
-        _choice(self, "scorer", ("trak",))
         _positive(self, "topk", "block_rows")
         if self.show < 0:
             raise ConfigError(f"score.show must be >= 0, got {self.show}")
         if not self.lambda_rel > 0:
             raise ConfigError(f"score.lambda_rel must be > 0, got {self.lambda_rel}")
+        if not 0 <= self.influential_fraction < 1:
+            raise ConfigError(f"score.influential_fraction must be in [0, 1), got {self.influential_fraction}")
 
 
 @dataclass
@@ -195,6 +205,11 @@ class RunConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
 
+    def __post_init__(self) -> None:
+        from .families import check_config  # the family registry checks arch, data, scorer, options
+
+        check_config(self)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -209,6 +224,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(value, inner, where)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -267,9 +286,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return parse_config(values or {}, overrides)
 
 
+#: Keys added after the first release, hashed only when set away from these defaults, so that
+#: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
+LATER_KEYS = {("model", "family"): ModelConfig().family, ("model", "options"): {},
+              ("score", "influential_fraction"): ScoreConfig().influential_fraction}
+
+
 def section_fingerprint(cfg: RunConfig, *sections: str) -> str:
-    """Hash of the named sections of the resolved config."""
+    """Hash of the named sections of the resolved config (see :data:`LATER_KEYS`)."""
     d = cfg.to_dict()
+    for (section, key), default in LATER_KEYS.items():
+        if section in d and d[section].get(key) == default:
+            del d[section][key]
     return fingerprint({s: d[s] for s in sections})
 
 

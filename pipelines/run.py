@@ -1,8 +1,11 @@
-"""A run folder: paths of every artifact (pure functions of the root) and shared loaders."""
+"""A run folder: paths of every artifact (pure functions of the root) and shared loaders.
+
+What depends on the kind of model (data, model, task, collate, featurizer) comes from the run's
+model family (:mod:`pipelines.families`); the functions here dispatch to it.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +15,11 @@ import numpy as np
 import torch
 
 from stores._io import save_json
-from tda.data import arrow_columns, example_ids, load_mnist, mnist_collate
-from tda.errors import CheckpointError, FingerprintMismatchError, ForeignStoreError
-from tda.featurize import Featurizer
-from tda.models import mlp
-from tda.tasks import ClassificationTask
+from tda.data import arrow_columns, example_ids, mnist_collate
+from tda.errors import FingerprintMismatchError, ForeignStoreError
 
 from .config import FEATURE_SECTIONS, RunConfig, section_fingerprint
+from .families import family_for, load_checkpoint_list, load_idx_split, resolve_device  # noqa: F401
 
 RUN_FILE = "run.json"
 
@@ -64,7 +65,7 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
     """Refuse a folder holding another configuration's outputs unless ``overwrite``."""
     import shutil
 
-    fp = section_fingerprint(cfg, *FEATURE_SECTIONS)
+    fp = feature_fingerprint(cfg)
     paths = RunPaths(root)
     if paths.run_file.is_file():
         old = json.loads(paths.run_file.read_text())
@@ -84,49 +85,38 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
     save_json(paths.run_file, {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict()})
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("featurize.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return torch.device(name)
+def feature_fingerprint(cfg: RunConfig) -> str:
+    """Hash of everything the stored features depend on (config sections plus the family's tag)."""
+    return section_fingerprint(cfg, *FEATURE_SECTIONS) + family_for(cfg).feature_tag(cfg)
 
 
-@functools.lru_cache(maxsize=4)
 def load_split(root: str, split: str, limit: int | None):
     """Cached MNIST split as a ``datasets.Dataset``."""
-    return load_mnist(root, split, limit)
+    return load_idx_split(root, split, limit)
 
 
-def datasets_for(cfg: RunConfig) -> dict[str, Any]:
-    """The train and query data sets of a run."""
-    return {"train": load_split(cfg.data.root, "train", cfg.data.train_size),
-            "query": load_split(cfg.data.root, cfg.data.query_split, cfg.data.query_size)}
+def datasets_for(cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+    """The train and query data sets of a run (``paths``: the run folder, for run-made queries)."""
+    return family_for(cfg).datasets(cfg, paths)
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
-    return mlp(784, tuple(cfg.model.hidden), 10)
+    return family_for(cfg).build_model(cfg)
 
 
-def make_featurizer(cfg: RunConfig) -> Featurizer:
-    f = cfg.featurize
-    return Featurizer(build_model(cfg), ClassificationTask(), k=f.k, seed=f.seed, kind=f.projector,
-                      param_names=f.params, device=resolve_device(f.device), backend=f.backend)
+def make_featurizer(cfg: RunConfig, split: str = "train", paths: RunPaths | None = None):
+    """The featurizer of ``split`` (the classifier family uses one for both splits)."""
+    return family_for(cfg).featurizer(cfg, split, paths)
 
 
 def collate_for(cfg: RunConfig):
-    return mnist_collate
+    return family_for(cfg).collate(cfg)
 
 
-def load_checkpoint_list(paths: RunPaths) -> list[dict[str, Any]]:
-    if not paths.checkpoint_list.is_file():
-        raise CheckpointError(f"{paths.checkpoint_list} is missing; run the train stage first")
-    return json.loads(paths.checkpoint_list.read_text())["checkpoints"]
-
-
-def as_numpy_batch(dataset) -> dict[str, torch.Tensor]:
-    """Whole dataset collated at once (for training the small demo models)."""
-    return mnist_collate(arrow_columns(dataset.with_format("arrow")[:]))
+def as_numpy_batch(dataset, cfg: RunConfig | None = None) -> dict[str, torch.Tensor]:
+    """Whole dataset collated at once (for training the small demo models); MNIST without ``cfg``."""
+    collate = mnist_collate if cfg is None else collate_for(cfg)
+    return collate(arrow_columns(dataset.with_format("arrow")[:]))
 
 
 def ids_to_rows(dataset) -> dict[int, int]:

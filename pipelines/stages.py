@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,38 +22,38 @@ from tqdm.auto import tqdm
 from stores import FeatureStore, FaissIndex, build_index
 from stores._io import atomic_write, save_json, save_npz, sha256_file
 from tda.data import iter_batches
+from tda.errors import CheckpointError, IndexMismatchError, StoreError
+from tda.features import FeatureBlock
 from tda.kernel import iter_score_blocks
-from tda.scorers import make_scorer
-from tda.training import accuracy, train_classifier
 
-from .config import FEATURE_SECTIONS, SCORE_SECTIONS, RunConfig, section_fingerprint
-from .run import (RunPaths, as_numpy_batch, build_model, collate_for, datasets_for,
-                  load_checkpoint_list, make_featurizer)
+from .config import SCORE_SECTIONS, RunConfig, section_fingerprint
+from .families import family_for
+from .run import RunPaths, collate_for, datasets_for, feature_fingerprint, load_checkpoint_list, make_featurizer
 
 logger = logging.getLogger(__name__)
 STAGES = ("train", "featurize", "index", "score")
 
 
 def stage_train(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list[dict[str, Any]]:
-    """Train ``cfg.train.models`` models, saving a checkpoint per epoch; skip finished models."""
-    t = cfg.train
-    data = datasets_for(cfg)
+    """Train ``cfg.train.models`` models with the family's recipe, saving a checkpoint at each of
+    its checkpoint epochs; skip finished models."""
+    family = family_for(cfg)
+    epochs = family.checkpoint_epochs(cfg)
     done = {(c["model"], c["epoch"]): c for c in _read_list(paths)}
-    train_b, query_b = as_numpy_batch(data["train"]), as_numpy_batch(data["query"])
-    bar = tqdm(range(t.models), desc="train", unit="model", disable=not progress)
+    bar = tqdm(range(cfg.train.models), desc="train", unit="model", disable=not progress)
     for m in bar:
-        if all((m, e) in done and paths.checkpoint(m, e).is_file() for e in range(t.epochs)):
+        if (all((m, e) in done and paths.checkpoint(m, e).is_file() for e in epochs)
+                and all(p.is_file() for p in family.train_outputs(cfg, paths, m))):
             continue
 
-        def save(epoch: int, model: torch.nn.Module, m: int = m) -> None:
+        def save(epoch: int, model: torch.nn.Module, m: int = m, **info: Any) -> None:
             path = paths.checkpoint(m, epoch)
             atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
-            done[(m, epoch)] = {"model": m, "epoch": epoch, "file": path.name, "sha256": sha256_file(path)}
+            done[(m, epoch)] = {"model": m, "epoch": epoch, "file": path.name, "sha256": sha256_file(path), **info}
 
-        model = train_classifier(lambda: build_model(cfg), train_b["x"], train_b["y"], epochs=t.epochs,
-                                 lr=t.lr, batch_size=t.batch_size, seed=t.seed + m, on_epoch=save)
-        done[(m, t.epochs - 1)]["query_accuracy"] = accuracy(model, query_b["x"], query_b["y"])
-        bar.set_postfix(acc=f"{done[(m, t.epochs - 1)]['query_accuracy']:.3f}")
+        summary = family.train(cfg, paths, m, save)
+        done[(m, epochs[-1])].update(summary)
+        bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in summary.items()})
         _write_list(paths, done)
     return _selected(cfg, paths)
 
@@ -74,32 +75,41 @@ def _selected(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]]:
     last = cfg.train.epochs - 1
     chosen = [e for e in entries if cfg.train.checkpoints == "all" or e["epoch"] == last]
     chosen = [{**e, "id": i} for i, e in enumerate(chosen)]
-    save_json(paths.checkpoint_list, {"all": entries, "checkpoints": chosen})
+    listing = {"all": entries, "checkpoints": chosen}
+    if _json_field(paths.checkpoint_list, "checkpoints") != chosen or _json_field(paths.checkpoint_list, "all") != entries:
+        save_json(paths.checkpoint_list, listing)  # rewritten only when it changes: a rerun touches nothing
     return chosen
 
 
-def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict) -> FeatureStore:
+def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, k: int | None = None) -> FeatureStore:
+    """The split's store; ``k`` is the feature width (default ``featurize.k``)."""
     f = cfg.featurize
     ckpts = load_checkpoint_list(paths)
-    fp = section_fingerprint(cfg, *FEATURE_SECTIONS) + f"-{split}"
-    return FeatureStore.create(paths.store(split), n=n, k=f.k, checkpoints=[c["id"] for c in ckpts],
+    fp = feature_fingerprint(cfg) + f"-{split}"
+    return FeatureStore.create(paths.store(split), n=n, k=k or f.k, checkpoints=[c["id"] for c in ckpts],
                                shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split},
                                dtype=f.dtype)
 
 
 def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, FeatureStore]:
     """Featurize the train and query splits into their stores, shard by shard."""
-    data = datasets_for(cfg)
-    ckpts = {c["id"]: paths.checkpoints / c["file"] for c in load_checkpoint_list(paths)}
-    featurizer = make_featurizer(cfg)
+    data = datasets_for(cfg, paths)
+    entries = {c["id"]: c for c in load_checkpoint_list(paths)}
+    ckpts = {c: paths.checkpoints / e["file"] for c, e in entries.items()}
     stores = {}
+    verified: set[int] = set()
     for split in ("train", "query"):
         ds = data[split]
-        store = open_store(cfg, paths, split, len(ds), featurizer.spec())
+        featurizer = make_featurizer(cfg, split, paths)  # the family may featurize splits differently
+        store = open_store(cfg, paths, split, len(ds), featurizer.spec(), getattr(featurizer, "feature_dim", None))
+        store.remove_orphans()  # temporary files of a writer that was killed (we hold the run lock)
         stores[split] = store
         todo: dict[int, list[int]] = defaultdict(list)
         for c, s in store.pending():
             todo[c].append(s)
+        for c in set(todo) - verified:
+            _verify_checkpoint(ckpts[c], entries[c])
+            verified.add(c)
         rows = sum(hi - lo for lo, hi in (store.shard_rows(s) for ss in todo.values() for s in ss))
         bar = tqdm(total=rows, desc=f"featurize {split}", unit="ex", disable=not progress or not rows)
         for c, shards in todo.items():
@@ -113,24 +123,34 @@ def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> d
     return stores
 
 
+def _verify_checkpoint(path: Path, entry: dict[str, Any]) -> None:
+    """Refuse a checkpoint file that is missing or changed since the train stage recorded it."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing; rerun the train stage (`tda run CONFIG --from train`)")
+    if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {path} changed since training (its sha256 differs from {path.parent / 'checkpoints.json'}); "
+            "restore it, or retrain into a new run folder; features of another model would be silently wrong"
+        )
+
+
 def _counting(batches, bar):
     for ids, batch in batches:
         yield ids, batch
         bar.update(len(ids))
 
 
-def scorer_for(cfg: RunConfig):
-    return make_scorer(cfg.score.scorer, lambda_rel=cfg.score.lambda_rel)
+def scorer_for(cfg: RunConfig, paths: RunPaths | None = None):
+    return family_for(cfg).scorer(cfg, paths)
 
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
     fp = section_fingerprint(cfg, *SCORE_SECTIONS)
-    meta_path = paths.index / "index.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
+    if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
-    scorer = scorer_for(cfg).fit(train)
+    scorer = scorer_for(cfg, paths).fit(train)
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
@@ -141,41 +161,123 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     return index
 
 
+def _json_field(path: Path, key: str) -> Any:
+    """``key`` of a JSON file, or None when the file is missing or unreadable (then the work is redone)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
 def load_scorer(cfg: RunConfig, paths: RunPaths):
     """The fitted scorer saved by the index stage (no pickle)."""
-    with np.load(paths.scorer / "state.npz", allow_pickle=False) as z:
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    state_path = paths.scorer / "state.npz"
+    if not state_path.is_file():
+        raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
+    if _json_field(paths.scorer / "scorer.json", "fingerprint") not in (fp, None):
+        raise IndexMismatchError(
+            f"the scorer in {paths.scorer} was fitted for another score/index configuration; refit it with "
+            "`tda run CONFIG --from index`"
+        )
+    with np.load(state_path, allow_pickle=False) as z:
         state = {k: z[k] for k in z.files}
-    return scorer_for(cfg).load_state_dict(state)
+    return scorer_for(cfg, paths).load_state_dict(state)
+
+
+def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
+    """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
+    index = FaissIndex.load(paths.index)
+    return index.check(fingerprint=section_fingerprint(cfg, *SCORE_SECTIONS), dim=dim, n=n_train,
+                       fix="rebuild it with `tda run CONFIG --from index`")
+
+
+class _TrainFrom:
+    """The blocks of a feature source from column ``start`` on (resuming a scoring pass)."""
+
+    def __init__(self, source: FeatureStore, start: int) -> None:
+        self.source, self.start, self.checkpoints = source, start, source.checkpoints
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start
+
+    @property
+    def k(self) -> int:
+        return self.source.k
+
+    def iter_blocks(self, block_rows: int = 4096):
+        col = 0
+        for blk in self.source.iter_blocks(block_rows):
+            col += len(blk)
+            if col > self.start:
+                if col - len(blk) < self.start:  # cannot happen with the same block_rows and shard_size
+                    raise StoreError("scoring progress does not fall on a block boundary; delete scores/ and rerun")
+                yield blk
+
+
+def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scorer, train: FeatureStore,
+                  progress: bool) -> Path:
+    """Fill ``scores.partial.npy`` (a memmap) block by block, recording progress after each block.
+
+    Memory holds the query vectors and one (n_query, block_rows) block, never the whole matrix;
+    an interrupted pass resumes at the first block not recorded in ``scores.progress.json``.
+    """
+    partial, prog_path = paths.scores / "scores.partial.npy", paths.scores / "scores.progress.json"
+    shape = (int(qv.shape[0]), len(train))
+    key = {"fingerprint": fp, "shape": list(shape), "block_rows": cfg.score.block_rows}
+    done = 0
+    try:
+        prog = json.loads(prog_path.read_text())
+        if {k: prog.get(k) for k in key} == key and partial.is_file():
+            out = np.lib.format.open_memmap(partial, mode="r+")
+            done = int(prog["cols"]) if out.shape == shape and out.dtype == np.float32 else 0
+            del out
+    except (OSError, ValueError, KeyError, TypeError):
+        done = 0
+    if done == 0:
+        prog_path.unlink(missing_ok=True)
+        paths.scores.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape).flush()
+    elif done < shape[1]:
+        logger.info("resuming scores at training column %d of %d", done, shape[1])
+    out = np.lib.format.open_memmap(partial, mode="r+")
+    bar = tqdm(total=shape[1], initial=done, desc="score", unit="train ex", disable=not progress)
+    col = done
+    for ids, block in iter_score_blocks(qv, scorer, _TrainFrom(train, done), cfg.score.block_rows):
+        out[:, col: col + len(ids)] = block  # (n_query, b)
+        col += len(ids)
+        out.flush()
+        save_json(prog_path, {**key, "cols": col})
+        bar.update(len(ids))
+    bar.close()
+    del out
+    if col != shape[1]:
+        raise StoreError(f"scored {col} of {shape[1]} training examples; delete {paths.scores} and rerun")
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    final = paths.scores / "scores.npy"
+    os.replace(partial, final)
+    prog_path.unlink(missing_ok=True)
+    return final
 
 
 def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
-    """Dense scores (written block by block) and top-k proponents/opponents per query."""
+    """Dense scores (written block by block into a memmap, resumable) and top-k per query."""
     fp = section_fingerprint(cfg, *SCORE_SECTIONS)
-    done_path = paths.scores / "scores.json"
-    if done_path.is_file() and json.loads(done_path.read_text()).get("fingerprint") == fp:
-        return {"scores": paths.scores / "scores.npy", "topk": paths.scores / "topk.npz"}
+    outputs = {"scores": paths.scores / "scores.npy", "topk": paths.scores / "topk.npz"}
+    if _json_field(paths.scores / "scores.json", "fingerprint") == fp and all(p.is_file() for p in outputs.values()):
+        return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     scorer = load_scorer(cfg, paths)
-    qblk = next(query.iter_blocks(len(query)))
-    qv = scorer.transform_query(qblk)
-    bar = tqdm(total=len(train), desc="score", unit="train ex", disable=not progress)
-
-    def write(tmp: Path) -> None:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(query), len(train)))
-        col = 0
-        for ids, block in iter_score_blocks(qv, scorer, train, cfg.score.block_rows):
-            out[:, col: col + len(ids)] = block
-            col += len(ids)
-            bar.update(len(ids))
-        out.flush()
-        del out
-
-    atomic_write(paths.scores / "scores.npy", write)
-    bar.close()
-    top = FaissIndex.load(paths.index).top_k(qv, cfg.score.topk)
-    save_npz(paths.scores / "topk.npz", query_ids=qblk.ids, train_ids=train.ids(), proponent_ids=top.proponent_ids,
-        proponent_scores=top.proponent_scores, opponent_ids=top.opponent_ids,
-        opponent_scores=top.opponent_scores)
-    save_json(done_path, {"fingerprint": fp, "n_query": len(query), "n_train": len(train),
-                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return {"scores": paths.scores / "scores.npy", "topk": paths.scores / "topk.npz"}
+    qblk: FeatureBlock = next(query.iter_blocks(len(query)))
+    qv = scorer.transform_query(qblk)  # (n_query, D)
+    index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train))
+    _write_scores(cfg, paths, fp, qv, scorer, train, progress)
+    top = index.top_k(qv, cfg.score.topk)
+    save_npz(outputs["topk"], query_ids=qblk.ids, train_ids=train.ids(), proponent_ids=top.proponent_ids,
+             proponent_scores=top.proponent_scores, opponent_ids=top.opponent_ids,
+             opponent_scores=top.opponent_scores)
+    save_json(paths.scores / "scores.json", {"fingerprint": fp, "n_query": len(query), "n_train": len(train),
+                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return outputs

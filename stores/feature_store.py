@@ -16,22 +16,27 @@ read with ``allow_pickle=False`` (memory-mapped), so nothing in a store is ever 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tda.errors import (FingerprintMismatchError, ForeignStoreError, ShapeError, StoreCorruptError,
-                        StoreError)
+from tda.errors import (DTypeError, DuplicateIdError, FingerprintMismatchError, ForeignStoreError,
+                        NonFiniteFeaturesError, ShapeError, StoreCorruptError, StoreError)
 from tda.features import FeatureBlock
 
 from ._io import save_json, save_npy, sha256_file
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "tda-feature-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16")
+REPAIR_HINT = ("re-featurize the damaged shards with `tda run CONFIG --repair` (or FeatureStore.repair() and "
+               "resume), or restore the file")
 
 
 def shard_path(root: Path, kind: str, checkpoint: int | None, shard: int) -> Path:
@@ -45,31 +50,79 @@ def shard_key(kind: str, checkpoint: int | None, shard: int) -> str:
     return f"{kind}/{'-' if checkpoint is None else checkpoint}/{shard}"
 
 
+def _check_dtypes(ids: np.ndarray, feats: np.ndarray, q: np.ndarray) -> None:
+    if ids.dtype.kind not in "iu":
+        raise DTypeError(f"example ids must be integers, got dtype {ids.dtype}; pass the data set's integer "
+                         "'id' column (float ids would be silently truncated)")
+    for name, arr in (("features", feats), ("loss weights q", q)):
+        if arr.dtype.kind != "f":
+            raise DTypeError(f"{name} must be a floating-point array, got dtype {arr.dtype}; pass the "
+                             "float32 output of the featurizer")
+
+
+def _check_ids_file(path: Path, ids: np.ndarray, shard: int) -> bool:
+    """True when ``path`` already holds exactly ``ids``; raise if it holds other ids."""
+    if not path.is_file():
+        return False
+    try:
+        old = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StoreCorruptError(f"{path} is not a readable .npy file ({exc}); delete it and re-run") from exc
+    if old.shape == ids.shape and np.array_equal(old, ids):
+        return True
+    raise StoreCorruptError(
+        f"example ids of shard {shard} differ from those already stored in {path}; the data order must "
+        "be the same for every checkpoint (if the data changed, featurize into a new store folder)"
+    )
+
+
 def write_shard_files(root: str | Path, checkpoint: int, shard: int, ids: np.ndarray,
                       feats: np.ndarray, q: np.ndarray, dtype: str = "float32") -> dict[str, dict]:
     """Write one (checkpoint, shard) atomically; return the records the driver puts in the manifest.
 
-    Safe to call from a worker: touches only this shard's files, never the manifest.
+    Safe to call from a worker: touches only this shard's files, never the manifest. Everything is
+    validated before the first file is written, and the shard's ids file (shared by every
+    checkpoint) is never replaced by different ids, so a bad call leaves the store as it was.
     """
     root = Path(root)
-    ids = np.asarray(ids, dtype=np.int64)
-    feats = np.asarray(feats, dtype=np.float32)
-    q = np.asarray(q, dtype=np.float32)
+    ids, feats, q = np.asarray(ids), np.asarray(feats), np.asarray(q)
     if feats.ndim != 2 or ids.shape != (feats.shape[0],) or q.shape != (feats.shape[0],):
-        raise ShapeError(f"shard arrays disagree: ids {ids.shape}, feats {feats.shape}, q {q.shape}")
+        raise ShapeError(f"shard arrays disagree: ids {ids.shape}, feats {feats.shape}, q {q.shape}; "
+                         "expected ids (rows,), feats (rows, k), q (rows,)")
+    _check_dtypes(ids, feats, q)
+    ids, feats, q = ids.astype(np.int64), feats.astype(np.float32), q.astype(np.float32)
     if not (np.isfinite(feats).all() and np.isfinite(q).all()):
-        raise StoreError("refusing to store NaN or infinite features; fix the featurizer input")
+        raise NonFiniteFeaturesError("refusing to store NaN or infinite features; fix the featurizer input "
+                                     "(a diverged checkpoint has NaN weights); nothing was written")
+    if len(np.unique(ids)) != len(ids):
+        raise DuplicateIdError(f"shard {shard} repeats example ids; every example needs a unique id")
     stored = feats.astype(dtype)
     if dtype == "float16" and not np.isfinite(stored).all():
-        raise StoreError("features overflow float16; store them as float32")
+        raise StoreError("features overflow float16; store them as float32 (featurize.dtype=float32)")
+    ids_path = shard_path(root, "ids", None, shard)
+    ids_present = _check_ids_file(ids_path, ids, shard)
     records = {}
-    for kind, ckpt, arr in (("ids", None, ids), ("features", checkpoint, stored), ("q", checkpoint, q)):
+    for kind, ckpt, arr in (("features", checkpoint, stored), ("q", checkpoint, q), ("ids", None, ids)):
         path = shard_path(root, kind, ckpt, shard)
-        save_npy(path, arr)
+        if not (kind == "ids" and ids_present):
+            save_npy(path, arr)
         records[shard_key(kind, ckpt, shard)] = {
-            "file": str(path.relative_to(root)), "rows": int(arr.shape[0]),
-            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            "file": str(path.relative_to(root)), "rows": int(arr.shape[0]), "shape": list(arr.shape),
+            "dtype": str(arr.dtype), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return records
+
+
+def _refuse_duplicates(shard: int, new: np.ndarray, known_sorted: np.ndarray) -> None:
+    """Raise :class:`DuplicateIdError` if ids of a new shard are already in ``known_sorted``."""
+    if not len(known_sorted) or not len(new):
+        return
+    pos = np.clip(np.searchsorted(known_sorted, new), 0, len(known_sorted) - 1)
+    dup = new[known_sorted[pos] == new]
+    if len(dup):
+        raise DuplicateIdError(
+            f"shard {shard} repeats example ids already stored in other shards (e.g. {dup[:5].tolist()}); "
+            "every example needs a unique id: check the data set's 'id' column"
+        )
 
 
 class FeatureStore:
@@ -83,6 +136,8 @@ class FeatureStore:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
+        self._verified: set[str] = set()  # files whose sha256 was checked by this instance
+        self._sorted_ids: np.ndarray | None = None  # ids of recorded shards, sorted (duplicate check)
 
     # ---------------------------------------------------------------- lifecycle
     @classmethod
@@ -104,6 +159,8 @@ class FeatureStore:
         if (root / MANIFEST).exists():
             store = cls.open(root)
             store.check_fingerprint(fingerprint, spec)
+            store._check_layout(n=int(n), k=int(k), dtype=dtype, shard_size=int(shard_size),
+                                checkpoints=[int(c) for c in checkpoints])
             return store
         if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
             raise ForeignStoreError(
@@ -128,7 +185,10 @@ class FeatureStore:
         try:
             manifest = json.loads(path.read_text())
         except ValueError as exc:
-            raise StoreCorruptError(f"{path} is not valid JSON ({exc}); re-run featurization into a new folder") from exc
+            raise StoreCorruptError(
+                f"{path} is not valid JSON ({exc}); the store's record of finished shards is lost: restore "
+                f"the file, or delete {root} and featurize again"
+            ) from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ForeignStoreError(f"{path} was not written by a tda feature store")
         if manifest.get("version") != VERSION:
@@ -148,8 +208,27 @@ class FeatureStore:
             "use another store folder, or pass overwrite to replace it"
         )
 
+    def _check_layout(self, **wanted: Any) -> None:
+        """Refuse to append to a store whose shape settings differ (even under the same fingerprint)."""
+        diff = {key: (self.manifest.get(key), value) for key, value in wanted.items() if self.manifest.get(key) != value}
+        if diff:
+            detail = ", ".join(f"{key}: stored {old!r}, asked {new!r}" for key, (old, new) in diff.items())
+            raise FingerprintMismatchError(
+                f"{self.root} was created with other settings ({detail}); use another store folder, or "
+                "delete this one to featurize again"
+            )
+
     def _save_manifest(self) -> None:
         save_json(self.root / MANIFEST, self.manifest)
+
+    def remove_orphans(self) -> list[Path]:
+        """Delete temporary files left by writers that were killed mid-write (call under the lock)."""
+        orphans = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        for p in orphans:
+            p.unlink(missing_ok=True)
+        if orphans:
+            logger.info("removed %d temporary files of an interrupted writer in %s", len(orphans), self.root)
+        return orphans
 
     # ---------------------------------------------------------------- properties
     @property
@@ -187,20 +266,54 @@ class FeatureStore:
     def is_complete(self) -> bool:
         return not self.pending()
 
+    def _check_record(self, key: str, rec: dict) -> None:
+        kind, ckpt, shard = key.split("/")
+        expected = shard_path(self.root, kind, None if ckpt == "-" else int(ckpt), int(shard))
+        if rec.get("file") != str(expected.relative_to(self.root)):
+            raise StoreCorruptError(f"record {key} names file {rec.get('file')!r}, expected {expected}")
+        lo, hi = self.shard_rows(int(shard))
+        if rec["rows"] != hi - lo:
+            raise StoreCorruptError(f"shard {key} has {rec['rows']} rows, expected {hi - lo}")
+        if kind == "features" and "shape" in rec and (list(rec["shape"]) != [hi - lo, self.k]
+                                                       or rec["dtype"] != self.manifest["dtype"]):
+            raise ShapeError(f"shard {key} holds {rec['dtype']} features of shape {rec['shape']}, the store "
+                             f"{self.manifest['dtype']} ({hi - lo}, {self.k}); featurize with k={self.k}")
+        path = self.root / rec["file"]
+        if not path.is_file() or path.stat().st_size != rec["bytes"]:
+            raise StoreCorruptError(f"{path} is missing or has the wrong size; write shard {key} again")
+
+    def _all_ids_sorted(self) -> np.ndarray:
+        if self._sorted_ids is None:
+            parts = [np.asarray(self._load("ids", None, s)) for s in range(self.n_shards)
+                     if shard_key("ids", None, s) in self.manifest["complete"]]
+            self._sorted_ids = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        return self._sorted_ids
+
     def record(self, records: dict[str, dict]) -> None:
-        """Record finished shard files (driver only), after checking them on disk."""
+        """Record finished shard files (driver only), after checking them on disk.
+
+        Raises :class:`StoreCorruptError` when a shard's ids changed between checkpoints and
+        :class:`DuplicateIdError` when a new shard repeats ids of another shard; nothing is
+        recorded then.
+        """
+        known = self._all_ids_sorted() if any(k.startswith("ids/") for k in records) else None
         for key, rec in records.items():
-            kind, ckpt, shard = key.split("/")
-            lo, hi = self.shard_rows(int(shard))
-            if rec["rows"] != hi - lo:
-                raise StoreCorruptError(f"shard {key} has {rec['rows']} rows, expected {hi - lo}")
-            if kind == "ids":
-                old = self.manifest["complete"].get(key)
-                if old is not None and old["sha256"] != rec["sha256"]:
+            self._check_record(key, rec)
+            kind, _, shard = key.split("/")
+            if kind != "ids":
+                continue
+            old = self.manifest["complete"].get(key)
+            if old is not None:
+                if old["sha256"] != rec["sha256"]:
                     raise StoreCorruptError(
                         f"example ids of shard {shard} changed between checkpoints; the data order "
                         "must be the same for every checkpoint"
                     )
+                continue
+            new = np.load(self.root / rec["file"], allow_pickle=False)
+            _refuse_duplicates(int(shard), new, known)
+            known = np.sort(np.concatenate([known, new]))
+        self._sorted_ids = known if known is not None else self._sorted_ids
         # ids and q first, features last: a shard is done when its features record exists
         for key in sorted(records, key=lambda k: k.startswith("features")):
             self.manifest["complete"][key] = records[key]
@@ -210,28 +323,55 @@ class FeatureStore:
         """Write and record one shard (local, single-process use)."""
         if checkpoint not in self.checkpoints:
             raise StoreError(f"checkpoint {checkpoint} is not one of the store's {self.checkpoints}")
+        if not 0 <= shard < self.n_shards:
+            raise StoreError(f"shard {shard} is out of range: the store has shards 0..{self.n_shards - 1}")
+        if self.is_done(checkpoint, shard):
+            raise StoreError(
+                f"shard {shard} of checkpoint {checkpoint} is already complete in {self.root}; stores are "
+                "append-only: featurize into a new folder to change stored features"
+            )
+        feats = np.asarray(feats)
         if feats.ndim != 2 or feats.shape[1] != self.k:
-            raise ShapeError(f"features must be (rows, {self.k}), got {feats.shape}")
+            raise ShapeError(f"features must be (rows, {self.k}), got {feats.shape}; featurize with k={self.k}")
+        lo, hi = self.shard_rows(shard)
+        if feats.shape[0] != hi - lo:
+            raise StoreCorruptError(f"shard {shard} holds dataset rows {lo}..{hi - 1} ({hi - lo} rows), got "
+                                    f"{feats.shape[0]} rows; pass exactly the rows of store.shard_rows({shard})")
+        if shard_key("ids", None, shard) not in self.manifest["complete"]:
+            _refuse_duplicates(shard, np.asarray(ids), self._all_ids_sorted())
+            shard_path(self.root, "ids", None, shard).unlink(missing_ok=True)  # unrecorded: an orphan
         self.record(write_shard_files(self.root, checkpoint, shard, ids, feats, q, self.manifest["dtype"]))
 
     # ---------------------------------------------------------------- reading
+    def _check_file(self, key: str, rec: dict, checksum: bool = True) -> Path:
+        """Path of a recorded file after checking its size and (once per instance) its sha256."""
+        path = self.root / rec["file"]
+        if not path.is_file():
+            raise StoreCorruptError(f"{path} ({key}) is missing; {REPAIR_HINT}")
+        size = path.stat().st_size
+        if size != rec["bytes"]:
+            raise StoreCorruptError(
+                f"{path} ({key}) is truncated or was overwritten: {size} bytes, the manifest says "
+                f"{rec['bytes']}; {REPAIR_HINT}"
+            )
+        if checksum and key not in self._verified:
+            if sha256_file(path) != rec["sha256"]:
+                raise StoreCorruptError(f"{path} ({key}) does not match its checksum in the manifest; {REPAIR_HINT}")
+            self._verified.add(key)
+        return path
+
     def _load(self, kind: str, checkpoint: int | None, shard: int) -> np.ndarray:
         key = shard_key(kind, checkpoint, shard)
         rec = self.manifest["complete"].get(key)
         if rec is None:
             raise StoreError(f"shard {key} of {self.root} is not complete; resume featurization first")
-        path = self.root / rec["file"]
-        if not path.is_file() or path.stat().st_size != rec["bytes"]:
-            raise StoreCorruptError(
-                f"{path} is missing or truncated (expected {rec['bytes']} bytes); delete its record by "
-                "re-running featurization with overwrite, or restore the file"
-            )
+        path = self._check_file(key, rec)
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
-            raise StoreCorruptError(f"{path} is not a readable .npy file ({exc})") from exc
+            raise StoreCorruptError(f"{path} is not a readable .npy file ({exc}); {REPAIR_HINT}") from exc
         if arr.shape[0] != rec["rows"]:
-            raise StoreCorruptError(f"{path} has {arr.shape[0]} rows, the manifest says {rec['rows']}")
+            raise StoreCorruptError(f"{path} has {arr.shape[0]} rows, the manifest says {rec['rows']}; {REPAIR_HINT}")
         return arr
 
     def ids(self) -> np.ndarray:
@@ -254,8 +394,34 @@ class FeatureStore:
                 yield blk.select(slice(lo, lo + block_rows))
 
     def verify(self) -> None:
-        """Check every recorded file against its sha256; raise :class:`StoreCorruptError` on the first bad one."""
+        """Check every recorded file against its size and sha256; raise :class:`StoreCorruptError` on the first bad one."""
         for key, rec in self.manifest["complete"].items():
-            path = self.root / rec["file"]
-            if not path.is_file() or sha256_file(path) != rec["sha256"]:
-                raise StoreCorruptError(f"{path} ({key}) does not match its checksum; re-featurize that shard")
+            self._verified.discard(key)
+            self._check_file(key, rec)
+
+    def repair(self) -> list[str]:
+        """Drop the records of missing, truncated or corrupt files so that featurization redoes them.
+
+        A bad ids file drops its shard under every checkpoint (they share it). Returns the
+        dropped record keys; the manifest is saved only when something was dropped.
+        """
+        bad: set[str] = set()
+        for key, rec in self.manifest["complete"].items():
+            try:
+                self._verified.discard(key)
+                self._check_file(key, rec)
+            except StoreCorruptError as exc:
+                logger.warning("%s", exc)
+                bad.add(key)
+        drop = set(bad)
+        for key in bad:
+            kind, ckpt, shard = key.split("/")
+            ckpts = self.checkpoints if kind == "ids" else [int(ckpt)]
+            drop |= {shard_key(kd, c, int(shard)) for kd in ("features", "q") for c in ckpts}
+        drop &= set(self.manifest["complete"])
+        if drop:
+            for key in sorted(drop):
+                (self.root / self.manifest["complete"].pop(key)["file"]).unlink(missing_ok=True)
+            self._sorted_ids = None
+            self._save_manifest()
+        return sorted(drop)

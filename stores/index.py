@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tda.errors import ForeignStoreError, QueryError, ShapeError, StoreCorruptError, StoreError
+from tda.errors import (ForeignStoreError, IndexMismatchError, QueryError, ShapeError, StoreCorruptError,
+                        StoreError)
 from tda.features import FeatureSource
 from tda.kernel import TopK
 from tda.scorers.base import Scorer
@@ -110,17 +111,33 @@ class FaissIndex:
             meta = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise StoreCorruptError(f"{meta_path} is not valid JSON; rebuild the index") from exc
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ForeignStoreError(f"{meta_path} was not written by tda")
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as exc:
             raise StoreCorruptError(f"{index_path} cannot be read by FAISS ({exc}); rebuild the index") from exc
-        if index.ntotal != meta["n"] or index.d != meta["dim"]:
-            raise StoreCorruptError(f"{index_path} has {index.ntotal} x {index.d} vectors, metadata says {meta['n']} x {meta['dim']}")
+        if index.ntotal != meta.get("n") or index.d != meta.get("dim"):
+            raise StoreCorruptError(f"{index_path} has {index.ntotal} x {index.d} vectors, metadata says "
+                                    f"{meta.get('n')} x {meta.get('dim')}; rebuild the index")
         if "nprobe" in meta and hasattr(index, "nprobe"):
             index.nprobe = meta["nprobe"]
         return cls(index, meta)
+
+    def check(self, *, fingerprint: str | None = None, dim: int | None = None, n: int | None = None,
+              fix: str = "rebuild the index") -> "FaissIndex":
+        """Raise :class:`IndexMismatchError` unless the index was built for this configuration
+        (``fingerprint``), scorer (vector dimension ``dim``) and training store (``n`` examples)."""
+        problems = []
+        if fingerprint is not None and self.meta.get("fingerprint") != fingerprint:
+            problems.append(f"it was built for configuration {self.meta.get('fingerprint')!r}, this one is {fingerprint!r}")
+        if dim is not None and dim != self.dim:
+            problems.append(f"it holds {self.dim}-dimensional vectors, the scorer makes {dim}-dimensional ones")
+        if n is not None and n != len(self):
+            problems.append(f"it holds {len(self)} training examples, the feature store {n}")
+        if problems:
+            raise IndexMismatchError(f"the FAISS index does not match: {'; '.join(problems)}; {fix}")
+        return self
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Largest inner products: ``(scores (m, k), ids (m, k))``, best first."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from .errors import DataError, DTypeError, DuplicateIdError
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -103,9 +103,17 @@ def mnist_collate(rows: Mapping[str, object]) -> dict[str, Tensor]:
 def example_ids(dataset) -> np.ndarray:
     """Integer ids of every row: the ``id`` column if present, else positions."""
     if "id" in dataset.column_names:
-        ids = dataset.with_format("arrow")["id"].to_numpy(zero_copy_only=False).astype(np.int64)
-        if len(np.unique(ids)) != len(ids):
-            raise DataError("the data set's 'id' column has duplicates; ids must be unique")
+        raw = dataset.with_format("arrow")["id"].to_numpy(zero_copy_only=False)
+        if raw.dtype.kind not in "iu":
+            raise DTypeError(f"the data set's 'id' column has dtype {raw.dtype}; ids must be integers (cast the "
+                             "column, e.g. dataset.cast_column('id', datasets.Value('int64')))")
+        ids = raw.astype(np.int64)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if len(uniq) != len(ids):
+            raise DuplicateIdError(
+                f"the data set's 'id' column has duplicates (e.g. {uniq[counts > 1][:5].tolist()}); ids must be "
+                "unique: give every row its own integer id, or drop the 'id' column to number rows by position"
+            )
         return ids
     return np.arange(len(dataset), dtype=np.int64)
 
@@ -116,7 +124,8 @@ def iter_batches(
     """Yield ``(ids, batch)`` over rows ``[start, stop)`` of a ``datasets.Dataset``."""
     n = len(dataset)
     if n == 0:
-        raise DataError("the data set is empty; nothing to featurize")
+        raise DataError("the data set is empty (0 rows); nothing to featurize: pass at least one example "
+                        "(check the split, its size limit and any filtering)")
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     stop = n if stop is None else min(stop, n)

@@ -23,6 +23,14 @@ class ShapeError(DataError):
     """A tensor or array has a shape that does not match what the operation needs."""
 
 
+class DTypeError(DataError):
+    """A tensor or array has a dtype the operation cannot use (e.g. integer features, float ids)."""
+
+
+class DuplicateIdError(DataError):
+    """Example ids are not unique (within a data set, or across the shards of a store)."""
+
+
 class NonFiniteError(TDAError):
     """Gradients, features or scores contain NaN or infinite values."""
 
@@ -43,8 +51,16 @@ class ForeignStoreError(StoreError):
     """A directory holds files that were not written by a tda store."""
 
 
+class NonFiniteFeaturesError(NonFiniteError, StoreError):
+    """Features handed to a store are NaN or infinite; nothing was written."""
+
+
 class FingerprintMismatchError(StoreError):
     """A store was written with a different configuration (projection, seed, k, ...)."""
+
+
+class IndexMismatchError(FingerprintMismatchError):
+    """A FAISS index was built for another scorer, store or configuration (dimension, size, fingerprint)."""
 
 
 class StoreLockedError(StoreError):

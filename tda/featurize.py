@@ -8,16 +8,16 @@ the result is finite, and return float32 features with the loss weights ``Q``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
-from .gradients import (check_finite, flatten_grads, loss_weights, parameter_count,
-                        per_example_grads, select_parameters)
-from .projectors import Projector
+from .errors import CheckpointError, ConfigError, DataError, DTypeError, ShapeError
+from .gradients import (check_finite, flatten_grads, linear_layers_for, linear_per_example_grads,
+                        loss_weights, parameter_count, per_example_grads, select_parameters)
+from .projectors import Projector, _fast_jl_available
 from .tasks import Batch, Task
 
 StateDict = Mapping[str, Tensor]
@@ -33,12 +33,14 @@ def load_checkpoint(source: StateDict | str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad files
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CheckpointError(
-            f"checkpoint {path} cannot be read as a weights-only state dict ({exc}); save it "
-            "with torch.save(model.state_dict(), path)"
+            f"checkpoint {path} cannot be read as a weights-only state dict ({reason}); no code in it "
+            "was run; save it with torch.save(model.state_dict(), path)"
         ) from exc
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; save it "
+                              "with torch.save(model.state_dict(), path)")
     return dict(state)
 
 
@@ -58,6 +60,58 @@ def apply_checkpoint(model: nn.Module, state: StateDict, label: str = "checkpoin
     model.load_state_dict(state, strict=True)
 
 
+def check_batch(batch: Batch, ids: Sequence[int]) -> None:
+    """Raise unless ``batch`` is a mapping of tensors whose leading dimension is ``len(ids)``."""
+    if not isinstance(batch, Mapping) or not batch:
+        raise DataError(f"a batch must be a non-empty dict of tensors, got {type(batch).__name__}; "
+                        "make collate return e.g. {'x': ..., 'y': ...}")
+    for key, value in batch.items():
+        if not isinstance(value, Tensor):
+            raise DTypeError(f"batch[{key!r}] is a {type(value).__name__}, not a torch.Tensor; make collate "
+                             "convert columns with torch.from_numpy / torch.as_tensor")
+        if value.ndim == 0 or value.shape[0] != len(ids):
+            raise ShapeError(f"batch[{key!r}] has shape {tuple(value.shape)} but the batch has {len(ids)} example "
+                             "ids; collate must return one row per example for every entry")
+
+
+def _batch_error(exc: RuntimeError, batch: Batch) -> DataError:
+    """Translate the model's failure on a batch into an error naming the batch's shapes and dtypes."""
+    shapes = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in batch.items())
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "dtype" in text or "scalar type" in text.lower():
+        cls, fix = DTypeError, "make collate return inputs in the model's dtype (float32 for float32 weights)"
+    elif "out of bounds" in text or "out of range" in text:
+        cls, fix = DataError, "check the labels/indices of the batch (e.g. a label >= the number of classes)"
+    else:
+        cls, fix = ShapeError, "make collate return inputs of the shape the model expects"
+    return cls(f"the model failed on a batch with {shapes}: {text}; {fix}")
+
+
+def featurize_loop(
+    model: nn.Module,
+    device: torch.device,
+    featurize_batch: Callable[[Batch, Sequence[int], int], tuple[np.ndarray, np.ndarray]],
+    state: StateDict | str | Path,
+    checkpoint: int,
+    batches: Iterable[tuple[np.ndarray, Batch]],
+    cleanup: Callable[[], None],
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The loop every featurizer shares: load the checkpoint strictly, check each batch, turn the
+    model's failures into errors naming the batch, yield ``(ids, features, Q)``, clean up."""
+    apply_checkpoint(model, load_checkpoint(state), f"checkpoint {checkpoint}")
+    model.to(device)
+    try:
+        for ids, batch in batches:
+            check_batch(batch, ids)
+            try:
+                phi, q = featurize_batch(batch, ids, checkpoint)
+            except RuntimeError as exc:
+                raise _batch_error(exc, batch) from exc
+            yield np.asarray(ids, dtype=np.int64), phi, q
+    finally:
+        cleanup()
+
+
 class Featurizer:
     """Projected per-example gradients of ``task`` for ``model`` under given checkpoints.
 
@@ -69,8 +123,21 @@ class Featurizer:
         kind: ``"rademacher"`` or ``"gaussian"``.
         param_names: parameters to differentiate (names or prefixes), ``None`` for all.
         device: where gradients are computed (default: the model's device).
-        backend: projector backend (see :class:`tda.projectors.Projector`).
+        backend: projector backend (see :class:`tda.projectors.Projector`); ``"auto"`` picks
+            traker's ``fast_jl`` CUDA kernel when the model is on CUDA and the kernel is
+            importable (k a multiple of 512, Rademacher, fp32), the dense blocked GEMM otherwise.
+            The resolved backend is part of :meth:`spec`, so features of the two never mix.
         chunk_size: vmap chunk size bounding gradient memory.
+        cache_bytes: memory budget for projection blocks kept between batches.
+        precision: projection precision, ``"fp32"`` or ``"bf16"`` (see :class:`~tda.projectors.Projector`).
+        grad_method: ``"vmap"`` (``torch.func``, any model), ``"linear"`` (one batched backward,
+            per-example gradients as outer products; every selected parameter must belong to an
+            ``nn.Linear``) or ``"auto"`` (``"linear"`` where it applies, else ``"vmap"``). Both
+            give the gradient of each example run alone, assuming examples do not interact in
+            the eval-mode forward pass.
+        group_bytes: when P does not fit ``cache_bytes``, gradients of consecutive batches (up
+            to this many bytes) are projected together so each regenerated block of P serves
+            many examples; results are identical, only memory and speed change.
     """
 
     def __init__(
@@ -85,14 +152,29 @@ class Featurizer:
         backend: str = "auto",
         chunk_size: int | None = None,
         cache_bytes: int = 4 << 30,
+        precision: str = "fp32",
+        grad_method: str = "auto",
+        group_bytes: int = 1 << 30,
     ) -> None:
+        if grad_method not in ("auto", "vmap", "linear"):
+            raise ConfigError(f"grad_method {grad_method!r} is unknown; use 'auto', 'vmap' or 'linear'")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.task = task
         self.names = select_parameters(model, param_names)
         self.dim = parameter_count(model, self.names)
-        self.projector = Projector(self.dim, k, seed, kind, backend=backend, cache_bytes=cache_bytes)
+        if (backend == "auto" and self.device.type == "cuda" and kind == "rademacher" and k % 512 == 0
+                and precision == "fp32" and _fast_jl_available()):
+            backend = "fast_jl"  # traker's CUDA kernel; recorded in the spec, never mixed with dense
+        self.projector = Projector(self.dim, k, seed, kind, backend=backend, cache_bytes=cache_bytes,
+                                   precision=precision)
         self.chunk_size = chunk_size
+        self.group_bytes = group_bytes
+        linear_ok = linear_layers_for(model, self.names) is not None
+        if grad_method == "linear" and not linear_ok:
+            raise ConfigError("grad_method 'linear' needs every selected parameter to be a weight or bias "
+                              "of an nn.Linear; use grad_method 'vmap' (or 'auto') for this model")
+        self.grad_method = "linear" if grad_method == "linear" or (grad_method == "auto" and linear_ok) else "vmap"
 
     def spec(self) -> dict[str, Any]:
         """What determines the features (recorded in manifests and compared on reuse)."""
@@ -101,15 +183,36 @@ class Featurizer:
     def _to_device(self, batch: Batch) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _gradients(self, batch: Batch) -> Tensor:
+        """Flat per-example gradients (B, d) of a device batch under the loaded weights."""
+        flat = None
+        if self.grad_method == "linear":
+            flat = linear_per_example_grads(self.model, self.task, batch, self.names)
+            if flat is None:
+                self.grad_method = "vmap"  # a layer ran twice or the output is not per example
+        if flat is None:
+            flat = flatten_grads(per_example_grads(self.model, self.task, batch, self.names, self.chunk_size),
+                                 self.names)
+        return flat
+
     def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
-        batch = self._to_device(batch)
-        grads = per_example_grads(self.model, self.task, batch, self.names, self.chunk_size)
-        phi = self.projector.project(flatten_grads(grads, self.names), checkpoint)
+        return self._finish(self._gradients(self._to_device(batch)), batch, ids, checkpoint)
+
+    def _finish(self, flat: Tensor, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
+        phi = self.projector.project(flat, checkpoint)
         check_finite(phi, ids, "projected gradients")
-        q = loss_weights(self.model, self.task, batch)
+        q = loss_weights(self.model, self.task, self._to_device(batch))
         check_finite(q, ids, "loss weights Q")
         return phi.float().cpu().numpy(), q.cpu().numpy()
+
+    def _group_rows(self) -> int:
+        """Examples projected together: 1 (per batch) when P fits the block cache, else enough
+        batches to fill ``group_bytes`` of gradients, so each generated block serves many rows."""
+        p = self.projector
+        if p.backend == "fast_jl" or p.dim * p.k * 4 <= p.cache_bytes:
+            return 1
+        return max(1, self.group_bytes // (p.dim * 4))
 
     def featurize(
         self,
@@ -120,9 +223,46 @@ class Featurizer:
         """Yield ``(ids, features (B, k), Q (B,))`` per batch under checkpoint ``checkpoint``."""
         apply_checkpoint(self.model, load_checkpoint(state), f"checkpoint {checkpoint}")
         self.model.to(self.device)
+        if self._group_rows() == 1:
+            yield from featurize_loop(self.model, self.device, self.featurize_batch, state, checkpoint, batches,
+                                      self.projector.clear_cache)
+            return
+        apply_checkpoint(self.model, load_checkpoint(state), f"checkpoint {checkpoint}")
+        self.model.to(self.device)
         try:
-            for ids, batch in batches:
-                phi, q = self.featurize_batch(batch, ids, checkpoint)
-                yield np.asarray(ids, dtype=np.int64), phi, q
+            yield from self._featurize_grouped(batches, checkpoint, self._group_rows())
         finally:
             self.projector.clear_cache()
+
+    def _featurize_grouped(self, batches, checkpoint: int, group: int):
+        """Gradients of consecutive batches projected in one pass over P; yields per batch."""
+        pending: list[tuple[np.ndarray, Batch, Tensor]] = []
+
+        def flush():
+            flat = torch.cat([g for _, _, g in pending]) if len(pending) > 1 else pending[0][2]
+            ids = np.concatenate([np.asarray(i, dtype=np.int64) for i, _, _ in pending])
+            phi = self.projector.project(flat, checkpoint)
+            del flat
+            check_finite(phi, ids, "projected gradients")
+            phi = phi.float().cpu().numpy()
+            lo = 0
+            for i, b, _ in pending:
+                q = loss_weights(self.model, self.task, self._to_device(b))
+                check_finite(q, i, "loss weights Q")
+                yield np.asarray(i, dtype=np.int64), phi[lo: lo + len(i)], q.cpu().numpy()
+                lo += len(i)
+            pending.clear()
+
+        rows = 0
+        for ids, batch in batches:
+            check_batch(batch, ids)
+            try:
+                pending.append((ids, batch, self._gradients(self._to_device(batch))))
+            except RuntimeError as exc:
+                raise _batch_error(exc, batch) from exc
+            rows += len(ids)
+            if rows >= group:
+                yield from flush()
+                rows = 0
+        if pending:
+            yield from flush()

@@ -128,3 +128,78 @@ def check_finite(values: Tensor, ids: Sequence[int] | Tensor, what: str) -> None
             f"{' ...' if len(idx) > 10 else ''}; check the inputs of these examples and the "
             "checkpoint (a diverged training run gives NaN weights); nothing was stored"
         )
+
+
+def linear_layers_for(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str, nn.Linear]] | None:
+    """``(param name, 'weight'|'bias', layer)`` for each name when all are ``nn.Linear`` params, else None."""
+    out = []
+    for n in names:
+        mod_name, _, leaf = n.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:
+            return None
+        if type(mod) is not nn.Linear or leaf not in ("weight", "bias"):
+            return None
+        out.append((n, leaf, mod))
+    return out
+
+
+def linear_per_example_grads(model: nn.Module, task: Task, batch: Batch, names: Sequence[str]) -> Tensor | None:
+    """Flat per-example gradients (B, d) for models whose selected parameters are all in ``nn.Linear``.
+
+    One batched forward and backward: each layer's per-example weight gradient is the outer
+    product of its output gradient and its input (summed over any token dimensions), written
+    straight into the (B, d) buffer in ``names`` order. Exact when examples do not interact in
+    the forward pass (the same assumption the vmap path makes). Returns None (caller falls back
+    to vmap) when a selected parameter is not in a plain ``nn.Linear`` or a layer runs more
+    than once per forward.
+    """
+    layers = linear_layers_for(model, names)
+    if layers is None:
+        return None
+    mods = {id(m): m for _, _, m in layers}
+    inputs: dict[int, list[Tensor]] = {i: [] for i in mods}
+    outputs: dict[int, list[Tensor]] = {i: [] for i in mods}
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        inputs[id(mod)].append(args[0].detach())
+        outputs[id(mod)].append(out)
+
+    handles = [m.register_forward_hook(hook) for m in mods.values()]
+    try:
+        with eval_mode(model), torch.enable_grad():
+            f = task.output(model, batch)
+            if any(len(v) != 1 for v in outputs.values()) or f.ndim != 1:
+                return None
+            if any(inputs[i][0].shape[0] != f.shape[0] or inputs[i][0].ndim < 2 for i in mods):
+                return None  # batch not in the leading dimension (e.g. sequence-first layers)
+            outs = [outputs[i][0] for i in mods]
+            deltas = dict(zip(mods, torch.autograd.grad(f.sum(), outs, allow_unused=True)))
+    finally:
+        for h in handles:
+            h.remove()
+    b = f.shape[0]
+    dtype = torch.float64 if any(inputs[i][0].dtype == torch.float64 for i in mods) else torch.float32
+    sizes = [m.weight.numel() if leaf == "weight" else m.bias.numel() for _, leaf, m in layers]
+    flat = torch.empty(b, sum(sizes), dtype=dtype, device=f.device)
+    lo = 0
+    for (_, leaf, m), size in zip(layers, sizes):
+        delta, a = deltas[id(m)], inputs[id(m)][0]
+        view = flat[:, lo: lo + size]
+        lo += size
+        if delta is None:
+            view.zero_()
+            continue
+        delta = delta.to(dtype).reshape(b, -1, m.out_features)  # (B, T, out)
+        if leaf == "bias":
+            view.copy_(delta.sum(dim=1))
+            continue
+        a = a.to(dtype).reshape(b, -1, m.in_features)  # (B, T, in)
+        w = view.view(b, m.out_features, m.in_features) if view.is_contiguous() else None
+        if delta.shape[1] == 1:
+            prod = torch.mul(delta.transpose(1, 2), a)  # (B, out, 1) * (B, 1, in)
+        else:
+            prod = torch.bmm(delta.transpose(1, 2), a)
+        (w if w is not None else view).copy_(prod if w is not None else prod.reshape(b, -1))
+    return flat

@@ -10,7 +10,8 @@ fp32 (or fp64 when the gradients are fp64).
 On CUDA the same blocks are used (generated on the CPU, cached on the device), so CPU and GPU
 features agree. ``backend="fast_jl"`` uses traker's compiled CUDA kernel instead: a different
 (but equally valid) Rademacher matrix, so its features must never be mixed with the dense ones;
-the backend is part of :meth:`Projector.spec` for that reason.
+the backend is part of :meth:`Projector.spec` for that reason. :class:`tda.featurize.Featurizer`
+resolves ``backend="auto"`` to ``fast_jl`` when the model is on CUDA and the kernel imports.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ logger = logging.getLogger(__name__)
 
 _KINDS = ("rademacher", "gaussian")
 _BACKENDS = ("auto", "dense", "fast_jl")
-# Byte -> 8 signs lookup table: bit j of the byte gives sign j.
-_SIGN_LUT = torch.tensor(
-    [[1.0 if (v >> j) & 1 else -1.0 for j in range(8)] for v in range(256)], dtype=torch.float32
-)
+_PRECISIONS = ("fp32", "bf16")
+# Bit j of each random byte gives sign j of its 8 entries: 1 -> +1, 0 -> -1. The sign is
+# written straight into the float's bit pattern: -1.0 XOR (bit << sign position).
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_MINUS_ONE_BITS = {torch.float32: (torch.int32, 31, -1082130432),  # 0xBF800000
+                   torch.bfloat16: (torch.int16, 15, -16512)}  # 0xBF80
+# Rows of P multiplied per GEMM call: several generation blocks side by side (~64M entries).
+_PANEL_ENTRIES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class ProjectorSpec:
     kind: str
     block_rows: int
     backend: str
+    precision: str = "fp32"
 
 
 def default_block_rows(k: int) -> int:
@@ -73,6 +79,10 @@ class Projector:
             or ``"auto"`` (dense; fast_jl is never picked implicitly because its matrix
             differs from the dense one).
         cache_bytes: memory budget for keeping generated blocks between calls.
+        precision: ``"fp32"`` (default; fp32 products, fp64 for fp64 gradients) or ``"bf16"``
+            (gradients rounded to bfloat16 and multiplied by the same +-1 matrix, about 2-3x
+            faster on CPUs with AVX512-BF16 and on GPUs, relative feature error ~3e-3, far below
+            the projection's own distortion ~1/sqrt(k); Gaussian entries are rounded too).
     """
 
     def __init__(
@@ -84,7 +94,10 @@ class Projector:
         block_rows: int | None = None,
         backend: str = "auto",
         cache_bytes: int = 4 << 30,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in _PRECISIONS:
+            raise ConfigError(f"projector precision {precision!r} is unknown; use one of {_PRECISIONS}")
         if kind not in _KINDS:
             raise ConfigError(f"projector kind {kind!r} is unknown; use one of {_KINDS}")
         if backend not in _BACKENDS:
@@ -105,51 +118,89 @@ class Projector:
         self.block_rows = block_rows or default_block_rows(k)
         self.backend = "dense" if backend == "auto" else backend
         self.n_blocks = math.ceil(dim / self.block_rows)
+        self.precision = precision
+        self.blocks_per_panel = max(1, _PANEL_ENTRIES // (self.block_rows * k))
+        self.n_panels = math.ceil(self.n_blocks / self.blocks_per_panel)
         self.cache_bytes = cache_bytes
         self._cache: dict[tuple[int, int, str], Tensor] = {}
         self._cached_bytes = 0
+        self._scratch: Tensor | None = None
 
     @property
     def spec(self) -> ProjectorSpec:
-        return ProjectorSpec(self.dim, self.k, self.seed, self.kind, self.block_rows, self.backend)
+        return ProjectorSpec(self.dim, self.k, self.seed, self.kind, self.block_rows, self.backend, self.precision)
 
     def spec_dict(self) -> dict:
         return asdict(self.spec)
 
-    def block(self, checkpoint: int, b: int) -> Tensor:
-        """Block ``b`` of P for ``checkpoint``: fp32 CPU tensor (rows_b, k). Pure function."""
+    def block(self, checkpoint: int, b: int, dtype: torch.dtype = torch.float32,
+              out: Tensor | None = None) -> Tensor:
+        """Block ``b`` of P for ``checkpoint``: CPU tensor (rows_b, k). Pure function.
+
+        Rademacher entries are exact in any dtype; ``dtype`` is float32, bfloat16 or float64.
+        ``out``: a contiguous CPU (rows_b, k) tensor of ``dtype`` to write into (no allocation).
+        """
         if not 0 <= b < self.n_blocks:
             raise ConfigError(f"block {b} out of range [0, {self.n_blocks})")
         if checkpoint < 0:
             raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
         rows = min(self.block_rows, self.dim - b * self.block_rows)
+        if out is None:
+            out = torch.empty(rows, self.k, dtype=dtype)
+        elif out.shape != (rows, self.k) or out.dtype != dtype or not out.is_contiguous() or out.is_cuda:
+            raise ShapeError(f"block output must be a contiguous CPU ({rows}, {self.k}) {dtype} tensor")
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, checkpoint, b])))
         n = rows * self.k
         if self.kind == "gaussian":
-            return torch.from_numpy(rng.standard_normal((rows, self.k), dtype=np.float32))
-        raw = np.frombuffer(rng.bytes((n + 7) // 8), dtype=np.uint8).astype(np.int64)
-        signs = torch.nn.functional.embedding(torch.from_numpy(raw), _SIGN_LUT)  # (n/8, 8)
-        return signs.reshape(-1)[:n].reshape(rows, self.k)
+            return out.copy_(torch.from_numpy(rng.standard_normal((rows, self.k), dtype=np.float32)))
+        raw = torch.frombuffer(bytearray(rng.bytes((n + 7) // 8)), dtype=torch.uint8)
+        bits = (raw.unsqueeze(1) >> _SHIFTS).bitwise_and_(1).reshape(-1)[:n]  # (n,) 0/1
+        if dtype not in _MINUS_ONE_BITS:
+            return out.copy_(bits.to(dtype).mul_(2).sub_(1).reshape(rows, self.k))
+        int_dtype, shift, minus_one = _MINUS_ONE_BITS[dtype]
+        torch.bitwise_xor(bits.to(int_dtype).bitwise_left_shift_(shift), minus_one,
+                          out=out.view(int_dtype).reshape(-1))
+        return out
 
     def matrix(self, checkpoint: int) -> Tensor:
         """The whole (d, k) matrix; for tests and small d only."""
         return torch.cat([self.block(checkpoint, b) for b in range(self.n_blocks)], dim=0)
 
-    def _device_block(self, checkpoint: int, b: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        key = (checkpoint, b, f"{device}:{dtype}")
+    def _panel_rows(self, p: int) -> tuple[int, int]:
+        lo = p * self.blocks_per_panel * self.block_rows
+        return lo, min(lo + self.blocks_per_panel * self.block_rows, self.dim)
+
+    def _panel(self, checkpoint: int, p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Rows ``_panel_rows(p)`` of P (several blocks), on ``device`` in ``dtype``; cached."""
+        key = (checkpoint, p, f"{device}:{dtype}")
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        blk = self.block(checkpoint, b).to(device=device, dtype=dtype)
-        size = blk.numel() * blk.element_size()
-        if self._cached_bytes + size <= self.cache_bytes:
-            self._cache[key] = blk
+        lo, hi = self._panel_rows(p)
+        first = p * self.blocks_per_panel
+        last = min(first + self.blocks_per_panel, self.n_blocks)
+        size = (hi - lo) * self.k * torch.empty((), dtype=dtype).element_size()
+        keep = self._cached_bytes + size <= self.cache_bytes
+        if keep:
+            panel = torch.empty(hi - lo, self.k, dtype=dtype)
+        else:  # reuse one scratch buffer instead of allocating (and page-faulting) every call
+            if self._scratch is None or self._scratch.dtype != dtype or self._scratch.shape[0] < hi - lo:
+                self._scratch = torch.empty(self.blocks_per_panel * self.block_rows, self.k, dtype=dtype)
+            panel = self._scratch[: hi - lo]
+        for b in range(first, last):
+            r0 = b * self.block_rows - lo
+            r1 = min(r0 + self.block_rows, hi - lo)
+            self.block(checkpoint, b, dtype, out=panel[r0:r1])
+        panel = panel.to(device)
+        if keep:
+            self._cache[key] = panel
             self._cached_bytes += size
-        return blk
+        return panel
 
     def clear_cache(self) -> None:
         """Drop cached blocks (e.g. after the last batch of a checkpoint)."""
         self._cache.clear()
+        self._scratch = None
         self._cached_bytes = 0
 
     def project(self, grads: Tensor, checkpoint: int) -> Tensor:
@@ -169,13 +220,20 @@ class Projector:
             )
         if self.backend == "fast_jl":
             return self._project_fast_jl(grads, checkpoint)
-        dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
-        out = torch.zeros(grads.shape[0], self.k, dtype=dtype, device=grads.device)
-        for b in range(self.n_blocks):
-            lo = b * self.block_rows
-            hi = min(lo + self.block_rows, self.dim)
-            blk = self._device_block(checkpoint, b, grads.device, dtype)
-            out.addmm_(grads[:, lo:hi].to(dtype), blk)
+        if grads.dtype == torch.float64:
+            dtype = torch.float64
+        else:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        out = torch.zeros(grads.shape[0], self.k, dtype=out_dtype, device=grads.device)
+        g = grads.to(dtype)
+        for p in range(self.n_panels):
+            lo, hi = self._panel_rows(p)
+            panel = self._panel(checkpoint, p, grads.device, dtype)
+            if dtype == out_dtype:
+                out.addmm_(g[:, lo:hi], panel)
+            else:
+                out.add_(g[:, lo:hi] @ panel)
         return out.div_(math.sqrt(self.dim))
 
     def _project_fast_jl(self, grads: Tensor, checkpoint: int) -> Tensor:

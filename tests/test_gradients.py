@@ -150,3 +150,97 @@ def test_check_finite_names_bad_examples() -> None:
     check_finite(torch.ones(4, 3), [10, 11, 12, 13], "features")  # no error
     with pytest.raises(NonFiniteError, match=r"2 example\(s\), ids \[12, 13\]"):
         check_finite(values, [10, 11, 12, 13], "features")
+
+
+def test_linear_path_matches_float64_loop(setup) -> None:
+    """The batched outer-product path equals the float64 single-example loop."""
+    from tda.gradients import linear_per_example_grads
+
+    model, batch = setup
+    names = select_parameters(model, None)
+    ref = _loop_reference(model, batch["x"], batch["y"])
+    got = linear_per_example_grads(copy.deepcopy(model).double(), ClassificationTask(),
+                                   {"x": batch["x"].double(), "y": batch["y"]}, names)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    sub = select_parameters(model, ["2"])
+    got = linear_per_example_grads(copy.deepcopy(model).double(), ClassificationTask(),
+                                   {"x": batch["x"].double(), "y": batch["y"]}, sub)
+    torch.testing.assert_close(got, ref[:, -sub_size(model, sub):], rtol=1e-10, atol=1e-12)
+
+
+def sub_size(model: nn.Module, names: list[str]) -> int:
+    return parameter_count(model, names)
+
+
+class _TokenModel(nn.Module):
+    """Linear layers applied per token, mean-pooled: (B, T, 4) -> (B, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inp(x))).mean(dim=1)
+
+
+def test_linear_path_sums_over_tokens_and_equals_vmap() -> None:
+    from tda.gradients import linear_per_example_grads
+
+    torch.manual_seed(0)
+    model = _TokenModel().double()
+    batch = {"x": torch.randn(5, 7, 4, dtype=torch.float64), "y": torch.randint(0, 3, (5,))}
+    names = select_parameters(model, None)
+    ref = flatten_grads(per_example_grads(model, ClassificationTask(), batch, names), names)
+    got = linear_per_example_grads(model, ClassificationTask(), batch, names)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_path_declines_other_layers_and_reused_layers(make_mlp) -> None:
+    from tda.gradients import linear_per_example_grads
+
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3))
+    batch = {"x": torch.randn(4, 1, 5), "y": torch.randint(0, 3, (4,))}
+    assert linear_per_example_grads(conv, ClassificationTask(), batch, select_parameters(conv, None)) is None
+
+    shared = nn.Linear(3, 3)
+    twice = nn.Sequential(shared, nn.Tanh(), shared)
+    batch = {"x": torch.randn(4, 3), "y": torch.randint(0, 3, (4,))}
+    assert linear_per_example_grads(twice, ClassificationTask(), batch, select_parameters(twice, None)) is None
+
+
+def test_featurizer_gradient_methods_agree(make_mlp, tiny_data) -> None:
+    from tda.featurize import Featurizer
+
+    model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
+    x, y = tiny_data(6, in_dim=5, classes=3, seed=1)
+    a = Featurizer(copy.deepcopy(model), ClassificationTask(), k=16, grad_method="vmap")
+    b = Featurizer(copy.deepcopy(model), ClassificationTask(), k=16)
+    assert (a.grad_method, b.grad_method) == ("vmap", "linear")
+    pa, _ = a.featurize_batch({"x": x, "y": y}, list(range(6)), 0)
+    pb, _ = b.featurize_batch({"x": x, "y": y}, list(range(6)), 0)
+    assert abs(pa - pb).max() < 1e-5
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3))
+    with pytest.raises(ConfigError, match="grad_method 'linear' needs"):
+        Featurizer(conv, ClassificationTask(), k=8, grad_method="linear")
+    assert Featurizer(conv, ClassificationTask(), k=8).grad_method == "vmap"
+
+
+def test_grouped_projection_equals_per_batch(make_mlp, tiny_data) -> None:
+    """When P does not fit the cache, batches are projected in groups: same features and Q."""
+    import numpy as np
+
+    from tda.featurize import Featurizer
+
+    model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
+    x, y = tiny_data(10, in_dim=5, classes=3, seed=1)
+    batches = [(np.arange(lo, lo + 3)[: 10 - lo], {"x": x[lo: lo + 3], "y": y[lo: lo + 3]}) for lo in range(0, 10, 3)]
+    plain = Featurizer(copy.deepcopy(model), ClassificationTask(), k=16)
+    grouped = Featurizer(copy.deepcopy(model), ClassificationTask(), k=16, cache_bytes=0,
+                         group_bytes=5 * plain.dim * 4)
+    assert plain._group_rows() == 1 and grouped._group_rows() == 5
+    a = list(plain.featurize(model.state_dict(), 0, batches))
+    b = list(grouped.featurize(model.state_dict(), 0, batches))
+    assert [len(i) for i, _, _ in b] == [3, 3, 3, 1]
+    for (ia, pa, qa), (ib, pb, qb) in zip(a, b):
+        assert np.array_equal(ia, ib) and np.allclose(pa, pb, atol=1e-6) and np.array_equal(qa, qb)

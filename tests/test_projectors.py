@@ -186,7 +186,7 @@ def test_bad_block_or_checkpoint_raises() -> None:
 def test_spec_records_what_determines_the_matrix() -> None:
     p = _projector()
     assert p.spec_dict() == {"dim": DIM, "k": K, "seed": 3, "kind": "rademacher",
-                             "block_rows": BLOCK_ROWS, "backend": "dense"}
+                             "block_rows": BLOCK_ROWS, "backend": "dense", "precision": "fp32"}
     assert Projector(DIM, K).block_rows == default_block_rows(K)
 
 
@@ -194,3 +194,30 @@ def test_spec_records_what_determines_the_matrix() -> None:
 def test_fast_jl_without_the_kernel_raises_missing_dependency() -> None:
     with pytest.raises(MissingDependencyError, match="pip install traker"):
         Projector(DIM, 512, backend="fast_jl")
+
+
+def test_bf16_uses_the_same_matrix_and_stays_close() -> None:
+    """bf16 precision: the same +-1 entries, features within bf16 rounding of fp32."""
+    fp32, bf16 = _projector(), _projector(precision="bf16")
+    for b in range(fp32.n_blocks):
+        assert torch.equal(bf16.block(1, b, torch.bfloat16).float(), fp32.block(1, b))
+    g = torch.randn(6, DIM, generator=torch.Generator().manual_seed(0))
+    a, b = fp32.project(g, 1), bf16.project(g, 1)
+    assert b.dtype == torch.float32
+    assert float((a - b).norm() / a.norm()) < 1e-2
+    assert bf16.spec_dict()["precision"] == "bf16"
+    with pytest.raises(ConfigError, match="precision 'fp8' is unknown"):
+        _projector(precision="fp8")
+
+
+def test_panels_group_blocks_without_changing_the_product(monkeypatch) -> None:
+    """Grouping generation blocks into GEMM panels leaves the result unchanged."""
+    import tda.projectors as projectors
+
+    g = torch.randn(5, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    one = _projector()
+    monkeypatch.setattr(projectors, "_PANEL_ENTRIES", 2 * BLOCK_ROWS * K)
+    grouped = _projector()
+    assert grouped.blocks_per_panel == 2 and grouped.n_panels == 2 and one.n_panels == 1
+    expected = g @ one.matrix(2).double() / DIM ** 0.5
+    torch.testing.assert_close(grouped.project(g, 2), expected, rtol=1e-12, atol=1e-12)

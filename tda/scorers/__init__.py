@@ -19,3 +19,9 @@ def make_scorer(name: str, **kwargs: object) -> Scorer:
     if name not in registry:
         raise ConfigError(f"unknown scorer {name!r}; choose one of {sorted(registry)}")
     return registry[name](**kwargs)
+
+from .diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, generally_influential,  # noqa: E402
+                        influence_counts, make_dtrak_scorer)
+
+__all__ += ["DiffusionTracInScorer", "DiffusionReTracScorer", "make_dtrak_scorer", "generally_influential",
+            "influence_counts"]

@@ -1,0 +1,290 @@
+"""The ``diffusion`` model family: a small DDPM on 28x28 images (:mod:`tda.diffusion`).
+
+Scorers: ``dtrak`` (TRAK on features averaged over a timestep grid, both sides the selected
+output ``model.options.output``), ``diffusion-tracin`` and ``diffusion-retrac`` (train side: the
+training loss at the draw each example was trained with, replayed from the training log; query
+side: one slot per grid draw). The two feature layouts differ, so the scorer's kind is part of
+the feature fingerprint (:meth:`DiffusionFamily.feature_tag`).
+
+Queries are the configured query split followed by ``model.options.generate`` images sampled
+from model 0 after training (ids from :data:`GENERATED_ID0`, label -1). The report prints the
+proponents/opponents of a few test and generated queries and the "generally influential"
+counts of TracIn and ReTrac (METHODS.md section 4), saved to ``scores/influential.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from stores import FeatureStore
+from stores._io import save_json, save_npz
+from tda.data import example_ids
+from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, RecordedDraws,
+                           SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, train_ddpm)
+from tda.errors import CheckpointError, ConfigError, DataError
+from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, influence_counts,
+                                   make_dtrak_scorer)
+from tda.tasks import Task
+
+from .families import Family, SaveFn, collated, load_checkpoint_list, load_idx_split, register_family, resolve_device
+from .report import format_examples
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .run import RunPaths
+
+GENERATED_ID0 = 1_000_000  # ids of generated query images: GENERATED_ID0 + j
+
+
+@dataclass
+class DiffusionOptions:
+    """``model.options`` of the diffusion family (METHODS.md sections 1 and 4)."""
+
+    T: int = 1000  # diffusion timesteps
+    beta_start: float = 1e-4  # linear beta schedule from beta_start to beta_end
+    beta_end: float = 0.02
+    time_dim: int = 32  # sinusoidal timestep embedding size
+    output: str = "loss"  # attributed output f: loss, square, avg, l1, l2
+    timesteps: int = 10  # K: timestep grid of query (and D-TRAK) gradients
+    noise_draws: int = 1  # noise draws per grid timestep
+    train_draws: str = "recorded"  # TracIn/ReTrac train side: "recorded" training draws or "seeded"
+    saved_checkpoints: int = 3  # evenly spaced checkpoints (last epoch included) when train.checkpoints=all
+    generate: int = 8  # images sampled from model 0, appended to the queries
+    sample_seed: int = 0  # seed of the sampler
+
+    def __post_init__(self) -> None:
+        NoiseSchedule(self.T, self.beta_start, self.beta_end)  # checks the schedule
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"model.options.output is {self.output!r}; choose one of {OUTPUTS}")
+        if self.train_draws not in ("recorded", "seeded"):
+            raise ConfigError(f"model.options.train_draws is {self.train_draws!r}; choose 'recorded' or 'seeded'")
+        if not 1 <= self.timesteps <= self.T or min(self.noise_draws, self.saved_checkpoints, self.time_dim) < 1:
+            raise ConfigError("model.options needs 1 <= timesteps <= T and noise_draws, saved_checkpoints, "
+                              "time_dim >= 1")
+        if self.generate < 0:
+            raise ConfigError(f"model.options.generate must be >= 0, got {self.generate}")
+
+
+def ddpm_collate(rows: Any) -> dict[str, torch.Tensor]:
+    """Rows of 28x28 images -> ``{"x": (B, 1, 28, 28) float32 in [-1, 1]}``."""
+    x = np.asarray(rows["image"], dtype=np.float32).reshape(-1, 1, 28, 28)
+    return {"x": torch.from_numpy(x / 127.5 - 1.0)}
+
+
+def _image_table(images: np.ndarray, ids: np.ndarray, labels: np.ndarray):
+    """Arrow table with the columns and types of :func:`tda.data.load_mnist`."""
+    return pa.table({
+        "id": pa.array(ids.astype(np.int64)),
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1).astype(np.uint8)), 784),
+        "label": pa.array(labels.astype(np.int64)),
+    })
+
+
+class DiffusionFamily(Family):
+    """DDPM on 28x28 images; D-TRAK, Diffusion-TracIn and Diffusion-ReTrac (tda.diffusion)."""
+
+    name = "diffusion"
+    archs = ("unet",)
+    data_names = ("mnist", "fashion-mnist")
+    scorers = ("dtrak", "diffusion-tracin", "diffusion-retrac")
+    options_type = DiffusionOptions
+
+    def schedule(self, cfg: RunConfig):
+        o = self.options(cfg)
+        return NoiseSchedule(o.T, o.beta_start, o.beta_end)
+
+    def mode(self, cfg: RunConfig) -> str:
+        """``"dtrak"`` (grid-averaged gradients) or ``"tracin"`` (per-draw slots) features."""
+        return "dtrak" if cfg.score.scorer == "dtrak" else "tracin"
+
+    @staticmethod
+    def log_path(paths: RunPaths, model_index: int) -> Path:
+        return paths.checkpoints / f"model-{model_index:02d}-trainlog.npz"
+
+    @staticmethod
+    def generated_path(paths: RunPaths) -> Path:
+        return paths.checkpoints / "generated.npz"
+
+    def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        """Train images; queries: the query split, then the generated images (with ``paths``)."""
+        d, o = cfg.data, self.options(cfg)
+        out = {"train": load_idx_split(d.root, "train", d.train_size, d.name),
+               "query": load_idx_split(d.root, d.query_split, d.query_size, d.name)}
+        if o.generate and paths is not None:
+            gen = self.generated_path(paths)
+            if not gen.is_file():
+                raise DataError(f"generated query images {gen} are missing; run the train stage")
+            with np.load(gen, allow_pickle=False) as z:
+                images = z["images"]
+            made = _image_table(images, GENERATED_ID0 + np.arange(len(images)), np.full(len(images), -1))
+            out["query"] = datasets.Dataset(pa.concat_tables([out["query"].data.table, made]))
+        return out
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        return TinyUNet(cfg.model.hidden, in_channels=1, time_dim=self.options(cfg).time_dim)
+
+    def task(self, cfg: RunConfig) -> Task:
+        return DiffusionTask(self.schedule(cfg), self.options(cfg).output)
+
+    def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
+        return ddpm_collate
+
+    def checkpoint_epochs(self, cfg: RunConfig) -> list[int]:
+        return self.spread_epochs(cfg, self.options(cfg).saved_checkpoints)
+
+    def train_outputs(self, cfg: RunConfig, paths: RunPaths, model_index: int) -> list[Path]:
+        extra = [self.generated_path(paths)] if model_index == 0 and self.options(cfg).generate else []
+        return [self.log_path(paths, model_index), *extra]
+
+    def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
+        """Train with recorded draws; the saved ``lr`` of a checkpoint is the mean step size since
+        the previous one (TracIn's eta_c). Model 0 also samples the generated queries."""
+        t, o, sched, data = cfg.train, self.options(cfg), self.schedule(cfg), self.datasets(cfg)
+        saved, lrs = set(self.checkpoint_epochs(cfg)), []
+
+        def on_epoch(epoch: int, model: nn.Module, lr: float) -> None:
+            lrs.append(lr)
+            if epoch in saved:
+                save(epoch, model, lr=float(np.mean(lrs)))
+                lrs.clear()
+
+        model, log = train_ddpm(lambda: self.build_model(cfg), collated(data["train"], ddpm_collate)["x"],
+                                example_ids(data["train"]), sched, epochs=t.epochs, lr=t.lr,
+                                batch_size=t.batch_size, seed=t.seed + model_index, on_epoch=on_epoch)
+        save_npz(self.log_path(paths, model_index), **log.arrays())
+        if model_index == 0 and o.generate:
+            images = sample_ddpm(model, sched, o.generate, seed=o.sample_seed)  # (g, 1, 28, 28)
+            save_npz(self.generated_path(paths), images=np.round((images.numpy() + 1) * 127.5).astype(np.uint8))
+        return {"query_loss": self._query_loss(cfg, model, data["query"])}
+
+    def _query_loss(self, cfg: RunConfig, model: nn.Module, query: Any) -> float:
+        """Mean L_simple over the query split at seeded draws (a held-out training metric)."""
+        x = collated(query, ddpm_collate)["x"]
+        t, seeds = SeededDraws(self.options(cfg).T, seed=cfg.train.seed, side=2)(0, example_ids(query))
+        with torch.no_grad():
+            batch = {"x": x, "t": torch.from_numpy(t[:, 0]), "noise": noise_from_seeds(seeds[:, 0], x.shape[1:])}
+            return float(DiffusionTask(self.schedule(cfg), "loss").output(model.eval(), batch).mean())
+
+    def feature_tag(self, cfg: RunConfig) -> str:
+        return f"-{self.mode(cfg)}"
+
+    def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
+        o, f, sched = self.options(cfg), cfg.featurize, self.schedule(cfg)
+        draws: Any = GridDraws(o.T, o.timesteps, o.noise_draws, seed=f.seed, side=0 if split == "train" else 1)
+        output, mode = o.output, ("mean" if self.mode(cfg) == "dtrak" else "slots")
+        if mode == "slots" and split == "train":
+            output, draws = "loss", self._train_draws(cfg, paths)  # the training loss at the trained draw
+        return DiffusionFeaturizer(self.build_model(cfg), DiffusionTask(sched, output), draws, mode, k=f.k,
+                                   seed=f.seed, kind=f.projector, param_names=f.params,
+                                   device=resolve_device(f.device), backend=f.backend)
+
+    def _train_draws(self, cfg: RunConfig, paths: RunPaths | None) -> Any:
+        if self.options(cfg).train_draws == "seeded":
+            return SeededDraws(self.options(cfg).T, seed=cfg.featurize.seed, side=0)
+        if paths is None:
+            raise ConfigError("recorded training draws need the run folder")
+        entries, logs = load_checkpoint_list(paths), {}
+        for e in entries:
+            if e["model"] not in logs:
+                path = self.log_path(paths, e["model"])
+                if not path.is_file():
+                    raise CheckpointError(f"training log {path} is missing; rerun the train stage")
+                with np.load(path, allow_pickle=False) as z:
+                    logs[e["model"]] = TrainLog.from_arrays(dict(z))
+        return RecordedDraws({e["id"]: logs[e["model"]] for e in entries}, {e["id"]: e["epoch"] for e in entries})
+
+    def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
+        if cfg.score.scorer == "dtrak":
+            return make_dtrak_scorer(cfg.score.lambda_rel)
+        if paths is None:
+            raise ConfigError(f"{cfg.score.scorer} takes its learning rates from the run folder's checkpoints")
+        cls = DiffusionReTracScorer if cfg.score.scorer == "diffusion-retrac" else DiffusionTracInScorer
+        return cls(self.learning_rates(paths), cfg.featurize.k)
+
+    @staticmethod
+    def learning_rates(paths: RunPaths) -> list[float]:
+        """TracIn's eta_c per checkpoint, recorded by :meth:`train`."""
+        entries = load_checkpoint_list(paths)
+        if any("lr" not in e for e in entries):
+            raise CheckpointError(f"{paths.checkpoint_list} records no learning rates; rerun the train stage")
+        return [float(e["lr"]) for e in entries]
+
+    def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
+        return report(self, cfg, paths)
+
+
+# ------------------------------------------------------------------ report
+def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> dict[str, dict[str, Any]]:
+    """Generally influential training examples of every applicable scorer (exact top-k)."""
+    from .stages import load_scorer  # stages imports the family registry
+
+    train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
+    qblk = next(query.iter_blocks(len(query)))
+    if family.mode(cfg) == "tracin":
+        etas, k = family.learning_rates(paths), cfg.featurize.k
+        scorers: dict[str, Any] = {"diffusion-tracin": DiffusionTracInScorer(etas, k),
+                                   "diffusion-retrac": DiffusionReTracScorer(etas, k)}
+    else:
+        scorers = {"dtrak": load_scorer(cfg, paths)}
+    return influence_counts(qblk, train, scorers, min(cfg.score.topk, len(train)), cfg.score.influential_fraction)
+
+
+def _labels(dataset: Any) -> dict[int, int]:
+    cols = dataset.with_format("numpy")
+    return dict(zip(np.asarray(cols["id"]).tolist(), np.asarray(cols["label"]).tolist()))
+
+
+def _titles(output: str) -> tuple[str, str]:
+    if output == "loss":
+        return ("opponents, score < 0: training on them lowers the image's loss (makes it more likely)",
+                "proponents, score > 0: training on them raises the image's loss")
+    return f"opponents: training on them lowers f = {output}", f"proponents: training on them raises f = {output}"
+
+
+def _ids(ids: np.ndarray, shown: int = 8) -> str:
+    return "" if not len(ids) else "(ids " + ", ".join(map(str, ids[:shown].tolist())) + (" ...)" if len(ids) > shown else ")")
+
+
+def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
+    """Proponents/opponents of ``score.show`` test and generated queries, and influence counts."""
+    o, data = family.options(cfg), family.datasets(cfg, paths)
+    labels, qlabels = _labels(data["train"]), _labels(data["query"])
+    with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
+        top = {k: z[k] for k in z.files}
+    ckpts = load_checkpoint_list(paths)
+    qids = top["query_ids"]
+    gen = qids >= GENERATED_ID0
+    losses = [c["query_loss"] for c in ckpts if "query_loss" in c]
+    lines = [f"\n{cfg.name}: DDPM (T={o.T}), {len(top['train_ids'])} training images, {len(qids)} queries "
+             f"({int((~gen).sum())} test, {int(gen.sum())} generated), {len(ckpts)} checkpoints, scorer "
+             f"{cfg.score.scorer}, f = {o.output}" + (f", held-out loss {np.mean(losses):.4f}" if losses else ""),
+             "score > 0: training on the example raises f(query) (METHODS.md sign convention)"]
+    low, high = _titles(o.output)
+    shown = min(5, cfg.score.topk)
+    for row in [*np.nonzero(~gen)[0][: cfg.score.show], *np.nonzero(gen)[0][: cfg.score.show]]:
+        qid = int(qids[row])
+        lines.append(f"  query id {qid}  " + ("generated image" if gen[row] else f"test image, label {qlabels[qid]}"))
+        lines += format_examples(low, top["opponent_ids"][row][:shown], top["opponent_scores"][row][:shown], labels)
+        lines += format_examples(high, top["proponent_ids"][row][:shown], top["proponent_scores"][row][:shown], labels)
+    counts = influence(family, cfg, paths)
+    save_json(paths.scores / "influential.json", {name: {**{s: c[s].tolist() for s in ("proponents", "opponents")},
+                                                         "k": c["k"], "fraction": c["fraction"]}
+                                                  for name, c in counts.items()})
+    k, frac = next(iter(counts.values()))["k"], cfg.score.influential_fraction
+    lines.append(f"generally influential training images (in the top-{k} of more than {frac:.0%} of the "
+                 f"{len(qids)} queries):")
+    for name, c in counts.items():
+        lines.append(f"  {name:<17} lowering f: {len(c['opponents']):>4} {_ids(c['opponents'])}")
+        lines.append(f"  {'':<17} raising f:  {len(c['proponents']):>4} {_ids(c['proponents'])}")
+    return "\n".join(lines)
+
+
+register_family(DiffusionFamily())

@@ -1,0 +1,306 @@
+"""Model families: everything the staged pipeline needs to know about a kind of model.
+
+The stages (train -> featurize -> index -> score -> report) are generic; what depends on the
+kind of model comes from the run's family, named by ``model.family`` (default ``classifier``):
+
+- ``datasets(cfg, paths)``: train and query ``datasets.Dataset`` s, each with a unique integer
+  ``id`` column (``paths`` is the run folder, ``None`` outside a run);
+- ``build_model(cfg)``: a fresh ``nn.Module``; ``task(cfg)``: the output function
+  (:class:`tda.tasks.Task`); ``collate(cfg)``: dataset rows -> dict of tensors;
+- ``train(cfg, paths, model_index, save)``: train model ``model_index`` (seed
+  ``train.seed + model_index``), calling ``save(epoch, model, **info)`` at every epoch of
+  :meth:`Family.checkpoint_epochs`; returns a summary stored with its last checkpoint.
+
+Defaults that a family may override: ``checkpoint_epochs``, ``train_outputs`` (extra files a
+finished model must have), ``featurizer`` (per split), ``feature_tag`` (what beyond the config
+sections changes features), ``scorer``, ``report`` (text printed by ``tda run``; ``None`` uses the
+generic label report), ``check`` (arch, data set, scorer, ``model.options``).
+
+Registering a family is one call::
+
+    @dataclass
+    class LMOptions:                     # parsed from model.options (typos are reported)
+        context: int = 128
+
+    class CausalLMFamily(Family):
+        name, archs, data_names, scorers = "causal-lm", ("gpt",), ("tinystories",), ("trak",)
+        options_type = LMOptions
+        def datasets(self, cfg, paths=None): ...
+        def build_model(self, cfg): ...
+        def task(self, cfg): ...
+        def collate(self, cfg): ...
+        def train(self, cfg, paths, model_index, save): ...
+
+    register_family(CausalLMFamily())
+
+after which a config with ``model: {family: causal-lm, arch: gpt, options: {context: 64}}`` runs
+with ``tda run``. Families: ``classifier`` here (MNIST, Fashion-MNIST, CIFAR-2; MLP or small
+CNN; TRAK) and ``diffusion`` in :mod:`pipelines.diffusion_family` (DDPM on MNIST; D-TRAK,
+Diffusion-TracIn, Diffusion-ReTrac), imported at the end of this module so that importing the
+registry registers every family.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tda.data import MNIST_MEAN, MNIST_STD, arrow_columns, load_mnist, mnist_collate
+from tda.errors import CheckpointError, ConfigError, DataError
+from tda.featurize import Featurizer
+from tda.models import mlp
+from tda.scorers import make_scorer
+from tda.tasks import ClassificationTask, Task
+from tda.training import accuracy, train_classifier
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .run import RunPaths
+
+SaveFn = Callable[..., None]
+
+
+class Family:
+    """Base class of model families (see the module docstring); subclasses fill the hooks."""
+
+    name: str = "family"
+    archs: tuple[str, ...] = ()
+    data_names: tuple[str, ...] = ()
+    scorers: tuple[str, ...] = ("trak",)
+    options_type: type | None = None  # dataclass of model.options; None: no options
+
+    # -- required hooks
+    def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def task(self, cfg: RunConfig) -> Task:
+        raise NotImplementedError
+
+    def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- defaults
+    def check(self, cfg: RunConfig) -> None:
+        """Raise :class:`ConfigError` unless arch, data set and scorer suit the family."""
+        for key, value, allowed in (("model.arch", cfg.model.arch, self.archs),
+                                    ("data.name", cfg.data.name, self.data_names),
+                                    ("score.scorer", cfg.score.scorer, self.scorers)):
+            if value not in allowed:
+                raise ConfigError(f"{key} is {value!r}; the {self.name!r} family supports: choose one of {allowed}")
+        self.options(cfg)
+
+    def options(self, cfg: RunConfig) -> Any:
+        """``model.options`` parsed into :attr:`options_type`."""
+        from .config import _build
+
+        if self.options_type is None:
+            if cfg.model.options:
+                raise ConfigError(f"the {self.name!r} family takes no model.options, got {sorted(cfg.model.options)}")
+            return None
+        return _build(self.options_type, cfg.model.options, "model.options")
+
+    def checkpoint_epochs(self, cfg: RunConfig) -> list[int]:
+        """Epochs after which :meth:`train` saves a checkpoint (the last epoch included)."""
+        return list(range(cfg.train.epochs))
+
+    @staticmethod
+    def spread_epochs(cfg: RunConfig, saved: int) -> list[int]:
+        """The last epoch for ``train.checkpoints: final``, else ``saved`` epochs spread evenly."""
+        epochs = cfg.train.epochs
+        if cfg.train.checkpoints == "final":
+            return [epochs - 1]
+        n = min(saved, epochs)
+        return sorted({round((j + 1) * epochs / n) - 1 for j in range(n)})
+
+    def train_outputs(self, cfg: RunConfig, paths: RunPaths, model_index: int) -> list[Path]:
+        """Files besides checkpoints that a trained model must have left (else it is retrained)."""
+        return []
+
+    def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
+        """Featurizer of a split (``"train"`` or ``"query"``): ``featurize``, ``spec``, ``projector``."""
+        f = cfg.featurize
+        return Featurizer(self.build_model(cfg), self.task(cfg), k=f.k, seed=f.seed, kind=f.projector,
+                          param_names=f.params, device=resolve_device(f.device), backend=f.backend)
+
+    def feature_tag(self, cfg: RunConfig) -> str:
+        """Appended to the feature fingerprint when settings outside data/model/train/featurize
+        change the features (empty by default)."""
+        return ""
+
+    def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
+        return make_scorer(cfg.score.scorer, lambda_rel=cfg.score.lambda_rel)
+
+    def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
+        """Report text printed by ``tda run``; ``None``: the generic proponent/opponent report."""
+        return None
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family, replace: bool = False) -> Family:
+    """Make ``family`` available as ``model.family: <family.name>``; returns it."""
+    if not isinstance(family, Family):
+        raise ConfigError(f"register_family needs a Family instance, got {type(family).__name__}")
+    if family.name in _FAMILIES and not replace:
+        raise ConfigError(f"model family {family.name!r} is already registered; pass replace=True")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    if name not in _FAMILIES:
+        raise ConfigError(f"model.family is {name!r}; choose one of {tuple(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
+
+
+def family_for(cfg: RunConfig) -> Family:
+    return get_family(cfg.model.family)
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Checks that need the family (called when a RunConfig is built)."""
+    family_for(cfg).check(cfg)
+
+
+# ------------------------------------------------------------------ shared helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("featurize.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def load_checkpoint_list(paths: RunPaths) -> list[dict[str, Any]]:
+    if not paths.checkpoint_list.is_file():
+        raise CheckpointError(f"{paths.checkpoint_list} is missing; run the train stage first")
+    return json.loads(paths.checkpoint_list.read_text())["checkpoints"]
+
+
+@functools.lru_cache(maxsize=8)
+def load_idx_split(root: str, split: str, limit: int | None, name: str = "mnist"):
+    """Cached MNIST-format split (MNIST or Fashion-MNIST idx files) as a ``datasets.Dataset``."""
+    if name == "fashion-mnist" and not Path(root).is_dir():
+        raise DataError(f"Fashion-MNIST folder {root} does not exist; install Debian's dataset-fashion-mnist "
+                        "package (it fills /usr/share/datasets/fashion-mnist) or set data.root to its idx files")
+    return load_mnist(root, split, limit)
+
+
+CIFAR2_FILE = "cifar2_cat_dog_from_jpeg_uint8.npz"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@functools.lru_cache(maxsize=4)
+def load_cifar2(root: str, split: str, limit: int | None):
+    """CIFAR-2 (cat 0, dog 1) as a Dataset: ``id``, ``image`` (3072 uint8, channel-major), ``label``."""
+    import datasets
+    import pyarrow as pa
+
+    path = Path(root) / CIFAR2_FILE
+    if not path.is_file():
+        raise DataError(f"CIFAR-2 file {path} not found; set data.root to the folder holding {CIFAR2_FILE} "
+                        "(../shared/data/cifar10 in this project)")
+    with np.load(path, allow_pickle=False) as z:
+        x, y = z[f"x_{split}"][:limit], z[f"y_{split}"][:limit]  # (n, 32, 32, 3) uint8, (n,)
+    flat = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(-1)  # channel-major rows
+    return datasets.Dataset(pa.table({
+        "id": pa.array(np.arange(len(x), dtype=np.int64)),
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(flat), 3 * 32 * 32),
+        "label": pa.array(np.asarray(y, dtype=np.int64)),
+    }))
+
+
+class ImageCollate:
+    """Rows -> ``{"x": (B, C*H*W) float32 normalised per channel, "y": (B,) int64}`` (picklable)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def __call__(self, rows: Any) -> dict[str, torch.Tensor]:
+        x = np.asarray(rows["image"], dtype=np.float32).reshape(len(rows["image"]), len(self.mean), -1) / 255.0
+        x = (x - self.mean[None, :, None]) / self.std[None, :, None]
+        return {"x": torch.from_numpy(x.reshape(x.shape[0], -1)),
+                "y": torch.from_numpy(np.array(rows["label"], dtype=np.int64))}
+
+
+def collated(dataset: Any, collate: Callable) -> dict[str, torch.Tensor]:
+    """The whole dataset collated at once (small demo sets)."""
+    return collate(arrow_columns(dataset.with_format("arrow")[:]))
+
+
+def small_cnn(shape: tuple[int, int, int], channels: list[int], classes: int) -> nn.Sequential:
+    """Conv3x3-ReLU-MaxPool per width in ``channels``, then a linear layer; takes flat (B, C*H*W)."""
+    layers: list[nn.Module] = [nn.Unflatten(1, shape)]
+    c_in, size = shape[0], shape[1]
+    for width in channels:
+        layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in, size = width, size // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * size * size, classes))
+
+
+# ------------------------------------------------------------------ classifier family
+IMAGE_DATA = {  # name: (image shape, classes, normalisation)
+    "mnist": ((1, 28, 28), 10, ((MNIST_MEAN,), (MNIST_STD,))),
+    "fashion-mnist": ((1, 28, 28), 10, ((0.2860,), (0.3530,))),
+    "cifar2": ((3, 32, 32), 2, (CIFAR_MEAN, CIFAR_STD)),
+}
+
+
+class ClassifierFamily(Family):
+    """Image classifiers (MLP or small CNN) attributed through the classification margin."""
+
+    name = "classifier"
+    archs = ("mlp", "cnn")
+    data_names = tuple(IMAGE_DATA)
+    scorers = ("trak",)
+
+    def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        d = cfg.data
+        if d.name == "cifar2":
+            return {"train": load_cifar2(d.root, "train", d.train_size),
+                    "query": load_cifar2(d.root, d.query_split, d.query_size)}
+        return {"train": load_idx_split(d.root, "train", d.train_size, d.name),
+                "query": load_idx_split(d.root, d.query_split, d.query_size, d.name)}
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        shape, classes, _ = IMAGE_DATA[cfg.data.name]
+        if cfg.model.arch == "cnn":
+            return small_cnn(shape, list(cfg.model.hidden), classes)
+        return mlp(int(np.prod(shape)), tuple(cfg.model.hidden), classes)
+
+    def task(self, cfg: RunConfig) -> Task:
+        return ClassificationTask()
+
+    def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
+        if cfg.data.name == "mnist":
+            return mnist_collate
+        return ImageCollate(*IMAGE_DATA[cfg.data.name][2])
+
+    def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
+        t, data, collate = cfg.train, self.datasets(cfg, paths), self.collate(cfg)
+        train_b, query_b = collated(data["train"], collate), collated(data["query"], collate)
+        model = train_classifier(lambda: self.build_model(cfg), train_b["x"], train_b["y"], epochs=t.epochs,
+                                 lr=t.lr, batch_size=t.batch_size, seed=t.seed + model_index, on_epoch=save)
+        return {"query_accuracy": accuracy(model, query_b["x"], query_b["y"])}
+
+
+register_family(ClassifierFamily())
+
+
+# ------------------------------------------------------------------ other families
+from . import diffusion_family  # noqa: E402,F401  (registers "diffusion")
+from . import lm_family  # noqa: E402,F401  (registers "causal-lm")

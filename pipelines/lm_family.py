@@ -1,0 +1,233 @@
+"""The ``causal-lm`` model family: a character-level GPT-2 on a text corpus (:mod:`tda.lm`).
+
+Data: the corpus file (``data.root``: the file, or a folder holding ``input.txt``; default Tiny
+Shakespeare) is split at ``model.options.test_start`` (a fraction of its characters). Training
+examples are the first ``data.train_size`` non-overlapping ``context``-character sequences of the
+first part (ids 0..n-1). Queries ("completion given prompt", METHODS.md section 1: f = log p of
+the completion, i.e. minus its summed token loss; Q = 1) are the ``model.options.queries``
+pairs, then ``data.query_size`` sequences of the held-out part (``query_split: test``) or of the
+training set itself (``query_split: train``: each should be its own top proponent), each split
+after ``prompt_len`` characters.
+
+Training: AdamW with warm-up and cosine decay (:func:`tda.lm.train_lm`); an "epoch" is
+``ceil(n / batch_size)`` steps of batches drawn at random. Checkpoints: the last epoch, or with
+``train.checkpoints: all`` ``saved_checkpoints`` evenly spaced epochs, each recording the mean
+learning rate since the previous one (TracIn's eta_c).
+
+Features: the dense projected per-example gradients (``vmap`` over ``functional_call``), or with
+``model.options.projection: factored`` the per-layer Kronecker projection of
+:mod:`tda.factored` (``k_in`` x ``k_out`` per linear layer; ``featurize.k`` is then unused and
+the feature width is layers * k_in * k_out; ``featurize.params`` names modules instead of
+parameters). Scorers: ``trak``, ``tracin`` (learning rates from the checkpoints), ``graddot``,
+``gradcos``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tda.data import arrow_columns
+from tda.errors import CheckpointError, ConfigError
+from tda.scorers import make_scorer
+from tda.tasks import Task
+
+from .families import Family, SaveFn, load_checkpoint_list, register_family, resolve_device
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .run import RunPaths
+
+DEFAULT_CORPUS = "../shared/data/tinyshakespeare"
+_MNIST_DEFAULT_ROOT = "../shared/data/mnist"  # DataConfig's default root: means "not set"
+
+
+@dataclass
+class LMOptions:
+    """``model.options`` of the causal-lm family."""
+
+    context: int = 64  # sequence length (the model's n_positions)
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    reduction: str = "sum"  # f = summed ("sum") or mean ("mean") completion log-probability
+    test_start: float = 0.9  # corpus fraction where the held-out part starts
+    prompt_len: int = 16  # prompt characters of held-out / training-sequence queries
+    queries: list[list[str]] = field(default_factory=list)  # [prompt, completion] pairs, queried first
+    saved_checkpoints: int = 4  # evenly spaced checkpoints when train.checkpoints = all
+    projection: str = "dense"  # "dense" or "factored" (per-layer Kronecker, tda.factored)
+    k_in: int = 16  # factored: projected input dimension per layer
+    k_out: int = 16  # factored: projected output-gradient dimension per layer
+
+    def __post_init__(self) -> None:
+        from tda.lm import GPTSpec
+
+        GPTSpec(seq_len=self.context, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+        if self.reduction not in ("sum", "mean") or self.projection not in ("dense", "factored"):
+            raise ConfigError("model.options.reduction must be 'sum' or 'mean' and projection 'dense' or 'factored'")
+        if not 0 < self.test_start < 1 or not 1 <= self.prompt_len < self.context:
+            raise ConfigError("model.options needs 0 < test_start < 1 and 1 <= prompt_len < context")
+        if min(self.saved_checkpoints, self.k_in, self.k_out) < 1:
+            raise ConfigError("model.options.saved_checkpoints, k_in and k_out must be >= 1")
+        if any(len(q) != 2 for q in self.queries):
+            raise ConfigError(f"model.options.queries must be [prompt, completion] pairs, got {self.queries}")
+
+
+@functools.lru_cache(maxsize=2)
+def load_corpus(root: str):
+    """``(text, vocab)`` of a corpus file or of ``<folder>/input.txt``."""
+    from tda.lm import CharVocab, load_text
+
+    path = Path(root)
+    text = load_text(path / "input.txt" if path.is_dir() else path)
+    return text, CharVocab.from_text(text)
+
+
+class CausalLMFamily(Family):
+    """Character-level GPT-2 attributed through the completion log-probability."""
+
+    name = "causal-lm"
+    archs = ("gpt2",)
+    data_names = ("tinyshakespeare", "text")
+    scorers = ("trak", "tracin", "graddot", "gradcos")
+    options_type = LMOptions
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        if cfg.model.hidden != [128]:
+            raise ConfigError("the causal-lm family sizes the model with model.options (n_layer, n_head, n_embd); "
+                              "remove model.hidden")
+
+    @staticmethod
+    def corpus_root(cfg: RunConfig) -> str:
+        return DEFAULT_CORPUS if cfg.data.root == _MNIST_DEFAULT_ROOT else cfg.data.root
+
+    def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        from tda.lm import completion_examples, lm_sequences
+
+        o, d = self.options(cfg), cfg.data
+        text, vocab = load_corpus(self.corpus_root(cfg))
+        split = int(len(text) * o.test_start)
+        train = lm_sequences(text[:split], vocab, o.context, n=d.train_size)
+        source = train if d.query_split == "train" else lm_sequences(text[split:], vocab, o.context)
+        n_held = min(d.query_size, len(source))
+        seqs = [vocab.decode(r) for r in arrow_columns(source.with_format("arrow")[:n_held])["input_ids"]]
+        pairs = [(p, c) for p, c in o.queries] + [(s[: o.prompt_len], s[o.prompt_len:]) for s in seqs]
+        return {"train": train, "query": completion_examples(vocab, pairs, o.context)}
+
+    def spec(self, cfg: RunConfig):
+        from tda.lm import GPTSpec
+
+        o = self.options(cfg)
+        _, vocab = load_corpus(self.corpus_root(cfg))
+        return GPTSpec(vocab.size, o.context, o.n_layer, o.n_head, o.n_embd)
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        from tda.lm import build_gpt2
+
+        return build_gpt2(self.spec(cfg))
+
+    def task(self, cfg: RunConfig) -> Task:
+        from tda.lm import LMTask
+
+        return LMTask(self.options(cfg).reduction)
+
+    def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
+        from tda.lm import lm_collate
+
+        return lm_collate
+
+    def checkpoint_epochs(self, cfg: RunConfig) -> list[int]:
+        return self.spread_epochs(cfg, self.options(cfg).saved_checkpoints)
+
+    def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
+        from tda.lm import build_gpt2, dataset_tokens, lm_loss, lm_sequences, train_lm
+
+        t, o = cfg.train, self.options(cfg)
+        tokens = dataset_tokens(self.datasets(cfg, paths)["train"])  # (n, T)
+        per_epoch = math.ceil(tokens.shape[0] / t.batch_size)
+        saved, lrs = set(self.checkpoint_epochs(cfg)), []
+
+        def on_checkpoint(epoch: int, model: nn.Module, record: dict) -> None:
+            lrs.append(record["lr"])
+            if epoch in saved:
+                save(epoch, model, lr=float(np.mean(lrs)), train_loss=record["loss"])
+                lrs.clear()
+
+        model = build_gpt2(self.spec(cfg), seed=t.seed + model_index)
+        steps = t.epochs * per_epoch
+        result = train_lm(model, tokens, steps=steps, lr=t.lr, batch_size=t.batch_size, seed=t.seed + model_index,
+                          warmup=max(1, min(100, steps // 10)), checkpoint_every=per_epoch,
+                          on_checkpoint=on_checkpoint)
+        text, vocab = load_corpus(self.corpus_root(cfg))
+        held = lm_sequences(text[int(len(text) * o.test_start):], vocab, o.context)
+        held_tokens = dataset_tokens(held.select(range(min(256, len(held)))))
+        return {"heldout_loss": lm_loss(model, held_tokens), "train_seconds": round(result.seconds, 1)}
+
+    def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
+        o, f = self.options(cfg), cfg.featurize
+        if o.projection == "dense":
+            return super().featurizer(cfg, split, paths)
+        from tda.factored import FactoredFeaturizer
+
+        return FactoredFeaturizer(self.build_model(cfg), self.task(cfg), k_in=o.k_in, k_out=o.k_out, seed=f.seed,
+                                  kind=f.projector, layers=f.params, device=resolve_device(f.device))
+
+    def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
+        if cfg.score.scorer == "trak":
+            return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
+        if cfg.score.scorer != "tracin":
+            return make_scorer(cfg.score.scorer)
+        if paths is None:
+            raise ConfigError("tracin takes its learning rates from the run folder's checkpoints")
+        entries = load_checkpoint_list(paths)
+        if any("lr" not in e for e in entries):
+            raise CheckpointError(f"{paths.checkpoint_list} records no learning rates; rerun the train stage")
+        return make_scorer("tracin", learning_rates=[float(e["lr"]) for e in entries])
+
+    def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
+        return report(self, cfg, paths)
+
+
+def _clip(text: str, width: int = 70) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def report(family: CausalLMFamily, cfg: RunConfig, paths: RunPaths) -> str:
+    """Proponent / opponent training sequences (as text) of the first ``score.show`` queries."""
+    o, data = family.options(cfg), family.datasets(cfg, paths)
+    _, vocab = load_corpus(family.corpus_root(cfg))
+    with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
+        top = {k: z[k] for k in z.files}
+    cols = arrow_columns(data["train"].with_format("arrow")[:])
+    train_text = {int(i): vocab.decode(s) for i, s in zip(cols["id"], cols["input_ids"])}
+    qcols = arrow_columns(data["query"].with_format("arrow")[:])
+    ckpts = load_checkpoint_list(paths)
+    held = [c["heldout_loss"] for c in ckpts if "heldout_loss" in c]
+    lines = [f"\n{cfg.name}: char GPT-2 ({o.n_layer} layers, {o.n_embd} wide, context {o.context}), "
+             f"{len(train_text)} training sequences, {len(top['query_ids'])} queries, {len(ckpts)} checkpoints, "
+             f"scorer {cfg.score.scorer}, {o.projection} projection"
+             + (f", held-out loss {np.mean(held):.3f} nats/char" if held else ""),
+             f"f = log p(completion | prompt) ({o.reduction} over completion tokens); score > 0: training on the "
+             "sequence raises f (lowers the completion's loss)"]
+    shown = min(5, cfg.score.topk)
+    for row in range(min(cfg.score.show, len(top["query_ids"]))):
+        ids, mask = qcols["input_ids"][row], qcols["loss_mask"][row].astype(bool)
+        first = int(np.argmax(mask))
+        lines.append(f"  query id {int(top['query_ids'][row])}: prompt {_clip(vocab.decode(ids[:first]))} -> "
+                     f"completion {_clip(vocab.decode(ids[mask]))}")
+        for title, kind in (("proponents (raise f)", "proponent"), ("opponents (lower f)", "opponent")):
+            lines.append(f"    {title}:")
+            for i, s in zip(top[f"{kind}_ids"][row][:shown], top[f"{kind}_scores"][row][:shown]):
+                lines.append(f"      train id {int(i):>6}  score {float(s):+.4e}  {_clip(train_text[int(i)])}")
+    return "\n".join(lines)
+
+
+register_family(CausalLMFamily())

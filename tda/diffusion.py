@@ -1,0 +1,509 @@
+"""A small DDPM for 28x28 images and its output functions (METHODS.md sections 1 and 4).
+
+DDPM with epsilon prediction (Ho et al. 2020): a linear beta schedule ``beta_1..beta_T``,
+``alpha_bar_t = prod_{s<=t} (1 - beta_s)``, noisy input ``x_t = sqrt(alpha_bar_t) x +
+sqrt(1 - alpha_bar_t) eps`` and the training loss ``L_simple = mean((eps_theta(x_t, t) - eps)^2)``
+(mean over pixels). Timesteps are 0-based: ``t`` in ``[0, T)``.
+
+Output functions of :class:`DiffusionTask` (what is attributed, selectable as in D-TRAK), each
+per example at one ``(t, eps)`` draw, ``e = eps_theta(x_t, t)`` flattened to D values:
+
+- ``loss``: ``mean((e - eps)^2)`` (``L_simple``, the training loss),
+- ``square``: ``mean(e^2)``, ``avg``: ``mean(e)`` (METHODS.md: means, not sums),
+- ``l1``: ``||e||_1``, ``l2``: ``||e||_2`` (D-TRAK's norms).
+
+Sign (METHODS.md: ``tau(z)_i > 0`` means training on i raises ``f(z)``): the score is the effect
+on the selected output. For ``loss`` a positive score means training on i *raises* the query's
+loss (it makes the image less likely); helpful examples have negative scores. TRAK's train-side
+weight must then be ``Q = -dLoss/df`` (as for classification, where ``Q = 1 - p_y`` is minus
+the derivative of the cross-entropy in the margin): ``Q = -1`` for ``loss``. For ``square``,
+``avg``, ``l1`` and ``l2`` no such relation exists, ``Q = 1`` ("1 when undefined"), and the sign
+is D-TRAK's heuristic one.
+
+Randomness is never stored but always reproducible: training records, per step and example,
+``(example id, timestep, noise seed)`` (:class:`TrainLog`) so Diffusion-TracIn replays it; the
+attribution grid (:class:`GridDraws`) is ``K`` stratified timesteps with an offset seeded by
+``seed`` alone (shared by train and query side) and noise seeded by ``(seed, side, id, slot)``.
+Noise for a seed is ``torch.randn`` from a ``torch.Generator`` seeded with it
+(:func:`noise_from_seeds`).
+
+:class:`DiffusionFeaturizer` turns a batch into ``S`` draws per example and either averages the
+``S`` gradients before projecting (D-TRAK, "may be done before projection since projection is
+linear") or keeps every draw as a slot ``[P^T g_s / sqrt(d), ||g_s||_2]`` (width ``k + 1``), the
+exact full-gradient norm being what Diffusion-ReTrac divides by.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, DataError, NonFiniteError, ShapeError
+from .featurize import Featurizer, StateDict, featurize_loop
+from .gradients import check_finite, flatten_grads, per_example_grads
+from .tasks import Batch, ModelCall, Task
+
+OUTPUTS = ("loss", "square", "avg", "l1", "l2")
+_SEED_MAX = 1 << 62
+
+
+# ------------------------------------------------------------------ schedule and noise
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Linear beta schedule ``beta_t = linspace(beta_start, beta_end, T)[t]``, t in [0, T)."""
+
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.T < 1:
+            raise ConfigError(f"diffusion needs T >= 1 timesteps, got {self.T}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ConfigError(
+                f"betas must satisfy 0 < beta_start <= beta_end < 1, got {self.beta_start}, "
+                f"{self.beta_end} (DDPM: 1e-4 and 0.02 for T=1000)"
+            )
+
+    @property
+    def betas(self) -> Tensor:
+        """(T,) float64."""
+        return torch.linspace(self.beta_start, self.beta_end, self.T, dtype=torch.float64)
+
+    @property
+    def alpha_bar(self) -> Tensor:
+        """(T,) float64 ``prod_{s<=t} (1 - beta_s)``."""
+        return torch.cumprod(1.0 - self.betas, dim=0)
+
+    def spec(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seed_from(*entropy: int) -> int:
+    """A 62-bit seed, a pure function of the integers given (via ``numpy.random.SeedSequence``)."""
+    lo, hi = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2)
+    return int((int(hi) << 32 | int(lo)) % _SEED_MAX)
+
+
+def noise_from_seeds(seeds: Sequence[int] | np.ndarray, shape: Sequence[int]) -> Tensor:
+    """Standard normal noise, one ``shape`` tensor per seed: (len(seeds), *shape) float32."""
+    gen = torch.Generator()
+    out = torch.empty(len(seeds), *shape)
+    for j, s in enumerate(np.asarray(seeds, dtype=np.int64).tolist()):
+        gen.manual_seed(s)
+        out[j] = torch.randn(*shape, generator=gen)
+    return out
+
+
+def noisy(x: Tensor, t: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
+    """``x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps``. Shapes: (B, C, H, W), (B,), (B, C, H, W)."""
+    ab = alpha_bar.to(dtype=x.dtype, device=x.device)[t.long()].reshape(-1, *([1] * (x.ndim - 1)))
+    return ab.sqrt() * x + (1.0 - ab).sqrt() * noise
+
+
+# ------------------------------------------------------------------ model
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, timestep embedding added in between, 1x1 skip when widths differ."""
+
+    def __init__(self, cin: int, cout: int, tdim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(tdim, cout)
+        self.norm2 = nn.GroupNorm(min(8, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb(temb)[:, :, None, None]
+        return self.conv2(F.silu(self.norm2(h))) + self.skip(x)
+
+
+class TinyUNet(nn.Module):
+    """A small UNet predicting the noise ``eps_theta(x_t, t)`` of (B, C, H, W) images.
+
+    The image is first folded 2x2 into channels (pixel unshuffle: 28x28x1 -> 14x14x4), then
+    one residual block per level with a stride-2 convolution between levels, the mirror path
+    with skip connections and nearest upsampling; the fold is undone into ``head`` channels
+    and two full-resolution convolutions (seeing ``x_t`` again) give the prediction. Working
+    at half resolution makes it cheap on a CPU. GroupNorm only (per example): vmap-safe for
+    per-example gradients.
+
+    Args:
+        channels: widths per level, e.g. (32, 64): 14x14 then 7x7 for MNIST.
+        in_channels: image channels.
+        time_dim: sinusoidal embedding size (the MLP on it doubles it).
+        head: channels of the full-resolution head.
+    """
+
+    def __init__(self, channels: Sequence[int] = (32, 64), in_channels: int = 1, time_dim: int = 32,
+                 head: int = 8) -> None:
+        super().__init__()
+        if not channels or any(int(c) < 1 for c in channels):
+            raise ConfigError(f"UNet channels must be positive widths, got {list(channels)}")
+        chans = [int(c) for c in channels]
+        tdim = 2 * time_dim
+        self.time_dim = time_dim
+        self.temb = nn.Sequential(nn.Linear(time_dim, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.inc = nn.Conv2d(4 * in_channels, chans[0], 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(c_in, c, tdim) for c_in, c in zip([chans[0]] + chans[:-1], chans))
+        self.pool = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in chans[:-1])
+        self.mid = ResBlock(chans[-1], chans[-1], tdim)
+        self.up = nn.ModuleList(ResBlock(c + c_out, c_out, tdim) for c, c_out in
+                                zip(chans[::-1], chans[::-1]))
+        self.shrink = nn.ModuleList(nn.Conv2d(c, c_low, 1) for c, c_low in zip(chans[:0:-1], chans[-2::-1]))
+        self.out = nn.Sequential(nn.GroupNorm(min(8, chans[0]), chans[0]), nn.SiLU(),
+                                 nn.Conv2d(chans[0], 4 * head, 3, padding=1))
+        self.head = nn.Sequential(nn.Conv2d(head + in_channels, head, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(head, in_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """Shapes: x (B, C, H, W) with H, W divisible by 2**len(channels); t (B,) -> (B, C, H, W)."""
+        temb = self.temb(timestep_embedding(t, self.time_dim).to(x.dtype))  # (B, 2 time_dim)
+        h = self.inc(F.pixel_unshuffle(x, 2))  # (B, c0, H/2, W/2)
+        skips = []
+        for level, block in enumerate(self.down):
+            h = block(h, temb)
+            skips.append(h)
+            if level < len(self.pool):
+                h = self.pool[level](h)  # halve the resolution
+        h = self.mid(h, temb)
+        for level, block in enumerate(self.up):
+            h = block(torch.cat([h, skips.pop()], dim=1), temb)
+            if level < len(self.shrink):
+                h = F.interpolate(self.shrink[level](h), scale_factor=2.0, mode="nearest")
+        h = F.pixel_shuffle(self.out(h), 2)  # (B, head, H, W)
+        return self.head(torch.cat([h, x], dim=1))  # full-resolution convolutions: no 2x2 grid
+
+
+# ------------------------------------------------------------------ output functions
+def diffusion_output(eps_pred: Tensor, noise: Tensor, output: str) -> Tensor:
+    """The selected output per example from (B, ...) predictions and noise: (B,)."""
+    e = eps_pred.reshape(eps_pred.shape[0], -1)  # (B, D)
+    if output == "loss":
+        return (e - noise.reshape(e.shape)).pow(2).mean(dim=1)
+    if output == "square":
+        return e.pow(2).mean(dim=1)
+    if output == "avg":
+        return e.mean(dim=1)
+    if output == "l1":
+        return e.abs().sum(dim=1)
+    if output == "l2":
+        return e.pow(2).sum(dim=1).sqrt()
+    raise ConfigError(f"diffusion output {output!r} is unknown; use one of {OUTPUTS}")
+
+
+class DiffusionTask(Task):
+    """Output ``f`` of an epsilon-prediction model at given ``(t, eps)`` draws.
+
+    The batch holds ``x`` (B, C, H, W) clean images in [-1, 1], ``t`` (B,) int64 timesteps and
+    ``noise`` (B, C, H, W); the model is called as ``model(x_t, t)``.
+
+    Args:
+        schedule: the noise schedule the model was trained with.
+        output: one of :data:`OUTPUTS` (see the module docstring for definitions and signs).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, output: str = "loss") -> None:
+        if output not in OUTPUTS:
+            raise ConfigError(f"diffusion output {output!r} is unknown; use one of {OUTPUTS}")
+        self.schedule = schedule
+        self.output_name = output
+        self.name = f"diffusion-{output}"
+        self._alpha_bar = schedule.alpha_bar.float()
+
+    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+        for key in ("x", "t", "noise"):
+            if key not in batch:
+                raise ShapeError(f"diffusion batch has no {key!r} entry (has {sorted(batch)}); "
+                                 "draws (t, noise) are added by DiffusionFeaturizer")
+        x, t, noise = batch["x"], batch["t"], batch["noise"]
+        eps_pred = model(noisy(x, t, noise, self._alpha_bar), t)
+        return diffusion_output(eps_pred, noise, self.output_name)
+
+    @property
+    def q_value(self) -> float:
+        """``Q = -dLoss/df``: -1 for ``loss``, else 1 (undefined)."""
+        return -1.0 if self.output_name == "loss" else 1.0
+
+    def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
+        first = next(iter(batch.values()))
+        return torch.full((first.shape[0],), self.q_value, dtype=torch.float32, device=first.device)
+
+
+# ------------------------------------------------------------------ draws (t, noise seed)
+class Draws:
+    """Per-example ``(t, noise seed)`` draws: ``__call__(checkpoint, ids) -> (t, seeds)``, both
+    (B, slots) int64. Subclasses are pure functions of their arguments."""
+
+    slots: int = 1
+
+    def __call__(self, checkpoint: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__}
+
+
+class GridDraws(Draws):
+    """``K`` stratified timesteps ``t_j = floor((j + u) T / K)`` (u seeded by ``seed``, shared by
+    every example and side) times ``R`` noise draws seeded by ``(seed, side, id, j, r)``.
+    Slot order: timestep-major (slot ``j * R + r``)."""
+
+    def __init__(self, T: int, timesteps: int, noise_draws: int = 1, seed: int = 0, side: int = 0) -> None:
+        if not 1 <= timesteps <= T or noise_draws < 1:
+            raise ConfigError(f"need 1 <= timesteps <= T={T} and noise_draws >= 1, got {timesteps}, {noise_draws}")
+        self.T, self.K, self.R, self.seed, self.side = T, timesteps, noise_draws, seed, side
+        u = np.random.default_rng(np.random.SeedSequence([seed, 0x71D])).random()
+        self.grid = np.minimum(np.floor((np.arange(timesteps) + u) * T / timesteps), T - 1).astype(np.int64)
+        self.slots = timesteps * noise_draws
+
+    def __call__(self, checkpoint: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        t = np.broadcast_to(np.repeat(self.grid, self.R), (len(ids), self.slots)).copy()
+        seeds = np.array([[seed_from(self.seed, self.side, i, j, r) for j in range(self.K) for r in range(self.R)]
+                          for i in ids.tolist()], dtype=np.int64).reshape(len(ids), self.slots)
+        return t, seeds
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "grid", "T": self.T, "timesteps": self.K, "noise_draws": self.R,
+                "seed": self.seed, "side": self.side, "grid": self.grid.tolist()}
+
+
+class SeededDraws(Draws):
+    """One draw per example, ``t`` uniform in [0, T) and the noise seed, both from
+    ``(seed, side, id)``: the "seeded schedule" when training draws were not recorded."""
+
+    def __init__(self, T: int, seed: int = 0, side: int = 0) -> None:
+        self.T, self.seed, self.side = T, seed, side
+
+    def __call__(self, checkpoint: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seeds = np.array([seed_from(self.seed, self.side, i) for i in np.asarray(ids).tolist()], dtype=np.int64)
+        return (seeds % self.T)[:, None], np.array([seed_from(s, 1) for s in seeds.tolist()], np.int64)[:, None]
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "seeded", "T": self.T, "seed": self.seed, "side": self.side}
+
+
+@dataclass
+class TrainLog:
+    """What DDPM training drew, one row per (step, example): all (N,) int64."""
+
+    step: np.ndarray
+    epoch: np.ndarray
+    example_id: np.ndarray
+    timestep: np.ndarray
+    noise_seed: np.ndarray
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.int64) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "TrainLog":
+        missing = {"step", "epoch", "example_id", "timestep", "noise_seed"} - set(arrays)
+        if missing:
+            raise DataError(f"training log is missing {sorted(missing)}; retrain to record it")
+        return cls(**{k: np.asarray(arrays[k], dtype=np.int64) for k in
+                      ("step", "epoch", "example_id", "timestep", "noise_seed")})
+
+
+class RecordedDraws(Draws):
+    """Replays the training draws: for checkpoint c, the ``(t, noise seed)`` each example was
+    trained with in the epoch ``epochs[c]`` that ended at that checkpoint.
+
+    Args:
+        logs: checkpoint id -> the training log of the run that produced it.
+        epochs: checkpoint id -> epoch (0-based) after which it was saved.
+    """
+
+    def __init__(self, logs: Mapping[int, TrainLog], epochs: Mapping[int, int]) -> None:
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for c, log in logs.items():
+            rows = log.epoch == epochs[c]
+            order = np.argsort(log.example_id[rows], kind="stable")
+            self._tables[c] = (log.example_id[rows][order], log.timestep[rows][order], log.noise_seed[rows][order])
+        self.epochs = dict(epochs)
+
+    def __call__(self, checkpoint: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if checkpoint not in self._tables:
+            raise DataError(f"no training log for checkpoint {checkpoint}; retrain to record one")
+        known, t, seeds = self._tables[checkpoint]
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
+        missing = ids[(len(known) == 0) | (known[pos] != ids)] if len(known) else ids
+        if len(missing):
+            raise DataError(f"examples {missing[:5].tolist()} were not trained in epoch "
+                            f"{self.epochs[checkpoint]} (checkpoint {checkpoint}); featurize training examples only")
+        return t[pos][:, None], seeds[pos][:, None]
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "recorded", "epochs": {str(c): e for c, e in sorted(self.epochs.items())}}
+
+
+# ------------------------------------------------------------------ training and sampling
+def train_ddpm(
+    make_model: Callable[[], nn.Module],
+    x: Tensor,
+    ids: np.ndarray,
+    schedule: NoiseSchedule,
+    epochs: int = 10,
+    lr: float = 2e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    warmup_steps: int = 50,
+    on_epoch: Callable[..., None] | None = None,
+) -> tuple[nn.Module, TrainLog]:
+    """Train an epsilon-prediction model with Adam on ``L_simple``, recording every draw.
+
+    Deterministic given ``seed``: initialisation after ``torch.manual_seed(seed)``, batch order,
+    timesteps and noise seeds from one seeded ``torch.Generator``; noise from the recorded seeds
+    (:func:`noise_from_seeds`). The learning rate warms up linearly over ``warmup_steps`` and
+    decays linearly to 0.
+
+    Args:
+        make_model: builds a fresh model called as ``model(x_t, t)``.
+        x: (n, C, H, W) images scaled to [-1, 1]. ids: (n,) example ids.
+        on_epoch: called as ``on_epoch(epoch, model, lr=mean learning rate of the epoch)``.
+
+    Returns:
+        The trained model (eval mode) and the :class:`TrainLog` of every (step, example).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(x) == 0 or len(x) != len(ids):
+        raise DataError(f"DDPM training needs equal, non-zero numbers of images and ids, got {len(x)}, {len(ids)}")
+    torch.manual_seed(seed)
+    model = make_model()
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    total = epochs * steps_per_epoch
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)) * max(0.0, 1.0 - s / total))
+    gen = torch.Generator().manual_seed(seed)
+    alpha_bar = schedule.alpha_bar.float()
+    log: dict[str, list[np.ndarray]] = {k: [] for k in ("step", "epoch", "example_id", "timestep", "noise_seed")}
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        lrs = []
+        for lo in range(0, len(x), batch_size):
+            idx = order[lo: lo + batch_size]
+            t = torch.randint(0, schedule.T, (len(idx),), generator=gen)
+            seeds = torch.randint(0, _SEED_MAX, (len(idx),), generator=gen).numpy()
+            noise = noise_from_seeds(seeds, x.shape[1:])
+            loss = F.mse_loss(model(noisy(x[idx], t, noise, alpha_bar), t), noise)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"DDPM loss became {loss.item()} at step {step}; lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            for key, val in (("step", np.full(len(idx), step)), ("epoch", np.full(len(idx), epoch)),
+                             ("example_id", ids[idx.numpy()]), ("timestep", t.numpy()), ("noise_seed", seeds)):
+                log[key].append(np.asarray(val, dtype=np.int64))
+            step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, model, lr=float(np.mean(lrs)))
+    return model.eval(), TrainLog(**{k: np.concatenate(v) for k, v in log.items()})
+
+
+@torch.no_grad()
+def sample_ddpm(model: nn.Module, schedule: NoiseSchedule, n: int, shape: Sequence[int] = (1, 28, 28),
+                seed: int = 0) -> Tensor:
+    """Ancestral DDPM sampling with the clipped ``x_0`` prediction (Ho et al.'s
+    ``clip_denoised``): ``x0 = clamp((z - sqrt(1 - ab_t) eps) / sqrt(ab_t))``, then the posterior
+    mean of ``q(x_{t-1} | x_t, x0)`` plus ``sigma_t = sqrt(beta_t (1 - ab_{t-1}) / (1 - ab_t))``
+    noise. Returns (n, *shape) images in [-1, 1]."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    betas, ab = schedule.betas, schedule.alpha_bar  # float64
+    ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+    coef_x0 = (betas * ab_prev.sqrt() / (1.0 - ab)).float()
+    coef_z = ((1.0 - ab_prev) * (1.0 - betas).sqrt() / (1.0 - ab)).float()
+    sigma = (betas * (1.0 - ab_prev) / (1.0 - ab)).sqrt().float()
+    z = torch.randn(n, *shape, generator=gen)
+    for t in reversed(range(schedule.T)):
+        eps = model(z, torch.full((n,), t, dtype=torch.long))
+        x0 = ((z - (1.0 - ab[t]).sqrt().float() * eps) / ab[t].sqrt().float()).clamp(-1.0, 1.0)
+        z = coef_x0[t] * x0 + coef_z[t] * z
+        if t > 0:
+            z = z + sigma[t] * torch.randn(z.shape, generator=gen)
+    return z.clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------------ featurizer
+class DiffusionFeaturizer:
+    """Projected per-example gradients of a :class:`DiffusionTask` over ``S`` draws per example.
+
+    ``mode="mean"``: the gradient averaged over the draws, projected: (B, k) (D-TRAK features).
+    ``mode="slots"``: every draw kept: (B, S*(k+1)), slot s = ``[P^T g_s / sqrt(d), ||g_s||_2]``
+    (Diffusion-TracIn / ReTrac features). Same interface as :class:`tda.featurize.Featurizer`.
+
+    Args:
+        model, task: the epsilon model and the output function.
+        draws: where each example's ``(t, noise seed)`` come from.
+        mode: ``"mean"`` or ``"slots"``. Other arguments as for :class:`Featurizer`.
+    """
+
+    def __init__(self, model: nn.Module, task: DiffusionTask, draws: Draws, mode: str = "mean", k: int = 1024,
+                 seed: int = 0, kind: str = "rademacher", param_names: Sequence[str] | None = None,
+                 device: str | torch.device | None = None, backend: str = "auto",
+                 chunk_size: int | None = None) -> None:
+        if mode not in ("mean", "slots"):
+            raise ConfigError(f"diffusion featurizer mode {mode!r} is unknown; use 'mean' or 'slots'")
+        self.inner = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names, device=device,
+                                backend=backend, chunk_size=chunk_size)
+        self.task, self.draws, self.mode = task, draws, mode
+        self.projector = self.inner.projector
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of one example's features."""
+        k = self.projector.k
+        return k if self.mode == "mean" else self.draws.slots * (k + 1)
+
+    def spec(self) -> dict[str, Any]:
+        return {**self.inner.spec(), "mode": self.mode, "draws": self.draws.spec(),
+                "schedule": self.task.schedule.spec(), "feature_dim": self.feature_dim}
+
+    def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features (B, feature_dim) float32 and Q (B,) float32 under the loaded weights."""
+        x = batch["x"].to(self.inner.device)  # (B, C, H, W)
+        t, seeds = self.draws(checkpoint, np.asarray(ids))  # (B, S) each
+        b, s = t.shape
+        big = {"x": x.repeat_interleave(s, dim=0),  # (B*S, C, H, W), example-major
+               "t": torch.from_numpy(t.reshape(-1)).to(x.device),
+               "noise": noise_from_seeds(seeds.reshape(-1), x.shape[1:]).to(x.device)}
+        grads = per_example_grads(self.inner.model, self.task, big, self.inner.names, self.inner.chunk_size)
+        flat = flatten_grads(grads, self.inner.names)  # (B*S, d)
+        check_finite(flat, np.repeat(np.asarray(ids), s), "per-draw gradients")
+        if self.mode == "mean":
+            phi = self.projector.project(flat.reshape(b, s, -1).mean(dim=1), checkpoint)  # (B, k)
+        else:
+            norms = flat.double().norm(dim=1).to(flat.dtype)[:, None]  # (B*S, 1)
+            phi = torch.cat([self.projector.project(flat, checkpoint), norms], dim=1).reshape(b, -1)
+        check_finite(phi, ids, "projected gradients")
+        q = np.full(b, self.task.q_value if self.mode == "mean" else 1.0, dtype=np.float32)
+        return phi.float().cpu().numpy(), q
+
+    def featurize(self, state: StateDict | str, checkpoint: int,
+                  batches: Iterable[tuple[np.ndarray, Batch]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(ids, features (B, feature_dim), Q (B,))`` per batch under ``checkpoint``."""
+        yield from featurize_loop(self.inner.model, self.inner.device, self.featurize_batch, state, checkpoint, batches,
+                                  self.projector.clear_cache)

@@ -1,0 +1,194 @@
+"""Factored (Kronecker) projection: identity factors give exactly the per-example gradients
+(float64, against the vmap path), the scale makes E<phi, phi'> = (k/d)<g, g'>, matrices are a
+pure function of (seed, checkpoint, layer), and scores rank like the dense projection's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tda.api import Attributor
+from tda.data import iter_batches
+from tda.errors import ConfigError
+from tda.factored import FactoredFeaturizer, FactoredProjector, capture_linear, factored_layers
+from tda.features import ArrayFeatures, FeatureBlock
+from tda.featurize import Featurizer
+from tda.gradients import per_example_grads
+from tda.kernel import score_matrix
+from tda.scorers import GradDotScorer, TRAKScorer
+from tda.tasks import ClassificationTask
+
+
+def _dense_reference(model, task, batch, layers) -> torch.Tensor:
+    """(B, d) per-example gradients from tda.gradients, laid out like the factored features."""
+    grads = per_example_grads(model, task, batch, [p for s in layers for p in s.params])
+    parts = []
+    for s in layers:
+        w = grads[f"{s.name}.weight"]
+        if s.layout == "conv1d":
+            w = w.transpose(1, 2)  # Conv1D stores (in, out)
+        if s.bias:
+            w = torch.cat([w, grads[f"{s.name}.bias"].unsqueeze(2)], dim=2)  # bias column last
+        parts.append(w.reshape(w.shape[0], -1))
+    return torch.cat(parts, dim=1)
+
+
+def test_identity_factors_equal_dense_gradients_mlp_float64(make_mlp, tiny_data) -> None:
+    model = make_mlp(seed=0, in_dim=5, hidden=(7, 6), out_dim=3).double()
+    x, y = tiny_data(9, in_dim=5, classes=3, seed=2)
+    batch, task = {"x": x.double(), "y": y}, ClassificationTask()
+    layers = factored_layers(model)
+    assert [s.name for s in layers] == ["0", "2", "4"]
+    proj = FactoredProjector(layers, None, None)
+    assert proj.scale == 1.0 and proj.k == proj.dim == sum(p.numel() for p in model.parameters())
+    feats = proj.project(capture_linear(model, task, batch, layers), checkpoint=0)
+    assert feats.dtype == torch.float64
+    torch.testing.assert_close(feats, _dense_reference(model, task, batch, layers), rtol=1e-12, atol=1e-14)
+
+
+def test_identity_factors_equal_dense_gradients_gpt2_float64() -> None:
+    pytest.importorskip("transformers")
+    from tda.lm import GPTSpec, LMTask, build_gpt2
+
+    model = build_gpt2(GPTSpec(vocab_size=11, seq_len=12, n_layer=2, n_head=2, n_embd=8), seed=0).double()
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 12)
+    mask[:, 0] = 0
+    mask[1, :6] = 0  # a completion after a prompt
+    batch, task = {"input_ids": torch.randint(0, 11, (4, 12), generator=gen), "loss_mask": mask}, LMTask()
+    layers = factored_layers(model)
+    assert {s.layout for s in layers} == {"conv1d", "linear"} and layers[-1].name == "lm_head"
+    feats = FactoredProjector(layers, None, None).project(capture_linear(model, task, batch, layers), 0)
+    torch.testing.assert_close(feats, _dense_reference(model, task, batch, layers), rtol=1e-10, atol=1e-13)
+
+
+def test_tied_lm_head_is_skipped() -> None:
+    pytest.importorskip("transformers")
+    from tda.lm import GPTSpec, build_gpt2
+
+    model = build_gpt2(GPTSpec(vocab_size=11, seq_len=12, n_layer=1, n_embd=8, tie_embeddings=True))
+    assert "lm_head" not in [s.name for s in factored_layers(model)]
+    assert [s.name for s in factored_layers(model, ["transformer.h.0.mlp"])] == [
+        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+
+
+def test_featurizer_matches_projector_and_is_deterministic(make_mlp, tiny_data) -> None:
+    model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
+    x, y = tiny_data(10, in_dim=5, classes=3, seed=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(np.arange(10), {"x": x, "y": y})]
+
+    def run(seed: int, checkpoint: int, chunk: int | None = None) -> np.ndarray:
+        fz = FactoredFeaturizer(model, ClassificationTask(), k_in=3, k_out=2, seed=seed, chunk_size=chunk)
+        return np.concatenate([phi for _, phi, _ in fz.featurize(state, checkpoint, batches)])
+
+    a = run(0, 0)
+    assert a.shape == (10, 2 * 2 * 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, run(0, 0))
+    np.testing.assert_allclose(a, run(0, 0, chunk=3), rtol=1e-5, atol=1e-6)  # batch split
+    assert not np.allclose(a, run(1, 0)) and not np.allclose(a, run(0, 1))
+    proj = FactoredProjector(factored_layers(model), 3, 2, seed=0)
+    p0 = proj.factor(0, proj.layers[0], "in")
+    assert p0.shape == (6, 3) and set(p0.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(p0, FactoredProjector(factored_layers(model), 3, 2, seed=0).factor(0, proj.layers[0], "in"))
+    assert not torch.equal(p0, proj.factor(0, proj.layers[1], "in")[:6])  # layers differ
+    spec = FactoredFeaturizer(model, ClassificationTask(), 3, 2).spec()
+    assert spec["projection"] == "factored" and spec["k"] == 12 and spec["layers"] == ["0", "2"]
+
+
+def test_scale_makes_inner_products_unbiased(make_mlp, tiny_data) -> None:
+    """Averaged over seeds, ||phi||^2 -> (k/d) ||g||^2, the dense projector's expectation."""
+    model = make_mlp(seed=0, in_dim=6, hidden=(8,), out_dim=4).double()
+    x, y = tiny_data(1, in_dim=6, classes=4, seed=4)
+    task = ClassificationTask()
+    layers = factored_layers(model)
+    caps = capture_linear(model, task, {"x": x.double(), "y": y}, layers)
+    g = FactoredProjector(layers, None, None).project(caps, 0)
+    target = float(g[0] @ g[0])
+    for kind in ("rademacher", "gaussian"):
+        vals = []
+        for seed in range(300):
+            proj = FactoredProjector(layers, 3, 2, seed=seed, kind=kind)
+            phi = proj.project(caps, 0)
+            vals.append(float(phi[0] @ phi[0]) * proj.dim / proj.k)  # undo the k/d factor
+        assert np.mean(vals) == pytest.approx(target, rel=0.15)
+
+
+def test_bad_settings_are_rejected(make_mlp) -> None:
+    model = make_mlp()
+    with pytest.raises(ConfigError, match="names no linear layer"):
+        factored_layers(model, ["nope"])
+    with pytest.raises(ConfigError, match="k_in"):
+        FactoredProjector(factored_layers(model), 0, 4)
+    with pytest.raises(ConfigError, match="kind"):
+        FactoredProjector(factored_layers(model), 2, 2, kind="sparse")
+    with pytest.raises(ConfigError, match="no .*layer"):
+        factored_layers(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+@pytest.fixture(scope="module")
+def lm_setup():
+    """A tiny char GPT-2 briefly trained on 160 sequences, and 12 held-out queries."""
+    pytest.importorskip("transformers")
+    from tda.lm import CharVocab, GPTSpec, build_gpt2, dataset_tokens, lm_sequences, train_lm
+
+    torch.set_num_threads(1)
+    gen = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "sun", "is", "hot", "we", "go"]
+    text = " ".join(gen.choice(words, size=2500)) + "."
+    vocab = CharVocab.from_text(text)
+    train = lm_sequences(text, vocab, 24, n=160)
+    query = lm_sequences(text, vocab, 24, n=12, start=8000)
+    model = build_gpt2(GPTSpec(vocab_size=vocab.size, seq_len=24, n_layer=1, n_head=2, n_embd=32), seed=0)
+    train_lm(model, dataset_tokens(train), steps=60, lr=1e-2, batch_size=32, warmup=5)
+    return model, train, query
+
+
+def _scores(tr: np.ndarray, q: np.ndarray, scorer) -> np.ndarray:
+    source = ArrayFeatures(FeatureBlock(np.arange(len(tr)), tr[None], np.ones((1, len(tr)))), [0])
+    scorer.fit(source)
+    return score_matrix(FeatureBlock(np.arange(len(q)), q[None], np.ones((1, len(q)))), scorer, source)
+
+
+def test_rank_correlation_with_dense_at_equal_k(lm_setup, spearman_rows) -> None:
+    from tda.lm import LMTask, lm_collate
+
+    model, train, query = lm_setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    task = LMTask()
+
+    def feats(fz):
+        return [np.concatenate([phi for _, phi, _ in fz.featurize(state, 0, iter_batches(ds, lm_collate, 80))])
+                for ds in (train, query)]
+
+    factored = FactoredFeaturizer(model, task, k_in=16, k_out=16, seed=0)
+    dense = Featurizer(model, task, k=factored.k, seed=0, param_names=factored.names)
+    exact = FactoredFeaturizer(model, task, k_in=None, k_out=None)  # the unprojected gradients
+    f, d, e = feats(factored), feats(dense), feats(exact)
+    sf, sd, se = (_scores(*pair, GradDotScorer()) for pair in (f, d, e))
+    fac_exact, dense_exact = spearman_rows(sf, se).mean(), spearman_rows(sd, se).mean()
+    assert spearman_rows(sf, sd).mean() > 0.75
+    assert fac_exact > 0.75 and fac_exact > dense_exact - 0.2, (fac_exact, dense_exact)
+    # TRAK (exact TRAK would need a d x d solve: compare the two projections only)
+    assert spearman_rows(_scores(*f, TRAKScorer()), _scores(*d, TRAKScorer())).mean() > 0.5
+
+
+def test_attributor_accepts_factored_featurizer(make_mlp, tiny_data) -> None:
+    """The Python API path: swap the Attributor's featurizer for a factored one."""
+    import datasets
+
+    model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
+    x, y = tiny_data(40, in_dim=5, classes=3, seed=5)
+    ds = datasets.Dataset.from_dict({"id": np.arange(40), "x": x.numpy().tolist(), "y": y.numpy()})
+
+    def collate(rows):
+        return {"x": torch.tensor(np.asarray(rows["x"], dtype=np.float32)), "y": torch.tensor(rows["y"])}
+
+    attr = Attributor(model, [model.state_dict()], collate=collate, scorer=GradDotScorer())
+    attr.featurizer = FactoredFeaturizer(model, ClassificationTask(), k_in=4, k_out=3)
+    attr.fit(ds)
+    scores = attr.scores(ds.select(range(5)))
+    assert scores.shape == (5, 40) and np.isfinite(scores).all()
+    phi, _ = attr.featurizer.featurize_batch(collate(ds[:]), np.arange(40), checkpoint=0)
+    np.testing.assert_allclose(scores, phi[:5] @ phi.T, rtol=1e-4, atol=1e-6)  # Grad-Dot, M = 1

@@ -1,0 +1,220 @@
+"""The model-family seam of the pipeline: registry, config checks, fingerprints, and the
+CIFAR-2 classifier and MNIST diffusion families end to end on tiny subsets."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import families
+from pipelines.cli import main
+from pipelines.config import FEATURE_SECTIONS, SCORE_SECTIONS, load_config, parse_config, section_fingerprint
+from pipelines.families import CIFAR2_FILE, ClassifierFamily, Family, get_family, register_family
+from pipelines.run import datasets_for, feature_fingerprint
+from stores import FeatureStore
+from stores._io import fingerprint
+from tda.data import as_dataset
+from tda.errors import ConfigError, DataError
+from tda.models import mlp
+from tda.tasks import ClassificationTask
+from tda.training import train_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+MNIST, CIFAR = SHARED / "mnist", SHARED / "cifar10"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------ registry and config
+def test_registry_knows_the_families_and_names_them_on_error() -> None:
+    assert isinstance(get_family("classifier"), ClassifierFamily)
+    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac")
+    with pytest.raises(ConfigError, match=r"model.family is 'gan'; choose one of \(.*'classifier', 'diffusion'"):
+        parse_config({"model": {"family": "gan"}})
+    with pytest.raises(ConfigError, match="already registered"):
+        register_family(ClassifierFamily())
+
+
+@pytest.mark.parametrize("values, fix", [
+    ({"score": {"scorer": "dtrak"}}, "score.scorer is 'dtrak'; the 'classifier' family supports"),
+    ({"model": {"family": "diffusion", "arch": "mlp"}}, "model.arch is 'mlp'; the 'diffusion' family"),
+    ({"model": {"family": "diffusion", "arch": "unet"}, "data": {"name": "cifar2"}}, "data.name is 'cifar2'"),
+    ({"model": {"family": "diffusion", "arch": "unet", "options": {"timestep": 5}},
+      "score": {"scorer": "dtrak"}}, "did you mean 'timesteps'"),
+    ({"model": {"family": "diffusion", "arch": "unet", "options": {"output": "mse"}},
+      "score": {"scorer": "dtrak"}}, "model.options.output is 'mse'"),
+    ({"model": {"options": {"T": 5}}}, "takes no model.options"),
+    ({"model": {"options": 5}}, "model.options must be a mapping"),
+], ids=["scorer", "arch", "data", "option typo", "option value", "no options", "options type"])
+def test_config_is_checked_against_the_family(values: dict, fix: str) -> None:
+    with pytest.raises(ConfigError, match=fix.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(values)
+
+
+def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None:
+    """Configs written before families existed keep their fingerprints (and run folders)."""
+    for name in ("tiny.yaml", "mnist_trak.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        old = cfg.to_dict()
+        del old["model"]["family"], old["model"]["options"], old["score"]["influential_fraction"]
+        for sections in (FEATURE_SECTIONS, SCORE_SECTIONS):
+            assert section_fingerprint(cfg, *sections) == fingerprint({s: old[s] for s in sections})
+        assert feature_fingerprint(cfg) == section_fingerprint(cfg, *FEATURE_SECTIONS)
+
+
+def test_diffusion_feature_fingerprint_follows_the_feature_layout() -> None:
+    cfg = load_config(ROOT / "configs" / "mnist_ddpm.yaml")
+    other = load_config(ROOT / "configs" / "mnist_ddpm.yaml", ["score.scorer=diffusion-tracin"])
+    dtrak = load_config(ROOT / "configs" / "mnist_ddpm.yaml", ["score.scorer=dtrak"])
+    assert feature_fingerprint(cfg) == feature_fingerprint(other)  # TracIn and ReTrac share features
+    assert feature_fingerprint(cfg) != feature_fingerprint(dtrak)
+    assert get_family("diffusion").checkpoint_epochs(cfg) == [9, 19, 29]
+
+
+@functools.lru_cache(maxsize=1)
+def _toy_data() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 5, generator=gen).numpy()
+    rows = {"id": np.arange(60) + 500, "x": x, "label": np.argmax(x[:, :3], axis=1)}
+    return {"train": as_dataset({k: v[:50] for k, v in rows.items()}),
+            "query": as_dataset({k: v[50:] for k, v in rows.items()})}
+
+
+class ToyFamily(Family):
+    """A family registered by a test: synthetic 5-d data, an MLP, the margin, SGD."""
+
+    name, archs, data_names, scorers = "toy", ("mlp",), ("synthetic",), ("trak",)
+
+    def datasets(self, cfg: Any, paths: Any = None) -> dict[str, Any]:
+        return _toy_data()
+
+    def build_model(self, cfg: Any) -> torch.nn.Module:
+        return mlp(5, tuple(cfg.model.hidden), 3)
+
+    def task(self, cfg: Any) -> ClassificationTask:
+        return ClassificationTask()
+
+    def collate(self, cfg: Any):
+        return lambda rows: {"x": torch.tensor(np.asarray(rows["x"], np.float32)),
+                             "y": torch.tensor(np.asarray(rows["label"], np.int64))}
+
+    def train(self, cfg: Any, paths: Any, model_index: int, save: Any) -> dict[str, Any]:
+        b = self.collate(cfg)(self.datasets(cfg)["train"][:])
+        train_classifier(lambda: self.build_model(cfg), b["x"], b["y"], epochs=cfg.train.epochs, seed=model_index,
+                         on_epoch=save)
+        return {"note": "toy"}
+
+
+def test_a_registered_family_runs_through_the_pipeline(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(families._FAMILIES, "toy", ToyFamily())
+    cfg = _write(tmp_path, "model: {family: toy, hidden: [4]}\ndata: {name: synthetic}\n"
+                           "train: {models: 1, epochs: 2}\nfeaturize: {k: 8, shard_size: 16}\nscore: {topk: 2, show: 1}\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "query id 550" in out and out.count("train id") == 4
+    scores = np.load(tmp_path / "run" / "scores" / "scores.npy")
+    assert scores.shape == (10, 50) and np.isfinite(scores).all()
+    listing = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())
+    assert listing["checkpoints"][0]["note"] == "toy" and listing["checkpoints"][0]["epoch"] == 1
+
+
+# ------------------------------------------------------------------ classifier data sets
+def _cifar2_yaml(root: Path) -> str:
+    return (f"name: cifar2-tiny\ndata: {{name: cifar2, root: {root}, train_size: 64, query_size: 8}}\n"
+            "model: {arch: cnn, hidden: [4, 8]}\ntrain: {models: 1, epochs: 2, batch_size: 16}\n"
+            "featurize: {k: 32, batch_size: 32, shard_size: 32}\nscore: {topk: 3, show: 1}\n")
+
+
+@pytest.mark.skipif(not (CIFAR / CIFAR2_FILE).is_file(), reason=f"{CIFAR / CIFAR2_FILE} not present")
+def test_cifar2_cnn_classifier_runs_end_to_end(tmp_path, capsys) -> None:
+    cfg_path = _write(tmp_path, _cifar2_yaml(CIFAR))
+    assert main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar2-tiny: 64 training examples, 8 queries, 1 checkpoints" in out
+    cfg = load_config(cfg_path)
+    data = datasets_for(cfg)
+    with np.load(CIFAR / CIFAR2_FILE) as z:
+        x0, y = z["x_train"][0], z["y_train"][:64]
+    np.testing.assert_array_equal(np.asarray(data["train"][0]["image"]).reshape(3, 32, 32), x0.transpose(2, 0, 1))
+    np.testing.assert_array_equal(data["train"]["label"], y)
+    batch = get_family("classifier").collate(cfg)(data["train"][:4])
+    assert batch["x"].shape == (4, 3072) and abs(float(batch["x"].mean())) < 1.5
+    model = get_family("classifier").build_model(cfg)
+    assert isinstance(model[1], torch.nn.Conv2d) and model(batch["x"]).shape == (4, 2)
+    scores = np.load(tmp_path / "run" / "scores" / "scores.npy")
+    assert scores.shape == (8, 64) and np.isfinite(scores).all()
+    with np.load(tmp_path / "run" / "scores" / "topk.npz") as z:
+        np.testing.assert_allclose(z["proponent_scores"], -np.sort(-scores, axis=1)[:, :3], rtol=1e-4, atol=1e-6)
+
+
+def test_missing_classifier_data_is_reported(tmp_path) -> None:
+    cfg = load_config(_write(tmp_path, _cifar2_yaml(tmp_path)))
+    with pytest.raises(DataError, match=f"CIFAR-2 file .*{CIFAR2_FILE} not found; set data.root"):
+        datasets_for(cfg)
+    fashion = parse_config({"data": {"name": "fashion-mnist", "root": str(tmp_path / "none")}})
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        datasets_for(fashion)
+    assert parse_config({"data": {"name": "fashion-mnist"}}).data.root == str(FASHION)
+    assert parse_config({"data": {"name": "cifar2"}}).data.root == "../shared/data/cifar10"
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason=f"Fashion-MNIST not installed in {FASHION}")
+def test_fashion_mnist_loads() -> None:
+    cfg = parse_config({"data": {"name": "fashion-mnist", "train_size": 20, "query_size": 5}})
+    data = datasets_for(cfg)
+    assert len(data["train"]) == 20 and len(data["query"]) == 5
+    assert get_family("classifier").collate(cfg)(data["train"][:3])["x"].shape == (3, 784)
+
+
+# ------------------------------------------------------------------ diffusion family
+TINY_DDPM = f"""name: tiny-ddpm
+data: {{root: {MNIST}, train_size: 48, query_size: 3}}
+model:
+  family: diffusion
+  arch: unet
+  hidden: [4, 8]
+  options: {{T: 50, beta_start: 1.0e-3, beta_end: 0.2, time_dim: 4, timesteps: 3, generate: 2, saved_checkpoints: 2}}
+train: {{models: 1, epochs: 2, lr: 2.0e-3, batch_size: 16, checkpoints: all}}
+featurize: {{k: 16, batch_size: 16, shard_size: 32}}
+score: {{scorer: diffusion-retrac, topk: 3, show: 1, influential_fraction: 0.3}}
+"""
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST idx files not found in {MNIST}")
+def test_diffusion_family_runs_end_to_end(tmp_path, capsys) -> None:
+    cfg_path, run = _write(tmp_path, TINY_DDPM), tmp_path / "run"
+    assert main(["run", str(cfg_path), "--out", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "48 training images, 5 queries (3 test, 2 generated), 2 checkpoints" in out
+    assert "query id 1000000  generated image" in out and "generally influential" in out
+    assert "diffusion-tracin" in out and "diffusion-retrac" in out
+    train, query = FeatureStore.open(run / "features-train"), FeatureStore.open(run / "features-query")
+    assert train.k == 17 and query.k == 3 * 17 and train.checkpoints == [0, 1]
+    listing = json.loads((run / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
+    assert [c["epoch"] for c in listing] == [0, 1] and all(c["lr"] > 0 for c in listing)
+    with np.load(run / "checkpoints" / "model-00-trainlog.npz") as z:
+        assert len(z["step"]) == 2 * 48 and set(z["example_id"]) == set(range(48))
+    influential = json.loads((run / "scores" / "influential.json").read_text())
+    assert set(influential) == {"diffusion-tracin", "diffusion-retrac"} and influential["diffusion-retrac"]["k"] == 3
+    assert main(["query", "--run", str(run), "--example", "1000001", "-k", "2"]) == 0
+    assert "query id 1000001" in capsys.readouterr().out
+    assert main(["run", str(cfg_path), "--out", str(run), "--quiet", "--set", "score.scorer=dtrak"]) == 2
+    assert "overwrite" in capsys.readouterr().err  # D-TRAK features differ: the folder is refused
+    assert main(["validate", str(cfg_path), "--out", str(run), "--quiet"]) == 2
+    assert "classifier family only" in capsys.readouterr().err
+    assert main(["run", str(cfg_path), "--out", str(tmp_path / "dtrak"), "--quiet", "--set", "score.scorer=dtrak",
+                 "--set", "model.options.output=square"]) == 0
+    assert FeatureStore.open(tmp_path / "dtrak" / "features-query").k == 16
+    assert "f = square" in capsys.readouterr().out
