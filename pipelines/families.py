@@ -266,7 +266,20 @@ class ClassifierFamily(Family):
     name = "classifier"
     archs = ("mlp", "cnn")
     data_names = tuple(IMAGE_DATA)
-    scorers = ("trak",)
+    scorers = ("trak", "tracin", "graddot", "gradcos")
+
+    def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
+        """TRAK with the configured ridge; TracInCP with each checkpoint's learning rate (the
+        linearly decaying SGD schedule of :func:`tda.training.train_classifier`); Grad-Dot/-Cos."""
+        if cfg.score.scorer == "trak":
+            return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
+        if cfg.score.scorer != "tracin":
+            return make_scorer(cfg.score.scorer)
+        if paths is None:
+            raise ConfigError("tracin takes its checkpoints' epochs from the run folder; pass paths")
+        e = cfg.train.epochs
+        lrs = [cfg.train.lr * (1.0 - entry["epoch"] / e) for entry in load_checkpoint_list(paths)]
+        return make_scorer("tracin", learning_rates=lrs)
 
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         d = cfg.data

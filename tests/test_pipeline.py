@@ -114,3 +114,26 @@ def test_validate_cli_on_tiny_run(tiny_run, capsys):
     mtime = (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("scorer", ["tracin", "graddot", "gradcos"])
+def test_gradient_scorers_run_from_config(tmp_path, scorer):
+    """TracInCP / Grad-Dot / Grad-Cos through the pipeline equal the float64 formula on the stores."""
+    out = tmp_path / scorer
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), *TINY,
+                 "--set", f"score.scorer={scorer}", "--set", "train.checkpoints=all"]) == 0
+    ckpts = json.loads((out / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
+    train_cfg = json.loads((out / "run.json").read_text())["config"]["train"]
+    tf, qf = (np.concatenate([b.feats for b in FeatureStore.open(out / f"features-{split}").iter_blocks()],
+                             axis=1).astype(np.float64) for split in ("train", "query"))  # (C, n, k), (C, m, k)
+    assert len(ckpts) == tf.shape[0] > 1
+    if scorer == "gradcos":
+        tf = tf / np.linalg.norm(tf, axis=2, keepdims=True)
+        qf = qf / np.linalg.norm(qf, axis=2, keepdims=True)
+    if scorer == "tracin":  # the learning rate each checkpoint's epoch was trained with
+        weights = [train_cfg["lr"] * (1 - c["epoch"] / train_cfg["epochs"]) for c in ckpts]
+    else:
+        weights = [1.0 / len(ckpts)] * len(ckpts)
+    expected = sum(w * qf[c] @ tf[c].T for c, w in enumerate(weights))
+    got = np.load(out / "scores" / "scores.npy")
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
