@@ -204,18 +204,8 @@ class DiffusionFamily(Family):
     def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
         if cfg.score.scorer == "dtrak":
             return make_dtrak_scorer(cfg.score.lambda_rel)
-        if paths is None:
-            raise ConfigError(f"{cfg.score.scorer} takes its learning rates from the run folder's checkpoints")
         cls = DiffusionReTracScorer if cfg.score.scorer == "diffusion-retrac" else DiffusionTracInScorer
-        return cls(self.learning_rates(paths), cfg.featurize.k)
-
-    @staticmethod
-    def learning_rates(paths: RunPaths) -> list[float]:
-        """TracIn's eta_c per checkpoint, recorded by :meth:`train`."""
-        entries = load_checkpoint_list(paths)
-        if any("lr" not in e for e in entries):
-            raise CheckpointError(f"{paths.checkpoint_list} records no learning rates; rerun the train stage")
-        return [float(e["lr"]) for e in entries]
+        return cls(self.learning_rates(cfg, paths), cfg.featurize.k)
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
@@ -229,7 +219,7 @@ def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> dict[
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     qblk = next(query.iter_blocks(len(query)))
     if family.mode(cfg) == "tracin":
-        etas, k = family.learning_rates(paths), cfg.featurize.k
+        etas, k = family.learning_rates(cfg, paths), cfg.featurize.k
         scorers: dict[str, Any] = {"diffusion-tracin": DiffusionTracInScorer(etas, k),
                                    "diffusion-retrac": DiffusionReTracScorer(etas, k)}
     else:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -141,7 +140,22 @@ class Family:
         return ""
 
     def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
-        return make_scorer(cfg.score.scorer, lambda_rel=cfg.score.lambda_rel)
+        """The scorer ``score.scorer`` names: TRAK with the configured ridge, TracInCP with
+        :meth:`learning_rates`, any other :func:`tda.scorers.make_scorer` name with its defaults."""
+        if cfg.score.scorer == "trak":
+            return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
+        if cfg.score.scorer != "tracin":
+            return make_scorer(cfg.score.scorer)
+        return make_scorer("tracin", learning_rates=self.learning_rates(cfg, paths))
+
+    def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
+        """TracIn's learning rate per checkpoint: the ``lr`` that :meth:`train` recorded for each."""
+        if paths is None:
+            raise ConfigError(f"{cfg.score.scorer} takes its learning rates from the run folder's checkpoints")
+        entries = load_checkpoint_list(paths)
+        if any("lr" not in e for e in entries):
+            raise CheckpointError(f"{paths.checkpoint_list} records no learning rates; rerun the train stage")
+        return [float(e["lr"]) for e in entries]
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         """Report text printed by ``tda run``; ``None``: the generic proponent/opponent report."""
@@ -268,18 +282,12 @@ class ClassifierFamily(Family):
     data_names = tuple(IMAGE_DATA)
     scorers = ("trak", "tracin", "graddot", "gradcos")
 
-    def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
-        """TRAK with the configured ridge; TracInCP with each checkpoint's learning rate (the
-        linearly decaying SGD schedule of :func:`tda.training.train_classifier`); Grad-Dot/-Cos."""
-        if cfg.score.scorer == "trak":
-            return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
-        if cfg.score.scorer != "tracin":
-            return make_scorer(cfg.score.scorer)
+    def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
+        """The rate each checkpoint's epoch was trained with: the linearly decaying SGD schedule of
+        :func:`tda.training.train_classifier`."""
         if paths is None:
             raise ConfigError("tracin takes its checkpoints' epochs from the run folder; pass paths")
-        e = cfg.train.epochs
-        lrs = [cfg.train.lr * (1.0 - entry["epoch"] / e) for entry in load_checkpoint_list(paths)]
-        return make_scorer("tracin", learning_rates=lrs)
+        return [cfg.train.lr * (1.0 - entry["epoch"] / cfg.train.epochs) for entry in load_checkpoint_list(paths)]
 
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         d = cfg.data

@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from tda.data import arrow_columns
-from tda.errors import CheckpointError, ConfigError
-from tda.scorers import make_scorer
+from tda.errors import ConfigError
 from tda.tasks import Task
 
 from .families import Family, SaveFn, load_checkpoint_list, register_family, resolve_device
@@ -179,18 +178,6 @@ class CausalLMFamily(Family):
 
         return FactoredFeaturizer(self.build_model(cfg), self.task(cfg), k_in=o.k_in, k_out=o.k_out, seed=f.seed,
                                   kind=f.projector, layers=f.params, device=resolve_device(f.device))
-
-    def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
-        if cfg.score.scorer == "trak":
-            return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
-        if cfg.score.scorer != "tracin":
-            return make_scorer(cfg.score.scorer)
-        if paths is None:
-            raise ConfigError("tracin takes its learning rates from the run folder's checkpoints")
-        entries = load_checkpoint_list(paths)
-        if any("lr" not in e for e in entries):
-            raise CheckpointError(f"{paths.checkpoint_list} records no learning rates; rerun the train stage")
-        return make_scorer("tracin", learning_rates=[float(e["lr"]) for e in entries])
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)

@@ -197,14 +197,18 @@ class Featurizer:
 
     def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
-        return self._finish(self._gradients(self._to_device(batch)), batch, ids, checkpoint)
+        batch = self._to_device(batch)
+        return self._project(self._gradients(batch), ids, checkpoint), self._loss_weights(batch, ids)
 
-    def _finish(self, flat: Tensor, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
+    def _project(self, flat: Tensor, ids: Sequence[int], checkpoint: int) -> np.ndarray:
         phi = self.projector.project(flat, checkpoint)
         check_finite(phi, ids, "projected gradients")
-        q = loss_weights(self.model, self.task, self._to_device(batch))
+        return phi.float().cpu().numpy()
+
+    def _loss_weights(self, batch: Batch, ids: Sequence[int]) -> np.ndarray:
+        q = loss_weights(self.model, self.task, batch)
         check_finite(q, ids, "loss weights Q")
-        return phi.float().cpu().numpy(), q.cpu().numpy()
+        return q.cpu().numpy()
 
     def _group_rows(self) -> int:
         """Examples projected together: 1 (per batch) when P fits the block cache, else enough
@@ -221,8 +225,6 @@ class Featurizer:
         batches: Iterable[tuple[np.ndarray, Batch]],
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(ids, features (B, k), Q (B,))`` per batch under checkpoint ``checkpoint``."""
-        apply_checkpoint(self.model, load_checkpoint(state), f"checkpoint {checkpoint}")
-        self.model.to(self.device)
         if self._group_rows() == 1:
             yield from featurize_loop(self.model, self.device, self.featurize_batch, state, checkpoint, batches,
                                       self.projector.clear_cache)
@@ -241,15 +243,11 @@ class Featurizer:
         def flush():
             flat = torch.cat([g for _, _, g in pending]) if len(pending) > 1 else pending[0][2]
             ids = np.concatenate([np.asarray(i, dtype=np.int64) for i, _, _ in pending])
-            phi = self.projector.project(flat, checkpoint)
+            phi = self._project(flat, ids, checkpoint)
             del flat
-            check_finite(phi, ids, "projected gradients")
-            phi = phi.float().cpu().numpy()
             lo = 0
             for i, b, _ in pending:
-                q = loss_weights(self.model, self.task, self._to_device(b))
-                check_finite(q, i, "loss weights Q")
-                yield np.asarray(i, dtype=np.int64), phi[lo: lo + len(i)], q.cpu().numpy()
+                yield np.asarray(i, dtype=np.int64), phi[lo: lo + len(i)], self._loss_weights(b, i)
                 lo += len(i)
             pending.clear()
 
@@ -257,7 +255,8 @@ class Featurizer:
         for ids, batch in batches:
             check_batch(batch, ids)
             try:
-                pending.append((ids, batch, self._gradients(self._to_device(batch))))
+                device_batch = self._to_device(batch)
+                pending.append((ids, device_batch, self._gradients(device_batch)))
             except RuntimeError as exc:
                 raise _batch_error(exc, batch) from exc
             rows += len(ids)

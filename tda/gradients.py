@@ -196,10 +196,9 @@ def linear_per_example_grads(model: nn.Module, task: Task, batch: Batch, names: 
             view.copy_(delta.sum(dim=1))
             continue
         a = a.to(dtype).reshape(b, -1, m.in_features)  # (B, T, in)
-        w = view.view(b, m.out_features, m.in_features) if view.is_contiguous() else None
         if delta.shape[1] == 1:
             prod = torch.mul(delta.transpose(1, 2), a)  # (B, out, 1) * (B, 1, in)
         else:
-            prod = torch.bmm(delta.transpose(1, 2), a)
-        (w if w is not None else view).copy_(prod if w is not None else prod.reshape(b, -1))
+            prod = torch.bmm(delta.transpose(1, 2), a)  # sum over tokens
+        view.copy_(prod.reshape(b, -1))
     return flat
