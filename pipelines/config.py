@@ -94,7 +94,16 @@ class TrainConfig:
 
 @dataclass
 class FeaturizeConfig:
-    """Per-example gradients and their random projection."""
+    """Per-example gradients and their random projection.
+
+    ``projection: dense`` projects the flat per-example gradient with a d x k matrix;
+    ``factored`` projects each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
+    groups=1) with a Kronecker pair ``k_out x k_in`` without forming it (LoGra, tda.factored):
+    the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are
+    unused), ``params`` names modules (or prefixes) instead of parameters, and parameters of
+    other layers (norms, embeddings) are skipped and listed in the store manifest. ``k_in`` /
+    ``k_out`` are ignored by the dense projection.
+    """
 
     k: int = 1024  # projection dimension
     projector: str = "rademacher"  # or "gaussian"
@@ -102,16 +111,20 @@ class FeaturizeConfig:
     batch_size: int = 256  # examples per gradient batch
     shard_size: int = 4096  # examples per store shard (unit of resumption)
     dtype: str = "float32"  # stored dtype: float32 or float16
-    params: list[str] | None = None  # parameter names/prefixes to differentiate (None: all)
+    params: list[str] | None = None  # parameter (dense) / module (factored) names or prefixes (None: all)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     backend: str = "auto"  # projector backend: auto/dense/fast_jl
+    projection: str = "dense"  # "dense" (P^T g) or "factored" (per-layer Kronecker, never forms g)
+    k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
+    k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)
 
     def __post_init__(self) -> None:
-        _positive(self, "k", "batch_size", "shard_size")
+        _positive(self, "k", "batch_size", "shard_size", "k_in", "k_out")
         _choice(self, "projector", ("rademacher", "gaussian"))
         _choice(self, "dtype", ("float32", "float16"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "dense", "fast_jl"))
+        _choice(self, "projection", ("dense", "factored"))
         if self.seed < 0:
             raise ConfigError(f"featurize.seed must be >= 0, got {self.seed}")
 
@@ -289,7 +302,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 #: Keys added after the first release, hashed only when set away from these defaults, so that
 #: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
 LATER_KEYS = {("model", "family"): ModelConfig().family, ("model", "options"): {},
-              ("score", "influential_fraction"): ScoreConfig().influential_fraction}
+              ("score", "influential_fraction"): ScoreConfig().influential_fraction,
+              ("featurize", "projection"): FeaturizeConfig().projection,
+              ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out}
 
 
 def section_fingerprint(cfg: RunConfig, *sections: str) -> str:

@@ -4,7 +4,9 @@ Scorers: ``dtrak`` (TRAK on features averaged over a timestep grid, both sides t
 output ``model.options.output``), ``diffusion-tracin`` and ``diffusion-retrac`` (train side: the
 training loss at the draw each example was trained with, replayed from the training log; query
 side: one slot per grid draw). The two feature layouts differ, so the scorer's kind is part of
-the feature fingerprint (:meth:`DiffusionFamily.feature_tag`).
+the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Either layout takes the dense or,
+with ``featurize.projection: factored``, the per-layer Kronecker projection of the UNet's
+convolutions and linear layers (:mod:`tda.factored`; GroupNorm parameters are not covered).
 
 Queries are the configured query split followed by ``model.options.generate`` images sampled
 from model 0 after training (ids from :data:`GENERATED_ID0`, label -1). The report prints the
@@ -34,7 +36,8 @@ from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer,
                                    make_dtrak_scorer)
 from tda.tasks import Task
 
-from .families import Family, SaveFn, collated, load_checkpoint_list, load_idx_split, register_family, resolve_device
+from .families import (Family, SaveFn, collated, featurize_params_named, load_checkpoint_list, load_idx_split,
+                       projection_width, register_family, resolve_device)
 from .report import format_examples
 
 if TYPE_CHECKING:
@@ -182,9 +185,11 @@ class DiffusionFamily(Family):
         output, mode = o.output, ("mean" if self.mode(cfg) == "dtrak" else "slots")
         if mode == "slots" and split == "train":
             output, draws = "loss", self._train_draws(cfg, paths)  # the training loss at the trained draw
-        return DiffusionFeaturizer(self.build_model(cfg), DiffusionTask(sched, output), draws, mode, k=f.k,
-                                   seed=f.seed, kind=f.projector, param_names=f.params,
-                                   device=resolve_device(f.device), backend=f.backend)
+        with featurize_params_named():
+            return DiffusionFeaturizer(self.build_model(cfg), DiffusionTask(sched, output), draws, mode, k=f.k,
+                                       seed=f.seed, kind=f.projector, param_names=f.params,
+                                       device=resolve_device(f.device), backend=f.backend,
+                                       projection=f.projection, k_in=f.k_in, k_out=f.k_out)
 
     def _train_draws(self, cfg: RunConfig, paths: RunPaths | None) -> Any:
         if self.options(cfg).train_draws == "seeded":
@@ -205,7 +210,7 @@ class DiffusionFamily(Family):
         if cfg.score.scorer == "dtrak":
             return make_dtrak_scorer(cfg.score.lambda_rel)
         cls = DiffusionReTracScorer if cfg.score.scorer == "diffusion-retrac" else DiffusionTracInScorer
-        return cls(self.learning_rates(cfg, paths), cfg.featurize.k)
+        return cls(self.learning_rates(cfg, paths), projection_width(cfg))
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
@@ -219,7 +224,7 @@ def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> dict[
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     qblk = next(query.iter_blocks(len(query)))
     if family.mode(cfg) == "tracin":
-        etas, k = family.learning_rates(cfg, paths), cfg.featurize.k
+        etas, k = family.learning_rates(cfg, paths), projection_width(cfg)
         scorers: dict[str, Any] = {"diffusion-tracin": DiffusionTracInScorer(etas, k),
                                    "diffusion-retrac": DiffusionReTracScorer(etas, k)}
     else:

@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import functools
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from torch import nn
 
 from tda.data import MNIST_MEAN, MNIST_STD, arrow_columns, load_mnist, mnist_collate
 from tda.errors import CheckpointError, ConfigError, DataError
+from tda.factored import FactoredFeaturizer, FactoredProjector, factored_layers
 from tda.featurize import Featurizer
 from tda.models import mlp
 from tda.scorers import make_scorer
@@ -129,8 +131,14 @@ class Family:
         return []
 
     def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
-        """Featurizer of a split (``"train"`` or ``"query"``): ``featurize``, ``spec``, ``projector``."""
+        """Featurizer of a split (``"train"`` or ``"query"``): ``featurize``, ``spec``, ``projector``;
+        ``featurize.projection`` picks the dense or the factored (per-layer Kronecker) projection."""
         f = cfg.featurize
+        if f.projection == "factored":
+            with featurize_params_named():
+                return FactoredFeaturizer(self.build_model(cfg), self.task(cfg), k_in=f.k_in, k_out=f.k_out,
+                                          seed=f.seed, kind=f.projector, layers=f.params,
+                                          device=resolve_device(f.device))
         return Featurizer(self.build_model(cfg), self.task(cfg), k=f.k, seed=f.seed, kind=f.projector,
                           param_names=f.params, device=resolve_device(f.device), backend=f.backend)
 
@@ -191,6 +199,26 @@ def check_config(cfg: RunConfig) -> None:
 
 
 # ------------------------------------------------------------------ shared helpers
+@contextmanager
+def featurize_params_named() -> Iterator[None]:
+    """Prefix the factored projection's layer-selection errors with the config key that sets it."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"featurize.params: {exc}") from exc
+
+
+def projection_width(cfg: RunConfig) -> int:
+    """Width of one projected gradient: ``featurize.k`` (dense) or the factored projection's
+    ``sum over layers of k_out * k_in`` for the family's model."""
+    f = cfg.featurize
+    if f.projection == "dense":
+        return f.k
+    with featurize_params_named():
+        layers = factored_layers(family_for(cfg).build_model(cfg), f.params)
+    return FactoredProjector(layers, f.k_in, f.k_out).k
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,11 +15,10 @@ Training: AdamW with warm-up and cosine decay (:func:`tda.lm.train_lm`); an "epo
 learning rate since the previous one (TracIn's eta_c).
 
 Features: the dense projected per-example gradients (``vmap`` over ``functional_call``), or with
-``model.options.projection: factored`` the per-layer Kronecker projection of
-:mod:`tda.factored` (``k_in`` x ``k_out`` per linear layer; ``featurize.k`` is then unused and
-the feature width is layers * k_in * k_out; ``featurize.params`` names modules instead of
-parameters). Scorers: ``trak``, ``tracin`` (learning rates from the checkpoints), ``graddot``,
-``gradcos``.
+``featurize.projection: factored`` the per-layer Kronecker projection of :mod:`tda.factored`
+(``featurize.k_in`` x ``featurize.k_out`` per linear layer; the token and position embeddings,
+layer norms and a tied LM head are not covered). Scorers: ``trak``, ``tracin`` (learning rates
+from the checkpoints), ``graddot``, ``gradcos``.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from tda.data import arrow_columns
 from tda.errors import ConfigError
 from tda.tasks import Task
 
-from .families import Family, SaveFn, load_checkpoint_list, register_family, resolve_device
+from .families import Family, SaveFn, load_checkpoint_list, register_family
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -61,20 +60,17 @@ class LMOptions:
     prompt_len: int = 16  # prompt characters of held-out / training-sequence queries
     queries: list[list[str]] = field(default_factory=list)  # [prompt, completion] pairs, queried first
     saved_checkpoints: int = 4  # evenly spaced checkpoints when train.checkpoints = all
-    projection: str = "dense"  # "dense" or "factored" (per-layer Kronecker, tda.factored)
-    k_in: int = 16  # factored: projected input dimension per layer
-    k_out: int = 16  # factored: projected output-gradient dimension per layer
 
     def __post_init__(self) -> None:
         from tda.lm import GPTSpec
 
         GPTSpec(seq_len=self.context, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
-        if self.reduction not in ("sum", "mean") or self.projection not in ("dense", "factored"):
-            raise ConfigError("model.options.reduction must be 'sum' or 'mean' and projection 'dense' or 'factored'")
+        if self.reduction not in ("sum", "mean"):
+            raise ConfigError("model.options.reduction must be 'sum' or 'mean'")
         if not 0 < self.test_start < 1 or not 1 <= self.prompt_len < self.context:
             raise ConfigError("model.options needs 0 < test_start < 1 and 1 <= prompt_len < context")
-        if min(self.saved_checkpoints, self.k_in, self.k_out) < 1:
-            raise ConfigError("model.options.saved_checkpoints, k_in and k_out must be >= 1")
+        if self.saved_checkpoints < 1:
+            raise ConfigError("model.options.saved_checkpoints must be >= 1")
         if any(len(q) != 2 for q in self.queries):
             raise ConfigError(f"model.options.queries must be [prompt, completion] pairs, got {self.queries}")
 
@@ -99,6 +95,10 @@ class CausalLMFamily(Family):
     options_type = LMOptions
 
     def check(self, cfg: RunConfig) -> None:
+        moved = [key for key in ("projection", "k_in", "k_out") if key in cfg.model.options]
+        if moved:
+            raise ConfigError(f"model.options.{moved[0]} has moved to featurize.{moved[0]} (the factored projection is "
+                              f"a featurize setting for every family now): move {moved} to the featurize section")
         super().check(cfg)
         if cfg.model.hidden != [128]:
             raise ConfigError("the causal-lm family sizes the model with model.options (n_layer, n_head, n_embd); "
@@ -170,15 +170,6 @@ class CausalLMFamily(Family):
         held_tokens = dataset_tokens(held.select(range(min(256, len(held)))))
         return {"heldout_loss": lm_loss(model, held_tokens), "train_seconds": round(result.seconds, 1)}
 
-    def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
-        o, f = self.options(cfg), cfg.featurize
-        if o.projection == "dense":
-            return super().featurizer(cfg, split, paths)
-        from tda.factored import FactoredFeaturizer
-
-        return FactoredFeaturizer(self.build_model(cfg), self.task(cfg), k_in=o.k_in, k_out=o.k_out, seed=f.seed,
-                                  kind=f.projector, layers=f.params, device=resolve_device(f.device))
-
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
 
@@ -200,7 +191,7 @@ def report(family: CausalLMFamily, cfg: RunConfig, paths: RunPaths) -> str:
     held = [c["heldout_loss"] for c in ckpts if "heldout_loss" in c]
     lines = [f"\n{cfg.name}: char GPT-2 ({o.n_layer} layers, {o.n_embd} wide, context {o.context}), "
              f"{len(train_text)} training sequences, {len(top['query_ids'])} queries, {len(ckpts)} checkpoints, "
-             f"scorer {cfg.score.scorer}, {o.projection} projection"
+             f"scorer {cfg.score.scorer}, {cfg.featurize.projection} projection"
              + (f", held-out loss {np.mean(held):.3f} nats/char" if held else ""),
              f"f = log p(completion | prompt) ({o.reduction} over completion tokens); score > 0: training on the "
              "sequence raises f (lowers the completion's loss)"]

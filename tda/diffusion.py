@@ -30,7 +30,11 @@ Noise for a seed is ``torch.randn`` from a ``torch.Generator`` seeded with it
 :class:`DiffusionFeaturizer` turns a batch into ``S`` draws per example and either averages the
 ``S`` gradients before projecting (D-TRAK, "may be done before projection since projection is
 linear") or keeps every draw as a slot ``[P^T g_s / sqrt(d), ||g_s||_2]`` (width ``k + 1``), the
-exact full-gradient norm being what Diffusion-ReTrac divides by.
+exact full-gradient norm being what Diffusion-ReTrac divides by. With ``projection="factored"``
+the dense ``P^T g / sqrt(d)`` is replaced by the per-layer Kronecker projection of
+:mod:`tda.factored` over the UNet's convolutions and linear layers (GroupNorm parameters are not
+covered), the norm by the exact norm of the covered gradient; averaging over draws after
+projecting equals projecting the average, as for the dense projection.
 """
 
 from __future__ import annotations
@@ -458,18 +462,32 @@ class DiffusionFeaturizer:
     Args:
         model, task: the epsilon model and the output function.
         draws: where each example's ``(t, noise seed)`` come from.
-        mode: ``"mean"`` or ``"slots"``. Other arguments as for :class:`Featurizer`.
+        mode: ``"mean"`` or ``"slots"``.
+        projection: ``"dense"`` (:class:`Featurizer`, dimension ``k``) or ``"factored"``
+            (:class:`tda.factored.FactoredFeaturizer` with ``k_in`` / ``k_out``, ``param_names``
+            then naming modules; ``k`` and ``backend`` unused).
+        chunk_size: examples (times draws) per vmap chunk or, factored, per forward pass.
+        Other arguments as for :class:`Featurizer`.
     """
 
     def __init__(self, model: nn.Module, task: DiffusionTask, draws: Draws, mode: str = "mean", k: int = 1024,
                  seed: int = 0, kind: str = "rademacher", param_names: Sequence[str] | None = None,
                  device: str | torch.device | None = None, backend: str = "auto",
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, projection: str = "dense", k_in: int | None = 16,
+                 k_out: int | None = 16) -> None:
         if mode not in ("mean", "slots"):
             raise ConfigError(f"diffusion featurizer mode {mode!r} is unknown; use 'mean' or 'slots'")
-        self.inner = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names, device=device,
-                                backend=backend, chunk_size=chunk_size)
-        self.task, self.draws, self.mode = task, draws, mode
+        if projection == "factored":
+            from .factored import FactoredFeaturizer  # tda.factored imports tda.featurize, as this module does
+
+            self.inner: Any = FactoredFeaturizer(model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind,
+                                                 layers=param_names, device=device, chunk_size=chunk_size)
+        elif projection == "dense":
+            self.inner = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names, device=device,
+                                    backend=backend, chunk_size=chunk_size)
+        else:
+            raise ConfigError(f"projection {projection!r} is unknown; use 'dense' or 'factored'")
+        self.task, self.draws, self.mode, self.projection = task, draws, mode, projection
         self.projector = self.inner.projector
 
     @property
@@ -490,17 +508,29 @@ class DiffusionFeaturizer:
         big = {"x": x.repeat_interleave(s, dim=0),  # (B*S, C, H, W), example-major
                "t": torch.from_numpy(t.reshape(-1)).to(x.device),
                "noise": noise_from_seeds(seeds.reshape(-1), x.shape[1:]).to(x.device)}
-        grads = per_example_grads(self.inner.model, self.task, big, self.inner.names, self.inner.chunk_size)
-        flat = flatten_grads(grads, self.inner.names)  # (B*S, d)
-        check_finite(flat, np.repeat(np.asarray(ids), s), "per-draw gradients")
-        if self.mode == "mean":
-            phi = self.projector.project(flat.reshape(b, s, -1).mean(dim=1), checkpoint)  # (B, k)
+        if self.projection == "factored":
+            phi = self._factored(big, checkpoint, b, s)
         else:
-            norms = flat.double().norm(dim=1).to(flat.dtype)[:, None]  # (B*S, 1)
-            phi = torch.cat([self.projector.project(flat, checkpoint), norms], dim=1).reshape(b, -1)
+            grads = per_example_grads(self.inner.model, self.task, big, self.inner.names, self.inner.chunk_size)
+            flat = flatten_grads(grads, self.inner.names)  # (B*S, d)
+            check_finite(flat, np.repeat(np.asarray(ids), s), "per-draw gradients")
+            if self.mode == "mean":
+                phi = self.projector.project(flat.reshape(b, s, -1).mean(dim=1), checkpoint)  # (B, k)
+            else:
+                norms = flat.double().norm(dim=1).to(flat.dtype)[:, None]  # (B*S, 1)
+                phi = torch.cat([self.projector.project(flat, checkpoint), norms], dim=1).reshape(b, -1)
         check_finite(phi, ids, "projected gradients")
         q = np.full(b, self.task.q_value if self.mode == "mean" else 1.0, dtype=np.float32)
         return phi.float().cpu().numpy(), q
+
+    def _factored(self, big: Batch, checkpoint: int, b: int, s: int) -> Tensor:
+        """Factored features of the (B*S) draw rows: (B, k) averaged or (B, S*(k+1)) slots."""
+        rows = []
+        for caps in self.inner.captures(big):  # chunk_size rows at a time
+            phi = self.projector.project(caps, checkpoint)  # (rows, k)
+            rows.append(phi if self.mode == "mean" else torch.cat([phi, self.projector.grad_norms(caps)[:, None]], 1))
+        out = torch.cat(rows)  # (B*S, k) or (B*S, k+1)
+        return out.reshape(b, s, -1).mean(dim=1) if self.mode == "mean" else out.reshape(b, -1)
 
     def featurize(self, state: StateDict | str, checkpoint: int,
                   batches: Iterable[tuple[np.ndarray, Batch]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

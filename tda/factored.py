@@ -14,21 +14,42 @@ over the selected layers (row-major ``(k_out, k_in)``, the bias column last on t
 transformers' ``Conv1D`` stores its weight as ``(in, out)``, so its ``phi_L`` is the transpose
 of its weight-gradient layout).
 
+A 2-d convolution (``nn.Conv2d``, ``groups=1``) is the same linear map applied at every output
+position t: ``y_t = W a_t + b`` with ``W`` the weight flattened to ``(C_out, C_in kh kw)`` and
+``a_t`` the input patch that position reads (``torch.nn.functional.unfold`` of the padded
+input, with the layer's stride and dilation; channel-major, matching the weight's layout), so
+its weight gradient per example is ``sum_t delta_t [a_t; 1]^T`` and everything above applies
+with T = the number of output positions.
+
+Coverage: supported layers are ``nn.Linear``, transformers' ``Conv1D`` and ``nn.Conv2d`` with
+``groups=1``. Any other trainable parameter under the selection (norm scales and shifts,
+embeddings, grouped or 1-d/3-d convolutions, weights shared between modules such as a tied LM
+head) is not covered: it is skipped with a logged note and listed as ``skipped`` in
+:meth:`FactoredFeaturizer.spec` (and so in every store's manifest). Naming such a module
+explicitly is a :class:`ConfigError`. A layer whose output is modified in place (e.g.
+``ReLU(inplace=True)`` right after it) is refused, since its captured output gradient would be
+the gradient of the modified tensor.
+
 Matrices: ``P_in`` (``d_in' x k_in``) and ``P_out`` (``d_out x k_out``) are Rademacher or
 Gaussian blocks from :class:`tda.projectors.Projector`, seeded by ``(seed, layer name, side)``
 and the checkpoint id, so any worker regenerates them. ``k_in`` / ``k_out`` = ``None`` makes
-that factor the identity.
+that factor the identity, and so does a ``k`` at least the layer's dimension on that side (a
+random map to as many or more dimensions only adds noise and width; the identity is exact).
 
 Scale: with gains ``g = k`` for a random factor (``E[P P^T] = k I``) and ``g = 1`` for the
-identity, ``c_L = sqrt(k / (d g_in g_out))`` where ``k`` is the total feature dimension and
+identity, ``c_L = sqrt(k / (d g_in,L g_out,L))`` where ``k`` is the total feature dimension and
 ``d`` the number of gradient entries covered. Then ``E <phi, phi'> = (k/d) <g, g'>``, exactly
 the expectation of the dense projector's ``P^T g / sqrt(d)``, so TRAK's relative ridge and
 TracIn scales mean the same thing for both; with both factors the identity ``c_L = 1`` and the
-features *are* the per-example gradients.
+features *are* the per-example gradients. At equal total k the Kronecker features are noisier
+than dense ones: the error of an inner product shrinks with ``k_in`` and ``k_out`` separately,
+not with their product.
 
 Activations and output gradients are captured with forward hooks and one batched backward pass
 of ``sum_b f_b`` (examples must not interact, as for the vmap path: the model runs in eval
-mode), so ``df/dy`` of example b is exactly ``delta`` of example b.
+mode), so ``df/dy`` of example b is exactly ``delta`` of example b. The exact L2 norm of each
+example's covered gradient (what Diffusion-ReTrac divides by) follows from the same captures
+(:meth:`FactoredProjector.grad_norms`) without forming the gradient when that is cheaper.
 """
 
 from __future__ import annotations
@@ -43,6 +64,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, ShapeError
@@ -55,18 +77,30 @@ logger = logging.getLogger(__name__)
 
 _KINDS = ("rademacher", "gaussian")
 _SIDES = {"in": 0, "out": 1}
+SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d with groups=1"
+
+#: Raw captures: per layer, one ``(input, output gradient)`` pair per call of the layer.
+Captures = list[list[tuple[Tensor, Tensor]]]
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     """One projected layer. ``d_in`` counts the bias column; ``layout`` is ``"linear"`` (weight
-    ``(out, in)``) or ``"conv1d"`` (transformers' ``Conv1D``, weight ``(in, out)``)."""
+    ``(out, in)``), ``"conv1d"`` (transformers' ``Conv1D``, weight ``(in, out)``) or ``"conv2d"``
+    (weight ``(out, C_in, kh, kw)``, ``d_in = C_in kh kw (+ 1)``). Convolutions also record the
+    geometry their input patches are unfolded with: ``kernel``, ``stride``, ``dilation``, ``pad``
+    (``F.pad`` widths: left, right, top, bottom) and ``padding_mode``."""
 
     name: str
     d_in: int
     d_out: int
     bias: bool
     layout: str
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    pad: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
 
     @property
     def params(self) -> list[str]:
@@ -79,54 +113,133 @@ def _layout(module: nn.Module) -> str | None:
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
         return "conv1d"
+    if type(module) is nn.Conv2d and module.groups == 1:
+        return "conv2d"
     return None
+
+
+def _why_not(module: nn.Module, shared: bool) -> str:
+    """Why a module with parameters is not covered by the factored projection."""
+    if _layout(module) and shared:
+        return "a layer whose weight is shared with another module (e.g. a tied LM head)"
+    if _layout(module):
+        return "a layer whose weight does not require grad"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (f"a grouped convolution (groups={module.groups}): its weight gradient is block-diagonal over "
+                "the groups, which one Kronecker factor pair does not represent")
+    return f"a {type(module).__name__}, not one of the supported layers ({SUPPORTED})"
 
 
 def _spec(name: str, module: nn.Module, layout: str) -> LayerSpec:
     w = module.weight
-    d_out, d_in = (w.shape[0], w.shape[1]) if layout == "linear" else (w.shape[1], w.shape[0])
     bias = getattr(module, "bias", None) is not None
+    if layout == "conv2d":
+        return LayerSpec(name, int(w[0].numel()) + int(bias), int(w.shape[0]), bias, layout,
+                         kernel=tuple(int(k) for k in module.kernel_size),
+                         stride=tuple(int(v) for v in module.stride),
+                         dilation=tuple(int(v) for v in module.dilation),
+                         pad=tuple(int(v) for v in module._reversed_padding_repeated_twice),
+                         padding_mode=module.padding_mode)
+    d_out, d_in = (w.shape[0], w.shape[1]) if layout == "linear" else (w.shape[1], w.shape[0])
     return LayerSpec(name, int(d_in) + int(bias), int(d_out), bias, layout)
 
 
-def factored_layers(model: nn.Module, names: Sequence[str] | None = None) -> list[LayerSpec]:
-    """The linear layers to project, in module order.
+def _under(name: str, wanted: str) -> bool:
+    return name == wanted or name.startswith(wanted + ".")
+
+
+def factored_selection(model: nn.Module, names: Sequence[str] | None = None) -> tuple[list[LayerSpec], list[str]]:
+    """The layers to project, in module order, and the trainable parameters left uncovered.
 
     Args:
         model: the network.
-        names: module names or prefixes (``"transformer.h.0"`` selects every linear layer in
-            block 0). ``None``: every ``nn.Linear`` / ``Conv1D`` whose weight requires grad and
-            is not shared with another module (a tied LM head is skipped: its weight's gradient
-            also has the embedding's part, which no factored feature covers).
+        names: module names or prefixes (``"transformer.h.0"`` selects every supported layer in
+            block 0), ``None`` for the whole model. Under the selection every supported layer
+            (:data:`SUPPORTED`) whose weight requires grad and is not shared with another module
+            is projected; other trainable parameters (norms, embeddings, grouped convolutions,
+            a tied LM head, whose weight's gradient also has the embedding's part) are skipped.
+
+    Returns:
+        ``(layers, skipped)``: the :class:`LayerSpec` list and the names of the trainable
+        parameters under the selection that no layer covers, both in model order.
 
     Raises:
-        ConfigError: a name matches no linear layer, or nothing is selected.
+        ConfigError: a name matches no module, names an unsupported module, or nothing is selected.
     """
-    candidates = [(n, m, _layout(m)) for n, m in model.named_modules() if _layout(m)]
-    if names is None:
-        owners: dict[int, int] = {}
-        for _, mod in model.named_modules():
-            for p in mod.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
-        chosen = [(n, m, lay) for n, m, lay in candidates
-                  if m.weight.requires_grad and owners[id(m.weight)] == 1]
-        skipped = [n for n, m, _ in candidates if owners[id(m.weight)] > 1]
-        if skipped:
-            logger.info("factored projection skips layers with shared weights: %s", skipped)
-    else:
-        chosen = []
+    owners: dict[int, int] = {}
+    for _, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    modules = dict(model.named_modules())
+    supported = [n for n, m in modules.items() if _layout(m) and m.weight.requires_grad and owners[id(m.weight)] == 1]
+    if names is not None:
         for wanted in names:
-            hits = [c for c in candidates if c[0] == wanted or c[0].startswith(wanted + ".")]
-            if not hits:
-                raise ConfigError(f"{wanted!r} names no linear layer; choose from "
-                                  f"{[c[0] for c in candidates][:20]}")
-            chosen.extend(h for h in hits if h[0] not in {c[0] for c in chosen})
-        order = {n: i for i, (n, _, _) in enumerate(candidates)}
-        chosen.sort(key=lambda c: order[c[0]])
-    if not chosen:
-        raise ConfigError("the model has no (unshared) nn.Linear or Conv1D layer to project; "
+            if not any(_under(n, wanted) for n in supported):
+                mod = modules.get(wanted)
+                if mod is not None and any(True for _ in mod.parameters(recurse=False)):
+                    shared = any(owners[id(p)] > 1 for p in mod.parameters(recurse=False))
+                    raise ConfigError(f"layer {wanted!r} cannot be projected factored: it is {_why_not(mod, shared)}; "
+                                      "leave it out of the selection or use the dense projection")
+                raise ConfigError(f"{wanted!r} names no layer the factored projection supports ({SUPPORTED}); "
+                                  f"give module names or prefixes, not parameter names; choose from {supported[:20]}")
+    selected = [n for n in supported if names is None or any(_under(n, w) for w in names)]
+    if not selected:
+        raise ConfigError(f"the model has no (unshared) layer the factored projection supports ({SUPPORTED}); "
                           "use the dense projection")
-    return [_spec(n, m, lay) for n, m, lay in chosen]
+    covered = {id(p) for n in selected for p in modules[n].parameters(recurse=False)}
+    skipped = [n for n, p in model.named_parameters()
+               if p.requires_grad and id(p) not in covered and (names is None or any(_under(n, w) for w in names))]
+    if skipped:
+        total, left = sum(p.numel() for p in model.parameters() if p.requires_grad), set(skipped)
+        share = sum(p.numel() for n, p in model.named_parameters() if n in left) / max(total, 1)
+        logger.info("factored projection covers %d layers; skips %d parameters (%.1f%% of the trainable "
+                    "entries) outside supported layers or shared: %s", len(selected), len(skipped), 100 * share,
+                    skipped[:20])
+    return [_spec(n, modules[n], _layout(modules[n])) for n in selected], skipped
+
+
+def factored_layers(model: nn.Module, names: Sequence[str] | None = None) -> list[LayerSpec]:
+    """The layers to project (see :func:`factored_selection`, which also returns what is skipped)."""
+    return factored_selection(model, names)[0]
+
+
+def layer_matrices(layer: LayerSpec, inp: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position inputs and output gradients of one call of a layer.
+
+    Args:
+        layer: the layer. inp: its input, (B, ..., in) for linear layers, (B, C_in, H, W) for
+            convolutions. grad: ``df/dy`` of its output, same shape as the output.
+
+    Returns:
+        ``a`` (B, N, d_in) with a ones column for the bias, and ``delta`` (B, N, d_out), N the
+        number of positions (tokens, or output pixels of a convolution).
+    """
+    b = inp.shape[0]
+    if layer.layout == "conv2d":
+        if inp.ndim != 4:
+            raise ShapeError(f"conv layer {layer.name} sees input of shape {tuple(inp.shape)}; the factored "
+                             "projection needs batched (B, C, H, W) inputs")
+        if any(layer.pad):
+            inp = F.pad(inp, layer.pad, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+        a = F.unfold(inp, layer.kernel, dilation=layer.dilation, stride=layer.stride).transpose(1, 2)  # (B, L, C kh kw)
+        delta = grad.reshape(b, layer.d_out, -1).transpose(1, 2)  # (B, L, C_out)
+    else:
+        a = inp.reshape(b, -1, inp.shape[-1])  # (B, N, in)
+        delta = grad.reshape(b, -1, layer.d_out)  # (B, N, out)
+    if a.shape[1] != delta.shape[1]:
+        raise ShapeError(f"layer {layer.name}: {a.shape[1]} input positions but {delta.shape[1]} output positions")
+    if layer.bias:
+        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+    return a, delta
+
+
+def _sq_norm(a: Tensor, delta: Tensor) -> Tensor:
+    """``||sum_t delta_t a_t^T||_F^2`` per example, (B,), by the cheaper of forming the gradient
+    (N d_in d_out) or the position Gram matrices (N^2 (d_in + d_out))."""
+    n, d_in, d_out = a.shape[1], a.shape[2], delta.shape[2]
+    if d_in * d_out <= n * (d_in + d_out):
+        return (delta.transpose(1, 2) @ a).pow(2).sum(dim=(1, 2))  # (B, d_out, d_in) -> (B,)
+    return ((delta @ delta.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))  # (B, N, N) -> (B,)
 
 
 @dataclass(frozen=True)
@@ -164,12 +277,22 @@ class FactoredProjector:
         if not layers:
             raise ConfigError("factored projection needs at least one layer")
         self.layers, self.k_in, self.k_out, self.seed, self.kind = list(layers), k_in, k_out, seed, kind
-        self.sizes = [(k_out or s.d_out) * (k_in or s.d_in) for s in self.layers]  # k_L
+        shapes = [(self.width(s, "out"), self.width(s, "in")) for s in self.layers]
+        self.sizes = [h * w for h, w in shapes]  # k_L
         self.k = sum(self.sizes)
         self.dim = sum(s.d_in * s.d_out for s in self.layers)
-        gain = float((k_in or 1) * (k_out or 1))
-        self.scale = math.sqrt(self.k / (self.dim * gain))  # c_L, the same for every layer
+        gains = [float((self._k(s, "in") or 1) * (self._k(s, "out") or 1)) for s in self.layers]
+        self.scales = [math.sqrt(self.k / (self.dim * g)) for g in gains]  # c_L per layer
         self._cache: dict[tuple, Tensor] = {}
+
+    def _k(self, layer: LayerSpec, side: str) -> int | None:
+        """The random factor's dimension on ``side`` of ``layer``, ``None`` for the identity."""
+        k, d = (self.k_in, layer.d_in) if side == "in" else (self.k_out, layer.d_out)
+        return k if k is not None and k < d else None
+
+    def width(self, layer: LayerSpec, side: str) -> int:
+        """Projected dimension of ``layer`` on ``side`` (its own dimension for the identity)."""
+        return self._k(layer, side) or (layer.d_in if side == "in" else layer.d_out)
 
     @property
     def spec(self) -> FactoredSpec:
@@ -188,7 +311,7 @@ class FactoredProjector:
 
     def factor(self, checkpoint: int, layer: LayerSpec, side: str) -> Tensor | None:
         """``P_in`` (d_in x k_in) or ``P_out`` (d_out x k_out), fp32 CPU; ``None`` = identity."""
-        k = self.k_in if side == "in" else self.k_out
+        k = self._k(layer, side)
         if k is None:
             return None
         d = layer.d_in if side == "in" else layer.d_out
@@ -205,34 +328,67 @@ class FactoredProjector:
         """Drop cached factors (e.g. after the last batch of a checkpoint)."""
         self._cache.clear()
 
-    def project(self, captures: Sequence[tuple[Tensor, Tensor]], checkpoint: int) -> Tensor:
+    def _calls(self, captures: Captures) -> Iterator[tuple[LayerSpec, list[tuple[Tensor, Tensor]]]]:
+        """Per layer, its calls as ``(a, delta)`` in fp32 (fp64 for fp64 inputs), unfolded one
+        layer at a time so that only one layer's patches are in memory."""
+        if len(captures) != len(self.layers):
+            raise ShapeError(f"{len(captures)} captures for {len(self.layers)} layers")
+        for layer, calls in zip(self.layers, captures):
+            mats = []
+            for inp, grad in calls:
+                dtype = torch.float64 if inp.dtype == torch.float64 else torch.float32
+                a, delta = layer_matrices(layer, inp.to(dtype), grad.to(dtype))
+                if a.shape[-1] != layer.d_in or delta.shape[-1] != layer.d_out:
+                    raise ShapeError(f"layer {layer.name}: captured widths {a.shape[-1]}, {delta.shape[-1]} "
+                                     f"but the projector expects {layer.d_in}, {layer.d_out}")
+                mats.append((a, delta))
+            yield layer, mats
+
+    def project(self, captures: Captures, checkpoint: int) -> Tensor:
         """Features from per-layer captures.
 
         Args:
-            captures: per layer (in :attr:`layers` order) ``(a, delta)``: inputs with the bias
-                column, (B, N, d_in), and output gradients (B, N, d_out), N positions.
+            captures: per layer (in :attr:`layers` order) the list of its calls' ``(input,
+                output gradient)`` (see :func:`capture_layers`); a layer never called has none.
             checkpoint: checkpoint id selecting the matrices.
 
         Returns:
             (B, k) features, fp32 (fp64 for fp64 inputs).
         """
-        if len(captures) != len(self.layers):
-            raise ShapeError(f"{len(captures)} captures for {len(self.layers)} layers")
-        parts = []
-        for layer, (a, delta) in zip(self.layers, captures):
-            if a.shape[-1] != layer.d_in or delta.shape[-1] != layer.d_out:
-                raise ShapeError(f"layer {layer.name}: captured widths {a.shape[-1]}, {delta.shape[-1]} "
-                                 f"but the projector expects {layer.d_in}, {layer.d_out}")
-            dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-            a, delta = a.to(dtype), delta.to(dtype)
-            p_in = self._factor_on(checkpoint, layer, "in", a)
-            p_out = self._factor_on(checkpoint, layer, "out", a)
-            pa = a if p_in is None else a @ p_in  # (B, N, k_in)
-            pd = delta if p_out is None else delta @ p_out  # (B, N, k_out)
-            phi = pd.transpose(1, 2) @ pa  # (B, k_out, k_in) = sum_n pd_n pa_n^T
-            parts.append(phi.reshape(phi.shape[0], -1))
-        out = torch.cat(parts, dim=1)
-        return out if self.scale == 1.0 else out * self.scale
+        parts, ref = [], None
+        for (layer, mats), scale in zip(self._calls(captures), self.scales):
+            phi = None
+            for a, delta in mats:
+                ref = a
+                p_in = self._factor_on(checkpoint, layer, "in", a)
+                p_out = self._factor_on(checkpoint, layer, "out", a)
+                pa = a if p_in is None else a @ p_in  # (B, N, k_in)
+                pd = delta if p_out is None else delta @ p_out  # (B, N, k_out)
+                term = pd.transpose(1, 2) @ pa  # (B, k_out, k_in) = sum_n pd_n pa_n^T
+                phi = term if phi is None else phi + term
+            if phi is not None:
+                phi = phi.reshape(phi.shape[0], -1)
+                phi = phi if scale == 1.0 else phi * scale
+            parts.append(phi)
+        if ref is None:
+            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+        return torch.cat([ref.new_zeros(ref.shape[0], size) if phi is None else phi
+                          for phi, size in zip(parts, self.sizes)], dim=1)
+
+    def grad_norms(self, captures: Captures) -> Tensor:
+        """Exact L2 norm of each example's gradient over the covered parameters, (B,), from the
+        same captures (independent of the projection)."""
+        total = None
+        for _, mats in self._calls(captures):
+            if not mats:
+                continue
+            a = torch.cat([m[0] for m in mats], dim=1)  # calls as extra positions: (B, N, d_in)
+            delta = torch.cat([m[1] for m in mats], dim=1)
+            sq = _sq_norm(a, delta)
+            total = sq if total is None else total + sq
+        if total is None:
+            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+        return total.clamp_min(0).sqrt()
 
 
 @contextmanager
@@ -248,23 +404,27 @@ def _grad_enabled_on(params: Iterable[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def capture_linear(model: nn.Module, task: Task, batch: Batch,
-                   layers: Sequence[LayerSpec]) -> list[tuple[Tensor, Tensor]]:
-    """Per-example inputs (with a ones column for the bias) and output gradients of each layer.
+def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[LayerSpec]) -> Captures:
+    """Per-example inputs and output gradients of each layer, one entry per call.
 
     Runs ``task.output`` on the whole batch in eval mode with forward hooks, then one backward
     pass of ``sum_b f_b`` to the layer outputs. A layer called several times contributes all
-    its calls as extra positions (the weight gradient is their sum).
+    its calls (the weight gradient is their sum); a layer never called contributes none.
 
     Returns:
-        Per layer ``(a (B, N, d_in), delta (B, N, d_out))``, detached.
+        Per layer the list of its calls' ``(input, output gradient)``, detached, as the layer
+        saw them (turned into per-position matrices by :func:`layer_matrices`).
+
+    Raises:
+        ShapeError: the output is not (B,), a layer's input is not batch-first, or a layer's
+            output was modified in place after the layer (its gradient would be wrong).
     """
     modules = dict(model.named_modules())
-    seen: dict[str, list[tuple[Tensor, Tensor]]] = {s.name: [] for s in layers}
+    seen: dict[str, list[tuple[Tensor, Tensor, int]]] = {s.name: [] for s in layers}
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple, output: Tensor) -> None:
-            seen[name].append((args[0], output))
+            seen[name].append((args[0], output, output._version))
         return fn
 
     handles = [modules[s.name].register_forward_hook(hook(s.name)) for s in layers]
@@ -274,29 +434,27 @@ def capture_linear(model: nn.Module, task: Task, batch: Batch,
             f = task.output(model, batch)  # (B,)
             if f.ndim != 1:
                 raise ShapeError(f"task output must be (B,), got {tuple(f.shape)}")
-            b = f.shape[0]
-            outs = [o for s in layers for _, o in seen[s.name]]
+            for s in layers:
+                for inp, out, version in seen[s.name]:
+                    if out._version != version:
+                        raise ShapeError(f"the output of layer {s.name} is modified in place after the layer "
+                                         "(e.g. ReLU(inplace=True)); make that operation out of place or use the "
+                                         "dense projection")
+                    if inp.shape[0] != f.shape[0]:
+                        raise ShapeError(f"layer {s.name} sees inputs of shape {tuple(inp.shape)}: the leading "
+                                         f"dimension must be the batch ({f.shape[0]}); use the dense projection")
+            outs = [o for s in layers for _, o, _ in seen[s.name]]
             grads = iter(torch.autograd.grad(f.sum(), outs, allow_unused=True) if outs else [])
     finally:
         for h in handles:
             h.remove()
-    captures = []
+    captures: Captures = []
     for s in layers:
-        a_parts, d_parts = [], []
-        for inp, out in seen[s.name]:
+        calls = []
+        for inp, out, _ in seen[s.name]:
             g = next(grads)
-            if inp.shape[0] != b:
-                raise ShapeError(f"layer {s.name} sees inputs of shape {tuple(inp.shape)}: the leading "
-                                 f"dimension must be the batch ({b}); use the dense projection")
-            a = inp.detach().reshape(b, -1, inp.shape[-1])  # (B, n, d_in - bias)
-            if s.bias:
-                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-            a_parts.append(a)
-            d_parts.append((torch.zeros_like(out) if g is None else g).detach().reshape(b, -1, s.d_out))
-        if not a_parts:  # never called: zero gradient
-            a_parts = [torch.zeros(b, 0, s.d_in, dtype=f.dtype, device=f.device)]
-            d_parts = [torch.zeros(b, 0, s.d_out, dtype=f.dtype, device=f.device)]
-        captures.append((torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)))
+            calls.append((inp.detach(), (torch.zeros_like(out) if g is None else g).detach()))
+        captures.append(calls)
     return captures
 
 
@@ -308,7 +466,7 @@ class FactoredFeaturizer:
         k_in, k_out: per-layer projected dimensions (``None``: identity factor); the feature
             dimension is ``self.k = sum over layers of k_out * k_in``.
         seed, kind: projection seed and ``"rademacher"`` / ``"gaussian"``.
-        layers: module names or prefixes (see :func:`factored_layers`), ``None`` for all.
+        layers: module names or prefixes (see :func:`factored_selection`), ``None`` for all.
         device: where to compute (default: the model's). chunk_size: examples per forward pass.
     """
 
@@ -318,7 +476,7 @@ class FactoredFeaturizer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.task = task
-        self.layers = factored_layers(model, layers)
+        self.layers, self.skipped = factored_selection(model, layers)
         self.projector = FactoredProjector(self.layers, k_in, k_out, seed, kind)
         self.names = [p for s in self.layers for p in s.params]
         self.chunk_size = chunk_size
@@ -334,19 +492,22 @@ class FactoredFeaturizer:
         return self.projector.k
 
     def spec(self) -> dict[str, Any]:
-        """What determines the features (recorded in manifests and compared on reuse)."""
-        return {"task": self.task.name, "params": list(self.names), **self.projector.spec_dict()}
+        """What determines the features (recorded in manifests and compared on reuse): the
+        covered parameters, the parameters skipped as unsupported, and the projection."""
+        return {"task": self.task.name, "params": list(self.names), "skipped": list(self.skipped),
+                **self.projector.spec_dict()}
+
+    def captures(self, batch: Batch) -> Iterator[Captures]:
+        """Captures of a device batch, ``chunk_size`` examples at a time."""
+        n = next(iter(batch.values())).shape[0]
+        step = self.chunk_size or n
+        for lo in range(0, n, step):
+            yield capture_layers(self.model, self.task, {k: v[lo: lo + step] for k, v in batch.items()}, self.layers)
 
     def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        n = next(iter(batch.values())).shape[0]
-        step = self.chunk_size or n
-        parts = []
-        for lo in range(0, n, step):
-            chunk = {k: v[lo: lo + step] for k, v in batch.items()}
-            parts.append(self.projector.project(capture_linear(self.model, self.task, chunk, self.layers), checkpoint))
-        phi = torch.cat(parts)
+        phi = torch.cat([self.projector.project(c, checkpoint) for c in self.captures(batch)])
         check_finite(phi, ids, "factored gradient features")
         q = loss_weights(self.model, self.task, batch)
         check_finite(q, ids, "loss weights Q")
@@ -359,5 +520,5 @@ class FactoredFeaturizer:
                                   self.projector.clear_cache)
 
 
-__all__ = ["FactoredFeaturizer", "FactoredProjector", "FactoredSpec", "LayerSpec", "capture_linear",
-           "factored_layers"]
+__all__ = ["SUPPORTED", "FactoredFeaturizer", "FactoredProjector", "FactoredSpec", "LayerSpec", "capture_layers",
+           "factored_layers", "factored_selection", "layer_matrices"]

@@ -208,9 +208,10 @@ def test_pipeline_run_on_a_tiny_corpus(tmp_path, capsys, projection) -> None:
         "model": {"family": "causal-lm", "arch": "gpt2",
                   "options": {"context": SEQ, "n_layer": 1, "n_head": 2, "n_embd": 16, "prompt_len": 8,
                               "test_start": 0.7, "queries": [["the cat ", "sat on"]],
-                              "projection": projection, "k_in": 8, "k_out": 8, "saved_checkpoints": 2}},
+                              "saved_checkpoints": 2}},
         "train": {"models": 1, "epochs": 8, "lr": 1e-2, "batch_size": 16, "checkpoints": "all"},
-        "featurize": {"k": 256, "batch_size": 16, "shard_size": 16},
+        "featurize": {"k": 256, "batch_size": 16, "shard_size": 16, "projection": projection, "k_in": 8,
+                      "k_out": 8},
         "score": {"scorer": "tracin", "topk": 3, "show": 2},
     }
     path = tmp_path / "lm.yaml"
@@ -223,3 +224,6 @@ def test_pipeline_run_on_a_tiny_corpus(tmp_path, capsys, projection) -> None:
         assert z["proponent_ids"][1:, 0].tolist() == [0, 1, 2]  # queries 1..3 are training sequences 0..2
     ckpts = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
     assert [c["epoch"] for c in ckpts] == [3, 7] and all(c["lr"] > 0 for c in ckpts)
+    spec = json.loads((tmp_path / "run" / "features-train" / "manifest.json").read_text())["spec"]
+    if projection == "factored":  # 4 linear layers + lm_head, 8 x 8 each; embeddings and norms listed as skipped
+        assert spec["k"] == 5 * 64 and "transformer.wte.weight" in spec["skipped"]
