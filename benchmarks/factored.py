@@ -3,8 +3,9 @@
 For each model (the MNIST MLP of configs/mnist_trak.yaml and the char GPT-2 of
 configs/shakespeare_lm.yaml, one trained model each, trained once and cached), this featurizes
 the training and query sets with the factored projection at several ``k_in x k_out`` and with
-the dense projection at the *same* total width k (the dense anchor, measured in the same run),
-then prints:
+the dense projection at the *same* total width k over the *same* parameters (those of the layers
+the factored projection covers: all of the MLP's; the LM's linear layers, without embeddings and
+layer norms) -- the dense anchor, measured in the same run -- then prints:
 
 - throughput of the training-set featurization (examples/s, from building the featurizer to the
   last feature, projection matrices generated inside the timed region) and its ratio to dense;
@@ -22,6 +23,7 @@ then prints:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -47,7 +49,8 @@ def setup(name: str, args: argparse.Namespace):
     else:
         over = [f"data.query_size={args.queries}", "model.options.queries=[]"]
         cfg = load_config(ROOT / "configs" / "shakespeare_lm.yaml", over + [f"data.root={args.corpus}"])
-    paths = RunPaths(CACHE / name)
+    folder = f"{name}-n{args.n}-q{args.queries}" if name == "classifier" else f"{name}-q{args.queries}"
+    paths = RunPaths(CACHE / folder)
     claim_run_dir(cfg, paths.root, overwrite=False)
     stage_train(cfg, paths, progress=False)
     return cfg, paths
@@ -95,18 +98,24 @@ def both(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def bench(name: str, args: argparse.Namespace) -> list[dict]:
+    from pipelines.config import parse_config
+    from pipelines.run import make_featurizer
+    from tda.scorers import GradDotScorer
+
     cfg, paths = setup(name, args)
+    covered = make_featurizer(parse_config(cfg.to_dict(), ["featurize.projection=factored"])).names
+    same = f"featurize.params={json.dumps(covered)}"  # dense over the parameters the factored projection covers
     exact = None
     if name == "lm":  # exact per-example gradients: identity factors on every covered layer
         f, _, d = featurize(cfg, paths, ["featurize.projection=factored", "featurize.k_in=null", "featurize.k_out=null"])
-        exact = both(f)["graddot"]
+        exact = scores(f, GradDotScorer())  # (TRAK would need a d x d kernel)
         print(f"{name}: exact gradients over the factored layers, d = {d:,}", flush=True)
     rows = []
     for k_in, k_out in SETTINGS[name]:
         fac, t_fac, k = featurize(cfg, paths, ["featurize.projection=factored", f"featurize.k_in={k_in}",
                                                f"featurize.k_out={k_out}"])
-        dense, t_dense, _ = featurize(cfg, paths, [f"featurize.k={k}", "featurize.seed=0"])
-        other, _, _ = featurize(cfg, paths, [f"featurize.k={k}", "featurize.seed=1"])
+        dense, t_dense, _ = featurize(cfg, paths, [f"featurize.k={k}", "featurize.seed=0", same])
+        other, _, _ = featurize(cfg, paths, [f"featurize.k={k}", "featurize.seed=1", same])
         sf, sd, so = both(fac), both(dense), both(other)
         n = len(fac["train"])
         row = {"model": name, "k_in x k_out": f"{k_in}x{k_out}", "k": k, "factored ex/s": n / t_fac,

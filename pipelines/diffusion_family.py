@@ -2,11 +2,13 @@
 
 Scorers: ``dtrak`` (TRAK on features averaged over a timestep grid, both sides the selected
 output ``model.options.output``), ``diffusion-tracin`` and ``diffusion-retrac`` (train side: the
-training loss at the draw each example was trained with, replayed from the training log; query
-side: one slot per grid draw). The two feature layouts differ, so the scorer's kind is part of
-the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Either layout takes the dense or,
-with ``featurize.projection: factored``, the per-layer Kronecker projection of the UNet's
-convolutions and linear layers (:mod:`tda.factored`; GroupNorm parameters are not covered).
+training loss at the draw each example was trained with, replayed from the training log, or with
+``model.options.train_draws: grid`` the training-loss gradient averaged over a timestep grid (one
+pooled slot); query side: one slot per grid draw). The two feature layouts differ, so the
+scorer's kind is part of the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Either
+layout takes the dense or, with ``featurize.projection: factored``, the per-layer Kronecker
+projection of the UNet's convolutions and linear layers (:mod:`tda.factored`; GroupNorm
+parameters are not covered).
 
 Queries are the configured query split followed by ``model.options.generate`` images sampled
 from model 0 after training (ids from :data:`GENERATED_ID0`, label -1). The report prints the
@@ -58,7 +60,8 @@ class DiffusionOptions:
     output: str = "loss"  # attributed output f: loss, square, avg, l1, l2
     timesteps: int = 10  # K: timestep grid of query (and D-TRAK) gradients
     noise_draws: int = 1  # noise draws per grid timestep
-    train_draws: str = "recorded"  # TracIn/ReTrac train side: "recorded" training draws or "seeded"
+    train_draws: str = "recorded"  # TracIn/ReTrac train side: "recorded" training draw, "seeded", or "grid"
+    # ("grid": the training-loss gradient averaged over the timestep grid x noise_draws; timesteps x the cost)
     saved_checkpoints: int = 3  # evenly spaced checkpoints (last epoch included) when train.checkpoints=all
     generate: int = 8  # images sampled from model 0, appended to the queries
     sample_seed: int = 0  # seed of the sampler
@@ -67,8 +70,9 @@ class DiffusionOptions:
         NoiseSchedule(self.T, self.beta_start, self.beta_end)  # checks the schedule
         if self.output not in OUTPUTS:
             raise ConfigError(f"model.options.output is {self.output!r}; choose one of {OUTPUTS}")
-        if self.train_draws not in ("recorded", "seeded"):
-            raise ConfigError(f"model.options.train_draws is {self.train_draws!r}; choose 'recorded' or 'seeded'")
+        if self.train_draws not in ("recorded", "seeded", "grid"):
+            raise ConfigError(f"model.options.train_draws is {self.train_draws!r}; choose 'recorded', 'seeded' "
+                              "or 'grid'")
         if not 1 <= self.timesteps <= self.T or min(self.noise_draws, self.saved_checkpoints, self.time_dim) < 1:
             raise ConfigError("model.options needs 1 <= timesteps <= T and noise_draws, saved_checkpoints, "
                               "time_dim >= 1")
@@ -183,8 +187,9 @@ class DiffusionFamily(Family):
         o, f, sched = self.options(cfg), cfg.featurize, self.schedule(cfg)
         draws: Any = GridDraws(o.T, o.timesteps, o.noise_draws, seed=f.seed, side=0 if split == "train" else 1)
         output, mode = o.output, ("mean" if self.mode(cfg) == "dtrak" else "slots")
-        if mode == "slots" and split == "train":
-            output, draws = "loss", self._train_draws(cfg, paths)  # the training loss at the trained draw
+        if mode == "slots" and split == "train":  # the training loss at the trained draw, or pooled over the grid
+            output, draws = "loss", self._train_draws(cfg, paths)
+            mode = "pooled" if o.train_draws == "grid" else "slots"
         with featurize_params_named():
             return DiffusionFeaturizer(self.build_model(cfg), DiffusionTask(sched, output), draws, mode, k=f.k,
                                        seed=f.seed, kind=f.projector, param_names=f.params,
@@ -192,8 +197,11 @@ class DiffusionFamily(Family):
                                        projection=f.projection, k_in=f.k_in, k_out=f.k_out)
 
     def _train_draws(self, cfg: RunConfig, paths: RunPaths | None) -> Any:
-        if self.options(cfg).train_draws == "seeded":
-            return SeededDraws(self.options(cfg).T, seed=cfg.featurize.seed, side=0)
+        o = self.options(cfg)
+        if o.train_draws == "seeded":
+            return SeededDraws(o.T, seed=cfg.featurize.seed, side=0)
+        if o.train_draws == "grid":
+            return GridDraws(o.T, o.timesteps, o.noise_draws, seed=cfg.featurize.seed, side=0)
         if paths is None:
             raise ConfigError("recorded training draws need the run folder")
         entries, logs = load_checkpoint_list(paths), {}

@@ -457,12 +457,14 @@ class DiffusionFeaturizer:
 
     ``mode="mean"``: the gradient averaged over the draws, projected: (B, k) (D-TRAK features).
     ``mode="slots"``: every draw kept: (B, S*(k+1)), slot s = ``[P^T g_s / sqrt(d), ||g_s||_2]``
-    (Diffusion-TracIn / ReTrac features). Same interface as :class:`tda.featurize.Featurizer`.
+    (Diffusion-TracIn / ReTrac features). ``mode="pooled"``: one slot of the draws' mean gradient
+    ``g = mean_s g_s``, ``[P^T g / sqrt(d), ||g||_2]``: (B, k+1), the training side of TracIn /
+    ReTrac with ``train_draws: grid``. Same interface as :class:`tda.featurize.Featurizer`.
 
     Args:
         model, task: the epsilon model and the output function.
         draws: where each example's ``(t, noise seed)`` come from.
-        mode: ``"mean"`` or ``"slots"``.
+        mode: ``"mean"``, ``"slots"`` or ``"pooled"``.
         projection: ``"dense"`` (:class:`Featurizer`, dimension ``k``) or ``"factored"``
             (:class:`tda.factored.FactoredFeaturizer` with ``k_in`` / ``k_out``, ``param_names``
             then naming modules; ``k`` and ``backend`` unused).
@@ -475,8 +477,8 @@ class DiffusionFeaturizer:
                  device: str | torch.device | None = None, backend: str = "auto",
                  chunk_size: int | None = None, projection: str = "dense", k_in: int | None = 16,
                  k_out: int | None = 16) -> None:
-        if mode not in ("mean", "slots"):
-            raise ConfigError(f"diffusion featurizer mode {mode!r} is unknown; use 'mean' or 'slots'")
+        if mode not in ("mean", "slots", "pooled"):
+            raise ConfigError(f"diffusion featurizer mode {mode!r} is unknown; use 'mean', 'slots' or 'pooled'")
         if projection == "factored":
             from .factored import FactoredFeaturizer  # tda.factored imports tda.featurize, as this module does
 
@@ -494,7 +496,7 @@ class DiffusionFeaturizer:
     def feature_dim(self) -> int:
         """Width of one example's features."""
         k = self.projector.k
-        return k if self.mode == "mean" else self.draws.slots * (k + 1)
+        return {"mean": k, "pooled": k + 1}.get(self.mode, self.draws.slots * (k + 1))
 
     def spec(self) -> dict[str, Any]:
         return {**self.inner.spec(), "mode": self.mode, "draws": self.draws.spec(),
@@ -508,29 +510,36 @@ class DiffusionFeaturizer:
         big = {"x": x.repeat_interleave(s, dim=0),  # (B*S, C, H, W), example-major
                "t": torch.from_numpy(t.reshape(-1)).to(x.device),
                "noise": noise_from_seeds(seeds.reshape(-1), x.shape[1:]).to(x.device)}
-        if self.projection == "factored":
-            phi = self._factored(big, checkpoint, b, s)
-        else:
-            grads = per_example_grads(self.inner.model, self.task, big, self.inner.names, self.inner.chunk_size)
-            flat = flatten_grads(grads, self.inner.names)  # (B*S, d)
-            check_finite(flat, np.repeat(np.asarray(ids), s), "per-draw gradients")
-            if self.mode == "mean":
-                phi = self.projector.project(flat.reshape(b, s, -1).mean(dim=1), checkpoint)  # (B, k)
-            else:
-                norms = flat.double().norm(dim=1).to(flat.dtype)[:, None]  # (B*S, 1)
-                phi = torch.cat([self.projector.project(flat, checkpoint), norms], dim=1).reshape(b, -1)
+        phi = (self._factored if self.projection == "factored" else self._dense)(big, ids, checkpoint, s)
+        phi = phi.reshape(b, -1)  # (B, feature_dim)
         check_finite(phi, ids, "projected gradients")
         q = np.full(b, self.task.q_value if self.mode == "mean" else 1.0, dtype=np.float32)
         return phi.float().cpu().numpy(), q
 
-    def _factored(self, big: Batch, checkpoint: int, b: int, s: int) -> Tensor:
-        """Factored features of the (B*S) draw rows: (B, k) averaged or (B, S*(k+1)) slots."""
+    def _dense(self, big: Batch, ids: Sequence[int], checkpoint: int, s: int) -> Tensor:
+        """Dense features of the (B*S) draw rows: (B, k) mean, (B, k+1) pooled or (B*S, k+1) slots."""
+        grads = per_example_grads(self.inner.model, self.task, big, self.inner.names, self.inner.chunk_size)
+        flat = flatten_grads(grads, self.inner.names)  # (B*S, d)
+        check_finite(flat, np.repeat(np.asarray(ids), s), "per-draw gradients")
+        if self.mode != "slots":
+            flat = flat.reshape(-1, s, flat.shape[1]).mean(dim=1)  # (B, d): the draws' mean gradient
+        phi = self.projector.project(flat, checkpoint)
+        if self.mode == "mean":
+            return phi
+        return torch.cat([phi, flat.double().norm(dim=1).to(phi.dtype)[:, None]], dim=1)  # [phi, ||g||]
+
+    def _factored(self, big: Batch, ids: Sequence[int], checkpoint: int, s: int) -> Tensor:
+        """Factored features of the (B*S) draw rows, shaped as :meth:`_dense`'s; chunks hold whole examples."""
         rows = []
-        for caps in self.inner.captures(big):  # chunk_size rows at a time
+        for caps in self.inner.captures(big, multiple=s):
             phi = self.projector.project(caps, checkpoint)  # (rows, k)
-            rows.append(phi if self.mode == "mean" else torch.cat([phi, self.projector.grad_norms(caps)[:, None]], 1))
-        out = torch.cat(rows)  # (B*S, k) or (B*S, k+1)
-        return out.reshape(b, s, -1).mean(dim=1) if self.mode == "mean" else out.reshape(b, -1)
+            if self.mode != "slots":
+                phi = phi.reshape(-1, s, phi.shape[1]).mean(dim=1)  # projection is linear: mean of projections
+            if self.mode != "mean":  # exact norm of each draw's (slots) or of the draws' mean (pooled) gradient
+                norms = self.projector.grad_norms(caps, group=1 if self.mode == "slots" else s)
+                phi = torch.cat([phi, norms[:, None]], dim=1)
+            rows.append(phi)
+        return torch.cat(rows)
 
     def featurize(self, state: StateDict | str, checkpoint: int,
                   batches: Iterable[tuple[np.ndarray, Batch]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -375,15 +375,22 @@ class FactoredProjector:
         return torch.cat([ref.new_zeros(ref.shape[0], size) if phi is None else phi
                           for phi, size in zip(parts, self.sizes)], dim=1)
 
-    def grad_norms(self, captures: Captures) -> Tensor:
+    def grad_norms(self, captures: Captures, group: int = 1) -> Tensor:
         """Exact L2 norm of each example's gradient over the covered parameters, (B,), from the
-        same captures (independent of the projection)."""
+        same captures (independent of the projection). With ``group`` > 1, each run of ``group``
+        consecutive rows is one example's draws and the norm is that of their mean gradient:
+        (B / group,)."""
         total = None
         for _, mats in self._calls(captures):
             if not mats:
                 continue
             a = torch.cat([m[0] for m in mats], dim=1)  # calls as extra positions: (B, N, d_in)
             delta = torch.cat([m[1] for m in mats], dim=1)
+            if group > 1:  # the mean over draws of sum_t delta_t a_t^T: draws as extra positions, delta / group
+                if a.shape[0] % group:
+                    raise ShapeError(f"{a.shape[0]} rows do not split into groups of {group} draws")
+                a = a.reshape(a.shape[0] // group, -1, a.shape[2])
+                delta = delta.reshape(delta.shape[0] // group, -1, delta.shape[2]) / group
             sq = _sq_norm(a, delta)
             total = sq if total is None else total + sq
         if total is None:
@@ -497,10 +504,11 @@ class FactoredFeaturizer:
         return {"task": self.task.name, "params": list(self.names), "skipped": list(self.skipped),
                 **self.projector.spec_dict()}
 
-    def captures(self, batch: Batch) -> Iterator[Captures]:
-        """Captures of a device batch, ``chunk_size`` examples at a time."""
+    def captures(self, batch: Batch, multiple: int = 1) -> Iterator[Captures]:
+        """Captures of a device batch, ``chunk_size`` rows at a time (rounded to a multiple of
+        ``multiple``, so that groups of rows, e.g. one example's draws, stay together)."""
         n = next(iter(batch.values())).shape[0]
-        step = self.chunk_size or n
+        step = max(multiple, (self.chunk_size or n) // multiple * multiple)
         for lo in range(0, n, step):
             yield capture_layers(self.model, self.task, {k: v[lo: lo + step] for k, v in batch.items()}, self.layers)
 

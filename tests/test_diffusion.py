@@ -160,6 +160,38 @@ def test_dtrak_equals_float64_reference(states, output: str) -> None:
     assert np.all(self_scores < 0) if output == "loss" else np.all(self_scores > 0)
 
 
+def test_pooled_train_draws_equal_float64_reference(states) -> None:
+    """train_draws: grid: one slot [P^T g / sqrt(d), ||g||] of the loss gradient averaged over the
+    grid draws (pooled before normalising); TracIn/ReTrac score it like a recorded draw."""
+    n, m, etas = 4, 2, [0.3, 0.1]
+    xt, xq = _images(n, seed=10), _images(m, seed=11)
+    ids_t, ids_q = np.arange(n) + 3, np.arange(m)
+    grid_t, grid_q = GridDraws(SCHED.T, 3, 1, seed=2, side=0), GridDraws(SCHED.T, 2, 1, seed=2, side=1)
+    train, fz = _featurize(states, xt, ids_t, grid_t, "pooled", "loss")
+    query, _ = _featurize(states, xq, ids_q, grid_q, "slots", "loss")
+    k = fz.projector.k
+    assert train.feats.shape == (2, n, k + 1) and fz.feature_dim == k + 1
+    source = ArrayFeatures(train, [0, 1])
+    got = score_matrix(query, DiffusionReTracScorer(etas, k).fit(source), source)
+    ref = np.zeros((m, n))
+    for c in range(2):
+        model = _model(0)
+        model.load_state_dict(states[c])
+        t, seeds = grid_t(c, ids_t)
+        g = [np.mean([_ref_grad(model, xt[i], int(t[i, j]), int(seeds[i, j]), "loss") for j in range(3)], axis=0)
+             for i in range(n)]  # (n, d) pooled gradients
+        np.testing.assert_allclose(train.feats[c, :, k], np.linalg.norm(g, axis=1), rtol=1e-4)
+        np.testing.assert_allclose(train.feats[c, :, :k], [_projected(fz, gi, c) for gi in g], rtol=1e-3,
+                                   atol=1e-4 * np.abs(train.feats[c, :, :k]).max())
+        tq, sq = grid_q(c, ids_q)
+        for q in range(m):
+            gq = [_ref_grad(model, xq[q], int(tq[q, j]), int(sq[q, j]), "loss") for j in range(2)]
+            unit = np.mean([_projected(fz, v / np.linalg.norm(v), c) for v in gq], axis=0)
+            for i in range(n):
+                ref[q, i] -= etas[c] * unit @ _projected(fz, g[i] / np.linalg.norm(g[i]), c)
+    np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
 def _synthetic_log(ids: np.ndarray, epochs: int, seed: int) -> TrainLog:
     rng = np.random.default_rng(seed)
     n = len(ids)

@@ -122,7 +122,8 @@ def test_identity_factors_equal_dense_gradients_unet_float64() -> None:
 
 def test_diffusion_featurizer_factored_identity_equals_dense_gradients() -> None:
     """DiffusionFeaturizer(projection='factored') with identity factors: the draw-averaged
-    gradient (D-TRAK layout) and per-draw [gradient, exact norm] slots (TracIn layout)."""
+    gradient (D-TRAK layout), per-draw [gradient, exact norm] slots (TracIn layout) and the
+    pooled [mean gradient, its exact norm] (train_draws: grid); chunks keep an example's draws."""
     from tda.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, TinyUNet, noise_from_seeds
 
     torch.manual_seed(1)
@@ -136,15 +137,17 @@ def test_diffusion_featurizer_factored_identity_equals_dense_gradients() -> None
            "noise": noise_from_seeds(seeds.reshape(-1), x.shape[1:]).double()}
     ref64 = copy.deepcopy(model).double()
     ref = _dense_reference(ref64, task, big, factored_layers(ref64)).reshape(2, 3, -1)  # (B, S, d covered)
-    for mode in ("mean", "slots"):
+    mean = ref.mean(dim=1)
+    wants = {"mean": mean, "slots": torch.cat([ref, ref.norm(dim=2, keepdim=True)], 2).reshape(2, -1),
+             "pooled": torch.cat([mean, mean.norm(dim=1, keepdim=True)], 1)}
+    for mode, want in wants.items():
         fz = DiffusionFeaturizer(model, task, draws, mode, projection="factored", k_in=None, k_out=None,
-                                 chunk_size=4)
+                                 chunk_size=4)  # 4 rows: rounded to 3, one example's draws, when pooling
         ((_, phi, _),) = fz.featurize(state, 0, [(ids, {"x": x})])
-        assert fz.feature_dim == phi.shape[1] == (fz.projector.k if mode == "mean" else 3 * (fz.projector.k + 1))
-        want = ref.mean(dim=1) if mode == "mean" else torch.cat([ref, ref.norm(dim=2, keepdim=True)], 2).reshape(2, -1)
-        np.testing.assert_allclose(phi, want.numpy(), rtol=2e-4, atol=2e-6)
+        assert fz.feature_dim == phi.shape[1] == want.shape[1]
+        np.testing.assert_allclose(phi, want.numpy(), rtol=2e-4, atol=2e-6, err_msg=mode)
     spec = fz.spec()
-    assert spec["projection"] == "factored" and spec["mode"] == "slots" and "down.0.norm1.weight" in spec["skipped"]
+    assert spec["projection"] == "factored" and spec["mode"] == "pooled" and "down.0.norm1.weight" in spec["skipped"]
 
 
 def test_tied_lm_head_is_skipped() -> None:

@@ -16,7 +16,7 @@ from pipelines import families
 from pipelines.cli import main
 from pipelines.config import FEATURE_SECTIONS, SCORE_SECTIONS, load_config, parse_config, section_fingerprint
 from pipelines.families import CIFAR2_FILE, ClassifierFamily, Family, get_family, register_family
-from pipelines.run import datasets_for, feature_fingerprint
+from pipelines.run import datasets_for, feature_fingerprint, make_featurizer
 from stores import FeatureStore
 from stores._io import fingerprint
 from tda.data import as_dataset
@@ -82,6 +82,19 @@ def test_diffusion_feature_fingerprint_follows_the_feature_layout() -> None:
     assert feature_fingerprint(cfg) == feature_fingerprint(other)  # TracIn and ReTrac share features
     assert feature_fingerprint(cfg) != feature_fingerprint(dtrak)
     assert get_family("diffusion").checkpoint_epochs(cfg) == [9, 19, 29]
+
+
+def test_diffusion_grid_train_draws_pool_the_training_loss_gradient() -> None:
+    """train_draws: grid: one pooled slot of the training-loss gradient averaged over the grid."""
+    grid = load_config(ROOT / "configs" / "mnist_ddpm.yaml", ["model.options.train_draws=grid"])
+    train, query = make_featurizer(grid, "train"), make_featurizer(grid, "query")  # no run folder needed
+    assert (train.mode, train.task.output_name, train.feature_dim) == ("pooled", "loss", grid.featurize.k + 1)
+    assert train.spec()["draws"]["side"] == 0 and query.spec()["draws"]["side"] == 1
+    assert train.spec()["draws"]["grid"] == query.spec()["draws"]["grid"] and query.mode == "slots"
+    recorded = load_config(ROOT / "configs" / "mnist_ddpm.yaml")
+    assert feature_fingerprint(grid) != feature_fingerprint(recorded)
+    with pytest.raises(ConfigError, match="choose 'recorded', 'seeded' or 'grid'"):
+        load_config(ROOT / "configs" / "mnist_ddpm.yaml", ["model.options.train_draws=all"])
 
 
 @functools.lru_cache(maxsize=1)
