@@ -152,7 +152,7 @@ class IndexConfig:
 
 @dataclass
 class ExecutorConfig:
-    """Where independent jobs (retrainings) run."""
+    """Where independent jobs run: featurize shards (checkpoint x partition) and retrainings."""
 
     kind: str = "local"  # "local" (in process) or "dask"
     address: str | None = None  # dask scheduler, e.g. tcp://10.0.0.5:8786; None starts a LocalCluster

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,13 @@ from tqdm.auto import tqdm
 
 from stores import FeatureStore, FaissIndex, build_index
 from stores._io import atomic_write, save_json, save_npz, sha256_file
+from stores.feature_store import write_shard_files
 from tda.data import iter_batches
 from tda.errors import CheckpointError, IndexMismatchError, StoreError
 from tda.features import FeatureBlock, concat_blocks
 from tda.kernel import iter_score_blocks
 
+from .executors import make_executor
 from .config import SCORE_SECTIONS, RunConfig, section_fingerprint
 from .families import family_for
 from .run import RunPaths, collate_for, datasets_for, feature_fingerprint, load_checkpoint_list, make_featurizer
@@ -91,36 +92,119 @@ def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, 
                                dtype=f.dtype)
 
 
-def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, FeatureStore]:
-    """Featurize the train and query splits into their stores, shard by shard."""
+def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True,
+                    executor: Any = None) -> dict[str, FeatureStore]:
+    """Featurize the train and query splits into their stores, one job per (checkpoint, shard).
+
+    Jobs run on ``executor`` (default: the one ``cfg.executor`` names: in this process, or on a
+    dask cluster). Each job loads the model, checkpoint and data from paths, featurizes its rows
+    and writes the shard's files atomically; this process checks and records each finished shard
+    in the manifest as it arrives, so an interrupted run redoes only jobs in flight. Every
+    executor runs the same job code on the same batches, so stores are identical.
+    """
+    own = executor is None
+    if own:
+        e = cfg.executor
+        executor = make_executor(e.kind, e.address, e.workers)
+    try:
+        return _featurize_splits(cfg, paths, progress, executor)
+    finally:
+        if own:
+            executor.close()
+
+
+def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor: Any) -> dict[str, FeatureStore]:
     data = datasets_for(cfg, paths)
     entries = {c["id"]: c for c in load_checkpoint_list(paths)}
-    ckpts = {c: paths.checkpoints / e["file"] for c, e in entries.items()}
     stores = {}
     verified: set[int] = set()
+    local = getattr(executor, "name", "") == "local"
     for split in ("train", "query"):
-        ds = data[split]
         featurizer = make_featurizer(cfg, split, paths)  # the family may featurize splits differently
-        store = open_store(cfg, paths, split, len(ds), featurizer.spec(), getattr(featurizer, "feature_dim", None))
+        store = open_store(cfg, paths, split, len(data[split]), featurizer.spec(),
+                           getattr(featurizer, "feature_dim", None))
         store.remove_orphans()  # temporary files of a writer that was killed (we hold the run lock)
         stores[split] = store
-        todo: dict[int, list[int]] = defaultdict(list)
-        for c, s in store.pending():
-            todo[c].append(s)
-        for c in set(todo) - verified:
-            _verify_checkpoint(ckpts[c], entries[c])
+        pending = store.pending()
+        for c in sorted({c for c, _ in pending} - verified):
+            _verify_checkpoint(paths.checkpoints / entries[c]["file"], entries[c])
             verified.add(c)
-        rows = sum(hi - lo for lo, hi in (store.shard_rows(s) for ss in todo.values() for s in ss))
-        bar = tqdm(total=rows, desc=f"featurize {split}", unit="ex", disable=not progress or not rows)
-        for c, shards in todo.items():
-            for s in shards:
-                lo, hi = store.shard_rows(s)
-                batches = iter_batches(ds, collate_for(cfg), cfg.featurize.batch_size, lo, hi)
-                parts = list(featurizer.featurize(ckpts[c], c, _counting(batches, bar)))
-                store.write_shard(c, s, *(np.concatenate(p) for p in zip(*parts)))
+        store.drop_unrecorded_ids({s for _, s in pending})  # written by a job whose record never came
+        rows = {s: store.shard_rows(s) for s in {s for _, s in pending}}
+        bar = tqdm(total=sum(hi - lo for c, s in pending for lo, hi in [rows[s]]), desc=f"featurize {split}",
+                   unit="ex", disable=not progress or not pending)
+        job = FeaturizeJob(cfg.to_dict(), str(paths.root), split)
+        if local:  # same job in this process: reuse the featurizer built above, count rows per batch
+            job.bind(featurizer, data[split], bar.update)
+        try:
+            for (c, s), records in executor.map_unordered(job, pending):
+                store.record(records)
+                if not local:
+                    bar.update(rows[s][1] - rows[s][0])
+        finally:
+            bar.close()
             featurizer.projector.clear_cache()
-        bar.close()
     return stores
+
+
+class FeaturizeJob:
+    """Featurize one ``(checkpoint, shard)`` of a split and write its files; returns their records.
+
+    Picklable and small: it carries the config as a plain dict and the run folder's path; a
+    worker builds the featurizer and data set once per process (cached) and loads the checkpoint
+    from the run folder. It never touches the manifest (the driver records what it returns).
+    """
+
+    def __init__(self, config: dict[str, Any], root: str, split: str) -> None:
+        self.config, self.root, self.split = config, root, split
+        self._bound: tuple[Any, Any, Any] | None = None
+
+    def bind(self, featurizer: Any, dataset: Any, on_rows: Any) -> None:
+        """Run in this process with an existing featurizer and data set, reporting rows as they finish."""
+        self._bound = (featurizer, dataset, on_rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "root": self.root, "split": self.split, "_bound": None}
+
+    def __call__(self, item: tuple[int, int]) -> dict[str, dict]:
+        from .config import parse_config
+
+        checkpoint, shard = item
+        cfg = parse_config(self.config)
+        paths = RunPaths(Path(self.root))
+        if self._bound is not None:
+            featurizer, dataset, on_rows = self._bound
+        else:
+            torch.set_num_threads(1)  # one job per worker thread; no oversubscription
+            featurizer, on_rows = _worker_featurizer(cfg, paths, self.split), None
+            dataset = datasets_for(cfg, paths)[self.split]
+        entry = {c["id"]: c for c in load_checkpoint_list(paths)}[checkpoint]
+        store_root = paths.store(self.split)
+        manifest = json.loads((store_root / "manifest.json").read_text())
+        n, size = manifest["n"], manifest["shard_size"]
+        lo, hi = shard * size, min(n, (shard + 1) * size)
+        batches = iter_batches(dataset, collate_for(cfg), cfg.featurize.batch_size, lo, hi)
+        if on_rows is not None:
+            batches = _counting(batches, on_rows)
+        parts = list(featurizer.featurize(paths.checkpoints / entry["file"], checkpoint, batches))
+        ids, feats, q = (np.concatenate(p) for p in zip(*parts))
+        if feats.shape != (hi - lo, manifest["k"]):
+            raise StoreError(f"featurizer returned {feats.shape} features for rows {lo}..{hi - 1} of the "
+                             f"{self.split} store (k={manifest['k']}); the store belongs to another configuration")
+        return write_shard_files(store_root, checkpoint, shard, ids, feats, q, manifest["dtype"])
+
+
+_WORKER_FEATURIZERS: dict[tuple[str, str], Any] = {}
+
+
+def _worker_featurizer(cfg: RunConfig, paths: RunPaths, split: str) -> Any:
+    """The split's featurizer, built once per worker process and configuration."""
+    key = (feature_fingerprint(cfg) + str(paths.root), split)
+    if key not in _WORKER_FEATURIZERS:
+        if len(_WORKER_FEATURIZERS) >= 2:
+            _WORKER_FEATURIZERS.clear()
+        _WORKER_FEATURIZERS[key] = make_featurizer(cfg, split, paths)
+    return _WORKER_FEATURIZERS[key]
 
 
 def _verify_checkpoint(path: Path, entry: dict[str, Any]) -> None:
@@ -134,10 +218,10 @@ def _verify_checkpoint(path: Path, entry: dict[str, Any]) -> None:
         )
 
 
-def _counting(batches, bar):
+def _counting(batches, on_rows):
     for ids, batch in batches:
         yield ids, batch
-        bar.update(len(ids))
+        on_rows(len(ids))
 
 
 def scorer_for(cfg: RunConfig, paths: RunPaths | None = None):
