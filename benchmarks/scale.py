@@ -377,11 +377,11 @@ def real_ivf_recall(cfg: Any, root: Path, nprobes: list[int]) -> dict[str, Any]:
     qv = scorer.transform_query(concat_blocks(list(query.iter_blocks())))  # (m, D)
     with np.load(paths.scores / "topk.npz") as z:
         exact = z["proponent_ids"][:, :10]
-    found = {}
+    k, found = exact.shape[1], {}
     for p in nprobes:
         ivf.index.nprobe = min(p, ivf.meta["nlist"])
-        found[p] = recall(ivf.search(qv, 10)[1], exact, 10)
-    return {"nlist": ivf.meta["nlist"], "recall10": found}
+        found[p] = recall(ivf.search(qv, k)[1], exact, k)
+    return {"nlist": ivf.meta["nlist"], "k": k, "recall": found}
 
 
 def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -411,6 +411,10 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _rate(x: float, unit: str) -> str:
+    return f"{x:,.0f} {unit}" if x < 1e6 else f"{x:.3g} {unit}"
+
+
 def _mem(peak: dict[str, int] | None) -> str:
     if not peak:
         return "-"
@@ -430,13 +434,14 @@ def print_pipeline(r: dict[str, Any], args: argparse.Namespace) -> None:
           f"{'dask/local speed':>17}")
     for stage in ("train", "featurize", "index", "score"):
         a, b = local[stage], remote.get(stage)
-        cells = [f"{a['seconds']:.1f}", f"{a['rate']:.3g} {units[stage]}", "reused", "-", "-"]
+        cells = [f"{a['seconds']:.1f}", _rate(a["rate"], units[stage]), "reused", "-", "-"]
         if b:
-            cells[2:] = [f"{b['seconds']:.1f}", f"{b['rate']:.3g} {units[stage]}", f"{a['seconds'] / b['seconds']:.2f}x"]
+            cells[2:] = [f"{b['seconds']:.1f}", _rate(b["rate"], units[stage]), f"{a['seconds'] / b['seconds']:.2f}x"]
         print(f"{stage:<10} {work[stage]:<22} {cells[0]:>8} {cells[1]:>16} {cells[2]:>8} {cells[3]:>16} {cells[4]:>17}")
     print(f"dask LocalCluster start-up: {r['dask_startup_s']:.1f} s (not in the featurize time)")
     workers = sorted({name for x in r["dask"] for name in x["memory"] if name.startswith("worker")})
-    print(f"\npeak RSS per process, GB: high-water mark (sampled peak anonymous + file-backed)")
+    print("\npeak RSS per process, GB: high-water mark (sampled peak anonymous + file-backed: shared libraries "
+          "and memory-mapped files, reclaimable)")
     print(f"{'stage':<10} {'local driver':>22} {'dask driver':>22} " + " ".join(f"{w:>22}" for w in workers))
     for stage in ("train", "featurize", "index", "score"):
         a, b = local[stage]["memory"], remote[stage]["memory"] if stage in remote else {}
@@ -444,10 +449,10 @@ def print_pipeline(r: dict[str, Any], args: argparse.Namespace) -> None:
               + " ".join(f"{_mem(b.get(w)):>22}" for w in workers))
     anon = max(local["score"]["memory"]["driver"]["RssAnon"], remote["score"]["memory"]["driver"]["RssAnon"])
     print(f"\nscores.npy ({m:,} x {n:,} float32) on disk: {r['scores_bytes'] / GB:.2f} GB; peak anonymous memory "
-          f"of the score stage: {anon / GB:.2f} GB (file-backed pages are the memory-mapped output, reclaimable)")
+          f"of the score stage: {anon / GB:.2f} GB (the matrix is streamed to a memory-mapped file)")
     real = r["real_ivf"]
-    print(f"IVF (nlist {real['nlist']}) on this run's real TRAK vectors, recall@10 of the exact proponents: "
-          + ", ".join(f"nprobe {p}: {v:.3f}" for p, v in real["recall10"].items()))
+    print(f"IVF (nlist {real['nlist']}) on this run's real TRAK vectors and queries, recall@{real['k']} of the exact "
+          "proponents: " + ", ".join(f"nprobe {p}: {v:.3f}" for p, v in real["recall"].items()))
     print("dask run identical to local run (np.array_equal): "
           + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["identical"].items()))
 
