@@ -25,7 +25,7 @@ stage through ``/proc/PID/clear_refs``; peak anonymous and file-backed memory sa
 bit for bit, and IVF recall on the run's real TRAK vectors (a check on the synthetic store).
 With ``--part all`` each part runs in its own process, so peak memory is per part.
 
-    nice -n 19 python benchmarks/scale.py                 # both parts (25 min on 2 loaded cores)
+    nice -n 19 python benchmarks/scale.py                 # both parts (18-25 min on 2 shared cores)
     python benchmarks/scale.py --quick                    # small sizes, under a minute (smoke test)
     python benchmarks/scale.py --part faiss --nprobe 8 32 128
 """
