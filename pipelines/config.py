@@ -52,6 +52,7 @@ class DataConfig:
     train_size: int | None = 10000  # first N training examples (None: all)
     query_split: str = "test"  # split the queries come from
     query_size: int = 500  # first N examples of the query split
+    query_path: str | None = None  # queries from a file instead: .parquet, .arrow, .csv, .json/.jsonl or a save_to_disk folder
 
     def __post_init__(self) -> None:
         _choice(self, "query_split", ("train", "test"))
@@ -288,16 +289,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 #: Keys added after the first release, hashed only when set away from these defaults, so that
 #: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
-LATER_KEYS = {("model", "family"): ModelConfig().family, ("model", "options"): {},
+LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
               ("score", "influential_fraction"): ScoreConfig().influential_fraction}
 
 
-def section_fingerprint(cfg: RunConfig, *sections: str) -> str:
-    """Hash of the named sections of the resolved config (see :data:`LATER_KEYS`)."""
+#: Data keys that choose the queries: the training side (checkpoints, train features, fitted
+#: scorer, index) does not depend on them, so changing the queries reuses all of it.
+QUERY_KEYS = ("query_split", "query_size", "query_path")
+
+
+def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True) -> str:
+    """Hash of the named sections of the resolved config (see :data:`LATER_KEYS`); with
+    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side)."""
     d = cfg.to_dict()
     for (section, key), default in LATER_KEYS.items():
         if section in d and d[section].get(key) == default:
             del d[section][key]
+    if not queries:
+        for key in QUERY_KEYS:
+            d["data"].pop(key, None)
     return fingerprint({s: d[s] for s in sections})
 
 

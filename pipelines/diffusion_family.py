@@ -34,7 +34,8 @@ from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer,
                                    make_dtrak_scorer)
 from tda.tasks import Task
 
-from .families import Family, SaveFn, collated, load_checkpoint_list, load_idx_split, register_family, resolve_device
+from .families import (Family, SaveFn, collated, image_query_file, load_checkpoint_list, load_idx_split,
+                       register_family, resolve_device)
 from .report import format_examples
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ class DiffusionFamily(Family):
         """Train images; queries: the query split, then the generated images (with ``paths``)."""
         d, o = cfg.data, self.options(cfg)
         out = {"train": load_idx_split(d.root, "train", d.train_size, d.name),
-               "query": load_idx_split(d.root, d.query_split, d.query_size, d.name)}
+               "query": image_query_file(cfg) if d.query_path else
+               load_idx_split(d.root, d.query_split, d.query_size, d.name)}
         if o.generate and paths is not None:
             gen = self.generated_path(paths)
             if not gen.is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -86,34 +87,39 @@ def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, 
     """The split's store; ``k`` is the feature width (default ``featurize.k``)."""
     f = cfg.featurize
     ckpts = load_checkpoint_list(paths)
-    fp = feature_fingerprint(cfg) + f"-{split}"
+    fp = feature_fingerprint(cfg, split) + f"-{split}"
+    if split == "query" and _json_field(paths.store(split) / "manifest.json", "fingerprint") not in (None, fp):
+        logger.info("the queries changed: replacing %s", paths.store(split))  # derived data; we hold the run lock
+        shutil.rmtree(paths.store(split))
     return FeatureStore.create(paths.store(split), n=n, k=k or f.k, checkpoints=[c["id"] for c in ckpts],
                                shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split},
                                dtype=f.dtype)
 
 
 def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True,
-                    executor: Any = None) -> dict[str, FeatureStore]:
+                    executor: Any = None, stats: dict[str, Any] | None = None) -> dict[str, FeatureStore]:
     """Featurize the train and query splits into their stores, one job per (checkpoint, shard).
 
     Jobs run on ``executor`` (default: the one ``cfg.executor`` names: in this process, or on a
     dask cluster). Each job loads the model, checkpoint and data from paths, featurizes its rows
     and writes the shard's files atomically; this process checks and records each finished shard
     in the manifest as it arrives, so an interrupted run redoes only jobs in flight. Every
-    executor runs the same job code on the same batches, so stores are identical.
+    executor runs the same job code on the same batches, so stores are identical. ``stats``, if
+    given, receives per split the jobs and rows computed by this call (the rest were reused).
     """
     own = executor is None
     if own:
         e = cfg.executor
         executor = make_executor(e.kind, e.address, e.workers)
     try:
-        return _featurize_splits(cfg, paths, progress, executor)
+        return _featurize_splits(cfg, paths, progress, executor, {} if stats is None else stats)
     finally:
         if own:
             executor.close()
 
 
-def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor: Any) -> dict[str, FeatureStore]:
+def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor: Any,
+                      stats: dict[str, Any]) -> dict[str, FeatureStore]:
     data = datasets_for(cfg, paths)
     entries = {c["id"]: c for c in load_checkpoint_list(paths)}
     stores = {}
@@ -131,6 +137,8 @@ def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor:
             verified.add(c)
         store.drop_unrecorded_ids({s for _, s in pending})  # written by a job whose record never came
         rows = {s: store.shard_rows(s) for s in {s for _, s in pending}}
+        stats[split] = {"jobs": len(pending), "rows": sum(rows[s][1] - rows[s][0] for _, s in pending),
+                        "examples": len(store), "checkpoints": len(store.checkpoints)}
         bar = tqdm(total=sum(hi - lo for c, s in pending for lo, hi in [rows[s]]), desc=f"featurize {split}",
                    unit="ex", disable=not progress or not pending)
         job = FeaturizeJob(cfg.to_dict(), str(paths.root), split)
@@ -199,7 +207,7 @@ _WORKER_FEATURIZERS: dict[tuple[str, str], Any] = {}
 
 def _worker_featurizer(cfg: RunConfig, paths: RunPaths, split: str) -> Any:
     """The split's featurizer, built once per worker process and configuration."""
-    key = (feature_fingerprint(cfg) + str(paths.root), split)
+    key = (feature_fingerprint(cfg, split) + str(paths.root), split)
     if key not in _WORKER_FEATURIZERS:
         if len(_WORKER_FEATURIZERS) >= 2:
             _WORKER_FEATURIZERS.clear()
@@ -230,7 +238,7 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None):
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS, queries=False)
     if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
@@ -256,7 +264,7 @@ def _json_field(path: Path, key: str) -> Any:
 
 def load_scorer(cfg: RunConfig, paths: RunPaths):
     """The fitted scorer saved by the index stage (no pickle)."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS, queries=False)
     state_path = paths.scorer / "state.npz"
     if not state_path.is_file():
         raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
@@ -273,7 +281,7 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
     """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
     index = FaissIndex.load(paths.index)
-    return index.check(fingerprint=section_fingerprint(cfg, *SCORE_SECTIONS), dim=dim, n=n_train,
+    return index.check(fingerprint=section_fingerprint(cfg, *SCORE_SECTIONS, queries=False), dim=dim, n=n_train,
                        fix="rebuild it with `tda run CONFIG --from index`")
 
 
