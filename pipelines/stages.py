@@ -242,13 +242,13 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
-    scorer = scorer_for(cfg, paths).fit(train)
+    scorer = scorer_for(cfg, paths).fit(_Counted(train, "index: fit scorer", progress))
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
                                              "hyperparameters": scorer.hyperparameters()})
-    index = build_index(train, scorer, cfg.index.kind, cfg.index.nlist, cfg.index.nprobe,
-                        meta={"fingerprint": fp})
+    index = build_index(_Counted(train, f"index: build {cfg.index.kind}", progress), scorer, cfg.index.kind,
+                        cfg.index.nlist, cfg.index.nprobe, meta={"fingerprint": fp})
     index.save(paths.index)
     return index
 
@@ -283,6 +283,27 @@ def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> Faiss
     index = FaissIndex.load(paths.index)
     return index.check(fingerprint=section_fingerprint(cfg, *SCORE_SECTIONS, queries=False), dim=dim, n=n_train,
                        fix="rebuild it with `tda run CONFIG --from index`")
+
+
+class _Counted:
+    """A feature source whose block iteration shows a progress bar (rows/s and ETA)."""
+
+    def __init__(self, source: FeatureStore, desc: str, progress: bool) -> None:
+        self.source, self.desc, self.progress = source, desc, progress
+        self.checkpoints = source.checkpoints
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def k(self) -> int:
+        return self.source.k
+
+    def iter_blocks(self, block_rows: int = 4096):
+        with tqdm(total=len(self.source), desc=self.desc, unit="ex", disable=not self.progress) as bar:
+            for blk in self.source.iter_blocks(block_rows):
+                yield blk
+                bar.update(len(blk))
 
 
 class _TrainFrom:
