@@ -115,8 +115,11 @@ def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> s
         return f"index: {index.meta.get('kind', cfg.index.kind)} over {len(index)} training examples"
     if stage == "score":
         outputs = stage_score(cfg, paths, progress)
-        shape = np.load(outputs["scores"], mmap_mode="r").shape
-        return f"score: {cfg.score.scorer}, {shape[0]} queries x {shape[1]} training examples, top-{cfg.score.topk}"
+        with np.load(outputs["topk"], allow_pickle=False) as z:
+            shape = (len(z["query_ids"]), len(z["train_ids"]))
+        dense = "dense scores and " if "scores" in outputs else ""
+        return (f"score: {cfg.score.scorer}, {shape[0]} queries x {shape[1]} training examples, "
+                f"{dense}top-{cfg.score.topk}")
     if stage == "validate":
         _validate(cfg, paths, progress)
         return f"validate: results in {paths.root / 'validation'}/"

@@ -127,6 +127,7 @@ class ScoreConfig:
     show: int = 3  # queries printed in the report
     block_rows: int = 8192  # training rows per scoring block
     influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
+    dense: bool = True  # write the dense (n_query x n_train) scores.npy; false: top-k from the index only (large n)
 
     def __post_init__(self) -> None:
         _positive(self, "topk", "block_rows")
@@ -290,7 +291,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 #: Keys added after the first release, hashed only when set away from these defaults, so that
 #: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
 LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
-              ("score", "influential_fraction"): ScoreConfig().influential_fraction}
+              ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True}
 
 
 #: Data keys that choose the queries: the training side (checkpoints, train features, fitted
@@ -309,6 +310,24 @@ def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True) ->
         for key in QUERY_KEYS:
             d["data"].pop(key, None)
     return fingerprint({s: d[s] for s in sections})
+
+
+#: Score keys that change only what is written or printed, never the fitted scorer or index.
+OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction")
+
+
+def scorer_fingerprint(cfg: RunConfig) -> str:
+    """Hash of what the fitted scorer and the index depend on: the training side of the feature
+    sections, the scorer's settings and the index settings (not the queries or output keys)."""
+    d = cfg.to_dict()
+    for (section, key), default in LATER_KEYS.items():
+        if section in d and d[section].get(key) == default:
+            del d[section][key]
+    for key in QUERY_KEYS:
+        d["data"].pop(key, None)
+    for key in OUTPUT_KEYS:
+        d["score"].pop(key, None)
+    return fingerprint({s: d[s] for s in SCORE_SECTIONS})
 
 
 FEATURE_SECTIONS = ("data", "model", "train", "featurize")

@@ -28,7 +28,7 @@ from tda.features import FeatureBlock
 from tda.kernel import iter_score_blocks
 
 from .executors import make_executor
-from .config import SCORE_SECTIONS, RunConfig, section_fingerprint
+from .config import SCORE_SECTIONS, RunConfig, scorer_fingerprint, section_fingerprint
 from .families import family_for
 from .run import RunPaths, collate_for, datasets_for, feature_fingerprint, load_checkpoint_list, make_featurizer
 
@@ -238,7 +238,7 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None):
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS, queries=False)
+    fp = scorer_fingerprint(cfg)
     if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
@@ -264,7 +264,7 @@ def _json_field(path: Path, key: str) -> Any:
 
 def load_scorer(cfg: RunConfig, paths: RunPaths):
     """The fitted scorer saved by the index stage (no pickle)."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS, queries=False)
+    fp = scorer_fingerprint(cfg)
     state_path = paths.scorer / "state.npz"
     if not state_path.is_file():
         raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
@@ -281,7 +281,7 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
     """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
     index = FaissIndex.load(paths.index)
-    return index.check(fingerprint=section_fingerprint(cfg, *SCORE_SECTIONS, queries=False), dim=dim, n=n_train,
+    return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
                        fix="rebuild it with `tda run CONFIG --from index`")
 
 
@@ -376,9 +376,12 @@ def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scor
 
 
 def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
-    """Dense scores (written block by block into a memmap, resumable) and top-k per query."""
+    """Dense scores (written block by block into a memmap, resumable; skipped with
+    ``score.dense: false``) and top-k per query from the index."""
     fp = section_fingerprint(cfg, *SCORE_SECTIONS)
-    outputs = {"scores": paths.scores / "scores.npy", "topk": paths.scores / "topk.npz"}
+    outputs = {"topk": paths.scores / "topk.npz"}
+    if cfg.score.dense:
+        outputs["scores"] = paths.scores / "scores.npy"
     if _json_field(paths.scores / "scores.json", "fingerprint") == fp and all(p.is_file() for p in outputs.values()):
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
@@ -386,7 +389,10 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
     qblk: FeatureBlock = next(query.iter_blocks(len(query)))
     qv = scorer.transform_query(qblk)  # (n_query, D)
     index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train))
-    _write_scores(cfg, paths, fp, qv, scorer, train, progress)
+    if cfg.score.dense:
+        _write_scores(cfg, paths, fp, qv, scorer, train, progress)
+    else:
+        (paths.scores / "scores.npy").unlink(missing_ok=True)  # of an earlier configuration: not these scores
     top = index.top_k(qv, cfg.score.topk)
     save_npz(outputs["topk"], query_ids=qblk.ids, train_ids=train.ids(), proponent_ids=top.proponent_ids,
              proponent_scores=top.proponent_scores, opponent_ids=top.opponent_ids,

@@ -137,3 +137,15 @@ def test_gradient_scorers_run_from_config(tmp_path, scorer):
     expected = sum(w * qf[c] @ tf[c].T for c, w in enumerate(weights))
     got = np.load(out / "scores" / "scores.npy")
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_topk_only_scoring_skips_the_dense_matrix(tiny_run, tmp_path):
+    """score.dense=false (large n): top-k from the index, identical to the dense run's, no scores.npy."""
+    out = tmp_path / "topk-only"
+    shutil.copytree(tiny_run, out)
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), *TINY, "--from", "score",
+                 "--set", "score.dense=false"]) == 0
+    assert not (out / "scores" / "scores.npy").exists()
+    with np.load(tiny_run / "scores" / "topk.npz") as za, np.load(out / "scores" / "topk.npz") as zb:
+        for key in za.files:
+            np.testing.assert_array_equal(za[key], zb[key])
