@@ -299,13 +299,20 @@ LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"):
 QUERY_KEYS = ("query_split", "query_size", "query_path")
 
 
-def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True) -> str:
-    """Hash of the named sections of the resolved config (see :data:`LATER_KEYS`); with
-    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side)."""
+def stable_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as a dict without the :data:`LATER_KEYS` that sit at their defaults,
+    so hashes of configs written before those keys existed do not change."""
     d = cfg.to_dict()
     for (section, key), default in LATER_KEYS.items():
         if section in d and d[section].get(key) == default:
             del d[section][key]
+    return d
+
+
+def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True) -> str:
+    """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
+    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side)."""
+    d = stable_dict(cfg)
     if not queries:
         for key in QUERY_KEYS:
             d["data"].pop(key, None)
@@ -319,10 +326,7 @@ OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction")
 def scorer_fingerprint(cfg: RunConfig) -> str:
     """Hash of what the fitted scorer and the index depend on: the training side of the feature
     sections, the scorer's settings and the index settings (not the queries or output keys)."""
-    d = cfg.to_dict()
-    for (section, key), default in LATER_KEYS.items():
-        if section in d and d[section].get(key) == default:
-            del d[section][key]
+    d = stable_dict(cfg)
     for key in QUERY_KEYS:
         d["data"].pop(key, None)
     for key in OUTPUT_KEYS:

@@ -23,7 +23,7 @@ from tda.tasks import classification_margin
 from tda.training import train_classifier
 from tda.validation import brittleness, lds, removal_sets, score_noise, split_folds
 
-from .config import RunConfig
+from .config import RunConfig, stable_dict
 from .executors import make_executor
 from .ground_truth import GroundTruth, GroundTruthSpec, ResultStore, run_seed
 from .run import RunPaths, as_numpy_batch, build_model, datasets_for
@@ -63,7 +63,9 @@ def _tensors(cfg: RunConfig) -> tuple[dict, dict]:
 
 
 def job_fingerprint(cfg: RunConfig) -> str:
-    d = cfg.to_dict()
+    """Hash of the retraining recipe and the data it is measured on (keys added later and left at
+    their defaults are not hashed, so cached ground truth stays valid across versions)."""
+    d = stable_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}
     return fingerprint({"data": d["data"], "model": d["model"], "train": train})
 
