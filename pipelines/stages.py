@@ -24,7 +24,7 @@ from stores._io import atomic_write, save_json, save_npz, sha256_file
 from stores.feature_store import write_shard_files
 from tda.data import iter_batches
 from tda.errors import CheckpointError, IndexMismatchError, StoreError
-from tda.features import FeatureBlock
+from tda.features import FeatureBlock, concat_blocks
 from tda.kernel import iter_score_blocks
 
 from .executors import make_executor
@@ -386,7 +386,7 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     scorer = load_scorer(cfg, paths)
-    qblk: FeatureBlock = next(query.iter_blocks(len(query)))
+    qblk: FeatureBlock = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     qv = scorer.transform_query(qblk)  # (n_query, D)
     index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train))
     if cfg.score.dense:

@@ -75,6 +75,17 @@ def test_resume_after_lost_shards_gives_identical_scores(tiny_run, tmp_path):
     np.testing.assert_array_equal(np.load(copy / "scores" / "scores.npy"), np.load(tiny_run / "scores" / "scores.npy"))
 
 
+def test_queries_spanning_several_shards_are_all_scored(tmp_path):
+    """More queries than featurize.shard_size: every query shard is scored, not only the first."""
+    out = tmp_path / "multi"
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), *TINY,
+                 "--set", "featurize.shard_size=8", "--set", "train.models=1"]) == 0
+    n_query = load_config(ROOT / "configs" / "tiny.yaml").data.query_size  # 20 queries: 3 shards of 8
+    assert np.load(out / "scores" / "scores.npy").shape[0] == n_query
+    with np.load(out / "scores" / "topk.npz") as z:
+        assert len(z["query_ids"]) == len(z["proponent_ids"]) == n_query
+
+
 def test_query_cli(tiny_run, capsys):
     assert main(["query", "--run", str(tiny_run), "--example", "3", "-k", "4"]) == 0
     out = capsys.readouterr().out
