@@ -30,6 +30,7 @@ from tda.data import example_ids
 from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, RecordedDraws,
                            SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, train_ddpm)
 from tda.errors import CheckpointError, ConfigError, DataError
+from tda.features import concat_blocks
 from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, influence_counts,
                                    make_dtrak_scorer)
 from tda.tasks import Task
@@ -219,7 +220,7 @@ def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> dict[
     from .stages import load_scorer  # stages imports the family registry
 
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
-    qblk = next(query.iter_blocks(len(query)))
+    qblk = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     if family.mode(cfg) == "tracin":
         etas, k = family.learning_rates(cfg, paths), cfg.featurize.k
         scorers: dict[str, Any] = {"diffusion-tracin": DiffusionTracInScorer(etas, k),

@@ -16,7 +16,7 @@ import torch
 
 from stores import FeatureStore
 from stores._io import fingerprint, save_json
-from tda.features import ArrayFeatures, FeatureBlock
+from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.tasks import classification_margin
@@ -143,7 +143,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     v = cfg.validate
     train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     m = min(v.queries or len(query_store), len(query_store))
-    query = next(query_store.iter_blocks(len(query_store))).select(slice(0, m))
+    query = concat_blocks(list(query_store.iter_blocks())).select(slice(0, m))  # every shard
     spec = GroundTruthSpec(n=len(train), m=m, n_subsets=v.subsets, models_per_subset=v.models_per_subset,
                            alpha=v.alpha, seed=v.seed, job=job_fingerprint(cfg))
     gt = GroundTruth(Path(v.ground_truth_dir) if v.ground_truth_dir else paths.root / "ground-truth", spec)
