@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from tda.features import FeatureBlock, concat_blocks
 from tda.kernel import iter_score_blocks
 
 from .executors import make_executor
-from .config import SCORE_SECTIONS, RunConfig, section_fingerprint
+from .config import SCORE_SECTIONS, RunConfig, scorer_fingerprint, section_fingerprint
 from .families import family_for
 from .run import RunPaths, collate_for, datasets_for, feature_fingerprint, load_checkpoint_list, make_featurizer
 
@@ -86,34 +87,39 @@ def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, 
     """The split's store; ``k`` is the feature width (default ``featurize.k``)."""
     f = cfg.featurize
     ckpts = load_checkpoint_list(paths)
-    fp = feature_fingerprint(cfg) + f"-{split}"
+    fp = feature_fingerprint(cfg, split) + f"-{split}"
+    if split == "query" and _json_field(paths.store(split) / "manifest.json", "fingerprint") not in (None, fp):
+        logger.info("the queries changed: replacing %s", paths.store(split))  # derived data; we hold the run lock
+        shutil.rmtree(paths.store(split))
     return FeatureStore.create(paths.store(split), n=n, k=k or f.k, checkpoints=[c["id"] for c in ckpts],
                                shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split},
                                dtype=f.dtype)
 
 
 def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True,
-                    executor: Any = None) -> dict[str, FeatureStore]:
+                    executor: Any = None, stats: dict[str, Any] | None = None) -> dict[str, FeatureStore]:
     """Featurize the train and query splits into their stores, one job per (checkpoint, shard).
 
     Jobs run on ``executor`` (default: the one ``cfg.executor`` names: in this process, or on a
     dask cluster). Each job loads the model, checkpoint and data from paths, featurizes its rows
     and writes the shard's files atomically; this process checks and records each finished shard
     in the manifest as it arrives, so an interrupted run redoes only jobs in flight. Every
-    executor runs the same job code on the same batches, so stores are identical.
+    executor runs the same job code on the same batches, so stores are identical. ``stats``, if
+    given, receives per split the jobs and rows computed by this call (the rest were reused).
     """
     own = executor is None
     if own:
         e = cfg.executor
         executor = make_executor(e.kind, e.address, e.workers)
     try:
-        return _featurize_splits(cfg, paths, progress, executor)
+        return _featurize_splits(cfg, paths, progress, executor, {} if stats is None else stats)
     finally:
         if own:
             executor.close()
 
 
-def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor: Any) -> dict[str, FeatureStore]:
+def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor: Any,
+                      stats: dict[str, Any]) -> dict[str, FeatureStore]:
     data = datasets_for(cfg, paths)
     entries = {c["id"]: c for c in load_checkpoint_list(paths)}
     stores = {}
@@ -131,6 +137,8 @@ def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor:
             verified.add(c)
         store.drop_unrecorded_ids({s for _, s in pending})  # written by a job whose record never came
         rows = {s: store.shard_rows(s) for s in {s for _, s in pending}}
+        stats[split] = {"jobs": len(pending), "rows": sum(rows[s][1] - rows[s][0] for _, s in pending),
+                        "examples": len(store), "checkpoints": len(store.checkpoints)}
         bar = tqdm(total=sum(hi - lo for c, s in pending for lo, hi in [rows[s]]), desc=f"featurize {split}",
                    unit="ex", disable=not progress or not pending)
         job = FeaturizeJob(cfg.to_dict(), str(paths.root), split)
@@ -199,7 +207,7 @@ _WORKER_FEATURIZERS: dict[tuple[str, str], Any] = {}
 
 def _worker_featurizer(cfg: RunConfig, paths: RunPaths, split: str) -> Any:
     """The split's featurizer, built once per worker process and configuration."""
-    key = (feature_fingerprint(cfg) + str(paths.root), split)
+    key = (feature_fingerprint(cfg, split) + str(paths.root), split)
     if key not in _WORKER_FEATURIZERS:
         if len(_WORKER_FEATURIZERS) >= 2:
             _WORKER_FEATURIZERS.clear()
@@ -230,17 +238,17 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None):
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = scorer_fingerprint(cfg)
     if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
-    scorer = scorer_for(cfg, paths).fit(train)
+    scorer = scorer_for(cfg, paths).fit(_Counted(train, "index: fit scorer", progress))
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
                                              "hyperparameters": scorer.hyperparameters()})
-    index = build_index(train, scorer, cfg.index.kind, cfg.index.nlist, cfg.index.nprobe,
-                        meta={"fingerprint": fp})
+    index = build_index(_Counted(train, f"index: build {cfg.index.kind}", progress), scorer, cfg.index.kind,
+                        cfg.index.nlist, cfg.index.nprobe, meta={"fingerprint": fp})
     index.save(paths.index)
     return index
 
@@ -256,7 +264,7 @@ def _json_field(path: Path, key: str) -> Any:
 
 def load_scorer(cfg: RunConfig, paths: RunPaths):
     """The fitted scorer saved by the index stage (no pickle)."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = scorer_fingerprint(cfg)
     state_path = paths.scorer / "state.npz"
     if not state_path.is_file():
         raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
@@ -273,8 +281,29 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
     """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
     index = FaissIndex.load(paths.index)
-    return index.check(fingerprint=section_fingerprint(cfg, *SCORE_SECTIONS), dim=dim, n=n_train,
+    return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
                        fix="rebuild it with `tda run CONFIG --from index`")
+
+
+class _Counted:
+    """A feature source whose block iteration shows a progress bar (rows/s and ETA)."""
+
+    def __init__(self, source: FeatureStore, desc: str, progress: bool) -> None:
+        self.source, self.desc, self.progress = source, desc, progress
+        self.checkpoints = source.checkpoints
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def k(self) -> int:
+        return self.source.k
+
+    def iter_blocks(self, block_rows: int = 4096):
+        with tqdm(total=len(self.source), desc=self.desc, unit="ex", disable=not self.progress) as bar:
+            for blk in self.source.iter_blocks(block_rows):
+                yield blk
+                bar.update(len(blk))
 
 
 class _TrainFrom:
@@ -347,9 +376,12 @@ def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scor
 
 
 def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
-    """Dense scores (written block by block into a memmap, resumable) and top-k per query."""
+    """Dense scores (written block by block into a memmap, resumable; skipped with
+    ``score.dense: false``) and top-k per query from the index."""
     fp = section_fingerprint(cfg, *SCORE_SECTIONS)
-    outputs = {"scores": paths.scores / "scores.npy", "topk": paths.scores / "topk.npz"}
+    outputs = {"topk": paths.scores / "topk.npz"}
+    if cfg.score.dense:
+        outputs["scores"] = paths.scores / "scores.npy"
     if _json_field(paths.scores / "scores.json", "fingerprint") == fp and all(p.is_file() for p in outputs.values()):
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
@@ -357,7 +389,10 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
     qblk: FeatureBlock = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     qv = scorer.transform_query(qblk)  # (n_query, D)
     index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train))
-    _write_scores(cfg, paths, fp, qv, scorer, train, progress)
+    if cfg.score.dense:
+        _write_scores(cfg, paths, fp, qv, scorer, train, progress)
+    else:
+        (paths.scores / "scores.npy").unlink(missing_ok=True)  # of an earlier configuration: not these scores
     top = index.top_k(qv, cfg.score.topk)
     save_npz(outputs["topk"], query_ids=qblk.ids, train_ids=train.ids(), proponent_ids=top.proponent_ids,
              proponent_scores=top.proponent_scores, opponent_ids=top.opponent_ids,

@@ -121,9 +121,10 @@ def test_validate_cli_on_tiny_run(tiny_run, capsys):
     assert set(res["removal"]["modes"]) == {"top", "random", "bottom"}
     gt = json.loads((tiny_run / "ground-truth" / "manifest.json").read_text())
     assert len(gt["complete"]) == 8
-    # rerun: ground truth and removal retrainings are reused, not recomputed
+    # rerun as a stage of `tda run`: ground truth and removal retrainings are reused, not recomputed
     mtime = (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns
-    assert main(args) == 0
+    assert main(["run", *args[1:], "--only", "validate"]) == 0
+    assert "LDS over 8 subsets" in capsys.readouterr().out
     assert (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns == mtime
 
 
@@ -148,3 +149,15 @@ def test_gradient_scorers_run_from_config(tmp_path, scorer):
     expected = sum(w * qf[c] @ tf[c].T for c, w in enumerate(weights))
     got = np.load(out / "scores" / "scores.npy")
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_topk_only_scoring_skips_the_dense_matrix(tiny_run, tmp_path):
+    """score.dense=false (large n): top-k from the index, identical to the dense run's, no scores.npy."""
+    out = tmp_path / "topk-only"
+    shutil.copytree(tiny_run, out)
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), *TINY, "--from", "score",
+                 "--set", "score.dense=false"]) == 0
+    assert not (out / "scores" / "scores.npy").exists()
+    with np.load(tiny_run / "scores" / "topk.npz") as za, np.load(out / "scores" / "topk.npz") as zb:
+        for key in za.files:
+            np.testing.assert_array_equal(za[key], zb[key])
