@@ -22,9 +22,16 @@ from .run import RunPaths, claim_run_dir, datasets_for, ids_to_rows, load_checkp
 from .stages import STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_score, stage_train
 
 
+#: ``tda run`` stages: the default run stops after ``score``; ``validate`` (retrainings, slow)
+#: runs when named with ``--only validate`` or ``--from validate``.
+RUN_STAGES = (*STAGES, "validate")
+
+
 def _stages(args: argparse.Namespace) -> list[str]:
     if args.only:
         return [args.only]
+    if args.from_stage == "validate":
+        return ["validate"]
     start = STAGES.index(args.from_stage) if args.from_stage else 0
     return list(STAGES[start:])
 
@@ -63,6 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     paths = RunPaths(root)
     t0 = time.time()
     root.mkdir(parents=True, exist_ok=True)
+    todo = _stages(args)
+    progress = not args.quiet
+    done: list[str] = []
     with StoreLock(root):
         if paths.run_file.exists():
             try:
@@ -73,21 +83,47 @@ def cmd_run(args: argparse.Namespace) -> int:
                 paths.run_file.unlink()  # damaged or foreign: --overwrite replaces it
         claim_run_dir(cfg, root, args.overwrite)
         _cleanup_interrupted(paths, args.repair)
-        todo = _stages(args)
-        progress = not args.quiet
-        if "train" in todo:
-            stage_train(cfg, paths, progress)
-        if "featurize" in todo:
-            stage_featurize(cfg, paths, progress)
-        if "index" in todo:
-            stage_index(cfg, paths, progress)
-        if "score" in todo:
-            stage_score(cfg, paths, progress)
+        for stage in todo:
+            t = time.time()
+            done.append(_run_stage(stage, cfg, paths, progress) + f" ({time.time() - t:.1f}s)")
     if "score" in todo:
         print_report(cfg, paths)
-    print(f"\ndone in {time.time() - t0:.1f}s; outputs in {root}/ (checkpoints/, features-train/, "
-          "features-query/, scorer/, index/, scores/scores.npy, scores/topk.npz)")
+    e = cfg.executor
+    where = "local" if e.kind == "local" else f"dask ({e.address or f'LocalCluster, {e.workers} workers'})"
+    print(f"\n{cfg.name}: done in {time.time() - t0:.1f}s on the {where} executor")
+    for line in done:
+        print(f"  {line}")
+    print(f"outputs in {root}/: checkpoints/, features-train/, features-query/, scorer/, index/, "
+          "scores/scores.npy (n_query x n_train), scores/topk.npz")
     return 0
+
+
+def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> str:
+    """Run one stage; a line saying what it did (for the final summary)."""
+    if stage == "train":
+        ckpts = stage_train(cfg, paths, progress)
+        return f"train: {cfg.train.models} model(s), {len(ckpts)} attributed checkpoint(s)"
+    if stage == "featurize":
+        stats: dict = {}
+        stage_featurize(cfg, paths, progress, stats=stats)
+        parts = [f"{split} {s['examples']} examples x {s['checkpoints']} checkpoint(s), "
+                 f"{s['jobs']} shard job(s) run" + (f" ({s['rows']} rows)" if s["jobs"] else ", all reused")
+                 for split, s in stats.items()]
+        return "featurize: " + "; ".join(parts)
+    if stage == "index":
+        index = stage_index(cfg, paths, progress)
+        return f"index: {index.meta.get('kind', cfg.index.kind)} over {len(index)} training examples"
+    if stage == "score":
+        outputs = stage_score(cfg, paths, progress)
+        with np.load(outputs["topk"], allow_pickle=False) as z:
+            shape = (len(z["query_ids"]), len(z["train_ids"]))
+        dense = "dense scores and " if "scores" in outputs else ""
+        return (f"score: {cfg.score.scorer}, {shape[0]} queries x {shape[1]} training examples, "
+                f"{dense}top-{cfg.score.topk}")
+    if stage == "validate":
+        _validate(cfg, paths, progress)
+        return f"validate: results in {paths.root / 'validation'}/"
+    raise ConfigError(f"unknown stage {stage!r}; choose one of {RUN_STAGES}")
 
 
 def print_report(cfg: RunConfig, paths: RunPaths) -> None:
@@ -111,18 +147,24 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import stage_validate
-
     cfg = load_config(args.config, args.set)
-    if cfg.model.family != "classifier":  # the retraining jobs train classifiers
-        raise ConfigError(f"tda validate supports the classifier family only, not {cfg.model.family!r}")
     paths = RunPaths(Path(args.out or cfg.out_dir))
     if not paths.run_file.is_file():
         raise TDAError(f"{paths.root} has no finished run; run `tda run {args.config}` first")
     read_run_file(paths)
     with StoreLock(paths.root):
         claim_run_dir(cfg, paths.root, overwrite=False)
-        res = stage_validate(cfg, paths, progress=not args.quiet)
+        _validate(cfg, paths, progress=not args.quiet)
+    return 0
+
+
+def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
+    """The validate stage (under the run lock) and its printed summary."""
+    from .validate import stage_validate
+
+    if cfg.model.family != "classifier":  # the retraining jobs train classifiers
+        raise ConfigError(f"validation supports the classifier family only, not {cfg.model.family!r}")
+    res = stage_validate(cfg, paths, progress=progress)
     lds_ = res["lds"]
     print(f"LDS over {res['subsets']} subsets (alpha {res['alpha']}), {res['n_queries']} queries, "
           f"{res['checkpoints']} checkpoints; tuning fold chose lambda_rel={lds_['chosen_lambda_rel']:g}")
@@ -140,7 +182,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
                   f"flip rate {np.round(r['flip_rate'], 2).tolist()}")
         print(f"  brittleness (smallest k flipping, -1 none): {rm['brittleness']}")
     print(f"written to {paths.root / 'validation'}/")
-    return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -191,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace outputs of a different config in the run folder")
     r.add_argument("--repair", action="store_true",
                    help="check every stored shard against its sha256 and re-featurize missing, truncated or corrupt ones")
-    r.add_argument("--from", dest="from_stage", choices=STAGES, help="start at this stage (earlier outputs must exist)")
-    r.add_argument("--only", choices=STAGES, help="run just this stage")
+    r.add_argument("--from", dest="from_stage", choices=RUN_STAGES,
+                   help="start at this stage (earlier outputs must exist); validate runs only when named")
+    r.add_argument("--only", choices=RUN_STAGES, help="run just this stage")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate", help="counterfactual validation of a finished run: LDS, removal curves, noise")

@@ -52,6 +52,7 @@ class DataConfig:
     train_size: int | None = 10000  # first N training examples (None: all)
     query_split: str = "test"  # split the queries come from
     query_size: int = 500  # first N examples of the query split
+    query_path: str | None = None  # queries from a file instead: .parquet, .arrow, .csv, .json/.jsonl or a save_to_disk folder
 
     def __post_init__(self) -> None:
         _choice(self, "query_split", ("train", "test"))
@@ -139,6 +140,7 @@ class ScoreConfig:
     show: int = 3  # queries printed in the report
     block_rows: int = 8192  # training rows per scoring block
     influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
+    dense: bool = True  # write the dense (n_query x n_train) scores.npy; false: top-k from the index only (large n)
 
     def __post_init__(self) -> None:
         _positive(self, "topk", "block_rows")
@@ -165,7 +167,7 @@ class IndexConfig:
 
 @dataclass
 class ExecutorConfig:
-    """Where independent jobs (retrainings) run."""
+    """Where independent jobs run: featurize shards (checkpoint x partition) and retrainings."""
 
     kind: str = "local"  # "local" (in process) or "dask"
     address: str | None = None  # dask scheduler, e.g. tcp://10.0.0.5:8786; None starts a LocalCluster
@@ -301,19 +303,50 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 #: Keys added after the first release, hashed only when set away from these defaults, so that
 #: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
-LATER_KEYS = {("model", "family"): ModelConfig().family, ("model", "options"): {},
-              ("score", "influential_fraction"): ScoreConfig().influential_fraction,
+LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
+              ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True,
               ("featurize", "projection"): FeaturizeConfig().projection,
               ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out}
 
 
-def section_fingerprint(cfg: RunConfig, *sections: str) -> str:
-    """Hash of the named sections of the resolved config (see :data:`LATER_KEYS`)."""
+#: Data keys that choose the queries: the training side (checkpoints, train features, fitted
+#: scorer, index) does not depend on them, so changing the queries reuses all of it.
+QUERY_KEYS = ("query_split", "query_size", "query_path")
+
+
+def stable_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as a dict without the :data:`LATER_KEYS` that sit at their defaults,
+    so hashes of configs written before those keys existed do not change."""
     d = cfg.to_dict()
     for (section, key), default in LATER_KEYS.items():
         if section in d and d[section].get(key) == default:
             del d[section][key]
+    return d
+
+
+def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True) -> str:
+    """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
+    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side)."""
+    d = stable_dict(cfg)
+    if not queries:
+        for key in QUERY_KEYS:
+            d["data"].pop(key, None)
     return fingerprint({s: d[s] for s in sections})
+
+
+#: Score keys that change only what is written or printed, never the fitted scorer or index.
+OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction")
+
+
+def scorer_fingerprint(cfg: RunConfig) -> str:
+    """Hash of what the fitted scorer and the index depend on: the training side of the feature
+    sections, the scorer's settings and the index settings (not the queries or output keys)."""
+    d = stable_dict(cfg)
+    for key in QUERY_KEYS:
+        d["data"].pop(key, None)
+    for key in OUTPUT_KEYS:
+        d["score"].pop(key, None)
+    return fingerprint({s: d[s] for s in SCORE_SECTIONS})
 
 
 FEATURE_SECTIONS = ("data", "model", "train", "featurize")

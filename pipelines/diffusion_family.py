@@ -34,12 +34,13 @@ from tda.data import example_ids
 from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, RecordedDraws,
                            SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, train_ddpm)
 from tda.errors import CheckpointError, ConfigError, DataError
+from tda.features import concat_blocks
 from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, influence_counts,
                                    make_dtrak_scorer)
 from tda.tasks import Task
 
-from .families import (Family, SaveFn, collated, featurize_params_named, load_checkpoint_list, load_idx_split,
-                       projection_width, register_family, resolve_device)
+from .families import (Family, SaveFn, collated, featurize_params_named, image_query_file, load_checkpoint_list,
+                       load_idx_split, projection_width, register_family, resolve_device)
 from .report import format_examples
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ class DiffusionFamily(Family):
         """Train images; queries: the query split, then the generated images (with ``paths``)."""
         d, o = cfg.data, self.options(cfg)
         out = {"train": load_idx_split(d.root, "train", d.train_size, d.name),
-               "query": load_idx_split(d.root, d.query_split, d.query_size, d.name)}
+               "query": image_query_file(cfg) if d.query_path else
+               load_idx_split(d.root, d.query_split, d.query_size, d.name)}
         if o.generate and paths is not None:
             gen = self.generated_path(paths)
             if not gen.is_file():
@@ -230,7 +232,7 @@ def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> dict[
     from .stages import load_scorer  # stages imports the family registry
 
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
-    qblk = next(query.iter_blocks(len(query)))
+    qblk = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     if family.mode(cfg) == "tracin":
         etas, k = family.learning_rates(cfg, paths), projection_width(cfg)
         scorers: dict[str, Any] = {"diffusion-tracin": DiffusionTracInScorer(etas, k),

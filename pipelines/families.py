@@ -279,6 +279,20 @@ class ImageCollate:
                 "y": torch.from_numpy(np.array(rows["label"], dtype=np.int64))}
 
 
+def image_query_file(cfg: RunConfig):
+    """Image queries from ``data.query_path`` (parquet/arrow/csv/json, see :mod:`tda.query_files`),
+    checked against the data set's image shape and classes; cached per process."""
+    return _image_query_file(cfg.data.query_path, cfg.data.query_size, cfg.data.name)
+
+
+@functools.lru_cache(maxsize=4)
+def _image_query_file(path: str, limit: int, name: str):
+    from tda.query_files import image_queries, load_table
+
+    shape, classes, _ = IMAGE_DATA[name]
+    return image_queries(load_table(path, limit), shape, classes)
+
+
 def collated(dataset: Any, collate: Callable) -> dict[str, torch.Tensor]:
     """The whole dataset collated at once (small demo sets)."""
     return collate(arrow_columns(dataset.with_format("arrow")[:]))
@@ -320,10 +334,13 @@ class ClassifierFamily(Family):
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         d = cfg.data
         if d.name == "cifar2":
-            return {"train": load_cifar2(d.root, "train", d.train_size),
-                    "query": load_cifar2(d.root, d.query_split, d.query_size)}
-        return {"train": load_idx_split(d.root, "train", d.train_size, d.name),
-                "query": load_idx_split(d.root, d.query_split, d.query_size, d.name)}
+            out = {"train": load_cifar2(d.root, "train", d.train_size)}
+            query = (lambda: load_cifar2(d.root, d.query_split, d.query_size))
+        else:
+            out = {"train": load_idx_split(d.root, "train", d.train_size, d.name)}
+            query = (lambda: load_idx_split(d.root, d.query_split, d.query_size, d.name))
+        out["query"] = image_query_file(cfg) if d.query_path else query()
+        return out
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         shape, classes, _ = IMAGE_DATA[cfg.data.name]

@@ -117,6 +117,11 @@ class CausalLMFamily(Family):
         train = lm_sequences(text[:split], vocab, o.context, n=d.train_size)
         source = train if d.query_split == "train" else lm_sequences(text[split:], vocab, o.context)
         n_held = min(d.query_size, len(source))
+        if d.query_path:  # queries from a file: its (prompt, completion) rows and ids
+            from tda.query_files import load_table, text_queries
+
+            ids, pairs = text_queries(load_table(d.query_path, d.query_size))
+            return {"train": train, "query": completion_examples(vocab, pairs, o.context, ids)}
         seqs = [vocab.decode(r) for r in arrow_columns(source.with_format("arrow")[:n_held])["input_ids"]]
         pairs = [(p, c) for p, c in o.queries] + [(s[: o.prompt_len], s[o.prompt_len:]) for s in seqs]
         return {"train": train, "query": completion_examples(vocab, pairs, o.context)}

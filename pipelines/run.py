@@ -16,9 +16,9 @@ import torch
 
 from stores._io import save_json
 from tda.data import arrow_columns, example_ids, mnist_collate
-from tda.errors import FingerprintMismatchError, ForeignStoreError
+from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 
-from .config import FEATURE_SECTIONS, RunConfig, section_fingerprint
+from .config import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, section_fingerprint  # noqa: F401
 from .families import family_for, load_checkpoint_list, load_idx_split, resolve_device  # noqa: F401
 
 RUN_FILE = "run.json"
@@ -62,14 +62,26 @@ class RunPaths:
 
 
 def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
-    """Refuse a folder holding another configuration's outputs unless ``overwrite``."""
+    """Refuse a folder holding another configuration's outputs unless ``overwrite``.
+
+    The run belongs to the training side of the configuration (data, model, train, featurize,
+    without the choice of queries): a run with other queries reuses its checkpoints and train
+    features. ``run.json`` is rewritten only when the configuration changed.
+    """
     import shutil
 
-    fp = feature_fingerprint(cfg)
+    fp = feature_fingerprint(cfg, "train")
     paths = RunPaths(root)
+    record = {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict()}
+    old = None
     if paths.run_file.is_file():
-        old = json.loads(paths.run_file.read_text())
-        if old.get("feature_fingerprint") != fp:
+        try:
+            old = json.loads(paths.run_file.read_text())
+        except (OSError, ValueError) as exc:
+            if not overwrite:
+                raise StoreCorruptError(f"{paths.run_file} is not valid JSON ({exc}); restore it, or pass "
+                                        "--overwrite to replace the run folder") from exc
+        if not isinstance(old, dict) or old.get("feature_fingerprint") != fp:
             if not overwrite:
                 raise FingerprintMismatchError(
                     f"{root} holds outputs of a different configuration (data/model/train/featurize "
@@ -78,16 +90,19 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
             for child in root.iterdir():
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
+            old = None
     elif root.exists() and any(p.name != ".lock" for p in root.iterdir()):
         if not overwrite:
             raise ForeignStoreError(f"{root} is not empty and is not a tda run folder; choose an empty out_dir")
     root.mkdir(parents=True, exist_ok=True)
-    save_json(paths.run_file, {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict()})
+    if old != json.loads(json.dumps(record)):
+        save_json(paths.run_file, record)
 
 
-def feature_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything the stored features depend on (config sections plus the family's tag)."""
-    return section_fingerprint(cfg, *FEATURE_SECTIONS) + family_for(cfg).feature_tag(cfg)
+def feature_fingerprint(cfg: RunConfig, split: str = "query") -> str:
+    """Hash of everything the stored features of ``split`` depend on (config sections plus the
+    family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`)."""
+    return section_fingerprint(cfg, *FEATURE_SECTIONS, queries=split != "train") + family_for(cfg).feature_tag(cfg)
 
 
 def load_split(root: str, split: str, limit: int | None):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 
 from stores import FeatureStore, FaissIndex, build_index
 from stores._io import atomic_write, save_json, save_npz, sha256_file
+from stores.feature_store import write_shard_files
 from tda.data import iter_batches
 from tda.errors import CheckpointError, IndexMismatchError, StoreError
-from tda.features import FeatureBlock
+from tda.features import FeatureBlock, concat_blocks
 from tda.kernel import iter_score_blocks
 
-from .config import SCORE_SECTIONS, RunConfig, section_fingerprint
+from .executors import make_executor
+from .config import SCORE_SECTIONS, RunConfig, scorer_fingerprint, section_fingerprint
 from .families import family_for
 from .run import RunPaths, collate_for, datasets_for, feature_fingerprint, load_checkpoint_list, make_featurizer
 
@@ -85,42 +87,132 @@ def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, 
     """The split's store; ``k`` is the feature width (default ``featurize.k``)."""
     f = cfg.featurize
     ckpts = load_checkpoint_list(paths)
-    fp = feature_fingerprint(cfg) + f"-{split}"
+    fp = feature_fingerprint(cfg, split) + f"-{split}"
+    if split == "query" and _json_field(paths.store(split) / "manifest.json", "fingerprint") not in (None, fp):
+        logger.info("the queries changed: replacing %s", paths.store(split))  # derived data; we hold the run lock
+        shutil.rmtree(paths.store(split))
     return FeatureStore.create(paths.store(split), n=n, k=k or f.k, checkpoints=[c["id"] for c in ckpts],
                                shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split},
                                dtype=f.dtype)
 
 
-def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, FeatureStore]:
-    """Featurize the train and query splits into their stores, shard by shard."""
+def stage_featurize(cfg: RunConfig, paths: RunPaths, progress: bool = True,
+                    executor: Any = None, stats: dict[str, Any] | None = None) -> dict[str, FeatureStore]:
+    """Featurize the train and query splits into their stores, one job per (checkpoint, shard).
+
+    Jobs run on ``executor`` (default: the one ``cfg.executor`` names: in this process, or on a
+    dask cluster). Each job loads the model, checkpoint and data from paths, featurizes its rows
+    and writes the shard's files atomically; this process checks and records each finished shard
+    in the manifest as it arrives, so an interrupted run redoes only jobs in flight. Every
+    executor runs the same job code on the same batches, so stores are identical. ``stats``, if
+    given, receives per split the jobs and rows computed by this call (the rest were reused).
+    """
+    own = executor is None
+    if own:
+        e = cfg.executor
+        executor = make_executor(e.kind, e.address, e.workers)
+    try:
+        return _featurize_splits(cfg, paths, progress, executor, {} if stats is None else stats)
+    finally:
+        if own:
+            executor.close()
+
+
+def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor: Any,
+                      stats: dict[str, Any]) -> dict[str, FeatureStore]:
     data = datasets_for(cfg, paths)
     entries = {c["id"]: c for c in load_checkpoint_list(paths)}
-    ckpts = {c: paths.checkpoints / e["file"] for c, e in entries.items()}
     stores = {}
     verified: set[int] = set()
+    local = getattr(executor, "name", "") == "local"
     for split in ("train", "query"):
-        ds = data[split]
         featurizer = make_featurizer(cfg, split, paths)  # the family may featurize splits differently
-        store = open_store(cfg, paths, split, len(ds), featurizer.spec(), getattr(featurizer, "feature_dim", None))
+        store = open_store(cfg, paths, split, len(data[split]), featurizer.spec(),
+                           getattr(featurizer, "feature_dim", None))
         store.remove_orphans()  # temporary files of a writer that was killed (we hold the run lock)
         stores[split] = store
-        todo: dict[int, list[int]] = defaultdict(list)
-        for c, s in store.pending():
-            todo[c].append(s)
-        for c in set(todo) - verified:
-            _verify_checkpoint(ckpts[c], entries[c])
+        pending = store.pending()
+        for c in sorted({c for c, _ in pending} - verified):
+            _verify_checkpoint(paths.checkpoints / entries[c]["file"], entries[c])
             verified.add(c)
-        rows = sum(hi - lo for lo, hi in (store.shard_rows(s) for ss in todo.values() for s in ss))
-        bar = tqdm(total=rows, desc=f"featurize {split}", unit="ex", disable=not progress or not rows)
-        for c, shards in todo.items():
-            for s in shards:
-                lo, hi = store.shard_rows(s)
-                batches = iter_batches(ds, collate_for(cfg), cfg.featurize.batch_size, lo, hi)
-                parts = list(featurizer.featurize(ckpts[c], c, _counting(batches, bar)))
-                store.write_shard(c, s, *(np.concatenate(p) for p in zip(*parts)))
+        store.drop_unrecorded_ids({s for _, s in pending})  # written by a job whose record never came
+        rows = {s: store.shard_rows(s) for s in {s for _, s in pending}}
+        stats[split] = {"jobs": len(pending), "rows": sum(rows[s][1] - rows[s][0] for _, s in pending),
+                        "examples": len(store), "checkpoints": len(store.checkpoints)}
+        bar = tqdm(total=sum(hi - lo for c, s in pending for lo, hi in [rows[s]]), desc=f"featurize {split}",
+                   unit="ex", disable=not progress or not pending)
+        job = FeaturizeJob(cfg.to_dict(), str(paths.root), split)
+        if local:  # same job in this process: reuse the featurizer built above, count rows per batch
+            job.bind(featurizer, data[split], bar.update)
+        try:
+            for (c, s), records in executor.map_unordered(job, pending):
+                store.record(records)
+                if not local:
+                    bar.update(rows[s][1] - rows[s][0])
+        finally:
+            bar.close()
             featurizer.projector.clear_cache()
-        bar.close()
     return stores
+
+
+class FeaturizeJob:
+    """Featurize one ``(checkpoint, shard)`` of a split and write its files; returns their records.
+
+    Picklable and small: it carries the config as a plain dict and the run folder's path; a
+    worker builds the featurizer and data set once per process (cached) and loads the checkpoint
+    from the run folder. It never touches the manifest (the driver records what it returns).
+    """
+
+    def __init__(self, config: dict[str, Any], root: str, split: str) -> None:
+        self.config, self.root, self.split = config, root, split
+        self._bound: tuple[Any, Any, Any] | None = None
+
+    def bind(self, featurizer: Any, dataset: Any, on_rows: Any) -> None:
+        """Run in this process with an existing featurizer and data set, reporting rows as they finish."""
+        self._bound = (featurizer, dataset, on_rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "root": self.root, "split": self.split, "_bound": None}
+
+    def __call__(self, item: tuple[int, int]) -> dict[str, dict]:
+        from .config import parse_config
+
+        checkpoint, shard = item
+        cfg = parse_config(self.config)
+        paths = RunPaths(Path(self.root))
+        if self._bound is not None:
+            featurizer, dataset, on_rows = self._bound
+        else:
+            torch.set_num_threads(1)  # one job per worker thread; no oversubscription
+            featurizer, on_rows = _worker_featurizer(cfg, paths, self.split), None
+            dataset = datasets_for(cfg, paths)[self.split]
+        entry = {c["id"]: c for c in load_checkpoint_list(paths)}[checkpoint]
+        store_root = paths.store(self.split)
+        manifest = json.loads((store_root / "manifest.json").read_text())
+        n, size = manifest["n"], manifest["shard_size"]
+        lo, hi = shard * size, min(n, (shard + 1) * size)
+        batches = iter_batches(dataset, collate_for(cfg), cfg.featurize.batch_size, lo, hi)
+        if on_rows is not None:
+            batches = _counting(batches, on_rows)
+        parts = list(featurizer.featurize(paths.checkpoints / entry["file"], checkpoint, batches))
+        ids, feats, q = (np.concatenate(p) for p in zip(*parts))
+        if feats.shape != (hi - lo, manifest["k"]):
+            raise StoreError(f"featurizer returned {feats.shape} features for rows {lo}..{hi - 1} of the "
+                             f"{self.split} store (k={manifest['k']}); the store belongs to another configuration")
+        return write_shard_files(store_root, checkpoint, shard, ids, feats, q, manifest["dtype"])
+
+
+_WORKER_FEATURIZERS: dict[tuple[str, str], Any] = {}
+
+
+def _worker_featurizer(cfg: RunConfig, paths: RunPaths, split: str) -> Any:
+    """The split's featurizer, built once per worker process and configuration."""
+    key = (feature_fingerprint(cfg, split) + str(paths.root), split)
+    if key not in _WORKER_FEATURIZERS:
+        if len(_WORKER_FEATURIZERS) >= 2:
+            _WORKER_FEATURIZERS.clear()
+        _WORKER_FEATURIZERS[key] = make_featurizer(cfg, split, paths)
+    return _WORKER_FEATURIZERS[key]
 
 
 def _verify_checkpoint(path: Path, entry: dict[str, Any]) -> None:
@@ -134,10 +226,10 @@ def _verify_checkpoint(path: Path, entry: dict[str, Any]) -> None:
         )
 
 
-def _counting(batches, bar):
+def _counting(batches, on_rows):
     for ids, batch in batches:
         yield ids, batch
-        bar.update(len(ids))
+        on_rows(len(ids))
 
 
 def scorer_for(cfg: RunConfig, paths: RunPaths | None = None):
@@ -146,17 +238,17 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None):
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = scorer_fingerprint(cfg)
     if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
-    scorer = scorer_for(cfg, paths).fit(train)
+    scorer = scorer_for(cfg, paths).fit(_Counted(train, "index: fit scorer", progress))
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
                                              "hyperparameters": scorer.hyperparameters()})
-    index = build_index(train, scorer, cfg.index.kind, cfg.index.nlist, cfg.index.nprobe,
-                        meta={"fingerprint": fp})
+    index = build_index(_Counted(train, f"index: build {cfg.index.kind}", progress), scorer, cfg.index.kind,
+                        cfg.index.nlist, cfg.index.nprobe, meta={"fingerprint": fp})
     index.save(paths.index)
     return index
 
@@ -172,7 +264,7 @@ def _json_field(path: Path, key: str) -> Any:
 
 def load_scorer(cfg: RunConfig, paths: RunPaths):
     """The fitted scorer saved by the index stage (no pickle)."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = scorer_fingerprint(cfg)
     state_path = paths.scorer / "state.npz"
     if not state_path.is_file():
         raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
@@ -189,8 +281,29 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
     """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
     index = FaissIndex.load(paths.index)
-    return index.check(fingerprint=section_fingerprint(cfg, *SCORE_SECTIONS), dim=dim, n=n_train,
+    return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
                        fix="rebuild it with `tda run CONFIG --from index`")
+
+
+class _Counted:
+    """A feature source whose block iteration shows a progress bar (rows/s and ETA)."""
+
+    def __init__(self, source: FeatureStore, desc: str, progress: bool) -> None:
+        self.source, self.desc, self.progress = source, desc, progress
+        self.checkpoints = source.checkpoints
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def k(self) -> int:
+        return self.source.k
+
+    def iter_blocks(self, block_rows: int = 4096):
+        with tqdm(total=len(self.source), desc=self.desc, unit="ex", disable=not self.progress) as bar:
+            for blk in self.source.iter_blocks(block_rows):
+                yield blk
+                bar.update(len(blk))
 
 
 class _TrainFrom:
@@ -263,17 +376,23 @@ def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scor
 
 
 def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
-    """Dense scores (written block by block into a memmap, resumable) and top-k per query."""
+    """Dense scores (written block by block into a memmap, resumable; skipped with
+    ``score.dense: false``) and top-k per query from the index."""
     fp = section_fingerprint(cfg, *SCORE_SECTIONS)
-    outputs = {"scores": paths.scores / "scores.npy", "topk": paths.scores / "topk.npz"}
+    outputs = {"topk": paths.scores / "topk.npz"}
+    if cfg.score.dense:
+        outputs["scores"] = paths.scores / "scores.npy"
     if _json_field(paths.scores / "scores.json", "fingerprint") == fp and all(p.is_file() for p in outputs.values()):
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     scorer = load_scorer(cfg, paths)
-    qblk: FeatureBlock = next(query.iter_blocks(len(query)))
+    qblk: FeatureBlock = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     qv = scorer.transform_query(qblk)  # (n_query, D)
     index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train))
-    _write_scores(cfg, paths, fp, qv, scorer, train, progress)
+    if cfg.score.dense:
+        _write_scores(cfg, paths, fp, qv, scorer, train, progress)
+    else:
+        (paths.scores / "scores.npy").unlink(missing_ok=True)  # of an earlier configuration: not these scores
     top = index.top_k(qv, cfg.score.topk)
     save_npz(outputs["topk"], query_ids=qblk.ids, train_ids=train.ids(), proponent_ids=top.proponent_ids,
              proponent_scores=top.proponent_scores, opponent_ids=top.opponent_ids,

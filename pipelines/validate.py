@@ -16,14 +16,14 @@ import torch
 
 from stores import FeatureStore
 from stores._io import fingerprint, save_json
-from tda.features import ArrayFeatures, FeatureBlock
+from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.tasks import classification_margin
 from tda.training import train_classifier
 from tda.validation import brittleness, lds, removal_sets, score_noise, split_folds
 
-from .config import RunConfig
+from .config import RunConfig, stable_dict
 from .executors import make_executor
 from .ground_truth import GroundTruth, GroundTruthSpec, ResultStore, run_seed
 from .run import RunPaths, as_numpy_batch, build_model, datasets_for
@@ -63,7 +63,9 @@ def _tensors(cfg: RunConfig) -> tuple[dict, dict]:
 
 
 def job_fingerprint(cfg: RunConfig) -> str:
-    d = cfg.to_dict()
+    """Hash of the retraining recipe and the data it is measured on (keys added later and left at
+    their defaults are not hashed, so cached ground truth stays valid across versions)."""
+    d = stable_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}
     return fingerprint({"data": d["data"], "model": d["model"], "train": train})
 
@@ -141,7 +143,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     v = cfg.validate
     train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     m = min(v.queries or len(query_store), len(query_store))
-    query = next(query_store.iter_blocks(len(query_store))).select(slice(0, m))
+    query = concat_blocks(list(query_store.iter_blocks())).select(slice(0, m))  # every shard
     spec = GroundTruthSpec(n=len(train), m=m, n_subsets=v.subsets, models_per_subset=v.models_per_subset,
                            alpha=v.alpha, seed=v.seed, job=job_fingerprint(cfg))
     gt = GroundTruth(Path(v.ground_truth_dir) if v.ground_truth_dir else paths.root / "ground-truth", spec)

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -229,6 +229,13 @@ class FeatureStore:
         if orphans:
             logger.info("removed %d temporary files of an interrupted writer in %s", len(orphans), self.root)
         return orphans
+
+    def drop_unrecorded_ids(self, shards: Iterable[int]) -> None:
+        """Delete ids files of ``shards`` that the manifest does not record (left by a writer whose
+        record never arrived), so that parallel writers start from a clean slate (under the lock)."""
+        for s in shards:
+            if shard_key("ids", None, s) not in self.manifest["complete"]:
+                shard_path(self.root, "ids", None, s).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- properties
     @property

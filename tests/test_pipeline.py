@@ -75,6 +75,17 @@ def test_resume_after_lost_shards_gives_identical_scores(tiny_run, tmp_path):
     np.testing.assert_array_equal(np.load(copy / "scores" / "scores.npy"), np.load(tiny_run / "scores" / "scores.npy"))
 
 
+def test_queries_spanning_several_shards_are_all_scored(tmp_path):
+    """More queries than featurize.shard_size: every query shard is scored, not only the first."""
+    out = tmp_path / "multi"
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), *TINY,
+                 "--set", "featurize.shard_size=8", "--set", "train.models=1"]) == 0
+    n_query = load_config(ROOT / "configs" / "tiny.yaml").data.query_size  # 20 queries: 3 shards of 8
+    assert np.load(out / "scores" / "scores.npy").shape[0] == n_query
+    with np.load(out / "scores" / "topk.npz") as z:
+        assert len(z["query_ids"]) == len(z["proponent_ids"]) == n_query
+
+
 def test_query_cli(tiny_run, capsys):
     assert main(["query", "--run", str(tiny_run), "--example", "3", "-k", "4"]) == 0
     out = capsys.readouterr().out
@@ -110,9 +121,10 @@ def test_validate_cli_on_tiny_run(tiny_run, capsys):
     assert set(res["removal"]["modes"]) == {"top", "random", "bottom"}
     gt = json.loads((tiny_run / "ground-truth" / "manifest.json").read_text())
     assert len(gt["complete"]) == 8
-    # rerun: ground truth and removal retrainings are reused, not recomputed
+    # rerun as a stage of `tda run`: ground truth and removal retrainings are reused, not recomputed
     mtime = (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns
-    assert main(args) == 0
+    assert main(["run", *args[1:], "--only", "validate"]) == 0
+    assert "LDS over 8 subsets" in capsys.readouterr().out
     assert (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns == mtime
 
 
@@ -137,3 +149,15 @@ def test_gradient_scorers_run_from_config(tmp_path, scorer):
     expected = sum(w * qf[c] @ tf[c].T for c, w in enumerate(weights))
     got = np.load(out / "scores" / "scores.npy")
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_topk_only_scoring_skips_the_dense_matrix(tiny_run, tmp_path):
+    """score.dense=false (large n): top-k from the index, identical to the dense run's, no scores.npy."""
+    out = tmp_path / "topk-only"
+    shutil.copytree(tiny_run, out)
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), *TINY, "--from", "score",
+                 "--set", "score.dense=false"]) == 0
+    assert not (out / "scores" / "scores.npy").exists()
+    with np.load(tiny_run / "scores" / "topk.npz") as za, np.load(out / "scores" / "topk.npz") as zb:
+        for key in za.files:
+            np.testing.assert_array_equal(za[key], zb[key])

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from pipelines.cli import main
-from pipelines.config import SCORE_SECTIONS, load_config, section_fingerprint
+from pipelines.config import load_config, scorer_fingerprint
 from pipelines.run import RunPaths
 from pipelines.stages import open_store
 from stores import FaissIndex, FeatureStore, StoreLock, shard_path
@@ -423,7 +423,7 @@ def test_second_writer_is_refused(run, capsys):
 
 def test_index_of_another_configuration_or_dimension(run, capsys):
     cfg = load_config(TINY, [f"data.root={MNIST}"])
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = scorer_fingerprint(cfg)
     # an index of other vectors (dimension 10) that claims this run's fingerprint
     rng = np.random.default_rng(0)
     vec = rng.standard_normal((300, 10)).astype(np.float32)
