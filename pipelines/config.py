@@ -103,7 +103,8 @@ class FeaturizeConfig:
     the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are
     unused), ``params`` names modules (or prefixes) instead of parameters, and parameters of
     other layers (norms, embeddings) are skipped and listed in the store manifest. ``k_in`` /
-    ``k_out`` are ignored by the dense projection.
+    ``k_out`` are ignored by the dense projection (set away from their defaults they still
+    enter the fingerprint, so such a run folder is not reused).
     """
 
     k: int = 1024  # projection dimension
