@@ -52,11 +52,12 @@ class FaissIndex:
     @classmethod
     def build(cls, blocks: Iterable[tuple[np.ndarray, np.ndarray]], dim: int, kind: str = "flat",
               nlist: int | None = None, nprobe: int = 16, n_hint: int | None = None,
-              meta: dict[str, Any] | None = None) -> "FaissIndex":
+              meta: dict[str, Any] | None = None, sample: np.ndarray | None = None) -> "FaissIndex":
         """Build from ``(ids (b,), vectors (b, dim))`` blocks.
 
-        For ``ivf`` the first blocks (up to 64 * nlist rows) train the coarse quantizer;
-        ``nlist`` defaults to about ``4 sqrt(n)``.
+        For ``ivf`` the coarse quantizer is trained on ``sample`` (rows drawn across the whole
+        store, see :func:`build_index`), else on the first blocks (up to 64 * nlist rows), which is
+        biased when the store is sorted (by class, by time); ``nlist`` defaults to about ``4 sqrt(n)``.
         """
         faiss = _faiss()
         blocks = iter(blocks)
@@ -68,13 +69,17 @@ class FaissIndex:
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
             pending = []
-            rows = 0
-            for ids, vec in blocks:  # gather a training sample
-                pending.append((ids, vec))
-                rows += len(ids)
-                if rows >= 64 * nlist:
-                    break
-            sample = np.concatenate([v for _, v in pending]).astype(np.float32)
+            if sample is None:
+                rows = 0
+                for ids, vec in blocks:  # gather a training sample from the first blocks
+                    pending.append((ids, vec))
+                    rows += len(ids)
+                    if rows >= 64 * nlist:
+                        break
+                sample = np.concatenate([v for _, v in pending])
+            sample = np.ascontiguousarray(sample, dtype=np.float32)
+            if sample.ndim != 2 or sample.shape[1] != dim:
+                raise ShapeError(f"the IVF training sample must be (rows, {dim}), got {sample.shape}")
             if len(sample) < nlist:
                 raise StoreError(f"IVF with nlist={nlist} needs at least {nlist} vectors, got {len(sample)}; lower nlist or use kind 'flat'")
             index.train(sample)
@@ -170,4 +175,14 @@ def build_index(train: FeatureSource, scorer: Scorer, kind: str = "flat", nlist:
         yield from blocks
 
     info = {"scorer": scorer.name, "hyperparameters": scorer.hyperparameters(), **(meta or {})}
-    return FaissIndex.build(chained(), dim, kind, nlist, nprobe, n_hint=len(train), meta=info)
+    sample = None
+    if kind == "ivf":  # train the quantizer on rows drawn from the whole store, not its first rows
+        n = len(train)
+        rate = min(1.0, 64 * (nlist or max(1, int(4 * math.sqrt(n)))) / max(n, 1))
+        rng = np.random.default_rng(0)
+        parts = [first[1][rng.random(len(first[0])) < rate]]
+        rest = train.iter_blocks(block_rows)
+        next(rest)  # the first block is transformed already
+        parts += [scorer.transform_train(b)[rng.random(len(b)) < rate] for b in rest]
+        sample = np.concatenate(parts)
+    return FaissIndex.build(chained(), dim, kind, nlist, nprobe, n_hint=len(train), meta=info, sample=sample)
