@@ -9,13 +9,16 @@ so layers after it cost nothing.
 :class:`RepresentationFeaturizer` has the interface of :class:`tda.featurize.Featurizer`
 (``featurize(state, checkpoint, batches)`` yielding ``(ids, feats (B, h), q (B,))``), so the
 Attributor and the pipelines can store representations wherever they store gradient features;
-``q`` is all ones (representations have no loss weight).
+``q`` is all ones (representations have no loss weight). Models whose inputs are not one
+batch entry (a DDPM's ``(x_t, t)``, a padded text's mask) pass ``inputs``: a function of the
+batch returning one or more ``(model input, attention mask)`` views, whose pooled
+representations are averaged (e.g. over a seeded grid of diffusion timesteps).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +30,8 @@ from .gradients import check_finite, eval_mode
 from .tasks import Batch
 
 ModelInput = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+#: ``inputs(batch, ids)`` -> views ``[(model input, (B, T) attention mask or None), ...]``
+InputViews = Callable[[Batch, np.ndarray], Sequence[tuple[ModelInput, Tensor | None]]]
 
 
 class _Captured(Exception):
@@ -151,6 +156,22 @@ def hidden_states(
     return pool(captured[0], attention_mask)
 
 
+def _to_device(batch_input: ModelInput, device: torch.device) -> ModelInput:
+    if isinstance(batch_input, Tensor):
+        return batch_input.to(device)
+    if isinstance(batch_input, Mapping):
+        return {k: v.to(device) for k, v in batch_input.items()}
+    return [v.to(device) for v in batch_input]
+
+
+class _Unprojected:
+    """The ``projector`` of the featurizer interface: representations are stored unprojected,
+    so there is no projection matrix to cache or clear."""
+
+    def clear_cache(self) -> None:
+        return None
+
+
 class RepresentationFeaturizer:
     """Hidden representations of a named module under given checkpoints.
 
@@ -164,6 +185,9 @@ class RepresentationFeaturizer:
         device: where the forward runs (default: the model's device).
         mask_key: optional batch entry holding a (B, T) attention mask for sequence pooling;
             ignored when the batch has no such entry.
+        inputs: optional ``inputs(batch, ids) -> [(model input, mask or None), ...]``
+            replacing ``input_key``/``mask_key``; the representation is the mean over the views.
+        feature_dim: width h of the representation when known (else set by :meth:`probe`).
     """
 
     def __init__(
@@ -173,6 +197,8 @@ class RepresentationFeaturizer:
         input_key: str = "x",
         device: str | torch.device | None = None,
         mask_key: str | None = "attention_mask",
+        inputs: InputViews | None = None,
+        feature_dim: int | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
@@ -180,11 +206,34 @@ class RepresentationFeaturizer:
         self.module_name = module_name
         self.input_key = input_key
         self.mask_key = mask_key
+        self.inputs = inputs
+        self.feature_dim = feature_dim
+        self.projector = _Unprojected()
 
     def spec(self) -> dict[str, Any]:
         """What determines the features (recorded in manifests and compared on reuse)."""
-        return {"representation": self.module_name, "input_key": self.input_key,
+        spec = {"representation": self.module_name, "input_key": self.input_key,
                 "mask_key": self.mask_key, "pooling": "mean-over-tokens"}
+        if self.inputs is not None:
+            views = getattr(self.inputs, "spec", None)
+            spec["inputs"] = views() if callable(views) else getattr(self.inputs, "__name__", type(self.inputs).__name__)
+        return spec
+
+    def probe(self, batch: Batch, ids: Sequence[int]) -> int:
+        """Run one batch under the current weights to learn (and set) :attr:`feature_dim`."""
+        feats, _ = self.featurize_batch(batch, ids, 0)
+        self.feature_dim = int(feats.shape[1])
+        return self.feature_dim
+
+    def _views(self, batch: Batch, ids: Sequence[int]) -> Sequence[tuple[ModelInput, Tensor | None]]:
+        if self.inputs is not None:
+            return self.inputs(batch, np.asarray(ids))
+        if self.input_key not in batch:
+            raise ShapeError(
+                f"batch has no {self.input_key!r} entry (has {sorted(batch)}); pass "
+                "RepresentationFeaturizer(input_key=...) naming the model's input column"
+            )
+        return [(batch[self.input_key], batch.get(self.mask_key) if self.mask_key is not None else None)]
 
     def featurize_batch(
         self, batch: Batch, ids: Sequence[int], checkpoint: int
@@ -193,15 +242,10 @@ class RepresentationFeaturizer:
 
         ``checkpoint`` is unused (kept for the :class:`~tda.featurize.Featurizer` signature).
         """
-        if self.input_key not in batch:
-            raise ShapeError(
-                f"batch has no {self.input_key!r} entry (has {sorted(batch)}); pass "
-                "RepresentationFeaturizer(input_key=...) naming the model's input column"
-            )
-        x = batch[self.input_key].to(self.device)
-        mask = batch.get(self.mask_key) if self.mask_key is not None else None
-        h = hidden_states(self.model, self.module_name, x,
-                          None if mask is None else mask.to(self.device))  # (B, h)
+        views = self._views(batch, ids)
+        h = torch.stack([hidden_states(self.model, self.module_name, _to_device(x, self.device),
+                                       None if mask is None else mask.to(self.device))
+                         for x, mask in views]).mean(dim=0)  # (B, h), averaged over the views
         check_finite(h, ids, f"representations of module {self.module_name!r}")
         return h.cpu().numpy(), np.ones(h.shape[0], dtype=np.float32)
 

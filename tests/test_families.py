@@ -40,7 +40,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 # ------------------------------------------------------------------ registry and config
 def test_registry_knows_the_families_and_names_them_on_error() -> None:
     assert isinstance(get_family("classifier"), ClassifierFamily)
-    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac")
+    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac", "tracin", "graddot",
+                                               "gradcos", "repsim", "airrep")
+    generic = {"tracin", "graddot", "gradcos", "repsim", "airrep"}  # every scorer on every family
+    assert all(generic <= set(get_family(name).scorers) for name in ("classifier", "causal-lm", "diffusion"))
     with pytest.raises(ConfigError, match=r"model.family is 'gan'; choose one of \(.*'classifier', 'diffusion'"):
         parse_config({"model": {"family": "gan"}})
     with pytest.raises(ConfigError, match="already registered"):
@@ -69,6 +72,7 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         cfg = load_config(ROOT / "configs" / name)
         old = cfg.to_dict()
         del old["model"]["family"], old["model"]["options"], old["score"]["influential_fraction"]
+        del old["score"]["options"]
         for sections in (FEATURE_SECTIONS, SCORE_SECTIONS):
             assert section_fingerprint(cfg, *sections) == fingerprint({s: old[s] for s in sections})
         assert feature_fingerprint(cfg) == section_fingerprint(cfg, *FEATURE_SECTIONS)
