@@ -29,7 +29,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,10 @@ from pipelines.ground_truth import GroundTruth, GroundTruthSpec  # noqa: E402
 from pipelines.run import as_numpy_batch, build_model, datasets_for  # noqa: E402
 from pipelines.score_options import score_options  # noqa: E402
 from pipelines.validate import job_fingerprint  # noqa: E402
-from tda.airrep import AirRepData, HeadConfig  # noqa: E402
+from tda.airrep import AirRepData  # noqa: E402
 from tda.features import ArrayFeatures, FeatureBlock  # noqa: E402
 from tda.kernel import score_matrix  # noqa: E402
-from tda.representations import RepresentationFeaturizer, hidden_states  # noqa: E402
+from tda.representations import RepresentationFeaturizer  # noqa: E402
 from tda.scorers import AirRepScorer, RepSimScorer, TRAKScorer  # noqa: E402
 from tda.validation import split_folds  # noqa: E402
 
@@ -63,23 +62,13 @@ def airrep_config(args: argparse.Namespace):
     return parse_config({k: base[k] for k in ("data", "model", "train", "featurize", "score")})
 
 
-def representations(cfg, state: dict, dataset) -> FeatureBlock:
-    """Hidden-layer representations (1, n, 128) of a dataset under one model."""
+def representations(cfg, state: dict, dataset, label_aware: bool = False) -> FeatureBlock:
+    """Hidden-layer representations (1, n, 128) of a dataset under one model, or with
+    ``label_aware`` the label-aware ``(onehot(y) - softmax(logits)) (x) h`` (1, n, 10 * 128)."""
     b = as_numpy_batch(dataset)
-    ((ids, h, q),) = RepresentationFeaturizer(build_model(cfg), "1").featurize(state, 0, [(np.arange(len(b["y"])), b)])
+    feat = RepresentationFeaturizer(build_model(cfg), "1", label_key="y" if label_aware else None)
+    ((ids, h, q),) = feat.featurize(state, 0, [(np.arange(len(b["y"])), b)])
     return FeatureBlock(np.asarray(dataset["id"]), h[None], q[None])
-
-
-def label_aware(cfg, state: dict, dataset) -> FeatureBlock:
-    """``(onehot(y) - softmax(logits)) (x) h`` per example: (1, n, 10 * 128)."""
-    b = as_numpy_batch(dataset)
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    with torch.no_grad():
-        h, p = hidden_states(model, "1", b["x"]), torch.softmax(model.eval()(b["x"]), dim=1)  # (n, 128), (n, 10)
-    err = torch.nn.functional.one_hot(b["y"], p.shape[1]).float() - p
-    feats = (err[:, :, None] * h[:, None, :]).reshape(len(h), -1).numpy()
-    return FeatureBlock(np.asarray(dataset["id"]), feats[None], np.ones((1, len(h))))
 
 
 def fit_airrep(train: FeatureBlock, queries: FeatureBlock, sup, keys: dict, head) -> tuple[AirRepScorer, float]:
@@ -98,7 +87,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs of the attributed model (lds.py's cache: 10)")
     p.add_argument("--subset-epochs", type=int, default=10, help="epochs of AirRep's subset models")
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=0, help="head MLP width (0: linear, the default head)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--pooling", default="sum")
     p.add_argument("--k", type=int, default=512)
@@ -132,21 +121,15 @@ def main() -> None:
     t_sup = time.time() - t1
 
     state = train_models(cfg, gt_cache, 1, half=False)[0]  # cached full-00.pt
-    h_train, h_test = representations(cfg, state, data["train"]), representations(cfg, state, data["query"])
-    h_queries = representations(cfg, state, queries)
-    train_src = ArrayFeatures(h_train, [0])
-    rows = {"RepSim (hidden layer, cosine)": score_matrix(h_test, RepSimScorer().fit(train_src), train_src)}
     torch.set_num_threads(1)  # the head's small matmuls: one thread is faster on a shared machine
-    head = score_options(cfg).head_config()
-    airrep, t_head = fit_airrep(h_train, h_queries, sup, keys, head)
-    rows[f"AirRep (hidden layer; {args.hidden or 'linear'} -> {args.width}, {args.pooling})"] = score_matrix(
-        h_test, airrep, train_src)
-    la = {split: label_aware(cfg, state, d) for split, d in (("train", data["train"]), ("query", data["query"]),
-                                                              ("airrep", queries))}
-    linear = HeadConfig(**{**asdict(head), "hidden": 0})
-    airrep_la, t_la = fit_airrep(la["train"], la["airrep"], sup, keys, linear)
-    rows[f"AirRep ((e_y - p) x h; linear -> {args.width})"] = score_matrix(
-        la["query"], airrep_la, ArrayFeatures(la["train"], [0]))
+    head, rows, fitted = score_options(cfg).head_config(), {}, {}
+    for label_aware, label in ((False, "hidden layer"), (True, "label-aware (e_y - p) x h")):
+        feats = {split: representations(cfg, state, d, label_aware) for split, d in
+                 (("train", data["train"]), ("test", data["query"]), ("airrep", queries))}
+        src = ArrayFeatures(feats["train"], [0])
+        rows[f"RepSim ({label}, cosine)"] = score_matrix(feats["test"], RepSimScorer().fit(src), src)
+        fitted[label] = fit_airrep(feats["train"], feats["airrep"], sup, keys, head)
+        rows[f"AirRep ({label})"] = score_matrix(feats["test"], fitted[label][0], src)
     tf, tq = featurize(cfg, [state], args.k, "full", gt_cache)  # cached k=512 features of full-00
     src = ArrayFeatures(first(tf, 1), [0])
     rows["TRAK-1 (default lambda)"] = score_matrix(first(tq, 1), TRAKScorer().fit(src), src)
@@ -154,12 +137,13 @@ def main() -> None:
     res = {name: evaluate(s, masks, outputs, folds, tuned=False) for name, s in rows.items()}
     print(f"\nMNIST MLP 784-128-10, 5000 train / 500 test queries; ground truth {gt_cache / 'gt-100'} (100 subsets)")
     print(f"AirRep supervision: {args.subsets} subsets x {args.queries} training queries (train images "
-          f"{int(h_queries.ids[0])}..{int(h_queries.ids[-1])}), {args.subset_epochs} epochs each, {t_sup:.0f}s here "
+          f"{int(queries['id'][0])}..{int(queries['id'][-1])}), {args.subset_epochs} epochs each, {t_sup:.0f}s here "
           f"(stored in {sup.store.root}); subsets equal to ground-truth subsets: {overlap}")
-    for label, scorer, secs in (("hidden layer", airrep, t_head), ("label-aware", airrep_la, t_la)):
+    for label, (scorer, secs) in fitted.items():
         fit = scorer.fitted
-        print(f"AirRep head ({label}): step {fit.best_step} of {args.steps} kept (held-out Spearman "
-              f"{max(fit.val_spearman):.3f}), loss {fit.loss[0]:.3f} -> {fit.loss[-1]:.3f}, {secs:.1f}s")
+        print(f"AirRep head on {label}: {args.hidden or 'linear'} -> {args.width}, {args.pooling} pooling; step "
+              f"{fit.best_step} of {args.steps} kept (held-out Spearman {max(fit.val_spearman):.3f}), loss "
+              f"{fit.loss[0]:.3f} -> {fit.loss[-1]:.3f}, {secs:.1f}s")
     print(f"{'method':<40} {'LDS all queries/subsets':>26} {'LDS report fold':>26}")
     for name, r in res.items():
         cells = [f"{r[k]['mean']:.3f} [{r[k]['ci_low']:.3f}, {r[k]['ci_high']:.3f}]" for k in ("all", "report")]

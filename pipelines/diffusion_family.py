@@ -1,7 +1,7 @@
 """The ``diffusion`` model family: a small DDPM on 28x28 images (:mod:`tda.diffusion`).
 
 Scorers: ``dtrak`` (TRAK on features averaged over a timestep grid, both sides the selected
-output ``model.options.output``), ``diffusion-tracin`` and ``diffusion-retrac`` (train side: the
+output ``model.options.output``; ``trak`` is the same), ``diffusion-tracin`` and ``diffusion-retrac`` (train side: the
 training loss at the draw each example was trained with, replayed from the training log; query
 side: one slot per grid draw), the generic ``tracin``, ``graddot`` and ``gradcos`` on those same
 slot features (:class:`tda.scorers.SlotScorer`; ``tracin`` gives Diffusion-TracIn's scores), and
@@ -100,7 +100,8 @@ class DiffusionFamily(Family):
     name = "diffusion"
     archs = ("unet",)
     data_names = ("mnist", "fashion-mnist")
-    scorers = ("dtrak", "diffusion-tracin", "diffusion-retrac", "tracin", "graddot", "gradcos", "repsim", "airrep")
+    scorers = ("dtrak", "diffusion-tracin", "diffusion-retrac", "trak", "tracin", "graddot", "gradcos", "repsim",
+               "airrep")
     options_type = DiffusionOptions
     airrep_budget = (64, 16, 1 / 6)  # a subset model: ~15 s on 2 cores at the demo's size (5 of 30 epochs)
 
@@ -109,9 +110,9 @@ class DiffusionFamily(Family):
         return NoiseSchedule(o.T, o.beta_start, o.beta_end)
 
     def mode(self, cfg: RunConfig) -> str:
-        """``"dtrak"`` (grid-averaged gradients), ``"repr"`` (representations) or ``"tracin"``
-        (per-draw slots: diffusion-tracin/-retrac, tracin, graddot, gradcos) features."""
-        if cfg.score.scorer == "dtrak":
+        """``"dtrak"`` (grid-averaged gradients: dtrak, trak), ``"repr"`` (representations) or
+        ``"tracin"`` (per-draw slots: diffusion-tracin/-retrac, tracin, graddot, gradcos) features."""
+        if cfg.score.scorer in ("dtrak", "trak"):
             return "dtrak"
         return "repr" if self.uses_representations(cfg) else "tracin"
 

@@ -89,6 +89,7 @@ class Family:
     #: AirRep's budget where score.options leaves it unset: training queries, subsets, and the
     #: subset models' epochs as a share of train.epochs (rounded up); sized to take minutes
     airrep_budget: tuple[int, int, float] = (256, 32, 0.5)
+    label_key: str | None = None  # batch entry of class labels (label-aware representations), if any
 
     # -- required hooks
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
@@ -115,7 +116,8 @@ class Family:
             if value not in allowed:
                 raise ConfigError(f"{key} is {value!r}; the {self.name!r} family supports: choose one of {allowed}")
         self.options(cfg)
-        score_options(cfg)
+        if getattr(score_options(cfg), "label_aware", False) and self.label_key is None:
+            raise ConfigError(f"score.options.label_aware needs class labels; the {self.name!r} family has none")
 
     def options(self, cfg: RunConfig) -> Any:
         """``model.options`` parsed into :attr:`options_type`."""
@@ -157,7 +159,8 @@ class Family:
         """Appended to the feature fingerprint when settings outside data/model/train/featurize
         change the features: the representation module for ``repsim`` / ``airrep``, else empty."""
         if self.uses_representations(cfg):
-            return "-repr-" + fingerprint({"module": self.module_name(cfg)})
+            label = {"label_aware": True} if score_options(cfg).label_aware else {}
+            return "-repr-" + fingerprint({"module": self.module_name(cfg), **label})
         return ""
 
     def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
@@ -196,10 +199,13 @@ class Family:
         return None
 
     def representation_featurizer(self, cfg: RunConfig, split: str) -> RepresentationFeaturizer:
-        """Representations of :meth:`module_name`; the width is probed on one training example."""
+        """Representations of :meth:`module_name` (label-aware with ``score.options.label_aware``
+        where the family has labels: :attr:`label_key`); the width is probed on one training example."""
+        label = self.label_key if score_options(cfg).label_aware else None
         feat = RepresentationFeaturizer(self.build_model(cfg).eval(), self.module_name(cfg),
                                         device=resolve_device(cfg.featurize.device),
-                                        inputs=self.representation_inputs(cfg, split))
+                                        inputs=None if label else self.representation_inputs(cfg, split),
+                                        label_key=label)
         train = self.datasets(cfg)["train"]
         feat.probe(collated(train.select(range(1)), self.collate(cfg)), example_ids(train)[:1])
         return feat
@@ -374,6 +380,7 @@ class ClassifierFamily(Family):
     archs = ("mlp", "cnn")
     data_names = tuple(IMAGE_DATA)
     scorers = ("trak", "tracin", "graddot", "gradcos", "repsim", "airrep")
+    label_key = "y"
 
     def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
         """The rate each checkpoint's epoch was trained with: the linearly decaying SGD schedule of

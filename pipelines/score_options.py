@@ -26,6 +26,7 @@ class RepSimOptions:
     """``score.options`` of ``repsim`` (METHODS.md section 5)."""
 
     module: str | None = None  # module whose output is h(z) (None: the family's default)
+    label_aware: bool = False  # classifier: features (onehot(y) - softmax(logits)) x h instead of h
     metric: str = "cosine"  # "cosine" or "dot"
 
     def __post_init__(self) -> None:
@@ -38,6 +39,7 @@ class AirRepOptions:
     """``score.options`` of ``airrep``: supervision budget and the encoder head (tda/airrep.py)."""
 
     module: str | None = None  # module whose output is h(z) (None: the family's default)
+    label_aware: bool | None = None  # (onehot(y) - softmax(logits)) x h; None: yes where the family has labels
     queries: int | None = None  # training queries, disjoint from training set and evaluation queries (None: family default)
     subsets: int | None = None  # random training subsets, one retraining each (None: family default)
     alpha: float = 0.5  # subset size as a fraction of the training set
@@ -45,13 +47,13 @@ class AirRepOptions:
     seed: int = 0  # subsets, retraining seeds, head initialisation
     data_dir: str | None = None  # retraining results (default <out_dir>/airrep); share it across runs
     width: int = 64  # embedding width D
-    hidden: int = 128  # head MLP hidden width (0: linear head)
+    hidden: int = 0  # head MLP hidden width (0: a linear head)
     steps: int = 300  # head training steps (Adam)
     lr: float = 3e-3
     weight_decay: float = 1e-4
     pooling: str = "sum"  # group score: "sum" or "attention" (AirRep's softmax over |<e_q, e_i>|)
     temperature: float = 1.0  # attention softmax temperature
-    center: bool = True  # subtract each retraining's mean output over the queries (shared noise)
+    center: bool = False  # subtract each retraining's mean output over the queries (shared noise)
     val_fraction: float = 0.2  # training queries and subsets held out to choose the best head step
 
     def __post_init__(self) -> None:
@@ -68,12 +70,15 @@ class AirRepOptions:
                           center=self.center, val_fraction=self.val_fraction, seed=self.seed)
 
     def resolved(self, cfg: RunConfig) -> "AirRepOptions":
-        """Unset budget keys filled from the family's :attr:`~pipelines.families.Family.airrep_budget`:
-        ``queries``, ``subsets``, and ``subset_epochs = ceil(share * train.epochs)``."""
+        """Unset keys filled in by the family: ``queries``, ``subsets`` and ``subset_epochs =
+        ceil(share * train.epochs)`` from :attr:`~pipelines.families.Family.airrep_budget`;
+        ``label_aware`` where the family has class labels (:attr:`~pipelines.families.Family.label_key`)."""
         from .families import family_for
 
-        queries, subsets, share = family_for(cfg).airrep_budget
-        return replace(self, queries=self.queries or queries, subsets=self.subsets or subsets,
+        family = family_for(cfg)
+        queries, subsets, share = family.airrep_budget
+        label_aware = family.label_key is not None if self.label_aware is None else self.label_aware
+        return replace(self, queries=self.queries or queries, subsets=self.subsets or subsets, label_aware=label_aware,
                        subset_epochs=self.subset_epochs or max(1, math.ceil(share * cfg.train.epochs)))
 
 

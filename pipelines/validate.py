@@ -15,6 +15,7 @@ import numpy as np
 
 from stores import FeatureStore
 from stores._io import fingerprint, save_json
+from tda.errors import ConfigError
 from tda.features import ArrayFeatures, FeatureBlock
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
@@ -24,6 +25,7 @@ from .config import LATER_KEYS, RunConfig
 from .executors import make_executor
 from .ground_truth import GroundTruth, GroundTruthSpec, ResultStore, run_seed
 from .run import RunPaths
+from .score_options import REPRESENTATION_SCORERS
 from .subset_jobs import ClassifierSubsetJob
 
 
@@ -118,6 +120,12 @@ def removal_curves(cfg: RunConfig, paths: RunPaths, scores: np.ndarray, executor
 
 def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Any]:
     """Ground truth (resumable), LDS on folds, noise, optional removal curves; writes validation/."""
+    if cfg.score.scorer in REPRESENTATION_SCORERS:
+        raise ConfigError(
+            f"tda validate measures TRAK on the run's gradient features, but this {cfg.score.scorer} run stores "
+            "representations; validate a gradient-feature run of the same config (e.g. score.scorer=trak), or score "
+            "scores/scores.npy against the ground truth with tda.validation.lds"
+        )
     v = cfg.validate
     train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     m = min(v.queries or len(query_store), len(query_store))

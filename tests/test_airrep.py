@@ -215,10 +215,14 @@ def test_score_options_are_checked_and_change_the_right_fingerprints() -> None:
         load_config(tiny, ["score.options={metric: dot}"])
     with pytest.raises(ConfigError, match="metric"):
         load_config(tiny, ["score.scorer=repsim", "score.options={metric: l2}"])
+    with pytest.raises(ConfigError, match="label_aware needs class labels; the 'diffusion' family has none"):
+        load_config(ROOT / "configs" / "mnist_ddpm.yaml", ["score.scorer=airrep", "score.options.label_aware=true"])
     trak, repsim = load_config(tiny), load_config(tiny, ["score.scorer=repsim"])
-    airrep = load_config(tiny, ["score.scorer=airrep", "score.options={steps: 5}"])
+    airrep = load_config(tiny, ["score.scorer=airrep", "score.options={steps: 5, label_aware: false}"])
+    aware = load_config(tiny, ["score.scorer=airrep"])  # label-aware by default where labels exist
     other = load_config(tiny, ["score.scorer=repsim", "score.options={module: '0'}"])
     assert feature_fingerprint(repsim) == feature_fingerprint(airrep) != feature_fingerprint(trak)
+    assert feature_fingerprint(aware) != feature_fingerprint(airrep)
     assert feature_fingerprint(other) != feature_fingerprint(repsim)  # another module, other features
     assert section_fingerprint(repsim, *FEATURE_SECTIONS) == section_fingerprint(trak, *FEATURE_SECTIONS)
 
@@ -235,7 +239,8 @@ def test_airrep_runs_end_to_end_and_resumes_its_retrainings(tmp_path, monkeypatc
     assert "proponents" in capsys.readouterr().out
     train, query = FeatureStore.open(run / "features-train"), FeatureStore.open(run / "features-query")
     spec = json.loads((run / "features-train" / "manifest.json").read_text())["spec"]
-    assert train.k == query.k == 16 and spec["representation"] == "1"  # the MLP's hidden ReLU
+    assert spec["representation"] == "1" and spec["label_aware"] == "y"  # the MLP's hidden ReLU, label-aware
+    assert train.k == query.k == 10 * 16
     scores = np.load(run / "scores" / "scores.npy")
     assert scores.shape == (20, 300) and np.isfinite(scores).all()
     with np.load(run / "scores" / "topk.npz") as z:
@@ -246,7 +251,7 @@ def test_airrep_runs_end_to_end_and_resumes_its_retrainings(tmp_path, monkeypatc
     prov = json.loads((folder / "provenance.json").read_text())
     assert prov["disjoint"] and prov["query_keys"] == ["mnist/train/300", "mnist/train/329"]
     with np.load(run / "scorer" / "state.npz", allow_pickle=False) as z:
-        assert z["head.layers.0.weight"].shape == (8, 32) and len(z["loss"]) == 30  # M*H = 2 models x 16
+        assert z["head.layers.0.weight"].shape == (8, 320) and len(z["loss"]) == 30  # 2 models x 10 x 16
 
     calls = []
     real = subset_jobs.ClassifierSubsetJob.run
@@ -256,3 +261,5 @@ def test_airrep_runs_end_to_end_and_resumes_its_retrainings(tmp_path, monkeypatc
     assert main(args + ["--from", "index", "--set", "score.options.steps=31"]) == 0
     assert len(calls) == 1  # only the lost retraining is redone
     assert main(["query", "--run", str(run), "--example", "3", "-k", "2"]) == 0
+    assert main(["validate", *args[1:]]) == 2  # TRAK on representations would be meaningless
+    assert "stores representations" in capsys.readouterr().err

@@ -40,9 +40,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 # ------------------------------------------------------------------ registry and config
 def test_registry_knows_the_families_and_names_them_on_error() -> None:
     assert isinstance(get_family("classifier"), ClassifierFamily)
-    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac", "tracin", "graddot",
-                                               "gradcos", "repsim", "airrep")
-    generic = {"tracin", "graddot", "gradcos", "repsim", "airrep"}  # every scorer on every family
+    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac", "trak", "tracin",
+                                               "graddot", "gradcos", "repsim", "airrep")
+    generic = {"trak", "tracin", "graddot", "gradcos", "repsim", "airrep"}  # every scorer on every family
     assert all(generic <= set(get_family(name).scorers) for name in ("classifier", "causal-lm", "diffusion"))
     with pytest.raises(ConfigError, match=r"model.family is 'gan'; choose one of \(.*'classifier', 'diffusion'"):
         parse_config({"model": {"family": "gan"}})

@@ -163,6 +163,15 @@ def test_diffusion_runs_tracin_graddot_gradcos_on_shared_slot_features(tmp_path,
     assert corr > 0.9  # both are learning-rate weighted / averaged versions of the same inner products
 
 
+def test_diffusion_trak_is_dtrak_on_the_same_features(tmp_path) -> None:
+    from pipelines.run import feature_fingerprint
+    from tda.scorers import TRAKScorer
+
+    trak, dtrak = (load_config(_ddpm(tmp_path, name)) for name in ("trak", "dtrak"))
+    assert feature_fingerprint(trak) == feature_fingerprint(dtrak)
+    assert isinstance(get_family("diffusion").scorer(trak), TRAKScorer)
+
+
 @needs_mnist
 def test_diffusion_airrep_subset_job_returns_grid_losses(tmp_path) -> None:
     cfg = load_config(_ddpm(tmp_path, "airrep", options={"queries": 4, "subsets": 2}))

@@ -24,6 +24,10 @@ As transforms: train ``concat_c(-sqrt(eta_c) u_c,i)``, query ``concat_c(sqrt(eta
 u_c,s(z))`` with ``u = phi`` (TracIn) or ``phi / n`` (ReTrac): scored by :mod:`tda.kernel` and
 served by the FAISS index like every scorer.
 
+The generic TracInCP, Grad-Dot and Grad-Cos run on the same slot features through
+:class:`SlotScorer` (train side the negated recorded-draw loss gradient, query side the mean
+over draws); its ``tracin`` equals Diffusion-TracIn.
+
 :func:`generally_influential` counts training examples in the top-k of many queries, the
 failure of TracIn that ReTrac's normalisation addresses.
 """
