@@ -112,7 +112,7 @@ def main() -> None:
     queries = family.airrep_queries(cfg)
     keys = {"train": family.provenance(cfg, "train"), "queries": family.provenance(cfg, "airrep"),
             "evaluation": family.provenance(cfg, "query")}
-    sup = airrep_ground_truth(cfg, None, len(data["train"]), keys["queries"])
+    sup = airrep_ground_truth(cfg, None, len(data["train"]), len(queries), keys["queries"])
     overlap = int((sup.masks[:, None, :] == masks[None, :, :]).all(axis=2).sum())
     t1 = time.time()
     if sup.pending():

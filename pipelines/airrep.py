@@ -50,21 +50,23 @@ logger = logging.getLogger(__name__)
 AIRREP_STREAM = 3
 
 
-def airrep_spec(cfg: RunConfig, n_train: int, query_keys: list[str]) -> GroundTruthSpec:
-    """The retraining spec of a run's AirRep supervision (recipe, epochs and queries hashed in ``job``)."""
+def airrep_spec(cfg: RunConfig, n_train: int, n_queries: int, query_keys: list[str]) -> GroundTruthSpec:
+    """The retraining spec of a run's AirRep supervision (recipe, epochs and the queries' provenance
+    keys hashed in ``job``; a text query has one key per character)."""
     from .validate import job_fingerprint
 
     o = score_options(cfg)
     job = fingerprint({"recipe": job_fingerprint(cfg), "family": cfg.model.family, "epochs": o.subset_epochs,
                        "queries": fingerprint(query_keys)})
-    return GroundTruthSpec(n=n_train, m=len(query_keys), n_subsets=o.subsets, models_per_subset=1, alpha=o.alpha,
+    return GroundTruthSpec(n=n_train, m=n_queries, n_subsets=o.subsets, models_per_subset=1, alpha=o.alpha,
                            seed=run_seed(o.seed, AIRREP_STREAM), job=job)
 
 
-def airrep_ground_truth(cfg: RunConfig, paths: RunPaths | None, n_train: int, query_keys: list[str]) -> GroundTruth:
+def airrep_ground_truth(cfg: RunConfig, paths: RunPaths | None, n_train: int, n_queries: int,
+                        query_keys: list[str]) -> GroundTruth:
     """The (resumable) retraining results of the AirRep supervision, in their shareable folder."""
     o = score_options(cfg)
-    spec = airrep_spec(cfg, n_train, query_keys)
+    spec = airrep_spec(cfg, n_train, n_queries, query_keys)
     if o.data_dir is None and paths is None:
         raise ConfigError("AirRep retraining results need score.options.data_dir or a run folder")
     base = Path(o.data_dir) if o.data_dir else paths.root / "airrep"
@@ -92,10 +94,11 @@ def airrep_supervision(cfg: RunConfig, paths: RunPaths, progress: bool = True) -
     keys = {"train": family.provenance(cfg, "train", paths), "queries": family.provenance(cfg, "airrep", paths),
             "evaluation": family.provenance(cfg, "query", paths)}
     check_disjoint(keys["queries"], {"training examples": keys["train"], "evaluation queries": keys["evaluation"]})
-    gt = airrep_ground_truth(cfg, paths, len(data["train"]), keys["queries"])
+    gt = airrep_ground_truth(cfg, paths, len(data["train"]), len(queries), keys["queries"])
+    ids = example_ids(queries)
     save_json(gt.store.root / "provenance.json", {
-        "disjoint": True, "train": len(keys["train"]), "queries": len(keys["queries"]),
-        "evaluation": len(keys["evaluation"]), "query_keys": [keys["queries"][0], keys["queries"][-1]],
+        "disjoint": True, "train": len(data["train"]), "queries": len(queries), "query_ids": [int(ids[0]), int(ids[-1])],
+        "keys": {role: {"count": len(k), "first": k[0], "last": k[-1]} for role, k in keys.items() if k},
         "subset_epochs": o.subset_epochs})
     e = cfg.executor
     if gt.pending():
@@ -103,7 +106,7 @@ def airrep_supervision(cfg: RunConfig, paths: RunPaths, progress: bool = True) -
         with make_executor(e.kind, e.address, e.workers) as executor:
             gt.compute(family.subset_job(cfg, "airrep", o.subset_epochs), executor, progress)
     return AirRepData(train_ids=example_ids(data["train"]), query_feats=featurize_queries(cfg, paths, queries),
-                      query_ids=example_ids(queries), masks=gt.masks, outputs=gt.mean_outputs(), provenance=keys)
+                      query_ids=ids, masks=gt.masks, outputs=gt.mean_outputs(), provenance=keys)
 
 
 def airrep_scorer(cfg: RunConfig, paths: RunPaths | None) -> AirRepScorer:

@@ -220,6 +220,8 @@ class Family:
         from; equal keys are the same underlying example (:func:`tda.airrep.check_disjoint`).
         Default: ``<data.name>/<split>/<id>`` with ids as positions in the split."""
         d = cfg.data
+        if role not in ("train", "query", "airrep"):
+            raise ConfigError(f"provenance role {role!r} is unknown; use 'train', 'query' or 'airrep'")
         if role == "airrep":
             return [f"{d.name}/train/{i}" for i in example_ids(self.airrep_queries(cfg))]
         split = "train" if role == "train" else d.query_split

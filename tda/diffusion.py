@@ -360,7 +360,8 @@ class NoisedInputs:
     representation of an image is averaged over its draws (e.g. a :class:`GridDraws` grid).
 
     Args:
-        schedule: the model's noise schedule. draws: ``(t, noise seed)`` per example and slot.
+        schedule: the model's noise schedule. draws: ``(t, noise seed)`` per example and slot,
+            asked for checkpoint 0 (grid and seeded draws do not depend on the checkpoint).
     """
 
     def __init__(self, schedule: NoiseSchedule, draws: Draws) -> None:

@@ -4,6 +4,7 @@ the diffusion family's slot features, and the AirRep subset jobs of the LM and D
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,19 @@ def test_lm_repsim_from_config_finds_each_sequence_itself(tmp_path) -> None:
         np.testing.assert_allclose(z["proponent_scores"][1:, 0], 1.0, atol=1e-5)  # cosine with itself
 
 
+def test_lm_airrep_runs_end_to_end(tmp_path) -> None:
+    """Text queries have one provenance key per character: the retraining width is the query count."""
+    pytest.importorskip("transformers")
+    options = {"queries": 6, "subsets": 3, "subset_epochs": 1, "steps": 10, "width": 4}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(_lm_config(tmp_path, "airrep", options)))
+    assert main(["run", str(path), "--quiet"]) == 0
+    scores = np.load(tmp_path / "airrep" / "scores" / "scores.npy")
+    assert scores.shape == (4, 30) and np.isfinite(scores).all()
+    (folder,) = (tmp_path / "airrep" / "airrep").iterdir()
+    assert json.loads((folder / "provenance.json").read_text())["query_ids"] == [30, 35]
+
+
 def test_lm_airrep_queries_and_subset_job(tmp_path) -> None:
     pytest.importorskip("transformers")
     cfg = parse_config(_lm_config(tmp_path, "airrep", {"queries": 4, "subsets": 2}))
@@ -184,3 +198,17 @@ def test_diffusion_airrep_subset_job_returns_grid_losses(tmp_path) -> None:
     out = job((np.arange(24), 3))
     assert out.shape == (4,) and np.isfinite(out).all() and np.all(out > 0)  # mean L_simple over the grid
     np.testing.assert_array_equal(job((np.arange(24), 3)), out)
+
+
+@needs_mnist
+def test_diffusion_airrep_runs_end_to_end(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    options = {"queries": 6, "subsets": 3, "subset_epochs": 1, "steps": 10, "width": 4}
+    assert main(["run", str(_ddpm(tmp_path, "airrep", options=options)), "--out", str(run), "--quiet"]) == 0
+    assert "airrep" in capsys.readouterr().out
+    scores = np.load(run / "scores" / "scores.npy")
+    assert scores.shape == (5, 48) and np.isfinite(scores).all()
+    (folder,) = (run / "airrep").iterdir()
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["query_ids"] == [48, 53] and prov["keys"]["evaluation"]["last"] == "generated/1000001"
+
