@@ -135,13 +135,14 @@ class FeaturizeConfig:
 class ScoreConfig:
     """Scoring and what the report prints."""
 
-    scorer: str = "trak"  # the family lists its scorers (classifier: trak; diffusion: dtrak, diffusion-tracin/-retrac)
+    scorer: str = "trak"  # the family lists its scorers (every family: trak/dtrak, tracin, graddot, gradcos, repsim, airrep)
     lambda_rel: float = 0.01  # TRAK ridge relative to mean diag(Phi^T Phi)
     topk: int = 10  # proponents/opponents kept per query
     show: int = 3  # queries printed in the report
     block_rows: int = 8192  # training rows per scoring block
     influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
     dense: bool = True  # write the dense (n_query x n_train) scores.npy; false: top-k from the index only (large n)
+    options: dict[str, Any] = field(default_factory=dict)  # repsim / airrep settings (pipelines/score_options.py)
 
     def __post_init__(self) -> None:
         _positive(self, "topk", "block_rows")
@@ -306,7 +307,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 #: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
 LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
               ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True,
-              ("featurize", "projection"): FeaturizeConfig().projection,
+              ("score", "options"): {}, ("featurize", "projection"): FeaturizeConfig().projection,
               ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out}
 
 

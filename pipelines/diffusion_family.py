@@ -1,14 +1,20 @@
 """The ``diffusion`` model family: a small DDPM on 28x28 images (:mod:`tda.diffusion`).
 
 Scorers: ``dtrak`` (TRAK on features averaged over a timestep grid, both sides the selected
-output ``model.options.output``), ``diffusion-tracin`` and ``diffusion-retrac`` (train side: the
-training loss at the draw each example was trained with, replayed from the training log, or with
-``model.options.train_draws: grid`` the training-loss gradient averaged over a timestep grid (one
-pooled slot); query side: one slot per grid draw). The two feature layouts differ, so the
-scorer's kind is part of the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Either
-layout takes the dense or, with ``featurize.projection: factored``, the per-layer Kronecker
+output ``model.options.output``; ``trak`` is the same), ``diffusion-tracin`` and ``diffusion-retrac``
+(train side: the training loss at the draw each example was trained with, replayed from the
+training log, or with ``model.options.train_draws: grid`` the training-loss gradient averaged
+over a timestep grid (one pooled slot); query side: one slot per grid draw), the generic
+``tracin``, ``graddot`` and ``gradcos`` on those same slot features
+(:class:`tda.scorers.SlotScorer`; ``tracin`` gives Diffusion-TracIn's scores), and the
+representation scorers ``repsim`` and ``airrep`` on the UNet bottleneck (``mid``) averaged over
+the query grid's draws (:class:`tda.diffusion.NoisedInputs`). The feature layouts differ, so
+their kind is part of the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Gradient
+layouts take the dense or, with ``featurize.projection: factored``, the per-layer Kronecker
 projection of the UNet's convolutions and linear layers (:mod:`tda.factored`; GroupNorm
-parameters are not covered).
+parameters are not covered). AirRep's training queries are training-split images after
+``data.train_size``; its subset models report the output averaged over a seeded grid
+(:class:`pipelines.subset_jobs.DiffusionSubsetJob`).
 
 Queries are the configured query split followed by ``model.options.generate`` images sampled
 from model 0 after training (ids from :data:`GENERATED_ID0`, label -1). The report prints the
@@ -31,16 +37,16 @@ from torch import nn
 from stores import FeatureStore
 from stores._io import save_json, save_npz
 from tda.data import example_ids
-from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, RecordedDraws,
-                           SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, train_ddpm)
+from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, NoisedInputs,
+                           RecordedDraws, SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, train_ddpm)
 from tda.errors import CheckpointError, ConfigError, DataError
 from tda.features import concat_blocks
-from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, influence_counts,
+from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, influence_counts,
                                    make_dtrak_scorer)
 from tda.tasks import Task
 
 from .families import (Family, SaveFn, collated, featurize_params_named, image_query_file, load_checkpoint_list,
-                       load_idx_split, projection_width, register_family, resolve_device)
+                       load_idx_split, projection_width, register_family, resolve_device, train_split_tail)
 from .report import format_examples
 
 if TYPE_CHECKING:
@@ -102,16 +108,21 @@ class DiffusionFamily(Family):
     name = "diffusion"
     archs = ("unet",)
     data_names = ("mnist", "fashion-mnist")
-    scorers = ("dtrak", "diffusion-tracin", "diffusion-retrac")
+    scorers = ("dtrak", "diffusion-tracin", "diffusion-retrac", "trak", "tracin", "graddot", "gradcos", "repsim",
+               "airrep")
     options_type = DiffusionOptions
+    airrep_budget = (64, 16, 1 / 6)  # a subset model: ~15 s on 2 cores at the demo's size (5 of 30 epochs)
 
     def schedule(self, cfg: RunConfig):
         o = self.options(cfg)
         return NoiseSchedule(o.T, o.beta_start, o.beta_end)
 
     def mode(self, cfg: RunConfig) -> str:
-        """``"dtrak"`` (grid-averaged gradients) or ``"tracin"`` (per-draw slots) features."""
-        return "dtrak" if cfg.score.scorer == "dtrak" else "tracin"
+        """``"dtrak"`` (grid-averaged gradients: dtrak, trak), ``"repr"`` (representations) or
+        ``"tracin"`` (per-draw slots: diffusion-tracin/-retrac, tracin, graddot, gradcos) features."""
+        if cfg.score.scorer in ("dtrak", "trak"):
+            return "dtrak"
+        return "repr" if self.uses_representations(cfg) else "tracin"
 
     @staticmethod
     def log_path(paths: RunPaths, model_index: int) -> Path:
@@ -183,9 +194,39 @@ class DiffusionFamily(Family):
             return float(DiffusionTask(self.schedule(cfg), "loss").output(model.eval(), batch).mean())
 
     def feature_tag(self, cfg: RunConfig) -> str:
-        return f"-{self.mode(cfg)}"
+        return super().feature_tag(cfg) if self.mode(cfg) == "repr" else f"-{self.mode(cfg)}"
+
+    def representation_module(self, cfg: RunConfig) -> str:
+        """The UNet bottleneck (its ``mid`` residual block)."""
+        return "mid"
+
+    def representation_inputs(self, cfg: RunConfig, split: str) -> NoisedInputs:
+        """``(x_t, t)`` at every draw of the query grid (timesteps x noises), seeded per side."""
+        o = self.options(cfg)
+        return NoisedInputs(self.schedule(cfg), GridDraws(o.T, o.timesteps, o.noise_draws, seed=cfg.featurize.seed,
+                                                          side=0 if split == "train" else 1))
+
+    def airrep_queries(self, cfg: RunConfig) -> Any:
+        """Training-split images after the first ``data.train_size`` (never trained on, never queried)."""
+        d = cfg.data
+        return train_split_tail(cfg, lambda limit: load_idx_split(d.root, "train", limit, d.name))
+
+    def provenance(self, cfg: RunConfig, role: str, paths: RunPaths | None = None) -> list[str]:
+        """As :meth:`Family.provenance`; generated query images are ``generated/<id>``."""
+        keys = super().provenance(cfg, role, paths)
+        if role != "query":
+            return keys
+        ids = example_ids(self.datasets(cfg, paths)["query"])
+        return [f"generated/{i}" if i >= GENERATED_ID0 else key for i, key in zip(ids.tolist(), keys)]
+
+    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
+        from .subset_jobs import DiffusionSubsetJob
+
+        return DiffusionSubsetJob(cfg, queries, epochs=epochs)
 
     def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
+        if self.mode(cfg) == "repr":
+            return self.representation_featurizer(cfg, split)
         o, f, sched = self.options(cfg), cfg.featurize, self.schedule(cfg)
         draws: Any = GridDraws(o.T, o.timesteps, o.noise_draws, seed=f.seed, side=0 if split == "train" else 1)
         output, mode = o.output, ("mean" if self.mode(cfg) == "dtrak" else "slots")
@@ -217,10 +258,15 @@ class DiffusionFamily(Family):
         return RecordedDraws({e["id"]: logs[e["model"]] for e in entries}, {e["id"]: e["epoch"] for e in entries})
 
     def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
-        if cfg.score.scorer == "dtrak":
+        name = cfg.score.scorer
+        if name == "dtrak":
             return make_dtrak_scorer(cfg.score.lambda_rel)
-        cls = DiffusionReTracScorer if cfg.score.scorer == "diffusion-retrac" else DiffusionTracInScorer
-        return cls(self.learning_rates(cfg, paths), projection_width(cfg))
+        if name in ("diffusion-tracin", "diffusion-retrac"):
+            cls = DiffusionReTracScorer if name == "diffusion-retrac" else DiffusionTracInScorer
+            return cls(self.learning_rates(cfg, paths), projection_width(cfg))
+        if name in ("tracin", "graddot", "gradcos"):
+            return SlotScorer(super().scorer(cfg, paths), projection_width(cfg))
+        return super().scorer(cfg, paths)  # repsim, airrep
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
@@ -233,12 +279,12 @@ def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> dict[
 
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     qblk = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
+    scorers: dict[str, Any] = {}
     if family.mode(cfg) == "tracin":
         etas, k = family.learning_rates(cfg, paths), projection_width(cfg)
-        scorers: dict[str, Any] = {"diffusion-tracin": DiffusionTracInScorer(etas, k),
-                                   "diffusion-retrac": DiffusionReTracScorer(etas, k)}
-    else:
-        scorers = {"dtrak": load_scorer(cfg, paths)}
+        scorers = {"diffusion-tracin": DiffusionTracInScorer(etas, k), "diffusion-retrac": DiffusionReTracScorer(etas, k)}
+    if cfg.score.scorer not in scorers:
+        scorers[cfg.score.scorer] = load_scorer(cfg, paths)
     return influence_counts(qblk, train, scorers, min(cfg.score.topk, len(train)), cfg.score.influential_fraction)
 
 
@@ -247,7 +293,9 @@ def _labels(dataset: Any) -> dict[int, int]:
     return dict(zip(np.asarray(cols["id"]).tolist(), np.asarray(cols["label"]).tolist()))
 
 
-def _titles(output: str) -> tuple[str, str]:
+def _titles(output: str, scorer: str) -> tuple[str, str]:
+    if scorer == "repsim":
+        return "least similar training images (RepSim)", "most similar training images (RepSim)"
     if output == "loss":
         return ("opponents, score < 0: training on them lowers the image's loss (makes it more likely)",
                 "proponents, score > 0: training on them raises the image's loss")
@@ -271,8 +319,9 @@ def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
     lines = [f"\n{cfg.name}: DDPM (T={o.T}), {len(top['train_ids'])} training images, {len(qids)} queries "
              f"({int((~gen).sum())} test, {int(gen.sum())} generated), {len(ckpts)} checkpoints, scorer "
              f"{cfg.score.scorer}, f = {o.output}" + (f", held-out loss {np.mean(losses):.4f}" if losses else ""),
-             "score > 0: training on the example raises f(query) (METHODS.md sign convention)"]
-    low, high = _titles(o.output)
+             "score > 0: training on the example raises f(query) (METHODS.md sign convention)"
+             + ("; RepSim scores are similarities, not signed effects" if cfg.score.scorer == "repsim" else "")]
+    low, high = _titles(o.output, cfg.score.scorer)
     shown = min(5, cfg.score.topk)
     for row in [*np.nonzero(~gen)[0][: cfg.score.show], *np.nonzero(gen)[0][: cfg.score.show]]:
         qid = int(qids[row])

@@ -14,7 +14,15 @@ kind of model comes from the run's family, named by ``model.family`` (default ``
 Defaults that a family may override: ``checkpoint_epochs``, ``train_outputs`` (extra files a
 finished model must have), ``featurizer`` (per split), ``feature_tag`` (what beyond the config
 sections changes features), ``scorer``, ``report`` (text printed by ``tda run``; ``None`` uses the
-generic label report), ``check`` (arch, data set, scorer, ``model.options``).
+generic label report), ``check`` (arch, data set, scorer, ``model.options``, ``score.options``).
+
+Representation scorers (``repsim``, ``airrep``, METHODS.md section 5) store the output of a
+named module instead of gradients: a family names its default module
+(:meth:`Family.representation_module`, overridden by ``score.options.module``) and, when its
+model is not called as ``model(batch["x"])``, how a batch becomes model inputs
+(:meth:`Family.representation_inputs`). AirRep also needs training queries disjoint from the
+training set and the evaluation queries (:meth:`Family.airrep_queries`, checked on
+:meth:`Family.provenance`) and a subset retraining job (:meth:`Family.subset_job`).
 
 Registering a family is one call::
 
@@ -52,14 +60,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import MNIST_MEAN, MNIST_STD, arrow_columns, load_mnist, mnist_collate
+from stores._io import fingerprint
+from tda.data import MNIST_MEAN, MNIST_STD, arrow_columns, example_ids, load_mnist, mnist_collate
 from tda.errors import CheckpointError, ConfigError, DataError
 from tda.factored import FactoredFeaturizer, FactoredProjector, factored_layers
 from tda.featurize import Featurizer
 from tda.models import mlp
-from tda.scorers import make_scorer
+from tda.representations import RepresentationFeaturizer
+from tda.scorers import RepSimScorer, make_scorer
 from tda.tasks import ClassificationTask, Task
 from tda.training import accuracy, train_classifier
+
+from .score_options import REPRESENTATION_SCORERS, score_options
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -76,6 +88,10 @@ class Family:
     data_names: tuple[str, ...] = ()
     scorers: tuple[str, ...] = ("trak",)
     options_type: type | None = None  # dataclass of model.options; None: no options
+    #: AirRep's budget where score.options leaves it unset: training queries, subsets, and the
+    #: subset models' epochs as a share of train.epochs (rounded up); sized to take minutes
+    airrep_budget: tuple[int, int, float] = (256, 32, 0.5)
+    label_key: str | None = None  # batch entry of class labels (label-aware representations), if any
 
     # -- required hooks
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
@@ -102,6 +118,8 @@ class Family:
             if value not in allowed:
                 raise ConfigError(f"{key} is {value!r}; the {self.name!r} family supports: choose one of {allowed}")
         self.options(cfg)
+        if getattr(score_options(cfg), "label_aware", False) and self.label_key is None:
+            raise ConfigError(f"score.options.label_aware needs class labels; the {self.name!r} family has none")
 
     def options(self, cfg: RunConfig) -> Any:
         """``model.options`` parsed into :attr:`options_type`."""
@@ -132,7 +150,10 @@ class Family:
 
     def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
         """Featurizer of a split (``"train"`` or ``"query"``): ``featurize``, ``spec``, ``projector``;
-        ``featurize.projection`` picks the dense or the factored (per-layer Kronecker) projection."""
+        representations for ``repsim`` / ``airrep``, else projected gradients; ``featurize.projection``
+        picks the dense or the factored (per-layer Kronecker) projection."""
+        if self.uses_representations(cfg):
+            return self.representation_featurizer(cfg, split)
         f = cfg.featurize
         if f.projection == "factored":
             with featurize_params_named():
@@ -144,17 +165,79 @@ class Family:
 
     def feature_tag(self, cfg: RunConfig) -> str:
         """Appended to the feature fingerprint when settings outside data/model/train/featurize
-        change the features (empty by default)."""
+        change the features: the representation module for ``repsim`` / ``airrep``, else empty."""
+        if self.uses_representations(cfg):
+            label = {"label_aware": True} if score_options(cfg).label_aware else {}
+            return "-repr-" + fingerprint({"module": self.module_name(cfg), **label})
         return ""
 
     def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
         """The scorer ``score.scorer`` names: TRAK with the configured ridge, TracInCP with
-        :meth:`learning_rates`, any other :func:`tda.scorers.make_scorer` name with its defaults."""
-        if cfg.score.scorer == "trak":
+        :meth:`learning_rates`, RepSim / AirRep with ``score.options``, any other
+        :func:`tda.scorers.make_scorer` name with its defaults."""
+        name = cfg.score.scorer
+        if name == "trak":
             return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
-        if cfg.score.scorer != "tracin":
-            return make_scorer(cfg.score.scorer)
-        return make_scorer("tracin", learning_rates=self.learning_rates(cfg, paths))
+        if name == "tracin":
+            return make_scorer("tracin", learning_rates=self.learning_rates(cfg, paths))
+        if name == "repsim":
+            return RepSimScorer(score_options(cfg).metric)
+        if name == "airrep":
+            from .airrep import airrep_scorer
+
+            return airrep_scorer(cfg, paths)
+        return make_scorer(name)
+
+    # -- representation scorers (repsim, airrep)
+    @staticmethod
+    def uses_representations(cfg: RunConfig) -> bool:
+        return cfg.score.scorer in REPRESENTATION_SCORERS
+
+    def representation_module(self, cfg: RunConfig) -> str:
+        """The family's default module whose output is h(z)."""
+        raise ConfigError(f"the {self.name!r} family names no representation module; set score.options.module")
+
+    def module_name(self, cfg: RunConfig) -> str:
+        """``score.options.module``, else :meth:`representation_module`."""
+        return score_options(cfg).module or self.representation_module(cfg)
+
+    def representation_inputs(self, cfg: RunConfig, split: str) -> Callable | None:
+        """``inputs(batch, ids)`` of :class:`~tda.representations.RepresentationFeaturizer`
+        (``None``: the model is called as ``model(batch["x"])``)."""
+        return None
+
+    def representation_featurizer(self, cfg: RunConfig, split: str) -> RepresentationFeaturizer:
+        """Representations of :meth:`module_name` (label-aware with ``score.options.label_aware``
+        where the family has labels: :attr:`label_key`); the width is probed on one training example."""
+        label = self.label_key if score_options(cfg).label_aware else None
+        feat = RepresentationFeaturizer(self.build_model(cfg).eval(), self.module_name(cfg),
+                                        device=resolve_device(cfg.featurize.device),
+                                        inputs=None if label else self.representation_inputs(cfg, split),
+                                        label_key=label)
+        train = self.datasets(cfg)["train"]
+        feat.probe(collated(train.select(range(1)), self.collate(cfg)), example_ids(train)[:1])
+        return feat
+
+    def airrep_queries(self, cfg: RunConfig) -> Any:
+        """AirRep's training queries (a ``datasets.Dataset`` with ids), disjoint from the training
+        set and the evaluation queries; ``score.options.queries`` of them."""
+        raise ConfigError(f"the {self.name!r} family provides no AirRep training queries")
+
+    def provenance(self, cfg: RunConfig, role: str, paths: RunPaths | None = None) -> list[str]:
+        """Keys naming where each example of ``role`` (``"train"``, ``"query"``, ``"airrep"``) comes
+        from; equal keys are the same underlying example (:func:`tda.airrep.check_disjoint`).
+        Default: ``<data.name>/<split>/<id>`` with ids as positions in the split."""
+        d = cfg.data
+        if role not in ("train", "query", "airrep"):
+            raise ConfigError(f"provenance role {role!r} is unknown; use 'train', 'query' or 'airrep'")
+        if role == "airrep":
+            return [f"{d.name}/train/{i}" for i in example_ids(self.airrep_queries(cfg))]
+        split = "train" if role == "train" else d.query_split
+        return [f"{d.name}/{split}/{i}" for i in example_ids(self.datasets(cfg, paths)[role])]
+
+    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
+        """A picklable retraining job on subsets (:mod:`pipelines.subset_jobs`)."""
+        raise ConfigError(f"the {self.name!r} family has no subset retraining job")
 
     def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
         """TracIn's learning rate per checkpoint: the ``lr`` that :meth:`train` recorded for each."""
@@ -293,6 +376,24 @@ def _image_query_file(path: str, limit: int, name: str):
     return image_queries(load_table(path, limit), shape, classes)
 
 
+def train_split_tail(cfg: RunConfig, load: Callable[[int], Any]) -> Any:
+    """Rows ``[n, n + Q)`` of the training split (``n = data.train_size``, ``Q =
+    score.options.queries``): examples the run never trains on, for AirRep's training queries.
+
+    Args:
+        load: ``load(limit)`` -> the first ``limit`` rows of the training split.
+    """
+    n, q = cfg.data.train_size, score_options(cfg).queries
+    if n is None:
+        raise DataError("AirRep takes its training queries from the training split after data.train_size; "
+                        "set data.train_size below the split's size")
+    rows = load(n + q)
+    if len(rows) < n + q:
+        raise DataError(f"AirRep needs {q} training queries after the first {n} training examples, but the "
+                        f"training split has {len(rows)} rows; lower data.train_size or score.options.queries")
+    return rows.select(range(n, n + q))
+
+
 def collated(dataset: Any, collate: Callable) -> dict[str, torch.Tensor]:
     """The whole dataset collated at once (small demo sets)."""
     return collate(arrow_columns(dataset.with_format("arrow")[:]))
@@ -322,7 +423,8 @@ class ClassifierFamily(Family):
     name = "classifier"
     archs = ("mlp", "cnn")
     data_names = tuple(IMAGE_DATA)
-    scorers = ("trak", "tracin", "graddot", "gradcos")
+    scorers = ("trak", "tracin", "graddot", "gradcos", "repsim", "airrep")
+    label_key = "y"
 
     def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
         """The rate each checkpoint's epoch was trained with: the linearly decaying SGD schedule of
@@ -362,6 +464,22 @@ class ClassifierFamily(Family):
         model = train_classifier(lambda: self.build_model(cfg), train_b["x"], train_b["y"], epochs=t.epochs,
                                  lr=t.lr, batch_size=t.batch_size, seed=t.seed + model_index, on_epoch=save)
         return {"query_accuracy": accuracy(model, query_b["x"], query_b["y"])}
+
+    def representation_module(self, cfg: RunConfig) -> str:
+        """The last hidden layer: the module before the final Linear (MLP: its last ReLU; CNN: the Flatten)."""
+        return str(len(self.build_model(cfg)) - 2)
+
+    def airrep_queries(self, cfg: RunConfig) -> Any:
+        """Training-split images after the first ``data.train_size`` (never trained on, never queried)."""
+        d = cfg.data
+        if d.name == "cifar2":
+            return train_split_tail(cfg, lambda limit: load_cifar2(d.root, "train", limit))
+        return train_split_tail(cfg, lambda limit: load_idx_split(d.root, "train", limit, d.name))
+
+    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
+        from .subset_jobs import ClassifierSubsetJob
+
+        return ClassifierSubsetJob(cfg, queries, epochs=epochs)
 
 
 register_family(ClassifierFamily())

@@ -18,7 +18,11 @@ Features: the dense projected per-example gradients (``vmap`` over ``functional_
 ``featurize.projection: factored`` the per-layer Kronecker projection of :mod:`tda.factored`
 (``featurize.k_in`` x ``featurize.k_out`` per linear layer; the token and position embeddings,
 layer norms and a tied LM head are not covered). Scorers: ``trak``, ``tracin`` (learning rates
-from the checkpoints), ``graddot``, ``gradcos``.
+from the checkpoints), ``graddot``, ``gradcos``, and on representations (mean over the real
+tokens of ``transformer.ln_f``, the final layer norm, by default) ``repsim`` and ``airrep``.
+AirRep's training queries are the ``score.options.queries`` sequences of the first part that
+follow the training sequences (never trained on, disjoint from the held-out queries: checked
+character by character), split after ``prompt_len`` characters like the held-out queries.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import arrow_columns
-from tda.errors import ConfigError
+from tda.data import arrow_columns, example_ids
+from tda.errors import ConfigError, DataError
 from tda.tasks import Task
 
 from .families import Family, SaveFn, load_checkpoint_list, register_family
+from .score_options import score_options
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -91,8 +96,9 @@ class CausalLMFamily(Family):
     name = "causal-lm"
     archs = ("gpt2",)
     data_names = ("tinyshakespeare", "text")
-    scorers = ("trak", "tracin", "graddot", "gradcos")
+    scorers = ("trak", "tracin", "graddot", "gradcos", "repsim", "airrep")
     options_type = LMOptions
+    airrep_budget = (128, 24, 1 / 3)  # a subset model: ~10 s on 2 cores at the demo's size
 
     def check(self, cfg: RunConfig) -> None:
         moved = [key for key in ("projection", "k_in", "k_out") if key in cfg.model.options]
@@ -174,6 +180,57 @@ class CausalLMFamily(Family):
         held = lm_sequences(text[int(len(text) * o.test_start):], vocab, o.context)
         held_tokens = dataset_tokens(held.select(range(min(256, len(held)))))
         return {"heldout_loss": lm_loss(model, held_tokens), "train_seconds": round(result.seconds, 1)}
+
+    def representation_module(self, cfg: RunConfig) -> str:
+        """The final layer norm (the last transformer block's output, normalised)."""
+        return "transformer.ln_f"
+
+    def representation_inputs(self, cfg: RunConfig, split: str) -> Callable:
+        from tda.lm import lm_representation_inputs
+
+        return lm_representation_inputs
+
+    def airrep_queries(self, cfg: RunConfig) -> Any:
+        """The sequences of the first part after the training ones, as "completion given prompt"."""
+        from tda.lm import completion_examples, lm_sequences
+
+        o, n, q = self.options(cfg), cfg.data.train_size, score_options(cfg).queries
+        text, vocab = load_corpus(self.corpus_root(cfg))
+        first = text[: int(len(text) * o.test_start)]
+        fit = (len(first) - o.context) // o.context + 1
+        if n is None or n + q > fit:
+            raise DataError(f"AirRep needs {q} training queries after the {n or fit} training sequences, but the part "
+                            f"before model.options.test_start holds {fit} sequences of {o.context} characters; lower "
+                            "data.train_size or score.options.queries")
+        seqs = [vocab.decode(r) for r in lm_sequences(first, vocab, o.context, n=n + q)["input_ids"][n:]]
+        pairs = [(s[: o.prompt_len], s[o.prompt_len:]) for s in seqs]
+        return completion_examples(vocab, pairs, o.context, ids=range(n, n + q))
+
+    def provenance(self, cfg: RunConfig, role: str, paths: RunPaths | None = None) -> list[str]:
+        """One key per corpus character an example covers (``chars/<offset>``); configured
+        prompt/completion pairs are ``pair/<j>``."""
+        o, d = self.options(cfg), cfg.data
+        text, _ = load_corpus(self.corpus_root(cfg))
+        split, ctx = int(len(text) * o.test_start), o.context
+        n_train = len(self.datasets(cfg, paths)["train"])
+
+        def chars(starts: range) -> list[str]:
+            return [f"chars/{c}" for s in starts for c in range(s, s + ctx)]
+
+        if role == "train":
+            return chars(range(0, n_train * ctx, ctx))
+        if role == "airrep":
+            return chars(range(n_train * ctx, (n_train + score_options(cfg).queries) * ctx, ctx))
+        if d.query_path:  # queries from a file: not corpus text, keyed by their ids
+            return [f"file/{i}" for i in example_ids(self.datasets(cfg, paths)["query"])]
+        n_seq = len(self.datasets(cfg, paths)["query"]) - len(o.queries)
+        first = 0 if d.query_split == "train" else split
+        return [f"pair/{j}" for j in range(len(o.queries))] + chars(range(first, first + n_seq * ctx, ctx))
+
+    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
+        from .subset_jobs import LMSubsetJob
+
+        return LMSubsetJob(cfg, queries, epochs=epochs)
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)

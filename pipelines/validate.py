@@ -12,54 +12,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from stores import FeatureStore
 from stores._io import fingerprint, save_json
+from tda.errors import ConfigError
 from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
-from tda.tasks import classification_margin
-from tda.training import train_classifier
 from tda.validation import brittleness, lds, removal_sets, score_noise, split_folds
 
 from .config import RunConfig, stable_dict
 from .executors import make_executor
 from .ground_truth import GroundTruth, GroundTruthSpec, ResultStore, run_seed
-from .run import RunPaths, as_numpy_batch, build_model, datasets_for
+from .run import RunPaths
+from .score_options import REPRESENTATION_SCORERS
+from .subset_jobs import ClassifierSubsetJob
 
 
-class MNISTRetrainJob:
-    """Train the run's model recipe on a subset of its training rows; return query margins.
-
-    Picklable and self-contained: workers rebuild data from ``cfg`` paths (cached per process).
-    """
+class MNISTRetrainJob(ClassifierSubsetJob):
+    """Train the run's classifier recipe on a subset of its training rows; the margins of its
+    first ``n_queries`` queries (:class:`pipelines.subset_jobs.ClassifierSubsetJob`, collating
+    with the family's collate, so CIFAR-2 and Fashion-MNIST runs validate too)."""
 
     def __init__(self, cfg: RunConfig, n_queries: int) -> None:
-        self.cfg, self.n_queries = cfg, n_queries
-
-    def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray:
-        rows, seed = task
-        torch.set_num_threads(1)
-        train, query = _tensors(self.cfg)
-        t = self.cfg.train
-        model = train_classifier(lambda: build_model(self.cfg), train["x"][rows], train["y"][rows],
-                                 epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=int(seed))
-        with torch.no_grad():
-            logits = model(query["x"][: self.n_queries])
-        return classification_margin(logits, query["y"][: self.n_queries]).double().numpy()
-
-
-_TENSORS: dict[str, tuple[dict, dict]] = {}
-
-
-def _tensors(cfg: RunConfig) -> tuple[dict, dict]:
-    """Train and query tensors of a run, cached per process by the data section."""
-    key = fingerprint(cfg.to_dict()["data"])
-    if key not in _TENSORS:
-        data = datasets_for(cfg)
-        _TENSORS[key] = (as_numpy_batch(data["train"]), as_numpy_batch(data["query"]))
-    return _TENSORS[key]
+        super().__init__(cfg, "query", n_queries)
 
 
 def job_fingerprint(cfg: RunConfig) -> str:
@@ -140,6 +116,12 @@ def removal_curves(cfg: RunConfig, paths: RunPaths, scores: np.ndarray, executor
 
 def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Any]:
     """Ground truth (resumable), LDS on folds, noise, optional removal curves; writes validation/."""
+    if cfg.score.scorer in REPRESENTATION_SCORERS:
+        raise ConfigError(
+            f"tda validate measures TRAK on the run's gradient features, but this {cfg.score.scorer} run stores "
+            "representations; validate a gradient-feature run of the same config (e.g. score.scorer=trak), or score "
+            "scores/scores.npy against the ground truth with tda.validation.lds"
+        )
     v = cfg.validate
     train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     m = min(v.queries or len(query_store), len(query_store))

@@ -1,7 +1,8 @@
 """tda: training-data attribution with projected per-example gradients.
 
 Public API: :class:`Attributor` (featurize, fit, score in memory), tasks
-(:class:`ClassificationTask`), :class:`Projector`, scorers (:class:`TRAKScorer`), the scoring
+(:class:`ClassificationTask`), :class:`Projector`, scorers (:class:`TRAKScorer`, TracIn, RepSim,
+:class:`AirRepScorer`), the scoring
 kernel (:func:`score_matrix`, :func:`top_k`) and the error hierarchy.
 """
 
@@ -12,7 +13,7 @@ from .featurize import Featurizer
 from .kernel import TopK, score_matrix, top_k
 from .projectors import Projector
 from .representations import RepresentationFeaturizer, hidden_states
-from .scorers import (GradCosScorer, GradDotScorer, RepSimScorer, Scorer, TracInCPScorer,
+from .scorers import (AirRepScorer, GradCosScorer, GradDotScorer, RepSimScorer, Scorer, TracInCPScorer,
                       TRAKScorer, make_scorer)
 from .tasks import ClassificationTask, Task
 
@@ -22,5 +23,5 @@ __all__ = [
     "Attributor", "ArrayFeatures", "ClassificationTask", "FeatureBlock", "Featurizer", "Projector",
     "Scorer", "TDAError", "TRAKScorer", "Task", "TopK", "make_scorer", "score_matrix", "top_k",
     "TracInCPScorer", "GradDotScorer", "GradCosScorer", "RepSimScorer", "RepresentationFeaturizer",
-    "hidden_states",
+    "hidden_states", "AirRepScorer",
 ]

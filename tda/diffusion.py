@@ -358,6 +358,35 @@ class RecordedDraws(Draws):
         return {"kind": "recorded", "epochs": {str(c): e for c, e in sorted(self.epochs.items())}}
 
 
+class NoisedInputs:
+    """Model inputs ``(x_t, t)`` of a batch at each of its draws, for representations of a
+    diffusion model (:class:`tda.representations.RepresentationFeaturizer` ``inputs``): the
+    representation of an image is averaged over its draws (e.g. a :class:`GridDraws` grid).
+
+    Args:
+        schedule: the model's noise schedule. draws: ``(t, noise seed)`` per example and slot,
+            asked for checkpoint 0 (grid and seeded draws do not depend on the checkpoint).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, draws: Draws) -> None:
+        self.schedule, self.draws = schedule, draws
+        self._alpha_bar = schedule.alpha_bar.float()
+
+    def __call__(self, batch: Batch, ids: np.ndarray) -> list[tuple[tuple[Tensor, Tensor], None]]:
+        """``[((x_t, t), None)]`` per slot, with x_t (B, C, H, W) and t (B,) int64."""
+        x = batch["x"]  # (B, C, H, W)
+        t, seeds = self.draws(0, np.asarray(ids))  # (B, S) each
+        views = []
+        for s in range(t.shape[1]):
+            ts = torch.from_numpy(t[:, s]).to(x.device)
+            noise = noise_from_seeds(seeds[:, s], x.shape[1:]).to(x.device)
+            views.append(((noisy(x, ts, noise, self._alpha_bar), ts), None))
+        return views
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "noised", "draws": self.draws.spec(), "schedule": self.schedule.spec()}
+
+
 # ------------------------------------------------------------------ training and sampling
 def train_ddpm(
     make_model: Callable[[], nn.Module],

@@ -31,6 +31,11 @@ class DuplicateIdError(DataError):
     """Example ids are not unique (within a data set, or across the shards of a store)."""
 
 
+class LeakageError(DataError):
+    """Examples a scorer is fitted on overlap the examples it attributes or is evaluated on
+    (e.g. AirRep training queries that are also training examples or evaluation queries)."""
+
+
 class NonFiniteError(TDAError):
     """Gradients, features or scores contain NaN or infinite values."""
 

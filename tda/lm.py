@@ -195,6 +195,20 @@ def lm_collate(rows: Mapping[str, object]) -> dict[str, Tensor]:
             "loss_mask": torch.from_numpy(np.array(rows["loss_mask"], dtype=np.float32))}
 
 
+def real_token_mask(loss_mask: Tensor) -> Tensor:
+    """(B, T) 1 at the positions up to each row's last scored token, 0 on the right padding
+    after it (every position of a training sequence; prompt and completion of a query)."""
+    pos = torch.arange(loss_mask.shape[1], device=loss_mask.device)  # (T,)
+    last = ((loss_mask != 0).long() * pos).max(dim=1).values  # (B,)
+    return (pos[None, :] <= last[:, None]).long()
+
+
+def lm_representation_inputs(batch: Mapping[str, Tensor], ids: np.ndarray) -> list[tuple[Tensor, Tensor]]:
+    """Representation inputs of collated LM rows: ``input_ids`` with the mask of real tokens
+    (for :class:`tda.representations.RepresentationFeaturizer`: mean over non-pad tokens)."""
+    return [(batch["input_ids"], real_token_mask(batch["loss_mask"]))]
+
+
 # ----------------------------------------------------------------------------- output function
 def completion_log_prob(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, reduction: str = "sum") -> Tensor:
     """``sum_t m_t log softmax(logits_{t-1})[x_t]`` per sequence (or its mean over masked tokens).
@@ -421,6 +435,6 @@ def dataset_tokens(dataset) -> Tensor:
 
 __all__ = [
     "CharVocab", "GPTSpec", "LMTask", "LMTrainResult", "build_gpt2", "completion_examples",
-    "completion_log_prob", "dataset_tokens", "generate", "lm_collate", "lm_loss", "lm_sequences",
-    "load_text", "train_lm",
+    "completion_log_prob", "dataset_tokens", "generate", "lm_collate", "lm_loss", "lm_representation_inputs",
+    "lm_sequences", "load_text", "real_token_mask", "train_lm",
 ]

@@ -17,8 +17,8 @@ from tda.errors import ConfigError, DataError, ShapeError
 from tda.features import ArrayFeatures, FeatureBlock
 from tda.gradients import flatten_grads, per_example_grads
 from tda.kernel import score_matrix, top_k
-from tda.scorers import (DiffusionReTracScorer, DiffusionTracInScorer, generally_influential, influence_counts,
-                         make_dtrak_scorer)
+from tda.scorers import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, generally_influential,
+                         influence_counts, make_dtrak_scorer, make_scorer)
 
 SCHED = NoiseSchedule(T=50, beta_start=1e-3, beta_end=0.2)
 SHAPE = (1, 8, 8)  # tiny images: the UNet folds 8x8 into 4x4, then 2x2
@@ -238,6 +238,40 @@ def test_diffusion_tracin_and_retrac_equal_float64_reference(states) -> None:
                     fz, g_tr[i] / np.linalg.norm(g_tr[i]), c)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=2e-3, atol=2e-3 * np.abs(ref[name]).max(), err_msg=name)
+
+
+def test_generic_gradient_scorers_on_slots_equal_float64_reference(states) -> None:
+    """TracInCP, Grad-Dot and Grad-Cos on slot features (SlotScorer): train side minus the loss
+    gradient at the recorded draw, query side the mean of the grid draws' output gradients."""
+    n, m, etas = 4, 2, [0.3, 0.1]
+    xt, xq = _images(n, seed=6), _images(m, seed=7)
+    ids_t, ids_q = np.arange(n) + 20, np.arange(m)
+    log = _synthetic_log(ids_t, epochs=2, seed=1)
+    recorded, grid = RecordedDraws({0: log, 1: log}, {0: 0, 1: 1}), GridDraws(SCHED.T, 2, 1, seed=2, side=1)
+    train, fz = _featurize(states, xt, ids_t, recorded, "slots", "loss")
+    query, _ = _featurize(states, xq, ids_q, grid, "slots", "loss")
+    k, source = fz.projector.k, ArrayFeatures(train, [0, 1])
+    kwargs = {"tracin": {"learning_rates": etas}, "graddot": {}, "gradcos": {}}
+    got = {name: score_matrix(query, SlotScorer(make_scorer(name, **kw), k).fit(source), source)
+           for name, kw in kwargs.items()}
+    ref = {name: np.zeros((m, n)) for name in kwargs}
+    for c in range(2):
+        model = _model(0)
+        model.load_state_dict(states[c])
+        (t_tr, s_tr), (t_q, s_q) = recorded(c, ids_t), grid(c, ids_q)
+        p_tr = [_projected(fz, _ref_grad(model, xt[i], int(t_tr[i, 0]), int(s_tr[i, 0]), "loss"), c) for i in range(n)]
+        p_q = [np.mean([_projected(fz, _ref_grad(model, xq[q], int(t_q[q, j]), int(s_q[q, j]), "loss"), c)
+                        for j in range(2)], axis=0) for q in range(m)]
+        for q in range(m):
+            for i in range(n):
+                dot = p_q[q] @ p_tr[i]
+                ref["tracin"][q, i] -= etas[c] * dot
+                ref["graddot"][q, i] -= dot / 2
+                ref["gradcos"][q, i] -= dot / (np.linalg.norm(p_q[q]) * np.linalg.norm(p_tr[i])) / 2
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=2e-3, atol=2e-3 * np.abs(ref[name]).max(), err_msg=name)
+    same = score_matrix(query, DiffusionTracInScorer(etas, k).fit(source), source)
+    np.testing.assert_allclose(got["tracin"], same, rtol=1e-5, atol=1e-6 * np.abs(same).max())
 
 
 def test_tracin_score_predicts_the_effect_of_a_training_step() -> None:

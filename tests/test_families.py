@@ -40,7 +40,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 # ------------------------------------------------------------------ registry and config
 def test_registry_knows_the_families_and_names_them_on_error() -> None:
     assert isinstance(get_family("classifier"), ClassifierFamily)
-    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac")
+    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac", "trak", "tracin",
+                                               "graddot", "gradcos", "repsim", "airrep")
+    generic = {"trak", "tracin", "graddot", "gradcos", "repsim", "airrep"}  # every scorer on every family
+    assert all(generic <= set(get_family(name).scorers) for name in ("classifier", "causal-lm", "diffusion"))
     with pytest.raises(ConfigError, match=r"model.family is 'gan'; choose one of \(.*'classifier', 'diffusion'"):
         parse_config({"model": {"family": "gan"}})
     with pytest.raises(ConfigError, match="already registered"):
@@ -70,7 +73,7 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         old = cfg.to_dict()
         del old["model"]["family"], old["model"]["options"], old["score"]["influential_fraction"]
         del old["featurize"]["projection"], old["featurize"]["k_in"], old["featurize"]["k_out"]
-        del old["data"]["query_path"], old["score"]["dense"]
+        del old["data"]["query_path"], old["score"]["dense"], old["score"]["options"]
         for sections in (FEATURE_SECTIONS, SCORE_SECTIONS):
             assert section_fingerprint(cfg, *sections) == fingerprint({s: old[s] for s in sections})
         assert feature_fingerprint(cfg) == section_fingerprint(cfg, *FEATURE_SECTIONS)

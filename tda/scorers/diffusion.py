@@ -24,6 +24,10 @@ As transforms: train ``concat_c(-sqrt(eta_c) u_c,i)``, query ``concat_c(sqrt(eta
 u_c,s(z))`` with ``u = phi`` (TracIn) or ``phi / n`` (ReTrac): scored by :mod:`tda.kernel` and
 served by the FAISS index like every scorer.
 
+The generic TracInCP, Grad-Dot and Grad-Cos run on the same slot features through
+:class:`SlotScorer` (train side the negated recorded-draw loss gradient, query side the mean
+over draws); its ``tracin`` equals Diffusion-TracIn.
+
 :func:`generally_influential` counts training examples in the top-k of many queries, the
 failure of TracIn that ReTrac's normalisation addresses.
 """
@@ -127,6 +131,77 @@ class DiffusionReTracScorer(DiffusionTracInScorer):
     normalize = True
 
 
+class _SlotSource:
+    """A feature source of slot features seen through a block transform (for :class:`SlotScorer`)."""
+
+    def __init__(self, source: FeatureSource, transform: Any, k: int) -> None:
+        self.source, self.transform, self._k, self.checkpoints = source, transform, k, source.checkpoints
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    def iter_blocks(self, block_rows: int = 4096):
+        for blk in self.source.iter_blocks(block_rows):
+            yield self.transform(blk)
+
+
+class SlotScorer(Scorer):
+    """A generic gradient scorer (TracInCP, Grad-Dot, Grad-Cos) on diffusion slot features.
+
+    Slot features are turned into plain per-checkpoint features (M, b, k), then ``inner``'s own
+    transforms apply. Train side: the single slot, the training loss's gradient at the recorded
+    draw, *negated*: a step on ``L(z_i)`` changes ``f(z)`` by ``-eta <grad f(z), grad L(z_i)>``,
+    so ``-grad L(z_i)`` plays the part of a training example's output gradient and the sign
+    convention holds. Query side: the mean of the query's slots (the gradients of f on its grid
+    draws). The exact norms are dropped. Hence, with phi the projected gradients:
+
+        tracin:  -sum_c eta_c <mean_s phi_c,s(z), phi_c,i>        (equals Diffusion-TracIn)
+        graddot: -(1/M) sum_c <mean_s phi_c,s(z), phi_c,i>
+        gradcos: -(1/M) sum_c cos(mean_s phi_c,s(z), phi_c,i)     (vs ReTrac: normalised after averaging)
+
+    Args:
+        inner: the scorer applied to the plain features. k: projection dimension (slots are k + 1).
+    """
+
+    def __init__(self, inner: Scorer, k: int) -> None:
+        if int(k) < 1:
+            raise ConfigError(f"k must be >= 1, got {k}")
+        self.inner, self.k, self.name = inner, int(k), inner.name
+
+    def _plain(self, block: FeatureBlock, side: str) -> FeatureBlock:
+        phi, _ = split_slots(block.feats, self.k)  # (M, b, S, k)
+        if side == "query":
+            return FeatureBlock(block.ids, phi.mean(axis=2), block.q)
+        if phi.shape[2] != 1:
+            raise ShapeError(f"training features must have one slot (the trained draw), got {phi.shape[2]}; "
+                             "featurize the training set with mode='slots' and one draw")
+        return FeatureBlock(block.ids, -phi[:, :, 0], block.q)
+
+    def fit(self, train: FeatureSource, progress: bool = False) -> "SlotScorer":
+        self.inner.fit(_SlotSource(train, lambda b: self._plain(b, "train"), self.k), progress)
+        return self
+
+    def transform_train(self, block: FeatureBlock) -> np.ndarray:
+        return self.inner.transform_train(self._plain(block, "train"))
+
+    def transform_query(self, block: FeatureBlock) -> np.ndarray:
+        return self.inner.transform_query(self._plain(block, "query"))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**self.inner.hyperparameters(), "k": self.k, "features": "diffusion-slots"}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> "SlotScorer":
+        self.inner.load_state_dict(state)
+        return self
+
+
 def generally_influential(top_ids: np.ndarray, fraction: float) -> np.ndarray:
     """Training ids that appear in the top-k lists of more than ``fraction`` of the queries.
 
@@ -165,5 +240,5 @@ def influence_counts(query: FeatureBlock, train: FeatureSource, scorers: Mapping
     return out
 
 
-__all__ = ["DiffusionReTracScorer", "DiffusionTracInScorer", "generally_influential", "influence_counts",
-           "make_dtrak_scorer", "split_slots"]
+__all__ = ["DiffusionReTracScorer", "DiffusionTracInScorer", "SlotScorer", "generally_influential",
+           "influence_counts", "make_dtrak_scorer", "split_slots"]

@@ -1,0 +1,108 @@
+"""``score.options``: the settings of the representation scorers, checked like the rest.
+
+Only ``repsim`` and ``airrep`` take options; any other scorer with a non-empty
+``score.options`` is an error, and unknown keys raise :class:`ConfigError` with a "did you
+mean". Options change scores only, so they are hashed with the score section (index and scores
+are refitted when they change); the representation module also changes the stored features and
+goes into the feature fingerprint through :meth:`pipelines.families.Family.feature_tag`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from tda.airrep import HeadConfig
+from tda.errors import ConfigError
+from tda.scorers.repsim import METRICS
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
+@dataclass
+class RepSimOptions:
+    """``score.options`` of ``repsim`` (METHODS.md section 5)."""
+
+    module: str | None = None  # module whose output is h(z) (None: the family's default)
+    label_aware: bool = False  # classifier: features (onehot(y) - softmax(logits)) x h instead of h
+    metric: str = "cosine"  # "cosine" or "dot"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"score.options.metric is {self.metric!r}; choose one of {METRICS}")
+
+
+@dataclass
+class AirRepOptions:
+    """``score.options`` of ``airrep``: supervision budget and the encoder head (tda/airrep.py)."""
+
+    module: str | None = None  # module whose output is h(z) (None: the family's default)
+    label_aware: bool | None = None  # (onehot(y) - softmax(logits)) x h; None: yes where the family has labels
+    queries: int | None = None  # training queries, disjoint from training set and evaluation queries (None: family default)
+    subsets: int | None = None  # random training subsets, one retraining each (None: family default)
+    alpha: float = 0.5  # subset size as a fraction of the training set
+    subset_epochs: int | None = None  # epochs of each subset model (None: the family's share of train.epochs)
+    seed: int = 0  # subsets, retraining seeds, head initialisation
+    data_dir: str | None = None  # retraining results (default <out_dir>/airrep); share it across runs
+    width: int = 64  # embedding width D
+    hidden: int = 0  # head MLP hidden width (0: a linear head)
+    steps: int = 300  # head training steps (Adam)
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    pooling: str = "sum"  # group score: "sum" or "attention" (AirRep's softmax over |<e_q, e_i>|)
+    temperature: float = 1.0  # attention softmax temperature
+    center: bool = False  # subtract each retraining's mean output over the queries (shared noise)
+    val_fraction: float = 0.2  # training queries and subsets held out to choose the best head step
+
+    def __post_init__(self) -> None:
+        for name, least in (("queries", 1), ("subsets", 2), ("subset_epochs", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise ConfigError(f"score.options.{name} must be >= {least}, got {getattr(self, name)}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"score.options.alpha must be in (0, 1), got {self.alpha}")
+        self.head_config()  # checks the head settings
+
+    def head_config(self) -> HeadConfig:
+        return HeadConfig(width=self.width, hidden=self.hidden, steps=self.steps, lr=self.lr,
+                          weight_decay=self.weight_decay, pooling=self.pooling, temperature=self.temperature,
+                          center=self.center, val_fraction=self.val_fraction, seed=self.seed)
+
+    def resolved(self, cfg: RunConfig) -> "AirRepOptions":
+        """Unset keys filled in by the family: ``queries``, ``subsets`` and ``subset_epochs =
+        ceil(share * train.epochs)`` from :attr:`~pipelines.families.Family.airrep_budget`;
+        ``label_aware`` where the family has class labels (:attr:`~pipelines.families.Family.label_key`)."""
+        from .families import family_for
+
+        family = family_for(cfg)
+        queries, subsets, share = family.airrep_budget
+        label_aware = family.label_key is not None if self.label_aware is None else self.label_aware
+        return replace(self, queries=self.queries or queries, subsets=self.subsets or subsets, label_aware=label_aware,
+                       subset_epochs=self.subset_epochs or max(1, math.ceil(share * cfg.train.epochs)))
+
+
+OPTION_TYPES: dict[str, type] = {"repsim": RepSimOptions, "airrep": AirRepOptions}
+REPRESENTATION_SCORERS = tuple(OPTION_TYPES)
+
+
+def score_options(cfg: RunConfig) -> Any:
+    """``score.options`` parsed for ``score.scorer`` (``None`` for scorers without options), with
+    AirRep's unset budget filled in by the family.
+
+    Raises:
+        ConfigError: options given to a scorer that takes none, or an unknown / bad key.
+    """
+    from .config import _build
+
+    kind = OPTION_TYPES.get(cfg.score.scorer)
+    if kind is None:
+        if cfg.score.options:
+            raise ConfigError(f"score.options are settings of {sorted(OPTION_TYPES)}; score.scorer "
+                              f"{cfg.score.scorer!r} takes none, got {sorted(cfg.score.options)}")
+        return None
+    options = _build(kind, cfg.score.options, "score.options")
+    return options.resolved(cfg) if isinstance(options, AirRepOptions) else options
+
+
+__all__ = ["AirRepOptions", "OPTION_TYPES", "REPRESENTATION_SCORERS", "RepSimOptions", "score_options"]
