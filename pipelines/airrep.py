@@ -112,7 +112,7 @@ def airrep_supervision(cfg: RunConfig, paths: RunPaths, progress: bool = True) -
 def airrep_scorer(cfg: RunConfig, paths: RunPaths | None) -> AirRepScorer:
     """The run's AirRep scorer; its supervision is computed only when it is fitted."""
     o = score_options(cfg)
-    return AirRepScorer(data=lambda: airrep_supervision(cfg, paths), head=o.head_config())
+    return AirRepScorer(data=lambda progress=True: airrep_supervision(cfg, paths, progress), head=o.head_config())
 
 
 __all__ = ["airrep_ground_truth", "airrep_scorer", "airrep_spec", "airrep_supervision", "featurize_queries"]

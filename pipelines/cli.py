@@ -143,7 +143,7 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
     print("score > 0: training on the example raises the query's margin log(p/(1-p)) (proponent)")
     for row in range(min(cfg.score.show, len(top["query_ids"]))):
         qid = int(top["query_ids"][row])
-        print(format_query(qid, int(qlabels[row]), None, top, row, labels, min(5, cfg.score.topk)))
+        print(format_query(qid, int(qlabels[row]), None, top, row, labels, min(5, cfg.score.topk), cfg.score.scorer))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -202,7 +202,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     qlabel = int(qds.with_format("numpy")[ids_to_rows(qds)[args.example]]["label"])
     as_dict = {"proponent_ids": top.proponent_ids, "proponent_scores": top.proponent_scores,
                "opponent_ids": top.opponent_ids, "opponent_scores": top.opponent_scores}
-    print(format_query(args.example, qlabel, None, as_dict, 0, labels, args.k))
+    print(format_query(args.example, qlabel, None, as_dict, 0, labels, args.k, cfg.score.scorer))
     print(f"  ({elapsed * 1000:.0f} ms, {len(index)} indexed training examples, {index.meta['kind']} index)")
     return 0
 

@@ -42,6 +42,7 @@ from tda.errors import ConfigError, DataError
 from tda.tasks import Task
 
 from .families import Family, SaveFn, load_checkpoint_list, register_family
+from .report import titles
 from .score_options import score_options
 
 if TYPE_CHECKING:
@@ -263,7 +264,8 @@ def report(family: CausalLMFamily, cfg: RunConfig, paths: RunPaths) -> str:
         first = int(np.argmax(mask))
         lines.append(f"  query id {int(top['query_ids'][row])}: prompt {_clip(vocab.decode(ids[:first]))} -> "
                      f"completion {_clip(vocab.decode(ids[mask]))}")
-        for title, kind in (("proponents (raise f)", "proponent"), ("opponents (lower f)", "opponent")):
+        for title, kind in zip(titles(cfg.score.scorer, "proponents (raise f)", "opponents (lower f)"),
+                               ("proponent", "opponent")):
             lines.append(f"    {title}:")
             for i, s in zip(top[f"{kind}_ids"][row][:shown], top[f"{kind}_scores"][row][:shown]):
                 lines.append(f"      train id {int(i):>6}  score {float(s):+.4e}  {_clip(train_text[int(i)])}")

@@ -242,7 +242,7 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
-    scorer = scorer_for(cfg, paths).fit(_Counted(train, "index: fit scorer", progress))
+    scorer = scorer_for(cfg, paths).fit(_Counted(train, "index: fit scorer", progress), progress=progress)
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,

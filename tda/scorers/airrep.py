@@ -34,7 +34,7 @@ class AirRepScorer(Scorer):
     """Inner products of learned embeddings ``E(h)`` (module docstring).
 
     Args:
-        data: the supervision, or a callable returning it (called once, by :meth:`fit`: the
+        data: the supervision, or a callable ``data(progress=...)`` returning it (called once, by :meth:`fit`: the
             pipelines pass one that runs or resumes the subset retrainings). Not needed to load
             a saved state.
         head: head architecture and training settings (default :class:`HeadConfig`).
@@ -60,7 +60,7 @@ class AirRepScorer(Scorer):
             TDAError: no supervision was given. DataError: the training ids differ from the
                 supervision's mask columns. ShapeError: query and training widths differ.
         """
-        data = self.data() if callable(self.data) else self.data
+        data = self.data(progress=progress) if callable(self.data) else self.data
         if data is None:
             raise TDAError("AirRepScorer needs subset-retraining data to fit: pass data=AirRepData(...) (or a "
                            "callable returning it), or load a fitted state with load_state_dict")
