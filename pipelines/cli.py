@@ -13,12 +13,13 @@ import numpy as np
 
 from stores import FaissIndex, FeatureStore, StoreLock
 from tda.errors import ConfigError, ForeignStoreError, QueryError, StoreCorruptError, TDAError
-from tda.features import FeatureBlock
+from tda.data import example_ids as ids_for
+from tda.features import FeatureBlock, concat_blocks
 
 from .config import RunConfig, load_config, parse_config
 from .families import family_for
 from .report import format_query
-from .run import RunPaths, claim_run_dir, datasets_for, ids_to_rows, load_checkpoint_list, make_featurizer
+from .run import RunPaths, claim_run_dir, datasets_for, load_checkpoint_list, make_featurizer
 from .stages import STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_score, stage_train
 
 
@@ -189,36 +190,51 @@ def cmd_query(args: argparse.Namespace) -> int:
     cfg = parse_config(read_run_file(paths)["config"])
     t0 = time.time()
     scorer = load_scorer(cfg, paths)
-    block = _query_features(cfg, paths, args.example, args.split)
-    vectors = scorer.transform_query(block)  # (1, D)
+    block = _query_features(paths, list(dict.fromkeys(args.example)), args.split)
+    vectors = scorer.transform_query(block)  # (m, D)
     index = load_index(cfg, paths, dim=vectors.shape[1], n_train=FeatureStore.open(paths.store("train")).n)
     if not 1 <= args.k <= len(index):
         raise QueryError(f"-k must be between 1 and the {len(index)} indexed training examples, got {args.k}")
-    top = index.top_k(vectors, args.k)
-    elapsed = time.time() - t0
+    t1 = time.time()
+    top = index.top_k(vectors, args.k)  # every example in one search: the index is loaded once
+    elapsed, search = time.time() - t0, time.time() - t1
     data = datasets_for(cfg, paths)
-    labels = dict(zip(*(np.asarray(data["train"].with_format("numpy")[c]) for c in ("id", "label"))))
-    qds = data["query" if args.split == "query" else "train"]
-    qlabel = int(qds.with_format("numpy")[ids_to_rows(qds)[args.example]]["label"])
+    labels, qlabels = _labels(data["train"]), _labels(data["query" if args.split == "query" else "train"])
     as_dict = {"proponent_ids": top.proponent_ids, "proponent_scores": top.proponent_scores,
                "opponent_ids": top.opponent_ids, "opponent_scores": top.opponent_scores}
-    print(format_query(args.example, qlabel, None, as_dict, 0, labels, args.k, cfg.score.scorer))
-    print(f"  ({elapsed * 1000:.0f} ms, {len(index)} indexed training examples, {index.meta['kind']} index)")
+    for row, example in enumerate(block.ids):
+        print(format_query(int(example), qlabels.get(int(example), "?"), None, as_dict, row, labels, args.k,
+                           cfg.score.scorer))
+    print(f"  ({elapsed * 1000:.0f} ms in all, {search * 1000:.1f} ms searching; {len(block)} queries, "
+          f"{len(index)} indexed training examples, {index.meta['kind']} index)")
     return 0
 
 
-def _query_features(cfg: RunConfig, paths: RunPaths, example: int, split: str) -> FeatureBlock:
-    """Stored features of ``example`` if the store has them, else computed now."""
+def _labels(dataset) -> dict[int, int]:
+    """``id -> label`` of a data set with a ``label`` column; empty without one (text, for example)."""
+    if "label" not in dataset.column_names:
+        return {}
+    cols = dataset.with_format("numpy")
+    return dict(zip(np.asarray(ids_for(dataset)).tolist(), np.asarray(cols["label"]).tolist()))
+
+
+def _query_features(paths: RunPaths, examples: list[int], split: str) -> FeatureBlock:
+    """Stored features of ``examples`` (in that order) from the split's store."""
     store = FeatureStore.open(paths.store(split))
     ids = store.ids()
-    hit = np.nonzero(ids == example)[0]
-    if len(hit):
-        shard, row = divmod(int(hit[0]), store.manifest["shard_size"])
-        return store.read_shard(shard).select(slice(row, row + 1))
-    raise QueryError(
-        f"example id {example} is not in the {split} split of this run (ids {int(ids.min())}..{int(ids.max())}); "
-        "pick an id from that range or raise data.query_size and rerun"
-    )
+    rows = {int(i): r for r, i in enumerate(ids)}
+    missing = [e for e in examples if e not in rows]
+    if missing:
+        raise QueryError(
+            f"example id(s) {missing[:5]} are not in the {split} split of this run (ids {int(ids.min())}.."
+            f"{int(ids.max())}); pick an id from that range or raise data.query_size and rerun"
+        )
+    size = store.manifest["shard_size"]
+    parts = []
+    for e in examples:
+        shard, row = divmod(rows[e], size)
+        parts.append(store.read_shard(shard).select(slice(row, row + 1)))
+    return concat_blocks(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     q = sub.add_parser("query", help="top-k proponents/opponents of one example from a finished run")
     q.add_argument("--run", required=True, help="run folder written by `tda run`")
-    q.add_argument("--example", type=int, required=True, help="example id (in the query split by default)")
+    q.add_argument("--example", type=int, nargs="+", required=True,
+                   help="example id(s) (in the query split by default); several are answered in one search")
     q.add_argument("--split", choices=("query", "train"), default="query", help="split the example comes from")
     q.add_argument("-k", type=int, default=10, help="how many proponents and opponents")
     q.set_defaults(func=cmd_query)

@@ -92,6 +92,15 @@ def test_query_cli(tiny_run, capsys):
     assert "query id 3" in out and out.count("train id") == 8
     assert main(["query", "--run", str(tiny_run), "--example", "99999"]) == 2
     assert "not in the query split" in capsys.readouterr().err
+    # several examples in one search: the same answers as the precomputed top-k of the score stage
+    assert main(["query", "--run", str(tiny_run), "--example", "5", "2", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("query id 5") < out.index("query id 2") and "2 queries" in out
+    with np.load(tiny_run / "scores" / "topk.npz") as z:
+        top = {k: z[k] for k in z.files}
+    row = int(np.nonzero(top["query_ids"] == 2)[0][0])
+    shown = [int(line.split()[2]) for line in out.split("query id 2")[1].splitlines() if "train id" in line]
+    assert shown[:3] == top["proponent_ids"][row][:3].tolist()
 
 
 def test_config_typo_is_reported(tmp_path, capsys):
