@@ -230,11 +230,9 @@ def _query_features(paths: RunPaths, examples: list[int], split: str) -> Feature
             f"{int(ids.max())}); pick an id from that range or raise data.query_size and rerun"
         )
     size = store.manifest["shard_size"]
-    parts = []
-    for e in examples:
-        shard, row = divmod(rows[e], size)
-        parts.append(store.read_shard(shard).select(slice(row, row + 1)))
-    return concat_blocks(parts)
+    shards = {s: store.read_shard(s) for s in sorted({rows[e] // size for e in examples})}  # each read once
+    return concat_blocks([shards[rows[e] // size].select(slice(rows[e] % size, rows[e] % size + 1))
+                          for e in examples])
 
 
 def build_parser() -> argparse.ArgumentParser:

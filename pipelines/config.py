@@ -326,29 +326,26 @@ def stable_dict(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
-def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True) -> str:
-    """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
-    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side)."""
-    d = stable_dict(cfg)
-    if not queries:
-        for key in QUERY_KEYS:
-            d["data"].pop(key, None)
-    return fingerprint({s: d[s] for s in sections})
-
-
 #: Score keys that change only what is written or printed, never the fitted scorer or index.
 OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction")
+
+
+def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, outputs: bool = True) -> str:
+    """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
+    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side),
+    with ``outputs=False`` the :data:`OUTPUT_KEYS`."""
+    d = stable_dict(cfg)
+    for flag, section, keys in ((queries, "data", QUERY_KEYS), (outputs, "score", OUTPUT_KEYS)):
+        if not flag:
+            for key in keys:
+                d[section].pop(key, None)
+    return fingerprint({s: d[s] for s in sections})
 
 
 def scorer_fingerprint(cfg: RunConfig) -> str:
     """Hash of what the fitted scorer and the index depend on: the training side of the feature
     sections, the scorer's settings and the index settings (not the queries or output keys)."""
-    d = stable_dict(cfg)
-    for key in QUERY_KEYS:
-        d["data"].pop(key, None)
-    for key in OUTPUT_KEYS:
-        d["score"].pop(key, None)
-    return fingerprint({s: d[s] for s in SCORE_SECTIONS})
+    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=False, outputs=False)
 
 
 FEATURE_SECTIONS = ("data", "model", "train", "featurize")

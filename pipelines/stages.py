@@ -136,19 +136,19 @@ def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor:
             _verify_checkpoint(paths.checkpoints / entries[c]["file"], entries[c])
             verified.add(c)
         store.drop_unrecorded_ids({s for _, s in pending})  # written by a job whose record never came
-        rows = {s: store.shard_rows(s) for s in {s for _, s in pending}}
-        stats[split] = {"jobs": len(pending), "rows": sum(rows[s][1] - rows[s][0] for _, s in pending),
-                        "examples": len(store), "checkpoints": len(store.checkpoints)}
-        bar = tqdm(total=sum(hi - lo for c, s in pending for lo, hi in [rows[s]]), desc=f"featurize {split}",
-                   unit="ex", disable=not progress or not pending)
-        job = FeaturizeJob(cfg.to_dict(), str(paths.root), split)
+        rows = {s: hi - lo for s in {s for _, s in pending} for lo, hi in [store.shard_rows(s)]}
+        todo = sum(rows[s] for _, s in pending)
+        stats[split] = {"jobs": len(pending), "rows": todo, "examples": len(store), "checkpoints": len(store.checkpoints)}
+        bar = tqdm(total=todo, desc=f"featurize {split}", unit="ex", disable=not progress or not pending)
+        layout = {key: store.manifest[key] for key in ("n", "shard_size", "k", "dtype")}
+        job = FeaturizeJob(cfg.to_dict(), str(paths.root), split, layout, {c: entries[c]["file"] for c in entries})
         if local:  # same job in this process: reuse the featurizer built above, count rows per batch
-            job.bind(featurizer, data[split], bar.update)
+            job.bind(cfg, featurizer, data[split], bar.update)
         try:
             for (c, s), records in executor.map_unordered(job, pending):
                 store.record(records)
                 if not local:
-                    bar.update(rows[s][1] - rows[s][0])
+                    bar.update(rows[s])
         finally:
             bar.close()
             featurizer.projector.clear_cache()
@@ -158,48 +158,47 @@ def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor:
 class FeaturizeJob:
     """Featurize one ``(checkpoint, shard)`` of a split and write its files; returns their records.
 
-    Picklable and small: it carries the config as a plain dict and the run folder's path; a
+    Picklable and small: it carries the config as a plain dict, the run folder's path, the
+    store's layout (``n``, ``shard_size``, ``k``, ``dtype``) and the checkpoint file names; a
     worker builds the featurizer and data set once per process (cached) and loads the checkpoint
     from the run folder. It never touches the manifest (the driver records what it returns).
     """
 
-    def __init__(self, config: dict[str, Any], root: str, split: str) -> None:
+    def __init__(self, config: dict[str, Any], root: str, split: str, layout: dict[str, Any],
+                 checkpoint_files: dict[int, str]) -> None:
         self.config, self.root, self.split = config, root, split
-        self._bound: tuple[Any, Any, Any] | None = None
+        self.layout, self.checkpoint_files = layout, checkpoint_files
+        self._bound: tuple[Any, Any, Any, Any] | None = None
 
-    def bind(self, featurizer: Any, dataset: Any, on_rows: Any) -> None:
-        """Run in this process with an existing featurizer and data set, reporting rows as they finish."""
-        self._bound = (featurizer, dataset, on_rows)
+    def bind(self, cfg: RunConfig, featurizer: Any, dataset: Any, on_rows: Any) -> None:
+        """Run in this process with the parsed config, an existing featurizer and data set,
+        reporting rows as they finish."""
+        self._bound = (cfg, featurizer, dataset, on_rows)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "root": self.root, "split": self.split, "_bound": None}
+        return {**self.__dict__, "_bound": None}
 
     def __call__(self, item: tuple[int, int]) -> dict[str, dict]:
-        from .config import parse_config
-
         checkpoint, shard = item
-        cfg = parse_config(self.config)
         paths = RunPaths(Path(self.root))
-        if self._bound is not None:
-            featurizer, dataset, on_rows = self._bound
-        else:
+        if self._bound is None:  # first job of this worker process for this job object
+            from .config import parse_config
+
             torch.set_num_threads(1)  # one job per worker thread; no oversubscription
-            featurizer, on_rows = _worker_featurizer(cfg, paths, self.split), None
-            dataset = datasets_for(cfg, paths)[self.split]
-        entry = {c["id"]: c for c in load_checkpoint_list(paths)}[checkpoint]
-        store_root = paths.store(self.split)
-        manifest = json.loads((store_root / "manifest.json").read_text())
-        n, size = manifest["n"], manifest["shard_size"]
+            cfg = parse_config(self.config)
+            self._bound = (cfg, _worker_featurizer(cfg, paths, self.split), datasets_for(cfg, paths)[self.split], None)
+        cfg, featurizer, dataset, on_rows = self._bound
+        n, size, k = self.layout["n"], self.layout["shard_size"], self.layout["k"]
         lo, hi = shard * size, min(n, (shard + 1) * size)
         batches = iter_batches(dataset, collate_for(cfg), cfg.featurize.batch_size, lo, hi)
         if on_rows is not None:
             batches = _counting(batches, on_rows)
-        parts = list(featurizer.featurize(paths.checkpoints / entry["file"], checkpoint, batches))
+        parts = list(featurizer.featurize(paths.checkpoints / self.checkpoint_files[checkpoint], checkpoint, batches))
         ids, feats, q = (np.concatenate(p) for p in zip(*parts))
-        if feats.shape != (hi - lo, manifest["k"]):
+        if feats.shape != (hi - lo, k):
             raise StoreError(f"featurizer returned {feats.shape} features for rows {lo}..{hi - 1} of the "
-                             f"{self.split} store (k={manifest['k']}); the store belongs to another configuration")
-        return write_shard_files(store_root, checkpoint, shard, ids, feats, q, manifest["dtype"])
+                             f"{self.split} store (k={k}); the store belongs to another configuration")
+        return write_shard_files(paths.store(self.split), checkpoint, shard, ids, feats, q, self.layout["dtype"])
 
 
 _WORKER_FEATURIZERS: dict[tuple[str, str], Any] = {}
@@ -242,12 +241,13 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     if _json_field(paths.index / "index.json", "fingerprint") == fp:
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
-    scorer = scorer_for(cfg, paths).fit(_Counted(train, "index: fit scorer", progress), progress=progress)
+    scorer = scorer_for(cfg, paths).fit(_View(train, desc="index: fit scorer" if progress else None),
+                                        progress=progress)
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
                                              "hyperparameters": scorer.hyperparameters()})
-    index = build_index(_Counted(train, f"index: build {cfg.index.kind}", progress), scorer, cfg.index.kind,
+    index = build_index(_View(train, desc=f"index: build {cfg.index.kind}" if progress else None), scorer, cfg.index.kind,
                         cfg.index.nlist, cfg.index.nprobe, meta={"fingerprint": fp})
     index.save(paths.index)
     return index
@@ -285,32 +285,13 @@ def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> Faiss
                        fix="rebuild it with `tda run CONFIG --from index`")
 
 
-class _Counted:
-    """A feature source whose block iteration shows a progress bar (rows/s and ETA)."""
+class _View:
+    """A feature store seen from row ``start`` on (resuming a scoring pass), optionally with a
+    progress bar (rows/s and ETA) over its blocks."""
 
-    def __init__(self, source: FeatureStore, desc: str, progress: bool) -> None:
-        self.source, self.desc, self.progress = source, desc, progress
+    def __init__(self, source: FeatureStore, start: int = 0, desc: str | None = None) -> None:
+        self.source, self.start, self.desc = source, start, desc
         self.checkpoints = source.checkpoints
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    @property
-    def k(self) -> int:
-        return self.source.k
-
-    def iter_blocks(self, block_rows: int = 4096):
-        with tqdm(total=len(self.source), desc=self.desc, unit="ex", disable=not self.progress) as bar:
-            for blk in self.source.iter_blocks(block_rows):
-                yield blk
-                bar.update(len(blk))
-
-
-class _TrainFrom:
-    """The blocks of a feature source from column ``start`` on (resuming a scoring pass)."""
-
-    def __init__(self, source: FeatureStore, start: int) -> None:
-        self.source, self.start, self.checkpoints = source, start, source.checkpoints
 
     def __len__(self) -> int:
         return len(self.source) - self.start
@@ -321,12 +302,14 @@ class _TrainFrom:
 
     def iter_blocks(self, block_rows: int = 4096):
         col = 0
-        for blk in self.source.iter_blocks(block_rows):
-            col += len(blk)
-            if col > self.start:
-                if col - len(blk) < self.start:  # cannot happen with the same block_rows and shard_size
-                    raise StoreError("scoring progress does not fall on a block boundary; delete scores/ and rerun")
-                yield blk
+        with tqdm(total=len(self), desc=self.desc, unit="ex", disable=self.desc is None) as bar:
+            for blk in self.source.iter_blocks(block_rows):
+                col += len(blk)
+                if col > self.start:
+                    if col - len(blk) < self.start:  # cannot happen with the same block_rows and shard_size
+                        raise StoreError("scoring progress does not fall on a block boundary; delete scores/ and rerun")
+                    yield blk
+                    bar.update(len(blk))
 
 
 def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scorer, train: FeatureStore,
@@ -357,7 +340,7 @@ def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scor
     out = np.lib.format.open_memmap(partial, mode="r+")
     bar = tqdm(total=shape[1], initial=done, desc="score", unit="train ex", disable=not progress)
     col = done
-    for ids, block in iter_score_blocks(qv, scorer, _TrainFrom(train, done), cfg.score.block_rows):
+    for ids, block in iter_score_blocks(qv, scorer, _View(train, done), cfg.score.block_rows):
         out[:, col: col + len(ids)] = block  # (n_query, b)
         col += len(ids)
         out.flush()

@@ -183,6 +183,9 @@ def build_index(train: FeatureSource, scorer: Scorer, kind: str = "flat", nlist:
         parts = [first[1][rng.random(len(first[0])) < rate]]
         rest = train.iter_blocks(block_rows)
         next(rest)  # the first block is transformed already
-        parts += [scorer.transform_train(b)[rng.random(len(b)) < rate] for b in rest]
+        for b in rest:  # transform the sampled rows only
+            keep = rng.random(len(b)) < rate
+            if keep.any():
+                parts.append(scorer.transform_train(b.select(keep)))
         sample = np.concatenate(parts)
     return FaissIndex.build(chained(), dim, kind, nlist, nprobe, n_hint=len(train), meta=info, sample=sample)

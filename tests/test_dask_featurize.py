@@ -60,7 +60,9 @@ def test_featurize_job_is_small_and_resumes(tmp_path):
     assert main(["run", config, "--out", str(out), *TINY, "--only", "train"]) == 0
     cfg = load_config(config, [f"data.root={MNIST}", "featurize.shard_size=128"])
     paths = RunPaths(out)
-    assert len(pickle.dumps(FeaturizeJob(cfg.to_dict(), str(out), "train"))) < 8192
+    layout = {"n": 300, "shard_size": 128, "k": 64, "dtype": "float32"}
+    files = {0: "model-00-epoch-001.pt", 1: "model-01-epoch-001.pt"}
+    assert len(pickle.dumps(FeaturizeJob(cfg.to_dict(), str(out), "train", layout, files))) < 8192
 
     calls: list[tuple[str, tuple[int, int]]] = []
 

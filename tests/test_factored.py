@@ -69,6 +69,15 @@ def test_identity_factors_equal_dense_gradients_gpt2_float64() -> None:
     torch.testing.assert_close(feats, _dense_reference(model, task, batch, layers), rtol=1e-10, atol=1e-13)
 
 
+def _assert_identity_equals_dense(model, task, batch, layers, rtol: float) -> None:
+    """Identity factors: features and exact gradient norms equal the float64 dense reference."""
+    proj = FactoredProjector(layers, None, None)
+    caps = capture_layers(model, task, batch, layers)
+    ref = _dense_reference(model, task, batch, layers)
+    torch.testing.assert_close(proj.project(caps, 0), ref, rtol=rtol, atol=1e-14)
+    torch.testing.assert_close(proj.grad_norms(caps), ref.norm(dim=1), rtol=rtol, atol=1e-14)
+
+
 def _odd_cnn() -> torch.nn.Sequential:
     """A float64 CNN on flat (B, 64) inputs with every unfold case: stride, dilation, reflect
     padding, asymmetric 'same' padding of an even kernel, no bias, a 1x1 convolution."""
@@ -90,11 +99,7 @@ def test_identity_factors_equal_dense_gradients_cnn_float64(tiny_data) -> None:
     layers = factored_layers(model)
     assert [(s.name, s.layout, s.d_in, s.d_out) for s in layers] == [
         ("1", "conv2d", 10, 3), ("3", "conv2d", 18, 4), ("5", "conv2d", 5, 2), ("7", "linear", 33, 3)]
-    proj = FactoredProjector(layers, None, None)
-    caps = capture_layers(model, task, batch, layers)
-    ref = _dense_reference(model, task, batch, layers)
-    torch.testing.assert_close(proj.project(caps, 0), ref, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(proj.grad_norms(caps), ref.norm(dim=1), rtol=1e-12, atol=1e-14)
+    _assert_identity_equals_dense(model, task, batch, layers, rtol=1e-12)
 
 
 def test_identity_factors_equal_dense_gradients_unet_float64() -> None:
@@ -113,11 +118,7 @@ def test_identity_factors_equal_dense_gradients_unet_float64() -> None:
     assert skipped and all("norm" in n or n.startswith("out.0.") for n in skipped)  # the GroupNorms
     covered = {p for s in layers for p in s.params}
     assert covered | set(skipped) == {n for n, _ in model.named_parameters()}
-    proj = FactoredProjector(layers, None, None)
-    caps = capture_layers(model, task, batch, layers)
-    ref = _dense_reference(model, task, batch, layers)
-    torch.testing.assert_close(proj.project(caps, 0), ref, rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(proj.grad_norms(caps), ref.norm(dim=1), rtol=1e-10, atol=1e-14)
+    _assert_identity_equals_dense(model, task, batch, layers, rtol=1e-10)
 
 
 def test_diffusion_featurizer_factored_identity_equals_dense_gradients() -> None:
