@@ -35,13 +35,13 @@ from tda.errors import ConfigError
 from tda.scorers import AirRepScorer
 
 from .executors import make_executor
-from .families import family_for, load_checkpoint_list
-from .ground_truth import GroundTruth, GroundTruthSpec, run_seed
+from .families import family_for
+from .ground_truth import GroundTruth, GroundTruthSpec, job_fingerprint, run_seed
+from .layout import RunPaths, load_checkpoint_list
 from .score_options import score_options
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .run import RunPaths
+    from .schema import RunConfig
 
 logger = logging.getLogger(__name__)
 #: AirRep's subsets and retraining seeds come from ``run_seed(score.options.seed, AIRREP_STREAM)``,
@@ -53,9 +53,7 @@ AIRREP_STREAM = 3
 def airrep_spec(cfg: RunConfig, n_train: int, n_queries: int, query_keys: list[str]) -> GroundTruthSpec:
     """The retraining spec of a run's AirRep supervision (recipe, epochs and the queries' provenance
     keys hashed in ``job``; a text query has one key per character)."""
-    from .validate import job_fingerprint
-
-    o = score_options(cfg)
+    o = score_options(cfg, family_for(cfg))
     job = fingerprint({"recipe": job_fingerprint(cfg), "family": cfg.model.family, "epochs": o.subset_epochs,
                        "queries": fingerprint(query_keys)})
     return GroundTruthSpec(n=n_train, m=n_queries, n_subsets=o.subsets, models_per_subset=1, alpha=o.alpha,
@@ -65,7 +63,7 @@ def airrep_spec(cfg: RunConfig, n_train: int, n_queries: int, query_keys: list[s
 def airrep_ground_truth(cfg: RunConfig, paths: RunPaths | None, n_train: int, n_queries: int,
                         query_keys: list[str]) -> GroundTruth:
     """The (resumable) retraining results of the AirRep supervision, in their shareable folder."""
-    o = score_options(cfg)
+    o = score_options(cfg, family_for(cfg))
     spec = airrep_spec(cfg, n_train, n_queries, query_keys)
     if o.data_dir is None and paths is None:
         raise ConfigError("AirRep retraining results need score.options.data_dir or a run folder")
@@ -76,20 +74,22 @@ def airrep_ground_truth(cfg: RunConfig, paths: RunPaths | None, n_train: int, n_
 def featurize_queries(cfg: RunConfig, paths: RunPaths, queries: Any) -> np.ndarray:
     """(M, Q, H) representations of the training queries under every attributed checkpoint."""
     family = family_for(cfg)
-    featurizer = family.featurizer(cfg, "query", paths)
+    featurizer = family.featurizer(cfg, "query", "representations", paths)
     per_ckpt = []
     for entry in load_checkpoint_list(paths):
         batches = iter_batches(queries, family.collate(cfg), cfg.featurize.batch_size)
-        parts = list(featurizer.featurize(paths.checkpoints / entry["file"], entry["id"], batches))
+        parts = list(featurizer.featurize(paths.checkpoint_file(entry), entry["id"], batches))
         per_ckpt.append(np.concatenate([p[1] for p in parts]))
     return np.stack(per_ckpt)
 
 
-def airrep_supervision(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> AirRepData:
-    """Check disjointness, run or resume the subset retrainings, featurize the training queries."""
+def airrep_retrain(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> tuple[GroundTruth, dict, Any, Any]:
+    """Check disjointness, run or resume the subset retrainings (the retrain stage); returns the
+    ground truth, the provenance keys, the run's data sets and the AirRep training queries."""
     if paths is None:
-        raise ConfigError("AirRep supervision is computed in a run folder; fit it through `tda run` (the index stage)")
-    family, o = family_for(cfg), score_options(cfg)
+        raise ConfigError("AirRep supervision is computed in a run folder; fit it through `tda run` (the retrain stage)")
+    family = family_for(cfg)
+    o = score_options(cfg, family)
     data, queries = family.datasets(cfg, paths), family.airrep_queries(cfg)
     keys = {"train": family.provenance(cfg, "train", paths), "queries": family.provenance(cfg, "airrep", paths),
             "evaluation": family.provenance(cfg, "query", paths)}
@@ -105,14 +105,21 @@ def airrep_supervision(cfg: RunConfig, paths: RunPaths, progress: bool = True) -
         logger.info("AirRep: %d subset retrainings to run in %s", len(gt.pending()), gt.store.root)
         with make_executor(e.kind, e.address, e.workers) as executor:
             gt.compute(family.subset_job(cfg, "airrep", o.subset_epochs), executor, progress)
+    return gt, keys, data, queries
+
+
+def airrep_supervision(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> AirRepData:
+    """The retrainings (:func:`airrep_retrain`, reused when done) and the training queries' features."""
+    gt, keys, data, queries = airrep_retrain(cfg, paths, progress)
+    ids = example_ids(queries)
     return AirRepData(train_ids=example_ids(data["train"]), query_feats=featurize_queries(cfg, paths, queries),
                       query_ids=ids, masks=gt.masks, outputs=gt.mean_outputs(), provenance=keys)
 
 
 def airrep_scorer(cfg: RunConfig, paths: RunPaths | None) -> AirRepScorer:
     """The run's AirRep scorer; its supervision is computed only when it is fitted."""
-    o = score_options(cfg)
+    o = score_options(cfg, family_for(cfg))
     return AirRepScorer(data=lambda progress=True: airrep_supervision(cfg, paths, progress), head=o.head_config())
 
 
-__all__ = ["airrep_ground_truth", "airrep_scorer", "airrep_spec", "airrep_supervision", "featurize_queries"]
+__all__ = ["airrep_ground_truth", "airrep_retrain", "airrep_scorer", "airrep_spec", "airrep_supervision", "featurize_queries"]

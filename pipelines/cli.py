@@ -16,11 +16,14 @@ from tda.errors import ConfigError, ForeignStoreError, QueryError, StoreCorruptE
 from tda.data import example_ids as ids_for
 from tda.features import FeatureBlock, concat_blocks
 
-from .config import RunConfig, load_config, parse_config
-from .families import family_for
+from .config import load_config, parse_config
+from .families import Reporting, family_for
+from .layout import RunPaths, load_checkpoint_list
 from .report import format_query
-from .run import RunPaths, claim_run_dir, datasets_for, load_checkpoint_list, make_featurizer
-from .stages import STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_score, stage_train
+from .run import claim_run_dir, datasets_for
+from .schema import RunConfig
+from .stages import (STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_retrain, stage_score,
+                     stage_train)
 
 
 #: ``tda run`` stages: the default run stops after ``score``; ``validate`` (retrainings, slow)
@@ -111,6 +114,9 @@ def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> s
                  f"{s['jobs']} shard job(s) run" + (f" ({s['rows']} rows)" if s["jobs"] else ", all reused")
                  for split, s in stats.items()]
         return "featurize: " + "; ".join(parts)
+    if stage == "retrain":
+        subsets = stage_retrain(cfg, paths, progress)
+        return f"retrain: {subsets} subset model(s)" if subsets else "retrain: not needed by " + cfg.score.scorer
     if stage == "index":
         index = stage_index(cfg, paths, progress)
         return f"index: {index.meta.get('kind', cfg.index.kind)} over {len(index)} training examples"
@@ -128,7 +134,8 @@ def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> s
 
 
 def print_report(cfg: RunConfig, paths: RunPaths) -> None:
-    text = family_for(cfg).report(cfg, paths)  # a model family may print its own report
+    family = family_for(cfg)
+    text = family.report(cfg, paths) if isinstance(family, Reporting) else None  # a family's own report
     if text is not None:
         print(text)
         return
@@ -161,10 +168,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
     """The validate stage (under the run lock) and its printed summary."""
-    from .validate import stage_validate
+    from .stages.validate import stage_validate
 
-    if cfg.model.family != "classifier":  # the retraining jobs train classifiers
-        raise ConfigError(f"validation supports the classifier family only, not {cfg.model.family!r}")
     res = stage_validate(cfg, paths, progress=progress)
     lds_ = res["lds"]
     print(f"LDS over {res['subsets']} subsets (alpha {res['alpha']}), {res['n_queries']} queries, "

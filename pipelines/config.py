@@ -1,298 +1,75 @@
-"""Typed run configuration, parsed from YAML at the edge.
+"""Reading a run configuration: YAML at the edge, paths resolved, then checked by its family.
 
-Every section is a dataclass with checks in ``__post_init__``; unknown keys raise
-:class:`ConfigError` with a "did you mean" suggestion. :func:`section_fingerprint` hashes the
-resolved sections an artifact depends on, so features are reused when only scoring settings
-change and refused when the projection or data change.
+:func:`load_config` reads a YAML file; every path in it (data files and folders, checkpoints,
+the Hugging Face folder, ``file.py:fn`` import strings) resolves against **the config file's
+folder**, so a config runs the same from any working directory and on dask workers started
+elsewhere; ``--set`` overrides resolve against the working directory, as command-line paths do.
+The resolved config holds absolute paths; the folder is also recorded as ``code_dir`` so that
+``module:fn`` strings import from beside the config (in ``tda run``, ``tda query`` and on
+workers alike). After the sections are built, the model family checks what only it knows
+(:func:`pipelines.families.check_config`): architecture, data set, scorer, ``model.options``.
+
+The sections themselves (dataclasses and fingerprints) live in :mod:`pipelines.schema`, which
+imports no family; their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
-from dataclasses import dataclass, field
+import glob
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from stores._io import fingerprint
 from tda.errors import ConfigError
 
+from .families import family_for
+from .scorers import check_scorer
+from .schema import (FEATURE_SECTIONS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS, SCORE_SECTIONS, DataConfig,  # noqa: F401
+                     ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig,
+                     ValidateConfig, _build, scorer_fingerprint, section_fingerprint, stable_dict)
 
-def _key(obj: Any, name: str) -> str:
-    return f"{type(obj).__name__.replace('Config', '').lower()}.{name}"
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{_key(obj, name)} must be >= 1, got {value}")
-
-
-def _choice(obj: Any, name: str, options: tuple[str, ...]) -> None:
-    if getattr(obj, name) not in options:
-        raise ConfigError(f"{_key(obj, name)} is {getattr(obj, name)!r}; choose one of {options}")
+#: ``(section, key)`` of every path-valued key; ``model.checkpoints`` is a list of paths or globs.
+PATH_KEYS = (("data", "root"), ("data", "train_path"), ("data", "query_path"), ("data", "tokenizer"),
+             ("model", "hf"), ("model", "checkpoints"), ("validate", "ground_truth_dir"))
+#: Import strings: ``path/file.py:fn`` resolves its file, ``module:fn`` imports from ``code_dir``.
+IMPORT_KEYS = (("model", "factory"), ("model", "task"), ("data", "collate"), ("train", "factory"))
 
 
-#: Default folder of each data set (relative to the working dir); the model family decides
-#: which data sets it reads (see pipelines/families.py).
-DATA_ROOTS = {"mnist": "../shared/data/mnist", "fashion-mnist": "/usr/share/datasets/fashion-mnist",
-              "cifar2": "../shared/data/cifar10"}
+def parse_config(values: dict[str, Any], overrides: list[str] | None = None, base: str | Path | None = None) -> RunConfig:
+    """Build and check a :class:`RunConfig` from a mapping plus ``section.key=value`` overrides.
 
-
-@dataclass
-class DataConfig:
-    """Data: a named data set read from files under ``root``."""
-
-    name: str = "mnist"  # "mnist" / "fashion-mnist" (idx files) or "cifar2" (npz); the family checks it
-    root: str = DATA_ROOTS["mnist"]  # folder of the files (default: the named data set's folder)
-    train_size: int | None = 10000  # first N training examples (None: all)
-    query_split: str = "test"  # split the queries come from
-    query_size: int = 500  # first N examples of the query split
-    query_path: str | None = None  # queries from a file instead: .parquet, .arrow, .csv, .json/.jsonl or a save_to_disk folder
-
-    def __post_init__(self) -> None:
-        _choice(self, "query_split", ("train", "test"))
-        _positive(self, "train_size", "query_size")
-        if self.root == DATA_ROOTS["mnist"] and self.name != "mnist":
-            self.root = DATA_ROOTS.get(self.name, self.root)  # the MNIST default means "the default"
-
-
-@dataclass
-class ModelConfig:
-    """Model: its family (pipelines/families.py), architecture and family-specific options."""
-
-    family: str = "classifier"  # "classifier" or "diffusion" (see pipelines/families.py)
-    arch: str = "mlp"  # classifier: "mlp" or "cnn"; diffusion: "unet"
-    hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths / CNN or UNet channels per level
-    options: dict[str, Any] = field(default_factory=dict)  # family options, checked by the family
-
-    def __post_init__(self) -> None:
-        if not self.hidden or any(int(h) < 1 for h in self.hidden):
-            raise ConfigError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
-
-
-@dataclass
-class TrainConfig:
-    """Training of the models whose checkpoints are attributed."""
-
-    models: int = 3  # independently trained models (seeds seed, seed+1, ...)
-    epochs: int = 4
-    lr: float = 0.05
-    batch_size: int = 128
-    seed: int = 0
-    checkpoints: str = "final"  # "final": last epoch of each model; "all": every epoch
-
-    def __post_init__(self) -> None:
-        _positive(self, "models", "epochs", "batch_size")
-        _choice(self, "checkpoints", ("final", "all"))
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-
-
-@dataclass
-class FeaturizeConfig:
-    """Per-example gradients and their random projection.
-
-    ``projection: dense`` projects the flat per-example gradient with a d x k matrix;
-    ``factored`` projects each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
-    groups=1) with a Kronecker pair ``k_out x k_in`` without forming it (LoGra, tda.factored):
-    the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are
-    unused), ``params`` names modules (or prefixes) instead of parameters, and parameters of
-    other layers (norms, embeddings) are skipped and listed in the store manifest. ``k_in`` /
-    ``k_out`` are ignored by the dense projection (set away from their defaults they still
-    enter the fingerprint, so such a run folder is not reused).
+    Args:
+        values: the config as a mapping (the YAML document).
+        overrides: ``section.key=value`` strings, values parsed as YAML; their paths resolve
+            against the working directory.
+        base: folder the paths of ``values`` resolve against (default: the working directory).
     """
-
-    k: int = 1024  # projection dimension
-    projector: str = "rademacher"  # or "gaussian"
-    seed: int = 0  # projection seed
-    batch_size: int = 256  # examples per gradient batch
-    shard_size: int = 4096  # examples per store shard (unit of resumption)
-    dtype: str = "float32"  # stored dtype: float32 or float16
-    params: list[str] | None = None  # parameter (dense) / module (factored) names or prefixes (None: all)
-    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
-    backend: str = "auto"  # projector backend: auto/dense/fast_jl
-    projection: str = "dense"  # "dense" (P^T g) or "factored" (per-layer Kronecker, never forms g)
-    k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
-    k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)
-
-    def __post_init__(self) -> None:
-        _positive(self, "k", "batch_size", "shard_size", "k_in", "k_out")
-        _choice(self, "projector", ("rademacher", "gaussian"))
-        _choice(self, "dtype", ("float32", "float16"))
-        _choice(self, "device", ("auto", "cpu", "cuda"))
-        _choice(self, "backend", ("auto", "dense", "fast_jl"))
-        _choice(self, "projection", ("dense", "factored"))
-        if self.seed < 0:
-            raise ConfigError(f"featurize.seed must be >= 0, got {self.seed}")
-
-
-@dataclass
-class ScoreConfig:
-    """Scoring and what the report prints."""
-
-    scorer: str = "trak"  # the family lists its scorers (every family: trak/dtrak, tracin, graddot, gradcos, repsim, airrep)
-    lambda_rel: float = 0.01  # TRAK ridge relative to mean diag(Phi^T Phi)
-    topk: int = 10  # proponents/opponents kept per query
-    show: int = 3  # queries printed in the report
-    block_rows: int = 8192  # training rows per scoring block
-    influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
-    dense: bool = True  # write the dense (n_query x n_train) scores.npy; false: top-k from the index only (large n)
-    options: dict[str, Any] = field(default_factory=dict)  # repsim / airrep settings (pipelines/score_options.py)
-
-    def __post_init__(self) -> None:
-        _positive(self, "topk", "block_rows")
-        if self.show < 0:
-            raise ConfigError(f"score.show must be >= 0, got {self.show}")
-        if not self.lambda_rel > 0:
-            raise ConfigError(f"score.lambda_rel must be > 0, got {self.lambda_rel}")
-        if not 0 <= self.influential_fraction < 1:
-            raise ConfigError(f"score.influential_fraction must be in [0, 1), got {self.influential_fraction}")
-
-
-@dataclass
-class IndexConfig:
-    """FAISS index over train-side vectors."""
-
-    kind: str = "flat"  # "flat" (exact) or "ivf" (approximate, large stores)
-    nlist: int | None = None  # IVF cells (default ~4 sqrt(n))
-    nprobe: int = 16  # IVF cells searched per query
-
-    def __post_init__(self) -> None:
-        _choice(self, "kind", ("flat", "ivf"))
-        _positive(self, "nlist", "nprobe")
-
-
-@dataclass
-class ExecutorConfig:
-    """Where independent jobs run: featurize shards (checkpoint x partition) and retrainings."""
-
-    kind: str = "local"  # "local" (in process) or "dask"
-    address: str | None = None  # dask scheduler, e.g. tcp://10.0.0.5:8786; None starts a LocalCluster
-    workers: int = 2  # LocalCluster worker processes
-
-    def __post_init__(self) -> None:
-        _choice(self, "kind", ("local", "dask"))
-        _positive(self, "workers")
-
-
-@dataclass
-class ValidateConfig:
-    """Counterfactual validation (METHODS.md section 6)."""
-
-    subsets: int = 100  # J random training subsets
-    alpha: float = 0.5  # subset size as a fraction of the training set
-    models_per_subset: int = 1  # R retrainings per subset (outputs averaged)
-    seed: int = 0  # subset and retraining seeds derive from it
-    queries: int | None = None  # first N queries validated (None: all)
-    ground_truth_dir: str | None = None  # default <out_dir>/ground-truth; share it across runs
-    tune_fraction: float = 0.5  # share of queries and subsets used to choose lambda
-    lambda_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
-    removal_queries: int = 0  # queries with removal curves (0: off)
-    removal_ks: list[int] = field(default_factory=lambda: [10, 50, 200])
-    removal_seeds: int = 1  # retrainings per removal set
-    plots: bool = True  # write PNG plots next to the JSON/CSV
-
-    def __post_init__(self) -> None:
-        _positive(self, "subsets", "models_per_subset", "queries", "removal_seeds")
-        if not 0 < self.alpha < 1 or not 0 < self.tune_fraction < 1:
-            raise ConfigError("validate.alpha and validate.tune_fraction must be in (0, 1)")
-        if not self.lambda_grid or any(not x > 0 for x in self.lambda_grid):
-            raise ConfigError(f"validate.lambda_grid must hold positive values, got {self.lambda_grid}")
-        if self.removal_queries < 0 or any(k < 1 for k in self.removal_ks):
-            raise ConfigError("validate.removal_queries must be >= 0 and removal_ks positive")
-
-
-@dataclass
-class RunConfig:
-    """A whole run: the sections above plus where outputs go."""
-
-    name: str = "run"
-    out_dir: str = "runs/default"  # outputs (checkpoints, stores, index, scores)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-
-    def __post_init__(self) -> None:
-        from .families import check_config  # the family registry checks arch, data, scorer, options
-
-        check_config(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, where)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[]") for v in value]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def _build(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        full = f"{where}.{key}" if where else key
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {known}"
-            raise ConfigError(f"unknown config key {full!r}{hint}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def parse_config(values: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    """Build a :class:`RunConfig` from a mapping plus ``section.key=value`` overrides."""
+    if not isinstance(values or {}, dict):
+        raise ConfigError(f"a config must be a mapping of sections (data:, model:, ...), got a {type(values).__name__}")
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (values or {}).items()}
+    base = Path(base) if base is not None else Path.cwd()
+    _resolve_paths(values, base)
+    values.setdefault("code_dir", str(base.resolve()))
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        path, raw = item.split("=", 1)
-        node = values
-        parts = path.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return _build(RunConfig, values, "")
+        section, key, value = _override(values, item)
+        if (section, key) in PATH_KEYS + IMPORT_KEYS:
+            _resolve_paths({section: values[section]}, Path.cwd())  # command-line paths: the working dir
+    cfg = _build(RunConfig, values, "")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: RunConfig) -> None:
+    """The checks that need the family: arch, data set, options, and that it feeds the scorer."""
+    family = family_for(cfg)
+    family.check(cfg)
+    check_scorer(cfg, family)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file (see ``configs/``)."""
+    """Read a YAML config file (see ``configs/``); its paths resolve against its folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -300,53 +77,63 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    return parse_config(values or {}, overrides)
+    return parse_config(values or {}, overrides, base=path.resolve().parent)
 
 
-#: Keys added after the first release, hashed only when set away from these defaults, so that
-#: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
-LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
-              ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True,
-              ("score", "options"): {}, ("featurize", "projection"): FeaturizeConfig().projection,
-              ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out}
+def _override(values: dict[str, Any], item: str) -> tuple[str, str, Any]:
+    """Apply one ``a.b=value`` override in place; returns (section, key, parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    path, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: {raw!r} is not a YAML value ({exc}); quote strings") from exc
+    parts = path.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+    return (parts[0], parts[1], value) if len(parts) == 2 else ("", "", value)
 
 
-#: Data keys that choose the queries: the training side (checkpoints, train features, fitted
-#: scorer, index) does not depend on them, so changing the queries reuses all of it.
-QUERY_KEYS = ("query_split", "query_size", "query_path")
+def _resolve_paths(values: dict[str, Any], base: Path) -> None:
+    """Make every path-valued key of ``values`` absolute against ``base`` (in place)."""
+    for section, key in PATH_KEYS:
+        node = values.get(section)
+        if not isinstance(node, dict) or node.get(key) is None:
+            continue
+        if key == "checkpoints":
+            node[key] = _checkpoint_files(node[key], base)
+        elif isinstance(node[key], str):
+            node[key] = _absolute(node[key], base)
+    for section, key in IMPORT_KEYS:
+        node = values.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and ".py:" in node[key]:
+            file, _, name = node[key].rpartition(":")
+            node[key] = f"{_absolute(file, base)}:{name}"
 
 
-def stable_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as a dict without the :data:`LATER_KEYS` that sit at their defaults,
-    so hashes of configs written before those keys existed do not change."""
-    d = cfg.to_dict()
-    for (section, key), default in LATER_KEYS.items():
-        if section in d and d[section].get(key) == default:
-            del d[section][key]
-    return d
+def _absolute(path: str, base: Path) -> str:
+    p = Path(os.path.expanduser(path))
+    return str(p if p.is_absolute() else (base / p).resolve())
 
 
-#: Score keys that change only what is written or printed, never the fitted scorer or index.
-OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction")
-
-
-def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, outputs: bool = True) -> str:
-    """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
-    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side),
-    with ``outputs=False`` the :data:`OUTPUT_KEYS`."""
-    d = stable_dict(cfg)
-    for flag, section, keys in ((queries, "data", QUERY_KEYS), (outputs, "score", OUTPUT_KEYS)):
-        if not flag:
-            for key in keys:
-                d[section].pop(key, None)
-    return fingerprint({s: d[s] for s in sections})
-
-
-def scorer_fingerprint(cfg: RunConfig) -> str:
-    """Hash of what the fitted scorer and the index depend on: the training side of the feature
-    sections, the scorer's settings and the index settings (not the queries or output keys)."""
-    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=False, outputs=False)
-
-
-FEATURE_SECTIONS = ("data", "model", "train", "featurize")
-SCORE_SECTIONS = FEATURE_SECTIONS + ("score", "index")
+def _checkpoint_files(value: Any, base: Path) -> list[str]:
+    """``model.checkpoints``: a path, a glob or a list of them -> sorted absolute file paths."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"model.checkpoints must be a path, a glob or a list of them, got {value!r}")
+    files: list[str] = []
+    for item in items:
+        pattern = _absolute(item, base)
+        if glob.has_magic(pattern):
+            hits = sorted(glob.glob(pattern))
+            if not hits:
+                raise ConfigError(f"model.checkpoints: no file matches {item!r} (looked for {pattern})")
+            files += hits
+        else:
+            files.append(pattern)
+    return files

@@ -17,9 +17,11 @@ from typing import Any, Callable, Hashable, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from stores._io import save_json, save_npy
+from stores._io import fingerprint, save_json, save_npy
 from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 from tda.validation import sample_subsets
+
+from .schema import RunConfig, stable_dict
 
 FORMAT = "tda-retraining-results"
 
@@ -135,3 +137,11 @@ class GroundTruth:
     def mean_outputs(self) -> np.ndarray:
         """(J, m) outputs averaged over the R seeds of each subset."""
         return self.outputs().mean(axis=1)
+
+
+def job_fingerprint(cfg: RunConfig) -> str:
+    """Hash of the retraining recipe and the data it is measured on (keys added later and left at
+    their defaults are not hashed, so cached ground truth stays valid across versions)."""
+    d = stable_dict(cfg)
+    train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}
+    return fingerprint({"data": d["data"], "model": d["model"], "train": train})

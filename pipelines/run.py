@@ -1,13 +1,15 @@
-"""A run folder: paths of every artifact (pure functions of the root) and shared loaders.
+"""A run: claiming its folder, the fingerprint of its features, and what its family provides.
 
 What depends on the kind of model (data, model, task, collate, featurizer) comes from the run's
-model family (:mod:`pipelines.families`); the functions here dispatch to it.
+model family (:mod:`pipelines.families`) and the kind of features from its scorer
+(:mod:`pipelines.scorers`); the functions here dispatch to them. Paths of the run folder are
+in :mod:`pipelines.layout` (re-exported here).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,47 +20,10 @@ from stores._io import save_json
 from tda.data import arrow_columns, example_ids, mnist_collate
 from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 
-from .config import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, section_fingerprint  # noqa: F401
-from .families import family_for, load_checkpoint_list, load_idx_split, resolve_device  # noqa: F401
-
-RUN_FILE = "run.json"
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where each artifact of a run lives."""
-
-    root: Path
-
-    @property
-    def run_file(self) -> Path:
-        return self.root / RUN_FILE
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def checkpoint_list(self) -> Path:
-        return self.checkpoints / "checkpoints.json"
-
-    def checkpoint(self, model: int, epoch: int) -> Path:
-        return self.checkpoints / f"model-{model:02d}-epoch-{epoch:03d}.pt"
-
-    def store(self, split: str) -> Path:
-        return self.root / f"features-{split}"
-
-    @property
-    def scorer(self) -> Path:
-        return self.root / "scorer"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index"
-
-    @property
-    def scores(self) -> Path:
-        return self.root / "scores"
+from .families import family_for, resolve_device  # noqa: F401
+from .layout import RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
+from .schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, section_fingerprint  # noqa: F401
+from .scorers import feature_kind
 
 
 def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
@@ -68,8 +33,6 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
     without the choice of queries): a run with other queries reuses its checkpoints and train
     features. ``run.json`` is rewritten only when the configuration changed.
     """
-    import shutil
-
     fp = feature_fingerprint(cfg, "train")
     paths = RunPaths(root)
     record = {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict()}
@@ -102,12 +65,9 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
 def feature_fingerprint(cfg: RunConfig, split: str = "query") -> str:
     """Hash of everything the stored features of ``split`` depend on (config sections plus the
     family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`)."""
-    return section_fingerprint(cfg, *FEATURE_SECTIONS, queries=split != "train") + family_for(cfg).feature_tag(cfg)
-
-
-def load_split(root: str, split: str, limit: int | None):
-    """Cached MNIST split as a ``datasets.Dataset``."""
-    return load_idx_split(root, split, limit)
+    family = family_for(cfg)
+    return (section_fingerprint(cfg, *FEATURE_SECTIONS, queries=split != "train")
+            + family.feature_tag(cfg, feature_kind(cfg, family)))
 
 
 def datasets_for(cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
@@ -120,8 +80,9 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 
 
 def make_featurizer(cfg: RunConfig, split: str = "train", paths: RunPaths | None = None):
-    """The featurizer of ``split`` (the classifier family uses one for both splits)."""
-    return family_for(cfg).featurizer(cfg, split, paths)
+    """The featurizer of ``split`` for the run's feature kind (most families use one for both splits)."""
+    family = family_for(cfg)
+    return family.featurizer(cfg, split, feature_kind(cfg, family), paths)
 
 
 def collate_for(cfg: RunConfig):

@@ -4,7 +4,7 @@ Only ``repsim`` and ``airrep`` take options; any other scorer with a non-empty
 ``score.options`` is an error, and unknown keys raise :class:`ConfigError` with a "did you
 mean". Options change scores only, so they are hashed with the score section (index and scores
 are refitted when they change); the representation module also changes the stored features and
-goes into the feature fingerprint through :meth:`pipelines.families.Family.feature_tag`.
+goes into the feature fingerprint through :meth:`pipelines.families.base.Family.feature_tag`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from tda.airrep import HeadConfig
 from tda.errors import ConfigError
 from tda.scorers.repsim import METRICS
 
+from .schema import _build
+
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .schema import RunConfig
 
 
 @dataclass
@@ -69,14 +71,12 @@ class AirRepOptions:
                           weight_decay=self.weight_decay, pooling=self.pooling, temperature=self.temperature,
                           center=self.center, val_fraction=self.val_fraction, seed=self.seed)
 
-    def resolved(self, cfg: RunConfig) -> "AirRepOptions":
+    def resolved(self, cfg: RunConfig, family: Any) -> "AirRepOptions":
         """Unset keys filled in by the family: ``queries``, ``subsets`` and ``subset_epochs =
-        ceil(share * train.epochs)`` from :attr:`~pipelines.families.Family.airrep_budget`;
-        ``label_aware`` where the family has class labels (:attr:`~pipelines.families.Family.label_key`)."""
-        from .families import family_for
-
-        family = family_for(cfg)
-        queries, subsets, share = family.airrep_budget
+        ceil(share * train.epochs)`` from its ``airrep_budget``
+        (:class:`~pipelines.families.base.Retraining`); ``label_aware`` where the family has class
+        labels (its ``label_key``)."""
+        queries, subsets, share = getattr(family, "airrep_budget", (256, 32, 0.5))
         label_aware = family.label_key is not None if self.label_aware is None else self.label_aware
         return replace(self, queries=self.queries or queries, subsets=self.subsets or subsets, label_aware=label_aware,
                        subset_epochs=self.subset_epochs or max(1, math.ceil(share * cfg.train.epochs)))
@@ -86,15 +86,13 @@ OPTION_TYPES: dict[str, type] = {"repsim": RepSimOptions, "airrep": AirRepOption
 REPRESENTATION_SCORERS = tuple(OPTION_TYPES)
 
 
-def score_options(cfg: RunConfig) -> Any:
+def score_options(cfg: RunConfig, family: Any) -> Any:
     """``score.options`` parsed for ``score.scorer`` (``None`` for scorers without options), with
-    AirRep's unset budget filled in by the family.
+    AirRep's unset budget filled in by ``family`` (the run's model family).
 
     Raises:
         ConfigError: options given to a scorer that takes none, or an unknown / bad key.
     """
-    from .config import _build
-
     kind = OPTION_TYPES.get(cfg.score.scorer)
     if kind is None:
         if cfg.score.options:
@@ -102,7 +100,7 @@ def score_options(cfg: RunConfig) -> Any:
                               f"{cfg.score.scorer!r} takes none, got {sorted(cfg.score.options)}")
         return None
     options = _build(kind, cfg.score.options, "score.options")
-    return options.resolved(cfg) if isinstance(options, AirRepOptions) else options
+    return options.resolved(cfg, family) if isinstance(options, AirRepOptions) else options
 
 
 __all__ = ["AirRepOptions", "OPTION_TYPES", "REPRESENTATION_SCORERS", "RepSimOptions", "score_options"]

@@ -31,6 +31,15 @@ from .scorers import Scorer, TRAKScorer
 from .tasks import ClassificationTask, Task
 
 
+def _default_task(model: nn.Module) -> Task:
+    """:class:`ClassificationTask`, or the task for a transformers model's head."""
+    if type(model).__module__.startswith("transformers."):
+        from .hf import hf_task_for
+
+        return hf_task_for(model)
+    return ClassificationTask()
+
+
 class Attributor:
     """Featurize, fit and query in memory.
 
@@ -46,6 +55,11 @@ class Attributor:
         progress: show tqdm bars.
         precision: projection precision, ``"fp32"`` (default) or ``"bf16"`` (faster, ~3e-3
             relative feature error; see :class:`~tda.projectors.Projector`).
+        grad_method: per-example gradient path (see :class:`~tda.featurize.Featurizer`).
+
+    Hugging Face transformers models work the same way (see :mod:`tda.hf`): checkpoints may be
+    ``save_pretrained`` folders or ``.safetensors`` files, and without ``task`` a transformers
+    model gets :func:`tda.hf.hf_task_for` (classification margin or completion log-probability).
     """
 
     def __init__(
@@ -63,14 +77,16 @@ class Attributor:
         device: str | torch.device | None = None,
         progress: bool = False,
         precision: str = "fp32",
+        grad_method: str = "auto",
     ) -> None:
         if not checkpoints:
             raise CheckpointError("at least one checkpoint is needed; pass model.state_dict() for one")
         self.checkpoints = list(checkpoints)
         self.collate = collate
         self.scorer = scorer if scorer is not None else TRAKScorer()
-        self.featurizer = Featurizer(model, task or ClassificationTask(), k=k, seed=seed, kind=kind,
-                                     param_names=param_names, device=device, precision=precision)
+        self.featurizer = Featurizer(model, task or _default_task(model), k=k, seed=seed, kind=kind,
+                                     param_names=param_names, device=device, precision=precision,
+                                     grad_method=grad_method)
         self.batch_size = batch_size
         self.progress = progress
         self.train_features: ArrayFeatures | None = None

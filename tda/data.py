@@ -165,3 +165,48 @@ def as_dataset(data) -> object:
             raise DataError(f"columns have different lengths: {lengths}")
         return datasets.Dataset.from_dict({k: list(v) if v.ndim > 1 else v for k, v in cols.items()})
     raise DataError(f"expected a datasets.Dataset or a dict of arrays, got {type(data).__name__}")
+
+
+def subset_rows(n_rows: int, size: int | None, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Sorted row positions of a seeded random subset of ``size`` of ``n_rows`` rows.
+
+    With ``labels``, the subset is stratified: each class keeps its share of the rows (largest
+    remainders get the rounding), so a data set stored sorted by class still gives every class.
+    ``size`` of ``None`` or at least ``n_rows`` keeps every row (in order).
+
+    Args:
+        n_rows: rows of the split.
+        size: rows wanted.
+        seed: the subset's seed (recorded in the run's config).
+        labels: (n_rows,) class labels, or ``None`` for a plain random subset.
+
+    Returns:
+        (size,) int64 row positions, increasing.
+    """
+    if size is None or size >= n_rows:
+        return np.arange(n_rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.choice(n_rows, size=size, replace=False)).astype(np.int64)
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * size / n_rows
+    take = np.floor(share).astype(np.int64)
+    order = np.argsort(-(share - take), kind="stable")
+    take[order[: size - int(take.sum())]] += 1
+    rows = [rng.choice(np.flatnonzero(labels == c), size=int(t), replace=False) for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(rows)).astype(np.int64)
+
+
+def draw_subset(dataset, size: int | None, seed: int, label_column: str | None = "label", how: str = "random"):
+    """``size`` rows of ``dataset``: seeded and stratified by ``label_column`` when it exists
+    (:func:`subset_rows`), or the first ``size`` with ``how="first"``. Row ids are kept."""
+    n = len(dataset)
+    if size is None or size >= n:
+        return dataset
+    if how == "first":
+        return dataset.select(range(size)).flatten_indices()
+    labels = None
+    if label_column and label_column in dataset.column_names:
+        labels = np.asarray(dataset.with_format("numpy")[label_column])
+    return dataset.select(subset_rows(n, size, seed, labels)).flatten_indices()  # a table of its own rows

@@ -7,6 +7,8 @@ the result is finite, and return float32 features with the loss weights ``Q``.
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -16,27 +18,63 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, DataError, DTypeError, ShapeError
 from .gradients import (check_finite, flatten_grads, linear_layers_for, linear_per_example_grads,
-                        loss_weights, parameter_count, per_example_grads, select_parameters)
+                        loop_per_example_grads, loss_weights, parameter_count, per_example_grads,
+                        select_parameters, task_groups, vmap_incompatible)
 from .projectors import Projector, _fast_jl_available
 from .tasks import Batch, Task
 
+logger = logging.getLogger(__name__)
+
 StateDict = Mapping[str, Tensor]
+GRAD_METHODS = ("auto", "vmap", "linear", "loop")
+
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _read_weights(path: Path) -> Mapping:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _folder_weights(folder: Path) -> list[Path]:
+    """The weight files of a ``save_pretrained`` folder (one file, or the shards of an index)."""
+    for name in _WEIGHT_FILES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            import json
+
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+        if (folder / name).is_file():
+            return [folder / name]
+    raise CheckpointError(f"checkpoint folder {folder} holds no {' or '.join(_WEIGHT_FILES)} (nor a sharded index); "
+                          "pass a save_pretrained folder, a .safetensors file or a torch.save state dict")
 
 
 def load_checkpoint(source: StateDict | str | Path) -> dict[str, Tensor]:
-    """A state dict from a mapping or a ``torch.save`` file (loaded with ``weights_only=True``)."""
+    """A state dict from a mapping, a ``torch.save`` file (loaded with ``weights_only=True``), a
+    ``.safetensors`` file, or a ``save_pretrained`` folder (its ``model.safetensors``, shards included)."""
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
+    if path.is_dir():
+        state: dict[str, Tensor] = {}
+        for file in _folder_weights(path):
+            state.update(load_checkpoint(file))
+        return state
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist; check the path")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for bad files
+        state = _read_weights(path)
+    except Exception as exc:  # torch and safetensors raise several types for bad files
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CheckpointError(
             f"checkpoint {path} cannot be read as a weights-only state dict ({reason}); no code in it "
-            "was run; save it with torch.save(model.state_dict(), path)"
+            "was run; save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
         ) from exc
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; save it "
@@ -44,17 +82,53 @@ def load_checkpoint(source: StateDict | str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names sharing one parameter (e.g. a language model's head tied to its input embedding)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _ignorable(model: nn.Module, key: str) -> bool:
+    """A key the model does not keep: a non-persistent buffer, or one it declares ignorable
+    (transformers' ``_keys_to_ignore_on_load_unexpected`` patterns, e.g. old GPT-2 ``attn.bias``)."""
+    mod_name, _, leaf = key.rpartition(".")
+    try:
+        if leaf in model.get_submodule(mod_name)._non_persistent_buffers_set:
+            return True
+    except AttributeError:
+        pass
+    return any(re.search(pat, key) for pat in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    return f"{items[:n]}" + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def apply_checkpoint(model: nn.Module, state: StateDict, label: str = "checkpoint") -> None:
-    """Load ``state`` into ``model`` strictly, with an error naming the mismatch."""
+    """Load ``state`` into ``model`` strictly, with an error naming the first differences.
+
+    Tied parameters count once: a state dict that holds one name of a tie (``save_pretrained``
+    drops GPT-2's ``lm_head.weight``, tied to ``transformer.wte.weight``) fills the others; two
+    tied names with different values are a mismatch. Keys of non-persistent buffers are ignored.
+    """
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not _ignorable(model, k)}
+    differ = []
+    for names in _tied_groups(model):
+        present = [n for n in names if n in state]
+        differ += [f"{n} != {present[0]}" for n in present[1:] if not torch.equal(state[n], state[present[0]])]
+        state.update({n: state[present[0]] for n in names if present and n not in state})
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
+    if missing or unexpected or wrong or differ:
+        tied = f", tied weights that differ {_first(differ)} (untie them in the model)" if differ else ""
         raise CheckpointError(
-            f"{label} does not match the model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, shape mismatches {wrong[:5]}; build the model with the "
+            f"{label} does not match the model: missing {_first(missing)}, unexpected "
+            f"{_first(unexpected)}, shape mismatches {_first(wrong)}{tied}; build the model with the "
             "architecture the checkpoint was trained with"
         )
     model.load_state_dict(state, strict=True)
@@ -74,10 +148,13 @@ def check_batch(batch: Batch, ids: Sequence[int]) -> None:
                              "ids; collate must return one row per example for every entry")
 
 
-def _batch_error(exc: RuntimeError, batch: Batch) -> DataError:
+def _batch_error(exc: RuntimeError, batch: Batch) -> DataError | ConfigError:
     """Translate the model's failure on a batch into an error naming the batch's shapes and dtypes."""
     shapes = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in batch.items())
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if vmap_incompatible(exc):
+        return ConfigError(f"the model's code cannot run under torch.func.vmap (batch with {shapes}): {text}; "
+                           "use grad_method='auto' (falls back to one autograd pass per example) or 'loop'")
     if "dtype" in text or "scalar type" in text.lower():
         cls, fix = DTypeError, "make collate return inputs in the model's dtype (float32 for float32 weights)"
     elif "out of bounds" in text or "out of range" in text:
@@ -132,9 +209,14 @@ class Featurizer:
         precision: projection precision, ``"fp32"`` or ``"bf16"`` (see :class:`~tda.projectors.Projector`).
         grad_method: ``"vmap"`` (``torch.func``, any model), ``"linear"`` (one batched backward,
             per-example gradients as outer products; every selected parameter must belong to an
-            ``nn.Linear``) or ``"auto"`` (``"linear"`` where it applies, else ``"vmap"``). Both
-            give the gradient of each example run alone, assuming examples do not interact in
-            the eval-mode forward pass.
+            ``nn.Linear``), ``"loop"`` (one autograd pass per example: any model, slowest) or
+            ``"auto"`` (``"linear"`` where it applies, else ``"vmap"``, switching to ``"loop"``
+            for good, with a logged warning, when the model's code cannot run under vmap, e.g.
+            ``.item()`` or transformers' mask builders). All give the gradient of each example
+            run alone, assuming examples do not interact in the eval-mode forward pass; the path
+            that ran is :attr:`grad_method` (not part of :meth:`spec`: the features are the same).
+            Tasks that split batches (:meth:`tda.tasks.Task.example_groups`, e.g. padded text in
+            :mod:`tda.hf`) are run group by group.
         group_bytes: when P does not fit ``cache_bytes``, gradients of consecutive batches (up
             to this many bytes) are projected together so each regenerated block of P serves
             many examples; results are identical, only memory and speed change.
@@ -156,8 +238,8 @@ class Featurizer:
         grad_method: str = "auto",
         group_bytes: int = 1 << 30,
     ) -> None:
-        if grad_method not in ("auto", "vmap", "linear"):
-            raise ConfigError(f"grad_method {grad_method!r} is unknown; use 'auto', 'vmap' or 'linear'")
+        if grad_method not in GRAD_METHODS:
+            raise ConfigError(f"grad_method {grad_method!r} is unknown; use 'auto', 'vmap', 'linear' or 'loop'")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.task = task
@@ -175,6 +257,10 @@ class Featurizer:
             raise ConfigError("grad_method 'linear' needs every selected parameter to be a weight or bias "
                               "of an nn.Linear; use grad_method 'vmap' (or 'auto') for this model")
         self.grad_method = "linear" if grad_method == "linear" or (grad_method == "auto" and linear_ok) else "vmap"
+        if grad_method == "loop":
+            self.grad_method = "loop"
+        self._fallback = grad_method == "auto"  # vmap -> loop when the model's code refuses vmap
+        self._logged: str | None = None
 
     def spec(self) -> dict[str, Any]:
         """What determines the features (recorded in manifests and compared on reuse)."""
@@ -183,22 +269,52 @@ class Featurizer:
     def _to_device(self, batch: Batch) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def gradients(self, batch: Batch) -> Tensor:
+        """Flat per-example gradients (B, d) of a device batch under the loaded weights, group by
+        group when the task splits the batch (:meth:`tda.tasks.Task.example_groups`)."""
+        groups = task_groups(self.task, batch)
+        if len(groups) == 1:
+            return self._group_gradients(groups[0][1])
+        flat = None
+        for rows, sub in groups:
+            part = self._group_gradients(sub)
+            if flat is None:
+                n = next(iter(batch.values())).shape[0]
+                flat = part.new_empty((n, part.shape[1]))
+            flat[rows] = part
+        return flat
+
     def _gradients(self, batch: Batch) -> Tensor:
-        """Flat per-example gradients (B, d) of a device batch under the loaded weights."""
+        return self.gradients(batch)  # the earlier name
+
+    def _group_gradients(self, batch: Batch) -> Tensor:
         flat = None
         if self.grad_method == "linear":
             flat = linear_per_example_grads(self.model, self.task, batch, self.names)
             if flat is None:
                 self.grad_method = "vmap"  # a layer ran twice or the output is not per example
+        if flat is None and self.grad_method == "vmap":
+            try:
+                flat = flatten_grads(per_example_grads(self.model, self.task, batch, self.names, self.chunk_size),
+                                     self.names)
+            except RuntimeError as exc:
+                if not (self._fallback and vmap_incompatible(exc)):
+                    raise
+                logger.warning("per-example gradients: %s cannot run under vmap (%s); using one autograd pass per "
+                               "example (grad_method 'loop') from now on", type(self.model).__name__,
+                               str(exc).splitlines()[0][:160])
+                self.grad_method = "loop"
         if flat is None:
-            flat = flatten_grads(per_example_grads(self.model, self.task, batch, self.names, self.chunk_size),
-                                 self.names)
+            flat = flatten_grads(loop_per_example_grads(self.model, self.task, batch, self.names), self.names)
+        if self._logged != self.grad_method:
+            logger.info("per-example gradients of %s: grad_method %r", type(self.model).__name__, self.grad_method)
+            self._logged = self.grad_method
         return flat
 
     def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
         batch = self._to_device(batch)
-        return self._project(self._gradients(batch), ids, checkpoint), self._loss_weights(batch, ids)
+        return self._project(self.gradients(batch), ids, checkpoint), self._loss_weights(batch, ids)
 
     def _project(self, flat: Tensor, ids: Sequence[int], checkpoint: int) -> np.ndarray:
         phi = self.projector.project(flat, checkpoint)
@@ -256,7 +372,7 @@ class Featurizer:
             check_batch(batch, ids)
             try:
                 device_batch = self._to_device(batch)
-                pending.append((ids, device_batch, self._gradients(device_batch)))
+                pending.append((ids, device_batch, self.gradients(device_batch)))
             except RuntimeError as exc:
                 raise _batch_error(exc, batch) from exc
             rows += len(ids)

@@ -3,10 +3,18 @@
 ``vmap(grad(f))`` over ``functional_call``: each example is run as a batch of one, so the
 model must not mix examples (BatchNorm in train mode, for instance); the model is put in eval
 mode while gradients are taken and its mode restored afterwards.
+
+Models whose code cannot run under ``vmap`` (``.item()``, data-dependent control flow, such as
+the attention-mask builders of Hugging Face transformers) use :func:`loop_per_example_grads`, one
+autograd pass per example; :func:`vmap_incompatible` recognises functorch's refusals so callers
+(:class:`tda.featurize.Featurizer`) can switch to it automatically. Tasks may split a batch into
+groups that run alone (:meth:`tda.tasks.Task.example_groups`, e.g. padded text trimmed per real
+length); :func:`task_groups` returns them.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
@@ -78,6 +86,9 @@ def per_example_grads(
 ) -> dict[str, Tensor]:
     """Gradient of ``task.output`` for every example of ``batch``.
 
+    The task's model call takes positional and keyword tensors (``model(x)`` or
+    ``model(input_ids=..., attention_mask=...)``), each a batch of one.
+
     Args:
         model: the network, already holding the checkpoint's weights.
         task: output function.
@@ -87,6 +98,10 @@ def per_example_grads(
 
     Returns:
         Mapping parameter name -> tensor of shape (B, *param.shape).
+
+    Raises:
+        RuntimeError: from functorch when the model's code cannot run under vmap
+            (:func:`vmap_incompatible` is true for it); use :func:`loop_per_example_grads`.
     """
     names = select_parameters(model, names)
     trainable, frozen = _split_params(model, names)
@@ -94,8 +109,8 @@ def per_example_grads(
     def f(params: dict, example: Mapping[str, Tensor]) -> Tensor:
         one = {k: v.unsqueeze(0) for k, v in example.items()}  # batch of one
 
-        def call(*args: Tensor) -> Tensor:
-            return functional_call(model, {**frozen, **params}, args)
+        def call(*args: Tensor, **kwargs: Tensor) -> Tensor:
+            return functional_call(model, {**frozen, **params}, args, kwargs or None)
 
         return task.output(call, one).squeeze(0)
 
@@ -111,10 +126,64 @@ def flatten_grads(grads: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
     return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
 
+_VMAP_REFUSALS = re.compile(r"vmap|functorch|BatchedTensor|data-dependent|\.item\(\)|doesn't have storage",
+                            re.IGNORECASE)
+
+
+def vmap_incompatible(exc: BaseException) -> bool:
+    """True when ``exc`` says the model's code cannot run under ``vmap`` (``.item()``,
+    data-dependent control flow, an operator without a batching rule), not that the inputs are wrong."""
+    return isinstance(exc, RuntimeError) and bool(_VMAP_REFUSALS.search(str(exc)))
+
+
+def loop_per_example_grads(model: nn.Module, task: Task, batch: Batch,
+                           names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Gradient of ``task.output`` for every example of ``batch``, one autograd pass per example.
+
+    The path for models that cannot run under ``vmap``: each example runs alone as a batch of
+    one (rows of ``batch`` as given; :class:`tda.featurize.Featurizer` first trims padded text
+    through :meth:`tda.tasks.Task.example_groups`). Same result as :func:`per_example_grads`,
+    ``B`` times the Python overhead.
+
+    Returns:
+        Mapping parameter name -> tensor of shape (B, *param.shape).
+    """
+    names = select_parameters(model, names)
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in names]
+    n_rows = next(iter(batch.values())).shape[0]
+    rows: list[list[Tensor]] = []
+    with eval_mode(model), torch.enable_grad():
+        for i in range(n_rows):
+            f = task.output(model, {k: v[i: i + 1] for k, v in batch.items()})
+            if f.numel() != 1:
+                raise ConfigError(f"the task output of one example has shape {tuple(f.shape)}; a task must "
+                                  "return one value per example, shape (B,)")
+            grads = torch.autograd.grad(f.sum(), chosen, allow_unused=True)
+            rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(chosen, grads)])
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}
+
+
+def task_groups(task: Task, batch: Batch) -> list[tuple[Tensor, Batch]]:
+    """``task.example_groups(batch)``, or the whole batch as one group for tasks without it."""
+    split = getattr(task, "example_groups", None)
+    if split is None:
+        first = next(iter(batch.values()))
+        return [(torch.arange(first.shape[0], device=first.device), batch)]
+    return split(batch)
+
+
 def loss_weights(model: nn.Module, task: Task, batch: Batch) -> Tensor:
-    """``Q`` per example with the model in eval mode, shape (B,)."""
+    """``Q`` per example with the model in eval mode, shape (B,), group by group (see :func:`task_groups`)."""
     with eval_mode(model), torch.no_grad():
-        return task.loss_weight(model, batch).float()
+        groups = task_groups(task, batch)
+        if len(groups) == 1:
+            return task.loss_weight(model, groups[0][1]).float()
+        first = next(iter(batch.values()))
+        out = torch.empty(first.shape[0], dtype=torch.float32, device=first.device)
+        for rows, sub in groups:
+            out[rows] = task.loss_weight(model, sub).float()
+        return out
 
 
 def check_finite(values: Tensor, ids: Sequence[int] | Tensor, what: str) -> None:

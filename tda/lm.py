@@ -27,6 +27,7 @@ needed and the model is called with one positional argument, as ``functional_cal
 from __future__ import annotations
 
 import json
+import gzip
 import logging
 import math
 import time
@@ -59,7 +60,7 @@ def load_text(path: str | Path) -> str:
             f"text corpus {path} not found; point data.root / the path argument at the folder "
             "or file holding it (Tiny Shakespeare ships as shared/data/tinyshakespeare/input.txt)"
         )
-    text = path.read_text(encoding="utf-8")
+    text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text(encoding="utf-8")
     if not text:
         raise DataError(f"text corpus {path} is empty")
     return text

@@ -49,6 +49,20 @@ class Task(ABC):
         first = next(iter(batch.values()))
         return torch.ones(first.shape[0], dtype=torch.float32, device=first.device)
 
+    def example_groups(self, batch: Batch) -> list[tuple[Tensor, Batch]]:
+        """Split ``batch`` into groups whose examples can be run together, each as it would run alone.
+
+        Per-example gradients and ``Q`` are computed group by group and put back in batch order.
+        The default is one group, the batch as it is; a task for padded sequences (see
+        :mod:`tda.hf`) returns one group per real length, trimmed of its padding.
+
+        Returns:
+            ``(rows, sub_batch)`` pairs: ``rows`` (n,) int64 positions in ``batch``, covering
+            every example exactly once.
+        """
+        first = next(iter(batch.values()))
+        return [(torch.arange(first.shape[0], device=first.device), batch)]
+
 
 def _check_logits(logits: Tensor, y: Tensor) -> None:
     if logits.ndim != 2 or y.ndim != 1 or logits.shape[0] != y.shape[0]:
@@ -94,7 +108,13 @@ class ClassificationTask(Task):
                     f"batch has no {key!r} entry (has {sorted(batch)}); pass "
                     f"ClassificationTask(input_key=..., label_key=...) naming your columns"
                 )
-        return model(batch[self.input_key])
+        logits = model(batch[self.input_key])
+        if not isinstance(logits, Tensor):
+            hint = ("use tda.hf.HFClassificationTask, which passes input_ids with the attention mask and "
+                    "unwraps .logits" if hasattr(logits, "logits") else "make the model return the logits tensor")
+            raise ShapeError(f"the model returned a {type(logits).__name__}, not a (B, C) tensor of class scores; "
+                             f"{hint}")
+        return logits
 
     def output(self, model: ModelCall, batch: Batch) -> Tensor:
         return classification_margin(self._logits(model, batch), batch[self.label_key])

@@ -200,7 +200,7 @@ def test_pipeline_refuses_training_queries_that_are_evaluation_queries(tmp_path)
     from pipelines.airrep import airrep_supervision
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"data.root={MNIST}", "data.train_size=100", "data.query_split=train", "data.query_size=150",
+        f"data.root={MNIST}", "data.train_size=100", "data.query_split=train", "data.query_size=150", "data.subset=first",
         "score.scorer=airrep", "score.options={queries: 20, subsets: 2}"])
     with pytest.raises(LeakageError, match="20 of the AirRep training queries are also evaluation queries"):
         airrep_supervision(cfg, RunPaths(tmp_path))  # refused before anything is retrained
@@ -230,7 +230,7 @@ def test_score_options_are_checked_and_change_the_right_fingerprints() -> None:
 
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST idx files not found in {MNIST}")
 def test_airrep_runs_end_to_end_and_resumes_its_retrainings(tmp_path, monkeypatch, capsys) -> None:
-    from pipelines import subset_jobs
+    from pipelines.families import classifier as subset_jobs
 
     run = tmp_path / "run"
     args = ["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(run), "--quiet", "--set", f"data.root={MNIST}",

@@ -290,7 +290,7 @@ def test_rank_correlation_with_dense_at_equal_k(lm_setup, spearman_rows) -> None
 def test_cnn_rank_correlation_with_dense_at_equal_k(tiny_data, spearman_rows) -> None:
     """A small trained CNN (two convolutions, one linear layer): Grad-Dot scores of factored
     features rank like those of the exact gradients and of the dense projection at equal k."""
-    from pipelines.families import small_cnn
+    from pipelines.families.classifier import small_cnn
     from tda.training import train_classifier
 
     x, y = tiny_data(230, in_dim=64, classes=3, seed=0)

@@ -13,7 +13,13 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.config import FEATURE_SECTIONS, LATER_KEYS, SCORE_SECTIONS, load_config, parse_config, section_fingerprint
-from pipelines.families import projection_width
+from pipelines.families import family_for
+from pipelines.families.base import projection_width as _width
+
+
+def projection_width(cfg):
+    return _width(cfg, family_for(cfg).build_model(cfg))
+
 from pipelines.run import feature_fingerprint, make_featurizer
 from stores import FeatureStore
 from stores._io import fingerprint

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import families
+from pipelines.families import registry as families
 from pipelines.cli import main
 from pipelines.config import FEATURE_SECTIONS, SCORE_SECTIONS, load_config, parse_config, section_fingerprint
-from pipelines.families import CIFAR2_FILE, ClassifierFamily, Family, get_family, register_family
+from pipelines.families import Family, get_family, register_family
+from pipelines.scorers import SCORERS
+from pipelines.families.classifier import ClassifierFamily
+from pipelines.families.images import CIFAR2_FILE, data_root
 from pipelines.run import datasets_for, feature_fingerprint, make_featurizer
 from stores import FeatureStore
 from stores._io import fingerprint
@@ -40,10 +43,12 @@ def _write(tmp_path: Path, text: str) -> Path:
 # ------------------------------------------------------------------ registry and config
 def test_registry_knows_the_families_and_names_them_on_error() -> None:
     assert isinstance(get_family("classifier"), ClassifierFamily)
-    assert get_family("diffusion").scorers == ("dtrak", "diffusion-tracin", "diffusion-retrac", "trak", "tracin",
-                                               "graddot", "gradcos", "repsim", "airrep")
+    usable = {name: {s for s in SCORERS if set(SCORERS[s].kinds) & set(get_family(name).feature_kinds)}
+              for name in ("classifier", "causal-lm", "diffusion")}
+    assert usable["diffusion"] == {"dtrak", "diffusion-tracin", "diffusion-retrac", "trak", "tracin",
+                                   "graddot", "gradcos", "repsim", "airrep"}
     generic = {"trak", "tracin", "graddot", "gradcos", "repsim", "airrep"}  # every scorer on every family
-    assert all(generic <= set(get_family(name).scorers) for name in ("classifier", "causal-lm", "diffusion"))
+    assert all(generic <= usable[name] for name in usable)
     with pytest.raises(ConfigError, match=r"model.family is 'gan'; choose one of \(.*'classifier', 'diffusion'"):
         parse_config({"model": {"family": "gan"}})
     with pytest.raises(ConfigError, match="already registered"):
@@ -51,7 +56,7 @@ def test_registry_knows_the_families_and_names_them_on_error() -> None:
 
 
 @pytest.mark.parametrize("values, fix", [
-    ({"score": {"scorer": "dtrak"}}, "score.scorer is 'dtrak'; the 'classifier' family supports"),
+    ({"score": {"scorer": "dtrak"}}, "score.scorer 'dtrak' scores grid features, which the 'classifier' family does not produce"),
     ({"model": {"family": "diffusion", "arch": "mlp"}}, "model.arch is 'mlp'; the 'diffusion' family"),
     ({"model": {"family": "diffusion", "arch": "unet"}, "data": {"name": "cifar2"}}, "data.name is 'cifar2'"),
     ({"model": {"family": "diffusion", "arch": "unet", "options": {"timestep": 5}},
@@ -73,7 +78,12 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         old = cfg.to_dict()
         del old["model"]["family"], old["model"]["options"], old["score"]["influential_fraction"]
         del old["featurize"]["projection"], old["featurize"]["k_in"], old["featurize"]["k_out"]
-        del old["data"]["query_path"], old["score"]["dense"], old["score"]["options"]
+        del old["data"]["query_path"], old["score"]["dense"], old["score"]["options"], old["code_dir"]
+        for key in ("train_path", "collate", "text_column", "label_column", "image_column", "tokenizer", "max_length"):
+            del old["data"][key]
+        for key in ("factory", "hf", "hf_class", "checkpoints", "task"):
+            del old["model"][key]
+        del old["train"]["factory"]
         for sections in (FEATURE_SECTIONS, SCORE_SECTIONS):
             assert section_fingerprint(cfg, *sections) == fingerprint({s: old[s] for s in sections})
         assert feature_fingerprint(cfg) == section_fingerprint(cfg, *FEATURE_SECTIONS)
@@ -150,7 +160,7 @@ def test_a_registered_family_runs_through_the_pipeline(tmp_path, monkeypatch, ca
 
 # ------------------------------------------------------------------ classifier data sets
 def _cifar2_yaml(root: Path) -> str:
-    return (f"name: cifar2-tiny\ndata: {{name: cifar2, root: {root}, train_size: 64, query_size: 8}}\n"
+    return (f"name: cifar2-tiny\ndata: {{name: cifar2, root: {root}, train_size: 64, query_size: 8, subset: first}}\n"
             "model: {arch: cnn, hidden: [4, 8]}\ntrain: {models: 1, epochs: 2, batch_size: 16}\n"
             "featurize: {k: 32, batch_size: 32, shard_size: 32}\nscore: {topk: 3, show: 1}\n")
 
@@ -184,8 +194,8 @@ def test_missing_classifier_data_is_reported(tmp_path) -> None:
     fashion = parse_config({"data": {"name": "fashion-mnist", "root": str(tmp_path / "none")}})
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         datasets_for(fashion)
-    assert parse_config({"data": {"name": "fashion-mnist"}}).data.root == str(FASHION)
-    assert parse_config({"data": {"name": "cifar2"}}).data.root == "../shared/data/cifar10"
+    assert data_root(parse_config({"data": {"name": "fashion-mnist"}})) == str(FASHION)
+    assert data_root(parse_config({"data": {"name": "cifar2"}})) == str(ROOT.parent / "shared" / "data" / "cifar10")
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason=f"Fashion-MNIST not installed in {FASHION}")
@@ -198,7 +208,7 @@ def test_fashion_mnist_loads() -> None:
 
 # ------------------------------------------------------------------ diffusion family
 TINY_DDPM = f"""name: tiny-ddpm
-data: {{root: {MNIST}, train_size: 48, query_size: 3}}
+data: {{root: {MNIST}, train_size: 48, query_size: 3, subset: first}}
 model:
   family: diffusion
   arch: unet

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import pipelines.stages as stages
+import pipelines.stages.score as score_stage
 from pipelines.cli import main
 from pipelines.config import parse_config
 from pipelines.run import RunPaths
@@ -186,7 +187,7 @@ def test_score_resumes_by_block_and_rerun_rewrites_nothing(reference, tmp_path, 
     out = tmp_path / "run"
     shutil.copytree(reference, out, ignore=shutil.ignore_patterns("scores"))
     computed: list[int] = []
-    real = stages.iter_score_blocks
+    real = score_stage.iter_score_blocks
 
     def crashing(*args, **kwargs):
         for ids, block in real(*args, **kwargs):
@@ -195,12 +196,12 @@ def test_score_resumes_by_block_and_rerun_rewrites_nothing(reference, tmp_path, 
             computed.append(len(ids))
             yield ids, block
 
-    monkeypatch.setattr(stages, "iter_score_blocks", crashing)
+    monkeypatch.setattr(score_stage, "iter_score_blocks", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(run_argv(out))
     assert _scores_done(out) == sum(computed) == 30 * 4
     computed.clear()
-    monkeypatch.setattr(stages, "iter_score_blocks", lambda *a, **kw: (computed.append(len(x[0])) or x for x in real(*a, **kw)))
+    monkeypatch.setattr(score_stage, "iter_score_blocks", lambda *a, **kw: (computed.append(len(x[0])) or x for x in real(*a, **kw)))
     assert main(run_argv(out)) == 0
     assert sum(computed) == FeatureStore.open(out / "features-train").n - 30 * 4  # only the rest was scored
     assert_same_outputs(out, reference)

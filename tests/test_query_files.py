@@ -128,7 +128,7 @@ def test_run_with_query_file_reuses_the_training_side(tmp_path, capsys):
     path = _write(ds.select(range(10, 20)), tmp_path / "queries.parquet")  # test images 10..19
     assert main([*base, "--set", f"data.query_path={path}"]) == 0
     after = np.load(out / "scores" / "scores.npy")
-    np.testing.assert_array_equal(after, before[10:20])
+    np.testing.assert_allclose(after, before[10:20], rtol=1e-5, atol=1e-7)  # other batch shapes: not bit-equal
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing on the training side was redone
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["data"]["query_path"] == str(path)

@@ -62,7 +62,7 @@ def test_representation_module_defaults_and_override() -> None:
     assert fam.module_name(other) == "0"
     bad = parse_config({"data": {"root": str(MNIST)}, "score": {"scorer": "repsim", "options": {"module": "fc9"}}})
     with pytest.raises(ConfigError, match="available module names: '0', '1', '2'"):
-        fam.featurizer(bad, "train")
+        fam.featurizer(bad, "train", "representations")
 
 
 # ------------------------------------------------------------------ causal LM
@@ -132,7 +132,7 @@ def test_lm_airrep_queries_and_subset_job(tmp_path) -> None:
 
 # ------------------------------------------------------------------ diffusion
 TINY_DDPM = {
-    "name": "tiny-ddpm", "data": {"root": str(MNIST), "train_size": 48, "query_size": 3},
+    "name": "tiny-ddpm", "data": {"root": str(MNIST), "train_size": 48, "query_size": 3, "subset": "first"},
     "model": {"family": "diffusion", "arch": "unet", "hidden": [4, 8],
               "options": {"T": 50, "beta_start": 1.0e-3, "beta_end": 0.2, "time_dim": 4, "timesteps": 3,
                           "generate": 2, "saved_checkpoints": 2}},
@@ -179,11 +179,12 @@ def test_diffusion_runs_tracin_graddot_gradcos_on_shared_slot_features(tmp_path,
 
 def test_diffusion_trak_is_dtrak_on_the_same_features(tmp_path) -> None:
     from pipelines.run import feature_fingerprint
+    from pipelines.scorers import build_scorer
     from tda.scorers import TRAKScorer
 
     trak, dtrak = (load_config(_ddpm(tmp_path, name)) for name in ("trak", "dtrak"))
     assert feature_fingerprint(trak) == feature_fingerprint(dtrak)
-    assert isinstance(get_family("diffusion").scorer(trak), TRAKScorer)
+    assert isinstance(build_scorer(trak), TRAKScorer)
 
 
 @needs_mnist

@@ -21,29 +21,33 @@ from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.validation import brittleness, lds, removal_sets, score_noise, split_folds
 
-from .config import RunConfig, stable_dict
-from .executors import make_executor
-from .ground_truth import GroundTruth, GroundTruthSpec, ResultStore, run_seed
-from .run import RunPaths
-from .score_options import REPRESENTATION_SCORERS
-from .subset_jobs import ClassifierSubsetJob
+from ..executors import make_executor
+from ..families import Retraining, family_for
+from ..families.classifier import ClassifierSubsetJob
+from ..ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
+from ..layout import RunPaths
+from ..schema import RunConfig
+from ..score_options import REPRESENTATION_SCORERS
 
 
 class MNISTRetrainJob(ClassifierSubsetJob):
     """Train the run's classifier recipe on a subset of its training rows; the margins of its
-    first ``n_queries`` queries (:class:`pipelines.subset_jobs.ClassifierSubsetJob`, collating
-    with the family's collate, so CIFAR-2 and Fashion-MNIST runs validate too)."""
+    first ``n_queries`` queries (kept for the benchmarks; the stage uses :func:`retrain_job`)."""
 
     def __init__(self, cfg: RunConfig, n_queries: int) -> None:
         super().__init__(cfg, "query", n_queries)
 
 
-def job_fingerprint(cfg: RunConfig) -> str:
-    """Hash of the retraining recipe and the data it is measured on (keys added later and left at
-    their defaults are not hashed, so cached ground truth stays valid across versions)."""
-    d = stable_dict(cfg)
-    train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}
-    return fingerprint({"data": d["data"], "model": d["model"], "train": train})
+def retrain_job(cfg: RunConfig, n_queries: int):
+    """The family's subset retraining job measuring its first ``n_queries`` queries."""
+    family = family_for(cfg)
+    if not isinstance(family, Retraining):
+        raise ConfigError(f"tda validate retrains the model on subsets, and the {family.name!r} family has no "
+                          "retraining recipe; set train.factory to 'module:fn' with fn(model, dataset, seed) -> "
+                          "state_dict")
+    job = family.subset_job(cfg, "query")
+    job.n_queries = n_queries
+    return job
 
 
 def trak_scores(train: ArrayFeatures | FeatureStore, query: FeatureBlock, lambda_rel: float) -> np.ndarray:
@@ -86,7 +90,7 @@ def removal_curves(cfg: RunConfig, paths: RunPaths, scores: np.ndarray, executor
     v = cfg.validate
     nq = min(v.removal_queries, scores.shape[0])
     n = scores.shape[1]
-    job = MNISTRetrainJob(cfg, nq)
+    job = retrain_job(cfg, nq)
     store = ResultStore(paths.root / "removal", {"job": job_fingerprint(cfg), "ks": v.removal_ks,
                                                  "queries": nq, "seeds": v.removal_seeds, "seed": v.seed,
                                                  "scores": fingerprint(scores[:nq].round(8).tolist())}, nq)
@@ -122,6 +126,12 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
             "representations; validate a gradient-feature run of the same config (e.g. score.scorer=trak), or score "
             "scores/scores.npy against the ground truth with tda.validation.lds"
         )
+    from ..scorers import feature_kind
+
+    if feature_kind(cfg) != "gradients":
+        raise ConfigError(f"tda validate measures TRAK on per-example gradient features; the {cfg.model.family!r} "
+                          f"family stores {feature_kind(cfg)!r} features for {cfg.score.scorer}, which it cannot "
+                          "validate yet")
     v = cfg.validate
     train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     m = min(v.queries or len(query_store), len(query_store))
@@ -131,7 +141,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     gt = GroundTruth(Path(v.ground_truth_dir) if v.ground_truth_dir else paths.root / "ground-truth", spec)
     e = cfg.executor
     with make_executor(e.kind, e.address, e.workers) as executor:
-        gt.compute(MNISTRetrainJob(cfg, m), executor, progress)
+        gt.compute(retrain_job(cfg, m), executor, progress)
         outputs = gt.mean_outputs()
         folds = split_folds(m, v.subsets, v.tune_fraction, v.seed)
         result = {"n_train": len(train), "n_queries": m, "subsets": v.subsets, "alpha": v.alpha,
@@ -145,7 +155,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     out = paths.root / "validation"
     save_json(out / "validation.json", result)
     if v.plots:
-        from .plots import plot_validation
+        from ..plots import plot_validation
 
         plot_validation(out, result, scores, gt.masks, outputs)
     return result

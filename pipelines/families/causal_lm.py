@@ -1,7 +1,7 @@
 """The ``causal-lm`` model family: a character-level GPT-2 on a text corpus (:mod:`tda.lm`).
 
 Data: the corpus file (``data.root``: the file, or a folder holding ``input.txt``; default Tiny
-Shakespeare) is split at ``model.options.test_start`` (a fraction of its characters). Training
+Shakespeare, shipped with tda) is split at ``model.options.test_start`` (a fraction of its characters). Training
 examples are the first ``data.train_size`` non-overlapping ``context``-character sequences of the
 first part (ids 0..n-1). Queries ("completion given prompt", METHODS.md section 1: f = log p of
 the completion, i.e. minus its summed token loss; Q = 1) are the ``model.options.queries``
@@ -41,16 +41,18 @@ from tda.data import arrow_columns, example_ids
 from tda.errors import ConfigError, DataError
 from tda.tasks import Task
 
-from .families import Family, SaveFn, load_checkpoint_list, register_family
-from .report import titles
-from .score_options import score_options
+from ..layout import load_checkpoint_list
+from ..report import titles
+from ..score_options import score_options
+from .base import Family, Reporting, Representations, Retraining, SaveFn
+from .jobs import SubsetJob, take_rows
+from .registry import family_for, register_family
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .run import RunPaths
+    from ..layout import RunPaths
+    from ..schema import RunConfig
 
-DEFAULT_CORPUS = "../shared/data/tinyshakespeare"
-_MNIST_DEFAULT_ROOT = "../shared/data/mnist"  # DataConfig's default root: means "not set"
+DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "tinyshakespeare.txt.gz")  # shipped with tda
 
 
 @dataclass
@@ -91,13 +93,13 @@ def load_corpus(root: str):
     return text, CharVocab.from_text(text)
 
 
-class CausalLMFamily(Family):
+class CausalLMFamily(Representations, Retraining, Reporting, Family):
     """Character-level GPT-2 attributed through the completion log-probability."""
 
     name = "causal-lm"
     archs = ("gpt2",)
     data_names = ("tinyshakespeare", "text")
-    scorers = ("trak", "tracin", "graddot", "gradcos", "repsim", "airrep")
+    feature_kinds = ("gradients", "representations")
     options_type = LMOptions
     airrep_budget = (128, 24, 1 / 3)  # a subset model: ~10 s on 2 cores at the demo's size
 
@@ -113,7 +115,7 @@ class CausalLMFamily(Family):
 
     @staticmethod
     def corpus_root(cfg: RunConfig) -> str:
-        return DEFAULT_CORPUS if cfg.data.root == _MNIST_DEFAULT_ROOT else cfg.data.root
+        return cfg.data.root or DEFAULT_CORPUS
 
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         from tda.lm import completion_examples, lm_sequences
@@ -195,7 +197,7 @@ class CausalLMFamily(Family):
         """The sequences of the first part after the training ones, as "completion given prompt"."""
         from tda.lm import completion_examples, lm_sequences
 
-        o, n, q = self.options(cfg), cfg.data.train_size, score_options(cfg).queries
+        o, n, q = self.options(cfg), cfg.data.train_size, score_options(cfg, self).queries
         text, vocab = load_corpus(self.corpus_root(cfg))
         first = text[: int(len(text) * o.test_start)]
         fit = (len(first) - o.context) // o.context + 1
@@ -221,7 +223,7 @@ class CausalLMFamily(Family):
         if role == "train":
             return chars(range(0, n_train * ctx, ctx))
         if role == "airrep":
-            return chars(range(n_train * ctx, (n_train + score_options(cfg).queries) * ctx, ctx))
+            return chars(range(n_train * ctx, (n_train + score_options(cfg, self).queries) * ctx, ctx))
         if d.query_path:  # queries from a file: not corpus text, keyed by their ids
             return [f"file/{i}" for i in example_ids(self.datasets(cfg, paths)["query"])]
         n_seq = len(self.datasets(cfg, paths)["query"]) - len(o.queries)
@@ -229,8 +231,6 @@ class CausalLMFamily(Family):
         return [f"pair/{j}" for j in range(len(o.queries))] + chars(range(first, first + n_seq * ctx, ctx))
 
     def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
-        from .subset_jobs import LMSubsetJob
-
         return LMSubsetJob(cfg, queries, epochs=epochs)
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
@@ -270,6 +270,24 @@ def report(family: CausalLMFamily, cfg: RunConfig, paths: RunPaths) -> str:
             for i, s in zip(top[f"{kind}_ids"][row][:shown], top[f"{kind}_scores"][row][:shown]):
                 lines.append(f"      train id {int(i):>6}  score {float(s):+.4e}  {_clip(train_text[int(i)])}")
     return "\n".join(lines)
+
+
+class LMSubsetJob(SubsetJob):
+    """Train the causal-LM recipe on the sequences; ``log p(completion | prompt)`` of every query."""
+
+    def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        from tda.lm import LMTask, build_gpt2, train_lm
+
+        t, family = self.cfg.train, family_for(self.cfg)
+        tokens = train["input_ids"]  # (|S|, T)
+        steps = self.epochs * math.ceil(tokens.shape[0] / t.batch_size)
+        model = build_gpt2(family.spec(self.cfg), seed=seed)
+        train_lm(model, tokens, steps=steps, lr=t.lr, batch_size=t.batch_size, seed=seed,
+                 warmup=max(1, min(100, steps // 10)))
+        task = LMTask(family.options(self.cfg).reduction)
+        with torch.no_grad():
+            return torch.cat([task.output(model.eval(), take_rows(query, slice(lo, lo + 256)))
+                              for lo in range(0, len(query_ids), 256)])
 
 
 register_family(CausalLMFamily())

@@ -12,14 +12,15 @@ the query grid's draws (:class:`tda.diffusion.NoisedInputs`). The feature layout
 their kind is part of the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Gradient
 layouts take the dense or, with ``featurize.projection: factored``, the per-layer Kronecker
 projection of the UNet's convolutions and linear layers (:mod:`tda.factored`; GroupNorm
-parameters are not covered). AirRep's training queries are training-split images after
-``data.train_size``; its subset models report the output averaged over a seeded grid
-(:class:`pipelines.subset_jobs.DiffusionSubsetJob`).
+parameters are not covered). AirRep's training queries are training-split images outside
+the training subset; its subset models report the output averaged over a seeded grid
+(:class:`DiffusionSubsetJob`).
 
 Queries are the configured query split followed by ``model.options.generate`` images sampled
 from model 0 after training (ids from :data:`GENERATED_ID0`, label -1). The report prints the
 proponents/opponents of a few test and generated queries and the "generally influential"
-counts of TracIn and ReTrac (METHODS.md section 4), saved to ``scores/influential.json``.
+counts of TracIn and ReTrac (METHODS.md section 4), which the score stage saves to
+``scores/influential.json`` (:meth:`DiffusionFamily.extra_results`).
 """
 
 from __future__ import annotations
@@ -41,17 +42,21 @@ from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraw
                            RecordedDraws, SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, train_ddpm)
 from tda.errors import CheckpointError, ConfigError, DataError
 from tda.features import concat_blocks
-from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, influence_counts,
-                                   make_dtrak_scorer)
+from tda.scorers.diffusion import DiffusionReTracScorer, DiffusionTracInScorer, influence_counts
 from tda.tasks import Task
 
-from .families import (Family, SaveFn, collated, featurize_params_named, image_query_file, load_checkpoint_list,
-                       load_idx_split, projection_width, register_family, resolve_device, train_split_tail)
-from .report import format_examples
+from ..layout import load_checkpoint_list
+from ..report import format_examples
+from ..score_options import score_options
+from .base import (Family, Reporting, Representations, Retraining, SaveFn, collated, featurize_params_named,
+                   projection_width, resolve_device)
+from .images import image_query_file, image_split, unused_train_rows
+from .jobs import SubsetJob
+from .registry import family_for, register_family
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .run import RunPaths
+    from ..layout import RunPaths
+    from ..schema import RunConfig
 
 GENERATED_ID0 = 1_000_000  # ids of generated query images: GENERATED_ID0 + j
 
@@ -102,27 +107,19 @@ def _image_table(images: np.ndarray, ids: np.ndarray, labels: np.ndarray):
     })
 
 
-class DiffusionFamily(Family):
+class DiffusionFamily(Representations, Retraining, Reporting, Family):
     """DDPM on 28x28 images; D-TRAK, Diffusion-TracIn and Diffusion-ReTrac (tda.diffusion)."""
 
     name = "diffusion"
     archs = ("unet",)
     data_names = ("mnist", "fashion-mnist")
-    scorers = ("dtrak", "diffusion-tracin", "diffusion-retrac", "trak", "tracin", "graddot", "gradcos", "repsim",
-               "airrep")
+    feature_kinds = ("grid", "slots", "representations")  # grid-averaged gradients, per-draw slots, h(z)
     options_type = DiffusionOptions
     airrep_budget = (64, 16, 1 / 6)  # a subset model: ~15 s on 2 cores at the demo's size (5 of 30 epochs)
 
     def schedule(self, cfg: RunConfig):
         o = self.options(cfg)
         return NoiseSchedule(o.T, o.beta_start, o.beta_end)
-
-    def mode(self, cfg: RunConfig) -> str:
-        """``"dtrak"`` (grid-averaged gradients: dtrak, trak), ``"repr"`` (representations) or
-        ``"tracin"`` (per-draw slots: diffusion-tracin/-retrac, tracin, graddot, gradcos) features."""
-        if cfg.score.scorer in ("dtrak", "trak"):
-            return "dtrak"
-        return "repr" if self.uses_representations(cfg) else "tracin"
 
     @staticmethod
     def log_path(paths: RunPaths, model_index: int) -> Path:
@@ -135,9 +132,8 @@ class DiffusionFamily(Family):
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         """Train images; queries: the query split, then the generated images (with ``paths``)."""
         d, o = cfg.data, self.options(cfg)
-        out = {"train": load_idx_split(d.root, "train", d.train_size, d.name),
-               "query": image_query_file(cfg) if d.query_path else
-               load_idx_split(d.root, d.query_split, d.query_size, d.name)}
+        out = {"train": image_split(cfg, "train", d.train_size),
+               "query": image_query_file(cfg) if d.query_path else image_split(cfg, d.query_split, d.query_size)}
         if o.generate and paths is not None:
             gen = self.generated_path(paths)
             if not gen.is_file():
@@ -193,8 +189,9 @@ class DiffusionFamily(Family):
             batch = {"x": x, "t": torch.from_numpy(t[:, 0]), "noise": noise_from_seeds(seeds[:, 0], x.shape[1:])}
             return float(DiffusionTask(self.schedule(cfg), "loss").output(model.eval(), batch).mean())
 
-    def feature_tag(self, cfg: RunConfig) -> str:
-        return super().feature_tag(cfg) if self.mode(cfg) == "repr" else f"-{self.mode(cfg)}"
+    def feature_tag(self, cfg: RunConfig, kind: str) -> str:
+        """``-dtrak`` (grid) or ``-tracin`` (slots), the names these layouts had before kinds existed."""
+        return super().feature_tag(cfg, kind) if kind == "representations" else TAGS[kind]
 
     def representation_module(self, cfg: RunConfig) -> str:
         """The UNet bottleneck (its ``mid`` residual block)."""
@@ -207,9 +204,8 @@ class DiffusionFamily(Family):
                                                           side=0 if split == "train" else 1))
 
     def airrep_queries(self, cfg: RunConfig) -> Any:
-        """Training-split images after the first ``data.train_size`` (never trained on, never queried)."""
-        d = cfg.data
-        return train_split_tail(cfg, lambda limit: load_idx_split(d.root, "train", limit, d.name))
+        """Training-split images outside the training subset (never trained on, never queried)."""
+        return unused_train_rows(cfg, score_options(cfg, self).queries)
 
     def provenance(self, cfg: RunConfig, role: str, paths: RunPaths | None = None) -> list[str]:
         """As :meth:`Family.provenance`; generated query images are ``generated/<id>``."""
@@ -220,16 +216,14 @@ class DiffusionFamily(Family):
         return [f"generated/{i}" if i >= GENERATED_ID0 else key for i, key in zip(ids.tolist(), keys)]
 
     def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
-        from .subset_jobs import DiffusionSubsetJob
-
         return DiffusionSubsetJob(cfg, queries, epochs=epochs)
 
-    def featurizer(self, cfg: RunConfig, split: str, paths: RunPaths | None = None) -> Any:
-        if self.mode(cfg) == "repr":
+    def featurizer(self, cfg: RunConfig, split: str, kind: str, paths: RunPaths | None = None) -> Any:
+        if kind == "representations":
             return self.representation_featurizer(cfg, split)
         o, f, sched = self.options(cfg), cfg.featurize, self.schedule(cfg)
         draws: Any = GridDraws(o.T, o.timesteps, o.noise_draws, seed=f.seed, side=0 if split == "train" else 1)
-        output, mode = o.output, ("mean" if self.mode(cfg) == "dtrak" else "slots")
+        output, mode = o.output, ("mean" if kind == "grid" else "slots")
         if mode == "slots" and split == "train":  # the training loss at the trained draw, or pooled over the grid
             output, draws = "loss", self._train_draws(cfg, paths)
             mode = "pooled" if o.train_draws == "grid" else "slots"
@@ -257,34 +251,30 @@ class DiffusionFamily(Family):
                     logs[e["model"]] = TrainLog.from_arrays(dict(z))
         return RecordedDraws({e["id"]: logs[e["model"]] for e in entries}, {e["id"]: e["epoch"] for e in entries})
 
-    def scorer(self, cfg: RunConfig, paths: RunPaths | None = None) -> Any:
-        name = cfg.score.scorer
-        if name == "dtrak":
-            return make_dtrak_scorer(cfg.score.lambda_rel)
-        if name in ("diffusion-tracin", "diffusion-retrac"):
-            cls = DiffusionReTracScorer if name == "diffusion-retrac" else DiffusionTracInScorer
-            return cls(self.learning_rates(cfg, paths), projection_width(cfg))
-        if name in ("tracin", "graddot", "gradcos"):
-            return SlotScorer(super().scorer(cfg, paths), projection_width(cfg))
-        return super().scorer(cfg, paths)  # repsim, airrep
+    def extra_results(self, cfg: RunConfig, paths: RunPaths, scorer: Any, kind: str) -> None:
+        """The generally influential training images of every applicable scorer (exact top-k),
+        saved to ``scores/influential.json`` for the report."""
+        counts = influence(self, cfg, paths, scorer, kind)
+        save_json(paths.scores / "influential.json", {name: {**{s: c[s].tolist() for s in ("proponents", "opponents")},
+                                                             "k": c["k"], "fraction": c["fraction"]}
+                                                      for name, c in counts.items()})
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
 
 
 # ------------------------------------------------------------------ report
-def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> dict[str, dict[str, Any]]:
+def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths, scorer: Any,
+              kind: str) -> dict[str, dict[str, Any]]:
     """Generally influential training examples of every applicable scorer (exact top-k)."""
-    from .stages import load_scorer  # stages imports the family registry
-
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     qblk = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     scorers: dict[str, Any] = {}
-    if family.mode(cfg) == "tracin":
-        etas, k = family.learning_rates(cfg, paths), projection_width(cfg)
+    if kind == "slots":
+        etas, k = family.learning_rates(cfg, paths), projection_width(cfg, family.build_model(cfg))
         scorers = {"diffusion-tracin": DiffusionTracInScorer(etas, k), "diffusion-retrac": DiffusionReTracScorer(etas, k)}
     if cfg.score.scorer not in scorers:
-        scorers[cfg.score.scorer] = load_scorer(cfg, paths)
+        scorers[cfg.score.scorer] = scorer
     return influence_counts(qblk, train, scorers, min(cfg.score.topk, len(train)), cfg.score.influential_fraction)
 
 
@@ -328,10 +318,7 @@ def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
         lines.append(f"  query id {qid}  " + ("generated image" if gen[row] else f"test image, label {qlabels[qid]}"))
         lines += format_examples(low, top["opponent_ids"][row][:shown], top["opponent_scores"][row][:shown], labels)
         lines += format_examples(high, top["proponent_ids"][row][:shown], top["proponent_scores"][row][:shown], labels)
-    counts = influence(family, cfg, paths)
-    save_json(paths.scores / "influential.json", {name: {**{s: c[s].tolist() for s in ("proponents", "opponents")},
-                                                         "k": c["k"], "fraction": c["fraction"]}
-                                                  for name, c in counts.items()})
+    counts = read_influential(paths)
     k, frac = next(iter(counts.values()))["k"], cfg.score.influential_fraction
     lines.append(f"generally influential training images (in the top-{k} of more than {frac:.0%} of the "
                  f"{len(qids)} queries):")
@@ -339,6 +326,40 @@ def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
         lines.append(f"  {name:<17} lowering f: {len(c['opponents']):>4} {_ids(c['opponents'])}")
         lines.append(f"  {'':<17} raising f:  {len(c['proponents']):>4} {_ids(c['proponents'])}")
     return "\n".join(lines)
+
+
+def read_influential(paths: RunPaths) -> dict[str, dict[str, Any]]:
+    """The counts :meth:`DiffusionFamily.extra_results` saved (ids as arrays)."""
+    import json
+
+    saved = json.loads((paths.scores / "influential.json").read_text())
+    return {name: {**c, **{s: np.asarray(c[s], dtype=np.int64) for s in ("proponents", "opponents")}}
+            for name, c in saved.items()}
+
+
+TAGS = {"grid": "-dtrak", "slots": "-tracin"}
+
+
+class DiffusionSubsetJob(SubsetJob):
+    """Train the DDPM recipe on the images; each query's output averaged over a seeded grid."""
+
+    GRID_SIDE = 3  # noise seeds apart from the train (0) and query (1) sides of the featurizers
+
+    def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        t, family = self.cfg.train, family_for(self.cfg)
+        o, sched = family.options(self.cfg), family.schedule(self.cfg)
+        model, _ = train_ddpm(lambda: family.build_model(self.cfg), train["x"], train_ids, sched, epochs=self.epochs,
+                              lr=t.lr, batch_size=t.batch_size, seed=seed)
+        steps, seeds = GridDraws(o.T, o.timesteps, o.noise_draws, seed=self.cfg.featurize.seed,
+                                 side=self.GRID_SIDE)(0, query_ids)  # (m, S) each
+        task, x = DiffusionTask(sched, o.output), query["x"]
+        with torch.no_grad():
+            per_draw = [task.output(model, {"x": x, "t": torch.from_numpy(steps[:, s]),
+                                            "noise": noise_from_seeds(seeds[:, s], x.shape[1:])})
+                        for s in range(steps.shape[1])]
+        return torch.stack(per_draw).mean(dim=0)  # (m,)
+
+
 
 
 register_family(DiffusionFamily())

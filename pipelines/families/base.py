@@ -1,0 +1,265 @@
+"""The family protocol: what the generic stages need to know about a kind of model.
+
+A :class:`Family` provides five things (the narrow protocol):
+
+- ``datasets(cfg, paths)``: train and query ``datasets.Dataset`` s, each with a unique integer
+  ``id`` column (``paths`` is the run folder, ``None`` outside a run);
+- ``build_model(cfg)``: a fresh ``nn.Module``; ``task(cfg)``: the output function
+  (:class:`tda.tasks.Task`); ``collate(cfg)``: dataset rows -> dict of tensors;
+- optionally ``train(cfg, paths, model_index, save)``: train model ``model_index`` (seed
+  ``train.seed + model_index``), calling ``save(epoch, model, **info)`` at every epoch of
+  :meth:`Family.checkpoint_epochs`; families without it need ``model.checkpoints``.
+
+It says which kinds of features it produces (:attr:`Family.feature_kinds`: ``"gradients"``,
+``"representations"``, or the diffusion family's ``"grid"`` and ``"slots"``); the scorer registry
+(:mod:`pipelines.scorers`) matches scorers to kinds, so a family never lists scorer names.
+
+Optional capabilities are mixins a family inherits when it has them:
+
+- :class:`Representations`: a default module whose output is h(z) (RepSim, AirRep);
+- :class:`Retraining`: a picklable subset-retraining job (validation, AirRep supervision), the
+  AirRep training queries and provenance keys;
+- :class:`Reporting`: the text ``tda run`` prints, rendered from stored results only.
+
+A new family is one file in this package: subclass, then ``register_family(MyFamily())``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from stores._io import fingerprint
+from tda.data import arrow_columns, example_ids
+from tda.errors import CheckpointError, ConfigError
+from tda.factored import FactoredFeaturizer, FactoredProjector, factored_layers
+from tda.featurize import Featurizer
+from tda.representations import RepresentationFeaturizer
+from tda.tasks import Task
+
+from ..layout import RunPaths, load_checkpoint_list
+from ..schema import _build
+from ..score_options import score_options
+
+if TYPE_CHECKING:
+    from ..schema import RunConfig
+
+SaveFn = Callable[..., None]
+FEATURE_KINDS = ("gradients", "representations", "grid", "slots")
+
+
+class Family:
+    """Base class of model families (see the module docstring); subclasses fill the protocol."""
+
+    name: str = "family"
+    archs: tuple[str, ...] = ()  # allowed model.arch values (empty: not checked)
+    data_names: tuple[str, ...] = ()  # allowed data.name values (empty: not checked)
+    feature_kinds: tuple[str, ...] = ("gradients",)
+    options_type: type | None = None  # dataclass of model.options; None: no options
+    label_key: str | None = None  # batch entry of class labels (label-aware representations), if any
+    trains: bool = True  # has a training recipe (else model.checkpoints is required)
+
+    # -- the protocol
+    def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def task(self, cfg: RunConfig) -> Task:
+        raise NotImplementedError
+
+    def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
+        raise ConfigError(f"the {self.name!r} family has no training recipe; name trained checkpoints in "
+                          "model.checkpoints")
+
+    # -- checks and settings
+    def check(self, cfg: RunConfig) -> None:
+        """Raise :class:`ConfigError` unless arch, data set and options suit the family."""
+        for key, value, allowed in (("model.arch", cfg.model.arch, self.archs),
+                                    ("data.name", cfg.data.name, self.data_names)):
+            if allowed and value not in allowed:
+                raise ConfigError(f"{key} is {value!r}; the {self.name!r} family supports: choose one of {allowed}")
+        if not self.trains and not cfg.model.checkpoints:
+            raise ConfigError(f"the {self.name!r} family trains nothing itself: name your trained checkpoints in "
+                              "model.checkpoints (a list of files or a glob)")
+        self.options(cfg)
+        if getattr(score_options(cfg, self), "label_aware", False) and self.label_key is None:
+            raise ConfigError(f"score.options.label_aware needs class labels; the {self.name!r} family has none")
+
+    def options(self, cfg: RunConfig) -> Any:
+        """``model.options`` parsed into :attr:`options_type`."""
+        if self.options_type is None:
+            if cfg.model.options:
+                raise ConfigError(f"the {self.name!r} family takes no model.options, got {sorted(cfg.model.options)}")
+            return None
+        return _build(self.options_type, cfg.model.options, "model.options")
+
+    def checkpoint_epochs(self, cfg: RunConfig) -> list[int]:
+        """Epochs after which :meth:`train` saves a checkpoint (the last epoch included)."""
+        return list(range(cfg.train.epochs))
+
+    @staticmethod
+    def spread_epochs(cfg: RunConfig, saved: int) -> list[int]:
+        """The last epoch for ``train.checkpoints: final``, else ``saved`` epochs spread evenly."""
+        epochs = cfg.train.epochs
+        if cfg.train.checkpoints == "final":
+            return [epochs - 1]
+        n = min(saved, epochs)
+        return sorted({round((j + 1) * epochs / n) - 1 for j in range(n)})
+
+    def train_outputs(self, cfg: RunConfig, paths: RunPaths, model_index: int) -> list[Path]:
+        """Files besides checkpoints that a trained model must have left (else it is retrained)."""
+        return []
+
+    # -- features
+    def featurizer(self, cfg: RunConfig, split: str, kind: str, paths: RunPaths | None = None) -> Any:
+        """Featurizer of a split (``"train"`` or ``"query"``) for a feature ``kind``:
+        ``featurize``, ``spec``, ``projector``; ``featurize.projection`` picks the dense or the
+        factored (per-layer Kronecker) projection of gradients."""
+        if kind == "representations":
+            return self.representation_featurizer(cfg, split)
+        return gradient_featurizer(cfg, self.build_model(cfg), self.task(cfg))
+
+    def feature_tag(self, cfg: RunConfig, kind: str) -> str:
+        """Appended to the feature fingerprint when settings outside data/model/train/featurize
+        change the features: the representation module for representations, else empty."""
+        if kind == "representations":
+            label = {"label_aware": True} if score_options(cfg, self).label_aware else {}
+            return "-repr-" + fingerprint({"module": self.module_name(cfg), **label})
+        return ""
+
+    def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
+        """TracIn's learning rate per checkpoint: the ``lr`` that :meth:`train` recorded for each."""
+        if paths is None:
+            raise ConfigError(f"{cfg.score.scorer} takes its learning rates from the run folder's checkpoints")
+        entries = load_checkpoint_list(paths)
+        if any("lr" not in e for e in entries):
+            raise CheckpointError(f"{paths.checkpoint_list} records no learning rates; TracIn needs the learning "
+                                  "rate of each checkpoint (train in the run, or use graddot / gradcos)")
+        return [float(e["lr"]) for e in entries]
+
+    def extra_results(self, cfg: RunConfig, paths: RunPaths, scorer: Any, kind: str) -> None:
+        """Family-specific results the score stage writes after top-k (default: none)."""
+
+    # -- representations (without the Representations capability: only score.options.module)
+    def representation_module(self, cfg: RunConfig) -> str:
+        raise ConfigError(f"the {self.name!r} family names no representation module; set score.options.module")
+
+    def module_name(self, cfg: RunConfig) -> str:
+        """``score.options.module``, else :meth:`representation_module`."""
+        return score_options(cfg, self).module or self.representation_module(cfg)
+
+    def representation_inputs(self, cfg: RunConfig, split: str) -> Callable | None:
+        """``inputs(batch, ids)`` of :class:`~tda.representations.RepresentationFeaturizer`
+        (``None``: the model is called as ``model(batch["x"])``)."""
+        return None
+
+    def representation_featurizer(self, cfg: RunConfig, split: str) -> RepresentationFeaturizer:
+        """Representations of :meth:`module_name` (label-aware with ``score.options.label_aware``
+        where the family has labels: :attr:`label_key`); the width is probed on one training example."""
+        label = self.label_key if score_options(cfg, self).label_aware else None
+        feat = RepresentationFeaturizer(self.build_model(cfg).eval(), self.module_name(cfg),
+                                        device=resolve_device(cfg.featurize.device),
+                                        inputs=None if label else self.representation_inputs(cfg, split),
+                                        label_key=label)
+        train = self.datasets(cfg)["train"]
+        feat.probe(collated(train.select(range(1)), self.collate(cfg)), example_ids(train)[:1])
+        return feat
+
+
+class Representations:
+    """Capability: a default module whose output is the representation h(z)."""
+
+    def representation_module(self, cfg: RunConfig) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class Retraining:
+    """Capability: retrain the family's recipe on subsets (validation and AirRep supervision).
+
+    ``airrep_budget``: AirRep's defaults where ``score.options`` leaves them unset (training
+    queries, subsets, subset models' epochs as a share of ``train.epochs``).
+    """
+
+    airrep_budget: tuple[int, int, float] = (256, 32, 0.5)
+
+    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
+        """A picklable retraining job on subsets (:class:`pipelines.families.jobs.SubsetJob`)."""
+        raise NotImplementedError
+
+    def airrep_queries(self, cfg: RunConfig) -> Any:
+        """AirRep's training queries (a ``datasets.Dataset`` with ids), disjoint from the training
+        set and the evaluation queries; ``score.options.queries`` of them."""
+        raise ConfigError(f"the {getattr(self, 'name', '?')!r} family provides no AirRep training queries")
+
+    def provenance(self, cfg: RunConfig, role: str, paths: RunPaths | None = None) -> list[str]:
+        """Keys naming where each example of ``role`` (``"train"``, ``"query"``, ``"airrep"``) comes
+        from; equal keys are the same underlying example (:func:`tda.airrep.check_disjoint`).
+        Default: ``<data.name>/<split>/<id>`` with ids as positions in the split."""
+        d = cfg.data
+        if role not in ("train", "query", "airrep"):
+            raise ConfigError(f"provenance role {role!r} is unknown; use 'train', 'query' or 'airrep'")
+        if role == "airrep":
+            return [f"{d.name}/train/{i}" for i in example_ids(self.airrep_queries(cfg))]
+        split = "train" if role == "train" else d.query_split
+        return [f"{d.name}/{split}/{i}" for i in example_ids(self.datasets(cfg, paths)[role])]
+
+
+class Reporting:
+    """Capability: the family's own report text, rendered from stored results (never computed)."""
+
+    def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
+        return None
+
+
+# ------------------------------------------------------------------ shared helpers
+@contextmanager
+def featurize_params_named() -> Iterator[None]:
+    """Prefix the factored projection's layer-selection errors with the config key that sets it."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"featurize.params: {exc}") from exc
+
+
+def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task) -> Any:
+    """Projected per-example gradients of ``task`` under ``featurize`` (dense or factored)."""
+    f = cfg.featurize
+    if f.projection == "factored":
+        with featurize_params_named():
+            return FactoredFeaturizer(model, task, k_in=f.k_in, k_out=f.k_out, seed=f.seed, kind=f.projector,
+                                      layers=f.params, device=resolve_device(f.device))
+    return Featurizer(model, task, k=f.k, seed=f.seed, kind=f.projector, param_names=f.params,
+                      device=resolve_device(f.device), backend=f.backend)
+
+
+def projection_width(cfg: RunConfig, model: nn.Module) -> int:
+    """Width of one projected gradient: ``featurize.k`` (dense) or the factored projection's
+    ``sum over layers of k_out * k_in`` for ``model``."""
+    f = cfg.featurize
+    if f.projection == "dense":
+        return f.k
+    with featurize_params_named():
+        layers = factored_layers(model, f.params)
+    return FactoredProjector(layers, f.k_in, f.k_out).k
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("featurize.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def collated(dataset: Any, collate: Callable) -> dict[str, torch.Tensor]:
+    """The whole dataset collated at once (small demo sets)."""
+    return collate(arrow_columns(dataset.with_format("arrow")[:]))

@@ -1,0 +1,113 @@
+"""The ``classifier`` family: image classifiers (MLP or small CNN) on MNIST, Fashion-MNIST or
+CIFAR-2, attributed through the classification margin (METHODS.md section 1).
+
+Training: SGD with a linearly decaying rate (:func:`tda.training.train_classifier`), one model per
+seed. Features: projected gradients (dense or factored) or the last hidden layer's output.
+Retraining (validation, AirRep): the same recipe on subsets; AirRep's training queries are
+training images outside the training subset.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tda.data import mnist_collate
+from tda.errors import ConfigError
+from tda.models import mlp
+from tda.tasks import ClassificationTask, Task, classification_margin
+from tda.training import accuracy, train_classifier
+
+from .base import Family, Reporting, Representations, Retraining, SaveFn, collated
+from .images import IMAGE_DATA, ImageCollate, image_datasets, unused_train_rows
+from .jobs import SubsetJob
+from .registry import family_for, register_family
+
+if TYPE_CHECKING:
+    from ..layout import RunPaths
+    from ..schema import RunConfig
+
+
+def small_cnn(shape: tuple[int, int, int], channels: list[int], classes: int) -> nn.Sequential:
+    """Conv3x3-ReLU-MaxPool per width in ``channels``, then a linear layer; takes flat (B, C*H*W)."""
+    layers: list[nn.Module] = [nn.Unflatten(1, shape)]
+    c_in, size = shape[0], shape[1]
+    for width in channels:
+        layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in, size = width, size // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * size * size, classes))
+
+
+class ClassifierFamily(Representations, Retraining, Reporting, Family):
+    """Image classifiers (MLP or small CNN) attributed through the classification margin."""
+
+    name = "classifier"
+    archs = ("mlp", "cnn")
+    data_names = tuple(IMAGE_DATA)
+    feature_kinds = ("gradients", "representations")
+    label_key = "y"
+
+    def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
+        """The rate each checkpoint's epoch was trained with: the linearly decaying SGD schedule of
+        :func:`tda.training.train_classifier`."""
+        if paths is None:
+            raise ConfigError("tracin takes its checkpoints' epochs from the run folder; pass paths")
+        from ..layout import load_checkpoint_list
+
+        return [cfg.train.lr * (1.0 - entry["epoch"] / cfg.train.epochs) for entry in load_checkpoint_list(paths)]
+
+    def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        return image_datasets(cfg)
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        shape, classes, _ = IMAGE_DATA[cfg.data.name]
+        if cfg.model.arch == "cnn":
+            return small_cnn(shape, list(cfg.model.hidden), classes)
+        return mlp(int(np.prod(shape)), tuple(cfg.model.hidden), classes)
+
+    def task(self, cfg: RunConfig) -> Task:
+        return ClassificationTask()
+
+    def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
+        if cfg.data.name == "mnist":
+            return mnist_collate
+        return ImageCollate(*IMAGE_DATA[cfg.data.name][2])
+
+    def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
+        t, data, collate = cfg.train, self.datasets(cfg, paths), self.collate(cfg)
+        train_b, query_b = collated(data["train"], collate), collated(data["query"], collate)
+        model = train_classifier(lambda: self.build_model(cfg), train_b["x"], train_b["y"], epochs=t.epochs,
+                                 lr=t.lr, batch_size=t.batch_size, seed=t.seed + model_index, on_epoch=save)
+        return {"query_accuracy": accuracy(model, query_b["x"], query_b["y"]),
+                "train_accuracy": accuracy(model, train_b["x"], train_b["y"])}
+
+    def representation_module(self, cfg: RunConfig) -> str:
+        """The last hidden layer: the module before the final Linear (MLP: its last ReLU; CNN: the Flatten)."""
+        return str(len(self.build_model(cfg)) - 2)
+
+    def airrep_queries(self, cfg: RunConfig) -> Any:
+        """Training-split images outside the training subset (never trained on, never queried)."""
+        from ..score_options import score_options
+
+        return unused_train_rows(cfg, score_options(cfg, self).queries)
+
+    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
+        return ClassifierSubsetJob(cfg, queries, epochs=epochs)
+
+
+class ClassifierSubsetJob(SubsetJob):
+    """Train the classifier recipe on the rows; the margin of every query."""
+
+    def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        t, family = self.cfg.train, family_for(self.cfg)
+        model = train_classifier(lambda: family.build_model(self.cfg), train["x"], train["y"], epochs=self.epochs,
+                                 lr=t.lr, batch_size=t.batch_size, seed=seed)
+        with torch.no_grad():
+            return torch.cat([classification_margin(model(query["x"][lo: lo + 4096]), query["y"][lo: lo + 4096])
+                              for lo in range(0, len(query["y"]), 4096)])
+
+
+register_family(ClassifierFamily())

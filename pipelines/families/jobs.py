@@ -1,0 +1,88 @@
+"""The base of every family's subset retraining job: LDS ground truth and AirRep supervision.
+
+A job is a picklable :class:`~pipelines.ground_truth.RetrainJob`, ``(training rows, seed) ->
+(m,) outputs``: it trains the family's recipe from scratch on the given rows of the run's
+training set and returns the measured output f (METHODS.md section 1) of every query. Each
+family's job lives in the family's own file (``ClassifierSubsetJob`` in :mod:`.classifier`,
+``LMSubsetJob`` in :mod:`.causal_lm`, ``DiffusionSubsetJob`` in :mod:`.diffusion`,
+``UserSubsetJob`` in :mod:`.user`).
+
+``queries`` picks the query set: ``"query"`` (the run's evaluation queries; the diffusion
+family's generated images need the run folder and are left out) or ``"airrep"`` (the AirRep
+training queries, :meth:`pipelines.families.base.Retraining.airrep_queries`). ``epochs`` overrides
+``train.epochs`` (AirRep's subset models may train for fewer epochs than the attributed model).
+Workers rebuild data from the config (cached per process); nothing large goes through the
+executor's task graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from stores._io import fingerprint
+from tda.data import example_ids
+from tda.errors import ConfigError
+
+from .base import collated
+from .registry import family_for
+
+if TYPE_CHECKING:
+    from ..schema import RunConfig
+
+QUERY_SETS = ("query", "airrep")
+_DATA: dict[str, tuple[dict, np.ndarray, dict, np.ndarray]] = {}
+
+
+def job_data(cfg: RunConfig, queries: str) -> tuple[dict, np.ndarray, dict, np.ndarray]:
+    """``(train batch, train ids, query batch, query ids)`` collated whole with the family's collate,
+    cached per process by the sections they depend on."""
+    d = cfg.to_dict()
+    key = fingerprint({"data": d["data"], "model": d["model"], "score": d["score"], "queries": queries})
+    if key not in _DATA:
+        family = family_for(cfg)
+        data = family.datasets(cfg)
+        query = data["query"] if queries == "query" else family.airrep_queries(cfg)
+        collate = family.collate(cfg)
+        _DATA[key] = (collated(data["train"], collate), example_ids(data["train"]),
+                      collated(query, collate), example_ids(query))
+    return _DATA[key]
+
+
+def take_rows(batch: dict[str, torch.Tensor], rows: np.ndarray | slice) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+class SubsetJob:
+    """Base of the family jobs: loads the data, then :meth:`run` trains and measures.
+
+    Args:
+        cfg: the run's configuration (its family, data and training recipe).
+        queries: ``"query"`` or ``"airrep"`` (module docstring).
+        n_queries: measure only the first N queries (None: all).
+        epochs: training epochs (None: ``train.epochs``).
+    """
+
+    def __init__(self, cfg: RunConfig, queries: str = "query", n_queries: int | None = None,
+                 epochs: int | None = None) -> None:
+        if queries not in QUERY_SETS:
+            raise ConfigError(f"subset job queries {queries!r} is unknown; use one of {QUERY_SETS}")
+        self.cfg, self.queries, self.n_queries = cfg, queries, n_queries
+        self.epochs = epochs or cfg.train.epochs
+
+    def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray:
+        rows, seed = task
+        torch.set_num_threads(1)
+        train, train_ids, query, query_ids = job_data(self.cfg, self.queries)
+        keep = slice(0, self.n_queries)
+        rows = np.asarray(rows, dtype=np.int64)
+        out = self.run(take_rows(train, rows), train_ids[rows], take_rows(query, keep), query_ids[keep], int(seed))
+        return out.detach().double().numpy()
+
+    def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+__all__ = ["QUERY_SETS", "SubsetJob", "job_data", "take_rows"]

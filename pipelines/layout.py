@@ -1,0 +1,77 @@
+"""Where each artifact of a run folder lives: pure functions of the folder, and small readers.
+
+Nothing here knows a model family or a stage, so every other module may import it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tda.errors import CheckpointError
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each artifact of a run lives."""
+
+    root: Path
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / RUN_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def checkpoint_list(self) -> Path:
+        return self.checkpoints / "checkpoints.json"
+
+    def checkpoint(self, model: int, epoch: int) -> Path:
+        return self.checkpoints / f"model-{model:02d}-epoch-{epoch:03d}.pt"
+
+    def checkpoint_file(self, entry: dict[str, Any]) -> Path:
+        """The file of a ``checkpoints.json`` entry: a name in ``checkpoints/`` or, for checkpoints
+        trained elsewhere (``model.checkpoints``), an absolute path."""
+        return self.checkpoints / entry["file"]
+
+    def store(self, split: str) -> Path:
+        return self.root / f"features-{split}"
+
+    @property
+    def scorer(self) -> Path:
+        return self.root / "scorer"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores"
+
+    @property
+    def airrep(self) -> Path:
+        return self.root / "airrep"
+
+
+def load_checkpoint_list(paths: RunPaths) -> list[dict[str, Any]]:
+    """The attributed checkpoints recorded by the train stage (``checkpoints.json``)."""
+    if not paths.checkpoint_list.is_file():
+        raise CheckpointError(f"{paths.checkpoint_list} is missing; run the train stage first")
+    return json.loads(paths.checkpoint_list.read_text())["checkpoints"]
+
+
+def json_field(path: Path, key: str) -> Any:
+    """``key`` of a JSON file, or None when the file is missing or unreadable (then the work is redone)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None

@@ -1,0 +1,342 @@
+"""The typed run configuration: one dataclass per section, and the fingerprints of sections.
+
+Every section is a dataclass with checks in ``__post_init__``; unknown keys raise
+:class:`ConfigError` with a "did you mean" suggestion. :func:`section_fingerprint` hashes the
+resolved sections an artifact depends on, so features are reused when only scoring settings
+change and refused when the projection or data change. Reading YAML, resolving paths and the
+checks that need the model family live in :mod:`pipelines.config` (this module imports no family).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+from stores._io import fingerprint
+from tda.errors import ConfigError
+
+
+def _key(obj: Any, name: str) -> str:
+    return f"{type(obj).__name__.replace('Config', '').lower()}.{name}"
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{_key(obj, name)} must be >= 1, got {value}")
+
+
+def _choice(obj: Any, name: str, options: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in options:
+        raise ConfigError(f"{_key(obj, name)} is {getattr(obj, name)!r}; choose one of {options}")
+
+
+@dataclass
+class DataConfig:
+    """Data: a named demo data set (``name``, files under ``root``) or the user's own files
+    (``train_path`` / ``query_path``). Subsets of ``train_size`` / ``query_size`` rows are drawn at
+    random with ``seed``, stratified by label where there is one (see :mod:`tda.data`)."""
+
+    name: str = "mnist"  # demo data set the family reads ("mnist", "fashion-mnist", "cifar2", ...)
+    root: str | None = None  # folder of the demo data set's files (None: the copy shipped with tda, where there is one)
+    train_size: int | None = 10000  # N training examples drawn at random, stratified by label (None: all)
+    query_split: str = "test"  # split the queries come from
+    query_size: int = 500  # N examples of the query split drawn at random, stratified by label
+    query_path: str | None = None  # queries from a file instead: .parquet, .arrow, .csv, .json/.jsonl or a save_to_disk folder
+    train_path: str | None = None  # your training set: .parquet, .arrow, .csv, .json/.jsonl or a save_to_disk folder
+    collate: str | None = None  # "module:fn" or "file.py:fn" turning a dict of columns into tensors (None: built in)
+    text_column: str = "text"  # column names the built-in collates read
+    label_column: str = "label"
+    image_column: str = "image"
+    tokenizer: str | None = None  # Hugging Face tokenizer folder (default: the model.hf folder)
+    max_length: int = 128  # tokens per text example (built-in text collate)
+    seed: int = 0  # seed of the random train_size / query_size subsets
+    subset: str = "random"  # "random" (seeded, stratified) or "first" (the first N rows, as before 0.2)
+
+    def __post_init__(self) -> None:
+        _choice(self, "query_split", ("train", "test"))
+        _choice(self, "subset", ("random", "first"))
+        _positive(self, "train_size", "query_size", "max_length")
+
+
+@dataclass
+class ModelConfig:
+    """Model: its family (pipelines/families.py), architecture and family-specific options."""
+
+    family: str = "classifier"  # classifier, diffusion, causal-lm, user (model.factory), hf (model.hf)
+    arch: str = "mlp"  # classifier: "mlp" or "cnn"; diffusion: "unet"; causal-lm: "gpt2"
+    hidden: list[int] = field(default_factory=lambda: [128])  # MLP widths / CNN or UNet channels per level
+    options: dict[str, Any] = field(default_factory=dict)  # family options (user family: factory keyword arguments)
+    factory: str | None = None  # your model: "module:callable" or "path/file.py:callable", called with **options
+    hf: str | None = None  # a Hugging Face save_pretrained folder (family hf)
+    hf_class: str | None = None  # transformers class name overriding the folder's config "architectures"
+    checkpoints: list[str] | None = None  # state_dict files (.pt / .safetensors) or globs trained elsewhere: no training
+    task: str | None = None  # classification | causal-lm | diffusion | "module:Class" (default: the family's)
+
+    def __post_init__(self) -> None:
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise ConfigError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
+        if self.family == "classifier" and (self.factory or self.hf):
+            self.family = "hf" if self.hf else "user"  # the family follows from what names the model
+        if self.checkpoints is not None and not self.checkpoints:
+            raise ConfigError("model.checkpoints is an empty list; name at least one state_dict file, or remove "
+                              "the key to train the models in the run")
+
+
+@dataclass
+class TrainConfig:
+    """Training of the models whose checkpoints are attributed."""
+
+    models: int = 3  # independently trained models (seeds seed, seed+1, ...)
+    epochs: int = 4
+    lr: float = 0.05
+    batch_size: int = 128
+    seed: int = 0
+    checkpoints: str = "final"  # "final": last epoch of each model; "all": every epoch
+    factory: str | None = None  # your retraining recipe for validation: "module:fn", fn(model, dataset, seed) -> state_dict
+
+    def __post_init__(self) -> None:
+        _positive(self, "models", "epochs", "batch_size")
+        _choice(self, "checkpoints", ("final", "all"))
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FeaturizeConfig:
+    """Per-example gradients and their random projection.
+
+    ``projection: dense`` projects the flat per-example gradient with a d x k matrix;
+    ``factored`` projects each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
+    groups=1) with a Kronecker pair ``k_out x k_in`` without forming it (LoGra, tda.factored):
+    the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are
+    unused), ``params`` names modules (or prefixes) instead of parameters, and parameters of
+    other layers (norms, embeddings) are skipped and listed in the store manifest. ``k_in`` /
+    ``k_out`` are ignored by the dense projection (set away from their defaults they still
+    enter the fingerprint, so such a run folder is not reused).
+    """
+
+    k: int = 1024  # projection dimension
+    projector: str = "rademacher"  # or "gaussian"
+    seed: int = 0  # projection seed
+    batch_size: int = 256  # examples per gradient batch
+    shard_size: int = 4096  # examples per store shard (unit of resumption)
+    dtype: str = "float32"  # stored dtype: float32 or float16
+    params: list[str] | None = None  # parameter (dense) / module (factored) names or prefixes (None: all)
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
+    backend: str = "auto"  # projector backend: auto/dense/fast_jl
+    projection: str = "dense"  # "dense" (P^T g) or "factored" (per-layer Kronecker, never forms g)
+    k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
+    k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)
+
+    def __post_init__(self) -> None:
+        _positive(self, "k", "batch_size", "shard_size", "k_in", "k_out")
+        _choice(self, "projector", ("rademacher", "gaussian"))
+        _choice(self, "dtype", ("float32", "float16"))
+        _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "backend", ("auto", "dense", "fast_jl"))
+        _choice(self, "projection", ("dense", "factored"))
+        if self.seed < 0:
+            raise ConfigError(f"featurize.seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class ScoreConfig:
+    """Scoring and what the report prints."""
+
+    scorer: str = "trak"  # the family lists its scorers (every family: trak/dtrak, tracin, graddot, gradcos, repsim, airrep)
+    lambda_rel: float = 0.01  # TRAK ridge relative to mean diag(Phi^T Phi)
+    topk: int = 10  # proponents/opponents kept per query
+    show: int = 3  # queries printed in the report
+    block_rows: int = 8192  # training rows per scoring block
+    influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
+    dense: bool = True  # write the dense (n_query x n_train) scores.npy; false: top-k from the index only (large n)
+    options: dict[str, Any] = field(default_factory=dict)  # repsim / airrep settings (pipelines/score_options.py)
+
+    def __post_init__(self) -> None:
+        _positive(self, "topk", "block_rows")
+        if self.show < 0:
+            raise ConfigError(f"score.show must be >= 0, got {self.show}")
+        if not self.lambda_rel > 0:
+            raise ConfigError(f"score.lambda_rel must be > 0, got {self.lambda_rel}")
+        if not 0 <= self.influential_fraction < 1:
+            raise ConfigError(f"score.influential_fraction must be in [0, 1), got {self.influential_fraction}")
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index over train-side vectors."""
+
+    kind: str = "flat"  # "flat" (exact) or "ivf" (approximate, large stores)
+    nlist: int | None = None  # IVF cells (default ~4 sqrt(n))
+    nprobe: int = 16  # IVF cells searched per query
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", ("flat", "ivf"))
+        _positive(self, "nlist", "nprobe")
+
+
+@dataclass
+class ExecutorConfig:
+    """Where independent jobs run: featurize shards (checkpoint x partition) and retrainings."""
+
+    kind: str = "local"  # "local" (in process) or "dask"
+    address: str | None = None  # dask scheduler, e.g. tcp://10.0.0.5:8786; None starts a LocalCluster
+    workers: int = 2  # LocalCluster worker processes
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", ("local", "dask"))
+        _positive(self, "workers")
+
+
+@dataclass
+class ValidateConfig:
+    """Counterfactual validation (METHODS.md section 6)."""
+
+    subsets: int = 100  # J random training subsets
+    alpha: float = 0.5  # subset size as a fraction of the training set
+    models_per_subset: int = 1  # R retrainings per subset (outputs averaged)
+    seed: int = 0  # subset and retraining seeds derive from it
+    queries: int | None = None  # first N queries validated (None: all)
+    ground_truth_dir: str | None = None  # default <out_dir>/ground-truth; share it across runs
+    tune_fraction: float = 0.5  # share of queries and subsets used to choose lambda
+    lambda_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    removal_queries: int = 0  # queries with removal curves (0: off)
+    removal_ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    removal_seeds: int = 1  # retrainings per removal set
+    plots: bool = True  # write PNG plots next to the JSON/CSV
+
+    def __post_init__(self) -> None:
+        _positive(self, "subsets", "models_per_subset", "queries", "removal_seeds")
+        if not 0 < self.alpha < 1 or not 0 < self.tune_fraction < 1:
+            raise ConfigError("validate.alpha and validate.tune_fraction must be in (0, 1)")
+        if not self.lambda_grid or any(not x > 0 for x in self.lambda_grid):
+            raise ConfigError(f"validate.lambda_grid must hold positive values, got {self.lambda_grid}")
+        if self.removal_queries < 0 or any(k < 1 for k in self.removal_ks):
+            raise ConfigError("validate.removal_queries must be >= 0 and removal_ks positive")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the sections above plus where outputs go."""
+
+    name: str = "run"
+    out_dir: str = "runs/default"  # outputs (checkpoints, stores, index, scores)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    code_dir: str | None = None  # folder added to sys.path for "module:fn" strings (the config file's folder)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[]") for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{where}.{key}" if where else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {known}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+#: Keys added after the first release, hashed only when set away from these defaults, so that
+#: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
+LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
+              ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True,
+              ("score", "options"): {}, ("featurize", "projection"): FeaturizeConfig().projection,
+              ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out,
+              **{("data", k): getattr(DataConfig(), k) for k in ("train_path", "collate", "text_column", "label_column",
+                                                                  "image_column", "tokenizer", "max_length")},
+              **{("model", k): None for k in ("factory", "hf", "hf_class", "checkpoints", "task")},
+              ("train", "factory"): None}
+
+#: Keys no fingerprint holds: where code is imported from does not change what it computes.
+UNHASHED_KEYS = ("code_dir",)
+
+
+#: Data keys that choose the queries: the training side (checkpoints, train features, fitted
+#: scorer, index) does not depend on them, so changing the queries reuses all of it.
+QUERY_KEYS = ("query_split", "query_size", "query_path")
+
+
+def stable_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as a dict without the :data:`LATER_KEYS` that sit at their defaults,
+    so hashes of configs written before those keys existed do not change."""
+    d = cfg.to_dict()
+    for key in UNHASHED_KEYS:
+        d.pop(key, None)
+    for (section, key), default in LATER_KEYS.items():
+        if section in d and d[section].get(key) == default:
+            del d[section][key]
+    return d
+
+
+#: Score keys that change only what is written or printed, never the fitted scorer or index.
+OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction")
+
+
+def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, outputs: bool = True) -> str:
+    """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
+    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side),
+    with ``outputs=False`` the :data:`OUTPUT_KEYS`."""
+    d = stable_dict(cfg)
+    for flag, section, keys in ((queries, "data", QUERY_KEYS), (outputs, "score", OUTPUT_KEYS)):
+        if not flag:
+            for key in keys:
+                d[section].pop(key, None)
+    return fingerprint({s: d[s] for s in sections})
+
+
+def scorer_fingerprint(cfg: RunConfig) -> str:
+    """Hash of what the fitted scorer and the index depend on: the training side of the feature
+    sections, the scorer's settings and the index settings (not the queries or output keys)."""
+    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=False, outputs=False)
+
+
+FEATURE_SECTIONS = ("data", "model", "train", "featurize")
+SCORE_SECTIONS = FEATURE_SECTIONS + ("score", "index")

@@ -1,0 +1,93 @@
+"""The index stage: fit the scorer on the train store, save its state, build the FAISS index.
+
+Both are keyed by the scorer fingerprint (training side of the feature sections, the scorer's
+settings, the index settings): a rerun with the same settings loads them, another refits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from stores import FeatureStore, FaissIndex, build_index
+from stores._io import save_json, save_npz
+from tda.errors import IndexMismatchError, StoreError
+
+from ..layout import RunPaths, json_field
+from ..schema import RunConfig, scorer_fingerprint
+from ..scorers import build_scorer
+
+
+def scorer_for(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
+    """The run's (unfitted) scorer, from the scorer registry."""
+    return build_scorer(cfg, paths)
+
+
+def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
+    """Fit the scorer on the train store, save its state, build and save the FAISS index."""
+    fp = scorer_fingerprint(cfg)
+    if json_field(paths.index / "index.json", "fingerprint") == fp:
+        return FaissIndex.load(paths.index)
+    train = FeatureStore.open(paths.store("train"))
+    scorer = scorer_for(cfg, paths).fit(_View(train, desc="index: fit scorer" if progress else None),
+                                        progress=progress)
+    state = scorer.state_dict()
+    save_npz(paths.scorer / "state.npz", **state)
+    save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
+                                             "hyperparameters": scorer.hyperparameters()})
+    index = build_index(_View(train, desc=f"index: build {cfg.index.kind}" if progress else None), scorer, cfg.index.kind,
+                        cfg.index.nlist, cfg.index.nprobe, meta={"fingerprint": fp})
+    index.save(paths.index)
+    return index
+
+
+def load_scorer(cfg: RunConfig, paths: RunPaths):
+    """The fitted scorer saved by the index stage (no pickle)."""
+    fp = scorer_fingerprint(cfg)
+    state_path = paths.scorer / "state.npz"
+    if not state_path.is_file():
+        raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
+    if json_field(paths.scorer / "scorer.json", "fingerprint") not in (fp, None):
+        raise IndexMismatchError(
+            f"the scorer in {paths.scorer} was fitted for another score/index configuration; refit it with "
+            "`tda run CONFIG --from index`"
+        )
+    with np.load(state_path, allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    return scorer_for(cfg, paths).load_state_dict(state)
+
+
+def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
+    """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
+    index = FaissIndex.load(paths.index)
+    return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
+                       fix="rebuild it with `tda run CONFIG --from index`")
+
+
+class _View:
+    """A feature store seen from row ``start`` on (resuming a scoring pass), optionally with a
+    progress bar (rows/s and ETA) over its blocks."""
+
+    def __init__(self, source: FeatureStore, start: int = 0, desc: str | None = None) -> None:
+        self.source, self.start, self.desc = source, start, desc
+        self.checkpoints = source.checkpoints
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start
+
+    @property
+    def k(self) -> int:
+        return self.source.k
+
+    def iter_blocks(self, block_rows: int = 4096):
+        col = 0
+        with tqdm(total=len(self), desc=self.desc, unit="ex", disable=self.desc is None) as bar:
+            for blk in self.source.iter_blocks(block_rows):
+                col += len(blk)
+                if col > self.start:
+                    if col - len(blk) < self.start:  # cannot happen with the same block_rows and shard_size
+                        raise StoreError("scoring progress does not fall on a block boundary; delete scores/ and rerun")
+                    yield blk
+                    bar.update(len(blk))

@@ -1,0 +1,126 @@
+"""The train stage: train the family's models, or register checkpoints trained elsewhere.
+
+Training saves a checkpoint at each of the family's checkpoint epochs and records it (file,
+sha256, the recipe's summary: accuracy, learning rate) in ``checkpoints/checkpoints.json``;
+finished models are skipped on a rerun. With ``model.checkpoints`` nothing is trained: each file
+is loaded into the family's model (a key or shape mismatch is an error listing the first
+differences) and recorded with its sha256, so the featurize stage refuses a file changed later.
+A model whose training diverged (non-finite weights, or accuracy at chance) is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stores._io import atomic_write, save_json, sha256_file
+from tda.errors import CheckpointError, NonFiniteError
+from tda.featurize import apply_checkpoint, load_checkpoint
+
+from ..families import family_for
+from ..layout import RunPaths, json_field
+from ..schema import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def stage_train(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list[dict[str, Any]]:
+    """Train ``cfg.train.models`` models with the family's recipe (or register
+    ``model.checkpoints``); returns the attributed checkpoints."""
+    if cfg.model.checkpoints:
+        return register_checkpoints(cfg, paths)
+    return train_models(cfg, paths, progress)
+
+
+def register_checkpoints(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]]:
+    """Check each ``model.checkpoints`` file against the family's model and record it."""
+    model = family_for(cfg).build_model(cfg)
+    entries = []
+    for i, file in enumerate(cfg.model.checkpoints):
+        path = Path(file)
+        state = load_checkpoint(path)
+        apply_checkpoint(model, state, f"checkpoint {path}")
+        bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteError(f"checkpoint {path} holds NaN or infinite weights in {bad[:5]}; a diverged training "
+                                 "run gives these: retrain it (a lower learning rate) or drop it from model.checkpoints")
+        entries.append({"model": i, "epoch": 0, "file": str(path.resolve()), "sha256": sha256_file(path), "id": i})
+    listing = {"all": entries, "checkpoints": entries}
+    if json_field(paths.checkpoint_list, "checkpoints") != entries:
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        save_json(paths.checkpoint_list, listing)
+    return entries
+
+
+def train_models(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list[dict[str, Any]]:
+    """Train with the family's recipe, saving a checkpoint at each of its checkpoint epochs;
+    skip finished models."""
+    family = family_for(cfg)
+    epochs = family.checkpoint_epochs(cfg)
+    done = {(c["model"], c["epoch"]): c for c in _read_list(paths)}
+    bar = tqdm(range(cfg.train.models), desc="train", unit="model", disable=not progress)
+    for m in bar:
+        if (all((m, e) in done and paths.checkpoint(m, e).is_file() for e in epochs)
+                and all(p.is_file() for p in family.train_outputs(cfg, paths, m))):
+            continue
+
+        def save(epoch: int, model: torch.nn.Module, m: int = m, **info: Any) -> None:
+            path = paths.checkpoint(m, epoch)
+            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+            done[(m, epoch)] = {"model": m, "epoch": epoch, "file": path.name, "sha256": sha256_file(path), **info}
+
+        summary = family.train(cfg, paths, m, save)
+        done[(m, epochs[-1])].update(summary)
+        check_trained(cfg, paths.checkpoint(m, epochs[-1]), summary)
+        bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in summary.items()})
+        _write_list(paths, done)
+    return _selected(cfg, paths)
+
+
+def check_trained(cfg: RunConfig, path: Path, summary: dict[str, Any]) -> None:
+    """Refuse a model whose weights are not finite; warn when its accuracy is at chance."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    big = max((float(v.abs().max()) for v in state.values() if v.is_floating_point() and v.numel()), default=0.0)
+    if bad or not math.isfinite(big) or big > 1e6:
+        raise NonFiniteError(f"training diverged: {path.name} has {'NaN/inf' if bad else f'weights up to {big:.3g}'} "
+                             f"(train.lr is {cfg.train.lr:g}); lower train.lr and rerun with --overwrite")
+    acc = summary.get("train_accuracy")
+    if acc is not None and acc < 1.5 / max(2, _classes(cfg)):
+        logger.warning("model %s reaches only %.3f training accuracy (about chance): its attributions mean "
+                       "little; check train.lr / train.epochs", path.name, acc)
+
+
+def _classes(cfg: RunConfig) -> int:
+    from ..families.images import IMAGE_DATA
+
+    return IMAGE_DATA.get(cfg.data.name, (None, 10))[1]
+
+
+def _read_list(paths: RunPaths) -> list[dict[str, Any]]:
+    if not paths.checkpoint_list.is_file():
+        return []
+    return json.loads(paths.checkpoint_list.read_text())["all"]
+
+
+def _write_list(paths: RunPaths, done: dict) -> None:
+    entries = [done[k] for k in sorted(done)]
+    save_json(paths.checkpoint_list, {"all": entries, "checkpoints": []})
+
+
+def _selected(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]]:
+    """The attributed checkpoints, numbered 0..C-1, recorded in checkpoints.json."""
+    entries = _read_list(paths)
+    last = cfg.train.epochs - 1
+    chosen = [e for e in entries if cfg.train.checkpoints == "all" or e["epoch"] == last]
+    chosen = [{**e, "id": i} for i, e in enumerate(chosen)]
+    listing = {"all": entries, "checkpoints": chosen}
+    if json_field(paths.checkpoint_list, "checkpoints") != chosen or json_field(paths.checkpoint_list, "all") != entries:
+        save_json(paths.checkpoint_list, listing)  # rewritten only when it changes: a rerun touches nothing
+    return chosen
