@@ -241,7 +241,7 @@ def test_diffusion_family_runs_end_to_end(tmp_path, capsys) -> None:
     assert main(["run", str(cfg_path), "--out", str(run), "--quiet", "--set", "score.scorer=dtrak"]) == 2
     assert "overwrite" in capsys.readouterr().err  # D-TRAK features differ: the folder is refused
     assert main(["validate", str(cfg_path), "--out", str(run), "--quiet"]) == 2
-    assert "classifier family only" in capsys.readouterr().err
+    assert "which it cannot validate yet" in capsys.readouterr().err
     assert main(["run", str(cfg_path), "--out", str(tmp_path / "dtrak"), "--quiet", "--set", "score.scorer=dtrak",
                  "--set", "model.options.output=square"]) == 0
     assert FeatureStore.open(tmp_path / "dtrak" / "features-query").k == 16
