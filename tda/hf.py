@@ -27,10 +27,9 @@ ones) is not passed: transformers then builds no mask, and mask builders are wha
 with a ``pad_token_id``, whose padding check calls ``.item()``) are switched by
 :class:`tda.featurize.Featurizer` to one autograd pass per example, with a logged warning.
 
-Batch keys: :class:`HFTextCollate` gives ``input_ids``, ``attention_mask`` (and
-``token_type_ids`` when the tokenizer makes them) and ``labels``; :class:`HFCausalLMCollate`
-gives ``input_ids``, ``attention_mask`` and ``loss_mask`` (1 on completion tokens). All int64,
-right-padded to the longest row of the batch.
+Batch keys (all int64, right-padded to the batch's longest row): :class:`HFTextCollate` gives
+``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer makes them), ``labels``;
+:class:`HFCausalLMCollate` gives ``input_ids``, ``attention_mask``, ``loss_mask``.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ def trim_padding(batch: Batch, mask_key: str = "attention_mask") -> list[tuple[T
 
     Returns:
         ``(rows, sub_batch)`` pairs covering every example once (see
-        :meth:`tda.tasks.Task.example_groups`); one untrimmed group without ``mask_key``.
+        :meth:`tda.tasks.Task.example_groups`); without ``mask_key``, the batch as one group.
     """
     first = next(iter(batch.values()))
     mask = batch.get(mask_key)
@@ -250,10 +249,14 @@ def load_hf_model(folder: str | Path, model_class: str | type | None = None,
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} is not a save_pretrained folder (no config.json); point at the folder "
                           "model.save_pretrained wrote")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    cls = _model_class(model_class, config, folder)
     try:
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{folder}/config.json cannot be read: {str(exc).splitlines()[0]}; save the model again "
+                          "with save_pretrained") from exc
+    cls = _model_class(model_class, config, folder)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
         model, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True,
                                           **extra)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -9,14 +9,16 @@ with a streaming merge.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from .errors import QueryError, ShapeError
 from .features import FeatureBlock, FeatureSource
-from .scorers.base import Scorer
+
+if TYPE_CHECKING:  # the scorers call this kernel; it only needs their two transforms
+    from .scorers.base import Scorer
 
 
 @dataclass

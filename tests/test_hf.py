@@ -190,7 +190,8 @@ def test_padding_does_not_change_gradients_or_features(which, request, sst2, sto
     torch.testing.assert_close(fz.gradients(padded_more)[1], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()))
     q = loss_weights(model, task, padded_more)
     torch.testing.assert_close(q[1], loss_weights(model, task, alone)[0])
-    ff = FactoredFeaturizer(model, task, k_in=4, k_out=4, layers=None if which == "bert" else ["transformer.h.0", "score"][: 1 + (which == "gpt2_cls")])
+    layers = {"bert": None, "gpt2_cls": ["transformer.h.0", "score"], "gpt2_lm": ["transformer.h.0"]}[which]
+    ff = FactoredFeaturizer(model, task, k_in=4, k_out=4, layers=layers)
     one, two = ff.featurize_batch(alone, [0], 0)[0], ff.featurize_batch(padded, [0, 1], 0)[0]
     np.testing.assert_allclose(two[0], one[0], rtol=1e-4, atol=1e-5 * float(np.abs(one).max()))
 

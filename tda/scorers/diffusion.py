@@ -230,7 +230,7 @@ def influence_counts(query: FeatureBlock, train: FeatureSource, scorers: Mapping
         ``{name: {"proponents": ids, "opponents": ids, "k": k, "fraction": fraction}}`` where
         proponents are the largest scores (raise f) and opponents the most negative (lower f).
     """
-    from ..kernel import top_k  # tda.kernel imports this package
+    from ..kernel import top_k
 
     out = {}
     for name, scorer in scorers.items():
