@@ -23,6 +23,9 @@ MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+#: Data shipped with tda: ``mnist/`` (the first 10,000 training and 2,000 test images of MNIST, idx
+#: files) and ``tinyshakespeare.txt.gz`` (the 1.1 MB corpus), for demos that run anywhere.
+DEMO_DATA = Path(__file__).parent / "demo_data"
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 Collate = Callable[[Mapping[str, object]], dict[str, Tensor]]
@@ -61,11 +64,12 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def load_mnist(root: str | Path, split: str = "train", limit: int | None = None):
+def load_mnist(root: str | Path | None = None, split: str = "train", limit: int | None = None):
     """MNIST as a ``datasets.Dataset`` with columns ``id`` (int64), ``image`` (784 uint8), ``label``.
 
     Args:
-        root: folder with the idx files (gzipped or not).
+        root: folder with the idx files (gzipped or not); ``None``: the 10,000 / 2,000 image
+            subset shipped with tda (:data:`DEMO_DATA`).
         split: ``"train"`` (60,000) or ``"test"`` (10,000).
         limit: keep the first ``limit`` rows.
     """
@@ -74,7 +78,7 @@ def load_mnist(root: str | Path, split: str = "train", limit: int | None = None)
 
     if split not in MNIST_FILES:
         raise DataError(f"MNIST split {split!r} is unknown; use 'train' or 'test'")
-    root = Path(root)
+    root = Path(root) if root is not None else DEMO_DATA / "mnist"
     if not root.is_dir():
         raise DataError(f"MNIST folder {root} does not exist; set data.root to the idx files' folder")
     images = read_idx(_find(root, MNIST_FILES[split][0]))

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import arrow_columns, example_ids
+from tda.data import DEMO_DATA, arrow_columns, example_ids
 from tda.errors import ConfigError, DataError
 from tda.tasks import Task
 
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from ..layout import RunPaths
     from ..schema import RunConfig
 
-DEFAULT_CORPUS = str(Path(__file__).parent / "data" / "tinyshakespeare.txt.gz")  # shipped with tda
+DEFAULT_CORPUS = str(DEMO_DATA / "tinyshakespeare.txt.gz")  # shipped with tda
 
 
 @dataclass

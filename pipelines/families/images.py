@@ -1,7 +1,7 @@
 """Image data sets of the demo families: MNIST, Fashion-MNIST (idx files) and CIFAR-2 (npz).
 
 ``data.root`` names the folder of a data set's files; unset, MNIST comes from the compact copy
-shipped with tda (``pipelines/families/data/mnist``: the first 10,000 training and 2,000 test
+shipped with tda (``tda/demo_data/mnist``: the first 10,000 training and 2,000 test
 images of MNIST), and the other sets from their usual places (``../shared/data`` beside the
 repository, Debian's ``dataset-fashion-mnist`` package). ``data.train_size`` /
 ``data.query_size`` draw seeded random subsets stratified by label (:func:`tda.data.draw_subset`;
@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tda.data import MNIST_MEAN, MNIST_STD, draw_subset, example_ids, load_mnist
+from tda.data import DEMO_DATA, MNIST_MEAN, MNIST_STD, draw_subset, example_ids, load_mnist
 from tda.errors import DataError
 
 if TYPE_CHECKING:
     from ..schema import RunConfig
 
-PACKAGED = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # beside a checkout of the repository
 CIFAR2_FILE = "cifar2_cat_dog_from_jpeg_uint8.npz"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -33,7 +32,7 @@ IMAGE_DATA = {  # name: (image shape, classes, normalisation)
     "fashion-mnist": ((1, 28, 28), 10, ((0.2860,), (0.3530,))),
     "cifar2": ((3, 32, 32), 2, (CIFAR_MEAN, CIFAR_STD)),
 }
-DEFAULT_ROOTS = {"mnist": PACKAGED / "mnist", "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+DEFAULT_ROOTS = {"mnist": DEMO_DATA / "mnist", "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
                  "cifar2": SHARED / "cifar10"}
 
 

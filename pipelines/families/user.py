@@ -1,0 +1,202 @@
+"""The ``user`` family: your own ``nn.Module``, checkpoints and data, named in the config.
+
+``model.factory`` (``"module:callable"`` importable from beside the config, or
+``"path/to/file.py:callable"``) builds the model, called with ``model.options`` as keyword
+arguments; ``model.checkpoints`` lists its trained ``state_dict`` files (``.pt``, loaded with
+``weights_only=True``, or ``.safetensors``), so no training runs. Data: ``data.train_path`` and
+``data.query_path`` (a ``save_to_disk`` folder, ``.parquet``, ``.arrow``, ``.csv``, ``.json``);
+without ``data.train_path`` the demo image set ``data.name`` is used. Rows keep an ``id`` column
+(else their position in the file), and ``data.train_size`` / ``query_size`` draw seeded subsets
+stratified by ``data.label_column``.
+
+``data.collate`` turns a dict of columns into the task's tensors; the built-in collate reads
+``data.image_column`` (or an ``x`` column) as float32 (integer pixels scaled to [0, 1]) and
+``data.label_column`` as int64: ``{"x": ..., "y": ...}``, what ``ClassificationTask`` reads.
+``model.task``: ``classification`` (the margin, default), ``causal-lm`` (``tda.lm.LMTask`` on
+``input_ids`` / ``loss_mask``) or ``"module:Class"`` (your :class:`tda.tasks.Task`).
+``tda validate`` retrains with ``train.factory`` (``fn(model, dataset, seed) -> state_dict``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tda.data import draw_subset, example_ids, iter_batches
+from tda.errors import ConfigError, DataError
+from tda.featurize import apply_checkpoint
+from tda.tasks import ClassificationTask, Task
+
+from ..imports import import_object
+from .base import Family, Representations, Retraining
+from .images import IMAGE_DATA, image_datasets
+from .jobs import SubsetJob
+from .registry import family_for, register_family
+
+if TYPE_CHECKING:
+    from ..layout import RunPaths
+    from ..schema import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+class UserFamily(Representations, Retraining, Family):
+    """A model built by the user's factory, with checkpoints and data from files."""
+
+    name = "user"
+    feature_kinds = ("gradients", "representations")
+    label_key = "y"
+    trains = False
+
+    def check(self, cfg: RunConfig) -> None:
+        if not cfg.model.factory:
+            raise ConfigError("the 'user' family builds your model with model.factory: set it to 'module:callable' "
+                              "or 'path/to/file.py:callable'")
+        if cfg.data.train_path is None and cfg.data.name not in IMAGE_DATA:
+            raise ConfigError("set data.train_path to your training set (a save_to_disk folder, .parquet, .arrow, "
+                              ".csv or .json file)")
+        if cfg.data.train_path is not None and cfg.data.query_path is None:
+            raise ConfigError("set data.query_path to the examples to explain (same formats as data.train_path)")
+        super().check(cfg)
+
+    def options(self, cfg: RunConfig) -> dict[str, Any]:
+        """``model.options``: keyword arguments of the factory, passed as they are."""
+        return dict(cfg.model.options)
+
+    def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        d = cfg.data
+        if d.train_path is None:
+            return image_datasets(cfg)
+        return {"train": table_subset(d.train_path, d.train_size, d.seed, d.label_column, d.subset, "data.train_path"),
+                "query": table_subset(d.query_path, d.query_size, d.seed + 1, d.label_column, d.subset,
+                                      "data.query_path")}
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        factory = import_object(cfg.model.factory, cfg.code_dir, "model.factory")
+        try:
+            model = factory(**cfg.model.options)
+        except TypeError as exc:
+            raise ConfigError(f"model.factory {cfg.model.factory} cannot be called with model.options "
+                              f"{cfg.model.options}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.factory {cfg.model.factory} returned a {type(model).__name__}, not an nn.Module")
+        return model
+
+    def task(self, cfg: RunConfig) -> Task:
+        return task_from_config(cfg)
+
+    def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
+        d = cfg.data
+        if d.collate:
+            return import_object(d.collate, cfg.code_dir, "data.collate")
+        return ColumnsCollate(d.image_column, d.label_column)
+
+    def representation_module(self, cfg: RunConfig) -> str:
+        """The module before the last one that holds parameters (the last hidden layer)."""
+        leaves = [(n, m) for n, m in self.build_model(cfg).named_modules() if n and not list(m.children())]
+        owners = [i for i, (_, m) in enumerate(leaves) if any(True for _ in m.parameters(recurse=False))]
+        if not owners or owners[-1] == 0:
+            raise ConfigError("cannot tell your model's last hidden layer; set score.options.module")
+        return leaves[owners[-1] - 1][0]
+
+    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
+        if not cfg.train.factory:
+            raise ConfigError("retraining your model (tda validate, AirRep) needs train.factory: 'module:fn' with "
+                              "fn(model, dataset, seed) -> state_dict, training a fresh model on the given rows")
+        return UserSubsetJob(cfg, queries, epochs=epochs)
+
+
+def task_from_config(cfg: RunConfig, default: str = "classification") -> Task:
+    """``model.task``: a built-in name or ``"module:Class"`` (instantiated without arguments)."""
+    name = cfg.model.task or default
+    if name == "classification":
+        return ClassificationTask()
+    if name == "causal-lm":
+        from tda.lm import LMTask
+
+        return LMTask()
+    if ":" not in name:
+        raise ConfigError(f"model.task is {name!r}; choose classification, causal-lm or 'module:Class' (your "
+                          "tda.tasks.Task); diffusion needs the diffusion family")
+    obj = import_object(name, cfg.code_dir, "model.task")
+    task = obj() if isinstance(obj, type) else obj
+    if not isinstance(task, Task):
+        raise ConfigError(f"model.task {name} is a {type(task).__name__}, not a tda.tasks.Task")
+    return task
+
+
+def table_subset(path: str, size: int | None, seed: int, label_column: str, how: str, key: str):
+    """A data file with an ``id`` column (positions when absent), subset as configured (cached)."""
+    return _table_subset(path, size, seed, label_column, how, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _table_subset(path: str, size: int | None, seed: int, label_column: str, how: str, key: str):
+    from tda.query_files import load_table
+
+    table = load_table(path, None, key)
+    if "id" not in table.column_names:
+        table = table.add_column("id", np.arange(len(table), dtype=np.int64))
+    example_ids(table)  # integer and unique, or a clear error
+    if size is not None and size > len(table):
+        logger.warning("%s has %d rows, fewer than the %d asked for; using all of them", key, len(table), size)
+    out = draw_subset(table, size, seed, label_column, how)
+    if key == "data.train_path" and label_column in out.column_names:
+        classes = np.unique(np.asarray(out.with_format("numpy")[label_column]))
+        if len(classes) < 2:
+            raise DataError(f"the training set ({key} {path}) has a single class {classes.tolist()} in "
+                            f"{label_column!r}: every attribution would be meaningless; check the file and the "
+                            "column, or raise data.train_size")
+    return out
+
+
+class ColumnsCollate:
+    """Rows -> ``{"x": float32 inputs, "y": int64 labels}`` (picklable): the input column as an
+    array of its stored shape, integer pixels scaled by 1/255."""
+
+    def __init__(self, input_column: str = "image", label_column: str = "label") -> None:
+        self.input_column, self.label_column = input_column, label_column
+
+    def __call__(self, rows: Any) -> dict[str, torch.Tensor]:
+        key = self.input_column if self.input_column in rows else "x"
+        if key not in rows:
+            raise DataError(f"the built-in collate reads column {self.input_column!r} (or 'x'), but the rows have "
+                            f"{sorted(rows)}; set data.image_column, or data.collate to your own function")
+        x = np.asarray(list(rows[key]) if isinstance(rows[key], list) else rows[key])
+        if x.dtype == object:
+            x = np.stack([np.asarray(v) for v in rows[key]])
+        x = x.astype(np.float32) / 255.0 if x.dtype.kind in "iu" else x.astype(np.float32)
+        out = {"x": torch.from_numpy(x)}
+        if self.label_column in rows:
+            out["y"] = torch.from_numpy(np.asarray(rows[self.label_column], dtype=np.int64))
+        return out
+
+
+class UserSubsetJob(SubsetJob):
+    """Retrain with ``train.factory`` on the rows; the task's output on every query."""
+
+    def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray:
+        rows, seed = task
+        torch.set_num_threads(1)
+        cfg, family = self.cfg, family_for(self.cfg)
+        data = family.datasets(cfg)
+        train = data["train"].select(np.asarray(rows, dtype=np.int64))
+        query = data["query"] if self.n_queries is None else data["query"].select(range(self.n_queries))
+        model = family.build_model(cfg)
+        state = import_object(cfg.train.factory, cfg.code_dir, "train.factory")(model, train, int(seed))
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+        apply_checkpoint(model, state, "the state_dict train.factory returned")
+        out, fn = [], family.task(cfg)
+        with torch.no_grad():
+            for _, batch in iter_batches(query, family.collate(cfg), 256):
+                out.append(fn.output(model.eval(), batch))
+        return torch.cat(out).double().numpy()
+
+
+register_family(UserFamily())
