@@ -170,10 +170,10 @@ class ColumnsCollate:
         x = np.asarray(list(rows[key]) if isinstance(rows[key], list) else rows[key])
         if x.dtype == object:
             x = np.stack([np.asarray(v) for v in rows[key]])
-        x = x.astype(np.float32) / 255.0 if x.dtype.kind in "iu" else x.astype(np.float32)
+        x = x.astype(np.float32) / 255.0 if x.dtype.kind in "iu" else np.array(x, dtype=np.float32)
         out = {"x": torch.from_numpy(x)}
         if self.label_column in rows:
-            out["y"] = torch.from_numpy(np.asarray(rows[self.label_column], dtype=np.int64))
+            out["y"] = torch.from_numpy(np.array(rows[self.label_column], dtype=np.int64))
         return out
 
 
