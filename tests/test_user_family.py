@@ -1,0 +1,105 @@
+"""The user family: a model by import string, checkpoints trained elsewhere, data files; its errors.
+Also the seeded, stratified subsets every family draws (tda.data.subset_rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipelines.cli import main
+from pipelines.config import load_config, parse_config
+from pipelines.families import family_for
+from tda.data import draw_subset, subset_rows
+from tda.errors import ConfigError, DataError
+
+MODEL = '''
+from torch import nn
+
+def build(width: int = 8):
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3))
+'''
+
+
+def _project(tmp_path: Path, labels: np.ndarray | None = None, width: int = 8) -> Path:
+    """A folder with model.py, two checkpoints, train/test tables and cfg.yaml (relative paths)."""
+    root = tmp_path / "proj"
+    (root / "code").mkdir(parents=True)
+    (root / "code" / "model.py").write_text(MODEL)
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(90, 6)).astype(np.float32)
+    y = np.argmax(x[:, :3], axis=1) if labels is None else labels
+    datasets.Dataset.from_dict({"x": x[:70].tolist(), "label": y[:70].tolist()}).save_to_disk(str(root / "train"))
+    datasets.Dataset.from_dict({"x": x[70:].tolist(), "label": y[70:].tolist()}).to_parquet(str(root / "q.parquet"))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3))
+        torch.save(net.state_dict(), root / f"m{seed}.pt")
+    (root / "cfg.yaml").write_text(
+        "model: {factory: code/model.py:build, options: {width: 8}, checkpoints: [m0.pt, m1.pt]}\n"
+        "data: {train_path: train, query_path: q.parquet, image_column: x, train_size: 60, query_size: 10}\n"
+        "featurize: {k: 16, shard_size: 32}\nscore: {topk: 3, show: 1}\n")
+    return root
+
+
+def test_user_model_runs_and_records_the_subset(tmp_path, monkeypatch) -> None:
+    root = _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(root / "cfg.yaml")
+    assert cfg.model.family == "user" and Path(cfg.model.checkpoints[0]).is_absolute()
+    data = family_for(cfg).datasets(cfg)
+    assert len(data["train"]) == 60 and len(data["query"]) == 10
+    ids = np.asarray(data["train"]["id"])
+    assert np.all(np.diff(ids) > 0) and ids.max() < 70  # rows keep their file positions as ids
+    assert main(["run", str(root / "cfg.yaml"), "--out", "run", "--quiet"]) == 0
+    scores = np.load(tmp_path / "run" / "scores" / "scores.npy")
+    assert scores.shape == (10, 60) and np.isfinite(scores).all()
+
+
+def test_checkpoint_of_another_model_lists_the_differences(tmp_path, capsys) -> None:
+    root = _project(tmp_path)
+    (root / "cfg.yaml").write_text((root / "cfg.yaml").read_text().replace("width: 8", "width: 5"))
+    assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "CheckpointError" in err and "0.weight: (8, 6) vs model (5, 6)" in err
+
+
+def test_module_that_cannot_be_imported_names_the_search_path(tmp_path) -> None:
+    root = _project(tmp_path)
+    with pytest.raises(ConfigError, match=r"module 'nowhere' cannot be imported .*searched \['" + str(root)):
+        family_for(cfg := load_config(root / "cfg.yaml", ["model.factory=nowhere:build"])).build_model(cfg)
+
+
+def test_single_class_training_set_is_refused(tmp_path) -> None:
+    root = _project(tmp_path, labels=np.zeros(90, dtype=np.int64))
+    cfg = load_config(root / "cfg.yaml")
+    with pytest.raises(DataError, match="single class"):
+        family_for(cfg).datasets(cfg)
+
+
+def test_missing_checkpoints_and_missing_retraining_recipe(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no file matches 'nothing-\\*.pt'"):
+        parse_config({"model": {"factory": "m:f", "checkpoints": "nothing-*.pt"}})
+    with pytest.raises(ConfigError, match="trains nothing itself: name your trained checkpoints"):
+        parse_config({"model": {"factory": "m:f"}, "data": {"train_path": "t", "query_path": "q"}})
+    cfg = load_config(_project(tmp_path) / "cfg.yaml")
+    with pytest.raises(ConfigError, match="needs train.factory"):
+        family_for(cfg).subset_job(cfg)
+
+
+def test_stratified_subset_keeps_every_class_of_a_sorted_set() -> None:
+    labels = np.repeat([0, 1], 500)  # stored sorted by class, as CIFAR-2 is
+    rows = subset_rows(1000, 200, seed=3, labels=labels)
+    assert len(rows) == 200 and np.all(np.diff(rows) > 0)
+    assert np.bincount(labels[rows]).tolist() == [100, 100]
+    assert np.array_equal(rows, subset_rows(1000, 200, seed=3, labels=labels))  # seeded
+    assert not np.array_equal(rows, subset_rows(1000, 200, seed=4, labels=labels))
+    table = datasets.Dataset.from_dict({"id": np.arange(1000), "label": labels})
+    sub = draw_subset(table, 10, seed=0)
+    assert sorted(set(sub["label"])) == [0, 1] and len(sub) == 10
+    assert draw_subset(table, 10, 0, how="first")["id"] == list(range(10))
+    assert len(draw_subset(table, 5000, 0)) == 1000
