@@ -106,7 +106,7 @@ def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> s
     """Run one stage; a line saying what it did (for the final summary)."""
     if stage == "train":
         ckpts = stage_train(cfg, paths, progress)
-        if cfg.model.checkpoints:
+        if cfg.model.checkpoints or family_for(cfg).default_checkpoints(cfg):
             return f"train: none (model.checkpoints), {len(ckpts)} checkpoint(s) checked against the model"
         return f"train: {cfg.train.models} model(s), {len(ckpts)} attributed checkpoint(s)"
     if stage == "featurize":

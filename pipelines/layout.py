@@ -61,6 +61,16 @@ class RunPaths:
         return self.root / "airrep"
 
 
+def checkpoint_digest(path: Path) -> str:
+    """sha256 of a checkpoint file, or of the weight files of a ``save_pretrained`` folder."""
+    from stores._io import fingerprint, sha256_file
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+        return fingerprint({p.name: sha256_file(p) for p in files})
+    return sha256_file(path)
+
+
 def load_checkpoint_list(paths: RunPaths) -> list[dict[str, Any]]:
     """The attributed checkpoints recorded by the train stage (``checkpoints.json``)."""
     if not paths.checkpoint_list.is_file():

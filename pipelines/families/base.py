@@ -87,7 +87,7 @@ class Family:
                                     ("data.name", cfg.data.name, self.data_names)):
             if allowed and value not in allowed:
                 raise ConfigError(f"{key} is {value!r}; the {self.name!r} family supports: choose one of {allowed}")
-        if not self.trains and not cfg.model.checkpoints:
+        if not self.trains and not (cfg.model.checkpoints or self.default_checkpoints(cfg)):
             raise ConfigError(f"the {self.name!r} family trains nothing itself: name your trained checkpoints in "
                               "model.checkpoints (a list of files or a glob)")
         self.options(cfg)
@@ -114,6 +114,10 @@ class Family:
             return [epochs - 1]
         n = min(saved, epochs)
         return sorted({round((j + 1) * epochs / n) - 1 for j in range(n)})
+
+    def default_checkpoints(self, cfg: RunConfig) -> list[str]:
+        """Checkpoints attributed when ``model.checkpoints`` is unset and nothing is trained."""
+        return []
 
     def train_outputs(self, cfg: RunConfig, paths: RunPaths, model_index: int) -> list[Path]:
         """Files besides checkpoints that a trained model must have left (else it is retrained)."""

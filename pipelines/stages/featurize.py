@@ -17,13 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from stores import FeatureStore
-from stores._io import sha256_file
 from stores.feature_store import write_shard_files
 from tda.data import iter_batches
 from tda.errors import CheckpointError, StoreError
 
 from ..executors import make_executor
-from ..layout import RunPaths, json_field, load_checkpoint_list
+from ..layout import RunPaths, checkpoint_digest, json_field, load_checkpoint_list
 from ..run import collate_for, datasets_for, feature_fingerprint, make_featurizer
 from ..schema import RunConfig
 
@@ -163,9 +162,9 @@ def _worker_featurizer(cfg: RunConfig, paths: RunPaths, split: str) -> Any:
 
 def _verify_checkpoint(path: Path, entry: dict[str, Any]) -> None:
     """Refuse a checkpoint file that is missing or changed since the train stage recorded it."""
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} is missing; rerun the train stage (`tda run CONFIG --from train`)")
-    if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+    if entry.get("sha256") and checkpoint_digest(path) != entry["sha256"]:
         raise CheckpointError(
             f"checkpoint {path} changed since training (its sha256 differs from {path.parent / 'checkpoints.json'}); "
             "restore it, or retrain into a new run folder; features of another model would be silently wrong"

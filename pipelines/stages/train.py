@@ -24,7 +24,7 @@ from tda.errors import CheckpointError, NonFiniteError
 from tda.featurize import apply_checkpoint, load_checkpoint
 
 from ..families import family_for
-from ..layout import RunPaths, json_field
+from ..layout import RunPaths, checkpoint_digest, json_field
 from ..schema import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -33,16 +33,18 @@ logger = logging.getLogger(__name__)
 def stage_train(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list[dict[str, Any]]:
     """Train ``cfg.train.models`` models with the family's recipe (or register
     ``model.checkpoints``); returns the attributed checkpoints."""
-    if cfg.model.checkpoints:
+    if cfg.model.checkpoints or family_for(cfg).default_checkpoints(cfg):
         return register_checkpoints(cfg, paths)
     return train_models(cfg, paths, progress)
 
 
 def register_checkpoints(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]]:
-    """Check each ``model.checkpoints`` file against the family's model and record it."""
-    model = family_for(cfg).build_model(cfg)
+    """Check each ``model.checkpoints`` file (default: the family's, e.g. a Hugging Face folder's
+    own weights) against the family's model and record it."""
+    family = family_for(cfg)
+    model = family.build_model(cfg)
     entries = []
-    for i, file in enumerate(cfg.model.checkpoints):
+    for i, file in enumerate(cfg.model.checkpoints or family.default_checkpoints(cfg)):
         path = Path(file)
         state = load_checkpoint(path)
         apply_checkpoint(model, state, f"checkpoint {path}")
@@ -50,7 +52,7 @@ def register_checkpoints(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]
         if bad:
             raise NonFiniteError(f"checkpoint {path} holds NaN or infinite weights in {bad[:5]}; a diverged training "
                                  "run gives these: retrain it (a lower learning rate) or drop it from model.checkpoints")
-        entries.append({"model": i, "epoch": 0, "file": str(path.resolve()), "sha256": sha256_file(path), "id": i})
+        entries.append({"model": i, "epoch": 0, "file": str(path.resolve()), "sha256": checkpoint_digest(path), "id": i})
     listing = {"all": entries, "checkpoints": entries}
     if json_field(paths.checkpoint_list, "checkpoints") != entries:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
