@@ -142,18 +142,20 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
         print(text)
         return
     data = datasets_for(cfg, paths)
-    labels = dict(zip(*(np.asarray(data["train"].with_format("numpy")[c]) for c in ("id", "label"))))
+    column = cfg.data.label_column if cfg.model.family in ("user", "hf") else "label"
+    labels, qlabels = _labels(data["train"], column), _labels(data["query"], column)
     with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
         top = {k: z[k] for k in z.files}
-    qlabels = np.asarray(data["query"].with_format("numpy")["label"])
     ckpts = load_checkpoint_list(paths)
     accs = [c.get("query_accuracy") for c in ckpts if c.get("query_accuracy") is not None]
     print(f"\n{cfg.name}: {len(top['train_ids'])} training examples, {len(top['query_ids'])} queries, "
           f"{len(ckpts)} checkpoints" + (f", query accuracy {np.mean(accs):.3f}" if accs else ""))
-    print("score > 0: training on the example raises the query's margin log(p/(1-p)) (proponent)")
+    print("score > 0: training on the example raises the query's measured output f (proponent); "
+          "f is the margin log(p/(1-p)) for classifiers, log p(completion | prompt) for language models")
     for row in range(min(cfg.score.show, len(top["query_ids"]))):
         qid = int(top["query_ids"][row])
-        print(format_query(qid, int(qlabels[row]), None, top, row, labels, min(5, cfg.score.topk), cfg.score.scorer))
+        print(format_query(qid, qlabels.get(qid, "?"), None, top, row, labels, min(5, cfg.score.topk),
+                           cfg.score.scorer))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -217,12 +219,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels(dataset) -> dict[int, int]:
-    """``id -> label`` of a data set with a ``label`` column; empty without one (text, for example)."""
-    if "label" not in dataset.column_names:
+def _labels(dataset, column: str = "label") -> dict[int, int]:
+    """``id -> label`` of a data set with a label column; empty without one (text, for example)."""
+    if column not in dataset.column_names:
         return {}
     cols = dataset.with_format("numpy")
-    return dict(zip(np.asarray(ids_for(dataset)).tolist(), np.asarray(cols["label"]).tolist()))
+    return dict(zip(np.asarray(ids_for(dataset)).tolist(), np.asarray(cols[column]).tolist()))
 
 
 def _query_features(paths: RunPaths, examples: list[int], split: str) -> FeatureBlock:
