@@ -209,8 +209,12 @@ def draw_subset(dataset, size: int | None, seed: int, label_column: str | None =
     if size is None or size >= n:
         return dataset
     if how == "first":
-        return dataset.select(range(size)).flatten_indices()
-    labels = None
-    if label_column and label_column in dataset.column_names:
-        labels = np.asarray(dataset.with_format("numpy")[label_column])
-    return dataset.select(subset_rows(n, size, seed, labels)).flatten_indices()  # a table of its own rows
+        rows = np.arange(size)
+    else:
+        labels = None
+        if label_column and label_column in dataset.column_names:
+            labels = np.asarray(dataset.with_format("numpy")[label_column])
+        rows = subset_rows(n, size, seed, labels)
+    import datasets
+
+    return datasets.Dataset(dataset.with_format("arrow")[rows], info=dataset.info.copy())  # a table of its own rows

@@ -12,6 +12,7 @@ split, so provenance keys stay meaningful.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ IMAGE_DATA = {  # name: (image shape, classes, normalisation)
     "fashion-mnist": ((1, 28, 28), 10, ((0.2860,), (0.3530,))),
     "cifar2": ((3, 32, 32), 2, (CIFAR_MEAN, CIFAR_STD)),
 }
+logger = logging.getLogger(__name__)
 DEFAULT_ROOTS = {"mnist": DEMO_DATA / "mnist", "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
                  "cifar2": SHARED / "cifar10"}
 
@@ -53,7 +55,11 @@ def _full_split(root: str, split: str, name: str):
 
 @functools.lru_cache(maxsize=8)
 def _subset(root: str, split: str, name: str, size: int | None, seed: int, how: str):
-    return draw_subset(_full_split(root, split, name), size, seed, "label", how)
+    full = _full_split(root, split, name)
+    if size is not None and size > len(full):
+        logger.warning("%s %s has %d images, fewer than the %d asked for (data.train_size / query_size); using all "
+                       "of them", name, split, len(full), size)
+    return draw_subset(full, size, seed, "label", how)
 
 
 def image_split(cfg: RunConfig, split: str, size: int | None):

@@ -1,0 +1,40 @@
+"""Results that would be meaningless are reported: a diverged model, an oversized subset, a
+CIFAR-2 subset of a class-sorted file (the default draw is stratified)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.families import family_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_diverged_training_is_an_error_naming_the_learning_rate(tmp_path, capsys) -> None:
+    assert main(["run", TINY, "--set", "train.lr=1000", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "NonFiniteError: training diverged" in err and "train.lr is 1000" in err and "Traceback" not in err
+
+
+def test_query_size_beyond_the_split_warns_and_uses_every_row(caplog) -> None:
+    cfg = load_config(TINY, ["data.query_size=5000"])  # the shipped test split has 2,000 images
+    with caplog.at_level(logging.WARNING):
+        query = family_for(cfg).datasets(cfg)["query"]
+    assert len(query) == 2000 and "fewer than the 5000 asked for" in caplog.text
+
+
+def test_default_subsets_are_stratified_and_seeded() -> None:
+    cfg = load_config(ROOT / "configs" / "mnist_trak.yaml", ["data.train_size=1000", "data.query_size=100"])
+    data = family_for(cfg).datasets(cfg)
+    labels = np.asarray(data["train"]["label"])
+    assert len(labels) == 1000 and np.bincount(labels, minlength=10).min() >= 80  # every digit, in proportion
+    ids = np.asarray(data["train"]["id"])
+    assert ids.max() > 1000 and np.all(np.diff(ids) > 0)  # drawn across the split, ids are split positions
+    other = load_config(ROOT / "configs" / "mnist_trak.yaml", ["data.train_size=1000", "data.seed=1"])
+    assert not np.array_equal(np.asarray(family_for(other).datasets(other)["train"]["id"]), ids)
