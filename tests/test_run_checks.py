@@ -38,3 +38,18 @@ def test_default_subsets_are_stratified_and_seeded() -> None:
     assert ids.max() > 1000 and np.all(np.diff(ids) > 0)  # drawn across the split, ids are split positions
     other = load_config(ROOT / "configs" / "mnist_trak.yaml", ["data.train_size=1000", "data.seed=1"])
     assert not np.array_equal(np.asarray(family_for(other).datasets(other)["train"]["id"]), ids)
+
+
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "cifar2_cat_dog_from_jpeg_uint8.npz"
+
+
+def test_cifar2_subset_of_a_class_sorted_file_holds_both_classes() -> None:
+    import pytest
+
+    if not CIFAR.is_file():
+        pytest.skip(f"{CIFAR} not present")
+    cfg = load_config(ROOT / "configs" / "mnist_trak.yaml", ["data.name=cifar2", "model.arch=cnn",
+                                                            "model.hidden=[4]", "data.train_size=2000"])
+    data = family_for(cfg).datasets(cfg)
+    assert np.bincount(np.asarray(data["train"]["label"])).tolist() == [1000, 1000]
+    assert sorted(set(np.asarray(data["query"]["label"]).tolist())) == [0, 1]
