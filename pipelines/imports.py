@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -47,13 +48,14 @@ def import_object(spec: str, code_dir: str | None = None, key: str = "import str
 def _load_file(path: Path, key: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{key}: file {path} does not exist")
-    name = f"tda_user_{abs(hash(str(path.resolve())))}"
+    name = "tda_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]  # the same in every process
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # picklable by reference within this process
-    sys.path.insert(0, str(path.parent)) if str(path.parent) not in sys.path else None
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # the file's own imports of its neighbours
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
