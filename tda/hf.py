@@ -15,16 +15,15 @@ folder; every checkpoint a ``save_pretrained`` folder, a ``.safetensors`` file o
     scores = attr.fit(train).scores(test)  # (n_test, n_train); > 0: the training text raises the margin
     top = attr.top_k(test, k=10)           # proponents and opponents per test text
 
-A causal LM works the same way with ``HFCausalLMCollate(folder)`` (``prompt`` and ``completion``
-columns) and ``HFCausalLMTask()``; :func:`hf_task_for` picks the task from the model's class.
+A causal LM: ``HFCausalLMCollate(folder)`` (``prompt``, ``completion`` columns) and
+``HFCausalLMTask()``; :func:`hf_task_for` picks the task from the model's class.
 
-Padding: the tasks split a padded batch into groups of equal real length (from the attention
-mask) and trim them (:func:`trim_padding`), so every example is run exactly as it would run alone,
-unpadded, whatever the model does with padding (GPT-2 classification pools the last token; BERT
-attends to every key it is given). A trimmed group has no padding, so its attention mask (all
-ones) is not passed: transformers then builds no mask, and mask builders are what usually stops
-``torch.func.vmap``. Models whose code still cannot run under vmap (e.g. GPT-2 classification
-with a ``pad_token_id``, whose padding check calls ``.item()``) are switched by
+Padding: the tasks split a padded batch into groups of equal real length and trim them
+(:func:`trim_padding`), so each example runs exactly as it would alone, unpadded, whatever the
+model does with padding (GPT-2 classification pools the last token). A trimmed group's mask (all
+ones) is not passed, so transformers builds none: its mask builders are what usually stops
+``torch.func.vmap``. Models that still cannot run under vmap (GPT-2 classification with a
+``pad_token_id``: its padding check calls ``.item()``) are switched by
 :class:`tda.featurize.Featurizer` to one autograd pass per example, with a logged warning.
 
 Batch keys (all int64, right-padded to the batch's longest row): :class:`HFTextCollate` gives
@@ -105,9 +104,8 @@ def trim_padding(batch: Batch, mask_key: str = "attention_mask") -> list[tuple[T
         sub = {}
         for key, value in batch.items():
             value = value[idx]
-            if span is not None and tuple(value.shape[:2]) == (len(rows), shape[1]) and value.ndim >= 2:
-                value = value[:, span[0]: span[1]]
-            sub[key] = value
+            aligned = span is not None and value.ndim >= 2 and tuple(value.shape[:2]) == (len(rows), shape[1])
+            sub[key] = value[:, span[0]: span[1]] if aligned else value
         if span is not None:
             sub.pop(mask_key)
         groups.append((idx, sub))
@@ -130,9 +128,8 @@ def _call(model: ModelCall, batch: Batch, keys: Sequence[str]) -> Tensor:
 class HFClassificationTask(Task):
     """Margin output of a transformers sequence classifier, ``Q = 1 - p_y``.
 
-    The model is called with the keyword inputs of ``input_keys`` found in the batch; its
-    ``.logits`` (B, C) give ``f = logit_y - logsumexp_{j != y} logit_j``
-    (:func:`tda.tasks.classification_margin`).
+    The model gets the ``input_keys`` found in the batch as keywords; its ``.logits`` (B, C) give
+    ``f = logit_y - logsumexp_{j != y} logit_j`` (:func:`tda.tasks.classification_margin`).
 
     Args:
         label_key: the labels' entry, default ``"labels"`` (the transformers name, what
@@ -143,8 +140,7 @@ class HFClassificationTask(Task):
     name = "hf-classification-margin"
 
     def __init__(self, label_key: str = "labels", input_keys: Sequence[str] = HF_INPUT_KEYS) -> None:
-        self.label_key = label_key
-        self.input_keys = tuple(input_keys)
+        self.label_key, self.input_keys = label_key, tuple(input_keys)
 
     def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
         if self.label_key not in batch:
@@ -165,8 +161,8 @@ class HFClassificationTask(Task):
 class HFCausalLMTask(Task):
     """``f = log p(completion | prompt)``: the summed (or mean) log-probability of the scored tokens; ``Q = 1``.
 
-    Scored tokens are ``batch[mask_key]`` != 0, or, without it, ``batch["labels"]`` != -100
-    (the transformers convention, labels aligned with ``input_ids``). Position 0 is never scored.
+    Scored tokens: ``batch[mask_key]`` != 0, else ``batch["labels"]`` != -100 (transformers'
+    convention, aligned with ``input_ids``). Position 0 is never scored.
 
     Args:
         reduction: ``"sum"`` or ``"mean"`` (see :func:`tda.lm.completion_log_prob`).
@@ -235,9 +231,9 @@ def load_hf_model(folder: str | Path, model_class: str | type | None = None,
         folder: holds ``config.json`` and the weights (``model.safetensors``).
         model_class: a class or its name in ``transformers`` (e.g. ``"GPT2ForSequenceClassification"``);
             default the first of the config's ``architectures``.
-        attn_implementation: default ``"eager"``: vmap has batching rules for its matmuls and
-            softmax but runs fused SDPA kernels one example at a time (eager is ~1.5x faster for
-            vmapped gradients on CPU; same outputs up to rounding). ``None`` keeps the config's.
+        attn_implementation: default ``"eager"``: vmap batches its matmuls and softmax but runs
+            fused SDPA kernels one example at a time (eager: ~1.5x faster vmapped gradients on
+            CPU, same outputs up to rounding). ``None`` keeps the config's.
 
     Raises:
         ConfigError: no ``config.json``, or the class is unknown or does not fit the config.
@@ -275,20 +271,18 @@ def load_hf_model(folder: str | Path, model_class: str | type | None = None,
 
 
 def _with_pad(tokenizer: Any) -> Any:
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:
+        raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
 
 
 def load_gpt2_tokenizer(folder: str | Path) -> Any:
     """The GPT-2 byte-level BPE tokenizer from ``vocab.json`` and ``merges.txt`` (pad = eos).
 
-    The byte-level BPE pipeline of ``tokenizers.ByteLevelBPETokenizer`` (canonical GPT-2 ids),
-    as a plain ``tokenizers.Tokenizer`` wrapped in ``PreTrainedTokenizerFast`` (the wrapper class
-    itself breaks truncation; ``GPT2TokenizerFast(vocab_file=...)`` gives empty ids in
-    transformers 5). Makes no ``token_type_ids`` (GPT-2 would add an embedding for them).
+    ``ByteLevelBPETokenizer``'s pipeline as a plain ``tokenizers.Tokenizer`` (canonical GPT-2 ids;
+    the wrapper class breaks truncation, ``GPT2TokenizerFast(vocab_file=...)`` gives empty ids in
+    transformers 5) in ``PreTrainedTokenizerFast``. No ``token_type_ids`` (GPT-2 would embed them).
     """
     folder = Path(folder)
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
@@ -407,22 +401,18 @@ class HFCausalLMCollate(_Tokenizing):
     def __call__(self, rows: Mapping[str, Any]) -> dict[str, Tensor]:
         completions = self._ids(self._column(rows, self.completion_column))
         prompts = self._ids(self._column(rows, self.prompt_column)) if self.prompt_column else [[]] * len(completions)
-        seqs = []
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            if not c:
-                raise DataError(f"row {i} has an empty completion; every row needs completion tokens to score")
-            cut = min(max(len(p) - 1, 0), max(len(p) + len(c) - self.max_length, 0))
-            p = p[cut:]
-            c = c[: self.max_length - len(p)]
-            seqs.append((p, c))
-        width = max(len(p) + len(c) for p, c in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.int64)
+        if not all(completions):
+            raise DataError(f"row {[bool(c) for c in completions].index(False)} has an empty completion; every "
+                            "row needs completion tokens to score")
+        over = [max(len(p) + len(c) - self.max_length, 0) for p, c in zip(prompts, completions)]
+        cuts = [min(max(len(p) - 1, 0), o) for p, o in zip(prompts, over)]  # prompt tokens dropped from the left
+        seqs = [(p[k:], c[: self.max_length - len(p) + k]) for p, c, k in zip(prompts, completions, cuts)]
+        ids = torch.full((len(seqs), max(len(p) + len(c) for p, c in seqs)), self.tokenizer.pad_token_id)
         attention, scored = torch.zeros_like(ids), torch.zeros_like(ids)
         for i, (p, c) in enumerate(seqs):
             ids[i, : len(p) + len(c)] = torch.as_tensor(p + c, dtype=torch.int64)
-            attention[i, : len(p) + len(c)] = 1
-            scored[i, len(p): len(p) + len(c)] = 1
-        return {"input_ids": ids, "attention_mask": attention, "loss_mask": scored}
+            attention[i, : len(p) + len(c)], scored[i, len(p): len(p) + len(c)] = 1, 1
+        return {"input_ids": ids.long(), "attention_mask": attention.long(), "loss_mask": scored.long()}
 
 
 __all__ = ["HFCausalLMCollate", "HFCausalLMTask", "HFClassificationTask", "HFTextCollate", "HF_INPUT_KEYS",
