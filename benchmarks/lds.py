@@ -28,6 +28,7 @@ import torch
 
 from pipelines.config import parse_config
 from pipelines.executors import make_executor
+from pipelines.families.training import train_classifier
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec
 from pipelines.run import as_numpy_batch, build_model, datasets_for
 from pipelines.validate import MNISTRetrainJob, job_fingerprint
@@ -36,7 +37,6 @@ from tda.featurize import Featurizer
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.tasks import ClassificationTask
-from tda.training import train_classifier
 from tda.validation import lds, score_noise, split_folds
 
 LAMBDA_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]

@@ -70,7 +70,7 @@ def _cleanup_interrupted(paths: RunPaths, repair: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    root = Path(args.out or cfg.out_dir)
+    root = Path(args.out or cfg.out_dir).resolve()  # jobs carry it to workers started elsewhere
     paths = RunPaths(root)
     t0 = time.time()
     root.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,7 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    paths = RunPaths(Path(args.out or cfg.out_dir))
+    paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
     if not paths.run_file.is_file():
         raise TDAError(f"{paths.root} has no finished run; run `tda run {args.config}` first")
     read_run_file(paths)
@@ -195,7 +195,7 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    paths = RunPaths(Path(args.run))
+    paths = RunPaths(Path(args.run).resolve())
     cfg = parse_config(read_run_file(paths)["config"])
     t0 = time.time()
     scorer = load_scorer(cfg, paths)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from pipelines.families.unet import TinyUNet, sample_ddpm, train_ddpm
 from stores.index import build_index
 from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, RecordedDraws,
-                           SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, seed_from, train_ddpm)
+                           SeededDraws, TrainLog, noise_from_seeds, seed_from)
 from tda.errors import ConfigError, DataError, ShapeError
 from tda.features import ArrayFeatures, FeatureBlock
 from tda.gradients import flatten_grads, per_example_grads

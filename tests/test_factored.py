@@ -55,7 +55,8 @@ def test_identity_factors_equal_dense_gradients_mlp_float64(make_mlp, tiny_data)
 
 def test_identity_factors_equal_dense_gradients_gpt2_float64() -> None:
     pytest.importorskip("transformers")
-    from tda.lm import GPTSpec, LMTask, build_gpt2
+    from pipelines.families.chargpt import GPTSpec, build_gpt2
+    from tda.lm import LMTask
 
     model = build_gpt2(GPTSpec(vocab_size=11, seq_len=12, n_layer=2, n_head=2, n_embd=8), seed=0).double()
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +105,8 @@ def test_identity_factors_equal_dense_gradients_cnn_float64(tiny_data) -> None:
 
 def test_identity_factors_equal_dense_gradients_unet_float64() -> None:
     """Every convolution and linear layer of the diffusion UNet; its GroupNorms are skipped."""
-    from tda.diffusion import DiffusionTask, NoiseSchedule, TinyUNet
+    from pipelines.families.unet import TinyUNet
+    from tda.diffusion import DiffusionTask, NoiseSchedule
 
     torch.manual_seed(0)
     model = TinyUNet((4, 8), in_channels=1, time_dim=4, head=2).double().eval()
@@ -125,7 +127,8 @@ def test_diffusion_featurizer_factored_identity_equals_dense_gradients() -> None
     """DiffusionFeaturizer(projection='factored') with identity factors: the draw-averaged
     gradient (D-TRAK layout), per-draw [gradient, exact norm] slots (TracIn layout) and the
     pooled [mean gradient, its exact norm] (train_draws: grid); chunks keep an example's draws."""
-    from tda.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, TinyUNet, noise_from_seeds
+    from pipelines.families.unet import TinyUNet
+    from tda.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, noise_from_seeds
 
     torch.manual_seed(1)
     model = TinyUNet((4, 8), in_channels=1, time_dim=4, head=2).eval()
@@ -153,7 +156,7 @@ def test_diffusion_featurizer_factored_identity_equals_dense_gradients() -> None
 
 def test_tied_lm_head_is_skipped() -> None:
     pytest.importorskip("transformers")
-    from tda.lm import GPTSpec, build_gpt2
+    from pipelines.families.chargpt import GPTSpec, build_gpt2
 
     model = build_gpt2(GPTSpec(vocab_size=11, seq_len=12, n_layer=1, n_embd=8, tie_embeddings=True))
     layers, skipped = factored_selection(model)
@@ -244,7 +247,7 @@ def test_unsupported_layers_are_skipped_or_refused_by_name(tiny_data) -> None:
 def lm_setup():
     """A tiny char GPT-2 briefly trained on 160 sequences, and 12 held-out queries."""
     pytest.importorskip("transformers")
-    from tda.lm import CharVocab, GPTSpec, build_gpt2, dataset_tokens, lm_sequences, train_lm
+    from pipelines.families.chargpt import CharVocab, GPTSpec, build_gpt2, dataset_tokens, lm_sequences, train_lm
 
     torch.set_num_threads(1)
     gen = np.random.default_rng(0)
@@ -291,7 +294,7 @@ def test_cnn_rank_correlation_with_dense_at_equal_k(tiny_data, spearman_rows) ->
     """A small trained CNN (two convolutions, one linear layer): Grad-Dot scores of factored
     features rank like those of the exact gradients and of the dense projection at equal k."""
     from pipelines.families.classifier import small_cnn
-    from tda.training import train_classifier
+    from pipelines.families.training import train_classifier
 
     x, y = tiny_data(230, in_dim=64, classes=3, seed=0)
     model = train_classifier(lambda: small_cnn((1, 8, 8), [8, 16], 3), x[:200], y[:200], epochs=2, lr=0.05,

@@ -19,6 +19,7 @@ from pipelines.families import Family, get_family, register_family
 from pipelines.scorers import SCORERS
 from pipelines.families.classifier import ClassifierFamily
 from pipelines.families.images import CIFAR2_FILE, data_root
+from pipelines.families.training import train_classifier
 from pipelines.run import datasets_for, feature_fingerprint, make_featurizer
 from stores import FeatureStore
 from stores._io import fingerprint
@@ -26,7 +27,6 @@ from tda.data import as_dataset
 from tda.errors import ConfigError, DataError
 from tda.models import mlp
 from tda.tasks import ClassificationTask
-from tda.training import train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

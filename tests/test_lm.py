@@ -11,13 +11,13 @@ import torch
 
 pytest.importorskip("transformers")
 
+from pipelines.families.chargpt import (CharVocab, GPTSpec, build_gpt2, completion_examples,  # noqa: E402
+                                        dataset_tokens, lm_loss, lm_sequences, load_text, train_lm)
 from tda.api import Attributor  # noqa: E402
 from tda.data import arrow_columns, iter_batches  # noqa: E402
 from tda.errors import ConfigError, DataError, ShapeError  # noqa: E402
 from tda.gradients import flatten_grads, per_example_grads  # noqa: E402
-from tda.lm import (CharVocab, GPTSpec, LMTask, build_gpt2, completion_examples,  # noqa: E402
-                    completion_log_prob, dataset_tokens, lm_collate, lm_loss, lm_sequences,
-                    load_text, train_lm)
+from tda.lm import LMTask, completion_log_prob, lm_collate  # noqa: E402
 from tda.scorers import TracInCPScorer, TRAKScorer  # noqa: E402
 
 TEXT = (

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.families.training import train_classifier
 from tda.errors import ConfigError, ShapeError, TDAError
 from tda.features import ArrayFeatures, FeatureBlock
 from tda.featurize import Featurizer
@@ -15,7 +16,6 @@ from tda.kernel import score_matrix
 from tda.models import mlp
 from tda.scorers import TRAKScorer, make_scorer
 from tda.tasks import ClassificationTask
-from tda.training import train_classifier
 
 
 def _random_features(rng: np.random.Generator, m_count: int, n: int, k: int) -> FeatureBlock:

@@ -1,4 +1,4 @@
-"""The ``causal-lm`` model family: a character-level GPT-2 on a text corpus (:mod:`tda.lm`).
+"""The ``causal-lm`` model family: a character-level GPT-2 on a text corpus (:mod:`pipelines.families.chargpt`).
 
 Data: the corpus file (``data.root``: the file, or a folder holding ``input.txt``; default Tiny
 Shakespeare, shipped with tda) is split at ``model.options.test_start`` (a fraction of its characters). Training
@@ -9,7 +9,7 @@ pairs, then ``data.query_size`` sequences of the held-out part (``query_split: t
 training set itself (``query_split: train``: each should be its own top proponent), each split
 after ``prompt_len`` characters.
 
-Training: AdamW with warm-up and cosine decay (:func:`tda.lm.train_lm`); an "epoch" is
+Training: AdamW with warm-up and cosine decay (:func:`pipelines.families.chargpt.train_lm`); an "epoch" is
 ``ceil(n / batch_size)`` steps of batches drawn at random. Checkpoints: the last epoch, or with
 ``train.checkpoints: all`` ``saved_checkpoints`` evenly spaced epochs, each recording the mean
 learning rate since the previous one (TracIn's eta_c).
@@ -70,7 +70,7 @@ class LMOptions:
     saved_checkpoints: int = 4  # evenly spaced checkpoints when train.checkpoints = all
 
     def __post_init__(self) -> None:
-        from tda.lm import GPTSpec
+        from .chargpt import GPTSpec
 
         GPTSpec(seq_len=self.context, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
         if self.reduction not in ("sum", "mean"):
@@ -86,7 +86,7 @@ class LMOptions:
 @functools.lru_cache(maxsize=2)
 def load_corpus(root: str):
     """``(text, vocab)`` of a corpus file or of ``<folder>/input.txt``."""
-    from tda.lm import CharVocab, load_text
+    from .chargpt import CharVocab, load_text
 
     path = Path(root)
     text = load_text(path / "input.txt" if path.is_dir() else path)
@@ -118,7 +118,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         return cfg.data.root or DEFAULT_CORPUS
 
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
-        from tda.lm import completion_examples, lm_sequences
+        from .chargpt import completion_examples, lm_sequences
 
         o, d = self.options(cfg), cfg.data
         text, vocab = load_corpus(self.corpus_root(cfg))
@@ -136,14 +136,14 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         return {"train": train, "query": completion_examples(vocab, pairs, o.context)}
 
     def spec(self, cfg: RunConfig):
-        from tda.lm import GPTSpec
+        from .chargpt import GPTSpec
 
         o = self.options(cfg)
         _, vocab = load_corpus(self.corpus_root(cfg))
         return GPTSpec(vocab.size, o.context, o.n_layer, o.n_head, o.n_embd)
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from tda.lm import build_gpt2
+        from .chargpt import build_gpt2
 
         return build_gpt2(self.spec(cfg))
 
@@ -161,7 +161,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         return self.spread_epochs(cfg, self.options(cfg).saved_checkpoints)
 
     def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
-        from tda.lm import build_gpt2, dataset_tokens, lm_loss, lm_sequences, train_lm
+        from .chargpt import build_gpt2, dataset_tokens, lm_loss, lm_sequences, train_lm
 
         t, o = cfg.train, self.options(cfg)
         tokens = dataset_tokens(self.datasets(cfg, paths)["train"])  # (n, T)
@@ -195,7 +195,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
 
     def airrep_queries(self, cfg: RunConfig) -> Any:
         """The sequences of the first part after the training ones, as "completion given prompt"."""
-        from tda.lm import completion_examples, lm_sequences
+        from .chargpt import completion_examples, lm_sequences
 
         o, n, q = self.options(cfg), cfg.data.train_size, score_options(cfg, self).queries
         text, vocab = load_corpus(self.corpus_root(cfg))
@@ -276,7 +276,9 @@ class LMSubsetJob(SubsetJob):
     """Train the causal-LM recipe on the sequences; ``log p(completion | prompt)`` of every query."""
 
     def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
-        from tda.lm import LMTask, build_gpt2, train_lm
+        from tda.lm import LMTask
+
+        from .chargpt import build_gpt2, train_lm
 
         t, family = self.cfg.train, family_for(self.cfg)
         tokens = train["input_ids"]  # (|S|, T)

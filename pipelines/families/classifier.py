@@ -1,7 +1,7 @@
 """The ``classifier`` family: image classifiers (MLP or small CNN) on MNIST, Fashion-MNIST or
 CIFAR-2, attributed through the classification margin (METHODS.md section 1).
 
-Training: SGD with a linearly decaying rate (:func:`tda.training.train_classifier`), one model per
+Training: SGD with a linearly decaying rate (:func:`pipelines.families.training.train_classifier`), one model per
 seed. Features: projected gradients (dense or factored) or the last hidden layer's output.
 Retraining (validation, AirRep): the same recipe on subsets; AirRep's training queries are
 training images outside the training subset.
@@ -19,12 +19,12 @@ from tda.data import mnist_collate
 from tda.errors import ConfigError
 from tda.models import mlp
 from tda.tasks import ClassificationTask, Task, classification_margin
-from tda.training import accuracy, train_classifier
 
 from .base import Family, Reporting, Representations, Retraining, SaveFn, collated
 from .images import IMAGE_DATA, ImageCollate, image_datasets, unused_train_rows
 from .jobs import SubsetJob
 from .registry import family_for, register_family
+from .training import accuracy, train_classifier
 
 if TYPE_CHECKING:
     from ..layout import RunPaths
@@ -52,7 +52,7 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
 
     def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
         """The rate each checkpoint's epoch was trained with: the linearly decaying SGD schedule of
-        :func:`tda.training.train_classifier`."""
+        :func:`pipelines.families.training.train_classifier`."""
         if paths is None:
             raise ConfigError("tracin takes its checkpoints' epochs from the run folder; pass paths")
         from ..layout import load_checkpoint_list

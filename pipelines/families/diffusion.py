@@ -1,4 +1,5 @@
-"""The ``diffusion`` model family: a small DDPM on 28x28 images (:mod:`tda.diffusion`).
+"""The ``diffusion`` model family: a small DDPM on 28x28 images (the UNet, its training and
+sampling: :mod:`pipelines.families.unet`; output functions and featurizer: :mod:`tda.diffusion`).
 
 Scorers: ``dtrak`` (TRAK on features averaged over a timestep grid, both sides the selected
 output ``model.options.output``; ``trak`` is the same), ``diffusion-tracin`` and ``diffusion-retrac``
@@ -39,7 +40,7 @@ from stores import FeatureStore
 from stores._io import save_json, save_npz
 from tda.data import example_ids
 from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, NoisedInputs,
-                           RecordedDraws, SeededDraws, TinyUNet, TrainLog, noise_from_seeds, sample_ddpm, train_ddpm)
+                           RecordedDraws, SeededDraws, TrainLog, noise_from_seeds)
 from tda.errors import CheckpointError, ConfigError, DataError
 from tda.features import concat_blocks
 from tda.scorers.diffusion import DiffusionReTracScorer, DiffusionTracInScorer, influence_counts
@@ -53,6 +54,7 @@ from .base import (Family, Reporting, Representations, Retraining, SaveFn, colla
 from .images import image_query_file, image_split, unused_train_rows
 from .jobs import SubsetJob
 from .registry import family_for, register_family
+from .unet import TinyUNet, sample_ddpm, train_ddpm
 
 if TYPE_CHECKING:
     from ..layout import RunPaths

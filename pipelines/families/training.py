@@ -1,4 +1,6 @@
-"""A plain, seeded training loop for classifiers (used by the demo, tests and validators).
+"""The training recipe of the ``classifier`` family's demo models (moved from ``tda/training.py``):
+a plain, seeded SGD loop (:func:`train_classifier`) and :func:`accuracy` (used by the demo, tests
+and validators).
 
 Deterministic given (seed, data order): the batch order comes from a ``torch.Generator`` seeded
 with ``seed``, and initialisation from ``torch.manual_seed(seed)`` inside :func:`train_classifier`.
@@ -11,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .errors import DataError, NonFiniteError
+from tda.errors import DataError, NonFiniteError
 
 
 def train_classifier(
