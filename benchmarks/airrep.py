@@ -44,7 +44,7 @@ from pipelines.families import family_for  # noqa: E402
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec  # noqa: E402
 from pipelines.run import as_numpy_batch, build_model, datasets_for  # noqa: E402
 from pipelines.score_options import score_options  # noqa: E402
-from pipelines.validate import job_fingerprint  # noqa: E402
+from pipelines.stages.validate import job_fingerprint  # noqa: E402
 from tda.airrep import AirRepData  # noqa: E402
 from tda.features import ArrayFeatures, FeatureBlock  # noqa: E402
 from tda.kernel import score_matrix  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
 
     state = train_models(cfg, gt_cache, 1, half=False)[0]  # cached full-00.pt
     torch.set_num_threads(1)  # the head's small matmuls: one thread is faster on a shared machine
-    head, rows, fitted = score_options(cfg).head_config(), {}, {}
+    head, rows, fitted = score_options(cfg, family_for(cfg)).head_config(), {}, {}
     for label_aware, label in ((False, "hidden layer"), (True, "label-aware (e_y - p) x h")):
         feats = {split: representations(cfg, state, d, label_aware) for split, d in
                  (("train", data["train"]), ("test", data["query"]), ("airrep", queries))}

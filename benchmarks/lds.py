@@ -31,7 +31,7 @@ from pipelines.executors import make_executor
 from pipelines.families.training import train_classifier
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec
 from pipelines.run import as_numpy_batch, build_model, datasets_for
-from pipelines.validate import MNISTRetrainJob, job_fingerprint
+from pipelines.stages.validate import MNISTRetrainJob, job_fingerprint
 from tda.features import ArrayFeatures, FeatureBlock
 from tda.featurize import Featurizer
 from tda.kernel import score_matrix
@@ -44,7 +44,7 @@ LAMBDA_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 
 def recipe(args: argparse.Namespace):
     return parse_config({
-        "data": {"root": args.data, "train_size": 5000, "query_size": 500},
+        "data": {"root": args.data, "train_size": 5000, "query_size": 500, "subset": "first"},  # the cached ground truth's rows
         "model": {"hidden": [128]},
         "train": {"epochs": args.epochs, "lr": 0.05, "batch_size": 64},
         "featurize": {"k": args.k},
