@@ -129,7 +129,7 @@ class Family:
         ``featurize``, ``spec``, ``projector``; ``featurize.projection`` picks the dense or the
         factored (per-layer Kronecker) projection of gradients."""
         if kind == "representations":
-            return self.representation_featurizer(cfg, split)
+            return self._representations().representation_featurizer(cfg, split)
         return gradient_featurizer(cfg, self.build_model(cfg), self.task(cfg))
 
     def feature_tag(self, cfg: RunConfig, kind: str) -> str:
@@ -137,8 +137,13 @@ class Family:
         change the features: the representation module for representations, else empty."""
         if kind == "representations":
             label = {"label_aware": True} if score_options(cfg, self).label_aware else {}
-            return "-repr-" + fingerprint({"module": self.module_name(cfg), **label})
+            return "-repr-" + fingerprint({"module": self._representations().module_name(cfg), **label})
         return ""
+
+    def _representations(self) -> "Representations":
+        if not isinstance(self, Representations):
+            raise ConfigError(f"the {self.name!r} family produces no representations; choose a gradient scorer")
+        return self
 
     def learning_rates(self, cfg: RunConfig, paths: RunPaths | None) -> list[float]:
         """TracIn's learning rate per checkpoint: the ``lr`` that :meth:`train` recorded for each."""
@@ -153,9 +158,15 @@ class Family:
     def extra_results(self, cfg: RunConfig, paths: RunPaths, scorer: Any, kind: str) -> None:
         """Family-specific results the score stage writes after top-k (default: none)."""
 
-    # -- representations (without the Representations capability: only score.options.module)
+
+class Representations:
+    """Capability: features from a module's output h(z) (RepSim, AirRep): the family's default
+    module (:meth:`representation_module`, overridden by ``score.options.module``) and, when
+    its model is not called as ``model(batch["x"])``, how a batch becomes model inputs."""
+
     def representation_module(self, cfg: RunConfig) -> str:
-        raise ConfigError(f"the {self.name!r} family names no representation module; set score.options.module")
+        raise ConfigError(f"the {getattr(self, 'name', '?')!r} family names no representation module; set "
+                          "score.options.module")
 
     def module_name(self, cfg: RunConfig) -> str:
         """``score.options.module``, else :meth:`representation_module`."""
@@ -168,7 +179,7 @@ class Family:
 
     def representation_featurizer(self, cfg: RunConfig, split: str) -> RepresentationFeaturizer:
         """Representations of :meth:`module_name` (label-aware with ``score.options.label_aware``
-        where the family has labels: :attr:`label_key`); the width is probed on one training example."""
+        where the family has labels: its ``label_key``); the width is probed on one training example."""
         label = self.label_key if score_options(cfg, self).label_aware else None
         feat = RepresentationFeaturizer(self.build_model(cfg).eval(), self.module_name(cfg),
                                         device=resolve_device(cfg.featurize.device),
@@ -177,13 +188,6 @@ class Family:
         train = self.datasets(cfg)["train"]
         feat.probe(collated(train.select(range(1)), self.collate(cfg)), example_ids(train)[:1])
         return feat
-
-
-class Representations:
-    """Capability: a default module whose output is the representation h(z)."""
-
-    def representation_module(self, cfg: RunConfig) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
 
 
 class Retraining:

@@ -87,7 +87,7 @@ def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor:
         stats[split] = {"jobs": len(pending), "rows": todo, "examples": len(store), "checkpoints": len(store.checkpoints)}
         bar = tqdm(total=todo, desc=f"featurize {split}", unit="ex", disable=not progress or not pending)
         layout = {key: store.manifest[key] for key in ("n", "shard_size", "k", "dtype")}
-        job = FeaturizeJob(cfg.to_dict(), str(paths.root), split, layout, {c: entries[c]["file"] for c in entries})
+        job = FeaturizeJob(cfg.to_dict(), str(paths.root.resolve()), split, layout, {c: entries[c]["file"] for c in entries})
         if local:  # same job in this process: reuse the featurizer built above, count rows per batch
             job.bind(cfg, featurizer, data[split], bar.update)
         try:
