@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,6 +39,13 @@ def _default_task(model: nn.Module) -> Task:
 
         return hf_task_for(model)
     return ClassificationTask()
+
+
+def _snapshot(source):
+    """A private copy of a state dict (paths are loaded when used)."""
+    if isinstance(source, Mapping):
+        return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in source.items()}
+    return source
 
 
 class Attributor:
@@ -81,7 +89,10 @@ class Attributor:
     ) -> None:
         if not checkpoints:
             raise CheckpointError("at least one checkpoint is needed; pass model.state_dict() for one")
-        self.checkpoints = list(checkpoints)
+        # Snapshots: a live model.state_dict() shares the model's tensors, and featurizing loads
+        # each checkpoint into the model; neither the user's model nor their state dicts change.
+        self.checkpoints = [_snapshot(c) for c in checkpoints]
+        model = copy.deepcopy(model)
         self.collate = collate
         self.scorer = scorer if scorer is not None else TRAKScorer()
         self.featurizer = Featurizer(model, task or _default_task(model), k=k, seed=seed, kind=kind,

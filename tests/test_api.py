@@ -229,3 +229,23 @@ def test_attributor_on_real_mnist_subset(mnist_root: Path) -> None:
     scores = attr.scores(query)
     assert scores.shape == (4, 30) and np.isfinite(scores).all()
     assert set(attr.top_k(query, k=5).proponent_ids.ravel()) <= set(range(30))
+
+
+def test_live_state_dicts_and_the_model_are_never_written(make_mlp, tiny_data) -> None:
+    """``Attributor(models[0], [m.state_dict() for m in models], ...)``: what a user writes."""
+    import datasets as hf_datasets
+
+    x, y = tiny_data(40)
+    data = hf_datasets.Dataset.from_dict({"x": x.numpy(), "y": y.numpy()})
+
+    def collate(rows):
+        return {"x": torch.as_tensor(np.asarray(rows["x"], np.float32)), "y": torch.as_tensor(np.asarray(rows["y"]))}
+
+    models = [make_mlp(seed=s) for s in range(3)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    live = tda.Attributor(models[0], [m.state_dict() for m in models], collate=collate, k=16)
+    first = live.featurize(data).feats
+    assert all(torch.equal(v, before[i][k]) for i, m in enumerate(models) for k, v in m.state_dict().items())
+    np.testing.assert_allclose(live.featurize(data).feats, first, rtol=1e-5, atol=1e-6)  # the same twice
+    snap = tda.Attributor(make_mlp(seed=0), before, collate=collate, k=16)
+    np.testing.assert_allclose(snap.featurize(data).feats, first, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ A model whose training diverged (non-finite weights, or accuracy at chance) is r
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -74,7 +75,7 @@ def train_models(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list
 
         def save(epoch: int, model: torch.nn.Module, m: int = m, **info: Any) -> None:
             path = paths.checkpoint(m, epoch)
-            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+            atomic_write(path, lambda tmp: tmp.write_bytes(state_bytes(model)))
             done[(m, epoch)] = {"model": m, "epoch": epoch, "file": path.name, "sha256": sha256_file(path), **info}
 
         summary = family.train(cfg, paths, m, save)
@@ -83,6 +84,14 @@ def train_models(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list
         bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in summary.items()})
         _write_list(paths, done)
     return _selected(cfg, paths)
+
+
+def state_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state dict as ``torch.save`` bytes, saved through memory so that the archive
+    does not record the temporary file's name (identical training gives identical files)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
 
 
 def check_trained(cfg: RunConfig, path: Path, summary: dict[str, Any]) -> None:
