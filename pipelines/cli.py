@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from stores import FaissIndex, FeatureStore, StoreLock
-from tda.errors import ConfigError, ForeignStoreError, QueryError, StoreCorruptError, TDAError
+from tda.errors import ConfigError, ForeignStoreError, QueryError, StoreCorruptError, StoreError, TDAError
 from tda.data import example_ids as ids_for
 from tda.features import FeatureBlock, concat_blocks
 
@@ -73,7 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.out or cfg.out_dir).resolve()  # jobs carry it to workers started elsewhere
     paths = RunPaths(root)
     t0 = time.time()
-    root.mkdir(parents=True, exist_ok=True)
+    _make_run_folder(root)
+    _preflight(cfg)
     todo = _stages(args)
     progress = not args.quiet
     done: list[str] = []
@@ -100,6 +101,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"outputs in {root}/: checkpoints/, features-train/, features-query/, scorer/, index/, "
           "scores/scores.npy (n_query x n_train), scores/topk.npz")
     return 0
+
+
+def _make_run_folder(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise ForeignStoreError(f"the run folder {root} is an existing file; pass --out a folder (new or a tda run)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the run folder {root} ({exc.strerror}); choose a writable --out") from exc
+
+
+def _preflight(cfg: RunConfig) -> None:
+    """Checks that would otherwise fail only after all the work."""
+    n_train = len(datasets_for(cfg)["train"])
+    if cfg.score.topk > n_train:
+        raise ConfigError(f"score.topk is {cfg.score.topk} but the training set has {n_train} examples; lower "
+                          "score.topk or raise data.train_size")
 
 
 def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> str:

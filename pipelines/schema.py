@@ -261,6 +261,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return [_coerce(v, args[0], f"{where}[]") for v in value]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")

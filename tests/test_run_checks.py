@@ -53,3 +53,16 @@ def test_cifar2_subset_of_a_class_sorted_file_holds_both_classes() -> None:
     data = family_for(cfg).datasets(cfg)
     assert np.bincount(np.asarray(data["train"]["label"])).tolist() == [1000, 1000]
     assert sorted(set(np.asarray(data["query"]["label"]).tolist())) == [0, 1]
+
+
+def test_bad_run_inputs_fail_early_naming_the_key(tmp_path, capsys) -> None:
+    from pipelines.config import parse_config
+
+    assert parse_config({"train": {"lr": "1e-3"}}).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+    (tmp_path / "file").write_text("x")
+    assert main(["run", TINY, "--out", str(tmp_path / "file"), "--quiet"]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert main(["run", TINY, "--set", "score.topk=301", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "score.topk is 301 but the training set has 300 examples" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
