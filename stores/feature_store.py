@@ -351,8 +351,13 @@ class FeatureStore:
 
     # ---------------------------------------------------------------- reading
     def _check_file(self, key: str, rec: dict, checksum: bool = True) -> Path:
-        """Path of a recorded file after checking its size and (once per instance) its sha256."""
-        path = self.root / rec["file"]
+        """Path of a recorded file after checking its size and (once per instance) its sha256.
+        The path comes from the record's key, never from the manifest's text: a record naming
+        another file (``../../x``, an absolute path) is corrupt, and nothing outside the store is read."""
+        path = self._expected_path(key)
+        if rec.get("file") != str(path.relative_to(self.root)):
+            raise StoreCorruptError(f"record {key} of {self.root} names file {rec.get('file')!r} instead of "
+                                    f"{path.relative_to(self.root)}; {REPAIR_HINT}")
         if not path.is_file():
             raise StoreCorruptError(f"{path} ({key}) is missing; {REPAIR_HINT}")
         size = path.stat().st_size
@@ -406,6 +411,15 @@ class FeatureStore:
             self._verified.discard(key)
             self._check_file(key, rec)
 
+    def _expected_path(self, key: str) -> Path:
+        try:
+            kind, ckpt, shard = key.split("/")
+            if kind not in ("ids", "features", "q"):
+                raise ValueError(kind)
+            return shard_path(self.root, kind, None if ckpt == "-" else int(ckpt), int(shard))
+        except ValueError as exc:
+            raise StoreCorruptError(f"{self.root} records an unknown key {key!r}; {REPAIR_HINT}") from exc
+
     def repair(self) -> list[str]:
         """Drop the records of missing, truncated or corrupt files so that featurization redoes them.
 
@@ -422,13 +436,21 @@ class FeatureStore:
                 bad.add(key)
         drop = set(bad)
         for key in bad:
+            try:
+                self._expected_path(key)
+            except StoreCorruptError:
+                continue  # an unknown key: its record is dropped, no file is touched
             kind, ckpt, shard = key.split("/")
             ckpts = self.checkpoints if kind == "ids" else [int(ckpt)]
             drop |= {shard_key(kd, c, int(shard)) for kd in ("features", "q") for c in ckpts}
         drop &= set(self.manifest["complete"])
         if drop:
             for key in sorted(drop):
-                (self.root / self.manifest["complete"].pop(key)["file"]).unlink(missing_ok=True)
+                self.manifest["complete"].pop(key)
+                try:
+                    self._expected_path(key).unlink(missing_ok=True)  # inside the store, whatever the record said
+                except StoreCorruptError:
+                    pass
             self._sorted_ids = None
             self._save_manifest()
         return sorted(drop)

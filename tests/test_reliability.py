@@ -396,7 +396,7 @@ def test_missing_data_path(tmp_path, capsys):
     out = tmp_path / "out"
     name, msg = cli_error(["run", str(TINY), "--out", str(out), "--set", f"data.root={tmp_path / 'nowhere'}"], capsys)
     assert name == "DataError" and "set data.root" in msg
-    assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # nothing half-made
+    assert sorted(p.name for p in out.iterdir()) == []  # refused before anything is written
 
 
 # --------------------------------------------------------------------------------------------

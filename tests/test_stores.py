@@ -153,3 +153,27 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
     lock.write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
     with StoreLock(tmp_path / "s") as held:
         assert held.held
+
+
+def test_repair_never_touches_files_outside_the_store(tmp_path) -> None:
+    """A manifest record naming ``../x`` or an absolute path is corrupt; repair deletes only
+    files inside the store (issue: --repair deleted files outside the run folder)."""
+    import json
+
+    from stores import FeatureStore
+    from stores.feature_store import write_shard_files
+
+    outside, absolute = tmp_path / "precious.txt", tmp_path / "other.txt"
+    outside.write_text("keep")
+    absolute.write_text("keep")
+    store = FeatureStore.create(tmp_path / "store", n=4, k=2, checkpoints=[0], shard_size=4, fingerprint="f", spec={})
+    store.record(write_shard_files(store.root, 0, 0, np.arange(4), np.ones((4, 2), np.float32),
+                                   np.ones(4, np.float32), "float32"))
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    keys = sorted(manifest["complete"])
+    manifest["complete"][keys[0]]["file"] = "../precious.txt"
+    manifest["complete"][keys[1]]["file"] = str(absolute)
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    dropped = FeatureStore.open(store.root).repair()
+    assert set(keys[:2]) <= set(dropped)
+    assert outside.read_text() == "keep" and absolute.read_text() == "keep"
