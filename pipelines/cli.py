@@ -40,6 +40,23 @@ def _stages(args: argparse.Namespace) -> list[str]:
     return list(STAGES[start:])
 
 
+#: What each stage made in the run folder; ``--from STAGE`` deletes it for that stage and every
+#: later one, so they are redone (derived data only: checkpoints named by model.checkpoints and
+#: shared retraining folders are never touched).
+STAGE_OUTPUTS = {"train": ("checkpoints",), "featurize": ("features-train", "features-query"),
+                 "retrain": ("airrep",), "index": ("scorer", "index"), "score": ("scores",)}
+
+
+def _forget(paths: RunPaths, stages: list[str]) -> None:
+    """Under the run lock: delete the outputs of ``stages`` so that they run again."""
+    import shutil
+
+    for stage in stages:
+        for name in STAGE_OUTPUTS.get(stage, ()):
+            if (paths.root / name).is_dir():
+                shutil.rmtree(paths.root / name)
+
+
 def read_run_file(paths: RunPaths) -> dict:
     """``run.json`` of a run folder; :class:`ForeignStoreError` / :class:`StoreCorruptError` if absent or damaged."""
     if not paths.run_file.is_file():
@@ -88,6 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 paths.run_file.unlink()  # damaged or foreign: --overwrite replaces it
         claim_run_dir(cfg, root, args.overwrite)
         _cleanup_interrupted(paths, args.repair)
+        if args.from_stage:
+            _forget(paths, _stages(args))
         for stage in todo:
             t = time.time()
             done.append(_run_stage(stage, cfg, paths, progress) + f" ({time.time() - t:.1f}s)")
@@ -274,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repair", action="store_true",
                    help="check every stored shard against its sha256 and re-featurize missing, truncated or corrupt ones")
     r.add_argument("--from", dest="from_stage", choices=RUN_STAGES,
-                   help="start at this stage (earlier outputs must exist); validate runs only when named")
+                   help="redo this stage and every later one (their outputs are deleted first; earlier "
+                        "outputs must exist); validate runs only when named")
     r.add_argument("--only", choices=RUN_STAGES, help="run just this stage")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)

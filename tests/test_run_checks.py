@@ -66,3 +66,17 @@ def test_bad_run_inputs_fail_early_naming_the_key(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "score.topk is 301 but the training set has 300 examples" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
+
+
+def test_from_stage_redoes_that_stage_and_the_later_ones(tmp_path) -> None:
+    run = tmp_path / "run"
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    times = {p: (run / p).stat().st_mtime_ns for p in ("checkpoints/checkpoints.json", "features-train/manifest.json",
+                                                       "index/index.faiss", "scores/topk.npz")}
+    scores = np.load(run / "scores" / "scores.npy")
+    assert main(["run", TINY, "--out", str(run), "--from", "index", "--quiet"]) == 0
+    after = {p: (run / p).stat().st_mtime_ns for p in times}
+    assert after["checkpoints/checkpoints.json"] == times["checkpoints/checkpoints.json"]
+    assert after["features-train/manifest.json"] == times["features-train/manifest.json"]
+    assert after["index/index.faiss"] != times["index/index.faiss"] and after["scores/topk.npz"] != times["scores/topk.npz"]
+    np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), scores, rtol=1e-5, atol=1e-7)
