@@ -266,7 +266,7 @@ def test_pickled_checkpoint_in_a_run_is_refused_before_unpickling(run, tmp_path,
             entry["sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     (run / "checkpoints" / "checkpoints.json").write_text(json.dumps(listing))
     before = snapshot(run)
-    name, msg = cli_error(run_args(run, "--from", "featurize"), capsys)
+    name, msg = cli_error(run_args(run), capsys)  # the forgotten shard makes featurize load the checkpoint
     assert name == "CheckpointError" and "weights-only state dict" in msg and "torch.save" in msg
     assert not marker.exists() and snapshot(run) == before
 
@@ -276,7 +276,7 @@ def test_checkpoint_replaced_after_training(run, capsys):
     ckpts = run / "checkpoints"
     shutil.copy(ckpts / "model-00-epoch-001.pt", ckpts / "model-01-epoch-001.pt")  # same shapes, other weights
     before = snapshot(run)
-    name, msg = cli_error(run_args(run, "--from", "featurize"), capsys)
+    name, msg = cli_error(run_args(run), capsys)  # the forgotten shard makes featurize load the checkpoint
     assert name == "CheckpointError" and "changed since training" in msg and "restore it" in msg
     assert snapshot(run) == before
 

@@ -80,3 +80,26 @@ def test_from_stage_redoes_that_stage_and_the_later_ones(tmp_path) -> None:
     assert after["features-train/manifest.json"] == times["features-train/manifest.json"]
     assert after["index/index.faiss"] != times["index/index.faiss"] and after["scores/topk.npz"] != times["scores/topk.npz"]
     np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), scores, rtol=1e-5, atol=1e-7)
+
+
+def test_kill_during_a_config_changing_rerun_leaves_no_stale_scores(tmp_path, monkeypatch) -> None:
+    """Killed after scores.npy is replaced with lambda 0.1 scores, before scores.json: a rerun of the
+    original config must not reuse them (issue: it reported success with the wrong scores)."""
+    import pipelines.stages.score as score_stage
+
+    run = tmp_path / "run"
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    original = np.load(run / "scores" / "scores.npy")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(score_stage, "save_npz", killed)
+    try:
+        main(["run", TINY, "--out", str(run), "--set", "score.lambda_rel=0.1", "--quiet"])
+    except KeyboardInterrupt:
+        pass
+    assert not np.allclose(np.load(run / "scores" / "scores.npy"), original)  # the new scores are in place
+    monkeypatch.undo()
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), original, rtol=1e-5, atol=1e-7)

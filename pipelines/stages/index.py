@@ -28,11 +28,14 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
     fp = scorer_fingerprint(cfg)
-    if json_field(paths.index / "index.json", "fingerprint") == fp:
+    markers = (paths.scorer / "scorer.json", paths.index / "index.json")
+    if all(json_field(m, "fingerprint") == fp for m in markers):
         return FaissIndex.load(paths.index)
     train = FeatureStore.open(paths.store("train"))
     scorer = scorer_for(cfg, paths).fit(_View(train, desc="index: fit scorer" if progress else None),
                                         progress=progress)
+    for marker in (paths.scores / "scores.json", *markers):  # before any file changes: a kill from here on
+        marker.unlink(missing_ok=True)                      # leaves nothing that looks valid
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
@@ -49,7 +52,7 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
     state_path = paths.scorer / "state.npz"
     if not state_path.is_file():
         raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
-    if json_field(paths.scorer / "scorer.json", "fingerprint") not in (fp, None):
+    if json_field(paths.scorer / "scorer.json", "fingerprint") != fp:  # missing: a fit that never finished
         raise IndexMismatchError(
             f"the scorer in {paths.scorer} was fitted for another score/index configuration; refit it with "
             "`tda run CONFIG --from index`"

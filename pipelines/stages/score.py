@@ -91,6 +91,7 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
     qblk: FeatureBlock = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     qv = scorer.transform_query(qblk)  # (n_query, D)
     index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train))
+    (paths.scores / "scores.json").unlink(missing_ok=True)  # written last: until then no score file is trusted
     if cfg.score.dense:
         _write_scores(cfg, paths, fp, qv, scorer, train, progress)
     else:
