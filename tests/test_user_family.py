@@ -103,3 +103,11 @@ def test_stratified_subset_keeps_every_class_of_a_sorted_set() -> None:
     assert sorted(set(sub["label"])) == [0, 1] and len(sub) == 10
     assert draw_subset(table, 10, 0, how="first")["id"] == list(range(10))
     assert len(draw_subset(table, 5000, 0)) == 1000
+
+
+def test_training_label_outside_the_classes_is_a_clear_error() -> None:
+    from pipelines.families.training import train_classifier
+
+    x, y = torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 7])
+    with pytest.raises(DataError, match=r"2 training label\(s\) lie outside the model's 3 classes \(e.g. \[3, 7\]\)"):
+        train_classifier(lambda: nn.Sequential(nn.Linear(6, 3)), x, y, epochs=1)

@@ -16,6 +16,16 @@ from torch import Tensor, nn
 from tda.errors import DataError, NonFiniteError
 
 
+def _check_labels(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Labels must index the model's classes (else cross-entropy fails with a bare IndexError)."""
+    with torch.no_grad():
+        classes = model.eval()(x[:1]).shape[-1]  # eval: no dropout draw, the RNG stream is unchanged
+    bad = (y < 0) | (y >= classes)
+    if bool(bad.any()):
+        raise DataError(f"{int(bad.sum())} training label(s) lie outside the model's {classes} classes (e.g. "
+                        f"{y[bad][:5].tolist()}); fix the labels, or build the model with more outputs")
+
+
 def train_classifier(
     make_model: Callable[[], nn.Module],
     x: Tensor,
@@ -42,6 +52,7 @@ def train_classifier(
         raise DataError(f"training needs equal, non-zero numbers of inputs and labels, got {len(x)} and {len(y)}")
     torch.manual_seed(seed)
     model = make_model()
+    _check_labels(model, x, y)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 - e / max(epochs, 1))
     gen = torch.Generator().manual_seed(seed)
