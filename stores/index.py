@@ -23,7 +23,7 @@ from tda.features import FeatureSource
 from tda.kernel import TopK
 from tda.scorers.base import Scorer
 
-from ._io import atomic_write, save_json
+from ._io import atomic_write, save_json, sha256_file
 
 INDEX_FILE, META_FILE = "index.faiss", "index.json"
 FORMAT = "tda-faiss-index"
@@ -103,6 +103,7 @@ class FaissIndex:
         faiss = _faiss()
         folder = Path(folder)
         atomic_write(folder / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        self.meta["sha256"] = sha256_file(folder / INDEX_FILE)  # checked on every load
         save_json(folder / META_FILE, self.meta)
 
     @classmethod
@@ -118,6 +119,9 @@ class FaissIndex:
             raise StoreCorruptError(f"{meta_path} is not valid JSON; rebuild the index") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ForeignStoreError(f"{meta_path} was not written by tda")
+        if meta.get("sha256") and sha256_file(index_path) != meta["sha256"]:
+            raise StoreCorruptError(f"{index_path} does not match the sha256 in {meta_path} (damaged, or another "
+                                    "run's index); rebuild the index (`tda run CONFIG --from index`)")
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as exc:

@@ -103,3 +103,29 @@ def test_kill_during_a_config_changing_rerun_leaves_no_stale_scores(tmp_path, mo
     monkeypatch.undo()
     assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
     np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), original, rtol=1e-5, atol=1e-7)
+
+
+def test_damaged_derived_artifacts_are_recomputed_or_refused(tmp_path, capsys) -> None:
+    """Zeroed or truncated scores.npy / topk.npz / state.npz and a flipped index are detected by
+    their recorded sha256: a rerun recomputes them, ``tda query`` refuses a bad index or scorer."""
+    run = tmp_path / "run"
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    scores = np.load(run / "scores" / "scores.npy")
+    topk = (run / "scores" / "topk.npz").read_bytes()
+    (run / "scores" / "scores.npy").write_bytes((run / "scores" / "scores.npy").read_bytes()[:200])
+    (run / "scores" / "topk.npz").write_bytes(topk[: len(topk) // 2])
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), scores, rtol=1e-5, atol=1e-7)
+    assert (run / "scores" / "topk.npz").read_bytes() == topk
+    index = bytearray((run / "index" / "index.faiss").read_bytes())
+    index[-5] ^= 0x80  # a flipped sign bit: FAISS still reads it
+    (run / "index" / "index.faiss").write_bytes(bytes(index))
+    capsys.readouterr()
+    assert main(["query", "--run", str(run), "--example", "0", "-k", "3"]) == 2
+    assert "does not match the sha256" in capsys.readouterr().err
+    state = run / "scorer" / "state.npz"
+    state.write_bytes(state.read_bytes()[:-10])
+    assert main(["query", "--run", str(run), "--example", "0", "-k", "3"]) == 2
+    assert "--from index" in capsys.readouterr().err
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0  # both rebuilt
+    assert main(["query", "--run", str(run), "--example", "0", "-k", "3"]) == 0

@@ -6,18 +6,21 @@ settings, the index settings): a rerun with the same settings loads them, anothe
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from stores import FeatureStore, FaissIndex, build_index
-from stores._io import save_json, save_npz
-from tda.errors import IndexMismatchError, StoreError
+from stores._io import save_json, save_npz, sha256_file
+from tda.errors import IndexMismatchError, StoreCorruptError, StoreError
 
 from ..layout import RunPaths, json_field
 from ..schema import RunConfig, scorer_fingerprint
 from ..scorers import build_scorer
+
+logger = logging.getLogger(__name__)
 
 
 def scorer_for(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
@@ -29,8 +32,11 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
     fp = scorer_fingerprint(cfg)
     markers = (paths.scorer / "scorer.json", paths.index / "index.json")
-    if all(json_field(m, "fingerprint") == fp for m in markers):
-        return FaissIndex.load(paths.index)
+    if all(json_field(m, "fingerprint") == fp for m in markers) and _state_intact(paths):
+        try:
+            return FaissIndex.load(paths.index)  # checked against its sha256
+        except StoreError as exc:
+            logger.warning("rebuilding the index: %s", exc)  # derived data: recomputed, never trusted
     train = FeatureStore.open(paths.store("train"))
     scorer = scorer_for(cfg, paths).fit(_View(train, desc="index: fit scorer" if progress else None),
                                         progress=progress)
@@ -39,7 +45,8 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     state = scorer.state_dict()
     save_npz(paths.scorer / "state.npz", **state)
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
-                                             "hyperparameters": scorer.hyperparameters()})
+                                             "hyperparameters": scorer.hyperparameters(),
+                                             "sha256": sha256_file(paths.scorer / "state.npz")})
     index = build_index(_View(train, desc=f"index: build {cfg.index.kind}" if progress else None), scorer, cfg.index.kind,
                         cfg.index.nlist, cfg.index.nprobe, meta={"fingerprint": fp})
     index.save(paths.index)
@@ -57,9 +64,19 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
             f"the scorer in {paths.scorer} was fitted for another score/index configuration; refit it with "
             "`tda run CONFIG --from index`"
         )
+    if not _state_intact(paths):
+        raise StoreCorruptError(f"{state_path} does not match the sha256 in scorer.json (damaged or truncated); "
+                                "refit it with `tda run CONFIG --from index`")
     with np.load(state_path, allow_pickle=False) as z:
         state = {k: z[k] for k in z.files}
     return scorer_for(cfg, paths).load_state_dict(state)
+
+
+def _state_intact(paths: RunPaths) -> bool:
+    """The fitted scorer's state matches the sha256 its marker recorded (markers without one: yes)."""
+    want = json_field(paths.scorer / "scorer.json", "sha256")
+    state = paths.scorer / "state.npz"
+    return state.is_file() and (want is None or sha256_file(state) == want)
 
 
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:

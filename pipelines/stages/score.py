@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stores import FeatureStore
-from stores._io import save_json, save_npz
+from stores._io import save_json, save_npz, sha256_file
 from tda.errors import StoreError
 from tda.features import FeatureBlock, concat_blocks
 from tda.kernel import iter_score_blocks
@@ -84,7 +84,7 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
     outputs = {"topk": paths.scores / "topk.npz"}
     if cfg.score.dense:
         outputs["scores"] = paths.scores / "scores.npy"
-    if json_field(paths.scores / "scores.json", "fingerprint") == fp and all(p.is_file() for p in outputs.values()):
+    if json_field(paths.scores / "scores.json", "fingerprint") == fp and _outputs_intact(paths, outputs):
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     scorer = load_scorer(cfg, paths)
@@ -103,5 +103,18 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
     family = family_for(cfg)
     family.extra_results(cfg, paths, scorer, feature_kind(cfg, family))
     save_json(paths.scores / "scores.json", {"fingerprint": fp, "n_query": len(query), "n_train": len(train),
-                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                             "sha256": {k: sha256_file(p) for k, p in outputs.items()}})
     return outputs
+
+
+def _outputs_intact(paths: RunPaths, outputs: dict[str, Path]) -> bool:
+    """Every output exists and matches the sha256 the finished stage recorded (a zeroed or
+    truncated file is recomputed, never reused)."""
+    want = json_field(paths.scores / "scores.json", "sha256")
+    if not isinstance(want, dict) or set(want) != set(outputs):
+        return False
+    ok = all(p.is_file() and sha256_file(p) == want[k] for k, p in outputs.items())
+    if not ok:
+        logger.warning("scores in %s do not match their recorded sha256: recomputing them", paths.scores)
+    return ok
