@@ -56,7 +56,8 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
             old = None
     elif root.exists() and any(p.name != ".lock" for p in root.iterdir()):
         if not overwrite:
-            raise ForeignStoreError(f"{root} is not empty and is not a tda run folder; choose an empty out_dir")
+            raise ForeignStoreError(f"{root} is not empty and is not a tda run folder; choose an empty out_dir, or "
+                                    "pass --overwrite to replace its contents (also after an interrupted --overwrite)")
     root.mkdir(parents=True, exist_ok=True)
     if old != json.loads(json.dumps(record)):
         save_json(paths.run_file, record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,9 +28,38 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def disk_error(exc: OSError, path: Path) -> Exception:
+    """A :class:`~tda.errors.StoreError` naming the fix for a full disk or a refused write; other
+    errors are returned unchanged."""
+    from tda.errors import StoreError
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"the disk is full writing {path} ({exc.strerror}); free space on that file system or "
+                          "choose another out_dir, then rerun: finished work is kept and the file was not replaced")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return StoreError(f"cannot write {path} ({exc.strerror}); choose a folder you can write to")
+    return exc
+
+
+def reserve(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes of ``path`` on disk now (a memory map of a sparse file on a full disk
+    dies of SIGBUS later); raises the :func:`disk_error` of a full disk."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -129,3 +129,29 @@ def test_damaged_derived_artifacts_are_recomputed_or_refused(tmp_path, capsys) -
     assert "--from index" in capsys.readouterr().err
     assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0  # both rebuilt
     assert main(["query", "--run", str(run), "--example", "0", "-k", "3"]) == 0
+
+
+def test_full_disk_is_a_clear_error_and_keeps_finished_work(tmp_path, monkeypatch, capsys) -> None:
+    """ENOSPC while writing a shard, or reserving scores.npy, is a StoreError naming the fix
+    (before: a bare OSError in featurize, SIGBUS with an empty stderr in the score stage)."""
+    import errno
+    import os
+
+    run = tmp_path / "run"
+    assert main(["run", TINY, "--out", str(run), "--only", "train", "--quiet"]) == 0
+    real_replace = os.replace
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "StoreError: the disk is full writing" in err and "free space" in err and "Traceback" not in err
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full writing" in err and "scores.partial.npy" in err
+    monkeypatch.undo()
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0  # finished work kept, the rest completes

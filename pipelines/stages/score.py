@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stores import FeatureStore
-from stores._io import save_json, save_npz, sha256_file
+from stores._io import reserve, save_json, save_npz, sha256_file
 from tda.errors import StoreError
 from tda.features import FeatureBlock, concat_blocks
 from tda.kernel import iter_score_blocks
@@ -54,6 +54,7 @@ def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scor
         prog_path.unlink(missing_ok=True)
         paths.scores.mkdir(parents=True, exist_ok=True)
         np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape).flush()
+        reserve(partial, partial.stat().st_size)  # a full disk is an error now, not a SIGBUS mid-way
     elif done < shape[1]:
         logger.info("resuming scores at training column %d of %d", done, shape[1])
     out = np.lib.format.open_memmap(partial, mode="r+")
