@@ -155,3 +155,17 @@ def test_full_disk_is_a_clear_error_and_keeps_finished_work(tmp_path, monkeypatc
     assert "the disk is full writing" in err and "scores.partial.npy" in err
     monkeypatch.undo()
     assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0  # finished work kept, the rest completes
+
+
+def test_query_store_left_half_deleted_is_rebuilt(tmp_path) -> None:
+    """A kill while features-query/ is replaced (after a query change) leaves files and no
+    manifest; the rerun rebuilds the query store (before: every rerun refused the folder)."""
+    import shutil
+
+    run = tmp_path / "run"
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    scores = np.load(run / "scores" / "scores.npy")
+    (run / "features-query" / "manifest.json").unlink()
+    shutil.rmtree(run / "features-query" / "q")
+    assert main(["run", TINY, "--out", str(run), "--set", "data.query_size=10", "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), scores[:10], rtol=1e-5, atol=1e-7)

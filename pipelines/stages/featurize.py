@@ -34,9 +34,12 @@ def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, 
     f = cfg.featurize
     ckpts = load_checkpoint_list(paths)
     fp = feature_fingerprint(cfg, split) + f"-{split}"
-    if split == "query" and json_field(paths.store(split) / "manifest.json", "fingerprint") not in (None, fp):
-        logger.info("the queries changed: replacing %s", paths.store(split))  # derived data; we hold the run lock
-        shutil.rmtree(paths.store(split))
+    folder = paths.store(split)
+    if split == "query" and folder.is_dir() and json_field(folder / "manifest.json", "fingerprint") != fp:
+        # the queries changed, or a replacement was killed half-way (no readable manifest left):
+        # query features are derived data and we hold the run lock
+        logger.info("the queries changed: replacing %s", folder)
+        shutil.rmtree(folder)
     return FeatureStore.create(paths.store(split), n=n, k=k or f.k, checkpoints=[c["id"] for c in ckpts],
                                shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split},
                                dtype=f.dtype)
