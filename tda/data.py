@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -35,8 +36,12 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an idx file (optionally gzipped): big-endian header (magic, dims), then data."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt gzip, unreadable file
+        raise DataError(f"{path} cannot be read ({type(exc).__name__}: {exc}); the file is truncated or corrupt: "
+                        "copy it again (MNIST: the four idx files, gzipped or not)") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an idx file (bad magic number)")
     ndim = raw[3]

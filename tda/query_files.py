@@ -121,7 +121,11 @@ def image_queries(ds, shape: tuple[int, int, int], classes: int, key: str = "dat
         raise DataError(f"{key}: pixel values must be numbers in 0..255 (got {images.dtype}, range "
                         f"{images.min()}..{images.max()}); store raw 8-bit pixels")
     labels = np.asarray(ds.with_format(None)["label"])
-    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= classes:
+    if labels.dtype.kind not in "iu":  # nulls (object / float) or names (strings)
+        bad = [v for v in labels.tolist() if not isinstance(v, int) or isinstance(v, bool)][:3]
+        raise DataError(f"{key}: 'label' must hold integer class ids 0..{classes - 1} in every row, got "
+                        f"{labels.dtype} values such as {bad}; fill missing labels and map names to ids")
+    if labels.min() < 0 or labels.max() >= classes:
         raise DataError(f"{key}: 'label' must hold integers 0..{classes - 1}, got {labels.dtype} "
                         f"{labels.min()}..{labels.max()}")
     size = int(np.prod(shape))

@@ -169,3 +169,28 @@ def test_query_store_left_half_deleted_is_rebuilt(tmp_path) -> None:
     shutil.rmtree(run / "features-query" / "q")
     assert main(["run", TINY, "--out", str(run), "--set", "data.query_size=10", "--quiet"]) == 0
     np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), scores[:10], rtol=1e-5, atol=1e-7)
+
+
+def test_corrupt_gzip_is_a_data_error(tmp_path, capsys) -> None:
+    import shutil
+
+    from tda.data import DEMO_DATA
+
+    shutil.copytree(DEMO_DATA / "mnist", tmp_path / "mnist")
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert main(["run", TINY, "--set", f"data.root={tmp_path / 'mnist'}", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "DataError" in err and "truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_null_or_string_labels_in_a_query_file(tmp_path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, labels in (("nulls", pa.array([None, 2, 1], pa.int64())), ("names", pa.array(["a", "b", "c"]))):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"image": [[0] * 784] * 3, "label": labels}), path)
+        assert main(["run", TINY, "--set", f"data.query_path={path}", "--out", str(tmp_path / name), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "DataError" in err and "must hold integer class ids 0..9 in every row" in err and "Traceback" not in err
