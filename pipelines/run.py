@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from stores._io import save_json
+from stores.digests import DIGESTS
 from tda.data import arrow_columns, example_ids, mnist_collate
 from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 
 from .families import family_for, resolve_device  # noqa: F401
 from .layout import RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
-from .schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, section_fingerprint  # noqa: F401
+from .schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, input_digests, section_fingerprint  # noqa: F401
 from .scorers import feature_kind
 
 
@@ -31,11 +32,13 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
 
     The run belongs to the training side of the configuration (data, model, train, featurize,
     without the choice of queries): a run with other queries reuses its checkpoints and train
-    features. ``run.json`` is rewritten only when the configuration changed.
+    features. Inputs count by content (:mod:`stores.digests`): moved data is accepted, data
+    changed in place is refused naming the key. ``run.json`` is rewritten only when it changed.
     """
-    fp = feature_fingerprint(cfg, "train")
     paths = RunPaths(root)
-    record = {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict()}
+    DIGESTS.load(paths.root / INPUTS_FILE)
+    fp = feature_fingerprint(cfg, "train")
+    record = {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict(), "inputs": input_record(cfg)}
     old = None
     if paths.run_file.is_file():
         try:
@@ -47,9 +50,8 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
         if not isinstance(old, dict) or old.get("feature_fingerprint") != fp:
             if not overwrite:
                 raise FingerprintMismatchError(
-                    f"{root} holds outputs of a different configuration (data/model/train/featurize "
-                    "differ); pass --overwrite to replace them or choose another out_dir"
-                )
+                    f"{root} holds outputs of a different configuration ({describe_change(old, record)}); "
+                    "pass --overwrite to recompute them, put the old value or files back, or choose another out_dir")
             for child in root.iterdir():
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -61,6 +63,41 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if old != json.loads(json.dumps(record)):
         save_json(paths.run_file, record)
+    DIGESTS.save(paths.root / INPUTS_FILE)
+
+
+#: The run folder's cache of input digests (see :mod:`stores.digests`).
+INPUTS_FILE = "inputs.json"
+
+
+def input_record(cfg: RunConfig) -> dict[str, Any]:
+    """``{"section.key": {"path": ..., "sha256": ...}}`` of the run's inputs, for run.json (the path is a hint)."""
+    record = {}
+    for name, digest in input_digests(cfg).items():
+        section, key = name.split(".")
+        record[name] = {"path": getattr(getattr(cfg, section), key), "sha256": digest}
+    return record
+
+
+def describe_change(old: Any, new: dict[str, Any]) -> str:
+    """What differs between the run.json ``old`` and ``new``: config keys of the training side, and
+    inputs whose content changed (at the same path or another)."""
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return "run.json records no configuration"
+    changes = []
+    old_inputs, new_inputs = old.get("inputs") or {}, new["inputs"]
+    for name in sorted((set(old_inputs) | set(new_inputs)) - {f"data.{k}" for k in QUERY_KEYS}):
+        a, b = old_inputs.get(name) or {}, new_inputs.get(name) or {}
+        if a.get("sha256") != b.get("sha256"):
+            where = f"at {b.get('path')}" if a.get("path") == b.get("path") else f"{a.get('path')} -> {b.get('path')}"
+            changes.append(f"the content of {name} changed ({where})")
+    skip = {n for n in set(old_inputs) | set(new_inputs)} | {f"data.{k}" for k in QUERY_KEYS}
+    for section in FEATURE_SECTIONS:
+        a, b = old["config"].get(section) or {}, new["config"].get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if f"{section}.{key}" not in skip and a.get(key) != b.get(key):
+                changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return "; ".join(changes) or "data/model/train/featurize differ: the run was made by another tda version"
 
 
 def feature_fingerprint(cfg: RunConfig, split: str = "query") -> str:

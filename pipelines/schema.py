@@ -13,10 +13,12 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
 from stores._io import fingerprint
+from stores.digests import content_digest
 from tda.errors import ConfigError
 
 
@@ -309,12 +311,43 @@ UNHASHED_KEYS = ("code_dir",)
 QUERY_KEYS = ("query_split", "query_size", "query_path")
 
 
+#: ``(section, key)`` of the keys naming input data (files or folders; ``model.checkpoints`` a
+#: list): fingerprints hold the content digest of what they name, never the path.
+INPUT_KEYS = (("data", "root"), ("data", "train_path"), ("data", "query_path"), ("data", "tokenizer"),
+              ("model", "hf"), ("model", "checkpoints"))
+#: Import strings; a ``path/file.py:fn`` one is hashed as ``file.py:fn`` (where code lives is not what it computes).
+IMPORT_KEYS = (("model", "factory"), ("model", "task"), ("data", "collate"), ("train", "factory"))
+
+
+def input_digests(cfg: RunConfig) -> dict[str, Any]:
+    """``{"section.key": digest}`` of every :data:`INPUT_KEYS` value that is set (a list of digests
+    for ``model.checkpoints``; a value naming no existing path is kept as it is)."""
+    out: dict[str, Any] = {}
+    for section, key in INPUT_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        digests = [content_digest(v) or v for v in values]
+        out[f"{section}.{key}"] = digests if isinstance(value, list) else digests[0]
+    return out
+
+
 def stable_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as a dict without the :data:`LATER_KEYS` that sit at their defaults,
-    so hashes of configs written before those keys existed do not change."""
+    so hashes of configs written before those keys existed do not change; input paths replaced by
+    their content digests (:func:`input_digests`) and code files by their names."""
     d = cfg.to_dict()
     for key in UNHASHED_KEYS:
         d.pop(key, None)
+    for name, digest in input_digests(cfg).items():
+        section, key = name.split(".")
+        d[section][key] = {"sha256": digest}
+    for section, key in IMPORT_KEYS:
+        value = d[section].get(key)
+        if isinstance(value, str) and ".py:" in value:
+            file, _, fn = value.rpartition(":")
+            d[section][key] = f"{Path(file).name}:{fn}"
     for (section, key), default in LATER_KEYS.items():
         if section in d and d[section].get(key) == default:
             del d[section][key]

@@ -1,0 +1,91 @@
+"""Content digests of a run's inputs (data files and folders, checkpoints, model folders).
+
+A run names its inputs by content, not by path: the same data moved or spelled another way is
+the same input, and data changed in place is a different one. A file's digest is the sha256 of
+its bytes; a folder's is the sha256 of its files' relative paths and digests (hidden names,
+starting with ``.``, are left out). Each file is read once: its digest is remembered under its
+``(size, mtime_ns, ctime_ns, inode)``, in memory and in a JSON cache file (a run folder's
+``inputs.json``). Any write to a file changes its ctime, which no tool can set back, so a
+remembered digest is never stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ._io import save_json, sha256_file
+
+CACHE_FORMAT = "tda-input-digests"
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+class DigestCache:
+    """Digests of files and folders, each file hashed once per change (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[list[int], str]] = {}
+        self._dirty = False
+
+    def load(self, file: Path) -> None:
+        """Add the entries of a cache file; a missing or damaged one is ignored (it is only a cache)."""
+        try:
+            data = json.loads(Path(file).read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+            return
+        for path, entry in (data.get("files") or {}).items():
+            if (isinstance(entry, dict) and isinstance(entry.get("stamp"), list)
+                    and isinstance(entry.get("sha256"), str)):
+                self._memo.setdefault(path, (entry["stamp"], entry["sha256"]))
+
+    def save(self, file: Path) -> None:
+        """Write the remembered digests to ``file`` (atomically) if any were added."""
+        if not self._dirty:
+            return
+        files = {p: {"stamp": s, "sha256": d} for p, (s, d) in sorted(self._memo.items())}
+        save_json(Path(file), {"format": CACHE_FORMAT, "files": files})
+        self._dirty = False
+
+    def file_digest(self, path: Path) -> str:
+        key = str(Path(path).resolve())
+        stamp = _stamp(os.stat(key))
+        hit = self._memo.get(key)
+        if hit is not None and list(hit[0]) == stamp:
+            return hit[1]
+        digest = sha256_file(Path(key))
+        self._memo[key] = (stamp, digest)
+        self._dirty = True
+        return digest
+
+    def digest(self, path: str | Path) -> str | None:
+        """sha256 of a file, or of a folder's files (relative paths and digests); ``None`` if ``path``
+        does not exist (the loader that reads it reports that)."""
+        path = Path(path)
+        if path.is_file():
+            return self.file_digest(path)
+        if not path.is_dir():
+            return None
+        h = hashlib.sha256()
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(f for f in filenames if not f.startswith(".")):
+                full = Path(dirpath) / name
+                if full.is_file():
+                    h.update(f"{full.relative_to(path).as_posix()}\0{self.file_digest(full)}\n".encode())
+        return h.hexdigest()
+
+
+#: The process's cache: a run loads its ``inputs.json`` into it (:func:`pipelines.run.claim_run_dir`).
+DIGESTS = DigestCache()
+
+
+def content_digest(path: str | Path) -> str | None:
+    """:meth:`DigestCache.digest` with the process's cache."""
+    return DIGESTS.digest(path)
