@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable, Protocol
@@ -17,13 +18,14 @@ from typing import Any, Callable, Hashable, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from stores._io import fingerprint, save_json, save_npy
+from stores._io import fingerprint, save_json, save_npy, sha256_file
 from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 from tda.validation import sample_subsets
 
 from .schema import RunConfig, stable_dict
 
 FORMAT = "tda-retraining-results"
+logger = logging.getLogger(__name__)
 
 
 class RetrainJob(Protocol):
@@ -70,9 +72,25 @@ class ResultStore:
     def done(self, key: str) -> bool:
         return key in self.manifest["complete"]
 
+    def _intact(self, key: str) -> bool:
+        """Whether the file of a finished result holds what was recorded (its sha256)."""
+        path, want = self._file(key), self.manifest["complete"][key].get("sha256")
+        return path.is_file() and (want is None or sha256_file(path) == want)
+
+    def drop_damaged(self) -> list[str]:
+        """Forget finished results whose file is missing or fails its sha256 (they run again)."""
+        bad = [key for key in list(self.manifest["complete"]) if not self._intact(key)]
+        if bad:
+            logger.warning("%s: %d damaged or missing retraining result(s) are recomputed", self.root, len(bad))
+            for key in bad:
+                del self.manifest["complete"][key]
+            save_json(self.root / "manifest.json", self.manifest)
+        return bad
+
     def run(self, job: RetrainJob, items: list[tuple[str, tuple[np.ndarray, int]]], executor: Any,
             desc: str = "retrain", progress: bool = True) -> None:
-        """Run the items not yet done; record each result the moment it arrives."""
+        """Run the items not yet done (damaged results again); record each result the moment it arrives."""
+        self.drop_damaged()
         todo = [it for it in items if not self.done(it[0])]
         bar = tqdm(total=len(todo), desc=desc, unit="model", disable=not progress or not todo)
         for (key, (_, seed)), out in executor.map_unordered(_OnTask(job), todo):
@@ -80,7 +98,8 @@ class ResultStore:
             if out.shape != (self.width,) or not np.isfinite(out).all():
                 raise StoreCorruptError(f"retraining {key} returned shape {out.shape} or non-finite outputs")
             save_npy(self._file(key), out)
-            self.manifest["complete"][key] = {"seed": int(seed), "file": self._file(key).name}
+            self.manifest["complete"][key] = {"seed": int(seed), "file": self._file(key).name,
+                                              "sha256": sha256_file(self._file(key))}
             save_json(self.root / "manifest.json", self.manifest)
             bar.update(1)
         bar.close()
@@ -88,6 +107,9 @@ class ResultStore:
     def load(self, key: str) -> np.ndarray:
         if not self.done(key):
             raise StoreCorruptError(f"{self.root}: result {key} is missing; rerun to resume")
+        if not self._intact(key):
+            raise StoreCorruptError(f"{self._file(key)} is missing or fails its recorded sha256; rerun to "
+                                    "recompute that retraining")
         return np.load(self._file(key), allow_pickle=False)
 
 

@@ -171,3 +171,21 @@ def test_result_store_rejects_bad_output(tmp_path):
     with pytest.raises(StoreCorruptError, match="non-finite"):
         store.run(bad, [("a", (np.arange(2), 0))], LocalExecutor(), progress=False)
     assert not store.done("a")
+
+
+def test_damaged_retraining_results_are_recomputed_or_refused(tmp_path):
+    effects = np.random.default_rng(3).normal(size=(4, 30))
+    gt = GroundTruth(tmp_path / "gt", _spec())
+    gt.compute(ToyJob(effects), LocalExecutor(), progress=False)
+    want = gt.outputs()
+    runs = sorted((tmp_path / "gt" / "runs").glob("*.npy"))
+    np.save(runs[0], np.zeros(4))  # a valid .npy with other numbers: only its sha256 tells
+    runs[1].write_bytes(runs[1].read_bytes()[:20])  # truncated
+    runs[2].unlink()
+    from tda.errors import StoreCorruptError
+    with pytest.raises(StoreCorruptError, match="sha256; rerun"):
+        GroundTruth(tmp_path / "gt", _spec()).outputs()
+    again = GroundTruth(tmp_path / "gt", _spec())
+    assert len(again.store.drop_damaged()) == 3 and len(again.pending()) == 3
+    again.compute(ToyJob(effects), LocalExecutor(), progress=False)
+    np.testing.assert_array_equal(GroundTruth(tmp_path / "gt", _spec()).outputs(), want)
