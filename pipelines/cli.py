@@ -7,20 +7,22 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from stores import FaissIndex, FeatureStore, StoreLock
-from tda.errors import ConfigError, ForeignStoreError, QueryError, StoreCorruptError, StoreError, TDAError
+from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
+                        StoreError, TDAError)
 from tda.data import example_ids as ids_for
 from tda.features import FeatureBlock, concat_blocks
 
-from .config import load_config, parse_config
+from .config import _build, load_config, parse_config
 from .families import Reporting, family_for
-from .layout import RunPaths, load_checkpoint_list
+from .layout import RUN_FILE, RunPaths, load_checkpoint_list
 from .report import format_query
-from .run import claim_run_dir, datasets_for
+from .run import INPUTS_FILE, claim_run_dir, datasets_for, feature_fingerprint
 from .schema import RunConfig
 from .stages import (STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_retrain, stage_score,
                      stage_train)
@@ -47,6 +49,10 @@ STAGE_OUTPUTS = {"train": ("checkpoints",), "featurize": ("features-train", "fea
                  "retrain": ("airrep",), "index": ("scorer", "index"), "score": ("scores",)}
 
 
+#: What claiming a run folder writes before any stage runs (the record, the input-digest cache, the lock).
+CLAIM_FILES = (RUN_FILE, INPUTS_FILE, ".lock")
+
+
 def _forget(paths: RunPaths, stages: list[str]) -> None:
     """Under the run lock: delete the outputs of ``stages`` so that they run again."""
     import shutil
@@ -57,10 +63,12 @@ def _forget(paths: RunPaths, stages: list[str]) -> None:
                 shutil.rmtree(paths.root / name)
 
 
-def read_run_file(paths: RunPaths) -> dict:
-    """``run.json`` of a run folder; :class:`ForeignStoreError` / :class:`StoreCorruptError` if absent or damaged."""
+def read_run_file(paths: RunPaths, make: str = "") -> dict:
+    """``run.json`` of a run folder; :class:`ForeignStoreError` / :class:`StoreCorruptError` if absent or
+    damaged (``make``: the command that makes the run, named in the message)."""
     if not paths.run_file.is_file():
-        raise ForeignStoreError(f"{paths.root} is not a tda run folder (no run.json); run `tda run CONFIG --out {paths.root}` first")
+        what = "does not exist (check the path)" if not paths.root.exists() else "is not a tda run folder (no run.json)"
+        raise ForeignStoreError(f"{paths.root} {what}; run {make or f'`tda run CONFIG --out {paths.root}`'} first")
     try:
         run = json.loads(paths.run_file.read_text())
     except (OSError, ValueError) as exc:
@@ -103,6 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if not args.overwrite:
                     raise
                 paths.run_file.unlink()  # damaged or foreign: --overwrite replaces it
+            if not any(p.name not in CLAIM_FILES for p in root.iterdir()):
+                paths.run_file.unlink(missing_ok=True)  # a claim without work (a run that failed early): claim anew
         claim_run_dir(cfg, root, args.overwrite)
         _cleanup_interrupted(paths, args.repair)
         if args.from_stage:
@@ -184,9 +194,9 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
     with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
         top = {k: z[k] for k in z.files}
     ckpts = load_checkpoint_list(paths)
-    accs = [c.get("query_accuracy") for c in ckpts if c.get("query_accuracy") is not None]
+    acc = family.query_accuracy(cfg, paths) if hasattr(family, "query_accuracy") else None
     print(f"\n{cfg.name}: {len(top['train_ids'])} training examples, {len(top['query_ids'])} queries, "
-          f"{len(ckpts)} checkpoints" + (f", query accuracy {np.mean(accs):.3f}" if accs else ""))
+          f"{len(ckpts)} checkpoints" + (f", query accuracy {acc:.3f}" if acc is not None else ""))
     print("score > 0: training on the example raises the query's measured output f (proponent); "
           "f is the margin log(p/(1-p)) for classifiers, log p(completion | prompt) for language models")
     for row in range(min(cfg.score.show, len(top["query_ids"]))):
@@ -198,13 +208,40 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
-    if not paths.run_file.is_file():
-        raise TDAError(f"{paths.root} has no finished run; run `tda run {args.config}` first")
-    read_run_file(paths)
-    with StoreLock(paths.root):
-        claim_run_dir(cfg, paths.root, overwrite=False)
+    finish = f"`tda run {args.config} --out {paths.root}`"
+    with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
+        _check_finished(cfg, paths, finish)  # before any retraining; run.json is not rewritten
         _validate(cfg, paths, progress=not args.quiet)
     return 0
+
+
+def _check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
+    """``tda validate``: the folder must hold a finished run of this configuration; otherwise an
+    error naming what differs or is missing and ``finish``, the command that completes the run."""
+    if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train"):
+        raise FingerprintMismatchError(
+            f"{paths.root} holds a run of another configuration (data/model/train/featurize differ); validate it "
+            f"with the config and --set options it was run with, or run {finish} into another --out first")
+    _check_complete(paths, {"scores": ("scores.json", "not scored")}, finish)
+
+
+#: What ``tda query`` reads besides the feature stores: folder -> (completion marker, what is missing).
+QUERY_NEEDS = {"scorer": ("scorer.json", "no fitted scorer"), "index": ("index.json", "no index")}
+
+
+def _check_complete(paths: RunPaths, needs: dict[str, tuple[str, str]], finish: str) -> None:
+    """Both feature stores complete and every ``needs`` marker written, else a :class:`StoreError`
+    listing what is missing and naming ``finish``."""
+    missing = []
+    for split in ("train", "query"):
+        if not (paths.store(split) / "manifest.json").is_file():
+            missing.append(f"{paths.store(split).name}/ (no features)")
+        elif pending := FeatureStore.open(paths.store(split)).pending():
+            missing.append(f"{paths.store(split).name}/ ({len(pending)} unfinished shard job(s))")
+    missing += [f"{name}/ ({what})" for name, (marker, what) in needs.items() if not (paths.root / name / marker).is_file()]
+    if missing:
+        raise StoreError(f"{paths.root} holds an unfinished run: {'; '.join(missing)}; complete it with {finish} "
+                         "(finished work is reused)")
 
 
 def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
@@ -233,7 +270,14 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
 
 def cmd_query(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run).resolve())
-    cfg = parse_config(read_run_file(paths)["config"])
+    recorded = read_run_file(paths)["config"]
+    try:
+        _build(RunConfig, recorded, "")  # the record itself; the family's checks follow in parse_config
+    except ConfigError as exc:
+        raise StoreCorruptError(f"{paths.run_file} records a config this version cannot use ({exc}); restore the "
+                                f"file, or rerun `tda run CONFIG --out {paths.root} --overwrite`") from exc
+    cfg = parse_config(recorded)
+    _check_complete(paths, QUERY_NEEDS, f"`tda run CONFIG --out {paths.root}`")
     t0 = time.time()
     scorer = load_scorer(cfg, paths)
     block = _query_features(paths, list(dict.fromkeys(args.example)), args.split)
@@ -273,7 +317,7 @@ def _query_features(paths: RunPaths, examples: list[int], split: str) -> Feature
     if missing:
         raise QueryError(
             f"example id(s) {missing[:5]} are not in the {split} split of this run (ids {int(ids.min())}.."
-            f"{int(ids.max())}); pick an id from that range or raise data.query_size and rerun"
+            f"{int(ids.max())}); pick an id from that range or raise data.{split}_size and rerun"
         )
     size = store.manifest["shard_size"]
     shards = {s: store.read_shard(s) for s in sorted({rows[e] // size for e in examples})}  # each read once

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from tda.errors import ConfigError
+from tda.errors import ConfigError, reading
 
 from .families import family_for
 from .scorers import check_scorer
@@ -71,10 +71,14 @@ def check_config(cfg: RunConfig) -> None:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config file (see ``configs/``); its paths resolve against its folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; name a YAML file (e.g. configs/tiny.yaml)")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; check the path (e.g. configs/tiny.yaml)")
     try:
-        values = yaml.safe_load(path.read_text())
+        with reading(path, "config file", "it must be UTF-8 text holding YAML", ConfigError):
+            text = path.read_text(encoding="utf-8")
+        values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     return parse_config(values or {}, overrides, base=path.resolve().parent)
@@ -82,9 +86,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def _override(values: dict[str, Any], item: str) -> tuple[str, str, Any]:
     """Apply one ``a.b=value`` override in place; returns (section, key, parsed value)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    path, raw = item.split("=", 1)
+    path, eq, raw = item.partition("=")
+    if not eq or not path.strip(". "):
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. --set featurize.k=512")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
@@ -132,7 +136,8 @@ def _checkpoint_files(value: Any, base: Path) -> list[str]:
         if glob.has_magic(pattern):
             hits = sorted(glob.glob(pattern))
             if not hits:
-                raise ConfigError(f"model.checkpoints: no file matches {item!r} (looked for {pattern})")
+                raise ConfigError(f"model.checkpoints: no file matches {item!r} (looked for {pattern}); check the pattern "
+                                  "(relative paths resolve against the config file's folder)")
             files += hits
         else:
             files.append(pattern)

@@ -18,12 +18,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     A crash leaves either the old file or the new one, never a partial file under ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600: follow the umask, as open() does
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600: follow the umask, as open() does
         write(tmp_path)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -31,7 +32,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as exc:
         raise disk_error(exc, path) from exc
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -44,7 +45,8 @@ def disk_error(exc: OSError, path: Path) -> Exception:
         return StoreError(f"the disk is full writing {path} ({exc.strerror}); free space on that file system or "
                           "choose another out_dir, then rerun: finished work is kept and the file was not replaced")
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return StoreError(f"cannot write {path} ({exc.strerror}); choose a folder you can write to")
+        return StoreError(f"cannot write {path} ({exc.strerror}): its folder is read-only or not yours; make it "
+                          "writable, or choose a folder you can write to (--out / out_dir)")
     return exc
 
 
@@ -95,8 +97,15 @@ def save_json(path: Path, obj: Any) -> None:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes; a file the OS refuses to read is a ``StoreError`` naming the fix."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    try:
+        fh = open(path, "rb")
+    except PermissionError as exc:
+        from tda.errors import StoreError, reading
+
+        raise reading(path, "", "", StoreError).failure(exc) from exc
+    with fh:
         while True:
             data = fh.read(chunk)
             if not data:

@@ -3,7 +3,7 @@
 A run names its inputs by content, not by path: the same data moved or spelled another way is
 the same input, and data changed in place is a different one. A file's digest is the sha256 of
 its bytes; a folder's is the sha256 of its files' relative paths and digests (hidden names,
-starting with ``.``, are left out). Each file is read once: its digest is remembered under its
+starting with ``.``, and folders written by tda, are left out). Each file is read once: its digest is remembered under its
 ``(size, mtime_ns, ctime_ns, inode)``, in memory and in a JSON cache file (a run folder's
 ``inputs.json``). Any write to a file changes its ctime, which no tool can set back, so a
 remembered digest is never stale.
@@ -16,9 +16,20 @@ import json
 import os
 from pathlib import Path
 
+from tda.errors import StoreError
+
 from ._io import save_json, sha256_file
 
 CACHE_FORMAT = "tda-input-digests"
+
+
+def _tda_made(folder: Path) -> bool:
+    """A run folder or store made by tda (left out of folder digests: a run may live inside its data folder)."""
+    return any((folder / name).exists() for name in TDA_MARKERS)
+
+
+#: Files that mark a folder written by tda.
+TDA_MARKERS = ("run.json", ".lock", "manifest.json")
 
 
 def _stamp(st: os.stat_result) -> list[int]:
@@ -68,13 +79,17 @@ class DigestCache:
         """sha256 of a file, or of a folder's files (relative paths and digests); ``None`` if ``path``
         does not exist (the loader that reads it reports that)."""
         path = Path(path)
-        if path.is_file():
-            return self.file_digest(path)
-        if not path.is_dir():
-            return None
+        try:
+            if path.is_file():
+                return self.file_digest(path)
+            return self._folder_digest(path) if path.is_dir() else None
+        except (OSError, StoreError):
+            return None  # unreadable: the loader that reads it names the problem and the fix
+
+    def _folder_digest(self, path: Path) -> str:
         h = hashlib.sha256()
         for dirpath, dirnames, filenames in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _tda_made(Path(dirpath) / d))
             for name in sorted(f for f in filenames if not f.startswith(".")):
                 full = Path(dirpath) / name
                 if full.is_file():

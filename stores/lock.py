@@ -17,6 +17,8 @@ from types import TracebackType
 
 from tda.errors import StoreLockedError
 
+from ._io import disk_error
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
@@ -69,6 +71,17 @@ class StoreLock:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
 
     def acquire(self) -> "StoreLock":
+        """Take the lock; :class:`StoreLockedError` if another writer holds it, a
+        :class:`~tda.errors.StoreError` naming the fix if the folder refuses the lock file."""
+        try:
+            return self._acquire()
+        except OSError as exc:  # a read-only folder, a full disk: the lock file cannot be made
+            error = disk_error(exc, self.path)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _acquire(self) -> "StoreLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             return self._acquire_exclusive_create()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError, DTypeError, DuplicateIdError
+from .errors import DataError, DTypeError, DuplicateIdError, reading
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -27,6 +26,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 #: Data shipped with tda: ``mnist/`` (the first 10,000 training and 2,000 test images of MNIST, idx
 #: files) and ``tinyshakespeare.txt.gz`` (the 1.1 MB corpus), for demos that run anywhere.
 DEMO_DATA = Path(__file__).parent / "demo_data"
+_IDX_FIX = "copy it again (MNIST: the four idx files, gzipped or not)"
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 Collate = Callable[[Mapping[str, object]], dict[str, Tensor]]
@@ -36,25 +36,24 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an idx file (optionally gzipped): big-endian header (magic, dims), then data."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    try:
+    with reading(path, "", f"the file is truncated or corrupt: {_IDX_FIX}"):
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt gzip, unreadable file
-        raise DataError(f"{path} cannot be read ({type(exc).__name__}: {exc}); the file is truncated or corrupt: "
-                        "copy it again (MNIST: the four idx files, gzipped or not)") from exc
+    if not raw:
+        raise DataError(f"{path} is empty; {_IDX_FIX}")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an idx file (bad magic number)")
+        raise DataError(f"{path} is not an idx file (bad magic number); {_IDX_FIX}")
     ndim = raw[3]
     offset = 4 + 4 * ndim
     if len(raw) < offset:
-        raise DataError(f"{path} is truncated: its header needs {offset} bytes, found {len(raw)}")
+        raise DataError(f"{path} is truncated: its header needs {offset} bytes, found {len(raw)}; {_IDX_FIX}")
     dims = struct.unpack(f">{ndim}I", raw[4:offset])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - offset != expected:
         raise DataError(
             f"{path} is truncated or has trailing bytes: header says {dims} "
-            f"({expected} data bytes), found {len(raw) - offset}"
+            f"({expected} data bytes), found {len(raw) - offset}; {_IDX_FIX}"
         )
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
 
@@ -86,10 +85,15 @@ def load_mnist(root: str | Path | None = None, split: str = "train", limit: int 
     root = Path(root) if root is not None else DEMO_DATA / "mnist"
     if not root.is_dir():
         raise DataError(f"MNIST folder {root} does not exist; set data.root to the idx files' folder")
-    images = read_idx(_find(root, MNIST_FILES[split][0]))
-    labels = read_idx(_find(root, MNIST_FILES[split][1]))
+    files = [_find(root, stem) for stem in MNIST_FILES[split]]
+    images, labels = (read_idx(f) for f in files)
+    for file, array, ndim, what in ((files[0], images, 3, "images (n, 28, 28)"), (files[1], labels, 1, "labels (n,)")):
+        if array.ndim != ndim:
+            raise DataError(f"{file} holds an array of {array.ndim} dimension(s) {array.shape}, not {what}: a file "
+                            f"of another kind under this name; {_IDX_FIX}")
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise DataError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels in {root}; the files "
+                        "come from different sets: set data.root to a folder of the four files of one MNIST copy")
     if limit is not None:
         if limit < 1:
             raise DataError(f"limit must be >= 1, got {limit}")

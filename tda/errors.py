@@ -6,6 +6,8 @@ what was wrong and how to fix it. Library code never uses ``assert`` for user in
 
 from __future__ import annotations
 
+import os
+
 
 class TDAError(ValueError):
     """Base class of all errors raised by tda, stores and pipelines."""
@@ -78,3 +80,38 @@ class QueryError(TDAError):
 
 class MissingDependencyError(TDAError, ImportError):
     """An optional backend was requested but its package is not installed."""
+
+
+class reading:
+    """Context manager for every file reader: what a reader raises (``OSError``, a decoder's or a
+    parser's own exception) becomes ``error`` naming the file and the fix. Permission denied, a
+    folder where a file is expected and a missing file are told apart; anything else is a damaged
+    file, fixed by ``fix``. ``TDAError`` s pass unchanged.
+
+    Example: ``with reading(path, "data.query_path", "check the file and its format"): ...``
+    """
+
+    def __init__(self, path: object, what: str, fix: str, error: type[TDAError] = DataError) -> None:
+        self.path, self.what, self.fix, self.error = path, what, fix, error
+
+    def __enter__(self) -> "reading":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, TDAError) or not isinstance(exc, Exception):
+            return False
+        raise self.failure(exc) from exc
+
+    def failure(self, exc: BaseException) -> TDAError:
+        """The :class:`TDAError` for ``exc`` raised while reading the file."""
+        where = f"{self.what} {self.path}" if self.what else str(self.path)
+        if isinstance(exc, PermissionError):
+            return self.error(f"permission denied reading {where}; make it readable by this user (chmod / chown) "
+                              "or copy it to a folder you can read")
+        if isinstance(exc, IsADirectoryError):
+            return self.error(f"{where} is a folder, not a file; point it at the file")
+        if isinstance(exc, FileNotFoundError) and not os.path.exists(str(self.path)):
+            return self.error(f"{where} does not exist; check the path")
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        return self.error(f"{where} cannot be read ({type(exc).__name__}{': ' + reason if reason else ''}); "
+                          f"{self.fix}")

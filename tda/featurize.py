@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError, DataError, DTypeError, ShapeError
+from .errors import CheckpointError, ConfigError, DataError, DTypeError, ShapeError, reading
 from .gradients import (check_finite, flatten_grads, linear_layers_for, linear_per_example_grads,
                         loop_per_example_grads, loss_weights, parameter_count, per_example_grads,
                         select_parameters, task_groups, vmap_incompatible)
@@ -71,7 +71,9 @@ def load_checkpoint(source: StateDict | str | Path) -> dict[str, Tensor]:
     try:
         state = _read_weights(path)
     except Exception as exc:  # torch and safetensors raise several types for bad files
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if isinstance(exc, (PermissionError, IsADirectoryError)):
+            raise reading(path, "checkpoint", "", CheckpointError).failure(exc) from exc
+        reason = _load_failure(exc)
         raise CheckpointError(
             f"checkpoint {path} cannot be read as a weights-only state dict ({reason}); no code in it "
             "was run; save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
@@ -80,6 +82,19 @@ def load_checkpoint(source: StateDict | str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict; save it "
                               "with torch.save(model.state_dict(), path)")
     return dict(state)
+
+
+def _load_failure(exc: Exception) -> str:
+    """The gist of a checkpoint reader's error: torch's weights-only unpickler explains its
+    defaults at length (with terminal colours) before saying what it met."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", rest)
+        if found:
+            return f"it pickles a {found.group(1)} object, not only tensors"
+        return f"not a torch.save file of tensors: {rest.splitlines()[0].strip() if rest else 'unpickling failed'}"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

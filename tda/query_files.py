@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .data import example_ids
-from .errors import DataError, ShapeError
+from .errors import DataError, ShapeError, reading
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".csv": "csv",
            ".json": "json", ".jsonl": "json"}
@@ -38,6 +38,8 @@ def load_table(path: str | Path, limit: int | None = None, key: str = "data.quer
     path = Path(path)
     if not path.exists():
         raise DataError(f"{key} {path} does not exist; point it at a .parquet, .arrow, .csv or .json file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{key} {path} is an empty file (0 bytes); it must hold at least one row: write it again")
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
@@ -54,9 +56,13 @@ def load_table(path: str | Path, limit: int | None = None, key: str = "data.quer
     except DataError:
         raise
     except Exception as exc:  # the readers raise many kinds (ArrowInvalid, ValueError, OSError, ...)
-        if "corresponds to no data" in str(exc):
+        cause = exc
+        while type(cause).__name__ == "DatasetGenerationError" and cause.__cause__ is not None:
+            cause = cause.__cause__  # datasets wraps the reader's own error
+        if any(s in str(cause) for s in ("corresponds to no data", "BatchSize must be greater than 0")):
             raise DataError(f"{key} {path} has no rows; it must hold at least one query") from exc
-        raise DataError(f"cannot read {key} {path} ({type(exc).__name__}: {exc}); check the file and its format") from exc
+        raise reading(path, key, "check the file and its format (it must be a complete "
+                      f"{path.suffix or 'save_to_disk'} file)").failure(cause) from exc
     if len(ds) == 0:
         raise DataError(f"{key} {path} has no rows; it must hold at least one query")
     if limit is not None and limit < len(ds):
@@ -115,7 +121,9 @@ def image_queries(ds, shape: tuple[int, int, int], classes: int, key: str = "dat
     images = np.stack([_to_chw(_decode(v), shape, r, key) for r, v in enumerate(cells)])
     if images.dtype.kind == "f":
         if not np.isfinite(images).all():
-            raise DataError(f"{key}: images contain NaN or infinite values")
+            rows = np.flatnonzero(~np.isfinite(images).all(axis=1))[:5].tolist()
+            raise DataError(f"{key}: images contain NaN or infinite values (row(s) {rows}); fix or drop those rows "
+                            "(pixels are numbers 0..255)")
         images = np.rint(images)
     if images.dtype.kind not in "iuf" or images.min() < 0 or images.max() > 255:
         raise DataError(f"{key}: pixel values must be numbers in 0..255 (got {images.dtype}, range "

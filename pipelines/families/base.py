@@ -98,7 +98,8 @@ class Family:
         """``model.options`` parsed into :attr:`options_type`."""
         if self.options_type is None:
             if cfg.model.options:
-                raise ConfigError(f"the {self.name!r} family takes no model.options, got {sorted(cfg.model.options)}")
+                raise ConfigError(f"the {self.name!r} family takes no model.options, got {sorted(cfg.model.options)}; "
+                                  "remove them")
             return None
         return _build(self.options_type, cfg.model.options, "model.options")
 

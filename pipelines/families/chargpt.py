@@ -276,7 +276,8 @@ def train_lm(
         logits = _logits(model(batch))  # (B, T, V)
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"LM training loss became {loss.item()} at step {step}; lower lr")
+            raise NonFiniteError(f"training diverged: the LM loss became {loss.item()} at step {step} (train.lr is "
+                                 f"{lr:g}); lower train.lr and rerun")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

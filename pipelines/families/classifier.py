@@ -17,9 +17,11 @@ from torch import nn
 
 from tda.data import mnist_collate
 from tda.errors import ConfigError
+from tda.featurize import load_checkpoint
 from tda.models import mlp
 from tda.tasks import ClassificationTask, Task, classification_margin
 
+from ..layout import load_checkpoint_list
 from .base import Family, Reporting, Representations, Retraining, SaveFn, collated
 from .images import IMAGE_DATA, ImageCollate, image_datasets, unused_train_rows
 from .jobs import SubsetJob
@@ -78,11 +80,25 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
 
     def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
         t, data, collate = cfg.train, self.datasets(cfg, paths), self.collate(cfg)
-        train_b, query_b = collated(data["train"], collate), collated(data["query"], collate)
+        train_b = collated(data["train"], collate)
         model = train_classifier(lambda: self.build_model(cfg), train_b["x"], train_b["y"], epochs=t.epochs,
                                  lr=t.lr, batch_size=t.batch_size, seed=t.seed + model_index, on_epoch=save)
-        return {"query_accuracy": accuracy(model, query_b["x"], query_b["y"]),
-                "train_accuracy": accuracy(model, train_b["x"], train_b["y"])}
+        # the training side records nothing about the queries (they change without retraining)
+        return {"train_accuracy": accuracy(model, train_b["x"], train_b["y"])}
+
+    def query_accuracy(self, cfg: RunConfig, paths: RunPaths) -> float | None:
+        """Mean accuracy on the run's current queries of each model's last attributed checkpoint."""
+        query_b = collated(self.datasets(cfg, paths)["query"], self.collate(cfg))
+        if "y" not in query_b:
+            return None
+        last: dict[int, dict[str, Any]] = {}
+        for entry in load_checkpoint_list(paths):
+            last[entry.get("model", 0)] = entry
+        model, accs = self.build_model(cfg), []
+        for entry in last.values():
+            model.load_state_dict(load_checkpoint(paths.checkpoint_file(entry)))
+            accs.append(accuracy(model, query_b["x"], query_b["y"]))
+        return float(np.mean(accs)) if accs else None
 
     def representation_module(self, cfg: RunConfig) -> str:
         """The last hidden layer: the module before the final Linear (MLP: its last ReLU; CNN: the Flatten)."""

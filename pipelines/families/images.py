@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tda.data import DEMO_DATA, MNIST_MEAN, MNIST_STD, draw_subset, example_ids, load_mnist
-from tda.errors import DataError
+from tda.errors import DataError, ShapeError, reading
 
 if TYPE_CHECKING:
     from ..schema import RunConfig
@@ -85,8 +85,16 @@ def load_cifar2(root: str, split: str, limit: int | None):
     if not path.is_file():
         raise DataError(f"CIFAR-2 file {path} not found; set data.root to the folder holding {CIFAR2_FILE} "
                         "(../shared/data/cifar10 in this project)")
-    with np.load(path, allow_pickle=False) as z:
-        x, y = z[f"x_{split}"][:limit], z[f"y_{split}"][:limit]  # (n, 32, 32, 3) uint8, (n,)
+    with reading(path, "", "the file is truncated or corrupt: copy it again"):
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in (f"x_{split}", f"y_{split}") if k not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks the arrays {missing} (it has {z.files}); CIFAR-2 needs x_train, "
+                                "y_train, x_test, y_test: copy the file again")
+            x, y = z[f"x_{split}"][:limit], z[f"y_{split}"][:limit]  # (n, 32, 32, 3) uint8, (n,)
+    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or y.shape != x.shape[:1]:
+        raise ShapeError(f"{path}: x_{split} has shape {x.shape} and y_{split} {y.shape}; CIFAR-2 needs images "
+                         "(n, 32, 32, 3) uint8 and labels (n,): copy the file again")
     flat = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(-1)  # channel-major rows
     return datasets.Dataset(pa.table({
         "id": pa.array(np.arange(len(x), dtype=np.int64)),

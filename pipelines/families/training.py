@@ -64,7 +64,8 @@ def train_classifier(
             idx = order[lo: lo + batch_size]
             loss = loss_fn(model(x[idx]), y[idx])
             if not torch.isfinite(loss):
-                raise NonFiniteError(f"training loss became {loss.item()} in epoch {epoch}; lower lr")
+                raise NonFiniteError(f"training diverged: the loss became {loss.item()} in epoch {epoch} (train.lr "
+                                     f"is {lr:g}); lower train.lr and rerun")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

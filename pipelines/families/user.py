@@ -72,9 +72,13 @@ class UserFamily(Representations, Retraining, Family):
         d = cfg.data
         if d.train_path is None:
             return image_datasets(cfg)
-        return {"train": table_subset(d.train_path, d.train_size, d.seed, d.label_column, d.subset, "data.train_path"),
+        data = {"train": table_subset(d.train_path, d.train_size, d.seed, d.label_column, d.subset, "data.train_path"),
                 "query": table_subset(d.query_path, d.query_size, d.seed + 1, d.label_column, d.subset,
                                       "data.query_path")}
+        if not d.collate and type(self.task(cfg)) is ClassificationTask:  # the built-in collate feeds it labels
+            for split, table in data.items():
+                _check_labels(table, d.label_column, f"data.{split}_path {getattr(d, split + '_path')}")
+        return data
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         factory = import_object(cfg.model.factory, cfg.code_dir, "model.factory")
@@ -153,6 +157,22 @@ def _table_subset(path: str, size: int | None, seed: int, label_column: str, how
                             f"{label_column!r}: every attribution would be meaningless; check the file and the "
                             "column, or raise data.train_size")
     return out
+
+
+def _check_labels(table, column: str, where: str) -> None:
+    """The classification task's label column exists and holds an integer class id in every row."""
+    import pyarrow as pa
+
+    if column not in table.column_names:
+        raise DataError(f"{where} lacks the label column {column!r} (it has {table.column_names}); the classification "
+                        "task needs class ids: add the column, set data.label_column to the column that holds them, "
+                        "or set model.task")
+
+    labels = table.with_format("arrow")[column]
+    if not pa.types.is_integer(labels.type) or labels.null_count:
+        sample = [v for v in labels.to_pylist() if not isinstance(v, int) or isinstance(v, bool)][:3]
+        raise DataError(f"{where}: {column!r} must hold an integer class id in every row, got {labels.type} values "
+                        f"such as {sample}; fill missing labels and map names to ids (or set data.label_column)")
 
 
 class ColumnsCollate:

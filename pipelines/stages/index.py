@@ -81,6 +81,8 @@ def _state_intact(paths: RunPaths) -> bool:
 
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
     """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
+    if not (paths.index / "index.json").is_file():  # never built, or its stage did not finish
+        raise StoreError(f"{paths.index} holds no finished index; build it with `tda run CONFIG --from index`")
     index = FaissIndex.load(paths.index)
     return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
                        fix="rebuild it with `tda run CONFIG --from index`")

@@ -1,0 +1,255 @@
+"""Kill campaign: SIGKILL `tda run` at seeded random instants, rerun, compare with an uninterrupted run.
+
+Each trial starts from an empty folder or from a finished run of config A, runs an *attempt*
+command that is killed (the whole process group, dask workers included) one to three times at a
+random instant between the end of its imports and its measured duration, then finishes with a plain rerun of either the
+attempted configuration or the original one. The finished folder must equal the uninterrupted
+run of the finishing configuration made in an empty folder: every file byte-identical (JSON
+compared without its ``finished`` timestamp), no file more or less, no lock, no temporary file.
+
+Scenarios (tiny runs with small shards and scoring blocks, so that there are many commit points):
+
+- ``fresh``: empty folder, config A.
+- ``from``: finished A rerun with ``--from featurize`` (features, scorer, index, scores deleted, redone).
+- ``rescore``: finished A rerun with ``score.lambda_rel=0.1`` (config B); finish with A or B.
+- ``requery``: finished A rerun with ``data.query_size=10`` (Q: the query store is deleted and
+  rebuilt); finish with A or Q.
+- ``overwrite``: finished A rerun with ``featurize.seed=1 --overwrite`` (F: the run folder is
+  emptied); finish with A or F, both with ``--overwrite``.
+
+    python benchmarks/kills.py --kills 200                  # both executors (~30 min on 2 cores)
+    python benchmarks/kills.py --kills 20 --executors local
+
+:func:`campaign` is also the CI test's (``tests/test_kill_campaign.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+BASE = ["featurize.shard_size=32", "featurize.batch_size=32", "score.block_rows=4"]
+CONFIGS = {"A": [], "B": ["score.lambda_rel=0.1"], "Q": ["data.query_size=10"], "F": ["featurize.seed=1"]}
+EXECUTORS = {"local": [], "dask": ["executor.kind=dask", "executor.workers=2"]}
+#: scenario -> (start state, attempted command, finishing commands: config name and extra flags)
+SCENARIOS = {
+    "fresh": (None, ("A", ()), [("A", ())]),
+    "from": ("A", ("A", ("--from", "featurize")), [("A", ())]),
+    "rescore": ("A", ("B", ()), [("A", ()), ("B", ())]),
+    "requery": ("A", ("Q", ()), [("A", ()), ("Q", ())]),
+    "overwrite": ("A", ("F", ("--overwrite",)), [("A", ("--overwrite",)), ("F", ("--overwrite",))]),
+}
+STAGE_BARS = ("train", "featurize train", "featurize query", "index", "score")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+VOLATILE = ("finished",)
+
+
+def argv(out: Path, config: str, executor: str, extra: tuple[str, ...] = ()) -> list[str]:
+    sets = [x for s in BASE + CONFIGS[config] + EXECUTORS[executor] for x in ("--set", s)]
+    return [sys.executable, "-m", "pipelines.cli", "run", TINY, "--out", str(out), *sets, *extra]
+
+
+def _digest(path: Path) -> str:
+    if path.suffix == ".json":
+        def strip(obj: Any) -> Any:
+            if isinstance(obj, dict):
+                return {k: strip(v) for k, v in obj.items() if k not in VOLATILE}
+            return [strip(v) for v in obj] if isinstance(obj, list) else obj
+        try:
+            return "json:" + json.dumps(strip(json.loads(path.read_text())), sort_keys=True)
+        except ValueError:
+            pass
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """relative path -> digest of every file of a run folder but its lock and input-digest cache."""
+    return {p.relative_to(folder).as_posix(): _digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (".lock", "inputs.json")}
+
+
+def differences(folder: Path, reference: dict[str, str]) -> list[str]:
+    got = snapshot(folder)
+    diff = [f"missing {k}" for k in reference if k not in got] + [f"extra {k}" for k in got if k not in reference]
+    return diff + [f"differs {k}" for k in reference if k in got and got[k] != reference[k]]
+
+
+def run_to_end(cmd: list[str], in_process: bool = False) -> float:
+    """Run a ``tda`` command to its end; its wall time. ``in_process``: through ``pipelines.cli.main``
+    on one torch thread, as the subprocesses run (no import time: the caller adds it)."""
+    t = time.time()
+    if in_process:
+        import torch
+
+        from pipelines.cli import main as tda_main
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rc = tda_main([*cmd[3:], "--quiet"])
+        finally:
+            torch.set_num_threads(threads)
+        if rc != 0:
+            raise RuntimeError(f"{' '.join(cmd[3:])} failed in process (rc {rc})")
+        return time.time() - t
+    done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
+    return time.time() - t
+
+
+def last_stage(stderr: Path) -> str:
+    """The stage whose progress bar the killed process showed last ("startup" before any)."""
+    text = stderr.read_text(errors="replace").replace("\r", "\n")
+    stage = "startup"
+    for line in text.splitlines():
+        for name in STAGE_BARS:
+            if line.startswith(name + ":") or line.startswith(name + " "):
+                stage = name
+    return stage
+
+
+def attempt(cmd: list[str], delay: float, log: Path) -> str | None:
+    """Run ``cmd``, SIGKILL its process group after ``delay`` s; the stage it was in, or None if it
+    finished first (a failure is raised)."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return last_stage(log)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed before the kill (rc {proc.returncode}):\n"
+                           f"{log.read_text()[-3000:]}")
+    return None
+
+
+class Campaign:
+    """References per (config, executor), durations per (scenario, executor), then trials."""
+
+    def __init__(self, work: Path, executors: list[str], seed: int, in_process: bool = False) -> None:
+        self.work, self.executors, self.rng, self.in_process = work, executors, random.Random(seed), in_process
+        self.refs: dict[tuple[str, str], dict[str, str]] = {}
+        self.finished: dict[str, Path] = {}
+        self.duration: dict[tuple[str, str], float] = {}
+        self.kills: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.trials = 0
+        self.startup = 0.0
+
+    def prepare(self) -> None:
+        """References of every config (in empty folders) and each scenario's attempt duration."""
+        self.startup = run_to_end([sys.executable, "-m", "pipelines.cli", "--help"])  # imports only
+        for ex in self.executors:
+            for name in CONFIGS:
+                out = self.work / f"ref-{name}-{ex}"
+                run_to_end(argv(out, name, ex), self.in_process)
+                self.refs[name, ex] = snapshot(out)
+            self.finished[ex] = self.work / f"ref-A-{ex}"
+            for scenario, (start, (config, extra), _) in SCENARIOS.items():
+                out = self._start(scenario, ex, start)
+                t = run_to_end(argv(out, config, ex, extra), self.in_process)
+                self.duration[scenario, ex] = t + (self.startup if self.in_process else 0.0)
+                shutil.rmtree(out)
+
+    def _start(self, scenario: str, ex: str, start: str | None) -> Path:
+        out = self.work / f"trial-{scenario}-{ex}"
+        if out.exists():
+            shutil.rmtree(out)
+        if start is not None:
+            shutil.copytree(self.finished[ex], out)
+        return out
+
+    def trial(self, scenario: str, ex: str, kills: int) -> int:
+        """One trial; returns the kills made."""
+        start, (config, extra), finishes = SCENARIOS[scenario]
+        out = self._start(scenario, ex, start)
+        made = 0
+        for _ in range(kills):
+            # most kills after the imports (a kill during them tests nothing)
+            delay = self.rng.uniform(0.8 * self.startup, self.duration[scenario, ex])
+            stage = attempt(argv(out, config, ex, extra), delay, self.work / "attempt.log")
+            if stage is None:
+                break
+            made += 1
+            self.kills.append({"scenario": scenario, "executor": ex, "stage": stage, "delay": round(delay, 2)})
+        finish, flags = self.rng.choice(finishes)
+        self.trials += 1
+        try:
+            run_to_end(argv(out, finish, ex, flags), self.in_process)
+            diff = differences(out, self.refs[finish, ex])
+        except RuntimeError as exc:
+            diff = [str(exc)]
+        if diff:
+            self.failures.append({"scenario": scenario, "executor": ex, "finish": finish, "kills": made,
+                                  "differences": diff[:10]})
+        shutil.rmtree(out)
+        return made
+
+    def run(self, total: int) -> None:
+        """Trials round-robin over (scenario, executor) until ``total`` kills, each pair killed at least once."""
+        pairs = [(s, ex) for ex in self.executors for s in SCENARIOS]
+        i = 0
+        while (len(self.kills) < total or self._unkilled(pairs)) and i < 20 * max(total, len(pairs)):
+            scenario, ex = pairs[i % len(pairs)]
+            self.trial(scenario, ex, self.rng.randint(1, 3))
+            i += 1
+
+    def _unkilled(self, pairs: list[tuple[str, str]]) -> bool:
+        return bool(set(pairs) - {(k["scenario"], k["executor"]) for k in self.kills})
+
+    def summary(self) -> dict[str, Any]:
+        by = Counter((k["executor"], k["scenario"]) for k in self.kills)
+        stages = Counter((k["executor"], k["stage"]) for k in self.kills)
+        return {"kills": len(self.kills), "trials": self.trials, "failures": self.failures,
+                "by_scenario": {f"{e}/{s}": n for (e, s), n in sorted(by.items())},
+                "by_stage": {f"{e}/{s}": n for (e, s), n in sorted(stages.items())}}
+
+
+def campaign(kills: int, executors: list[str], seed: int = 0, work: Path | None = None,
+             in_process: bool = False) -> dict[str, Any]:
+    """Run a campaign of at least ``kills`` kills; its :meth:`Campaign.summary`. ``in_process``: the
+    uninterrupted runs go through ``pipelines.cli.main`` here (faster; the killed ones never do)."""
+    with tempfile.TemporaryDirectory(prefix="tda-kills-") as tmp:
+        c = Campaign(Path(work or tmp), executors, seed, in_process)
+        c.prepare()
+        c.run(kills)
+        return c.summary()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=200)
+    p.add_argument("--executors", default="local,dask")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the summary here")
+    a = p.parse_args()
+    t = time.time()
+    result = campaign(a.kills, a.executors.split(","), a.seed)
+    result["seconds"] = round(time.time() - t)
+    print(json.dumps(result, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+    print(f"\n{result['kills']} kills in {result['trials']} trials, {len(result['failures'])} failed trials, "
+          f"{result['seconds']} s")
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
