@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from stores import FaissIndex, FeatureStore, StoreLock
+from stores.digests import DIGESTS
 from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
                         StoreError, TDAError)
 from tda.data import example_ids as ids_for
@@ -271,6 +272,7 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
 def cmd_query(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run).resolve())
     recorded = read_run_file(paths)["config"]
+    DIGESTS.load(paths.root / INPUTS_FILE)  # input digests the run recorded (read only: a query writes nothing)
     try:
         _build(RunConfig, recorded, "")  # the record itself; the family's checks follow in parse_config
     except ConfigError as exc:
