@@ -21,7 +21,7 @@ from tda.features import FeatureBlock, concat_blocks
 
 from .config import _build, load_config, parse_config
 from .families import Reporting, family_for
-from .layout import RUN_FILE, RunPaths, load_checkpoint_list
+from .layout import RunPaths, load_checkpoint_list
 from .report import format_query
 from .run import INPUTS_FILE, claim_run_dir, datasets_for, feature_fingerprint
 from .schema import RunConfig
@@ -48,10 +48,6 @@ def _stages(args: argparse.Namespace) -> list[str]:
 #: shared retraining folders are never touched).
 STAGE_OUTPUTS = {"train": ("checkpoints",), "featurize": ("features-train", "features-query"),
                  "retrain": ("airrep",), "index": ("scorer", "index"), "score": ("scores",)}
-
-
-#: What claiming a run folder writes before any stage runs (the record, the input-digest cache, the lock).
-CLAIM_FILES = (RUN_FILE, INPUTS_FILE, ".lock")
 
 
 def _forget(paths: RunPaths, stages: list[str]) -> None:
@@ -112,8 +108,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if not args.overwrite:
                     raise
                 paths.run_file.unlink()  # damaged or foreign: --overwrite replaces it
-            if not any(p.name not in CLAIM_FILES for p in root.iterdir()):
-                paths.run_file.unlink(missing_ok=True)  # a claim without work (a run that failed early): claim anew
         claim_run_dir(cfg, root, args.overwrite)
         _cleanup_interrupted(paths, args.repair)
         if args.from_stage:

@@ -26,15 +26,13 @@ from tda.errors import ConfigError, reading
 
 from .families import family_for
 from .scorers import check_scorer
-from .schema import (FEATURE_SECTIONS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS, SCORE_SECTIONS, DataConfig,  # noqa: F401
-                     ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig,
+from .schema import (FEATURE_SECTIONS, IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS,  # noqa: F401
+                     SCORE_SECTIONS, DataConfig, ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig,
                      ValidateConfig, _build, scorer_fingerprint, section_fingerprint, stable_dict)
 
-#: ``(section, key)`` of every path-valued key; ``model.checkpoints`` is a list of paths or globs.
-PATH_KEYS = (("data", "root"), ("data", "train_path"), ("data", "query_path"), ("data", "tokenizer"),
-             ("model", "hf"), ("model", "checkpoints"), ("validate", "ground_truth_dir"))
-#: Import strings: ``path/file.py:fn`` resolves its file, ``module:fn`` imports from ``code_dir``.
-IMPORT_KEYS = (("model", "factory"), ("model", "task"), ("data", "collate"), ("train", "factory"))
+#: ``(section, key)`` of every path-valued key: the inputs, and where ground truth is kept.
+#: Import strings (:data:`IMPORT_KEYS`): ``path/file.py:fn`` resolves its file, ``module:fn`` imports from ``code_dir``.
+PATH_KEYS = INPUT_KEYS + (("validate", "ground_truth_dir"),)
 
 
 def parse_config(values: dict[str, Any], overrides: list[str] | None = None, base: str | Path | None = None) -> RunConfig:

@@ -40,6 +40,8 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
     fp = feature_fingerprint(cfg, "train")
     record = {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict(), "inputs": input_record(cfg)}
     old = None
+    if paths.run_file.is_file() and not any(p.name not in CLAIM_FILES for p in root.iterdir()):
+        paths.run_file.unlink()  # a claim without work (a run that failed before any stage): claim anew
     if paths.run_file.is_file():
         try:
             old = json.loads(paths.run_file.read_text())
@@ -68,6 +70,8 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
 
 #: The run folder's cache of input digests (see :mod:`stores.digests`).
 INPUTS_FILE = "inputs.json"
+#: What claiming a run folder writes before any stage runs (the record, the input-digest cache, the lock).
+CLAIM_FILES = (RUN_FILE, INPUTS_FILE, ".lock")
 
 
 def input_record(cfg: RunConfig) -> dict[str, Any]:
@@ -86,12 +90,13 @@ def describe_change(old: Any, new: dict[str, Any]) -> str:
         return "run.json records no configuration"
     changes = []
     old_inputs, new_inputs = old.get("inputs") or {}, new["inputs"]
-    for name in sorted((set(old_inputs) | set(new_inputs)) - {f"data.{k}" for k in QUERY_KEYS}):
+    queries = {f"data.{k}" for k in QUERY_KEYS}  # not part of the training side
+    for name in sorted((set(old_inputs) | set(new_inputs)) - queries):
         a, b = old_inputs.get(name) or {}, new_inputs.get(name) or {}
         if a.get("sha256") != b.get("sha256"):
             where = f"at {b.get('path')}" if a.get("path") == b.get("path") else f"{a.get('path')} -> {b.get('path')}"
             changes.append(f"the content of {name} changed ({where})")
-    skip = {n for n in set(old_inputs) | set(new_inputs)} | {f"data.{k}" for k in QUERY_KEYS}
+    skip = set(old_inputs) | set(new_inputs) | queries  # inputs count by content, above
     for section in FEATURE_SECTIONS:
         a, b = old["config"].get(section) or {}, new["config"].get(section) or {}
         for key in sorted(set(a) | set(b)):

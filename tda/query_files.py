@@ -27,6 +27,11 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".csv": "
            ".json": "json", ".jsonl": "json"}
 
 
+def non_integers(values: list[Any], count: int = 3) -> list[Any]:
+    """The first ``count`` values that are not integers (nulls, floats, strings, booleans), for messages."""
+    return [v for v in values if not isinstance(v, int) or isinstance(v, bool)][:count]
+
+
 def load_table(path: str | Path, limit: int | None = None, key: str = "data.query_path"):
     """The file (or ``save_to_disk`` folder) at ``path`` as a ``datasets.Dataset``; first ``limit`` rows.
 
@@ -130,9 +135,9 @@ def image_queries(ds, shape: tuple[int, int, int], classes: int, key: str = "dat
                         f"{images.min()}..{images.max()}); store raw 8-bit pixels")
     labels = np.asarray(ds.with_format(None)["label"])
     if labels.dtype.kind not in "iu":  # nulls (object / float) or names (strings)
-        bad = [v for v in labels.tolist() if not isinstance(v, int) or isinstance(v, bool)][:3]
         raise DataError(f"{key}: 'label' must hold integer class ids 0..{classes - 1} in every row, got "
-                        f"{labels.dtype} values such as {bad}; fill missing labels and map names to ids")
+                        f"{labels.dtype} values such as {non_integers(labels.tolist())}; fill missing labels and map "
+                        "names to ids")
     if labels.min() < 0 or labels.max() >= classes:
         raise DataError(f"{key}: 'label' must hold integers 0..{classes - 1}, got {labels.dtype} "
                         f"{labels.min()}..{labels.max()}")

@@ -24,7 +24,7 @@ from typing import Callable
 
 import pytest
 
-from pipelines.cli import CLAIM_FILES
+from pipelines.run import CLAIM_FILES
 from tda import errors as E
 from test_reliability import cli_error, snapshot
 

@@ -31,6 +31,7 @@ from tda.data import draw_subset, example_ids, iter_batches
 from tda.errors import ConfigError, DataError
 from tda.featurize import apply_checkpoint
 from tda.tasks import ClassificationTask, Task
+from tda.query_files import non_integers
 
 from ..imports import import_object
 from .base import Family, Representations, Retraining
@@ -170,9 +171,8 @@ def _check_labels(table, column: str, where: str) -> None:
 
     labels = table.with_format("arrow")[column]
     if not pa.types.is_integer(labels.type) or labels.null_count:
-        sample = [v for v in labels.to_pylist() if not isinstance(v, int) or isinstance(v, bool)][:3]
         raise DataError(f"{where}: {column!r} must hold an integer class id in every row, got {labels.type} values "
-                        f"such as {sample}; fill missing labels and map names to ids (or set data.label_column)")
+                        f"such as {non_integers(labels.to_pylist())}; fill missing labels and map names to ids (or set data.label_column)")
 
 
 class ColumnsCollate:
