@@ -16,6 +16,10 @@ Scenarios (tiny runs with small shards and scoring blocks, so that there are man
   rebuilt); finish with A or Q.
 - ``overwrite``: finished A rerun with ``featurize.seed=1 --overwrite`` (F: the run folder is
   emptied); finish with A or F, both with ``--overwrite``.
+- ``airrep``: empty folder, ``score.scorer=airrep`` (R: representations, the retrain stage's
+  subset models, AirRep's head); finish with R.
+- ``validate``: ``tda validate`` on finished A (V: ground-truth retrainings, removal retrainings,
+  LDS); finish with V.
 
     python benchmarks/kills.py --kills 200                  # both executors (~30 min on 2 cores)
     python benchmarks/kills.py --kills 20 --executors local
@@ -43,7 +47,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 BASE = ["featurize.shard_size=32", "featurize.batch_size=32", "score.block_rows=4"]
-CONFIGS = {"A": [], "B": ["score.lambda_rel=0.1"], "Q": ["data.query_size=10"], "F": ["featurize.seed=1"]}
+CONFIGS = {"A": [], "B": ["score.lambda_rel=0.1"], "Q": ["data.query_size=10"], "F": ["featurize.seed=1"],
+           "R": ["score.scorer=airrep", "score.options={queries: 20, subsets: 4, steps: 30}"],
+           "V": ["validate.subsets=6", "validate.plots=false", "validate.removal_queries=2",
+                 "validate.removal_ks=[5]"]}
+#: configs whose command is ``tda validate`` on a finished run of A (every other one is ``tda run``)
+VALIDATES = {"V"}
 EXECUTORS = {"local": [], "dask": ["executor.kind=dask", "executor.workers=2"]}
 #: scenario -> (start state, attempted command, finishing commands: config name and extra flags)
 SCENARIOS = {
@@ -52,15 +61,20 @@ SCENARIOS = {
     "rescore": ("A", ("B", ()), [("A", ()), ("B", ())]),
     "requery": ("A", ("Q", ()), [("A", ()), ("Q", ())]),
     "overwrite": ("A", ("F", ("--overwrite",)), [("A", ("--overwrite",)), ("F", ("--overwrite",))]),
+    "airrep": (None, ("R", ()), [("R", ())]),
+    "validate": ("A", ("V", ()), [("V", ())]),
 }
-STAGE_BARS = ("train", "featurize train", "featurize query", "index", "score")
+#: the scenarios of configuration changes, query changes and overwrites (the CI test's)
+RUN_SCENARIOS = ("fresh", "from", "rescore", "requery", "overwrite")
+STAGE_BARS = ("train", "featurize train", "featurize query", "retrain", "index", "score", "validate")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 VOLATILE = ("finished",)
 
 
 def argv(out: Path, config: str, executor: str, extra: tuple[str, ...] = ()) -> list[str]:
     sets = [x for s in BASE + CONFIGS[config] + EXECUTORS[executor] for x in ("--set", s)]
-    return [sys.executable, "-m", "pipelines.cli", "run", TINY, "--out", str(out), *sets, *extra]
+    command = "validate" if config in VALIDATES else "run"
+    return [sys.executable, "-m", "pipelines.cli", command, TINY, "--out", str(out), *sets, *extra]
 
 
 def _digest(path: Path) -> str:
@@ -143,8 +157,10 @@ def attempt(cmd: list[str], delay: float, log: Path) -> str | None:
 class Campaign:
     """References per (config, executor), durations per (scenario, executor), then trials."""
 
-    def __init__(self, work: Path, executors: list[str], seed: int, in_process: bool = False) -> None:
+    def __init__(self, work: Path, executors: list[str], seed: int, in_process: bool = False,
+                 scenarios: list[str] | None = None) -> None:
         self.work, self.executors, self.rng, self.in_process = work, executors, random.Random(seed), in_process
+        self.scenarios = list(scenarios or SCENARIOS)
         self.refs: dict[tuple[str, str], dict[str, str]] = {}
         self.finished: dict[str, Path] = {}
         self.duration: dict[tuple[str, str], float] = {}
@@ -157,12 +173,16 @@ class Campaign:
         """References of every config (in empty folders) and each scenario's attempt duration."""
         self.startup = run_to_end([sys.executable, "-m", "pipelines.cli", "--help"])  # imports only
         for ex in self.executors:
-            for name in CONFIGS:
+            needed = {"A"} | {c for s in self.scenarios for c in [SCENARIOS[s][1][0]] + [f for f, _ in SCENARIOS[s][2]]}
+            for name in sorted(needed, key=lambda c: c in VALIDATES):  # validations after A
                 out = self.work / f"ref-{name}-{ex}"
+                if name in VALIDATES:
+                    shutil.copytree(self.work / f"ref-A-{ex}", out)
                 run_to_end(argv(out, name, ex), self.in_process)
                 self.refs[name, ex] = snapshot(out)
             self.finished[ex] = self.work / f"ref-A-{ex}"
-            for scenario, (start, (config, extra), _) in SCENARIOS.items():
+            for scenario in self.scenarios:
+                start, (config, extra), _ = SCENARIOS[scenario]
                 out = self._start(scenario, ex, start)
                 t = run_to_end(argv(out, config, ex, extra), self.in_process)
                 self.duration[scenario, ex] = t + (self.startup if self.in_process else 0.0)
@@ -204,7 +224,7 @@ class Campaign:
 
     def run(self, total: int) -> None:
         """Trials round-robin over (scenario, executor) until ``total`` kills, each pair killed at least once."""
-        pairs = [(s, ex) for ex in self.executors for s in SCENARIOS]
+        pairs = [(s, ex) for ex in self.executors for s in self.scenarios]
         i = 0
         while (len(self.kills) < total or self._unkilled(pairs)) and i < 20 * max(total, len(pairs)):
             scenario, ex = pairs[i % len(pairs)]
@@ -223,11 +243,11 @@ class Campaign:
 
 
 def campaign(kills: int, executors: list[str], seed: int = 0, work: Path | None = None,
-             in_process: bool = False) -> dict[str, Any]:
+             in_process: bool = False, scenarios: list[str] | None = None) -> dict[str, Any]:
     """Run a campaign of at least ``kills`` kills; its :meth:`Campaign.summary`. ``in_process``: the
     uninterrupted runs go through ``pipelines.cli.main`` here (faster; the killed ones never do)."""
     with tempfile.TemporaryDirectory(prefix="tda-kills-") as tmp:
-        c = Campaign(Path(work or tmp), executors, seed, in_process)
+        c = Campaign(Path(work or tmp), executors, seed, in_process, scenarios)
         c.prepare()
         c.run(kills)
         return c.summary()
@@ -238,10 +258,11 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=200)
     p.add_argument("--executors", default="local,dask")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of the scenarios")
     p.add_argument("--json", type=Path, help="also write the summary here")
     a = p.parse_args()
     t = time.time()
-    result = campaign(a.kills, a.executors.split(","), a.seed)
+    result = campaign(a.kills, a.executors.split(","), a.seed, scenarios=a.scenarios.split(","))
     result["seconds"] = round(time.time() - t)
     print(json.dumps(result, indent=1))
     if a.json:

@@ -102,6 +102,10 @@ def describe_change(old: Any, new: dict[str, Any]) -> str:
         for key in sorted(set(a) | set(b)):
             if f"{section}.{key}" not in skip and a.get(key) != b.get(key):
                 changes.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    if not changes:  # the family featurizes differently for another scorer (AirRep's representations)
+        a, b = old["config"].get("score") or {}, new["config"].get("score") or {}
+        changes = [f"score.{k}: {a.get(k)!r} -> {b.get(k)!r} needs other features" for k in ("scorer", "options")
+                   if a.get(k) != b.get(k)]
     return "; ".join(changes) or "data/model/train/featurize differ: the run was made by another tda version"
 
 
