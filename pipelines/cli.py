@@ -249,7 +249,7 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
           f"{res['checkpoints']} checkpoints; tuning fold chose lambda_rel={lds_['chosen_lambda_rel']:g}")
     for label in ("tuned", "configured"):
         r = lds_[label]
-        print(f"  TRAK {label:<10} lambda_rel={r['lambda_rel']:<8g} LDS {r['mean']:.3f} "
+        print(f"  TRAK {label:<10} lambda_rel={r['label']:<12} LDS {r['mean']:.3f} "
               f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] (report fold, {r['n_undefined']} undefined)")
     if res.get("noise"):
         print(f"  score noise: {res['noise']['share_distinguishable']:.1%} of train-query pairs distinguishable "

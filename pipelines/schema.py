@@ -20,6 +20,7 @@ from typing import Any
 from stores._io import fingerprint
 from stores.digests import content_digest
 from tda.errors import ConfigError
+from tda.scorers.trak import check_lambda_rel
 
 
 def _key(obj: Any, name: str) -> str:
@@ -152,7 +153,7 @@ class ScoreConfig:
     """Scoring and what the report prints."""
 
     scorer: str = "trak"  # the family lists its scorers (every family: trak/dtrak, tracin, graddot, gradcos, repsim, airrep)
-    lambda_rel: float = 0.01  # TRAK ridge relative to mean diag(Phi^T Phi)
+    lambda_rel: float | str = "auto"  # TRAK ridge: "auto" (from each kernel's spectrum) or a value relative to mean diag(Phi^T Phi)
     topk: int = 10  # proponents/opponents kept per query
     show: int = 3  # queries printed in the report
     block_rows: int = 8192  # training rows per scoring block
@@ -164,8 +165,10 @@ class ScoreConfig:
         _positive(self, "topk", "block_rows")
         if self.show < 0:
             raise ConfigError(f"score.show must be >= 0, got {self.show}")
-        if not self.lambda_rel > 0:
-            raise ConfigError(f"score.lambda_rel must be > 0, got {self.lambda_rel}")
+        try:
+            self.lambda_rel = check_lambda_rel(self.lambda_rel)
+        except ConfigError as exc:
+            raise ConfigError(f"score.{exc}") from None
         if not 0 <= self.influential_fraction < 1:
             raise ConfigError(f"score.influential_fraction must be in [0, 1), got {self.influential_fraction}")
 
@@ -207,7 +210,7 @@ class ValidateConfig:
     queries: int | None = None  # first N queries validated (None: all)
     ground_truth_dir: str | None = None  # default <out_dir>/ground-truth; share it across runs
     tune_fraction: float = 0.5  # share of queries and subsets used to choose lambda
-    lambda_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    lambda_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
     removal_queries: int = 0  # queries with removal curves (0: off)
     removal_ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     removal_seeds: int = 1  # retrainings per removal set
@@ -251,8 +254,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        for alternative in inner[:-1]:  # e.g. float | str: a number if it reads as one
+            try:
+                return _coerce(value, alternative, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], where)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")

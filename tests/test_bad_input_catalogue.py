@@ -151,7 +151,7 @@ CONFIG_CASES = [
     _set("size-zero", "data.query_size=0", "data.query_size must be >= 1"),
     _set("float-given-word", "train.lr=fast", "train.lr must be of type float", "'fast'"),
     _set("float-negative", "train.lr=-0.1", "train.lr must be > 0"),
-    _set("float-zero", "score.lambda_rel=0", "score.lambda_rel must be > 0"),
+    _set("float-zero", "score.lambda_rel=0", "score.lambda_rel must be 'auto' or a positive finite number"),
     _set("fraction-above-one", "score.influential_fraction=1.5", "score.influential_fraction", "[0, 1)"),
     _set("alpha-above-one", "validate.alpha=2", "validate.alpha", "(0, 1)"),
     _set("bool-given-word", "score.dense=maybe", "score.dense must be of type bool"),

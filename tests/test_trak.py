@@ -86,10 +86,37 @@ def test_self_influence_is_positive(rng) -> None:
 
 @pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), float("inf")])
 def test_nonpositive_lambda_raises(bad: float) -> None:
-    with pytest.raises(ConfigError, match="lambda_rel must be a positive finite number"):
+    with pytest.raises(ConfigError, match="lambda_rel must be 'auto' or a positive finite number"):
         TRAKScorer(lambda_rel=bad)
-    with pytest.raises(ConfigError, match="lambda_rel must be a positive"):
+    with pytest.raises(ConfigError, match="lambda_rel must be 'auto' or a positive"):
         make_scorer("trak", lambda_rel=bad)
+
+
+def test_auto_ridge_reaches_the_target_effective_dimension_and_is_recorded() -> None:
+    from tda.scorers.trak import auto_df_fraction
+
+    rng = np.random.default_rng(0)
+    n, k, m = 300, 40, 3
+    scales = np.geomspace(10, 0.01, k)  # a decaying spectrum
+    feats = rng.standard_normal((m, n, k)) * scales
+    src = ArrayFeatures(FeatureBlock(np.arange(n), feats, rng.uniform(0.1, 1, (m, n))), range(m))
+    scorer = TRAKScorer().fit(src)  # the default is "auto"
+    assert scorer.lambda_rel == "auto"
+    target = auto_df_fraction(m) * k
+    for c in range(m):
+        s = np.linalg.eigvalsh(feats[c].T @ feats[c])  # explicit float64 spectrum
+        assert abs(np.sum(s / (s + scorer.lambdas[c])) - target) < 1e-6 * k
+        np.testing.assert_allclose(scorer.chosen_lambda_rel[c], scorer.lambdas[c] / np.mean(s), rtol=1e-6)
+    hp = scorer.hyperparameters()
+    assert hp["lambda_rel"] == "auto" and len(hp["chosen_lambda_rel"]) == m and "effective dimension" in hp["lambda_rule"]
+    fixed = TRAKScorer(lambda_rel=float(scorer.chosen_lambda_rel[0])).fit(src)
+    assert np.isclose(fixed.lambdas[0], scorer.lambdas[0])  # a fixed value reproduces a chosen one
+    state = scorer.state_dict()
+    again = TRAKScorer().load_state_dict(state)
+    np.testing.assert_array_equal(again.chosen_lambda_rel, scorer.chosen_lambda_rel)
+    with pytest.raises(ConfigError, match="lambda_rel=auto"):
+        TRAKScorer(lambda_rel=0.1).load_state_dict(state)
+    assert auto_df_fraction(1) < auto_df_fraction(5) < 0.5
 
 
 def test_unknown_scorer_name_raises() -> None:

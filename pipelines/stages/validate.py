@@ -54,6 +54,13 @@ def trak_scores(train: ArrayFeatures | FeatureStore, query: FeatureBlock, lambda
     return score_matrix(query, TRAKScorer(lambda_rel).fit(train), train)
 
 
+def lambda_label(scorer: TRAKScorer) -> str:
+    """``0.1``, or ``auto (0.93)`` with the geometric mean of the chosen per-checkpoint values."""
+    if scorer.lambda_rel != "auto":
+        return f"{scorer.lambda_rel:g}"
+    return f"auto ({float(np.exp(np.log(scorer.chosen_lambda_rel).mean())):.3g})"
+
+
 def tune_and_report(train: Any, query: FeatureBlock, masks: np.ndarray, outputs: np.ndarray,
                     grid: list[float], configured: float, folds: dict[str, np.ndarray]) -> dict[str, Any]:
     """Choose lambda_rel on the tuning fold, report LDS on the reporting fold."""
@@ -65,8 +72,9 @@ def tune_and_report(train: Any, query: FeatureBlock, masks: np.ndarray, outputs:
     best = max(tuning, key=lambda k: -np.inf if np.isnan(tuning[k]) else tuning[k])
     report = {}
     for label, lam in (("tuned", best), ("configured", configured)):
-        s = trak_scores(train, query.select(rq), lam)
-        report[label] = {"lambda_rel": lam, "fold": "report",
+        scorer = TRAKScorer(lam).fit(train)
+        s = score_matrix(query.select(rq), scorer, train)
+        report[label] = {"lambda_rel": lam, "fold": "report", "label": lambda_label(scorer),
                          **lds(s, masks[rj], outputs[np.ix_(rj, rq)]).as_dict()}
     return {"tuning_fold_lds": {str(k): v for k, v in tuning.items()}, "chosen_lambda_rel": best, **report}
 

@@ -2,21 +2,22 @@
 
 from .airrep import AirRepScorer
 from .base import Scorer
+from .ekfac import EKFACScorer
 from .repsim import RepSimScorer
 from .tracin import GradCosScorer, GradDotScorer, TracInCPScorer
 from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
 
 __all__ = ["Scorer", "TRAKScorer", "DEFAULT_LAMBDA_REL", "make_scorer", "TracInCPScorer",
-           "GradDotScorer", "GradCosScorer", "RepSimScorer", "AirRepScorer"]
+           "GradDotScorer", "GradCosScorer", "RepSimScorer", "AirRepScorer", "EKFACScorer"]
 
 
 def make_scorer(name: str, **kwargs: object) -> Scorer:
     """Build a scorer by name (``"trak"``, ``"tracin"``, ``"graddot"``, ``"gradcos"``,
-    ``"repsim"``, ``"airrep"``); ``kwargs`` go to its constructor."""
+    ``"repsim"``, ``"airrep"``, ``"ekfac"``); ``kwargs`` go to its constructor."""
     from ..errors import ConfigError
 
     registry = {"trak": TRAKScorer, "tracin": TracInCPScorer, "graddot": GradDotScorer,
-                "gradcos": GradCosScorer, "repsim": RepSimScorer, "airrep": AirRepScorer}
+                "gradcos": GradCosScorer, "repsim": RepSimScorer, "airrep": AirRepScorer, "ekfac": EKFACScorer}
     if name not in registry:
         raise ConfigError(f"unknown scorer {name!r}; choose one of {sorted(registry)}")
     return registry[name](**kwargs)

@@ -1,8 +1,11 @@
 """TRAK (METHODS.md section 3).
 
 For each checkpoint m: ``K_m = Phi_m^T Phi_m + lambda_m I`` with
-``lambda_m = lambda_rel * mean(diag(Phi_m^T Phi_m))``, factored by Cholesky in float64. The
-score of query z for train example i is
+``lambda_m = lambda_rel * mean(diag(Phi_m^T Phi_m))``, factored by Cholesky in float64. By default
+(``lambda_rel="auto"``) the ridge comes from each kernel's spectrum: lambda_m is the value at which
+the effective dimension ``df(lambda) = sum_j s_j / (s_j + lambda)`` of the kernel's eigenvalues
+``s_j`` is :func:`auto_df_fraction` ``(M) * k`` (see :func:`auto_lambdas`; measured in
+``benchmarks/ridge.py``). The score of query z for train example i is
 
     tau(z)_i = [ (1/M) sum_m phi_m,i^T K_m^{-1} phi_m(z) ] * [ (1/M) sum_m Q_m,i ]
 
@@ -24,35 +27,70 @@ from .base import Scorer
 
 logger = logging.getLogger(__name__)
 
-#: Default relative ridge. Keeps K positive definite when k >= n and damps directions the
-#: training gradients barely span (chosen on held-out LDS folds, see README).
-DEFAULT_LAMBDA_REL = 1e-2
+#: Default ridge: chosen per checkpoint from the kernel's spectrum (:func:`auto_lambdas`).
+DEFAULT_LAMBDA_REL = "auto"
+
+
+def auto_df_fraction(models: int) -> float:
+    """Target effective dimension of each kernel, as a fraction of k, for an ensemble of ``models``.
+
+    More models average more of the checkpoint-specific noise away, so they bear a weaker ridge.
+    Measured on MNIST MLP, Fashion-MNIST MLP and CIFAR-2 CNN LDS folds (``benchmarks/ridge.py``).
+    """
+    return AUTO_DF_BASE * max(1, models) ** AUTO_DF_POWER
+
+
+AUTO_DF_BASE, AUTO_DF_POWER = 0.1, 0.25
+
+
+def auto_lambdas(eigenvalues: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per checkpoint, the ridge at which ``df(lambda) = fraction * k`` (bisection in log lambda).
+
+    Args:
+        eigenvalues: (M, k) eigenvalues of each ``Phi_m^T Phi_m`` (negative round-off is clipped).
+        fraction: target ``df / k`` in (0, 1).
+    """
+    s = eigenvalues.clamp(min=0).to(torch.float64)
+    k = s.shape[1]
+    target = fraction * k
+    top = s.max(dim=1).values.clamp(min=1e-300)
+    lo, hi = torch.log(top * 1e-12), torch.log(top * 1e6)  # df(lo) ~ rank, df(hi) ~ 0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        df = (s / (s + torch.exp(mid)[:, None])).sum(dim=1)
+        lo, hi = torch.where(df > target, mid, lo), torch.where(df > target, hi, mid)
+    return torch.exp((lo + hi) / 2)
 
 
 class TRAKScorer(Scorer):
     """TRAK with a relative ridge, an ensemble over checkpoints and per-example ``Q``.
 
     Args:
-        lambda_rel: ridge relative to the mean diagonal of ``Phi^T Phi``. Must be > 0.
+        lambda_rel: ``"auto"`` (default: from each kernel's spectrum, :func:`auto_lambdas`), or a
+            fixed ridge relative to the mean diagonal of ``Phi^T Phi`` (> 0).
         block_rows: training rows per block while accumulating the kernels.
+
+    After :meth:`fit`, ``lambdas`` holds each checkpoint's ridge and ``chosen_lambda_rel`` their
+    values relative to the mean diagonal.
     """
 
     name = "trak"
 
-    def __init__(self, lambda_rel: float = DEFAULT_LAMBDA_REL, block_rows: int = 8192) -> None:
-        if not lambda_rel > 0 or not np.isfinite(lambda_rel):
-            raise ConfigError(
-                f"lambda_rel must be a positive finite number, got {lambda_rel}; the kernel is "
-                "singular without a ridge when k >= n (try 1e-2)"
-            )
-        self.lambda_rel = float(lambda_rel)
+    def __init__(self, lambda_rel: float | str = DEFAULT_LAMBDA_REL, block_rows: int = 8192) -> None:
+        self.lambda_rel = check_lambda_rel(lambda_rel)
+        self.chosen_lambda_rel: np.ndarray | None = None
         self.block_rows = block_rows
         self.chol: np.ndarray | None = None  # (M, k, k) float64 lower factors
         self.lambdas: np.ndarray | None = None  # (M,)
         self.cond: np.ndarray | None = None  # (M,) condition-number estimates
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lambda_rel": self.lambda_rel}
+        out: dict[str, Any] = {"lambda_rel": self.lambda_rel}
+        if self.chosen_lambda_rel is not None:
+            out["chosen_lambda_rel"] = [float(x) for x in self.chosen_lambda_rel]
+            out["lambda_rule"] = (f"effective dimension {auto_df_fraction(len(self.chosen_lambda_rel)):.3g} k "
+                                  "per checkpoint" if self.lambda_rel == "auto" else "fixed")
+        return out
 
     def fit(self, train: FeatureSource, progress: bool = False) -> "TRAKScorer":
         m_count, k = len(train.checkpoints), train.k
@@ -69,7 +107,10 @@ class TRAKScorer(Scorer):
         scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)  # (M,)
         if bool((scale <= 0).any()):
             raise TDAError("a checkpoint's training features are all zero; check the model and data")
-        lambdas = self.lambda_rel * scale
+        if self.lambda_rel == "auto":
+            lambdas = auto_lambdas(torch.linalg.eigvalsh(gram), auto_df_fraction(m_count))
+        else:
+            lambdas = self.lambda_rel * scale
         kern = gram + lambdas[:, None, None] * torch.eye(k, dtype=torch.float64)
         chol, info = torch.linalg.cholesky_ex(kern)
         if bool((info != 0).any()):
@@ -82,6 +123,7 @@ class TRAKScorer(Scorer):
         for m, c in enumerate(self.cond):
             logger.info("TRAK checkpoint %d: n=%d k=%d lambda=%.3g cond~%.3g", m, n, k, lambdas[m], c)
         self.chol, self.lambdas = chol.numpy(), lambdas.numpy()
+        self.chosen_lambda_rel = (lambdas / scale).numpy()
         return self
 
     def _require_fit(self, block: FeatureBlock) -> None:
@@ -114,17 +156,34 @@ class TRAKScorer(Scorer):
         if self.chol is None:
             raise TDAError("TRAKScorer is not fitted: nothing to save")
         return {"chol": self.chol, "lambdas": self.lambdas, "cond": self.cond,
-                "lambda_rel": np.array(self.lambda_rel)}
+                "lambda_rel": np.array(str(self.lambda_rel)), "chosen_lambda_rel": self.chosen_lambda_rel}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> "TRAKScorer":
         missing = {"chol", "lambdas", "lambda_rel"} - set(state)
         if missing:
             raise TDAError(f"TRAK state is missing {sorted(missing)}; refit the scorer")
-        if float(state["lambda_rel"]) != self.lambda_rel:
+        saved = str(state["lambda_rel"])
+        if saved != str(self.lambda_rel):
             raise ConfigError(
-                f"saved TRAK state used lambda_rel={float(state['lambda_rel'])}, this scorer "
-                f"{self.lambda_rel}; refit or use the saved value"
+                f"saved TRAK state used lambda_rel={saved}, this scorer {self.lambda_rel}; refit or use the "
+                "saved value"
             )
         self.chol, self.lambdas = np.asarray(state["chol"]), np.asarray(state["lambdas"])
+        if "chosen_lambda_rel" in state:
+            self.chosen_lambda_rel = np.asarray(state["chosen_lambda_rel"])
         self.cond = np.asarray(state.get("cond", np.full(len(self.lambdas), np.nan)))
         return self
+
+
+def check_lambda_rel(value: Any) -> float | str:
+    """``"auto"`` or a positive finite float (YAML strings such as ``"1e-3"`` accepted)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        lam = float("nan")
+    if not lam > 0 or not np.isfinite(lam):
+        raise ConfigError(f"lambda_rel must be 'auto' or a positive finite number, got {value!r}; the kernel "
+                          "is singular without a ridge when k >= n ('auto' chooses it from the spectrum)")
+    return lam

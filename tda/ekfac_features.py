@@ -1,0 +1,240 @@
+"""EK-FAC query and train features through the factored projection (METHODS.md sections 2, 8).
+
+The influence ``tau(z)_i = grad f(z)^T H^-1 (Q_i grad f_i)`` (:mod:`tda.ekfac`) is an inner
+product of two per-example vectors projected by the SAME factored matrices
+(:class:`tda.factored.FactoredProjector`, per layer ``P_out (d_out x k_out)``, ``P_in (d_in x
+k_in)``):
+
+- train side: the factored features of ``grad f_i`` (a plain
+  :class:`~tda.factored.FactoredFeaturizer`: ``c_L P_out^T G_i P_in`` from the captured
+  activations and output gradients, never forming ``G_i``), times ``Q_i`` in the scorer
+  (:class:`tda.scorers.EKFACScorer`);
+- query side (:class:`EKFACQueryFeaturizer`): the preconditioned gradient projected,
+  ``s_L P_out^T H_L^-1 G_z P_in``. The elementwise division by ``Lambda + lambda_L`` breaks the
+  low-rank structure of ``G_z``, so the rotated gradient ``R = (Q_S^T delta)^T (Q_A^T a)``
+  (d_out x d_in, a sum over positions) is formed per query and layer, divided, and mapped by the
+  precomputed ``M_out = Q_S^T P_out`` and ``M_in = Q_A^T P_in``:
+  ``P_out^T Q_S (R / (Lambda + lambda)) Q_A^T P_in = M_out^T (R / (Lambda + lambda)) M_in``.
+
+Scale: with ``E[P P^T] = g I`` (``g = k`` for a random factor, 1 for the identity) the query
+scale ``s_L = 1 / (c_L g_in g_out)`` makes ``E <query, train> = <H_L^-1 G_z, G_i>``: projected
+scores estimate the exact (unprojected) EK-FAC influence, not a multiple of it. With
+``k_in = k_out = None`` both factors are the identity and the features are exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .api import _default_task, _snapshot
+from .data import Collate, iter_batches
+from .ekfac import EKFACFactors
+from .ekfac_fit import CHUNK_ELEMENTS, DEFAULT_DAMPING_REL, joined_matrices
+from .errors import CheckpointError, ShapeError, TDAError
+from .factored import Captures, FactoredFeaturizer, FactoredProjector, LayerSpec, capture_layers, factored_selection
+from .features import ArrayFeatures, FeatureBlock, concat_blocks
+from .featurize import StateDict, featurize_loop
+from .gradients import check_finite, loss_weights
+from .kernel import TopK, score_matrix, top_k
+from .scorers.ekfac import EKFACScorer
+from .tasks import Batch, Task
+
+
+def _matching_layers(model: nn.Module, factors: EKFACFactors) -> list[LayerSpec]:
+    """The model's layers for the factors' layer names; raise unless they are the fitted ones."""
+    specs, _ = factored_selection(model, [s.name for s in factors.layers])
+    if specs != factors.layers:
+        differ = [f"{a.name}: model {a.d_out}x{a.d_in}, factors {b.d_out}x{b.d_in}"
+                  for a, b in zip(specs, factors.layers) if a != b]
+        raise ShapeError(f"the model's layers do not match the EK-FAC factors ({len(specs)} vs {len(factors.layers)} "
+                         f"layers; {differ[:5]}); fit the factors on this architecture")
+    return specs
+
+
+class EKFACQueryFeaturizer:
+    """Preconditioned, factored-projected query gradients; the interface of
+    :class:`tda.featurize.Featurizer`.
+
+    Args:
+        model: the network. task: output function ``f`` (its gradient is preconditioned).
+        factors: fitted :class:`~tda.ekfac.EKFACFactors` of this model, one per checkpoint.
+        k_in, k_out, seed, kind: the factored projection; must equal the train side's
+            (use :func:`ekfac_featurizers`). ``None``: identity (exact features).
+        device: default the model's. chunk_size: examples per forward pass.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, factors: EKFACFactors, k_in: int | None = 16,
+                 k_out: int | None = 16, seed: int = 0, kind: str = "rademacher",
+                 device: str | torch.device | None = None, chunk_size: int | None = None) -> None:
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model, self.task, self.factors = model.to(self.device), task, factors
+        self.layers = _matching_layers(model, factors)
+        self.projector = FactoredProjector(self.layers, k_in, k_out, seed, kind)
+        self.names = [p for s in self.layers for p in s.params]
+        self.chunk_size = chunk_size
+        self._maps: dict[tuple, tuple[Tensor, Tensor, Tensor, float]] = {}
+        self._verified: int | None = None
+
+    @property
+    def k(self) -> int:
+        """Feature dimension, as the train side's :class:`~tda.factored.FactoredFeaturizer`."""
+        return self.projector.k
+
+    @property
+    def feature_dim(self) -> int:
+        return self.projector.k
+
+    def spec(self) -> dict[str, Any]:
+        """The train side's spec plus the factors' (settings, checkpoints, weight digests)."""
+        return {"task": self.task.name, "params": list(self.names), "skipped": list(self.factors.skipped),
+                **self.projector.spec_dict(), "side": "query", "ekfac": self.factors.spec()}
+
+    def _gain(self, layer: LayerSpec, side: str) -> int:
+        width, dim = self.projector.width(layer, side), (layer.d_in if side == "in" else layer.d_out)
+        return width if width < dim else 1
+
+    def _maps_for(self, checkpoint: int, index: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+        """``(M_out (d_out, k_out), 1 / (Lambda + lambda) (d_out, d_in), M_in (d_in, k_in), s_L)``."""
+        key = (checkpoint, index, str(like.device), like.dtype)
+        if key not in self._maps:
+            layer, f = self.layers[index], self.factors.factors[self.factors.index(checkpoint)][index]
+            p_out, p_in = (self.projector.factor(checkpoint, layer, side) for side in ("out", "in"))
+            m_out = f.q_s.T if p_out is None else f.q_s.T @ p_out.double()
+            m_in = f.q_a.T if p_in is None else f.q_a.T @ p_in.double()
+            scale = 1.0 / (self.projector.scales[index] * self._gain(layer, "in") * self._gain(layer, "out"))
+            self._maps[key] = (m_out.to(like), f.inverse().to(like), m_in.to(like), scale)
+        return self._maps[key]
+
+    def project(self, captures: Captures, checkpoint: int) -> Tensor:
+        """Preconditioned projected features (B, k) from per-layer captures (as
+        :meth:`tda.factored.FactoredProjector.project`, same layout)."""
+        if len(captures) != len(self.layers):
+            raise ShapeError(f"{len(captures)} captures for {len(self.layers)} layers")
+        parts = []
+        for i, (layer, calls) in enumerate(zip(self.layers, captures)):
+            a, delta = joined_matrices(layer, calls)  # (B, N, d_in), (B, N, d_out)
+            f = self.factors.factors[self.factors.index(checkpoint)][i]
+            ra, rd = a @ f.q_a.to(a), delta @ f.q_s.to(a)
+            m_out, inv, m_in, scale = self._maps_for(checkpoint, i, a)
+            step = max(1, CHUNK_ELEMENTS // (layer.d_out * layer.d_in))
+            rows = []
+            for lo in range(0, a.shape[0], step):
+                rot = rd[lo: lo + step].transpose(1, 2) @ ra[lo: lo + step]  # (b, d_out, d_in) = Q_S^T G Q_A
+                rows.append(m_out.T @ (rot * inv) @ m_in)  # (b, k_out, k_in)
+            parts.append(torch.cat(rows).reshape(a.shape[0], -1) * scale)
+        return torch.cat(parts, dim=1)
+
+    def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
+        if self._verified != checkpoint:
+            self.factors.verify(self.model, checkpoint)
+            self._verified = checkpoint
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        n = next(iter(batch.values())).shape[0]
+        step = self.chunk_size or n
+        phi = torch.cat([self.project(capture_layers(self.model, self.task, {k: v[lo: lo + step] for k, v in
+                                                                             batch.items()}, self.layers), checkpoint)
+                         for lo in range(0, n, step)])
+        check_finite(phi, ids, "preconditioned query features")
+        q = loss_weights(self.model, self.task, batch)
+        return phi.float().cpu().numpy(), q.cpu().numpy()
+
+    def featurize(self, state: StateDict | str | Path, checkpoint: int,
+                  batches: Iterable[tuple[np.ndarray, Batch]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(ids, features (B, k), Q (B,))`` per batch under checkpoint ``checkpoint``."""
+        self.factors.index(checkpoint)
+        self._verified = None
+        yield from featurize_loop(self.model, self.device, self.featurize_batch, state, checkpoint, batches,
+                                  self._maps.clear)
+
+
+def ekfac_featurizers(model: nn.Module, task: Task, factors: EKFACFactors, k_in: int | None = 16,
+                      k_out: int | None = 16, seed: int = 0, kind: str = "rademacher",
+                      device: str | torch.device | None = None) -> tuple[FactoredFeaturizer, EKFACQueryFeaturizer]:
+    """The train featurizer (plain factored features of ``grad f``) and the query featurizer
+    (preconditioned), with the same projection; feed both to :class:`~tda.scorers.EKFACScorer`."""
+    query = EKFACQueryFeaturizer(model, task, factors, k_in, k_out, seed, kind, device)
+    train = FactoredFeaturizer(model, task, k_in, k_out, seed, kind, [s.name for s in factors.layers], device)
+    if train.layers != query.layers:
+        raise ShapeError("train and query featurizers selected different layers; pass the factors' layer names")
+    return train, query
+
+
+def featurize_data(featurizer, checkpoints: Sequence[StateDict | str | Path], checkpoint_ids: Sequence[int], data,
+                   collate: Collate, batch_size: int = 64) -> FeatureBlock:
+    """Features (M, n, k) of every row of ``data`` under every checkpoint, with ``Q`` (M, n)."""
+    per = []
+    for c, state in zip(checkpoint_ids, checkpoints):
+        rows = [FeatureBlock(i, phi[None], q[None])
+                for i, phi, q in featurizer.featurize(state, c, iter_batches(data, collate, batch_size))]
+        per.append(concat_blocks(rows))
+    return FeatureBlock(per[0].ids, np.concatenate([b.feats for b in per]), np.concatenate([b.q for b in per]))
+
+
+class EKFACAttributor:
+    """EK-FAC influence in memory, like :class:`tda.Attributor` (fit, scores, top_k).
+
+    Args:
+        model: the network (copied; neither it nor the state dicts change).
+        checkpoints: state dicts or paths. collate: rows -> the task's tensors.
+        task: default as :class:`tda.Attributor`'s.
+        k_in, k_out, seed, kind: factored projection (``None``: exact, unprojected).
+        layers, fisher, samples, fisher_seed, damping, damping_rel, strict: see
+            :meth:`tda.ekfac.EKFACFactors.fit_batches` (``fisher_seed`` is its ``seed``).
+        batch_size: examples per batch. device: default the model's.
+    """
+
+    def __init__(self, model: nn.Module, checkpoints: Sequence[StateDict | str | Path], collate: Collate,
+                 task: Task | None = None, k_in: int | None = 16, k_out: int | None = 16, seed: int = 0,
+                 kind: str = "rademacher", layers: Sequence[str] | None = None, fisher: str = "sampled",
+                 samples: int = 1, fisher_seed: int = 0, damping: float | None = None,
+                 damping_rel: float = DEFAULT_DAMPING_REL, strict: bool = False, batch_size: int = 64,
+                 device: str | torch.device | None = None) -> None:
+        if not checkpoints:
+            raise CheckpointError("at least one checkpoint is needed; pass [model.state_dict()] for one")
+        self.checkpoints = [_snapshot(c) for c in checkpoints]
+        self.model = copy.deepcopy(model)
+        self.task = task or _default_task(self.model)
+        self.collate, self.batch_size, self.device = collate, batch_size, device
+        self.projection = dict(k_in=k_in, k_out=k_out, seed=seed, kind=kind)
+        self.fit_args = dict(layers=layers, fisher=fisher, samples=samples, seed=fisher_seed, damping=damping,
+                             damping_rel=damping_rel, strict=strict)
+        self.scorer = EKFACScorer()
+        self.factors: EKFACFactors | None = None
+        self.train_features: ArrayFeatures | None = None
+
+    def fit(self, train_data) -> "EKFACAttributor":
+        """Fit the factors on ``train_data``, featurize it (train side) and fit the scorer."""
+        self.factors = EKFACFactors.fit(self.model, self.task, train_data, self.collate, self.checkpoints,
+                                        self.batch_size, device=self.device, **self.fit_args)
+        self._train, self._query = ekfac_featurizers(self.model, self.task, self.factors, device=self.device,
+                                                     **self.projection)
+        block = featurize_data(self._train, self.checkpoints, self.factors.checkpoint_ids, train_data, self.collate,
+                               self.batch_size)
+        self.train_features = ArrayFeatures(block, self.factors.checkpoint_ids)
+        self.scorer.fit(self.train_features)
+        return self
+
+    def featurize_queries(self, query_data) -> FeatureBlock:
+        """Preconditioned query features (M, m, k)."""
+        if self.factors is None or self.train_features is None:
+            raise TDAError("call fit(train_data) before scoring")
+        return featurize_data(self._query, self.checkpoints, self.factors.checkpoint_ids, query_data, self.collate,
+                              self.batch_size)
+
+    def scores(self, query_data) -> np.ndarray:
+        """Dense influence (n_query, n_train); > 0 means training on the example raises f(query)."""
+        return score_matrix(self.featurize_queries(query_data), self.scorer, self.train_features)
+
+    def top_k(self, query_data, k: int = 10) -> TopK:
+        """Top-k proponents (raise f) and opponents (lower f) per query, by training id."""
+        return top_k(self.featurize_queries(query_data), self.scorer, self.train_features, k)
+
+
+__all__ = ["EKFACAttributor", "EKFACQueryFeaturizer", "ekfac_featurizers", "featurize_data"]
