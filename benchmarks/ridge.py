@@ -37,7 +37,8 @@ def prepare(config: Path, out: Path) -> tuple[FeatureBlock, FeatureBlock, np.nda
     for cmd in ("run", "validate"):
         subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(config), "--out", str(out), "--quiet"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    cfg, v = load_config(config), load_config(config).validate
+    cfg = load_config(config)
+    v = cfg.validate
     train = concat_blocks(list(FeatureStore.open(out / "features-train").iter_blocks()))
     query = concat_blocks(list(FeatureStore.open(out / "features-query").iter_blocks()))
     spec = GroundTruthSpec(n=len(train.ids), m=len(query.ids), n_subsets=v.subsets,

@@ -37,29 +37,26 @@ from .data import Collate, iter_batches
 from .ekfac import EKFACFactors
 from .ekfac_fit import CHUNK_ELEMENTS, DEFAULT_DAMPING_REL, joined_matrices
 from .errors import CheckpointError, ShapeError, TDAError
-from .factored import Captures, FactoredFeaturizer, FactoredProjector, LayerSpec, capture_layers, factored_selection
+from .factored import Captures, FactoredFeaturizer, LayerSpec
 from .features import ArrayFeatures, FeatureBlock, concat_blocks
-from .featurize import StateDict, featurize_loop
-from .gradients import check_finite, loss_weights
+from .featurize import StateDict
 from .kernel import TopK, score_matrix, top_k
 from .scorers.ekfac import EKFACScorer
 from .tasks import Batch, Task
 
 
-def _matching_layers(model: nn.Module, factors: EKFACFactors) -> list[LayerSpec]:
-    """The model's layers for the factors' layer names; raise unless they are the fitted ones."""
-    specs, _ = factored_selection(model, [s.name for s in factors.layers])
+def _check_matching(specs: list[LayerSpec], factors: EKFACFactors) -> None:
+    """Raise unless the model's layers for the factors' layer names are the fitted ones."""
     if specs != factors.layers:
         differ = [f"{a.name}: model {a.d_out}x{a.d_in}, factors {b.d_out}x{b.d_in}"
                   for a, b in zip(specs, factors.layers) if a != b]
         raise ShapeError(f"the model's layers do not match the EK-FAC factors ({len(specs)} vs {len(factors.layers)} "
                          f"layers; {differ[:5]}); fit the factors on this architecture")
-    return specs
 
 
-class EKFACQueryFeaturizer:
-    """Preconditioned, factored-projected query gradients; the interface of
-    :class:`tda.featurize.Featurizer`.
+class EKFACQueryFeaturizer(FactoredFeaturizer):
+    """Preconditioned, factored-projected query gradients: a :class:`~tda.factored.FactoredFeaturizer`
+    over the factors' layers whose per-chunk projection preconditions first.
 
     Args:
         model: the network. task: output function ``f`` (its gradient is preconditioned).
@@ -69,31 +66,20 @@ class EKFACQueryFeaturizer:
         device: default the model's. chunk_size: examples per forward pass.
     """
 
+    what = "preconditioned query features"
+
     def __init__(self, model: nn.Module, task: Task, factors: EKFACFactors, k_in: int | None = 16,
                  k_out: int | None = 16, seed: int = 0, kind: str = "rademacher",
                  device: str | torch.device | None = None, chunk_size: int | None = None) -> None:
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model, self.task, self.factors = model.to(self.device), task, factors
-        self.layers = _matching_layers(model, factors)
-        self.projector = FactoredProjector(self.layers, k_in, k_out, seed, kind)
-        self.names = [p for s in self.layers for p in s.params]
-        self.chunk_size = chunk_size
+        super().__init__(model, task, k_in, k_out, seed, kind, [s.name for s in factors.layers], device, chunk_size)
+        _check_matching(self.layers, factors)
+        self.factors, self.skipped = factors, list(factors.skipped)
         self._maps: dict[tuple, tuple[Tensor, Tensor, Tensor, float]] = {}
         self._verified: int | None = None
 
-    @property
-    def k(self) -> int:
-        """Feature dimension, as the train side's :class:`~tda.factored.FactoredFeaturizer`."""
-        return self.projector.k
-
-    @property
-    def feature_dim(self) -> int:
-        return self.projector.k
-
     def spec(self) -> dict[str, Any]:
         """The train side's spec plus the factors' (settings, checkpoints, weight digests)."""
-        return {"task": self.task.name, "params": list(self.names), "skipped": list(self.factors.skipped),
-                **self.projector.spec_dict(), "side": "query", "ekfac": self.factors.spec()}
+        return {**super().spec(), "side": "query", "ekfac": self.factors.spec()}
 
     def _gain(self, layer: LayerSpec, side: str) -> int:
         width, dim = self.projector.width(layer, side), (layer.d_in if side == "in" else layer.d_out)
@@ -130,28 +116,23 @@ class EKFACQueryFeaturizer:
             parts.append(torch.cat(rows).reshape(a.shape[0], -1) * scale)
         return torch.cat(parts, dim=1)
 
+    def clear_cache(self) -> None:
+        super().clear_cache()
+        self._maps.clear()
+
     def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
+        """Features (B, k) float32 and Q (B,) float32, once the loaded weights match the factors."""
         if self._verified != checkpoint:
             self.factors.verify(self.model, checkpoint)
             self._verified = checkpoint
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        n = next(iter(batch.values())).shape[0]
-        step = self.chunk_size or n
-        phi = torch.cat([self.project(capture_layers(self.model, self.task, {k: v[lo: lo + step] for k, v in
-                                                                             batch.items()}, self.layers), checkpoint)
-                         for lo in range(0, n, step)])
-        check_finite(phi, ids, "preconditioned query features")
-        q = loss_weights(self.model, self.task, batch)
-        return phi.float().cpu().numpy(), q.cpu().numpy()
+        return super().featurize_batch(batch, ids, checkpoint)
 
     def featurize(self, state: StateDict | str | Path, checkpoint: int,
                   batches: Iterable[tuple[np.ndarray, Batch]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(ids, features (B, k), Q (B,))`` per batch under checkpoint ``checkpoint``."""
         self.factors.index(checkpoint)
         self._verified = None
-        yield from featurize_loop(self.model, self.device, self.featurize_batch, state, checkpoint, batches,
-                                  self._maps.clear)
+        yield from super().featurize(state, checkpoint, batches)
 
 
 def ekfac_featurizers(model: nn.Module, task: Task, factors: EKFACFactors, k_in: int | None = 16,

@@ -512,11 +512,22 @@ class FactoredFeaturizer:
         for lo in range(0, n, step):
             yield capture_layers(self.model, self.task, {k: v[lo: lo + step] for k, v in batch.items()}, self.layers)
 
+    #: what a non-finite feature error calls the features
+    what = "factored gradient features"
+
+    def project(self, captures: Captures, checkpoint: int) -> Tensor:
+        """Features (B, k) of one chunk's captures (subclasses transform them first)."""
+        return self.projector.project(captures, checkpoint)
+
+    def clear_cache(self) -> None:
+        """Drop per-checkpoint cached matrices (called when the loaded checkpoint changes)."""
+        self.projector.clear_cache()
+
     def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        phi = torch.cat([self.projector.project(c, checkpoint) for c in self.captures(batch)])
-        check_finite(phi, ids, "factored gradient features")
+        phi = torch.cat([self.project(c, checkpoint) for c in self.captures(batch)])
+        check_finite(phi, ids, self.what)
         q = loss_weights(self.model, self.task, batch)
         check_finite(q, ids, "loss weights Q")
         return phi.float().cpu().numpy(), q.cpu().numpy()
@@ -525,7 +536,7 @@ class FactoredFeaturizer:
                   batches: Iterable[tuple[np.ndarray, Batch]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(ids, features (B, k), Q (B,))`` per batch under checkpoint ``checkpoint``."""
         yield from featurize_loop(self.model, self.device, self.featurize_batch, state, checkpoint, batches,
-                                  self.projector.clear_cache)
+                                  self.clear_cache)
 
 
 __all__ = ["SUPPORTED", "FactoredFeaturizer", "FactoredProjector", "FactoredSpec", "LayerSpec", "capture_layers",

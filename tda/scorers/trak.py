@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Default ridge: chosen per checkpoint from the kernel's spectrum (:func:`auto_lambdas`).
 DEFAULT_LAMBDA_REL = "auto"
+#: ``df / k = AUTO_DF_BASE * M ** AUTO_DF_POWER`` (:func:`auto_df_fraction`)
+AUTO_DF_BASE, AUTO_DF_POWER = 0.1, 0.25
 
 
 def auto_df_fraction(models: int) -> float:
@@ -38,9 +40,6 @@ def auto_df_fraction(models: int) -> float:
     Measured on MNIST MLP, Fashion-MNIST MLP and CIFAR-2 CNN LDS folds (``benchmarks/ridge.py``).
     """
     return AUTO_DF_BASE * max(1, models) ** AUTO_DF_POWER
-
-
-AUTO_DF_BASE, AUTO_DF_POWER = 0.1, 0.25
 
 
 def auto_lambdas(eigenvalues: torch.Tensor, fraction: float) -> torch.Tensor:
