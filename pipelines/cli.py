@@ -14,6 +14,7 @@ import numpy as np
 
 from stores import FaissIndex, FeatureStore, StoreLock
 from stores.digests import DIGESTS
+from stores._io import remove_tree, sweep_removed
 from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
                         StoreError, TDAError)
 from tda.data import example_ids as ids_for
@@ -51,13 +52,13 @@ STAGE_OUTPUTS = {"train": ("checkpoints",), "featurize": ("features-train", "fea
 
 
 def _forget(paths: RunPaths, stages: list[str]) -> None:
-    """Under the run lock: delete the outputs of ``stages`` so that they run again."""
-    import shutil
-
-    for stage in stages:
+    """Under the run lock: delete the outputs of ``stages`` so that they run again. The last stage's
+    go first and each folder goes whole (:func:`remove_tree`), so a kill never leaves a later stage's
+    outputs beside a half-deleted earlier one."""
+    for stage in reversed(stages):
         for name in STAGE_OUTPUTS.get(stage, ()):
             if (paths.root / name).is_dir():
-                shutil.rmtree(paths.root / name)
+                remove_tree(paths.root / name)
 
 
 def read_run_file(paths: RunPaths, make: str = "") -> dict:
@@ -81,6 +82,7 @@ def _cleanup_interrupted(paths: RunPaths, repair: bool) -> None:
     """Under the run lock: drop temporary files of killed writers; with ``repair`` drop damaged shards."""
     for tmp in paths.root.rglob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+    sweep_removed(paths.root)
     if repair:
         for split in ("train", "query"):
             if (paths.store(split) / "manifest.json").is_file():

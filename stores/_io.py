@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -128,3 +129,23 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
             np.savez(fh, **arrays)
 
     atomic_write(path, write)
+
+
+#: Suffix of a folder being removed by :func:`remove_tree` (swept by :func:`sweep_removed`).
+REMOVING = ".removing"
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder so that a kill at any instant leaves it whole or absent, never half-deleted:
+    it is renamed to a hidden sibling (atomic) and that is deleted; a leftover is swept later."""
+    trash = path.with_name(f".{path.name}{REMOVING}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def sweep_removed(root: Path) -> None:
+    """Delete what a killed :func:`remove_tree` left in ``root``."""
+    for trash in root.glob(f".*{REMOVING}"):
+        shutil.rmtree(trash, ignore_errors=True)

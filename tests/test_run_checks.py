@@ -82,6 +82,41 @@ def test_from_stage_redoes_that_stage_and_the_later_ones(tmp_path) -> None:
     np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), scores, rtol=1e-5, atol=1e-7)
 
 
+def test_kill_while_from_deletes_leaves_no_half_deleted_store(tmp_path, monkeypatch) -> None:
+    """Killed while ``--from featurize`` deletes features-train/: the later stages' outputs are gone
+    already and the store is whole or absent, so a plain rerun redoes it (the kill campaign found a
+    plain rerun finishing over a store with missing shard files)."""
+    import shutil
+
+    import stores._io as io
+
+    run = tmp_path / "run"
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and p.name != ".lock")
+    scores = np.load(run / "scores" / "scores.npy")
+    real = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name == ".features-train.removing":
+            for f in sorted(Path(path).rglob("*.npy"))[::2]:  # half of its files are gone when the kill comes
+                f.unlink()
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(io.shutil, "rmtree", killed)
+    try:
+        main(["run", TINY, "--out", str(run), "--from", "featurize", "--quiet"])
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(io.shutil, "rmtree", real)
+    for later in ("scores", "index", "scorer"):  # the later stages went before the train store
+        assert not (run / later).exists()
+    assert not (run / "features-train").exists() and (run / ".features-train.removing").is_dir()
+    assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and p.name != ".lock") == files
+    np.testing.assert_allclose(np.load(run / "scores" / "scores.npy"), scores, rtol=1e-5, atol=1e-7)
+
+
 def test_kill_during_a_config_changing_rerun_leaves_no_stale_scores(tmp_path, monkeypatch) -> None:
     """Killed after scores.npy is replaced with lambda 0.1 scores, before scores.json: a rerun of the
     original config must not reuse them (issue: it reported success with the wrong scores)."""

@@ -8,7 +8,6 @@ manifest as it arrives, so an interrupted run redoes only the jobs in flight.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stores import FeatureStore
+from stores._io import remove_tree
 from stores.feature_store import write_shard_files
 from tda.data import iter_batches
 from tda.errors import CheckpointError, StoreError
@@ -39,7 +39,7 @@ def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, 
         # the queries changed, or a replacement was killed half-way (no readable manifest left):
         # query features are derived data and we hold the run lock
         logger.info("the queries changed: replacing %s", folder)
-        shutil.rmtree(folder)
+        remove_tree(folder)
     return FeatureStore.create(paths.store(split), n=n, k=k or f.k, checkpoints=[c["id"] for c in ckpts],
                                shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split},
                                dtype=f.dtype)
