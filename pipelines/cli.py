@@ -246,13 +246,18 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
     from .stages.validate import stage_validate
 
     res = stage_validate(cfg, paths, progress=progress)
-    lds_ = res["lds"]
-    print(f"LDS over {res['subsets']} subsets (alpha {res['alpha']}), {res['n_queries']} queries, "
-          f"{res['checkpoints']} checkpoints; tuning fold chose lambda_rel={lds_['chosen_lambda_rel']:g}")
-    for label in ("tuned", "configured"):
-        r = lds_[label]
-        print(f"  TRAK {label:<10} lambda_rel={r['label']:<12} LDS {r['mean']:.3f} "
-              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] (report fold, {r['n_undefined']} undefined)")
+    gt = res["ground_truth"]
+    order = f", batch order {gt['batch_order']}, seed {gt['fixed_seed']}" if res["protocol"] == "small-drop" else ""
+    print(f"LDS ({res['protocol']} protocol{order}) over {res['subsets']} subsets (alpha {res['alpha']:g}), "
+          f"{res['n_queries']} queries, {res['checkpoints']} checkpoints; report fold")
+    for name, r in res["scorers"].items():
+        rep, cal = r["report"], r["calibration"]["fit"]
+        print(f"  {name:<18} LDS {rep['mean']:.3f} [{rep['ci_low']:.3f}, {rep['ci_high']:.3f}] "
+              f"({rep['n_undefined']} undefined); actual change = {cal['intercept']:+.3g} + {cal['slope']:.3g} x predicted")
+    if "lds" in res:
+        lds_ = res["lds"]
+        print(f"  TRAK ridge: configured {lds_['configured']['label']}, tuning fold chose "
+              f"{lds_['chosen_lambda_rel']:g}")
     if res.get("noise"):
         print(f"  score noise: {res['noise']['share_distinguishable']:.1%} of train-query pairs distinguishable "
               f"from zero across checkpoints (median |mean|/std {res['noise']['median_snr']:.2f})")

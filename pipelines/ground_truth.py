@@ -3,7 +3,13 @@
 :class:`ResultStore` keeps one ``.npy`` per finished retraining (written atomically, recorded
 in ``manifest.json`` at once) so an interrupted validation resumes where it stopped.
 :class:`GroundTruth` uses it for LDS: J subsets (masks regenerated from the recorded seed and
-checked against a hash) x R seeds, each giving the measured outputs of every query.
+checked against a hash) x R seeds, each giving the measured outputs of every query, and (with
+``references``) R models trained on the whole set, the reference for group effects and calibration.
+
+Two protocols (METHODS.md section 6): ``classic`` (random alpha-subsets, fresh seeds per
+retraining) and ``small-drop`` (MAGIC / bergson: every retraining uses the attributed run's own
+seed, each subset drops a random ``1 - alpha`` share; with a job that takes data weights the
+dropped rows get weight 0 and the batch order is the run's).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stores._io import fingerprint, save_json, save_npy, sha256_file
-from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
+from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 from tda.validation import sample_subsets
 
 from .schema import RunConfig, stable_dict
@@ -124,6 +130,20 @@ class GroundTruthSpec:
     alpha: float = 0.5
     seed: int = 0
     job: str = ""  # fingerprint of the training recipe and data
+    protocol: str = "classic"  # or "small-drop"
+    fixed_seed: int = 0  # small-drop: the training seed of every retraining (the attributed run's)
+    batch_order: str = ""  # small-drop: "fixed" (zero weights) or "reshuffled" (subset rows)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recorded spec; classic specs leave the small-drop keys out (older caches stay valid)."""
+        d = asdict(self)
+        if self.protocol == "classic":
+            for key in ("protocol", "fixed_seed", "batch_order"):
+                d.pop(key)
+        return d
+
+
+PROTOCOLS = ("classic", "small-drop")
 
 
 def run_seed(base: int, *path: int) -> int:
@@ -134,15 +154,36 @@ def run_seed(base: int, *path: int) -> int:
 class GroundTruth:
     """LDS ground truth: ``masks`` (J, n) and measured outputs (J, R, m)."""
 
-    def __init__(self, root: str | Path, spec: GroundTruthSpec) -> None:
-        self.spec = spec
+    def __init__(self, root: str | Path, spec: GroundTruthSpec, references: bool = False) -> None:
+        """``references``: also train models on the whole set (:meth:`full_outputs`, calibration)."""
+        if spec.protocol not in PROTOCOLS:
+            raise ConfigError(f"validate.protocol is {spec.protocol!r}; use one of {PROTOCOLS}")
+        self.spec, self.references = spec, references
         self.masks = sample_subsets(spec.n, spec.n_subsets, spec.alpha, spec.seed)
         digest = hashlib.sha256(np.packbits(self.masks).tobytes()).hexdigest()[:16]
-        self.store = ResultStore(root, {**asdict(spec), "mask_hash": digest}, spec.m)
+        self.store = ResultStore(root, {**spec.as_dict(), "mask_hash": digest}, spec.m)
+
+    def _seed(self, *path: int) -> int:
+        return self.spec.fixed_seed if self.spec.protocol == "small-drop" else run_seed(self.spec.seed, *path)
+
+    def _reference_count(self) -> int:
+        return 1 if self.spec.protocol == "small-drop" else self.spec.models_per_subset
 
     def _items(self) -> list[tuple[str, tuple[np.ndarray, int]]]:
-        return [(f"s{j:04d}/r{r:02d}", (np.nonzero(self.masks[j])[0], run_seed(self.spec.seed, 1, j, r)))
-                for j in range(self.spec.n_subsets) for r in range(self.spec.models_per_subset)]
+        subsets = [(f"s{j:04d}/r{r:02d}", (np.nonzero(self.masks[j])[0], self._seed(1, j, r)))
+                   for j in range(self.spec.n_subsets) for r in range(self.spec.models_per_subset)]
+        full = [(f"full/r{r:02d}", (np.arange(self.spec.n), self._seed(3, r))) for r in range(self._reference_count())]
+        return subsets + (full if self.references else [])
+
+    def full_outputs(self) -> np.ndarray:
+        """(m,) outputs of the models trained on the whole set (mean over their seeds)."""
+        if not self.references:
+            raise ConfigError("this ground truth was made without full-set references; pass references=True")
+        return np.stack([self.store.load(f"full/r{r:02d}") for r in range(self._reference_count())]).mean(axis=0)
+
+    def retrainings(self) -> int:
+        """How many models the ground truth trains (subsets x seeds, plus the full-set references)."""
+        return len(self._items())
 
     def pending(self) -> list[str]:
         return [k for k, _ in self._items() if not self.store.done(k)]

@@ -83,7 +83,10 @@ def plot_removal(path: Path, removal: Mapping[str, Any]) -> None:
 def plot_validation(folder: Path, result: Mapping[str, Any], scores: np.ndarray, masks: np.ndarray,
                     outputs: np.ndarray) -> None:
     """All plots of one validation run (needs matplotlib)."""
-    rows = {f"TRAK {k} (lambda {result['lds'][k]['label']})": result["lds"][k] for k in ("tuned", "configured")}
+    rows = {name: r["report"] for name, r in result["scorers"].items()}
+    if "lds" in result:  # TRAK's rows name their ridge
+        rows.update({f"TRAK {k} (lambda {result['lds'][k]['label']})": result["lds"][k] for k in ("tuned", "configured")})
+        rows.pop("trak", None), rows.pop("trak (tuned)", None)
     write_lds_table(folder / "lds.csv", rows)
     plot_lds_bars(folder / "lds.png", rows, "LDS on the reporting fold")
     plot_scatter(folder / "scatter_query0.png", scores, masks, outputs[:, : scores.shape[0]], 0)

@@ -203,8 +203,11 @@ class ExecutorConfig:
 class ValidateConfig:
     """Counterfactual validation (METHODS.md section 6)."""
 
+    protocol: str = "classic"  # "classic" (random alpha-subsets, fresh seeds) or "small-drop" (the run's seed, drop a few)
     subsets: int = 100  # J random training subsets
-    alpha: float = 0.5  # subset size as a fraction of the training set
+    alpha: float = 0.5  # classic: subset size as a fraction of the training set
+    drop_fraction: float = 0.01  # small-drop: share of the training set each subset drops
+    scorers: list[str] | None = None  # scorers measured (None: every scorer that reads the run's features)
     models_per_subset: int = 1  # R retrainings per subset (outputs averaged)
     seed: int = 0  # subset and retraining seeds derive from it
     queries: int | None = None  # first N queries validated (None: all)
@@ -220,6 +223,12 @@ class ValidateConfig:
         _positive(self, "subsets", "models_per_subset", "queries", "removal_seeds")
         if not 0 < self.alpha < 1 or not 0 < self.tune_fraction < 1:
             raise ConfigError("validate.alpha and validate.tune_fraction must be in (0, 1)")
+        if self.protocol not in ("classic", "small-drop"):
+            raise ConfigError(f"validate.protocol is {self.protocol!r}; use 'classic' or 'small-drop'")
+        if not 0 < self.drop_fraction < 0.5:
+            raise ConfigError(f"validate.drop_fraction must be in (0, 0.5), got {self.drop_fraction}")
+        if self.scorers is not None and not self.scorers:
+            raise ConfigError("validate.scorers must name at least one scorer, or be left out (every scorer)")
         if not self.lambda_grid or any(not x > 0 for x in self.lambda_grid):
             raise ConfigError(f"validate.lambda_grid must hold positive values, got {self.lambda_grid}")
         if self.removal_queries < 0 or any(k < 1 for k in self.removal_ks):

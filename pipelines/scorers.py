@@ -14,6 +14,7 @@ diffusion-tracin    slots                               learning rates, slot wid
 diffusion-retrac    slots                               learning rates, slot width
 repsim              representations                     ``score.options`` (metric)
 airrep              representations                     ``score.options`` and retrained subsets
+magic               gradients (unused)                  the family's replayable recipe (model 0)
 =================== =================================== ==========================================
 
 A family declares the kinds it produces (``Family.feature_kinds``); the run uses the first kind
@@ -122,3 +123,12 @@ register_scorer("diffusion-retrac", ("slots",), _diffusion(DiffusionReTracScorer
 register_scorer("repsim", ("representations",), lambda cfg, paths, family, kind: RepSimScorer(
     score_options(cfg, family).metric))
 register_scorer("airrep", ("representations",), _airrep)
+
+
+def _magic(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+    from .magic import magic_scorer
+
+    return magic_scorer(cfg, paths, family, kind)
+
+
+register_scorer("magic", ("gradients",), _magic)

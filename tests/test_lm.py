@@ -227,5 +227,9 @@ def test_pipeline_run_on_a_tiny_corpus(tmp_path, capsys, projection) -> None:
     ckpts = json.loads((tmp_path / "run" / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
     assert [c["epoch"] for c in ckpts] == [3, 7] and all(c["lr"] > 0 for c in ckpts)
     spec = json.loads((tmp_path / "run" / "features-train" / "manifest.json").read_text())["spec"]
+    if projection == "dense":  # the LM family validates: its retraining job and every gradient scorer
+        assert main(["validate", str(path), "--quiet", "--set", "validate.subsets=4", "--set", "validate.plots=false"]) == 0
+        res = json.loads((tmp_path / "run" / "validation" / "validation.json").read_text())
+        assert res["n_queries"] == 4 and {"tracin", "trak", "graddot", "gradcos"} <= set(res["scorers"])
     if projection == "factored":  # 4 linear layers + lm_head, 8 x 8 each; embeddings and norms listed as skipped
         assert spec["k"] == 5 * 64 and "transformer.wte.weight" in spec["skipped"]

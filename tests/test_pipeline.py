@@ -123,17 +123,19 @@ def test_validate_cli_on_tiny_run(tiny_run, capsys):
             "--set", "validate.removal_ks=[20]", "--set", "validate.plots=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "LDS over 8 subsets" in out and "report fold" in out
+    assert "LDS (classic protocol) over 8 subsets" in out and "report fold" in out
     res = json.loads((tiny_run / "validation" / "validation.json").read_text())
     assert res["folds"] == {"tune_queries": 3, "report_queries": 3, "tune_subsets": 4, "report_subsets": 4}
     assert res["lds"]["chosen_lambda_rel"] in load_config(ROOT / "configs" / "tiny.yaml").validate.lambda_grid
     assert set(res["removal"]["modes"]) == {"top", "random", "bottom"}
     gt = json.loads((tiny_run / "ground-truth" / "manifest.json").read_text())
-    assert len(gt["complete"]) == 8
+    assert len(gt["complete"]) == 9  # 8 subsets and the full-set reference
+    assert {"trak", "trak (tuned)", "tracin", "graddot", "gradcos"} == set(res["scorers"])
+    assert res["scorers"]["trak"]["report"] == {k: res["lds"]["configured"][k] for k in res["scorers"]["trak"]["report"]}
     # rerun as a stage of `tda run`: ground truth and removal retrainings are reused, not recomputed
     mtime = (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns
     assert main(["run", *args[1:], "--only", "validate"]) == 0
-    assert "LDS over 8 subsets" in capsys.readouterr().out
+    assert "LDS (classic protocol) over 8 subsets" in capsys.readouterr().out
     assert (tiny_run / "ground-truth" / "manifest.json").stat().st_mtime_ns == mtime
 
 

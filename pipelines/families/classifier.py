@@ -113,14 +113,28 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
     def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
         return ClassifierSubsetJob(cfg, queries, epochs=epochs)
 
+    def magic_recipe(self, cfg: RunConfig) -> Any:
+        """The run's first model as a :class:`tda.magic.SGDRecipe` (:func:`train_classifier`'s defaults)."""
+        from tda.magic import SGDRecipe
+
+        t = cfg.train
+        return SGDRecipe(epochs=t.epochs, lr=t.lr, momentum=0.9, weight_decay=5e-4, batch_size=t.batch_size,
+                         seed=t.seed, schedule="epoch-linear")
+
 
 class ClassifierSubsetJob(SubsetJob):
-    """Train the classifier recipe on the rows; the margin of every query."""
+    """Train the classifier recipe on the rows (or on all rows with data weights); the margin of every query."""
+
+    supports_weights = True
 
     def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        return self.run_weighted(train, train_ids, query, query_ids, seed, None)
+
+    def run_weighted(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int,
+                     weights: torch.Tensor | None) -> torch.Tensor:
         t, family = self.cfg.train, family_for(self.cfg)
         model = train_classifier(lambda: family.build_model(self.cfg), train["x"], train["y"], epochs=self.epochs,
-                                 lr=t.lr, batch_size=t.batch_size, seed=seed)
+                                 lr=t.lr, batch_size=t.batch_size, seed=seed, weights=weights)
         with torch.no_grad():
             return torch.cat([classification_margin(model(query["x"][lo: lo + 4096]), query["y"][lo: lo + 4096])
                               for lo in range(0, len(query["y"]), 4096)])

@@ -13,6 +13,12 @@ training queries, :meth:`pipelines.families.base.Retraining.airrep_queries`). ``
 ``train.epochs`` (AirRep's subset models may train for fewer epochs than the attributed model).
 Workers rebuild data from the config (cached per process); nothing large goes through the
 executor's task graph.
+
+``weighted`` (the fixed-seed small-drop protocol): the job trains on every row with data weight 1
+on the given rows and 0 on the rest, so the batches, their order and the initialisation stay the
+full run's. Jobs whose recipe takes weights say so (``supports_weights``, :meth:`SubsetJob.run_weighted`);
+the others train on the given rows with the same seed (the batch order then differs), and
+:attr:`SubsetJob.batch_order` records which of the two happened.
 """
 
 from __future__ import annotations
@@ -71,6 +77,18 @@ class SubsetJob:
             raise ConfigError(f"subset job queries {queries!r} is unknown; use one of {QUERY_SETS}")
         self.cfg, self.queries, self.n_queries = cfg, queries, n_queries
         self.epochs = epochs or cfg.train.epochs
+        self.weighted = False
+
+    supports_weights = False
+
+    @property
+    def batch_order(self) -> str:
+        """``"fixed"`` (zero weights keep the full run's batches) or ``"reshuffled"`` (subset rows)."""
+        return "fixed" if self.weighted and self.supports_weights else "reshuffled"
+
+    def available_queries(self) -> int:
+        """How many queries the job can measure (the diffusion family's generated ones are left out)."""
+        return len(job_data(self.cfg, self.queries)[3])
 
     def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray:
         rows, seed = task
@@ -78,10 +96,21 @@ class SubsetJob:
         train, train_ids, query, query_ids = job_data(self.cfg, self.queries)
         keep = slice(0, self.n_queries)
         rows = np.asarray(rows, dtype=np.int64)
-        out = self.run(take_rows(train, rows), train_ids[rows], take_rows(query, keep), query_ids[keep], int(seed))
+        query, query_ids = take_rows(query, keep), query_ids[keep]
+        if self.batch_order == "fixed":
+            weights = torch.zeros(len(train_ids))
+            weights[torch.from_numpy(rows)] = 1.0
+            out = self.run_weighted(train, train_ids, query, query_ids, int(seed), weights)
+        else:
+            out = self.run(take_rows(train, rows), train_ids[rows], query, query_ids, int(seed))
         return out.detach().double().numpy()
 
     def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_weighted(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """Train on every row with per-example data ``weights`` (n,); jobs with ``supports_weights``."""
         raise NotImplementedError
 
 

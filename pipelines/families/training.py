@@ -37,6 +37,7 @@ def train_classifier(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
+    weights: Tensor | None = None,
 ) -> nn.Module:
     """Train ``make_model()`` with SGD (momentum) and a linear learning-rate decay on ``(x, y)``.
 
@@ -44,6 +45,11 @@ def train_classifier(
         make_model: builds a fresh model (initialised after seeding).
         x: (n, ...) float inputs. y: (n,) int64 labels.
         on_epoch: called as ``on_epoch(epoch, model)`` after every epoch (e.g. to save a checkpoint).
+        weights: (n,) per-example data weights (None: ones). Step t minimises
+            ``sum_{i in B_t} w_i loss_i / |B_t|``, so a zero weight drops an example while every
+            batch, the batch order and the initialisation stay those of the full run (the
+            fixed-seed small-drop protocol; :class:`tda.magic.SGDRecipe` with ``schedule="epoch-linear"``
+            trains the same run).
 
     Returns:
         The trained model in eval mode.
@@ -56,13 +62,17 @@ def train_classifier(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 - e / max(epochs, 1))
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
+    if weights is not None and tuple(weights.shape) != (len(x),):
+        raise DataError(f"weights must have one value per training example, shape ({len(x)},), got {tuple(weights.shape)}")
+    loss_fn = nn.CrossEntropyLoss(reduction="mean" if weights is None else "none")
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x), generator=gen)
         for lo in range(0, len(x), batch_size):
             idx = order[lo: lo + batch_size]
             loss = loss_fn(model(x[idx]), y[idx])
+            if weights is not None:
+                loss = (weights[idx].to(loss.dtype) * loss).sum() / len(idx)
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"training diverged: the loss became {loss.item()} in epoch {epoch} (train.lr "
                                      f"is {lr:g}); lower train.lr and rerun")

@@ -1,4 +1,4 @@
-"""The validate stage: LDS with fold-tuned lambda, removal curves, brittleness and score noise.
+"""The validate stage: LDS and calibration of every scorer, fold-tuned lambda, removal curves, noise.
 
 Retrainings run through an executor (local or dask) and are stored as they finish
 (:mod:`pipelines.ground_truth`), so validation resumes after an interruption and its ground
@@ -19,7 +19,7 @@ from tda.errors import ConfigError
 from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
-from tda.validation import brittleness, lds, removal_sets, score_noise, split_folds
+from tda.validation import brittleness, calibration_report, lds, removal_sets, score_noise, split_folds
 
 from ..executors import make_executor
 from ..families import Retraining, family_for
@@ -27,7 +27,7 @@ from ..families.classifier import ClassifierSubsetJob
 from ..ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
 from ..layout import RunPaths
 from ..schema import RunConfig
-from ..score_options import REPRESENTATION_SCORERS
+from .validate_scorers import scores_for, validation_scorers
 
 
 class MNISTRetrainJob(ClassifierSubsetJob):
@@ -126,38 +126,70 @@ def removal_curves(cfg: RunConfig, paths: RunPaths, scores: np.ndarray, executor
     return curves
 
 
-def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Any]:
-    """Ground truth (resumable), LDS on folds, noise, optional removal curves; writes validation/."""
-    if cfg.score.scorer in REPRESENTATION_SCORERS:
-        raise ConfigError(
-            f"tda validate measures TRAK on the run's gradient features, but this {cfg.score.scorer} run stores "
-            "representations; validate a gradient-feature run of the same config (e.g. score.scorer=trak), or score "
-            "scores/scores.npy against the ground truth with tda.validation.lds"
-        )
-    from ..scorers import feature_kind
-
-    if feature_kind(cfg) != "gradients":
-        raise ConfigError(f"tda validate measures TRAK on per-example gradient features; the {cfg.model.family!r} "
-                          f"family stores {feature_kind(cfg)!r} features for {cfg.score.scorer}, which it cannot "
-                          "validate yet")
+def ground_truth_for(cfg: RunConfig, paths: RunPaths, n: int, job: Any) -> GroundTruth:
+    """The validation's ground truth under ``validate.protocol`` (classic or small-drop)."""
     v = cfg.validate
+    small = v.protocol == "small-drop"
+    spec = GroundTruthSpec(n=n, m=job.n_queries, n_subsets=v.subsets, models_per_subset=1 if small else v.models_per_subset,
+                           alpha=1.0 - v.drop_fraction if small else v.alpha, seed=v.seed, job=job_fingerprint(cfg),
+                           protocol=v.protocol, fixed_seed=cfg.train.seed if small else 0,
+                           batch_order=job.batch_order if small else "")
+    return GroundTruth(Path(v.ground_truth_dir) if v.ground_truth_dir else paths.root / "ground-truth", spec,
+                       references=True)
+
+
+def scorer_report(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray, full: np.ndarray,
+                  folds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """LDS on the reporting fold and on everything, and the magnitude calibration."""
+    rq, rj = folds["report_queries"], folds["report_subsets"]
+    return {"report": lds(scores[rq], masks[rj], outputs[np.ix_(rj, rq)]).as_dict(),
+            "all": lds(scores, masks, outputs).as_dict(),
+            "calibration": calibration_report(scores, masks, outputs, full, folds)}
+
+
+def measure_scorers(cfg: RunConfig, paths: RunPaths, train: FeatureStore, query: FeatureBlock, gt: GroundTruth,
+                    folds: dict[str, np.ndarray], result: dict[str, Any]) -> np.ndarray:
+    """Every validated scorer on one ground truth (TRAK also with its tuned ridge); returns the
+    scores removal curves use (TRAK tuned, else the run's scorer)."""
+    outputs, full = gt.mean_outputs(), gt.full_outputs()
+    names = validation_scorers(cfg)
+    result["scorers"] = {}
+    main = None
+    for name in names:
+        s = scores_for(cfg, paths, name, train, query)
+        result["scorers"][name] = scorer_report(s, gt.masks, outputs, full, folds)
+        main = s if main is None else main
+    if "trak" in names:
+        v = cfg.validate
+        result["lds"] = tune_and_report(train, query, gt.masks, outputs, v.lambda_grid, cfg.score.lambda_rel, folds)
+        result["noise"] = noise_report(train, query, cfg.score.lambda_rel)
+        main = trak_scores(train, query, result["lds"]["chosen_lambda_rel"])
+        result["scorers"]["trak (tuned)"] = scorer_report(main, gt.masks, outputs, full, folds)
+    return main
+
+
+def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Any]:
+    """Ground truth (resumable) under the configured protocol; LDS and calibration of every
+    validated scorer on folds, TRAK's tuned ridge and noise, optional removal curves; writes validation/."""
+    v = cfg.validate
+    validation_scorers(cfg)  # a bad validate.scorers fails before any retraining
     train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
-    m = min(v.queries or len(query_store), len(query_store))
+    job = retrain_job(cfg, 0)
+    m = min(v.queries or len(query_store), len(query_store), job.available_queries())
+    job.n_queries, job.weighted = m, v.protocol == "small-drop"
     query = concat_blocks(list(query_store.iter_blocks())).select(slice(0, m))  # every shard
-    spec = GroundTruthSpec(n=len(train), m=m, n_subsets=v.subsets, models_per_subset=v.models_per_subset,
-                           alpha=v.alpha, seed=v.seed, job=job_fingerprint(cfg))
-    gt = GroundTruth(Path(v.ground_truth_dir) if v.ground_truth_dir else paths.root / "ground-truth", spec)
+    gt = ground_truth_for(cfg, paths, len(train), job)
     e = cfg.executor
     with make_executor(e.kind, e.address, e.workers) as executor:
-        gt.compute(retrain_job(cfg, m), executor, progress)
-        outputs = gt.mean_outputs()
+        gt.compute(job, executor, progress)
         folds = split_folds(m, v.subsets, v.tune_fraction, v.seed)
-        result = {"n_train": len(train), "n_queries": m, "subsets": v.subsets, "alpha": v.alpha,
-                  "models_per_subset": v.models_per_subset, "checkpoints": len(train.checkpoints),
-                  "folds": {k: len(x) for k, x in folds.items()},
-                  "lds": tune_and_report(train, query, gt.masks, outputs, v.lambda_grid, cfg.score.lambda_rel, folds),
-                  "noise": noise_report(train, query, cfg.score.lambda_rel)}
-        scores = trak_scores(train, query, result["lds"]["chosen_lambda_rel"])
+        result = {"protocol": v.protocol, "n_train": len(train), "n_queries": m, "subsets": v.subsets,
+                  "alpha": gt.spec.alpha, "models_per_subset": gt.spec.models_per_subset,
+                  "checkpoints": len(train.checkpoints), "folds": {k: len(x) for k, x in folds.items()},
+                  "ground_truth": {"batch_order": job.batch_order if job.weighted else "reshuffled",
+                                   "fixed_seed": gt.spec.fixed_seed if job.weighted else None,
+                                   "retrainings": gt.retrainings()}}
+        scores = measure_scorers(cfg, paths, train, query, gt, folds, result)
         if v.removal_queries:
             result["removal"] = removal_curves(cfg, paths, scores, executor, progress)
     out = paths.root / "validation"
@@ -165,5 +197,5 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     if v.plots:
         from ..plots import plot_validation
 
-        plot_validation(out, result, scores, gt.masks, outputs)
+        plot_validation(out, result, scores, gt.masks, gt.mean_outputs())
     return result

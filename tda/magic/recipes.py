@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, NonFiniteError, ShapeError
 from .functional import CrossEntropyLoss, FunctionalModel, LossFn, State, TrainData, build_model, check_weights
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "epoch-linear")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +40,9 @@ class Recipe:
         batch_size: rows per step; must not exceed the training-set size.
         seed: seeds the initialisation (``model_fn`` runs under ``torch.manual_seed(seed)``) and
             the batch order (a generator seeded with ``seed`` draws one permutation per epoch).
-        schedule: ``"constant"``, ``"cosine"`` (to 0) or ``"linear"`` (to 0) after the warm-up.
+        schedule: ``"constant"``, ``"cosine"`` (to 0) or ``"linear"`` (to 0) after the warm-up, or
+            ``"epoch-linear"``: ``lr * (1 - e / epochs)`` through epoch e (``LambdaLR`` stepped once per
+            epoch, the classifier family's recipe).
         warmup: steps of linear warm-up, ``lr * (t + 1) / warmup`` at step t.
         drop_last: drop each epoch's last incomplete batch (else it is a smaller batch).
         loss: per-example training loss ``loss(model_call, batch) -> (B,)``, default cross-entropy
@@ -92,6 +94,8 @@ class Recipe:
         """Learning rate of step ``t`` (0-based) of ``total``."""
         if t < self.warmup:
             return self.lr * (t + 1) / self.warmup
+        if self.schedule == "epoch-linear":
+            return self.lr * (1.0 - (t // max(1, total // self.epochs)) / self.epochs)
         frac = (t - self.warmup) / max(1, total - self.warmup)
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))

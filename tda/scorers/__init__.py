@@ -3,12 +3,13 @@
 from .airrep import AirRepScorer
 from .base import Scorer
 from .ekfac import EKFACScorer
+from .magic import PrecomputedScorer
 from .repsim import RepSimScorer
 from .tracin import GradCosScorer, GradDotScorer, TracInCPScorer
 from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
 
 __all__ = ["Scorer", "TRAKScorer", "DEFAULT_LAMBDA_REL", "make_scorer", "TracInCPScorer",
-           "GradDotScorer", "GradCosScorer", "RepSimScorer", "AirRepScorer", "EKFACScorer"]
+           "GradDotScorer", "GradCosScorer", "RepSimScorer", "AirRepScorer", "EKFACScorer", "PrecomputedScorer"]
 
 
 def make_scorer(name: str, **kwargs: object) -> Scorer:

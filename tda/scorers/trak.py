@@ -43,21 +43,25 @@ def auto_df_fraction(models: int) -> float:
 
 
 def auto_lambdas(eigenvalues: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per checkpoint, the ridge at which ``df(lambda) = fraction * k`` (bisection in log lambda).
+    """Per checkpoint, the ridge at which ``df(lambda) = fraction * rank`` (bisection in log lambda).
+
+    The rank is k when there are more training examples than feature dimensions (the usual case),
+    else at most n: with k > n the target is a share of the kernel's numerical rank, not of k, which
+    df could never reach (the ridge would collapse to 0).
 
     Args:
         eigenvalues: (M, k) eigenvalues of each ``Phi_m^T Phi_m`` (negative round-off is clipped).
-        fraction: target ``df / k`` in (0, 1).
+        fraction: target ``df / rank`` in (0, 1).
     """
     s = eigenvalues.clamp(min=0).to(torch.float64)
-    k = s.shape[1]
-    target = fraction * k
     top = s.max(dim=1).values.clamp(min=1e-300)
+    rank = (s > top[:, None] * 1e-9).sum(dim=1).clamp(min=1).to(torch.float64)  # (M,)
+    target = fraction * rank
     lo, hi = torch.log(top * 1e-12), torch.log(top * 1e6)  # df(lo) ~ rank, df(hi) ~ 0
     for _ in range(100):
         mid = (lo + hi) / 2
         df = (s / (s + torch.exp(mid)[:, None])).sum(dim=1)
-        lo, hi = torch.where(df > target, mid, lo), torch.where(df > target, hi, mid)
+        lo, hi = torch.where(df > target, mid, lo), torch.where(df > target, hi, mid)  # target: (M,)
     return torch.exp((lo + hi) / 2)
 
 

@@ -1,0 +1,76 @@
+"""Which scorers ``tda validate`` measures, and their dense scores from the run's stored features.
+
+Every registered scorer that reads the kind of features the run stored is measured on the same
+ground truth: on gradients TRAK, TracInCP, Grad-Dot and Grad-Cos; on a diffusion run's per-draw
+slots the generic gradient scorers and Diffusion-TracIn / Diffusion-ReTrac; on grid features TRAK
+and D-TRAK; on representations RepSim. The run's own scorer is scored from its fitted state in
+the run folder (that is how AirRep, which needs its retrain stage, is measured); the others are
+fitted here. MAGIC is measured when it is the run's scorer or named. ``validate.scorers`` picks
+a subset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from stores import FeatureStore
+from tda.errors import ConfigError
+from tda.features import FeatureBlock
+from tda.kernel import score_matrix
+
+from ..layout import RunPaths
+from ..schema import RunConfig
+from ..scorers import SCORERS, build_scorer, feature_kind
+from .index import load_scorer
+
+#: scorers measured only as the run's own (they need stages of their own before they can score)
+OWN_ONLY = ("airrep",)
+#: measured when they are the run's own or named in ``validate.scorers`` (a reverse pass through
+#: training per chunk of queries: worth asking for, too slow to add to every validation)
+OPT_IN = ("magic",)
+
+
+def as_scorer(cfg: RunConfig, name: str) -> RunConfig:
+    """The run's config with ``score.scorer = name`` (options kept only for the run's own scorer)."""
+    if name == cfg.score.scorer:
+        return cfg
+    return replace(cfg, score=replace(cfg.score, scorer=name, options={}))
+
+
+def _reads(cfg: RunConfig, name: str) -> bool:
+    """Whether ``name`` scores exactly the features the run stored (same kind, same fingerprint:
+    RepSim does not read AirRep's label-aware representations)."""
+    from ..run import feature_fingerprint
+
+    try:
+        return feature_fingerprint(as_scorer(cfg, name), "train") == feature_fingerprint(cfg, "train")
+    except ConfigError:
+        return False
+
+
+def validation_scorers(cfg: RunConfig) -> list[str]:
+    """The scorers to measure, the run's own first; a named scorer that cannot read the run's
+    features is a :class:`ConfigError` naming the ones that can."""
+    kind = feature_kind(cfg)
+    usable = [cfg.score.scorer] + [n for n in SCORERS if n != cfg.score.scorer and n not in OWN_ONLY
+                                   and _reads(cfg, n)]
+    wanted = cfg.validate.scorers
+    if wanted is None:
+        return [n for n in usable if n == cfg.score.scorer or n not in OPT_IN]
+    bad = [n for n in wanted if n not in usable]
+    if bad:
+        raise ConfigError(f"validate.scorers names {bad}, which cannot score this run's {kind!r} features; choose "
+                          f"from {usable}")
+    return [n for n in usable if n in wanted]
+
+
+def scores_for(cfg: RunConfig, paths: RunPaths, name: str, train: FeatureStore, query: FeatureBlock) -> np.ndarray:
+    """Dense (m, n) scores of ``name`` on the validated queries."""
+    if name == cfg.score.scorer:
+        scorer: Any = load_scorer(cfg, paths)
+    else:
+        scorer = build_scorer(as_scorer(cfg, name), paths).fit(train)
+    return score_matrix(query, scorer, train)
