@@ -70,14 +70,16 @@ def test_weighted_training_is_the_recipe_magic_replays() -> None:
     assert not torch.allclose(model.state_dict()["0.weight"], plain["0.weight"])
 
 
-def test_auto_ridge_targets_the_rank_when_features_outnumber_examples() -> None:
-    """k > n: df(lambda) can reach at most the rank n; the target is a share of it, not of k."""
+def test_auto_ridge_never_targets_more_than_the_rank() -> None:
+    """k > n: df(lambda) can reach at most the rank n; an unreachable target is capped at 90% of
+    it (no collapse to lambda = 0), a reachable one is kept."""
     rng = np.random.default_rng(0)
     phi = rng.normal(size=(10, 40))  # n = 10 examples, k = 40
     s = torch.from_numpy(np.linalg.eigvalsh(phi.T @ phi))[None]
-    lam = float(auto_lambdas(s, 0.2)[0])
-    df = float((s / (s + lam)).sum())
-    assert df == pytest.approx(0.2 * 10, rel=1e-6) and lam > 1e-3 * float(s.max())
+    for fraction, want in ((0.2, 8.0), (0.5, 9.0)):  # 0.2 * 40 = 8 < 9; 0.5 * 40 = 20 capped at 0.9 * 10
+        lam = float(auto_lambdas(s, fraction)[0])
+        assert float((s / (s + lam)).sum()) == pytest.approx(want, rel=1e-6)
+        assert lam > 1e-6 * float(s.max())
 
 
 def test_precomputed_scorer_serves_its_matrix_and_refuses_new_queries() -> None:

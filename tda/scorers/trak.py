@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAMBDA_REL = "auto"
 #: ``df / k = AUTO_DF_BASE * M ** AUTO_DF_POWER`` (:func:`auto_df_fraction`)
 AUTO_DF_BASE, AUTO_DF_POWER = 0.1, 0.25
+#: the most of a rank-deficient kernel's rank the automatic ridge may target (:func:`auto_lambdas`)
+RANK_CAP = 0.9
 
 
 def auto_df_fraction(models: int) -> float:
@@ -43,20 +45,22 @@ def auto_df_fraction(models: int) -> float:
 
 
 def auto_lambdas(eigenvalues: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per checkpoint, the ridge at which ``df(lambda) = fraction * rank`` (bisection in log lambda).
+    """Per checkpoint, the ridge at which ``df(lambda) = min(fraction * k, RANK_CAP * rank)``
+    (bisection in log lambda).
 
-    The rank is k when there are more training examples than feature dimensions (the usual case),
-    else at most n: with k > n the target is a share of the kernel's numerical rank, not of k, which
-    df could never reach (the ridge would collapse to 0).
+    ``df`` cannot exceed the kernel's numerical rank, which is at most n when there are fewer
+    training examples than feature dimensions. There the plain target ``fraction * k`` may be
+    out of reach, and the ridge would collapse to 0; it is capped at ``RANK_CAP`` of the rank.
+    With n >= k (the measured setting, ``benchmarks/ridge.py``) the cap never binds.
 
     Args:
         eigenvalues: (M, k) eigenvalues of each ``Phi_m^T Phi_m`` (negative round-off is clipped).
-        fraction: target ``df / rank`` in (0, 1).
+        fraction: target ``df / k`` in (0, 1).
     """
     s = eigenvalues.clamp(min=0).to(torch.float64)
     top = s.max(dim=1).values.clamp(min=1e-300)
     rank = (s > top[:, None] * 1e-9).sum(dim=1).clamp(min=1).to(torch.float64)  # (M,)
-    target = fraction * rank
+    target = torch.clamp(RANK_CAP * rank, max=fraction * s.shape[1])
     lo, hi = torch.log(top * 1e-12), torch.log(top * 1e6)  # df(lo) ~ rank, df(hi) ~ 0
     for _ in range(100):
         mid = (lo + hi) / 2
