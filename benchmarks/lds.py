@@ -39,7 +39,7 @@ from tda.scorers import TRAKScorer
 from tda.tasks import ClassificationTask
 from tda.validation import lds, score_noise, split_folds
 
-LAMBDA_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+LAMBDA_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0, 1000.0]
 
 
 def recipe(args: argparse.Namespace):

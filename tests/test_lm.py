@@ -231,5 +231,10 @@ def test_pipeline_run_on_a_tiny_corpus(tmp_path, capsys, projection) -> None:
         assert main(["validate", str(path), "--quiet", "--set", "validate.subsets=4", "--set", "validate.plots=false"]) == 0
         res = json.loads((tmp_path / "run" / "validation" / "validation.json").read_text())
         assert res["n_queries"] == 4 and {"tracin", "trak", "graddot", "gradcos"} <= set(res["scorers"])
+        assert main(["validate", str(path), "--quiet", "--set", "validate.subsets=3", "--set", "validate.plots=false",
+                     "--set", "validate.protocol=small-drop", "--set", "validate.drop_fraction=0.1", "--set",
+                     f"validate.ground_truth_dir={tmp_path / 'gt-small'}"]) == 0
+        res = json.loads((tmp_path / "run" / "validation" / "validation.json").read_text())
+        assert res["ground_truth"]["batch_order"] == "fixed"  # zero data weights: the run's own batches
     if projection == "factored":  # 4 linear layers + lm_head, 8 x 8 each; embeddings and norms listed as skipped
         assert spec["k"] == 5 * 64 and "transformer.wte.weight" in spec["skipped"]

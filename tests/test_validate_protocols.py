@@ -70,6 +70,21 @@ def test_weighted_training_is_the_recipe_magic_replays() -> None:
     assert not torch.allclose(model.state_dict()["0.weight"], plain["0.weight"])
 
 
+def test_lm_training_with_unit_weights_is_plain_training() -> None:
+    from pipelines.families.chargpt import GPTSpec, build_gpt2, train_lm
+
+    tokens = torch.randint(0, 12, (20, 10), generator=torch.Generator().manual_seed(0))
+    spec = GPTSpec(vocab_size=12, seq_len=10, n_layer=1, n_head=2, n_embd=8)
+    runs = []
+    for weights in (None, torch.ones(20), torch.cat([torch.zeros(10), torch.ones(10)])):
+        model = build_gpt2(spec, seed=3)
+        train_lm(model, tokens, steps=6, batch_size=8, seed=3, warmup=1, weights=weights)
+        runs.append(model.state_dict())
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(runs[0][n], runs[2][n]) for n in runs[0])  # zero weights drop sequences
+
+
 def test_auto_ridge_never_targets_more_than_the_rank() -> None:
     """k > n: df(lambda) can reach at most the rank n; an unreachable target is capped at 90% of
     it (no collapse to lambda = 0), a reachable one is kept."""

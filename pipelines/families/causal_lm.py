@@ -273,9 +273,16 @@ def report(family: CausalLMFamily, cfg: RunConfig, paths: RunPaths) -> str:
 
 
 class LMSubsetJob(SubsetJob):
-    """Train the causal-LM recipe on the sequences; ``log p(completion | prompt)`` of every query."""
+    """Train the causal-LM recipe on the sequences (or on all with data weights); ``log p(completion |
+    prompt)`` of every query."""
+
+    supports_weights = True
 
     def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        return self.run_weighted(train, train_ids, query, query_ids, seed, None)
+
+    def run_weighted(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int,
+                     weights: torch.Tensor | None) -> torch.Tensor:
         from tda.lm import LMTask
 
         from .chargpt import build_gpt2, train_lm
@@ -285,7 +292,7 @@ class LMSubsetJob(SubsetJob):
         steps = self.epochs * math.ceil(tokens.shape[0] / t.batch_size)
         model = build_gpt2(family.spec(self.cfg), seed=seed)
         train_lm(model, tokens, steps=steps, lr=t.lr, batch_size=t.batch_size, seed=seed,
-                 warmup=max(1, min(100, steps // 10)))
+                 warmup=max(1, min(100, steps // 10)), weights=weights)
         task = LMTask(family.options(self.cfg).reduction)
         with torch.no_grad():
             return torch.cat([task.output(model.eval(), take_rows(query, slice(lo, lo + 256)))

@@ -243,6 +243,7 @@ def train_lm(
     checkpoint_every: int | None = None,
     on_checkpoint: Callable[[int, nn.Module, dict], None] | None = None,
     weight_decay: float = 0.01,
+    weights: Tensor | None = None,
 ) -> LMTrainResult:
     """Train a causal LM on fixed-length sequences with AdamW and a warmup + cosine schedule.
 
@@ -254,12 +255,18 @@ def train_lm(
         tokens: (n, T) int64 training sequences (every position but the first is a target).
         steps: optimiser steps. checkpoint_every: save every this many steps (the last step is
             always a checkpoint). on_checkpoint: ``on_checkpoint(index, model, record)``.
+        weights: (n,) per-sequence data weights (None: ones). A step minimises ``sum_b w_b
+            loss_b / B`` with ``loss_b`` the sequence's mean token loss, so a zero drops a
+            sequence while the batches stay the full run's (the small-drop protocol).
 
     Returns:
         :class:`LMTrainResult` with one record per checkpoint.
     """
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
         raise DataError(f"training tokens must be (n >= 1, T >= 2), got {tuple(tokens.shape)}")
+    if weights is not None and tuple(weights.shape) != (tokens.shape[0],):
+        raise DataError(f"weights must have one value per training sequence, shape ({tokens.shape[0]},), got "
+                        f"{tuple(weights.shape)}")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"need steps >= 1, batch_size >= 1 and lr > 0; got {steps}, {batch_size}, {lr}")
     every = checkpoint_every or steps
@@ -274,7 +281,12 @@ def train_lm(
         idx = torch.randperm(tokens.shape[0], generator=gen)[:batch_size]
         batch = tokens[idx]  # (B, T)
         logits = _logits(model(batch))  # (B, T, V)
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        if weights is None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        else:
+            per = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                              reduction="none").reshape(len(idx), -1).mean(dim=1)
+            loss = (weights[idx].to(per.dtype) * per).sum() / len(idx)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"training diverged: the LM loss became {loss.item()} at step {step} (train.lr is "
                                  f"{lr:g}); lower train.lr and rerun")
