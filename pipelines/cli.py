@@ -283,6 +283,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     _check_complete(paths, QUERY_NEEDS, f"`tda run CONFIG --out {paths.root}`")
     t0 = time.time()
     scorer = load_scorer(cfg, paths)
+    if args.split != "query" and not scorer.scores_new_inputs:
+        raise QueryError(f"the {scorer.name} scorer holds scores of the run's own queries only and cannot score a "
+                         f"{args.split} example; ask with --split query")
     block = _query_features(paths, list(dict.fromkeys(args.example)), args.split)
     vectors = scorer.transform_query(block)  # (m, D)
     index = load_index(cfg, paths, dim=vectors.shape[1], n_train=FeatureStore.open(paths.store("train")).n)

@@ -387,10 +387,16 @@ def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, ou
     return fingerprint({s: d[s] for s in sections})
 
 
+#: scorers whose fitted state holds scores of the run's queries (MAGIC): their fit depends on the queries
+QUERY_BOUND_SCORERS = ("magic",)
+
+
 def scorer_fingerprint(cfg: RunConfig) -> str:
     """Hash of what the fitted scorer and the index depend on: the training side of the feature
-    sections, the scorer's settings and the index settings (not the queries or output keys)."""
-    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=False, outputs=False)
+    sections, the scorer's settings and the index settings (not the output keys, and not the
+    queries unless the scorer is one of :data:`QUERY_BOUND_SCORERS`)."""
+    bound = cfg.score.scorer in QUERY_BOUND_SCORERS
+    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=bound, outputs=False)
 
 
 FEATURE_SECTIONS = ("data", "model", "train", "featurize")

@@ -145,6 +145,17 @@ def test_small_drop_protocol_validates_magic_from_a_config(tmp_path, capsys) -> 
     assert magic["all"]["mean"] > 0.7 and magic["all"]["mean"] > res["scorers"]["graddot"]["all"]["mean"]
     assert 0.5 < magic["calibration"]["fit"]["slope"] < 2.0  # MAGIC's effects are near their true size
     assert main(["query", "--run", str(run), "--example", "3", "-k", "2"]) == 0  # a stored query is served
+    capsys.readouterr()
+    assert main(["query", "--run", str(run), "--example", "3", "--split", "train"]) == 2  # ids would collide
+    assert "run's own queries only" in capsys.readouterr().err
+    # other queries with the same ids (a different split): MAGIC is recomputed, never served stale
+    before = np.load(run / "scores" / "scores.npy")
+    assert main(["run", *args, "--set", "data.query_split=train"]) == 0
+    after = np.load(run / "scores" / "scores.npy")
+    assert after.shape == before.shape and not np.allclose(after, before)
+    self_scores = np.diag(after[:, :20])  # the queries are now training rows 0..19: each raises its own margin
+    assert (self_scores > 0).all() and (after.argmax(axis=1) == np.arange(20)).mean() >= 0.4
+    capsys.readouterr()
 
 
 def test_validate_scorer_choice_and_protocol_are_checked(tmp_path, capsys) -> None:

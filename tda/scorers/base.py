@@ -20,6 +20,8 @@ class Scorer(ABC):
     """Base class: subclasses implement the transforms and, if needed, fitting."""
 
     name: str = "scorer"
+    #: False for scorers that hold scores of fixed queries (MAGIC) and cannot featurize a new one
+    scores_new_inputs: bool = True
 
     def fit(self, train: FeatureSource, progress: bool = False) -> "Scorer":
         """Learn whatever the transforms need from the training features (default: nothing)."""

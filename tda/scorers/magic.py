@@ -34,6 +34,8 @@ class PrecomputedScorer(Scorer):
         settings: what the scores depend on (recorded as hyperparameters).
     """
 
+    scores_new_inputs = False  # rows are the fitted queries' ids; other examples' ids would collide
+
     def __init__(self, compute: Compute | None = None, name: str = "magic",
                  settings: dict[str, Any] | None = None) -> None:
         self.compute, self.name, self.settings = compute, name, dict(settings or {})
