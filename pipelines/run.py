@@ -113,8 +113,9 @@ def feature_fingerprint(cfg: RunConfig, split: str = "query") -> str:
     """Hash of everything the stored features of ``split`` depend on (config sections plus the
     family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`)."""
     family = family_for(cfg)
+    preconditioned = "-ekfac" if split != "train" and cfg.score.scorer == "ekfac" else ""  # EK-FAC query features
     return (section_fingerprint(cfg, *FEATURE_SECTIONS, queries=split != "train")
-            + family.feature_tag(cfg, feature_kind(cfg, family)))
+            + family.feature_tag(cfg, feature_kind(cfg, family)) + preconditioned)
 
 
 def datasets_for(cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
@@ -129,6 +130,10 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 def make_featurizer(cfg: RunConfig, split: str = "train", paths: RunPaths | None = None):
     """The featurizer of ``split`` for the run's feature kind (most families use one for both splits)."""
     family = family_for(cfg)
+    if split == "query" and cfg.score.scorer == "ekfac":
+        from .ekfac import ekfac_query_featurizer
+
+        return ekfac_query_featurizer(cfg, paths)
     return family.featurizer(cfg, split, feature_kind(cfg, family), paths)
 
 

@@ -14,6 +14,8 @@ diffusion-tracin    slots                               learning rates, slot wid
 diffusion-retrac    slots                               learning rates, slot width
 repsim              representations                     ``score.options`` (metric)
 airrep              representations                     ``score.options`` and retrained subsets
+ekfac               gradients (factored; query side       the run's checkpoints and training set
+                    preconditioned, pipelines/ekfac.py)
 magic               gradients (unused)                  the family's replayable recipe (model 0)
 =================== =================================== ==========================================
 
@@ -132,3 +134,15 @@ def _magic(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) ->
 
 
 register_scorer("magic", ("gradients",), _magic)
+
+
+def _ekfac(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+    from tda.scorers import EKFACScorer
+
+    from .ekfac import check_ekfac
+
+    check_ekfac(cfg)
+    return EKFACScorer()
+
+
+register_scorer("ekfac", ("gradients",), _ekfac)

@@ -175,3 +175,28 @@ def test_validate_scorer_choice_and_protocol_are_checked(tmp_path, capsys) -> No
         from pipelines.config import parse_config
 
         parse_config({"validate": {"drop_fraction": 0.7}})
+
+
+def test_ekfac_scorer_from_a_config_equals_the_python_api(tmp_path) -> None:
+    """`score.scorer: ekfac` through the run's stages gives the scores of EKFACAttributor on the
+    same checkpoints, data and projection; a dense projection is refused with the fix."""
+    from pipelines.config import parse_config
+    from pipelines.families import family_for
+    from tda.ekfac_features import EKFACAttributor
+
+    run = tmp_path / "run"
+    sets = [*SETS, "--set", "score.scorer=ekfac", "--set", "featurize.projection=factored", "--set",
+            "featurize.k_in=8", "--set", "featurize.k_out=8", "--set", "train.models=2"]
+    assert main(["run", str(TINY), "--out", str(run), *sets]) == 0
+    cfg = parse_config(json.loads((run / "run.json").read_text())["config"])
+    family = family_for(cfg)
+    entries = json.loads((run / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
+    states = [torch.load(run / "checkpoints" / e["file"], weights_only=True) for e in entries]
+    assert len(states) == 2
+    data = family.datasets(cfg)
+    attr = EKFACAttributor(family.build_model(cfg), states, family.collate(cfg), task=family.task(cfg), k_in=8,
+                           k_out=8, batch_size=cfg.featurize.batch_size).fit(data["train"])
+    want = attr.scores(data["query"])
+    got = np.load(run / "scores" / "scores.npy")
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    assert main(["run", str(TINY), "--out", str(tmp_path / "dense"), *SETS, "--set", "score.scorer=ekfac"]) == 2

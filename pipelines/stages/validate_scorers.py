@@ -41,12 +41,14 @@ def as_scorer(cfg: RunConfig, name: str) -> RunConfig:
 
 
 def _reads(cfg: RunConfig, name: str) -> bool:
-    """Whether ``name`` scores exactly the features the run stored (same kind, same fingerprint:
-    RepSim does not read AirRep's label-aware representations)."""
+    """Whether ``name`` scores exactly the features the run stored, both splits (same kind, same
+    fingerprints: RepSim does not read AirRep's label-aware representations, nor TRAK EK-FAC's
+    preconditioned queries)."""
     from ..run import feature_fingerprint
 
+    other = as_scorer(cfg, name)
     try:
-        return feature_fingerprint(as_scorer(cfg, name), "train") == feature_fingerprint(cfg, "train")
+        return all(feature_fingerprint(other, s) == feature_fingerprint(cfg, s) for s in ("train", "query"))
     except ConfigError:
         return False
 
