@@ -28,7 +28,7 @@ from stores._io import fingerprint, save_json, save_npy, sha256_file
 from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 from tda.validation import sample_subsets
 
-from .schema import RunConfig, stable_dict
+from .schema import PROTOCOLS, RunConfig, stable_dict
 
 FORMAT = "tda-retraining-results"
 logger = logging.getLogger(__name__)
@@ -141,9 +141,6 @@ class GroundTruthSpec:
             for key in ("protocol", "fixed_seed", "batch_order"):
                 d.pop(key)
         return d
-
-
-PROTOCOLS = ("classic", "small-drop")
 
 
 def run_seed(base: int, *path: int) -> int:

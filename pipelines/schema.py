@@ -199,6 +199,10 @@ class ExecutorConfig:
         _positive(self, "workers")
 
 
+#: LDS protocols of ``tda validate`` (:mod:`pipelines.ground_truth`)
+PROTOCOLS = ("classic", "small-drop")
+
+
 @dataclass
 class ValidateConfig:
     """Counterfactual validation (METHODS.md section 6)."""
@@ -223,7 +227,7 @@ class ValidateConfig:
         _positive(self, "subsets", "models_per_subset", "queries", "removal_seeds")
         if not 0 < self.alpha < 1 or not 0 < self.tune_fraction < 1:
             raise ConfigError("validate.alpha and validate.tune_fraction must be in (0, 1)")
-        if self.protocol not in ("classic", "small-drop"):
+        if self.protocol not in PROTOCOLS:
             raise ConfigError(f"validate.protocol is {self.protocol!r}; use 'classic' or 'small-drop'")
         if not 0 < self.drop_fraction < 0.5:
             raise ConfigError(f"validate.drop_fraction must be in (0, 0.5), got {self.drop_fraction}")

@@ -36,6 +36,14 @@ from torch import Tensor, nn
 from .api import _default_task, _snapshot
 from .data import Collate, iter_batches
 from .ekfac import EKFACFactors
+from .ekfac_fit import CHUNK_ELEMENTS, DEFAULT_DAMPING_REL, joined_matrices
+from .errors import CheckpointError, ShapeError, TDAError
+from .factored import Captures, FactoredFeaturizer, LayerSpec
+from .features import ArrayFeatures, FeatureBlock, concat_blocks
+from .featurize import StateDict
+from .kernel import TopK, score_matrix, top_k
+from .scorers.ekfac import EKFACScorer
+from .tasks import Batch, Task
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +53,6 @@ PROJECTED_WARNING = ("EK-FAC with a projection (k_in=%s, k_out=%s) preconditions
                      "projection's error then dominates the scores: small-drop LDS 0.01 at 32 x 32 against 0.45 "
                      "exact on an MNIST MLP. Use k_in=None, k_out=None (featurize.k_in: null, featurize.k_out: "
                      "null) for exact features until the factors are fitted in the projected space")
-from .ekfac_fit import CHUNK_ELEMENTS, DEFAULT_DAMPING_REL, joined_matrices
-from .errors import CheckpointError, ShapeError, TDAError
-from .factored import Captures, FactoredFeaturizer, LayerSpec
-from .features import ArrayFeatures, FeatureBlock, concat_blocks
-from .featurize import StateDict
-from .kernel import TopK, score_matrix, top_k
-from .scorers.ekfac import EKFACScorer
-from .tasks import Batch, Task
 
 
 def _check_matching(specs: list[LayerSpec], factors: EKFACFactors) -> None:

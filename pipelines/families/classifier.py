@@ -26,7 +26,7 @@ from .base import Family, Reporting, Representations, Retraining, SaveFn, collat
 from .images import IMAGE_DATA, ImageCollate, image_datasets, unused_train_rows
 from .jobs import SubsetJob
 from .registry import family_for, register_family
-from .training import accuracy, train_classifier
+from .training import MOMENTUM, WEIGHT_DECAY, accuracy, train_classifier
 
 if TYPE_CHECKING:
     from ..layout import RunPaths
@@ -118,8 +118,8 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
         from tda.magic import SGDRecipe
 
         t = cfg.train
-        return SGDRecipe(epochs=t.epochs, lr=t.lr, momentum=0.9, weight_decay=5e-4, batch_size=t.batch_size,
-                         seed=t.seed, schedule="epoch-linear")
+        return SGDRecipe(epochs=t.epochs, lr=t.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                         batch_size=t.batch_size, seed=t.seed, schedule="epoch-linear")
 
 
 class ClassifierSubsetJob(SubsetJob):

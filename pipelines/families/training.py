@@ -15,6 +15,9 @@ from torch import Tensor, nn
 
 from tda.errors import DataError, NonFiniteError
 
+#: the recipe's optimizer settings (also those of its MAGIC replay, ``ClassifierFamily.magic_recipe``)
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+
 
 def _check_labels(model: nn.Module, x: Tensor, y: Tensor) -> None:
     """Labels must index the model's classes (else cross-entropy fails with a bare IndexError)."""
@@ -34,8 +37,8 @@ def train_classifier(
     lr: float = 0.05,
     batch_size: int = 128,
     seed: int = 0,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    momentum: float = MOMENTUM,
+    weight_decay: float = WEIGHT_DECAY,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
     weights: Tensor | None = None,
 ) -> nn.Module:

@@ -147,24 +147,24 @@ def scorer_report(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray, fu
             "calibration": calibration_report(scores, masks, outputs, full, folds)}
 
 
-def measure_scorers(cfg: RunConfig, paths: RunPaths, train: FeatureStore, query: FeatureBlock, gt: GroundTruth,
-                    folds: dict[str, np.ndarray], result: dict[str, Any]) -> np.ndarray:
-    """Every validated scorer on one ground truth (TRAK also with its tuned ridge); returns the
-    scores removal curves use (TRAK tuned, else the run's scorer)."""
-    outputs, full = gt.mean_outputs(), gt.full_outputs()
-    names = validation_scorers(cfg)
+def measure_scorers(cfg: RunConfig, paths: RunPaths, names: list[str], train: FeatureStore, query: FeatureBlock,
+                    truth: tuple[np.ndarray, np.ndarray, np.ndarray], folds: dict[str, np.ndarray],
+                    result: dict[str, Any]) -> np.ndarray:
+    """Every validated scorer on one ground truth ``(masks, outputs, full-set outputs)`` (TRAK also
+    with its tuned ridge); returns the scores removal curves use (TRAK tuned, else the run's scorer)."""
+    masks, outputs, full = truth
     result["scorers"] = {}
     main = None
     for name in names:
         s = scores_for(cfg, paths, name, train, query)
-        result["scorers"][name] = scorer_report(s, gt.masks, outputs, full, folds)
+        result["scorers"][name] = scorer_report(s, masks, outputs, full, folds)
         main = s if main is None else main
     if "trak" in names:
         v = cfg.validate
-        result["lds"] = tune_and_report(train, query, gt.masks, outputs, v.lambda_grid, cfg.score.lambda_rel, folds)
+        result["lds"] = tune_and_report(train, query, masks, outputs, v.lambda_grid, cfg.score.lambda_rel, folds)
         result["noise"] = noise_report(train, query, cfg.score.lambda_rel)
         main = trak_scores(train, query, result["lds"]["chosen_lambda_rel"])
-        result["scorers"]["trak (tuned)"] = scorer_report(main, gt.masks, outputs, full, folds)
+        result["scorers"]["trak (tuned)"] = scorer_report(main, masks, outputs, full, folds)
     return main
 
 
@@ -172,7 +172,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     """Ground truth (resumable) under the configured protocol; LDS and calibration of every
     validated scorer on folds, TRAK's tuned ridge and noise, optional removal curves; writes validation/."""
     v = cfg.validate
-    validation_scorers(cfg)  # a bad validate.scorers fails before any retraining
+    names = validation_scorers(cfg)  # a bad validate.scorers fails before any retraining
     train, query_store = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     job = retrain_job(cfg, 0)
     m = min(v.queries or len(query_store), len(query_store), job.available_queries())
@@ -186,10 +186,12 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
         result = {"protocol": v.protocol, "n_train": len(train), "n_queries": m, "subsets": v.subsets,
                   "alpha": gt.spec.alpha, "models_per_subset": gt.spec.models_per_subset,
                   "checkpoints": len(train.checkpoints), "folds": {k: len(x) for k, x in folds.items()},
-                  "ground_truth": {"batch_order": job.batch_order if job.weighted else "reshuffled",
+                  "ground_truth": {"batch_order": job.batch_order,
                                    "fixed_seed": gt.spec.fixed_seed if job.weighted else None,
                                    "retrainings": gt.retrainings()}}
-        scores = measure_scorers(cfg, paths, train, query, gt, folds, result)
+        outputs = gt.mean_outputs()  # read (and checked against their sha256) once
+        scores = measure_scorers(cfg, paths, names, train, query, (gt.masks, outputs, gt.full_outputs()), folds,
+                                 result)
         if v.removal_queries:
             result["removal"] = removal_curves(cfg, paths, scores, executor, progress)
     out = paths.root / "validation"
@@ -197,5 +199,5 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     if v.plots:
         from ..plots import plot_validation
 
-        plot_validation(out, result, scores, gt.masks, gt.mean_outputs())
+        plot_validation(out, result, scores, gt.masks, outputs)
     return result

@@ -40,15 +40,18 @@ def as_scorer(cfg: RunConfig, name: str) -> RunConfig:
     return replace(cfg, score=replace(cfg.score, scorer=name, options={}))
 
 
-def _reads(cfg: RunConfig, name: str) -> bool:
-    """Whether ``name`` scores exactly the features the run stored, both splits (same kind, same
-    fingerprints: RepSim does not read AirRep's label-aware representations, nor TRAK EK-FAC's
-    preconditioned queries)."""
+def _fingerprints(cfg: RunConfig) -> dict[str, str]:
     from ..run import feature_fingerprint
 
-    other = as_scorer(cfg, name)
+    return {split: feature_fingerprint(cfg, split) for split in ("train", "query")}
+
+
+def _reads(cfg: RunConfig, name: str, own: dict[str, str]) -> bool:
+    """Whether ``name`` scores exactly the features the run stored (``own``: their fingerprints),
+    both splits (same kind, same fingerprints: RepSim does not read AirRep's label-aware
+    representations, nor TRAK EK-FAC's preconditioned queries)."""
     try:
-        return all(feature_fingerprint(other, s) == feature_fingerprint(cfg, s) for s in ("train", "query"))
+        return _fingerprints(as_scorer(cfg, name)) == own
     except ConfigError:
         return False
 
@@ -56,9 +59,9 @@ def _reads(cfg: RunConfig, name: str) -> bool:
 def validation_scorers(cfg: RunConfig) -> list[str]:
     """The scorers to measure, the run's own first; a named scorer that cannot read the run's
     features is a :class:`ConfigError` naming the ones that can."""
-    kind = feature_kind(cfg)
+    kind, own = feature_kind(cfg), _fingerprints(cfg)
     usable = [cfg.score.scorer] + [n for n in SCORERS if n != cfg.score.scorer and n not in OWN_ONLY
-                                   and _reads(cfg, n)]
+                                   and _reads(cfg, n, own)]
     wanted = cfg.validate.scorers
     if wanted is None:
         return [n for n in usable if n == cfg.score.scorer or n not in OPT_IN]

@@ -40,7 +40,13 @@ class PrecomputedScorer(Scorer):
                  settings: dict[str, Any] | None = None) -> None:
         self.compute, self.name, self.settings = compute, name, dict(settings or {})
         self.scores: np.ndarray | None = None
-        self.query_ids = self.train_ids = np.zeros(0, dtype=np.int64)
+        self._set_ids(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+    def _set_ids(self, query_ids: np.ndarray, train_ids: np.ndarray) -> None:
+        """Row and column ids, and their positions (looked up per block, built once)."""
+        self.query_ids, self.train_ids = np.asarray(query_ids, np.int64), np.asarray(train_ids, np.int64)
+        self._rows = {int(i): p for p, i in enumerate(self.query_ids.tolist())}
+        self._cols = {int(i): p for p, i in enumerate(self.train_ids.tolist())}
 
     def fit(self, train: FeatureSource, progress: bool = False) -> "PrecomputedScorer":
         if self.compute is None:
@@ -56,11 +62,10 @@ class PrecomputedScorer(Scorer):
         if not np.isfinite(scores).all():
             raise ShapeError(f"{self.name} produced non-finite scores; lower train.lr (training diverged)")
         self.scores = np.asarray(scores, dtype=np.float32)
-        self.query_ids, self.train_ids = np.asarray(qids, np.int64), np.asarray(tids, np.int64)
+        self._set_ids(qids, tids)
         return self
 
-    def _positions(self, have: np.ndarray, want: np.ndarray, what: str) -> np.ndarray:
-        index = {int(i): p for p, i in enumerate(have.tolist())}
+    def _positions(self, index: dict[int, int], want: np.ndarray, what: str) -> np.ndarray:
         missing = [int(i) for i in want.tolist() if int(i) not in index]
         if missing:
             raise ConfigError(f"{self.name} scores only the {what} it was fitted on; id(s) {missing[:5]} are not among "
@@ -75,11 +80,11 @@ class PrecomputedScorer(Scorer):
 
     def transform_train(self, block: FeatureBlock) -> np.ndarray:
         scores = self._fitted()
-        return np.ascontiguousarray(scores[:, self._positions(self.train_ids, block.ids, "training examples")].T)
+        return np.ascontiguousarray(scores[:, self._positions(self._cols, block.ids, "training examples")].T)
 
     def transform_query(self, block: FeatureBlock) -> np.ndarray:
         scores = self._fitted()
-        rows = self._positions(self.query_ids, block.ids, "queries")
+        rows = self._positions(self._rows, block.ids, "queries")
         out = np.zeros((len(rows), scores.shape[0]), dtype=np.float32)
         out[np.arange(len(rows)), rows] = 1.0
         return out
@@ -92,6 +97,5 @@ class PrecomputedScorer(Scorer):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> "PrecomputedScorer":
         self.scores = np.asarray(state["scores"], dtype=np.float32)
-        self.query_ids = np.asarray(state["query_ids"], np.int64)
-        self.train_ids = np.asarray(state["train_ids"], np.int64)
+        self._set_ids(state["query_ids"], state["train_ids"])
         return self
