@@ -2,7 +2,8 @@
 
 Each trial starts from an empty folder or from a finished run of config A, runs an *attempt*
 command that is killed (the whole process group, dask workers included) one to three times at a
-random instant between the end of its imports and its measured duration, then finishes with a plain rerun of either the
+random instant (most counted from the moment its first stage's progress bar shows, up to its
+measured duration less the imports; some anywhere after the imports), then finishes with a plain rerun of either the
 attempted configuration or the original one. The finished folder must equal the uninterrupted
 run of the finishing configuration made in an empty folder: every file byte-identical (JSON
 compared without its ``finished`` timestamp), no file more or less, no lock, no temporary file.
@@ -137,11 +138,21 @@ def last_stage(stderr: Path) -> str:
     return stage
 
 
-def attempt(cmd: list[str], delay: float, log: Path) -> str | None:
+def _shows_a_stage(log: Path) -> bool:
+    text = log.read_text(errors="replace").replace("\r", "\n")
+    return any(line.startswith(name) for line in text.splitlines() for name in STAGE_BARS)
+
+
+def attempt(cmd: list[str], delay: float, log: Path, from_first_stage: bool = False) -> str | None:
     """Run ``cmd``, SIGKILL its process group after ``delay`` s; the stage it was in, or None if it
-    finished first (a failure is raised)."""
+    finished first (a failure is raised). ``from_first_stage``: the delay counts from the moment the
+    first stage's progress bar shows, not from the start, so that the kill lands inside the stages
+    whatever the machine's import time."""
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        if from_first_stage:
+            while proc.poll() is None and not _shows_a_stage(log):
+                time.sleep(0.01)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -202,9 +213,12 @@ class Campaign:
         out = self._start(scenario, ex, start)
         made = 0
         for _ in range(kills):
-            # most kills after the imports (a kill during them tests nothing)
-            delay = self.rng.uniform(0.8 * self.startup, self.duration[scenario, ex])
-            stage = attempt(argv(out, config, ex, extra), delay, self.work / "attempt.log")
+            # most kills counted from the first stage's bar (a kill during the imports tests nothing;
+            # import times differ between machines), a few at any instant after 0.8 x the imports
+            inside = self.rng.random() < 0.8
+            delay = (self.rng.uniform(0.0, max(0.1, self.duration[scenario, ex] - self.startup)) if inside
+                     else self.rng.uniform(0.8 * self.startup, self.duration[scenario, ex]))
+            stage = attempt(argv(out, config, ex, extra), delay, self.work / "attempt.log", inside)
             if stage is None:
                 break
             made += 1
