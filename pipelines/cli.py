@@ -1,4 +1,4 @@
-"""Command line: ``tda run CONFIG`` and ``tda query --run DIR --example ID``."""
+"""Command line: ``tda run CONFIG``, ``tda validate CONFIG``, ``tda curate CONFIG`` and ``tda query --run DIR --example ID``."""
 
 from __future__ import annotations
 
@@ -270,6 +270,20 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
     print(f"written to {paths.root / 'validation'}/")
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from .curate_report import print_curation
+
+    cfg = load_config(args.config, args.set)
+    paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
+    finish = f"`tda run {args.config} --out {paths.root}`"
+    with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
+        _check_finished(cfg, paths, finish)
+        from .curate import stage_curate
+
+        print_curation(stage_curate(cfg, paths, progress=not args.quiet), paths)
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run).resolve())
     recorded = read_run_file(paths)["config"]
@@ -354,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="run folder (default: out_dir from the config)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_validate)
+    c = sub.add_parser("curate", help="rank suspected mislabelled training examples of a finished run; check by retraining")
+    c.add_argument("config", help="the YAML config of the run")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    c.add_argument("--out", help="run folder (default: out_dir from the config)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_curate)
     q = sub.add_parser("query", help="top-k proponents/opponents of one example from a finished run")
     q.add_argument("--run", required=True, help="run folder written by `tda run`")
     q.add_argument("--example", type=int, nargs="+", required=True,

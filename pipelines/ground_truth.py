@@ -40,7 +40,7 @@ class RetrainJob(Protocol):
     def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray: ...
 
 
-class _OnTask:
+class OnTask:
     """Applies a RetrainJob to the task part of a ``(key, task)`` item (picklable)."""
 
     def __init__(self, job: Callable) -> None:
@@ -99,7 +99,7 @@ class ResultStore:
         self.drop_damaged()
         todo = [it for it in items if not self.done(it[0])]
         bar = tqdm(total=len(todo), desc=desc, unit="model", disable=not progress or not todo)
-        for (key, (_, seed)), out in executor.map_unordered(_OnTask(job), todo):
+        for (key, (_, seed)), out in executor.map_unordered(OnTask(job), todo):
             out = np.asarray(out, dtype=np.float64)
             if out.shape != (self.width,) or not np.isfinite(out).all():
                 raise StoreCorruptError(f"retraining {key} returned shape {out.shape} or non-finite outputs")

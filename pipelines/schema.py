@@ -23,20 +23,8 @@ from tda.errors import ConfigError
 from tda.scorers.trak import check_lambda_rel
 
 
-def _key(obj: Any, name: str) -> str:
-    return f"{type(obj).__name__.replace('Config', '').lower()}.{name}"
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{_key(obj, name)} must be >= 1, got {value}")
-
-
-def _choice(obj: Any, name: str, options: tuple[str, ...]) -> None:
-    if getattr(obj, name) not in options:
-        raise ConfigError(f"{_key(obj, name)} is {getattr(obj, name)!r}; choose one of {options}")
+from .schema_checks import _choice, _key, _positive  # noqa: F401  (re-exported)
+from .schema_workflows import PROTOCOLS, CurateConfig, ValidateConfig  # noqa: F401
 
 
 @dataclass
@@ -60,11 +48,14 @@ class DataConfig:
     max_length: int = 128  # tokens per text example (built-in text collate)
     seed: int = 0  # seed of the random train_size / query_size subsets
     subset: str = "random"  # "random" (seeded, stratified) or "first" (the first N rows, as before 0.2)
+    label_noise: float = 0.0  # share of training labels flipped to another class (seeded by data.seed; curation checks)
 
     def __post_init__(self) -> None:
         _choice(self, "query_split", ("train", "test"))
         _choice(self, "subset", ("random", "first"))
         _positive(self, "train_size", "query_size", "max_length")
+        if not 0 <= self.label_noise < 1:
+            raise ConfigError(f"data.label_noise must be in [0, 1), got {self.label_noise}")
 
 
 @dataclass
@@ -199,46 +190,6 @@ class ExecutorConfig:
         _positive(self, "workers")
 
 
-#: LDS protocols of ``tda validate`` (:mod:`pipelines.ground_truth`)
-PROTOCOLS = ("classic", "small-drop")
-
-
-@dataclass
-class ValidateConfig:
-    """Counterfactual validation (METHODS.md section 6)."""
-
-    protocol: str = "classic"  # "classic" (random alpha-subsets, fresh seeds) or "small-drop" (the run's seed, drop a few)
-    subsets: int = 100  # J random training subsets
-    alpha: float = 0.5  # classic: subset size as a fraction of the training set
-    drop_fraction: float = 0.01  # small-drop: share of the training set each subset drops
-    scorers: list[str] | None = None  # scorers measured (None: every scorer that reads the run's features)
-    models_per_subset: int = 1  # R retrainings per subset (outputs averaged)
-    seed: int = 0  # subset and retraining seeds derive from it
-    queries: int | None = None  # first N queries validated (None: all)
-    ground_truth_dir: str | None = None  # default <out_dir>/ground-truth; share it across runs
-    tune_fraction: float = 0.5  # share of queries and subsets used to choose lambda
-    lambda_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
-    removal_queries: int = 0  # queries with removal curves (0: off)
-    removal_ks: list[int] = field(default_factory=lambda: [10, 50, 200])
-    removal_seeds: int = 1  # retrainings per removal set
-    plots: bool = True  # write PNG plots next to the JSON/CSV
-
-    def __post_init__(self) -> None:
-        _positive(self, "subsets", "models_per_subset", "queries", "removal_seeds")
-        if not 0 < self.alpha < 1 or not 0 < self.tune_fraction < 1:
-            raise ConfigError("validate.alpha and validate.tune_fraction must be in (0, 1)")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"validate.protocol is {self.protocol!r}; use 'classic' or 'small-drop'")
-        if not 0 < self.drop_fraction < 0.5:
-            raise ConfigError(f"validate.drop_fraction must be in (0, 0.5), got {self.drop_fraction}")
-        if self.scorers is not None and not self.scorers:
-            raise ConfigError("validate.scorers must name at least one scorer, or be left out (every scorer)")
-        if not self.lambda_grid or any(not x > 0 for x in self.lambda_grid):
-            raise ConfigError(f"validate.lambda_grid must hold positive values, got {self.lambda_grid}")
-        if self.removal_queries < 0 or any(k < 1 for k in self.removal_ks):
-            raise ConfigError("validate.removal_queries must be >= 0 and removal_ks positive")
-
-
 @dataclass
 class RunConfig:
     """A whole run: the sections above plus where outputs go."""
@@ -253,6 +204,7 @@ class RunConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     code_dir: str | None = None  # folder added to sys.path for "module:fn" strings (the config file's folder)
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,7 +273,7 @@ LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"):
               **{("data", k): getattr(DataConfig(), k) for k in ("train_path", "collate", "text_column", "label_column",
                                                                   "image_column", "tokenizer", "max_length")},
               **{("model", k): None for k in ("factory", "hf", "hf_class", "checkpoints", "task")},
-              ("train", "factory"): None}
+              ("train", "factory"): None, ("data", "label_noise"): 0.0}
 
 #: Keys no fingerprint holds: where code is imported from does not change what it computes.
 UNHASHED_KEYS = ("code_dir",)

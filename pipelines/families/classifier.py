@@ -113,6 +113,27 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
     def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
         return ClassifierSubsetJob(cfg, queries, epochs=epochs)
 
+    def example_predictions(self, cfg: RunConfig, paths: RunPaths) -> dict[str, np.ndarray]:
+        """Per training example, over every attributed checkpoint: the mean cross-entropy ``loss``
+        and ``confidence`` (1 - p(label)), and the ``predicted`` class of the mean probabilities
+        (the curation baselines); ``labels`` as trained on."""
+        train_b = collated(self.datasets(cfg, paths)["train"], self.collate(cfg))
+        model, probs = self.build_model(cfg).eval(), []
+        for entry in load_checkpoint_list(paths):
+            model.load_state_dict(load_checkpoint(paths.checkpoint_file(entry)))
+            with torch.no_grad():
+                probs.append(torch.cat([torch.softmax(model(train_b["x"][lo: lo + 4096]).double(), dim=1)
+                                        for lo in range(0, len(train_b["y"]), 4096)]))
+        p, y = torch.stack(probs), train_b["y"].long()  # (C, n, classes), (n,)
+        p_label = p.gather(2, y.view(1, -1, 1).expand(p.shape[0], -1, 1)).squeeze(2)  # (C, n)
+        return {"labels": y.numpy(), "predicted": p.mean(0).argmax(1).numpy(),
+                "loss": (-torch.log(p_label.clamp(min=1e-300))).mean(0).numpy(),
+                "confidence": (1 - p_label).mean(0).numpy()}
+
+    def accuracy_job(self, cfg: RunConfig) -> Any:
+        """Trains the recipe on given rows; per query, 1.0 where the model's top class is its label."""
+        return ClassifierSubsetJob(cfg, "query", measure="correct")
+
     def magic_recipe(self, cfg: RunConfig) -> Any:
         """The run's first model as a :class:`tda.magic.SGDRecipe` (:func:`train_classifier`'s defaults)."""
         from tda.magic import SGDRecipe
@@ -127,6 +148,11 @@ class ClassifierSubsetJob(SubsetJob):
 
     supports_weights = True
 
+    def __init__(self, cfg: RunConfig, queries: str = "query", n_queries: int | None = None,
+                 epochs: int | None = None, measure: str = "margin") -> None:
+        super().__init__(cfg, queries, n_queries, epochs)
+        self.measure = measure  # "margin" (attributed output) or "correct" (top-1 hit per query)
+
     def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
         return self.run_weighted(train, train_ids, query, query_ids, seed, None)
 
@@ -135,9 +161,15 @@ class ClassifierSubsetJob(SubsetJob):
         t, family = self.cfg.train, family_for(self.cfg)
         model = train_classifier(lambda: family.build_model(self.cfg), train["x"], train["y"], epochs=self.epochs,
                                  lr=t.lr, batch_size=t.batch_size, seed=seed, weights=weights)
+        measure = classification_margin if self.measure == "margin" else top1_hit
         with torch.no_grad():
-            return torch.cat([classification_margin(model(query["x"][lo: lo + 4096]), query["y"][lo: lo + 4096])
+            return torch.cat([measure(model(query["x"][lo: lo + 4096]), query["y"][lo: lo + 4096])
                               for lo in range(0, len(query["y"]), 4096)])
+
+
+def top1_hit(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1.0 where the top class is the label, else 0.0; (B, C), (B,) -> (B,)."""
+    return (logits.argmax(1) == y).double()
 
 
 register_family(ClassifierFamily())

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tda.data import DEMO_DATA, MNIST_MEAN, MNIST_STD, draw_subset, example_ids, load_mnist
-from tda.errors import DataError, ShapeError, reading
+from tda.errors import ConfigError, DataError, ShapeError, reading
 
 if TYPE_CHECKING:
     from ..schema import RunConfig
@@ -70,10 +70,30 @@ def image_split(cfg: RunConfig, split: str, size: int | None):
 
 
 def image_datasets(cfg: RunConfig) -> dict[str, Any]:
-    """Train and query sets: ``data.query_path`` when set, else the query split's subset."""
+    """Train and query sets: ``data.query_path`` when set, else the query split's subset; the
+    training labels flipped at ``data.label_noise``."""
     d = cfg.data
     query = image_query_file(cfg) if d.query_path else image_split(cfg, d.query_split, d.query_size)
-    return {"train": image_split(cfg, "train", d.train_size), "query": query}
+    train = with_label_noise(image_split(cfg, "train", d.train_size), cfg, IMAGE_DATA[d.name][1])
+    return {"train": train, "query": query}
+
+
+def with_label_noise(table: Any, cfg: RunConfig, n_classes: int | None = None, column: str = "label") -> Any:
+    """``table`` with a seeded ``data.label_noise`` share of its ``column`` moved to another class
+    (:func:`tda.curation.flip_labels`; ``n_classes`` None: the largest label + 1)."""
+    fraction = cfg.data.label_noise
+    if not fraction:
+        return table
+    if column not in table.column_names:
+        raise ConfigError(f"data.label_noise needs class labels, and the training set has no {column!r} column "
+                          f"(it has {table.column_names}); set data.label_column or drop data.label_noise")
+    from tda.curation import flip_labels
+
+    labels = np.asarray(table[column])
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"data.label_noise needs integer class labels in {column!r}, found {labels.dtype}")
+    noisy, _ = flip_labels(labels, fraction, cfg.data.seed, n_classes or int(labels.max()) + 1)
+    return table.remove_columns(column).add_column(column, noisy)
 
 
 def load_cifar2(root: str, split: str, limit: int | None):

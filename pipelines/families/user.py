@@ -35,7 +35,7 @@ from tda.query_files import non_integers
 
 from ..imports import import_object
 from .base import Family, Representations, Retraining
-from .images import IMAGE_DATA, image_datasets
+from .images import IMAGE_DATA, image_datasets, with_label_noise
 from .jobs import SubsetJob
 from .registry import family_for, register_family
 
@@ -73,7 +73,8 @@ class UserFamily(Representations, Retraining, Family):
         d = cfg.data
         if d.train_path is None:
             return image_datasets(cfg)
-        data = {"train": table_subset(d.train_path, d.train_size, d.seed, d.label_column, d.subset, "data.train_path"),
+        train = table_subset(d.train_path, d.train_size, d.seed, d.label_column, d.subset, "data.train_path")
+        data = {"train": with_label_noise(train, cfg, column=d.label_column),
                 "query": table_subset(d.query_path, d.query_size, d.seed + 1, d.label_column, d.subset,
                                       "data.query_path")}
         if not d.collate and type(self.task(cfg)) is ClassificationTask:  # the built-in collate feeds it labels

@@ -1,0 +1,137 @@
+"""``tda curate CONFIG``: rank training examples as suspected mislabelled or outlying.
+
+On a finished run it computes, per training example, the self-influence under every gradient
+scorer that reads the run's features (TRAK, TracInCP, Grad-Dot; :func:`tda.curation.self_influence`),
+the baselines a user compares against (training loss and ``1 - p(label)`` averaged over every
+attributed checkpoint), and a rank ensemble of TRAK self-influence and loss (``trak+loss``, the
+default). With ``data.label_noise`` (a seeded share of training labels flipped) it measures every
+ranking against the flipped labels. The check retrains without the top ``curate.remove_fraction``
+flagged and without a random share (:mod:`pipelines.curate_check`).
+
+Outputs in ``curation/``: ``ranking.csv`` and ``ranking.parquet`` (most suspect first: id, label,
+predicted label, a column per method) and ``curation.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from stores import FeatureStore
+from stores._io import atomic_write, save_json
+from tda.curation import detection_metrics, rank_average, self_influence
+from tda.data import example_ids
+from tda.errors import ConfigError
+
+from .families import family_for
+from .layout import RunPaths
+from .schema import RunConfig
+from .scorers import build_scorer
+from .stages.index import load_scorer
+from .stages.validate_scorers import _fingerprints, _reads, as_scorer
+
+#: self-influence scorers, in the order they are reported
+SELF_INFLUENCE = ("trak", "tracin", "graddot")
+BASELINES = ("loss", "confidence")
+ENSEMBLES = {"trak+loss": ("trak", "loss")}
+
+
+def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: dict[int, int]) -> dict[str, np.ndarray]:
+    """Self-influence of every wanted gradient scorer that scores the run's stored features, in row order."""
+    train, own, out = FeatureStore.open(paths.store("train")), _fingerprints(cfg), {}
+    for name in SELF_INFLUENCE:
+        if name not in wanted or not (name == cfg.score.scorer or _reads(cfg, name, own)):
+            continue
+        scorer = load_scorer(cfg, paths) if name == cfg.score.scorer else build_scorer(as_scorer(cfg, name), paths).fit(train)
+        ids, values = self_influence(scorer, train)
+        col = np.full(len(rows), np.nan)
+        col[[rows[int(i)] for i in ids]] = values
+        out[name] = col
+    return out
+
+
+def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(methods, predictions)``: each method's suspect score per training row (higher: more
+    suspect) and the family's per-example ``labels``, ``predicted``, ``loss``, ``confidence``."""
+    family = family_for(cfg)
+    if not hasattr(family, "example_predictions"):
+        raise ConfigError(f"tda curate needs class labels and predictions; the {family.name!r} family has none yet "
+                          "(use the classifier family)")
+    preds = family.example_predictions(cfg, paths)
+    wanted = set(cfg.curate.methods or (*SELF_INFLUENCE, *BASELINES, *ENSEMBLES))
+    for parts in (ENSEMBLES[m] for m in wanted & set(ENSEMBLES)):
+        wanted |= set(parts)
+    ids = example_ids(family.datasets(cfg, paths)["train"])
+    methods = _self_influences(cfg, paths, wanted, {int(i): r for r, i in enumerate(ids)})
+    methods.update({name: preds[name] for name in BASELINES if name in wanted})
+    for name, parts in ENSEMBLES.items():
+        if name in wanted and all(p in methods for p in parts):
+            methods[name] = rank_average([methods[p] for p in parts])
+    if cfg.curate.method not in methods:
+        raise ConfigError(f"curate.method {cfg.curate.method!r} cannot be computed on this run (available: "
+                          f"{sorted(methods)}); choose one of those")
+    return methods, {**preds, "ids": np.asarray(ids)}
+
+
+def flipped_rows(cfg: RunConfig, paths: RunPaths, noisy: np.ndarray) -> np.ndarray | None:
+    """Where the trained labels differ from the clean ones (None without ``data.label_noise``)."""
+    if not cfg.data.label_noise:
+        return None
+    from .families.base import collated
+
+    clean_cfg = replace(cfg, data=replace(cfg.data, label_noise=0.0))
+    family = family_for(cfg)
+    clean = collated(family.datasets(clean_cfg, paths)["train"], family.collate(cfg))[family.label_key].numpy()
+    return clean != noisy
+
+
+def write_ranking(folder, methods: dict[str, np.ndarray], preds: dict[str, np.ndarray], flipped, lead: str) -> None:
+    """``ranking.csv`` and ``ranking.parquet``, most suspect under ``lead`` first."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    order = np.argsort(-methods[lead], kind="stable")
+    cols = {"rank": np.arange(1, len(order) + 1), "id": preds["ids"][order], "label": preds["labels"][order],
+            "predicted": preds["predicted"][order]}
+    if flipped is not None:
+        cols["flipped"] = flipped[order]
+    cols.update({name: values[order] for name, values in methods.items()})
+    table = pa.table(cols)
+    atomic_write(folder / "ranking.parquet", lambda p: pq.write_table(table, p))
+    atomic_write(folder / "ranking.csv", lambda p: pacsv.write_csv(table, p))
+
+
+def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Any]:
+    """Rankings, noise metrics, the retraining check; writes ``curation/`` and returns curation.json."""
+    methods, preds = rankings(cfg, paths)
+    folder = paths.root / "curation"
+    folder.mkdir(exist_ok=True)
+    flipped = flipped_rows(cfg, paths, preds["labels"])
+    lead = cfg.curate.method
+    write_ranking(folder, methods, preds, flipped, lead)
+    result: dict[str, Any] = {"method": lead, "n_train": len(preds["ids"]), "methods": {}}
+    if flipped is not None:
+        result["label_noise"] = {"fraction": cfg.data.label_noise, "seed": cfg.data.seed, "flipped": int(flipped.sum())}
+        result["methods"] = {name: detection_metrics(values, flipped) for name, values in methods.items()}
+        best = max((m for m in BASELINES if m in methods), key=lambda m: result["methods"][m]["auc"], default=None)
+        if best is not None:
+            result["best_baseline"] = best
+            result["method_matches_best_baseline"] = bool(result["methods"][lead]["auc"] >= result["methods"][best]["auc"])
+    else:
+        result["methods"] = {name: {} for name in methods}
+    if cfg.curate.retrain_seeds:
+        from .curate_check import retrain_check
+
+        family = family_for(cfg)
+        if not hasattr(family, "accuracy_job"):
+            raise ConfigError(f"the {family.name!r} family has no accuracy retraining yet; set curate.retrain_seeds: 0")
+        result["check"] = retrain_check(cfg, family.accuracy_job(cfg), np.argsort(-methods[lead], kind="stable"),
+                                        folder / "retrain", progress)
+    save_json(folder / "curation.json", result)
+    return result
+
+
+__all__ = ["BASELINES", "ENSEMBLES", "SELF_INFLUENCE", "flipped_rows", "rankings", "stage_curate", "write_ranking"]

@@ -1,0 +1,34 @@
+"""What ``tda curate`` prints: per method the noise metrics, the top suspects, the retraining check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .layout import RunPaths
+
+
+def print_curation(res: dict[str, Any], paths: RunPaths, top: int = 10) -> None:
+    import pyarrow.parquet as pq
+
+    noise = res.get("label_noise")
+    head = f"curation of {res['n_train']} training examples, ranked by {res['method']}"
+    print(head + (f"; {noise['flipped']} labels flipped (data.label_noise {noise['fraction']:g})" if noise else ""))
+    if noise:
+        print(f"  {'method':<12} {'ROC-AUC':>8} {'AP':>7}  found in top 5% / 10% / 20%")
+        for name, m in res["methods"].items():
+            f = m["found_at"]
+            print(f"  {name:<12} {m['auc']:>8.3f} {m['ap']:>7.3f}  {f['5%']:.2f} / {f['10%']:.2f} / {f['20%']:.2f}")
+        if "best_baseline" in res:
+            verdict = "matches or beats" if res["method_matches_best_baseline"] else "is BELOW"
+            print(f"  {res['method']} {verdict} the best baseline ({res['best_baseline']}) in ROC-AUC")
+    table = pq.read_table(paths.root / "curation" / "ranking.parquet").slice(0, top).to_pydict()
+    print(f"  top {top} suspects (id, label, predicted):",
+          ", ".join(f"{i} ({y}->{p})" for i, y, p in zip(table["id"], table["label"], table["predicted"])))
+    if "check" in res:
+        c, a = res["check"], res["check"]["accuracy"]
+        d = c["flagged_minus_random"]
+        print(f"  retrained without {c['removed']} examples ({c['remove_fraction']:.0%}), {c['seeds']} seeds: query accuracy "
+              f"without flagged {a['flagged']['mean']:.4f} [{a['flagged']['ci_low']:.4f}, {a['flagged']['ci_high']:.4f}], "
+              f"without random {a['random']['mean']:.4f} [{a['random']['ci_low']:.4f}, {a['random']['ci_high']:.4f}]; "
+              f"difference {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
+    print(f"written to {paths.root / 'curation'}/ (ranking.csv, ranking.parquet, curation.json)")

@@ -1,0 +1,77 @@
+"""Configuration sections of the workflows that run after ``tda run``: ``tda validate`` and ``tda curate``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tda.errors import ConfigError
+
+from .schema_checks import _positive
+
+
+#: LDS protocols of ``tda validate`` (:mod:`pipelines.ground_truth`)
+PROTOCOLS = ("classic", "small-drop")
+
+
+@dataclass
+class ValidateConfig:
+    """Counterfactual validation (METHODS.md section 6)."""
+
+    protocol: str = "classic"  # "classic" (random alpha-subsets, fresh seeds) or "small-drop" (the run's seed, drop a few)
+    subsets: int = 100  # J random training subsets
+    alpha: float = 0.5  # classic: subset size as a fraction of the training set
+    drop_fraction: float = 0.01  # small-drop: share of the training set each subset drops
+    scorers: list[str] | None = None  # scorers measured (None: every scorer that reads the run's features)
+    models_per_subset: int = 1  # R retrainings per subset (outputs averaged)
+    seed: int = 0  # subset and retraining seeds derive from it
+    queries: int | None = None  # first N queries validated (None: all)
+    ground_truth_dir: str | None = None  # default <out_dir>/ground-truth; share it across runs
+    tune_fraction: float = 0.5  # share of queries and subsets used to choose lambda
+    lambda_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0])
+    removal_queries: int = 0  # queries with removal curves (0: off)
+    removal_ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    removal_seeds: int = 1  # retrainings per removal set
+    plots: bool = True  # write PNG plots next to the JSON/CSV
+
+    def __post_init__(self) -> None:
+        _positive(self, "subsets", "models_per_subset", "queries", "removal_seeds")
+        if not 0 < self.alpha < 1 or not 0 < self.tune_fraction < 1:
+            raise ConfigError("validate.alpha and validate.tune_fraction must be in (0, 1)")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"validate.protocol is {self.protocol!r}; use 'classic' or 'small-drop'")
+        if not 0 < self.drop_fraction < 0.5:
+            raise ConfigError(f"validate.drop_fraction must be in (0, 0.5), got {self.drop_fraction}")
+        if self.scorers is not None and not self.scorers:
+            raise ConfigError("validate.scorers must name at least one scorer, or be left out (every scorer)")
+        if not self.lambda_grid or any(not x > 0 for x in self.lambda_grid):
+            raise ConfigError(f"validate.lambda_grid must hold positive values, got {self.lambda_grid}")
+        if self.removal_queries < 0 or any(k < 1 for k in self.removal_ks):
+            raise ConfigError("validate.removal_queries must be >= 0 and removal_ks positive")
+
+
+#: suspect rankings ``tda curate`` can compute (:mod:`pipelines.curate`): self-influence under a
+#: gradient scorer, training loss, 1 - p(label) (``confidence``), and a rank ensemble
+CURATION_METHODS = ("trak", "tracin", "graddot", "loss", "confidence", "trak+loss")
+
+
+@dataclass
+class CurateConfig:
+    """Data curation (``tda curate``): rank training examples as suspected mislabelled or outlying."""
+
+    method: str = "trak+loss"  # the ranking flagged and retrained without (every available method is reported)
+    methods: list[str] | None = None  # rankings computed (None: every one the run's features allow)
+    remove_fraction: float = 0.1  # the check: retrain without the top share flagged, and without a random share
+    retrain_seeds: int = 3  # R retrainings per arm of the check (0: no check)
+    seed: int = 0  # the random arm's draw and the retraining seeds derive from it
+
+    def __post_init__(self) -> None:
+        known = CURATION_METHODS
+        if self.method not in known:
+            raise ConfigError(f"curate.method is {self.method!r}; choose one of {known}")
+        bad = [m for m in self.methods or [] if m not in known]
+        if bad or self.methods == []:
+            raise ConfigError(f"curate.methods names {bad or 'nothing'}; choose from {known} (or leave it out)")
+        if not 0 < self.remove_fraction < 1:
+            raise ConfigError(f"curate.remove_fraction must be in (0, 1), got {self.remove_fraction}")
+        if self.retrain_seeds < 0:
+            raise ConfigError(f"curate.retrain_seeds must be >= 0, got {self.retrain_seeds}")

@@ -1,0 +1,131 @@
+"""Curation (issue 13): seeded label noise, self-influence against explicit formulas, detection
+metrics against brute-force definitions, and ``tda curate`` end to end (outputs, resume, errors)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from tda.curation import average_precision, detection_metrics, flip_labels, found_at, rank_average, roc_auc, self_influence
+from tda.features import ArrayFeatures, FeatureBlock
+from tda.scorers import GradDotScorer, TracInCPScorer, TRAKScorer
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+NOISY = ["--set", "data.label_noise=0.1", "--set", "featurize.shard_size=64"]
+
+
+def test_flip_labels_moves_a_seeded_share_to_other_classes() -> None:
+    labels = np.arange(1000) % 10
+    noisy, flipped = flip_labels(labels, 0.2, seed=3, n_classes=10)
+    assert flipped.sum() == 200 and (noisy[flipped] != labels[flipped]).all() and (noisy[~flipped] == labels[~flipped]).all()
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    again, _ = flip_labels(labels, 0.2, seed=3, n_classes=10)
+    other, _ = flip_labels(labels, 0.2, seed=4, n_classes=10)
+    assert (again == noisy).all() and not (other == noisy).all()
+    shift = (noisy[flipped] - labels[flipped]) % 10  # uniform over the 9 other classes
+    assert set(np.unique(shift)) == set(range(1, 10))
+
+
+def test_detection_metrics_equal_their_brute_force_definitions() -> None:
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=60), 1)  # ties on purpose
+    positive = rng.random(60) < 0.3
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a, b in product(scores[positive], scores[~positive])]
+    assert roc_auc(scores, positive) == pytest.approx(np.mean(pairs))
+    order = np.argsort(-scores, kind="stable")
+    hits = positive[order]
+    ap = np.mean([hits[: i + 1].mean() for i in range(60) if hits[i]])
+    assert average_precision(scores, positive) == pytest.approx(ap)
+    f = found_at(np.arange(100.0), np.arange(100) >= 90)  # the 10 positives rank first
+    assert f == {"5%": 0.5, "10%": 1.0, "20%": 1.0}
+    assert detection_metrics(-np.arange(10.0), np.arange(10) < 3)["auc"] == 1.0
+    r = rank_average([np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])])
+    assert np.allclose(r, 0.5)
+
+
+def _features(seed: int = 0) -> tuple[FeatureBlock, ArrayFeatures]:
+    rng = np.random.default_rng(seed)
+    block = FeatureBlock(np.arange(40), rng.normal(size=(2, 40, 8)).astype(np.float32),
+                         rng.uniform(0.2, 1.0, size=(2, 40)).astype(np.float32))
+    return block, ArrayFeatures(block, [0, 1])
+
+
+def test_self_influence_equals_the_explicit_formulas() -> None:
+    block, src = _features()
+    phi, q = block.feats.astype(np.float64), block.q.astype(np.float64)
+    trak = TRAKScorer(lambda_rel=0.1).fit(src)
+    _, got = self_influence(trak, src, block_rows=7)
+    want = np.zeros(40)
+    for m in range(2):
+        inv = np.linalg.inv(phi[m].T @ phi[m] + trak.lambdas[m] * np.eye(8))
+        want += np.einsum("ik,kl,il->i", phi[m], inv, phi[m]) * q.mean(0) / 2
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    _, tracin = self_influence(TracInCPScorer([0.5, 0.25]).fit(src), src)
+    np.testing.assert_allclose(tracin, 0.5 * (phi[0] ** 2).sum(1) + 0.25 * (phi[1] ** 2).sum(1), rtol=1e-4)
+    _, dot = self_influence(GradDotScorer().fit(src), src)
+    assert np.corrcoef(dot, (phi ** 2).sum(2).mean(0))[0, 1] > 0.9999
+
+
+def test_curate_finds_flipped_labels_writes_outputs_and_resumes(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    args = [str(TINY), "--out", str(run), *NOISY]
+    assert main(["run", *args, "--quiet"]) == 0
+    check = ["--set", "curate.retrain_seeds=2", "--set", "curate.remove_fraction=0.1"]
+    assert main(["curate", *args, *check, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "30 labels flipped" in out and "ROC-AUC" in out and "without flagged" in out
+    res = json.loads((run / "curation" / "curation.json").read_text())
+    assert set(res["methods"]) == {"trak", "tracin", "graddot", "loss", "confidence", "trak+loss"}
+    assert res["label_noise"]["flipped"] == 30
+    for name, m in res["methods"].items():
+        assert 0.5 < m["auc"] <= 1.0, name  # every method beats chance on a 2-epoch tiny run
+        assert set(m["found_at"]) == {"5%", "10%", "20%"}
+    assert res["methods"]["confidence"]["auc"] > 0.8
+    assert res["check"]["removed"] == 30 and len(res["check"]["accuracy"]["flagged"]["per_seed"]) == 2
+    with open(run / "curation" / "ranking.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 300 and [int(r["rank"]) for r in rows] == list(range(1, 301))
+    lead = [float(r["trak+loss"]) for r in rows]
+    assert lead == sorted(lead, reverse=True)
+    flipped = sum(r["flipped"] == "true" for r in rows)
+    assert flipped == 30
+    # resume: a lost retraining is redone alone; a changed check starts afresh
+    done = sorted((run / "curation" / "retrain").glob("*.npy"))
+    assert len(done) == 4
+    keep = {p.name: p.stat().st_mtime_ns for p in done}
+    done[0].unlink()
+    assert main(["curate", *args, *check, "--quiet"]) == 0
+    again = {p.name: p.stat().st_mtime_ns for p in (run / "curation" / "retrain").glob("*.npy")}
+    assert set(again) == set(keep) and sum(again[k] != keep[k] for k in keep) == 1
+    res2 = json.loads((run / "curation" / "curation.json").read_text())
+    for arm in ("flagged", "random"):
+        assert res2["check"]["accuracy"][arm]["per_seed"] == pytest.approx(res["check"]["accuracy"][arm]["per_seed"])
+    other = ["--set", "curate.retrain_seeds=2", "--set", "curate.remove_fraction=0.2"]
+    assert main(["curate", *args, *other, "--quiet"]) == 0
+    fresh = {p.name: p.stat().st_mtime_ns for p in (run / "curation" / "retrain").glob("*.npy")}
+    assert all(fresh[k] != again[k] for k in fresh)
+    assert json.loads((run / "curation" / "curation.json").read_text())["check"]["removed"] == 60
+    capsys.readouterr()
+
+
+def test_curate_refuses_bad_settings_and_unfinished_runs(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["curate", str(TINY), "--out", str(run), *NOISY]) == 2
+    assert "tda run" in capsys.readouterr().err
+    assert main(["run", str(TINY), "--out", str(run), *NOISY, "--quiet"]) == 0
+    assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.method=trek"]) == 2
+    assert "curate.method is 'trek'" in capsys.readouterr().err
+    assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.methods=[loss]"]) == 2
+    assert "curate.method 'trak+loss' cannot be computed" in capsys.readouterr().err
+    assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.methods=[loss]",
+                 "--set", "curate.method=loss", "--set", "curate.retrain_seeds=0", "--quiet"]) == 0
+    res = json.loads((run / "curation" / "curation.json").read_text())
+    assert list(res["methods"]) == ["loss"] and "check" not in res
+    assert main(["run", str(TINY), "--out", str(tmp_path / "bad"), "--set", "data.label_noise=1.5"]) == 2
+    assert "data.label_noise must be in [0, 1)" in capsys.readouterr().err
