@@ -1,9 +1,8 @@
-"""Command line: ``tda run CONFIG``, ``tda validate CONFIG``, ``tda curate CONFIG`` and ``tda query --run DIR --example ID``."""
+"""Command line: ``tda run CONFIG``, ``tda validate CONFIG``, ``tda curate CONFIG``, ``tda unlearn CONFIG`` and ``tda query --run DIR --example ID``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -15,16 +14,18 @@ import numpy as np
 from stores import FaissIndex, FeatureStore, StoreLock
 from stores.digests import DIGESTS
 from stores._io import remove_tree, sweep_removed
-from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
+from tda.errors import (ConfigError, ForeignStoreError, QueryError, StoreCorruptError,
                         StoreError, TDAError)
 from tda.data import example_ids as ids_for
 from tda.features import FeatureBlock, concat_blocks
 
+from .cli_workflows import add_workflow_parsers
 from .config import _build, load_config, parse_config
+from .run_folder import QUERY_NEEDS, check_complete as _check_complete, check_finished as _check_finished, read_run_file
 from .families import Reporting, family_for
 from .layout import RunPaths, load_checkpoint_list
 from .report import format_query
-from .run import INPUTS_FILE, claim_run_dir, datasets_for, feature_fingerprint
+from .run import INPUTS_FILE, claim_run_dir, datasets_for
 from .schema import RunConfig
 from .stages import (STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_retrain, stage_score,
                      stage_train)
@@ -59,23 +60,6 @@ def _forget(paths: RunPaths, stages: list[str]) -> None:
         for name in STAGE_OUTPUTS.get(stage, ()):
             if (paths.root / name).is_dir():
                 remove_tree(paths.root / name)
-
-
-def read_run_file(paths: RunPaths, make: str = "") -> dict:
-    """``run.json`` of a run folder; :class:`ForeignStoreError` / :class:`StoreCorruptError` if absent or
-    damaged (``make``: the command that makes the run, named in the message)."""
-    if not paths.run_file.is_file():
-        what = "does not exist (check the path)" if not paths.root.exists() else "is not a tda run folder (no run.json)"
-        raise ForeignStoreError(f"{paths.root} {what}; run {make or f'`tda run CONFIG --out {paths.root}`'} first")
-    try:
-        run = json.loads(paths.run_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreCorruptError(
-            f"{paths.run_file} is not valid JSON ({exc}); restore it, or rerun into a new folder (or pass --overwrite)"
-        ) from exc
-    if not isinstance(run, dict) or run.get("format") != "tda-run" or not isinstance(run.get("config"), dict):
-        raise ForeignStoreError(f"{paths.run_file} was not written by `tda run`; choose another folder")
-    return run
 
 
 def _cleanup_interrupted(paths: RunPaths, repair: bool) -> None:
@@ -212,35 +196,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
-    """``tda validate``: the folder must hold a finished run of this configuration; otherwise an
-    error naming what differs or is missing and ``finish``, the command that completes the run."""
-    if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train"):
-        raise FingerprintMismatchError(
-            f"{paths.root} holds a run of another configuration (data/model/train/featurize differ); validate it "
-            f"with the config and --set options it was run with, or run {finish} into another --out first")
-    _check_complete(paths, {"scores": ("scores.json", "not scored")}, finish)
-
-
-#: What ``tda query`` reads besides the feature stores: folder -> (completion marker, what is missing).
-QUERY_NEEDS = {"scorer": ("scorer.json", "no fitted scorer"), "index": ("index.json", "no index")}
-
-
-def _check_complete(paths: RunPaths, needs: dict[str, tuple[str, str]], finish: str) -> None:
-    """Both feature stores complete and every ``needs`` marker written, else a :class:`StoreError`
-    listing what is missing and naming ``finish``."""
-    missing = []
-    for split in ("train", "query"):
-        if not (paths.store(split) / "manifest.json").is_file():
-            missing.append(f"{paths.store(split).name}/ (no features)")
-        elif pending := FeatureStore.open(paths.store(split)).pending():
-            missing.append(f"{paths.store(split).name}/ ({len(pending)} unfinished shard job(s))")
-    missing += [f"{name}/ ({what})" for name, (marker, what) in needs.items() if not (paths.root / name / marker).is_file()]
-    if missing:
-        raise StoreError(f"{paths.root} holds an unfinished run: {'; '.join(missing)}; complete it with {finish} "
-                         "(finished work is reused)")
-
-
 def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
     """The validate stage (under the run lock) and its printed summary."""
     from .stages.validate import stage_validate
@@ -268,20 +223,6 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
                   f"flip rate {np.round(r['flip_rate'], 2).tolist()}")
         print(f"  brittleness (smallest k flipping, -1 none): {rm['brittleness']}")
     print(f"written to {paths.root / 'validation'}/")
-
-
-def cmd_curate(args: argparse.Namespace) -> int:
-    from .curate_report import print_curation
-
-    cfg = load_config(args.config, args.set)
-    paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
-    finish = f"`tda run {args.config} --out {paths.root}`"
-    with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
-        _check_finished(cfg, paths, finish)
-        from .curate import stage_curate
-
-        print_curation(stage_curate(cfg, paths, progress=not args.quiet), paths)
-    return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -368,12 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="run folder (default: out_dir from the config)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_validate)
-    c = sub.add_parser("curate", help="rank suspected mislabelled training examples of a finished run; check by retraining")
-    c.add_argument("config", help="the YAML config of the run")
-    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    c.add_argument("--out", help="run folder (default: out_dir from the config)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
-    c.set_defaults(func=cmd_curate)
+    add_workflow_parsers(sub)
     q = sub.add_parser("query", help="top-k proponents/opponents of one example from a finished run")
     q.add_argument("--run", required=True, help="run folder written by `tda run`")
     q.add_argument("--example", type=int, nargs="+", required=True,

@@ -55,28 +55,37 @@ def _prepare(folder: Path, spec: dict[str, Any]) -> None:
     save_json(spec_file, spec)
 
 
+def run_arms(cfg: RunConfig, job: Any, keep: dict[str, np.ndarray], seeds: list[int], folder: Path,
+             spec: dict[str, Any], desc: str, progress: bool) -> dict[str, np.ndarray]:
+    """Train ``job`` on each arm's kept rows with each seed (resumable under ``folder``; ``spec``
+    names what the saved retrainings were made for); per arm the (seeds, width) outputs."""
+    spec = {**spec, "job": job_fingerprint(cfg), "seeds": seeds,
+            "rows": {arm: fingerprint(rows.tolist()) for arm, rows in keep.items()}}
+    _prepare(folder, spec)
+    todo = [(arm, s) for arm in keep for s in seeds if not (folder / f"{arm}-{s}.npy").is_file()]
+    if todo:
+        e = cfg.executor
+        bar = tqdm(total=len(todo), desc=desc, unit="model", disable=not progress)
+        with make_executor(e.kind, e.address, e.workers) as executor:
+            items = [((arm, s), (keep[arm], s)) for arm, s in todo]
+            for ((arm, s), _), out in executor.map_unordered(OnTask(job), items):
+                save_npy(folder / f"{arm}-{s}.npy", np.asarray(out, dtype=np.float64))
+                bar.update()
+        bar.close()
+    return {arm: np.stack([np.load(folder / f"{arm}-{s}.npy") for s in seeds]) for arm in keep}
+
+
 def retrain_check(cfg: RunConfig, job: Any, order: np.ndarray, folder: Path, progress: bool) -> dict[str, Any]:
     """Run (or resume) the check; accuracy per arm with intervals, and the paired difference."""
     c = cfg.curate
     keep = arm_rows(order, c.remove_fraction, c.seed)
     seeds = [10_000 + 100 * c.seed + r for r in range(c.retrain_seeds)]
-    spec = {"job": job_fingerprint(cfg), "measure": "correct", "seeds": seeds, "fraction": c.remove_fraction,
-            "rows": {arm: fingerprint(rows.tolist()) for arm, rows in keep.items()}}
-    _prepare(folder, spec)
-    todo = [(arm, s) for arm in ARMS for s in seeds if not (folder / f"{arm}-{s}.npy").is_file()]
-    if todo:
-        e = cfg.executor
-        bar = tqdm(total=len(todo), desc="curate: retrain", unit="model", disable=not progress)
-        with make_executor(e.kind, e.address, e.workers) as executor:
-            items = [((arm, s), (keep[arm], s)) for arm, s in todo]
-            for ((arm, s), _), hits in executor.map_unordered(OnTask(job), items):
-                save_npy(folder / f"{arm}-{s}.npy", np.asarray(hits, dtype=np.float64))
-                bar.update()
-        bar.close()
-    acc = {arm: np.array([np.load(folder / f"{arm}-{s}.npy").mean() for s in seeds]) for arm in ARMS}
+    hits = run_arms(cfg, job, keep, seeds, folder, {"measure": "correct", "fraction": c.remove_fraction},
+                    "curate: retrain", progress)
+    acc = {arm: h.mean(axis=1) for arm, h in hits.items()}
     return {"remove_fraction": c.remove_fraction, "removed": int(len(order) - len(keep["flagged"])),
             "seeds": len(seeds), "accuracy": {arm: {**interval(a), "per_seed": a.tolist()} for arm, a in acc.items()},
             "flagged_minus_random": interval(acc["flagged"] - acc["random"])}
 
 
-__all__ = ["ARMS", "arm_rows", "interval", "retrain_check"]
+__all__ = ["ARMS", "arm_rows", "interval", "retrain_check", "run_arms"]

@@ -24,7 +24,7 @@ from tda.scorers.trak import check_lambda_rel
 
 
 from .schema_checks import _choice, _key, _positive  # noqa: F401  (re-exported)
-from .schema_workflows import PROTOCOLS, CurateConfig, ValidateConfig  # noqa: F401
+from .schema_workflows import PROTOCOLS, CurateConfig, UnlearnConfig, ValidateConfig  # noqa: F401
 
 
 @dataclass
@@ -205,6 +205,7 @@ class RunConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     code_dir: str | None = None  # folder added to sys.path for "module:fn" strings (the config file's folder)
 
     def to_dict(self) -> dict[str, Any]:

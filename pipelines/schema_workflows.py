@@ -51,14 +51,14 @@ class ValidateConfig:
 
 #: suspect rankings ``tda curate`` can compute (:mod:`pipelines.curate`): self-influence under a
 #: gradient scorer, training loss, 1 - p(label) (``confidence``), and a rank ensemble
-CURATION_METHODS = ("trak", "tracin", "graddot", "loss", "confidence", "trak+loss")
+CURATION_METHODS = ("trak", "tracin", "graddot", "loss", "confidence", "trak+loss", "trak+loss+confidence")
 
 
 @dataclass
 class CurateConfig:
     """Data curation (``tda curate``): rank training examples as suspected mislabelled or outlying."""
 
-    method: str = "trak+loss"  # the ranking flagged and retrained without (every available method is reported)
+    method: str = "trak+loss+confidence"  # the ranking flagged and retrained without (every method is reported)
     methods: list[str] | None = None  # rankings computed (None: every one the run's features allow)
     remove_fraction: float = 0.1  # the check: retrain without the top share flagged, and without a random share
     retrain_seeds: int = 3  # R retrainings per arm of the check (0: no check)
@@ -75,3 +75,24 @@ class CurateConfig:
             raise ConfigError(f"curate.remove_fraction must be in (0, 1), got {self.remove_fraction}")
         if self.retrain_seeds < 0:
             raise ConfigError(f"curate.retrain_seeds must be >= 0, got {self.retrain_seeds}")
+
+
+@dataclass
+class UnlearnConfig:
+    """Unlearning (``tda unlearn``): a behaviour (a group of queries), its forget set, the check."""
+
+    queries: list[int] | None = None  # query ids of the behaviour to remove (None: the queries of query_class)
+    query_class: int | None = None  # the behaviour is this class's queries (None: the first query's class)
+    k: int | None = None  # forget-set size (None: the smallest reaching target_change, else 2% of the training set)
+    target_change: float | None = None  # wanted predicted change of the group's summed output (negative: lower it)
+    retrain_seeds: int = 3  # R retrainings per arm (forget set, random control, full data; 0: no check)
+    seed: int = 0  # the control's draw and the retraining seeds derive from it
+
+    def __post_init__(self) -> None:
+        _positive(self, "k")
+        if self.queries is not None and not self.queries:
+            raise ConfigError("unlearn.queries must name at least one query id, or be left out")
+        if self.retrain_seeds < 0:
+            raise ConfigError(f"unlearn.retrain_seeds must be >= 0, got {self.retrain_seeds}")
+        if self.target_change is not None and self.target_change == 0:
+            raise ConfigError("unlearn.target_change must be non-zero (negative lowers the group's output)")

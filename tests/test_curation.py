@@ -81,7 +81,7 @@ def test_curate_finds_flipped_labels_writes_outputs_and_resumes(tmp_path, capsys
     out = capsys.readouterr().out
     assert "30 labels flipped" in out and "ROC-AUC" in out and "without flagged" in out
     res = json.loads((run / "curation" / "curation.json").read_text())
-    assert set(res["methods"]) == {"trak", "tracin", "graddot", "loss", "confidence", "trak+loss"}
+    assert set(res["methods"]) == {"trak", "tracin", "graddot", "loss", "confidence", "trak+loss", "trak+loss+confidence"}
     assert res["label_noise"]["flipped"] == 30
     for name, m in res["methods"].items():
         assert 0.5 < m["auc"] <= 1.0, name  # every method beats chance on a 2-epoch tiny run
@@ -91,7 +91,7 @@ def test_curate_finds_flipped_labels_writes_outputs_and_resumes(tmp_path, capsys
     with open(run / "curation" / "ranking.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 300 and [int(r["rank"]) for r in rows] == list(range(1, 301))
-    lead = [float(r["trak+loss"]) for r in rows]
+    lead = [float(r["trak+loss+confidence"]) for r in rows]
     assert lead == sorted(lead, reverse=True)
     flipped = sum(r["flipped"] == "true" for r in rows)
     assert flipped == 30
@@ -122,7 +122,7 @@ def test_curate_refuses_bad_settings_and_unfinished_runs(tmp_path, capsys) -> No
     assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.method=trek"]) == 2
     assert "curate.method is 'trek'" in capsys.readouterr().err
     assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.methods=[loss]"]) == 2
-    assert "curate.method 'trak+loss' cannot be computed" in capsys.readouterr().err
+    assert "curate.method 'trak+loss+confidence' cannot be computed" in capsys.readouterr().err
     assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.methods=[loss]",
                  "--set", "curate.method=loss", "--set", "curate.retrain_seeds=0", "--quiet"]) == 0
     res = json.loads((run / "curation" / "curation.json").read_text())

@@ -79,7 +79,8 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         del old["model"]["family"], old["model"]["options"], old["score"]["influential_fraction"]
         del old["featurize"]["projection"], old["featurize"]["k_in"], old["featurize"]["k_out"]
         del old["data"]["query_path"], old["score"]["dense"], old["score"]["options"], old["code_dir"]
-        for key in ("train_path", "collate", "text_column", "label_column", "image_column", "tokenizer", "max_length"):
+        for key in ("train_path", "collate", "text_column", "label_column", "image_column", "tokenizer", "max_length",
+                    "label_noise"):
             del old["data"][key]
         for key in ("factory", "hf", "hf_class", "checkpoints", "task"):
             del old["model"][key]

@@ -102,7 +102,7 @@ def test_auto_ridge_reaches_the_target_effective_dimension_and_is_recorded() -> 
     src = ArrayFeatures(FeatureBlock(np.arange(n), feats, rng.uniform(0.1, 1, (m, n))), range(m))
     scorer = TRAKScorer().fit(src)  # the default is "auto"
     assert scorer.lambda_rel == "auto"
-    target = auto_df_fraction(m) * k
+    target = auto_df_fraction(m, k) * k
     for c in range(m):
         s = np.linalg.eigvalsh(feats[c].T @ feats[c])  # explicit float64 spectrum
         assert abs(np.sum(s / (s + scorer.lambdas[c])) - target) < 1e-6 * k
@@ -116,7 +116,9 @@ def test_auto_ridge_reaches_the_target_effective_dimension_and_is_recorded() -> 
     np.testing.assert_array_equal(again.chosen_lambda_rel, scorer.chosen_lambda_rel)
     with pytest.raises(ConfigError, match="lambda_rel=auto"):
         TRAKScorer(lambda_rel=0.1).load_state_dict(state)
-    assert auto_df_fraction(1) < auto_df_fraction(5) < 0.5
+    assert auto_df_fraction(1, 1024) < auto_df_fraction(5, 1024) < 0.5
+    assert auto_df_fraction(1, 256) > auto_df_fraction(1, 1024)  # df grows as sqrt(k), not k
+    assert auto_df_fraction(10, 64) == pytest.approx(0.6)  # capped
 
 
 def test_unknown_scorer_name_raises() -> None:

@@ -134,6 +134,10 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
         """Trains the recipe on given rows; per query, 1.0 where the model's top class is its label."""
         return ClassifierSubsetJob(cfg, "query", measure="correct")
 
+    def unlearning_job(self, cfg: RunConfig) -> Any:
+        """Trains the recipe on given rows; per query its margin, then its top-1 hit ((2m,) outputs)."""
+        return ClassifierSubsetJob(cfg, "query", measure="both")
+
     def magic_recipe(self, cfg: RunConfig) -> Any:
         """The run's first model as a :class:`tda.magic.SGDRecipe` (:func:`train_classifier`'s defaults)."""
         from tda.magic import SGDRecipe
@@ -161,10 +165,16 @@ class ClassifierSubsetJob(SubsetJob):
         t, family = self.cfg.train, family_for(self.cfg)
         model = train_classifier(lambda: family.build_model(self.cfg), train["x"], train["y"], epochs=self.epochs,
                                  lr=t.lr, batch_size=t.batch_size, seed=seed, weights=weights)
-        measure = classification_margin if self.measure == "margin" else top1_hit
+        measure = {"margin": classification_margin, "correct": top1_hit, "both": margin_and_hit}[self.measure]
         with torch.no_grad():
-            return torch.cat([measure(model(query["x"][lo: lo + 4096]), query["y"][lo: lo + 4096])
-                              for lo in range(0, len(query["y"]), 4096)])
+            parts = [measure(model(query["x"][lo: lo + 4096]), query["y"][lo: lo + 4096])
+                     for lo in range(0, len(query["y"]), 4096)]
+        return torch.cat(parts, dim=-1).reshape(-1)  # "both": (2m,), margins first
+
+
+def margin_and_hit(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per row the margin then the top-1 hit: (B, C), (B,) -> (2, B), concatenated over blocks on dim 1."""
+    return torch.stack([classification_margin(logits, y), top1_hit(logits, y)])
 
 
 def top1_hit(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ For each checkpoint m: ``K_m = Phi_m^T Phi_m + lambda_m I`` with
 ``lambda_m = lambda_rel * mean(diag(Phi_m^T Phi_m))``, factored by Cholesky in float64. By default
 (``lambda_rel="auto"``) the ridge comes from each kernel's spectrum: lambda_m is the value at which
 the effective dimension ``df(lambda) = sum_j s_j / (s_j + lambda)`` of the kernel's eigenvalues
-``s_j`` is :func:`auto_df_fraction` ``(M) * k`` (see :func:`auto_lambdas`; measured in
+``s_j`` is :func:`auto_df_fraction` ``(M, k) * k`` (see :func:`auto_lambdas`; measured in
 ``benchmarks/ridge.py``). The score of query z for train example i is
 
     tau(z)_i = [ (1/M) sum_m phi_m,i^T K_m^{-1} phi_m(z) ] * [ (1/M) sum_m Q_m,i ]
@@ -29,19 +29,23 @@ logger = logging.getLogger(__name__)
 
 #: Default ridge: chosen per checkpoint from the kernel's spectrum (:func:`auto_lambdas`).
 DEFAULT_LAMBDA_REL = "auto"
-#: ``df / k = AUTO_DF_BASE * M ** AUTO_DF_POWER`` (:func:`auto_df_fraction`)
-AUTO_DF_BASE, AUTO_DF_POWER = 0.1, 0.25
+#: ``df = AUTO_DF_BASE * sqrt(k) * M ** AUTO_DF_POWER``, at most ``AUTO_DF_CAP * k`` (:func:`auto_df_fraction`)
+AUTO_DF_BASE, AUTO_DF_POWER, AUTO_DF_CAP = 3.6, 0.43, 0.6
 #: the most of a rank-deficient kernel's rank the automatic ridge may target (:func:`auto_lambdas`)
 RANK_CAP = 0.9
 
 
-def auto_df_fraction(models: int) -> float:
-    """Target effective dimension of each kernel, as a fraction of k, for an ensemble of ``models``.
+def auto_df_fraction(models: int, k: int) -> float:
+    """Target effective dimension of each kernel, as a fraction of k, for an ensemble of ``models``
+    at projection width ``k``: ``3.6 sqrt(k) M^0.43 / k``, at most 0.6.
 
-    More models average more of the checkpoint-specific noise away, so they bear a weaker ridge.
-    Measured on MNIST MLP, Fashion-MNIST MLP and CIFAR-2 CNN LDS folds (``benchmarks/ridge.py``).
+    More models average more of the checkpoint-specific noise away, so they bear a weaker ridge;
+    a wider projection keeps more of the gradients' directions, and the LDS-optimal effective
+    dimension grows about as its square root (not in proportion). Measured on MNIST MLP and
+    CIFAR-2 CNN LDS folds at k = 256, 512, 1024 and M = 1..10 (``benchmarks/ridge.py --sweep``,
+    ``benchmarks/lds.py``).
     """
-    return AUTO_DF_BASE * max(1, models) ** AUTO_DF_POWER
+    return min(AUTO_DF_BASE * max(1, models) ** AUTO_DF_POWER / max(1, k) ** 0.5, AUTO_DF_CAP)
 
 
 def auto_lambdas(eigenvalues: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -95,7 +99,8 @@ class TRAKScorer(Scorer):
         out: dict[str, Any] = {"lambda_rel": self.lambda_rel}
         if self.chosen_lambda_rel is not None:
             out["chosen_lambda_rel"] = [float(x) for x in self.chosen_lambda_rel]
-            out["lambda_rule"] = (f"effective dimension {auto_df_fraction(len(self.chosen_lambda_rel)):.3g} k "
+            m_count, k = len(self.chosen_lambda_rel), int(self.chol.shape[-1])
+            out["lambda_rule"] = (f"effective dimension {auto_df_fraction(m_count, k):.3g} k "
                                   "per checkpoint" if self.lambda_rel == "auto" else "fixed")
         return out
 
@@ -115,7 +120,7 @@ class TRAKScorer(Scorer):
         if bool((scale <= 0).any()):
             raise TDAError("a checkpoint's training features are all zero; check the model and data")
         if self.lambda_rel == "auto":
-            lambdas = auto_lambdas(torch.linalg.eigvalsh(gram), auto_df_fraction(m_count))
+            lambdas = auto_lambdas(torch.linalg.eigvalsh(gram), auto_df_fraction(m_count, k))
         else:
             lambdas = self.lambda_rel * scale
         kern = gram + lambdas[:, None, None] * torch.eye(k, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""What ``tda curate`` prints: per method the noise metrics, the top suspects, the retraining check."""
+"""What ``tda curate`` and ``tda unlearn`` print: rankings and noise metrics, forget sets, the retraining checks."""
 
 from __future__ import annotations
 
@@ -32,3 +32,29 @@ def print_curation(res: dict[str, Any], paths: RunPaths, top: int = 10) -> None:
               f"without random {a['random']['mean']:.4f} [{a['random']['ci_low']:.4f}, {a['random']['ci_high']:.4f}]; "
               f"difference {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
     print(f"written to {paths.root / 'curation'}/ (ranking.csv, ranking.parquet, curation.json)")
+
+
+def _ci(x: dict[str, float]) -> str:
+    return f"{x['mean']:+.3f} [{x['ci_low']:+.3f}, {x['ci_high']:+.3f}]"
+
+
+def print_unlearning(res: dict[str, Any], paths: RunPaths) -> None:
+    p, c = res["predicted"], res["control_predicted"]
+    print(f"unlearning {res['behaviour']} ({res['output']}, scorer {res['scorer']}): forget set of {res['k']} "
+          f"training examples (first ids {res['forget_ids'][:8]})")
+    cal = p.get("calibrated")
+    print(f"  predicted change of the group's output: {p['group']:+.3f} raw"
+          + (f", {cal['group']:+.3f} calibrated" if cal else " (uncalibrated: run `tda validate` to calibrate)")
+          + f"; random control of the same size: {c['group']:+.3f} raw")
+    if "check" in res:
+        ch = res["check"]
+        print(f"  retrained, {ch['seeds']} paired seeds: actual change {_ci(ch['forget']['actual_group'])} without the "
+              f"forget set, {_ci(ch['control']['actual_group'])} without the control")
+        rho = ch.get("spearman_predicted_actual")
+        if rho is not None:
+            print(f"  per query, predicted against actual: Spearman {rho:.3f}")
+        for arm in ("full", "forget", "control"):
+            a = ch[arm]["accuracy"]
+            other = f", other queries {a['other_queries']['mean']:.3f}" if a.get("other_queries") else ""
+            print(f"  accuracy, {arm:<7}: group {a['group']['mean']:.3f}{other}, all {a['all_queries']['mean']:.3f}")
+    print(f"written to {paths.root / 'unlearning'}/unlearning.json")

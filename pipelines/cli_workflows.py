@@ -1,0 +1,52 @@
+"""``tda curate`` and ``tda unlearn``: the data-curation and unlearning commands on a finished run."""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+from stores import StoreLock
+
+from .config import load_config
+from .layout import RunPaths
+from .run_folder import check_finished
+
+
+def _on_finished_run(args: argparse.Namespace, stage: Callable, printer: Callable) -> int:
+    """Run ``stage(cfg, paths, progress)`` on the finished run of ``args.config`` under its lock, then print."""
+    cfg = load_config(args.config, args.set)
+    paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
+    with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
+        check_finished(cfg, paths, f"`tda run {args.config} --out {paths.root}`")  # before any retraining
+        printer(stage(cfg, paths, progress=not args.quiet), paths)
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from .curate import stage_curate
+    from .workflow_report import print_curation
+
+    return _on_finished_run(args, stage_curate, print_curation)
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from .unlearn import stage_unlearn
+    from .workflow_report import print_unlearning
+
+    return _on_finished_run(args, stage_unlearn, print_unlearning)
+
+
+COMMANDS = {"curate": ("rank suspected mislabelled training examples of a finished run; check by retraining", cmd_curate),
+            "unlearn": ("forget set of a group of queries, its predicted and retrained change", cmd_unlearn)}
+
+
+def add_workflow_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, (text, fn) in COMMANDS.items():
+        c = sub.add_parser(name, help=text)
+        c.add_argument("config", help="the YAML config of the run")
+        c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+        c.add_argument("--out", help="run folder (default: out_dir from the config)")
+        c.add_argument("--quiet", action="store_true", help="no progress bars")
+        c.set_defaults(func=fn)

@@ -1,0 +1,58 @@
+"""Checks that a folder holds a finished ``tda run`` of a configuration (shared by the commands that read one)."""
+
+from __future__ import annotations
+
+import json
+
+from stores import FeatureStore
+from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError, StoreError
+
+from .layout import RunPaths
+from .run import feature_fingerprint
+from .schema import RunConfig
+
+
+def read_run_file(paths: RunPaths, make: str = "") -> dict:
+    """``run.json`` of a run folder; :class:`ForeignStoreError` / :class:`StoreCorruptError` if absent or
+    damaged (``make``: the command that makes the run, named in the message)."""
+    if not paths.run_file.is_file():
+        what = "does not exist (check the path)" if not paths.root.exists() else "is not a tda run folder (no run.json)"
+        raise ForeignStoreError(f"{paths.root} {what}; run {make or f'`tda run CONFIG --out {paths.root}`'} first")
+    try:
+        run = json.loads(paths.run_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreCorruptError(
+            f"{paths.run_file} is not valid JSON ({exc}); restore it, or rerun into a new folder (or pass --overwrite)"
+        ) from exc
+    if not isinstance(run, dict) or run.get("format") != "tda-run" or not isinstance(run.get("config"), dict):
+        raise ForeignStoreError(f"{paths.run_file} was not written by `tda run`; choose another folder")
+    return run
+
+
+def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
+    """``tda validate``: the folder must hold a finished run of this configuration; otherwise an
+    error naming what differs or is missing and ``finish``, the command that completes the run."""
+    if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train"):
+        raise FingerprintMismatchError(
+            f"{paths.root} holds a run of another configuration (data/model/train/featurize differ); validate it "
+            f"with the config and --set options it was run with, or run {finish} into another --out first")
+    check_complete(paths, {"scores": ("scores.json", "not scored")}, finish)
+
+
+#: What ``tda query`` reads besides the feature stores: folder -> (completion marker, what is missing).
+QUERY_NEEDS = {"scorer": ("scorer.json", "no fitted scorer"), "index": ("index.json", "no index")}
+
+
+def check_complete(paths: RunPaths, needs: dict[str, tuple[str, str]], finish: str) -> None:
+    """Both feature stores complete and every ``needs`` marker written, else a :class:`StoreError`
+    listing what is missing and naming ``finish``."""
+    missing = []
+    for split in ("train", "query"):
+        if not (paths.store(split) / "manifest.json").is_file():
+            missing.append(f"{paths.store(split).name}/ (no features)")
+        elif pending := FeatureStore.open(paths.store(split)).pending():
+            missing.append(f"{paths.store(split).name}/ ({len(pending)} unfinished shard job(s))")
+    missing += [f"{name}/ ({what})" for name, (marker, what) in needs.items() if not (paths.root / name / marker).is_file()]
+    if missing:
+        raise StoreError(f"{paths.root} holds an unfinished run: {'; '.join(missing)}; complete it with {finish} "
+                         "(finished work is reused)")

@@ -1,0 +1,79 @@
+"""Unlearning (issue 13): the forget set is the top-k by attributed group effect, predictions are the
+linear datamodel's (calibrated once ``tda validate`` has run), and the retraining check resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import parse_config
+from pipelines.unlearn import forget_set, predictions
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+SETS = ["--set", "featurize.shard_size=64"]
+
+
+def test_forget_set_takes_k_or_reaches_the_target() -> None:
+    scores = np.array([[3.0, -1.0, 0.5, 2.0, 0.0], [1.0, 0.0, 0.5, 1.0, -2.0]])  # (group queries, train)
+    effect = scores.sum(axis=0)  # [4, -1, 1, 3, -2]
+    assert forget_set(effect, scores, parse_config({"unlearn": {"k": 2}})).tolist() == [0, 3]
+    # predicted group change after the top 1, 2, 3: -4, -7, -8
+    assert forget_set(effect, scores, parse_config({"unlearn": {"target_change": -6.5}})).tolist() == [0, 3]
+    assert forget_set(effect, scores, parse_config({"unlearn": {"target_change": 2.5}})).tolist() == [1, 4]  # raise it
+    with pytest.raises(Exception, match="no forget set reaches"):
+        forget_set(effect, scores, parse_config({"unlearn": {"target_change": -100.0}}))
+    p = predictions(scores, np.array([0, 3]), {"intercept": 0.5, "slope": 2.0})
+    assert p["per_query"] == [-5.0, -2.0] and p["group"] == -7.0
+    assert p["calibrated"]["per_query"] == [-9.5, -3.5] and p["calibrated"]["group"] == -13.0
+
+
+def test_unlearn_predicts_checks_by_retraining_and_calibrates_after_validate(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    args = [str(TINY), "--out", str(run), *SETS]
+    assert main(["run", *args, "--quiet"]) == 0
+    check = ["--set", "unlearn.retrain_seeds=2", "--set", "unlearn.k=10", "--quiet"]
+    assert main(["unlearn", *args, *check]) == 0
+    out = capsys.readouterr().out
+    assert "uncalibrated" in out and "actual change" in out
+    res = json.loads((run / "unlearning" / "unlearning.json").read_text())
+    scores = np.load(run / "scores" / "scores.npy")
+    with np.load(run / "scores" / "topk.npz") as z:
+        qids, tids = z["query_ids"].tolist(), z["train_ids"]
+    rows = [qids.index(q) for q in res["group_query_ids"]]
+    effect = scores[rows].sum(axis=0)
+    assert sorted(res["forget_ids"]) == sorted(tids[np.argsort(-effect)[:10]].tolist())
+    forget = [list(tids).index(i) for i in res["forget_ids"]]
+    assert res["predicted"]["group"] == pytest.approx(-scores[np.ix_(rows, forget)].sum(), rel=1e-6)
+    assert res["calibration"].startswith("uncalibrated")
+    ch = res["check"]
+    assert ch["seeds"] == 2 and ch["forget"]["actual_group"]["mean"] < 0  # removing proponents lowers the group
+    assert ch["forget"]["accuracy"]["group"]["mean"] <= ch["full"]["accuracy"]["group"]["mean"]
+    saved = {p.name: p.stat().st_mtime_ns for p in (run / "unlearning" / "retrain").glob("*.npy")}
+    assert len(saved) == 6  # 3 arms x 2 seeds
+    assert main(["validate", *args, "--set", "validate.subsets=6", "--set", "validate.plots=false", "--quiet"]) == 0
+    assert main(["unlearn", *args, *check]) == 0
+    again = json.loads((run / "unlearning" / "unlearning.json").read_text())
+    fit = json.loads((run / "validation" / "validation.json").read_text())["scorers"]["trak"]["calibration"]["fit"]
+    raw = np.array(again["predicted"]["per_query"])
+    np.testing.assert_allclose(again["predicted"]["calibrated"]["per_query"], fit["intercept"] + fit["slope"] * raw)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "unlearning" / "retrain").glob("*.npy")} == saved  # reused
+    capsys.readouterr()
+
+
+def test_unlearn_refuses_unknown_queries_and_missing_dense_scores(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    args = [str(TINY), "--out", str(run), *SETS]
+    assert main(["unlearn", *args]) == 2
+    assert "tda run" in capsys.readouterr().err
+    assert main(["run", *args, "--quiet"]) == 0
+    assert main(["unlearn", *args, "--set", "unlearn.queries=[999]"]) == 2
+    assert "not among the run's 20 queries" in capsys.readouterr().err
+    assert main(["unlearn", *args, "--set", "unlearn.query_class=42", "--set", "unlearn.retrain_seeds=0"]) == 2
+    assert "no query has class 42" in capsys.readouterr().err
+    assert main(["run", *args, "--set", "score.dense=false", "--quiet"]) == 0
+    assert main(["unlearn", *args, "--set", "score.dense=false"]) == 2
+    assert "score.dense: true" in capsys.readouterr().err
