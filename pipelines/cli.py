@@ -11,21 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from stores import FaissIndex, FeatureStore, StoreLock
-from stores.digests import DIGESTS
+from stores import FeatureStore, StoreLock
 from stores._io import remove_tree, sweep_removed
-from tda.errors import (ConfigError, ForeignStoreError, QueryError, StoreCorruptError,
-                        StoreError, TDAError)
-from tda.data import example_ids as ids_for
-from tda.features import FeatureBlock, concat_blocks
+from tda.errors import ConfigError, ForeignStoreError, QueryError, StoreError, TDAError
 
 from .cli_workflows import add_workflow_parsers
-from .config import _build, load_config, parse_config
-from .run_folder import QUERY_NEEDS, check_complete as _check_complete, check_finished as _check_finished, read_run_file
+from .config import load_config
+from .run_folder import (QUERY_NEEDS, check_complete as _check_complete, check_finished as _check_finished, labels_of as _labels,
+                         read_run_file, recorded_config, stored_features as _query_features)
 from .families import Reporting, family_for
 from .layout import RunPaths, load_checkpoint_list
 from .report import format_query
-from .run import INPUTS_FILE, claim_run_dir, datasets_for
+from .run import claim_run_dir, datasets_for
 from .schema import RunConfig
 from .stages import (STAGES, load_index, load_scorer, stage_featurize, stage_index, stage_retrain, stage_score,
                      stage_train)
@@ -227,14 +224,7 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
 
 def cmd_query(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run).resolve())
-    recorded = read_run_file(paths)["config"]
-    DIGESTS.load(paths.root / INPUTS_FILE)  # input digests the run recorded (read only: a query writes nothing)
-    try:
-        _build(RunConfig, recorded, "")  # the record itself; the family's checks follow in parse_config
-    except ConfigError as exc:
-        raise StoreCorruptError(f"{paths.run_file} records a config this version cannot use ({exc}); restore the "
-                                f"file, or rerun `tda run CONFIG --out {paths.root} --overwrite`") from exc
-    cfg = parse_config(recorded)
+    cfg = recorded_config(paths)
     _check_complete(paths, QUERY_NEEDS, f"`tda run CONFIG --out {paths.root}`")
     t0 = time.time()
     scorer = load_scorer(cfg, paths)
@@ -259,31 +249,6 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(f"  ({elapsed * 1000:.0f} ms in all, {search * 1000:.1f} ms searching; {len(block)} queries, "
           f"{len(index)} indexed training examples, {index.meta['kind']} index)")
     return 0
-
-
-def _labels(dataset, column: str = "label") -> dict[int, int]:
-    """``id -> label`` of a data set with a label column; empty without one (text, for example)."""
-    if column not in dataset.column_names:
-        return {}
-    cols = dataset.with_format("numpy")
-    return dict(zip(np.asarray(ids_for(dataset)).tolist(), np.asarray(cols[column]).tolist()))
-
-
-def _query_features(paths: RunPaths, examples: list[int], split: str) -> FeatureBlock:
-    """Stored features of ``examples`` (in that order) from the split's store."""
-    store = FeatureStore.open(paths.store(split))
-    ids = store.ids()
-    rows = {int(i): r for r, i in enumerate(ids)}
-    missing = [e for e in examples if e not in rows]
-    if missing:
-        raise QueryError(
-            f"example id(s) {missing[:5]} are not in the {split} split of this run (ids {int(ids.min())}.."
-            f"{int(ids.max())}); pick an id from that range or raise data.{split}_size and rerun"
-        )
-    size = store.manifest["shard_size"]
-    shards = {s: store.read_shard(s) for s in sorted({rows[e] // size for e in examples})}  # each read once
-    return concat_blocks([shards[rows[e] // size].select(slice(rows[e] % size, rows[e] % size + 1))
-                          for e in examples])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from stores import FeatureStore
-from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError, StoreError
+from stores.digests import DIGESTS
+from tda.data import example_ids
+from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
+                        StoreError)
+from tda.features import FeatureBlock, concat_blocks
+
+from .config import _build, parse_config
 
 from .layout import RunPaths
-from .run import feature_fingerprint
+from .run import INPUTS_FILE, feature_fingerprint
 from .schema import RunConfig
 
 
@@ -56,3 +64,40 @@ def check_complete(paths: RunPaths, needs: dict[str, tuple[str, str]], finish: s
     if missing:
         raise StoreError(f"{paths.root} holds an unfinished run: {'; '.join(missing)}; complete it with {finish} "
                          "(finished work is reused)")
+
+
+def recorded_config(paths: RunPaths) -> RunConfig:
+    """The configuration ``run.json`` records (its input digests loaded, read only)."""
+    recorded = read_run_file(paths)["config"]
+    DIGESTS.load(paths.root / INPUTS_FILE)  # input digests the run recorded (read only: a query writes nothing)
+    try:
+        _build(RunConfig, recorded, "")  # the record itself; the family's checks follow in parse_config
+    except ConfigError as exc:
+        raise StoreCorruptError(f"{paths.run_file} records a config this version cannot use ({exc}); restore the "
+                                f"file, or rerun `tda run CONFIG --out {paths.root} --overwrite`") from exc
+    return parse_config(recorded)
+
+
+def labels_of(dataset, column: str = "label") -> dict[int, int]:
+    """``id -> label`` of a data set with a label column; empty without one (text, for example)."""
+    if column not in dataset.column_names:
+        return {}
+    cols = dataset.with_format("numpy")
+    return dict(zip(np.asarray(example_ids(dataset)).tolist(), np.asarray(cols[column]).tolist()))
+
+
+def stored_features(paths: RunPaths, examples: list[int], split: str) -> FeatureBlock:
+    """Stored features of ``examples`` (in that order) from the split's store."""
+    store = FeatureStore.open(paths.store(split))
+    ids = store.ids()
+    rows = {int(i): r for r, i in enumerate(ids)}
+    missing = [e for e in examples if e not in rows]
+    if missing:
+        raise QueryError(
+            f"example id(s) {missing[:5]} are not in the {split} split of this run (ids {int(ids.min())}.."
+            f"{int(ids.max())}); pick an id from that range or raise data.{split}_size and rerun"
+        )
+    size = store.manifest["shard_size"]
+    shards = {s: store.read_shard(s) for s in sorted({rows[e] // size for e in examples})}  # each read once
+    return concat_blocks([shards[rows[e] // size].select(slice(rows[e] % size, rows[e] % size + 1))
+                          for e in examples])
