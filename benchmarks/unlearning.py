@@ -3,7 +3,8 @@
 For each config in benchmarks/unlearning/ it runs ``tda run``, ``tda validate`` (the calibration
 line) and ``tda unlearn`` (all resume; outputs under --cache), and prints the predicted change of
 the group's summed margin (raw and calibrated) against the actual change after retraining without
-the forget set, and the same for a random control of the same size, with query accuracies.
+the forget set, and the same for a random control of the same size, with query accuracies; then
+the approximate unlearning variants (gradient difference, masked) against the retrained models.
 
     python benchmarks/unlearning.py          # ~5 min on 2 cores the first time, seconds after
 """
@@ -47,7 +48,15 @@ def main() -> None:
             print(f"| {name} | {res['behaviour']} | {arm} | {res['k']} | {pred['group']:+.3f} | "
                   f"{'' if cal is None else f'{cal:+.3f}'} | {cell(ch[arm]['actual_group'])} | {acc['group']['mean']:.3f} | "
                   f"{acc['other_queries']['mean']:.3f} |")
-        print(f"\nper query (forget set): Spearman of predicted against actual change {ch['spearman_predicted_actual']}")
+        print(f"\nper query (forget set): Spearman of predicted against actual change {ch['spearman_predicted_actual']:.3f}")
+        ap = res["approximate"]
+        print(f"\nwithout retraining ({ap['steps']} steps, lr {ap['lr']:g}, mask {ap['mask_fraction']:.0%} of weights; "
+              f"retrained: forget-set arm above)\n")
+        print("| variant | forget acc | forget loss | retain acc | query acc | membership AUC | margin distance to retrained |")
+        print("|---|---|---|---|---|---|---|")
+        for name, m in ap["variants"].items():
+            print(f"| {name} | {m['forget_accuracy']:.3f} | {m['forget_loss']:.3f} | {m['retain_accuracy']:.3f} | "
+                  f"{m['query_accuracy']:.3f} | {m['membership_auc']:.3f} | {m['margin_distance_to_retrained']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             done.append(_run_stage(stage, cfg, paths, progress) + f" ({time.time() - t:.1f}s)")
     if "score" in todo:
         print_report(cfg, paths)
+        from .html_report import refresh_report
+
+        refresh_report(cfg, paths)
     e = cfg.executor
     where = "local" if e.kind == "local" else f"dask ({e.address or f'LocalCluster, {e.workers} workers'})"
     print(f"\n{cfg.name}: done in {time.time() - t0:.1f}s on the {where} executor")
@@ -190,6 +193,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         _check_finished(cfg, paths, finish)  # before any retraining; run.json is not rewritten
         _validate(cfg, paths, progress=not args.quiet)
+        from .html_report import refresh_report
+
+        refresh_report(cfg, paths)
     return 0
 
 

@@ -21,6 +21,9 @@ def _on_finished_run(args: argparse.Namespace, stage: Callable, printer: Callabl
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         check_finished(cfg, paths, f"`tda run {args.config} --out {paths.root}`")  # before any retraining
         printer(stage(cfg, paths, progress=not args.quiet), paths)
+        from .html_report import refresh_report
+
+        refresh_report(cfg, paths)
     return 0
 
 
@@ -38,6 +41,17 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     return _on_finished_run(args, stage_unlearn, print_unlearning)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .html_report import write_report
+    from .run_folder import QUERY_NEEDS, check_complete, recorded_config
+
+    paths = RunPaths(Path(args.run).resolve())
+    cfg = recorded_config(paths)
+    check_complete(paths, {**QUERY_NEEDS, "scores": ("scores.json", "not scored")}, f"`tda run CONFIG --out {paths.root}`")
+    print(f"wrote {write_report(cfg, paths, shown=args.queries)}")
+    return 0
+
+
 COMMANDS = {"curate": ("rank suspected mislabelled training examples of a finished run; check by retraining", cmd_curate),
             "unlearn": ("forget set of a group of queries, its predicted and retrained change", cmd_unlearn)}
 
@@ -50,3 +64,7 @@ def add_workflow_parsers(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--out", help="run folder (default: out_dir from the config)")
         c.add_argument("--quiet", action="store_true", help="no progress bars")
         c.set_defaults(func=fn)
+    r = sub.add_parser("report", help="write report.html (queries, attributions, curation, unlearning, validation) of a run")
+    r.add_argument("run", help="run folder written by `tda run`")
+    r.add_argument("--queries", type=int, help="queries shown (default: score.show, at least 6)")
+    r.set_defaults(func=cmd_report)

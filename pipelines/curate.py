@@ -23,7 +23,6 @@ import numpy as np
 from stores import FeatureStore
 from stores._io import atomic_write, save_json
 from tda.curation import detection_metrics, rank_average, self_influence
-from tda.data import example_ids
 from tda.errors import ConfigError
 
 from .families import family_for
@@ -64,7 +63,7 @@ def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], di
     wanted = set(cfg.curate.methods or (*SELF_INFLUENCE, *BASELINES, *ENSEMBLES))
     for parts in (ENSEMBLES[m] for m in wanted & set(ENSEMBLES)):
         wanted |= set(parts)
-    ids = example_ids(family.datasets(cfg, paths)["train"])
+    ids = preds["ids"]
     methods = _self_influences(cfg, paths, wanted, {int(i): r for r, i in enumerate(ids)})
     methods.update({name: preds[name] for name in BASELINES if name in wanted})
     for name, parts in ENSEMBLES.items():
@@ -73,7 +72,7 @@ def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], di
     if cfg.curate.method not in methods:
         raise ConfigError(f"curate.method {cfg.curate.method!r} cannot be computed on this run (available: "
                           f"{sorted(methods)}); choose one of those")
-    return methods, {**preds, "ids": np.asarray(ids)}
+    return methods, preds
 
 
 def flipped_rows(cfg: RunConfig, paths: RunPaths, noisy: np.ndarray) -> np.ndarray | None:

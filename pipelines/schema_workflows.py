@@ -87,9 +87,15 @@ class UnlearnConfig:
     target_change: float | None = None  # wanted predicted change of the group's summed output (negative: lower it)
     retrain_seeds: int = 3  # R retrainings per arm (forget set, random control, full data; 0: no check)
     seed: int = 0  # the control's draw and the retraining seeds derive from it
+    approximate: bool = True  # also unlearn without retraining: gradient difference, unrestricted and masked
+    approx_steps: int = 20  # full-batch gradient-difference steps
+    approx_lr: float | None = None  # their learning rate (None: train.lr)
+    mask_fraction: float = 0.1  # share of weights the masked variant moves (most attributed to the forget loss)
 
     def __post_init__(self) -> None:
-        _positive(self, "k")
+        _positive(self, "k", "approx_steps")
+        if not 0 < self.mask_fraction <= 1 or (self.approx_lr is not None and not self.approx_lr > 0):
+            raise ConfigError("unlearn.mask_fraction must be in (0, 1] and unlearn.approx_lr positive")
         if self.queries is not None and not self.queries:
             raise ConfigError("unlearn.queries must name at least one query id, or be left out")
         if self.retrain_seeds < 0:

@@ -5,8 +5,9 @@ The behaviour is a group of the run's queries (``unlearn.queries``, or every que
 measured outputs (margins). The forget set is the top-k training examples by attributed effect on
 the group, ``e_i = sum_{j in group} score_ji``; removing a set S is predicted to change query j's
 output by ``-sum_{i in S} score_ji`` (the linear datamodel the validator measures), and, where
-``tda validate`` has run, by the calibrated ``intercept + slope * predicted`` of its fitted line
-(its group size is recorded: a line fitted on removals of half the data is extrapolated to k rows).
+``tda validate`` has run, by the calibrated ``intercept * k / group_size + slope * predicted`` of its
+fitted line (fitted on removals of ``group_size`` rows; its intercept, the effect of removing that
+many rows whatever their scores, is scaled to the k rows removed).
 A random set of the same size is the control. The exact check retrains without the forget set,
 without the control and on the full data, R paired seeds each (resumable), and reports predicted
 against actual change per query and for the group, with the query-set accuracy of each arm.
@@ -91,8 +92,12 @@ def predictions(scores_g: np.ndarray, rows: np.ndarray, cal: dict[str, Any] | No
     raw = -scores_g[:, rows].sum(axis=1)
     out: dict[str, Any] = {"per_query": raw.tolist(), "group": float(raw.sum())}
     if cal is not None:
-        calibrated = cal["intercept"] + cal["slope"] * raw
-        out["calibrated"] = {"per_query": calibrated.tolist(), "group": float(calibrated.sum())}
+        # the intercept is the validator's mean effect of removing group_size rows whatever their scores;
+        # to first order it scales with the rows removed
+        intercept = cal["intercept"] * len(rows) / cal.get("group_size", len(rows))
+        calibrated = intercept + cal["slope"] * raw
+        out["calibrated"] = {"per_query": calibrated.tolist(), "group": float(calibrated.sum()),
+                             "intercept_scaled_by": f"k / group_size = {len(rows)} / {cal.get('group_size', len(rows))}"}
     return out
 
 
@@ -117,18 +122,24 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
         "scorer": cfg.score.scorer, "k": len(forget), "forget_ids": train_ids[forget].tolist(),
         "predicted": predictions(scores[group], forget, cal), "control_predicted": predictions(scores[group], control, cal),
         "calibration": cal if cal is not None else "uncalibrated: run `tda validate` for a calibrated prediction"}
+    retrained = None
     if cfg.unlearn.retrain_seeds:
-        res["check"] = exact_check(cfg, family, paths, group, forget, control, progress)
+        res["check"], retrained = exact_check(cfg, family, paths, group, forget, control, progress)
         res["check"]["spearman_predicted_actual"] = agreement(res["predicted"]["per_query"],
                                                               res["check"]["forget"]["actual_per_query"])
+    if cfg.unlearn.approximate:
+        from .unlearn_approx import approximate_unlearning
+
+        res["approximate"] = approximate_unlearning(cfg, family, paths, forget, retrained)
     (paths.root / "unlearning").mkdir(exist_ok=True)
     save_json(paths.root / "unlearning" / "unlearning.json", res)
     return res
 
 
 def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray, forget: np.ndarray,
-                control: np.ndarray, progress: bool) -> dict[str, Any]:
-    """Retrain without the forget set, without the control and on everything; actual changes."""
+                control: np.ndarray, progress: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """Retrain without the forget set, without the control and on everything; actual changes, and
+    the (R, m) query margins of the models retrained without the forget set."""
     n = int(np.load(paths.scores / "topk.npz")["train_ids"].shape[0])
     everything = np.arange(n)
     keep = {"forget": np.setdiff1d(everything, forget), "control": np.setdiff1d(everything, control), "full": everything}
@@ -148,7 +159,7 @@ def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray,
                                               "group": interval(hits[arm][:, group].mean(axis=1)),
                                               "other_queries": interval(hits[arm][:, others].mean(axis=1))
                                               if len(others) else None}
-    return res
+    return res, margin["forget"]
 
 
 def agreement(predicted: list[float], actual: list[float]) -> float | None:

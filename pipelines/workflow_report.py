@@ -57,4 +57,13 @@ def print_unlearning(res: dict[str, Any], paths: RunPaths) -> None:
             a = ch[arm]["accuracy"]
             other = f", other queries {a['other_queries']['mean']:.3f}" if a.get("other_queries") else ""
             print(f"  accuracy, {arm:<7}: group {a['group']['mean']:.3f}{other}, all {a['all_queries']['mean']:.3f}")
+    if "approximate" in res:
+        ap = res["approximate"]
+        print(f"  without retraining ({ap['steps']} gradient-difference steps, lr {ap['lr']:g}; masked: top "
+              f"{ap['mask_fraction']:.0%} of weights):")
+        for name, m in ap["variants"].items():
+            dist = m.get("margin_distance_to_retrained")
+            print(f"    {name:<27} forget acc {m['forget_accuracy']:.3f} loss {m['forget_loss']:.3f}, retain acc "
+                  f"{m['retain_accuracy']:.3f}, query acc {m['query_accuracy']:.3f}, membership AUC {m['membership_auc']:.3f}"
+                  + (f", margin distance to retrained {dist:.2f}" if dist is not None else ""))
     print(f"written to {paths.root / 'unlearning'}/unlearning.json")

@@ -26,9 +26,11 @@ def test_forget_set_takes_k_or_reaches_the_target() -> None:
     assert forget_set(effect, scores, parse_config({"unlearn": {"target_change": 2.5}})).tolist() == [1, 4]  # raise it
     with pytest.raises(Exception, match="no forget set reaches"):
         forget_set(effect, scores, parse_config({"unlearn": {"target_change": -100.0}}))
-    p = predictions(scores, np.array([0, 3]), {"intercept": 0.5, "slope": 2.0})
+    p = predictions(scores, np.array([0, 3]), {"intercept": 0.5, "slope": 2.0, "group_size": 2})
     assert p["per_query"] == [-5.0, -2.0] and p["group"] == -7.0
     assert p["calibrated"]["per_query"] == [-9.5, -3.5] and p["calibrated"]["group"] == -13.0
+    half = predictions(scores, np.array([0, 3]), {"intercept": 0.5, "slope": 2.0, "group_size": 4})
+    assert half["calibrated"]["per_query"] == [-9.75, -3.75]  # the intercept scales with the rows removed
 
 
 def test_unlearn_predicts_checks_by_retraining_and_calibrates_after_validate(tmp_path, capsys) -> None:
@@ -52,6 +54,11 @@ def test_unlearn_predicts_checks_by_retraining_and_calibrates_after_validate(tmp
     ch = res["check"]
     assert ch["seeds"] == 2 and ch["forget"]["actual_group"]["mean"] < 0  # removing proponents lowers the group
     assert ch["forget"]["accuracy"]["group"]["mean"] <= ch["full"]["accuracy"]["group"]["mean"]
+    variants = res["approximate"]["variants"]
+    assert set(variants) == {"original", "gradient difference", "masked gradient difference"}
+    for m in variants.values():
+        assert 0 <= m["membership_auc"] <= 1 and np.isfinite(m["margin_distance_to_retrained"])
+    assert variants["gradient difference"]["forget_loss"] > variants["original"]["forget_loss"]  # it forgot
     saved = {p.name: p.stat().st_mtime_ns for p in (run / "unlearning" / "retrain").glob("*.npy")}
     assert len(saved) == 6  # 3 arms x 2 seeds
     assert main(["validate", *args, "--set", "validate.subsets=6", "--set", "validate.plots=false", "--quiet"]) == 0
@@ -59,7 +66,8 @@ def test_unlearn_predicts_checks_by_retraining_and_calibrates_after_validate(tmp
     again = json.loads((run / "unlearning" / "unlearning.json").read_text())
     fit = json.loads((run / "validation" / "validation.json").read_text())["scorers"]["trak"]["calibration"]["fit"]
     raw = np.array(again["predicted"]["per_query"])
-    np.testing.assert_allclose(again["predicted"]["calibrated"]["per_query"], fit["intercept"] + fit["slope"] * raw)
+    scaled = fit["intercept"] * 10 / fit["group_size"]
+    np.testing.assert_allclose(again["predicted"]["calibrated"]["per_query"], scaled + fit["slope"] * raw)
     assert {p.name: p.stat().st_mtime_ns for p in (run / "unlearning" / "retrain").glob("*.npy")} == saved  # reused
     capsys.readouterr()
 
@@ -77,3 +85,41 @@ def test_unlearn_refuses_unknown_queries_and_missing_dense_scores(tmp_path, caps
     assert main(["run", *args, "--set", "score.dense=false", "--quiet"]) == 0
     assert main(["unlearn", *args, "--set", "score.dense=false"]) == 2
     assert "score.dense: true" in capsys.readouterr().err
+
+
+def _toy() -> tuple:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    ce = lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"])  # noqa: E731
+    each = lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    return model, {"x": x[:8], "y": y[:8]}, {"x": x[8:], "y": y[8:]}, ce, each
+
+
+def test_masked_gradient_difference_moves_only_masked_weights_and_stops_at_the_bound() -> None:
+    import copy
+
+    import torch
+
+    from tda.unlearning import gradient_difference, membership_auc, weight_mask
+
+    model, forget, retain, ce, each = _toy()
+    mask = weight_mask(model, ce, forget, retain, 0.2)
+    total = sum(m.numel() for m in mask.values())
+    assert abs(sum(int(m.sum()) for m in mask.values()) - 0.2 * total) <= 2
+    before = copy.deepcopy(model.state_dict())
+    gradient_difference(model, ce, forget, retain, steps=5, lr=0.1, mask=mask)
+    for name, p in model.named_parameters():
+        moved = p.detach() != before[name]
+        assert not (moved & ~mask[name]).any()  # weights outside the mask never move
+        assert moved.any() or not mask[name].any()
+    free, bounded = copy.deepcopy(model), copy.deepcopy(model)
+    gradient_difference(free, ce, forget, retain, steps=30, lr=0.5)
+    gradient_difference(bounded, ce, forget, retain, steps=30, lr=0.5, forget_bound=1.5, example_loss=each)
+    with torch.no_grad():
+        assert float(ce(free, forget)) > 5.0  # unbounded ascent runs away
+        assert float(each(bounded, forget).min()) < 3.0  # clamped examples stop near the bound
+    assert membership_auc(np.array([0.1, 0.2]), np.array([1.0, 2.0])) == 1.0
+    assert membership_auc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5

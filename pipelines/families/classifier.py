@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import mnist_collate
+from tda.data import example_ids, mnist_collate
 from tda.errors import ConfigError
 from tda.featurize import load_checkpoint
 from tda.models import mlp
@@ -113,21 +113,23 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
     def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
         return ClassifierSubsetJob(cfg, queries, epochs=epochs)
 
-    def example_predictions(self, cfg: RunConfig, paths: RunPaths) -> dict[str, np.ndarray]:
-        """Per training example, over every attributed checkpoint: the mean cross-entropy ``loss``
-        and ``confidence`` (1 - p(label)), and the ``predicted`` class of the mean probabilities
-        (the curation baselines); ``labels`` as trained on."""
-        train_b = collated(self.datasets(cfg, paths)["train"], self.collate(cfg))
+    def example_predictions(self, cfg: RunConfig, paths: RunPaths, split: str = "train") -> dict[str, np.ndarray]:
+        """Per example of ``split``, over every attributed checkpoint: the mean cross-entropy ``loss``
+        and ``confidence`` (1 - p(label)), the ``predicted`` class of the mean probabilities and its
+        probability ``p_predicted`` (the curation baselines and the report); ``labels`` and ``ids``."""
+        dataset = self.datasets(cfg, paths)[split]
+        batch = collated(dataset, self.collate(cfg))
         model, probs = self.build_model(cfg).eval(), []
         for entry in load_checkpoint_list(paths):
             model.load_state_dict(load_checkpoint(paths.checkpoint_file(entry)))
             with torch.no_grad():
-                probs.append(torch.cat([torch.softmax(model(train_b["x"][lo: lo + 4096]).double(), dim=1)
-                                        for lo in range(0, len(train_b["y"]), 4096)]))
-        p, y = torch.stack(probs), train_b["y"].long()  # (C, n, classes), (n,)
+                probs.append(torch.cat([torch.softmax(model(batch["x"][lo: lo + 4096]).double(), dim=1)
+                                        for lo in range(0, len(batch["y"]), 4096)]))
+        p, y = torch.stack(probs), batch["y"].long()  # (C, n, classes), (n,)
         p_label = p.gather(2, y.view(1, -1, 1).expand(p.shape[0], -1, 1)).squeeze(2)  # (C, n)
-        return {"labels": y.numpy(), "predicted": p.mean(0).argmax(1).numpy(),
-                "loss": (-torch.log(p_label.clamp(min=1e-300))).mean(0).numpy(),
+        mean = p.mean(0)
+        return {"ids": np.asarray(example_ids(dataset)), "labels": y.numpy(), "predicted": mean.argmax(1).numpy(),
+                "p_predicted": mean.max(1).values.numpy(), "loss": (-torch.log(p_label.clamp(min=1e-300))).mean(0).numpy(),
                 "confidence": (1 - p_label).mean(0).numpy()}
 
     def accuracy_job(self, cfg: RunConfig) -> Any:

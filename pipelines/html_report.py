@@ -1,0 +1,236 @@
+"""``tda report RUN``: one self-contained ``report.html`` a person reads (images inline as PNG data
+URIs, text HTML-escaped), refreshed at the end of ``tda run``, ``validate``, ``curate`` and ``unlearn``.
+
+Per shown query: the input, its label and the predicted label with probability, then the top
+proponents and opponents as a grid with labels and signed scores. For scorers that sum one term
+per checkpoint (TRAK, TracInCP, Grad-Dot) each shown attribution also gets the mean and spread of
+its per-checkpoint terms, and is marked distinguishable from noise when ``|mean| > 2 sd / sqrt(M)``
+(the Bayesian TDA seed paper finds most pairs are not). Then the curation and unlearning tables
+and the validation table and plots, where those commands have run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stores._io import atomic_write
+
+from .families import family_for
+from .layout import RunPaths, load_checkpoint_list
+from .run import datasets_for
+from .run_folder import labels_of, stored_features
+from .schema import RunConfig
+
+logger = logging.getLogger(__name__)
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.grid{display:flex;flex-wrap:wrap;gap:6px}"
+         ".cell{border:1px solid #ddd;padding:4px;font-size:12px;width:110px}.cell img{width:96px;image-rendering:pixelated}"
+         ".pos{color:#070}.neg{color:#a00}.noise{color:#888}.txt{font-family:monospace;white-space:pre-wrap;"
+         "max-height:8em;overflow:hidden}")
+
+
+def png_uri(pixels: np.ndarray) -> str:
+    """A (H, W) or (H, W, 3) array (uint8, or floats scaled to their range) as an inline PNG data URI."""
+    from PIL import Image  # matplotlib's own image dependency; far lighter to import
+
+    if pixels.dtype != np.uint8:
+        lo, hi = float(np.min(pixels)), float(np.max(pixels))
+        pixels = np.round(255 * (pixels - lo) / (hi - lo if hi > lo else 1.0)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_shape(cfg: RunConfig, length: int) -> tuple[int, ...] | None:
+    """(C, H, W) of a flattened channel-major image of ``length`` values, when it can be told."""
+    from .families.images import IMAGE_DATA
+
+    if cfg.data.name in IMAGE_DATA and int(np.prod(IMAGE_DATA[cfg.data.name][0])) == length:
+        return IMAGE_DATA[cfg.data.name][0]
+    for c in (1, 3):
+        side = int(round((length / c) ** 0.5))
+        if c * side * side == length:
+            return (c, side, side)
+    return None
+
+
+class Renderer:
+    """HTML for one example of a split: its image, its text, or its id."""
+
+    def __init__(self, cfg: RunConfig, dataset: Any) -> None:
+        self.cfg, self.ds = cfg, dataset
+        from tda.data import example_ids
+
+        self.rows = {int(i): r for r, i in enumerate(example_ids(dataset))}
+
+    def __call__(self, example: int) -> str:
+        d, row = self.cfg.data, self.rows.get(int(example))
+        if row is None:
+            return ""
+        item = self.ds[row]
+        if d.image_column in item:
+            pixels = np.asarray(item[d.image_column])
+            shape = image_shape(self.cfg, pixels.size)
+            if shape is not None:
+                img = pixels.reshape(shape).transpose(1, 2, 0)
+                img = img[..., 0] if shape[0] == 1 else img
+                return f'<img src="{png_uri(img)}">'
+        for column in (d.text_column, "text"):
+            if column in item and isinstance(item[column], str):
+                return f'<div class="txt">{html.escape(item[column][:400])}</div>'
+        return ""
+
+
+def per_checkpoint_terms(cfg: RunConfig, paths: RunPaths, scorer: Any, query_ids: list[int],
+                         train_ids: np.ndarray) -> np.ndarray | None:
+    """(q, t, M) per-checkpoint terms of the shown pairs, summing to their scores; None when the
+    scorer's vectors are not one slice per checkpoint."""
+    try:
+        q = stored_features(paths, query_ids, "query")
+        t = stored_features(paths, [int(i) for i in train_ids.reshape(-1)], "train")
+    except Exception:  # noqa: BLE001 - the report shows what it can
+        return None
+    a, b = scorer.transform_query(q), scorer.transform_train(t)
+    m = q.feats.shape[0]
+    if a.shape[1] != m * q.feats.shape[2] or m < 2:
+        return None
+    a3, b3 = a.reshape(len(query_ids), m, -1), b.reshape(*train_ids.shape, m, -1)
+    return np.einsum("qmk,qtmk->qtm", a3.astype(np.float64), b3.astype(np.float64))
+
+
+def _cell(render: Renderer, example: int, label: Any, score: float, terms: np.ndarray | None) -> str:
+    sign = "pos" if score > 0 else "neg"
+    noise = ""
+    if terms is not None:
+        mean, sd = terms.mean() * len(terms), terms.std(ddof=1) * len(terms)  # per-checkpoint estimates of the score
+        ok = abs(mean) > 2 * sd / np.sqrt(len(terms))
+        noise = f'<br><span class="{"" if ok else "noise"}">{mean:+.2e} &plusmn; {sd:.1e} over {len(terms)}' \
+                f'{"" if ok else " (noise)"}</span>'
+    return (f'<div class="cell">{render(example)}<br>id {example} label {html.escape(str(label))}<br>'
+            f'<span class="{sign}">{score:+.3e}</span>{noise}</div>')
+
+
+def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
+    """Every shown query with its proponent and opponent grids."""
+    from .stages import load_scorer
+
+    data = datasets_for(cfg, paths)
+    train_r, query_r = Renderer(cfg, data["train"]), Renderer(cfg, data["query"])
+    column = cfg.data.label_column if cfg.model.family in ("user", "hf") else "label"
+    labels, qlabels = labels_of(data["train"], column), labels_of(data["query"], column)
+    with np.load(paths.scores / "topk.npz") as z:
+        top = {key: z[key] for key in z.files}
+    family = family_for(cfg)
+    preds = family.example_predictions(cfg, paths, "query") if hasattr(family, "example_predictions") else None
+    pred_rows = {} if preds is None else {int(i): r for r, i in enumerate(preds["ids"])}
+    rows = list(range(min(shown, len(top["query_ids"]))))
+    qids = [int(top["query_ids"][r]) for r in rows]
+    scorer = load_scorer(cfg, paths)
+    both = np.concatenate([top["proponent_ids"][rows, :k], top["opponent_ids"][rows, :k]], axis=1)
+    terms = per_checkpoint_terms(cfg, paths, scorer, qids, both) if rows else None
+    parts = []
+    for n, (r, qid) in enumerate(zip(rows, qids)):
+        head = f"query id {qid}, label {html.escape(str(qlabels.get(qid, '?')))}"
+        at = pred_rows.get(qid)
+        if at is not None:
+            head += f", predicted {preds['predicted'][at]} (p {preds['p_predicted'][at]:.2f})"
+        grids = []
+        for side, key in (("proponents (training on them raises the query's output)", "proponent"),
+                          ("opponents (training on them lowers it)", "opponent")):
+            cells = [_cell(train_r, int(i), labels.get(int(i), "?"), float(s),
+                           None if terms is None else terms[n, j + (0 if key == "proponent" else k)])
+                     for j, (i, s) in enumerate(zip(top[f"{key}_ids"][r, :k], top[f"{key}_scores"][r, :k]))]
+            grids.append(f"<p>{side}</p><div class='grid'>{''.join(cells)}</div>")
+        parts.append(f"<h3>{head}</h3><div class='grid'><div class='cell'>{query_r(qid)}</div></div>{''.join(grids)}")
+    return "<h2>Queries</h2>" + "".join(parts)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def curation_section(cfg: RunConfig, paths: RunPaths) -> str:
+    path = paths.root / "curation" / "curation.json"
+    if not path.is_file():
+        return ""
+    import pyarrow.parquet as pq
+
+    res = json.loads(path.read_text())
+    rows = [[name, *(f"{m[x]:.3f}" for x in ("auc", "ap")), *(f"{v:.2f}" for v in m["found_at"].values())]
+            for name, m in res["methods"].items() if m]
+    out = f"<h2>Curation (ranked by {html.escape(res['method'])})</h2>"
+    if rows:
+        out += _table(["method", "ROC-AUC", "AP", "found 5%", "10%", "20%"], rows)
+    top = pq.read_table(paths.root / "curation" / "ranking.parquet").slice(0, 24).to_pydict()
+    render = Renderer(cfg, datasets_for(cfg, paths)["train"])
+    cells = [f'<div class="cell">{render(int(i))}<br>id {i}: label {y}, predicted {p}<br>{res["method"]} {s:.3f}</div>'
+             for i, y, p, s in zip(top["id"], top["label"], top["predicted"], top[res["method"]])]
+    return out + f"<p>top suspects</p><div class='grid'>{''.join(cells)}</div>"
+
+
+def unlearning_section(paths: RunPaths) -> str:
+    path = paths.root / "unlearning" / "unlearning.json"
+    if not path.is_file():
+        return ""
+    res = json.loads(path.read_text())
+    rows = []
+    for arm, pred in (("forget", res["predicted"]), ("control", res["control_predicted"])):
+        actual = res.get("check", {}).get(arm, {}).get("actual_group")
+        rows.append([arm, res["k"], f"{pred['group']:+.3f}", f"{pred['calibrated']['group']:+.3f}" if "calibrated" in pred
+                     else "uncalibrated", f"{actual['mean']:+.3f} [{actual['ci_low']:+.3f}, {actual['ci_high']:+.3f}]"
+                     if actual else "not retrained"])
+    return (f"<h2>Unlearning: {html.escape(res['behaviour'])}</h2>"
+            + _table(["set", "k", "predicted", "calibrated", "actual (95% CI)"], rows))
+
+
+def validation_section(paths: RunPaths) -> str:
+    folder = paths.root / "validation"
+    if not (folder / "validation.json").is_file():
+        return ""
+    res = json.loads((folder / "validation.json").read_text())
+    rows = [[name, f"{r['report']['mean']:.3f} [{r['report']['ci_low']:.3f}, {r['report']['ci_high']:.3f}]",
+             f"{r['calibration']['fit']['slope']:.3g}"] for name, r in res.get("scorers", {}).items()]
+    plots = "".join(f'<img style="max-width:45%" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                    for p in sorted(folder.glob("*.png")))
+    return (f"<h2>Validation ({html.escape(str(res.get('protocol', 'classic')))} protocol)</h2>"
+            + _table(["scorer", "LDS, report fold", "calibration slope"], rows) + plots)
+
+
+def write_report(cfg: RunConfig, paths: RunPaths, shown: int | None = None, k: int = 8) -> Path:
+    """Write ``report.html`` in the run folder; its path."""
+    ckpts = load_checkpoint_list(paths)
+    head = (f"<h1>{html.escape(cfg.name)}: which training examples drove these predictions</h1>"
+            f"<p>scorer {html.escape(cfg.score.scorer)}, {len(ckpts)} checkpoint(s); score &gt; 0: training on the "
+            "example raises the query's measured output (the margin for classifiers, log p(completion) for "
+            "language models)</p>")
+    body = (query_section(cfg, paths, shown if shown is not None else max(cfg.score.show, 6), min(k, cfg.score.topk))
+            + curation_section(cfg, paths) + unlearning_section(paths) + validation_section(paths))
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.name)}</title>" \
+           f"<style>{STYLE}</style></head><body>{head}{body}</body></html>"
+    target = paths.root / "report.html"
+    if not (target.is_file() and target.read_text(encoding="utf-8") == page):  # a rerun rewrites nothing
+        atomic_write(target, lambda p: Path(p).write_text(page, encoding="utf-8"))
+    return target
+
+
+def refresh_report(cfg: RunConfig, paths: RunPaths) -> None:
+    """:func:`write_report` at the end of a command; a report that cannot be drawn is a warning,
+    never a failed command (the run's results are already written)."""
+    try:
+        write_report(cfg, paths)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("report.html not refreshed (%s: %s); run `tda report %s` to retry", type(exc).__name__, exc,
+                       paths.root)
+
+
+__all__ = ["Renderer", "refresh_report", "image_shape", "per_checkpoint_terms", "png_uri", "write_report"]
