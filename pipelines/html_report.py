@@ -65,13 +65,15 @@ def image_shape(cfg: RunConfig, length: int) -> tuple[int, ...] | None:
 class Renderer:
     """HTML for one example of a split: its image, its text, or its id."""
 
-    def __init__(self, cfg: RunConfig, dataset: Any) -> None:
-        self.cfg, self.ds = cfg, dataset
+    def __init__(self, cfg: RunConfig, dataset: Any, texts: dict[int, str] | None = None) -> None:
+        self.cfg, self.ds, self.texts = cfg, dataset, texts or {}
         from tda.data import example_ids
 
         self.rows = {int(i): r for r, i in enumerate(example_ids(dataset))}
 
     def __call__(self, example: int) -> str:
+        if int(example) in self.texts:  # the family decodes its own (token ids, for language models)
+            return f'<div class="txt">{html.escape(self.texts[int(example)][:400])}</div>'
         d, row = self.cfg.data, self.rows.get(int(example))
         if row is None:
             return ""
@@ -122,13 +124,14 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
     """Every shown query with its proponent and opponent grids."""
     from .stages import load_scorer
 
-    data = datasets_for(cfg, paths)
-    train_r, query_r = Renderer(cfg, data["train"]), Renderer(cfg, data["query"])
+    data, family = datasets_for(cfg, paths), family_for(cfg)
+    texts = getattr(family, "example_texts", None)
+    train_r, query_r = (Renderer(cfg, data[split], texts(cfg, paths, split) if texts else None)
+                        for split in ("train", "query"))
     column = cfg.data.label_column if cfg.model.family in ("user", "hf") else "label"
     labels, qlabels = labels_of(data["train"], column), labels_of(data["query"], column)
     with np.load(paths.scores / "topk.npz") as z:
         top = {key: z[key] for key in z.files}
-    family = family_for(cfg)
     preds = family.example_predictions(cfg, paths, "query") if hasattr(family, "example_predictions") else None
     pred_rows = {} if preds is None else {int(i): r for r, i in enumerate(preds["ids"])}
     rows = list(range(min(shown, len(top["query_ids"]))))

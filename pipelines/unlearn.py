@@ -50,6 +50,10 @@ def behaviour(cfg: RunConfig, query_ids: np.ndarray, query_labels: dict[int, int
             raise ConfigError(f"unlearn.queries names ids {bad[:5]} that are not among the run's {len(pos)} queries "
                               f"(ids {int(query_ids.min())}..{int(query_ids.max())})")
         return np.array([pos[q] for q in u.queries]), f"queries {list(u.queries)[:10]}"
+    if not query_labels:  # no classes (language models): the first query, unless named
+        if u.query_class is not None:
+            raise ConfigError("unlearn.query_class needs class labels, and this family has none; name unlearn.queries")
+        return np.array([0]), f"query {int(query_ids[0])}"
     cls = u.query_class if u.query_class is not None else query_labels[int(query_ids[0])]
     rows = np.array([r for r, q in enumerate(query_ids) if query_labels.get(int(q)) == cls])
     if not len(rows):
@@ -110,15 +114,17 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
     scores, query_ids, train_ids = stored_scores(paths)
     from .families.base import collated
 
-    query_b = collated(family.datasets(cfg, paths)["query"], family.collate(cfg))
-    labels = {int(q): int(y) for q, y in zip(query_ids, query_b[family.label_key].numpy())}
+    labels: dict[int, int] = {}
+    if family.label_key is not None:
+        query_b = collated(family.datasets(cfg, paths)["query"], family.collate(cfg))
+        labels = {int(q): int(y) for q, y in zip(query_ids, query_b[family.label_key].numpy())}
     group, what = behaviour(cfg, query_ids, labels)
     effect = scores[group].sum(axis=0)
     forget = forget_set(effect, scores[group], cfg)
     control = np.sort(np.random.default_rng([cfg.unlearn.seed, 5303]).choice(len(train_ids), len(forget), replace=False))
     cal = calibration_for(cfg, paths)
     res: dict[str, Any] = {
-        "behaviour": what, "group_query_ids": query_ids[group].tolist(), "output": "sum of the group's margins",
+        "behaviour": what, "group_query_ids": query_ids[group].tolist(), "output": "sum of the group's margins" if labels else "sum of the group's completion log-probabilities",
         "scorer": cfg.score.scorer, "k": len(forget), "forget_ids": train_ids[forget].tolist(),
         "predicted": predictions(scores[group], forget, cal), "control_predicted": predictions(scores[group], control, cal),
         "calibration": cal if cal is not None else "uncalibrated: run `tda validate` for a calibrated prediction"}
@@ -127,7 +133,7 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
         res["check"], retrained = exact_check(cfg, family, paths, group, forget, control, progress)
         res["check"]["spearman_predicted_actual"] = agreement(res["predicted"]["per_query"],
                                                               res["check"]["forget"]["actual_per_query"])
-    if cfg.unlearn.approximate:
+    if cfg.unlearn.approximate and getattr(family, "unlearning_hits", True):
         from .unlearn_approx import approximate_unlearning
 
         res["approximate"] = approximate_unlearning(cfg, family, paths, forget, retrained)
@@ -146,7 +152,8 @@ def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray,
     seeds = [20_000 + 100 * cfg.unlearn.seed + r for r in range(cfg.unlearn.retrain_seeds)]
     out = run_arms(cfg, family.unlearning_job(cfg), keep, seeds, paths.root / "unlearning" / "retrain",
                    {"measure": "margin+hit"}, "unlearn: retrain", progress)
-    m = out["full"].shape[1] // 2
+    with_hits = getattr(family, "unlearning_hits", True)  # classifiers: margins then top-1 hits; LMs: log-probs
+    m = out["full"].shape[1] // 2 if with_hits else out["full"].shape[1]
     margin = {arm: o[:, :m] for arm, o in out.items()}
     hits = {arm: o[:, m:] for arm, o in out.items()}
     others = np.setdiff1d(np.arange(m), group)
@@ -154,7 +161,7 @@ def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray,
     for arm in ("forget", "control"):
         change = margin[arm][:, group] - margin["full"][:, group]  # (R, |G|), paired seeds
         res[arm] = {"actual_per_query": change.mean(axis=0).tolist(), "actual_group": interval(change.sum(axis=1))}
-    for arm in keep:
+    for arm in keep if with_hits else ():
         res.setdefault(arm, {})["accuracy"] = {"all_queries": interval(hits[arm].mean(axis=1)),
                                               "group": interval(hits[arm][:, group].mean(axis=1)),
                                               "other_queries": interval(hits[arm][:, others].mean(axis=1))

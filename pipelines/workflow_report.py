@@ -53,7 +53,7 @@ def print_unlearning(res: dict[str, Any], paths: RunPaths) -> None:
         rho = ch.get("spearman_predicted_actual")
         if rho is not None:
             print(f"  per query, predicted against actual: Spearman {rho:.3f}")
-        for arm in ("full", "forget", "control"):
+        for arm in ("full", "forget", "control") if "accuracy" in ch.get("full", {}) else ():
             a = ch[arm]["accuracy"]
             other = f", other queries {a['other_queries']['mean']:.3f}" if a.get("other_queries") else ""
             print(f"  accuracy, {arm:<7}: group {a['group']['mean']:.3f}{other}, all {a['all_queries']['mean']:.3f}")

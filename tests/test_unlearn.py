@@ -123,3 +123,21 @@ def test_masked_gradient_difference_moves_only_masked_weights_and_stops_at_the_b
         assert float(each(bounded, forget).min()) < 3.0  # clamped examples stop near the bound
     assert membership_auc(np.array([0.1, 0.2]), np.array([1.0, 2.0])) == 1.0
     assert membership_auc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
+
+
+def test_unlearn_a_language_model_completion_and_report_its_text(tmp_path, capsys) -> None:
+    lm = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_lm.yaml"
+    run = tmp_path / "lm"
+    args = [str(lm), "--out", str(run), "--set", "data.train_size=120", "--set", "train.epochs=1",
+            "--set", "featurize.k=64", "--quiet"]
+    assert main(["run", *args]) == 0
+    assert main(["unlearn", *args, "--set", "unlearn.query_class=1"]) == 2
+    assert "needs class labels" in capsys.readouterr().err
+    assert main(["unlearn", *args, "--set", "unlearn.k=10", "--set", "unlearn.retrain_seeds=1"]) == 0
+    res = json.loads((run / "unlearning" / "unlearning.json").read_text())
+    assert res["behaviour"] == "query 0" and "log-probabilities" in res["output"] and res["k"] == 10
+    assert "accuracy" not in res["check"]["forget"] and "approximate" not in res
+    assert np.isfinite(res["check"]["forget"]["actual_group"]["mean"])
+    page = (run / "report.html").read_text()
+    assert page.count('class="txt"') > 10 and " -&gt; " in page  # queries shown as prompt -> completion
+    capsys.readouterr()

@@ -233,6 +233,25 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
     def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
         return LMSubsetJob(cfg, queries, epochs=epochs)
 
+    def example_texts(self, cfg: RunConfig, paths: RunPaths, split: str) -> dict[int, str]:
+        """``id -> text`` of a split's sequences (the report); queries as ``prompt -> completion``."""
+        _, vocab = load_corpus(self.corpus_root(cfg))
+        cols = arrow_columns(self.datasets(cfg, paths)[split].with_format("arrow")[:])
+        out = {}
+        for i, ids, mask in zip(cols["id"], cols["input_ids"], cols["loss_mask"]):
+            mask = np.asarray(mask).astype(bool)
+            first = int(np.argmax(mask)) if mask.any() else len(ids)
+            out[int(i)] = (vocab.decode(ids[:first]) + " -> " + vocab.decode(ids[mask]) if split == "query" and mask.any()
+                           else vocab.decode(ids))
+        return out
+
+    #: tda unlearn: the retrained outputs are the queries' log-probabilities only (no top-1 hits)
+    unlearning_hits = False
+
+    def unlearning_job(self, cfg: RunConfig) -> Any:
+        """Trains the recipe on given rows; per query ``log p(completion | prompt)``."""
+        return self.subset_job(cfg)
+
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
 
