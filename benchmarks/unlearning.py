@@ -40,8 +40,8 @@ def main() -> None:
         res = json.loads((out / "unlearning" / "unlearning.json").read_text())
         ch = res["check"]
         accuracy = lambda arm, key: (f"{ch[arm]['accuracy'][key]['mean']:.3f}"  # noqa: E731
-                                     if "accuracy" in ch[arm] and ch[arm]["accuracy"].get(key) else "-")
-        if "accuracy" in ch["full"]:
+                                     if "accuracy" in ch.get(arm, {}) and ch[arm]["accuracy"].get(key) else "-")
+        if "accuracy" in ch.get("full", {}):
             print(f"| {name} | {res['behaviour']} | none (full data) | 0 | | | | {accuracy('full', 'group')} | "
                   f"{accuracy('full', 'other_queries')} |")
         for arm, pred in (("forget", res["predicted"]), ("control", res["control_predicted"])):
