@@ -138,11 +138,6 @@ def last_stage(stderr: Path) -> str:
     return stage
 
 
-def _shows_a_stage(log: Path) -> bool:
-    text = log.read_text(errors="replace").replace("\r", "\n")
-    return any(line.startswith(name) for line in text.splitlines() for name in STAGE_BARS)
-
-
 def attempt(cmd: list[str], delay: float, log: Path, from_first_stage: bool = False) -> str | None:
     """Run ``cmd``, SIGKILL its process group after ``delay`` s; the stage it was in, or None if it
     finished first (a failure is raised). ``from_first_stage``: the delay counts from the moment the
@@ -151,7 +146,7 @@ def attempt(cmd: list[str], delay: float, log: Path, from_first_stage: bool = Fa
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         if from_first_stage:
-            while proc.poll() is None and not _shows_a_stage(log):
+            while proc.poll() is None and last_stage(log) == "startup":
                 time.sleep(0.01)
         try:
             proc.wait(timeout=delay)

@@ -28,24 +28,17 @@ from tda.errors import ConfigError
 from .families import family_for
 from .layout import RunPaths
 from .schema import RunConfig
-from .scorers import build_scorer
-from .stages.index import load_scorer
-from .stages.validate_scorers import _fingerprints, _reads, as_scorer
-
-#: self-influence scorers, in the order they are reported
-SELF_INFLUENCE = ("trak", "tracin", "graddot")
-BASELINES = ("loss", "confidence")
-ENSEMBLES = {"trak+loss": ("trak", "loss"), "trak+loss+confidence": ("trak", "loss", "confidence")}
+from .schema_workflows import CURATION_BASELINES as BASELINES, CURATION_ENSEMBLES as ENSEMBLES, SELF_INFLUENCE
+from .stages.validate_scorers import scorer_for, usable_scorers
 
 
 def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: dict[int, int]) -> dict[str, np.ndarray]:
     """Self-influence of every wanted gradient scorer that scores the run's stored features, in row order."""
-    train, own, out = FeatureStore.open(paths.store("train")), _fingerprints(cfg), {}
+    train, usable, out = FeatureStore.open(paths.store("train")), usable_scorers(cfg), {}
     for name in SELF_INFLUENCE:
-        if name not in wanted or not (name == cfg.score.scorer or _reads(cfg, name, own)):
+        if name not in wanted or name not in usable:
             continue
-        scorer = load_scorer(cfg, paths) if name == cfg.score.scorer else build_scorer(as_scorer(cfg, name), paths).fit(train)
-        ids, values = self_influence(scorer, train)
+        ids, values = self_influence(scorer_for(cfg, paths, name, train), train)
         col = np.full(len(rows), np.nan)
         col[[rows[int(i)] for i in ids]] = values
         out[name] = col
@@ -87,13 +80,13 @@ def flipped_rows(cfg: RunConfig, paths: RunPaths, noisy: np.ndarray) -> np.ndarr
     return clean != noisy
 
 
-def write_ranking(folder, methods: dict[str, np.ndarray], preds: dict[str, np.ndarray], flipped, lead: str) -> None:
-    """``ranking.csv`` and ``ranking.parquet``, most suspect under ``lead`` first."""
+def write_ranking(folder, methods: dict[str, np.ndarray], preds: dict[str, np.ndarray], flipped,
+                  order: np.ndarray) -> None:
+    """``ranking.csv`` and ``ranking.parquet`` in ``order`` (rows, most suspect first)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    order = np.argsort(-methods[lead], kind="stable")
     cols = {"rank": np.arange(1, len(order) + 1), "id": preds["ids"][order], "label": preds["labels"][order],
             "predicted": preds["predicted"][order]}
     if flipped is not None:
@@ -111,7 +104,8 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
     folder.mkdir(exist_ok=True)
     flipped = flipped_rows(cfg, paths, preds["labels"])
     lead = cfg.curate.method
-    write_ranking(folder, methods, preds, flipped, lead)
+    order = np.argsort(-methods[lead], kind="stable")  # most suspect first
+    write_ranking(folder, methods, preds, flipped, order)
     result: dict[str, Any] = {"method": lead, "n_train": len(preds["ids"]), "methods": {}}
     if flipped is not None:
         result["label_noise"] = {"fraction": cfg.data.label_noise, "seed": cfg.data.seed, "flipped": int(flipped.sum())}
@@ -128,8 +122,7 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
         family = family_for(cfg)
         if not hasattr(family, "accuracy_job"):
             raise ConfigError(f"the {family.name!r} family has no accuracy retraining yet; set curate.retrain_seeds: 0")
-        result["check"] = retrain_check(cfg, family.accuracy_job(cfg), np.argsort(-methods[lead], kind="stable"),
-                                        folder / "retrain", progress)
+        result["check"] = retrain_check(cfg, family.accuracy_job(cfg), order, folder / "retrain", progress)
     save_json(folder / "curation.json", result)
     return result
 

@@ -20,9 +20,6 @@ from .executors import make_executor
 from .ground_truth import OnTask, job_fingerprint
 from .schema import RunConfig
 
-ARMS = ("flagged", "random")
-
-
 def arm_rows(order: np.ndarray, fraction: float, seed: int) -> dict[str, np.ndarray]:
     """Kept row indices per arm: all but the top ``fraction`` of ``order`` (rows, most suspect
     first), and all but a seeded random set of the same size."""
@@ -88,4 +85,4 @@ def retrain_check(cfg: RunConfig, job: Any, order: np.ndarray, folder: Path, pro
             "flagged_minus_random": interval(acc["flagged"] - acc["random"])}
 
 
-__all__ = ["ARMS", "arm_rows", "interval", "retrain_check", "run_arms"]
+__all__ = ["arm_rows", "interval", "retrain_check", "run_arms"]

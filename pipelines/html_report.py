@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from stores._io import atomic_write
+from tda.errors import TDAError
 
 from .families import family_for
 from .layout import RunPaths, load_checkpoint_list
@@ -98,7 +99,7 @@ def per_checkpoint_terms(cfg: RunConfig, paths: RunPaths, scorer: Any, query_ids
     try:
         q = stored_features(paths, query_ids, "query")
         t = stored_features(paths, [int(i) for i in train_ids.reshape(-1)], "train")
-    except Exception:  # noqa: BLE001 - the report shows what it can
+    except TDAError:  # an id missing from a store (a changed run): the report shows what it can
         return None
     a, b = scorer.transform_query(q), scorer.transform_train(t)
     m = q.feats.shape[0]

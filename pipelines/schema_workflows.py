@@ -51,7 +51,11 @@ class ValidateConfig:
 
 #: suspect rankings ``tda curate`` can compute (:mod:`pipelines.curate`): self-influence under a
 #: gradient scorer, training loss, 1 - p(label) (``confidence``), and a rank ensemble
-CURATION_METHODS = ("trak", "tracin", "graddot", "loss", "confidence", "trak+loss", "trak+loss+confidence")
+SELF_INFLUENCE = ("trak", "tracin", "graddot")
+CURATION_BASELINES = ("loss", "confidence")
+#: rank ensembles and the rankings they average
+CURATION_ENSEMBLES = {"trak+loss": ("trak", "loss"), "trak+loss+confidence": ("trak", "loss", "confidence")}
+CURATION_METHODS = (*SELF_INFLUENCE, *CURATION_BASELINES, *CURATION_ENSEMBLES)
 
 
 @dataclass

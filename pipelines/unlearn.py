@@ -130,7 +130,7 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
         "calibration": cal if cal is not None else "uncalibrated: run `tda validate` for a calibrated prediction"}
     retrained = None
     if cfg.unlearn.retrain_seeds:
-        res["check"], retrained = exact_check(cfg, family, paths, group, forget, control, progress)
+        res["check"], retrained = exact_check(cfg, family, paths, group, forget, control, len(train_ids), progress)
         res["check"]["spearman_predicted_actual"] = agreement(res["predicted"]["per_query"],
                                                               res["check"]["forget"]["actual_per_query"])
     if cfg.unlearn.approximate and getattr(family, "unlearning_hits", True):
@@ -143,11 +143,10 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
 
 
 def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray, forget: np.ndarray,
-                control: np.ndarray, progress: bool) -> tuple[dict[str, Any], np.ndarray]:
+                control: np.ndarray, n_train: int, progress: bool) -> tuple[dict[str, Any], np.ndarray]:
     """Retrain without the forget set, without the control and on everything; actual changes, and
     the (R, m) query margins of the models retrained without the forget set."""
-    n = int(np.load(paths.scores / "topk.npz")["train_ids"].shape[0])
-    everything = np.arange(n)
+    everything = np.arange(n_train)
     keep = {"forget": np.setdiff1d(everything, forget), "control": np.setdiff1d(everything, control), "full": everything}
     seeds = [20_000 + 100 * cfg.unlearn.seed + r for r in range(cfg.unlearn.retrain_seeds)]
     out = run_arms(cfg, family.unlearning_job(cfg), keep, seeds, paths.root / "unlearning" / "retrain",

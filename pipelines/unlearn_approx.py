@@ -26,12 +26,12 @@ from .layout import RunPaths, load_checkpoint_list
 from .schema import RunConfig
 
 
-def _ce(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch["x"]), batch["y"])
-
-
 def _ce_each(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+def _ce(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return _ce_each(model, batch).mean()
 
 
 def _metrics(model: torch.nn.Module, forget: dict, retain: dict, query: dict,

@@ -56,12 +56,18 @@ def _reads(cfg: RunConfig, name: str, own: dict[str, str]) -> bool:
         return False
 
 
+def usable_scorers(cfg: RunConfig) -> list[str]:
+    """The run's own scorer, then every registered one (but :data:`OWN_ONLY`) that reads exactly
+    the run's stored features."""
+    own = _fingerprints(cfg)
+    return [cfg.score.scorer] + [n for n in SCORERS if n != cfg.score.scorer and n not in OWN_ONLY
+                                 and _reads(cfg, n, own)]
+
+
 def validation_scorers(cfg: RunConfig) -> list[str]:
     """The scorers to measure, the run's own first; a named scorer that cannot read the run's
     features is a :class:`ConfigError` naming the ones that can."""
-    kind, own = feature_kind(cfg), _fingerprints(cfg)
-    usable = [cfg.score.scorer] + [n for n in SCORERS if n != cfg.score.scorer and n not in OWN_ONLY
-                                   and _reads(cfg, n, own)]
+    kind, usable = feature_kind(cfg), usable_scorers(cfg)
     wanted = cfg.validate.scorers
     if wanted is None:
         return [n for n in usable if n == cfg.score.scorer or n not in OPT_IN]
@@ -72,10 +78,13 @@ def validation_scorers(cfg: RunConfig) -> list[str]:
     return [n for n in usable if n in wanted]
 
 
+def scorer_for(cfg: RunConfig, paths: RunPaths, name: str, train: FeatureStore) -> Any:
+    """The fitted scorer ``name``: the run's own from its saved state, any other fitted on ``train``."""
+    if name == cfg.score.scorer:
+        return load_scorer(cfg, paths)
+    return build_scorer(as_scorer(cfg, name), paths).fit(train)
+
+
 def scores_for(cfg: RunConfig, paths: RunPaths, name: str, train: FeatureStore, query: FeatureBlock) -> np.ndarray:
     """Dense (m, n) scores of ``name`` on the validated queries."""
-    if name == cfg.score.scorer:
-        scorer: Any = load_scorer(cfg, paths)
-    else:
-        scorer = build_scorer(as_scorer(cfg, name), paths).fit(train)
-    return score_matrix(query, scorer, train)
+    return score_matrix(query, scorer_for(cfg, paths, name, train), train)
