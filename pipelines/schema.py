@@ -124,17 +124,21 @@ class FeaturizeConfig:
     params: list[str] | None = None  # parameter (dense) / module (factored) names or prefixes (None: all)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     backend: str = "auto"  # projector backend: auto/dense/fast_jl
-    projection: str = "dense"  # "dense" (P^T g) or "factored" (per-layer Kronecker, never forms g)
+    projection: str = "dense"  # "dense" (P^T g), "sparse" (SJLT, s nonzeros per coordinate) or "factored" (per-layer Kronecker)
+    nonzeros: int = 1  # sparse: nonzeros per gradient coordinate (s; k must be a multiple of it)
     k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
     k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)
 
     def __post_init__(self) -> None:
-        _positive(self, "k", "batch_size", "shard_size", "k_in", "k_out")
+        _positive(self, "k", "batch_size", "shard_size", "k_in", "k_out", "nonzeros")
         _choice(self, "projector", ("rademacher", "gaussian"))
         _choice(self, "dtype", ("float32", "float16"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "dense", "fast_jl"))
-        _choice(self, "projection", ("dense", "factored"))
+        _choice(self, "projection", ("dense", "sparse", "factored"))
+        if self.projection == "sparse" and self.k % self.nonzeros:
+            raise ConfigError(f"featurize.k ({self.k}) must be a multiple of featurize.nonzeros ({self.nonzeros}) "
+                              "for the sparse projection; change one of them")
         if self.seed < 0:
             raise ConfigError(f"featurize.seed must be >= 0, got {self.seed}")
 
@@ -271,6 +275,7 @@ LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"):
               ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True,
               ("score", "options"): {}, ("featurize", "projection"): FeaturizeConfig().projection,
               ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out,
+              ("featurize", "nonzeros"): FeaturizeConfig().nonzeros,
               **{("data", k): getattr(DataConfig(), k) for k in ("train_path", "collate", "text_column", "label_column",
                                                                   "image_column", "tokenizer", "max_length")},
               **{("model", k): None for k in ("factory", "hf", "hf_class", "checkpoints", "task")},

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import Collate, iter_batches
 from .errors import CheckpointError, TDAError
 from .features import ArrayFeatures, FeatureBlock, concat_blocks
+from .factored import FactoredFeaturizer
 from .featurize import Featurizer
 from .kernel import TopK, score_matrix, top_k
 from .scorers import Scorer, TRAKScorer
@@ -64,6 +65,10 @@ class Attributor:
         precision: projection precision, ``"fp32"`` (default) or ``"bf16"`` (faster, ~3e-3
             relative feature error; see :class:`~tda.projectors.Projector`).
         grad_method: per-example gradient path (see :class:`~tda.featurize.Featurizer`).
+        projection: ``"dense"`` (d x k matrix), ``"sparse"`` (SJLT with ``nonzeros`` entries per
+            gradient coordinate, :class:`~tda.sparse.SparseProjector`) or ``"factored"``
+            (per-layer Kronecker ``k_out x k_in``, never forming the gradient; ``param_names``
+            then names modules, ``k`` is unused; :class:`~tda.factored.FactoredFeaturizer`).
 
     Hugging Face transformers models work the same way (see :mod:`tda.hf`): checkpoints may be
     ``save_pretrained`` folders or ``.safetensors`` files, and without ``task`` a transformers
@@ -86,6 +91,10 @@ class Attributor:
         progress: bool = False,
         precision: str = "fp32",
         grad_method: str = "auto",
+        projection: str = "dense",
+        nonzeros: int = 1,
+        k_in: int | None = 16,
+        k_out: int | None = 16,
     ) -> None:
         if not checkpoints:
             raise CheckpointError("at least one checkpoint is needed; pass model.state_dict() for one")
@@ -95,9 +104,14 @@ class Attributor:
         model = copy.deepcopy(model)
         self.collate = collate
         self.scorer = scorer if scorer is not None else TRAKScorer()
-        self.featurizer = Featurizer(model, task or _default_task(model), k=k, seed=seed, kind=kind,
-                                     param_names=param_names, device=device, precision=precision,
-                                     grad_method=grad_method)
+        task = task or _default_task(model)
+        if projection == "factored":
+            self.featurizer: Featurizer | FactoredFeaturizer = FactoredFeaturizer(
+                model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind, layers=param_names, device=device)
+        else:
+            self.featurizer = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names,
+                                         device=device, precision=precision, grad_method=grad_method,
+                                         projection=projection, nonzeros=nonzeros)
         self.batch_size = batch_size
         self.progress = progress
         self.train_features: ArrayFeatures | None = None

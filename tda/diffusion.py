@@ -331,7 +331,7 @@ class DiffusionFeaturizer:
                  seed: int = 0, kind: str = "rademacher", param_names: Sequence[str] | None = None,
                  device: str | torch.device | None = None, backend: str = "auto",
                  chunk_size: int | None = None, projection: str = "dense", k_in: int | None = 16,
-                 k_out: int | None = 16) -> None:
+                 k_out: int | None = 16, nonzeros: int = 1) -> None:
         if mode not in ("mean", "slots", "pooled"):
             raise ConfigError(f"diffusion featurizer mode {mode!r} is unknown; use 'mean', 'slots' or 'pooled'")
         if projection == "factored":
@@ -339,11 +339,11 @@ class DiffusionFeaturizer:
 
             self.inner: Any = FactoredFeaturizer(model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind,
                                                  layers=param_names, device=device, chunk_size=chunk_size)
-        elif projection == "dense":
+        elif projection in ("dense", "sparse"):
             self.inner = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names, device=device,
-                                    backend=backend, chunk_size=chunk_size)
+                                    backend=backend, chunk_size=chunk_size, projection=projection, nonzeros=nonzeros)
         else:
-            raise ConfigError(f"projection {projection!r} is unknown; use 'dense' or 'factored'")
+            raise ConfigError(f"projection {projection!r} is unknown; use 'dense', 'sparse' or 'factored'")
         self.task, self.draws, self.mode, self.projection = task, draws, mode, projection
         self.projector = self.inner.projector
 

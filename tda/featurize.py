@@ -20,7 +20,7 @@ from .errors import CheckpointError, ConfigError, DataError, DTypeError, ShapeEr
 from .gradients import (check_finite, flatten_grads, linear_layers_for, linear_per_example_grads,
                         loop_per_example_grads, loss_weights, parameter_count, per_example_grads,
                         select_parameters, task_groups, vmap_incompatible)
-from .projectors import Projector, _fast_jl_available
+from .projectors import make_projector
 from .tasks import Batch, Task
 
 logger = logging.getLogger(__name__)
@@ -235,6 +235,11 @@ class Featurizer:
         group_bytes: when P does not fit ``cache_bytes``, gradients of consecutive batches (up
             to this many bytes) are projected together so each regenerated block of P serves
             many examples; results are identical, only memory and speed change.
+        projection: ``"dense"`` (the d x k matrix, :class:`~tda.projectors.Projector`) or
+            ``"sparse"`` (SJLT with ``nonzeros`` entries per coordinate, O(d s) per example,
+            :class:`~tda.sparse.SparseProjector`; ``kind``, ``backend`` and ``precision`` do
+            not apply to it).
+        nonzeros: sparse projection only: entries per gradient coordinate (s).
     """
 
     def __init__(
@@ -252,6 +257,8 @@ class Featurizer:
         precision: str = "fp32",
         grad_method: str = "auto",
         group_bytes: int = 1 << 30,
+        projection: str = "dense",
+        nonzeros: int = 1,
     ) -> None:
         if grad_method not in GRAD_METHODS:
             raise ConfigError(f"grad_method {grad_method!r} is unknown; use 'auto', 'vmap', 'linear' or 'loop'")
@@ -260,11 +267,8 @@ class Featurizer:
         self.task = task
         self.names = select_parameters(model, param_names)
         self.dim = parameter_count(model, self.names)
-        if (backend == "auto" and self.device.type == "cuda" and kind == "rademacher" and k % 512 == 0
-                and precision == "fp32" and _fast_jl_available()):
-            backend = "fast_jl"  # traker's CUDA kernel; recorded in the spec, never mixed with dense
-        self.projector = Projector(self.dim, k, seed, kind, backend=backend, cache_bytes=cache_bytes,
-                                   precision=precision)
+        self.projector = make_projector(projection, self.dim, k, seed, kind, backend, cache_bytes, precision,
+                                    nonzeros, self.device)
         self.chunk_size = chunk_size
         self.group_bytes = group_bytes
         linear_ok = linear_layers_for(model, self.names) is not None
@@ -345,7 +349,7 @@ class Featurizer:
         """Examples projected together: 1 (per batch) when P fits the block cache, else enough
         batches to fill ``group_bytes`` of gradients, so each generated block serves many rows."""
         p = self.projector
-        if p.backend == "fast_jl" or p.dim * p.k * 4 <= p.cache_bytes:
+        if p.backend in ("fast_jl", "sparse") or p.dim * p.k * 4 <= p.cache_bytes:
             return 1
         return max(1, self.group_bytes // (p.dim * 4))
 

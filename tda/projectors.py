@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, MissingDependencyError, ShapeError
+from .sparse import SparseProjector
 
 logger = logging.getLogger(__name__)
 
@@ -248,3 +249,21 @@ class Projector:
         fn = getattr(fast_jl, f"project_rademacher_{width}")
         out = fn(grads.float().contiguous(), self.k, seed, n_sms)
         return out.float().div_(math.sqrt(self.dim))
+
+
+def make_projector(projection: str, dim: int, k: int, seed: int, kind: str, backend: str, cache_bytes: int,
+               precision: str, nonzeros: int, device: torch.device) -> "Projector | SparseProjector":
+    """The dense or sparse projector of a :class:`tda.featurize.Featurizer` (``backend="auto"``
+    resolved to ``fast_jl`` on CUDA when the kernel imports)."""
+    if projection == "sparse":
+        if precision != "fp32":
+            raise ConfigError("the sparse projection runs in fp32 only (it is memory-bound, bf16 gains nothing); "
+                              "use precision 'fp32' or the dense projection")
+        return SparseProjector(dim, k, seed, nonzeros, cache_bytes=cache_bytes)
+    if projection != "dense":
+        raise ConfigError(f"projection {projection!r} is unknown for Featurizer; use 'dense' or 'sparse' "
+                          "(the factored projection is tda.factored.FactoredFeaturizer)")
+    if (backend == "auto" and device.type == "cuda" and kind == "rademacher" and k % 512 == 0
+            and precision == "fp32" and _fast_jl_available()):
+        backend = "fast_jl"  # traker's CUDA kernel; recorded in the spec, never mixed with dense
+    return Projector(dim, k, seed, kind, backend=backend, cache_bytes=cache_bytes, precision=precision)

@@ -28,7 +28,7 @@ from tda.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
-NEW_KEYS = ("projection", "k_in", "k_out")
+NEW_KEYS = ("projection", "k_in", "k_out", "nonzeros")
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST idx files not found in {MNIST}")
 
 
@@ -38,7 +38,7 @@ def test_featurize_projection_round_trips_and_is_checked() -> None:
     assert parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
     assert parse_config({}, ["featurize.projection=factored", "featurize.k_in=null"]).featurize.k_in is None
     assert parse_config({}).featurize.projection == "dense"
-    with pytest.raises(ConfigError, match=r"featurize.projection is 'kron'; choose one of \('dense', 'factored'\)"):
+    with pytest.raises(ConfigError, match=r"featurize.projection is 'kron'; choose one of \('dense', 'sparse', 'factored'\)"):
         parse_config({"featurize": {"projection": "kron"}})
     with pytest.raises(ConfigError, match="featurize.k_out must be >= 1"):
         parse_config({"featurize": {"k_out": 0}})

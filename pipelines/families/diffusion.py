@@ -233,7 +233,8 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
             return DiffusionFeaturizer(self.build_model(cfg), DiffusionTask(sched, output), draws, mode, k=f.k,
                                        seed=f.seed, kind=f.projector, param_names=f.params,
                                        device=resolve_device(f.device), backend=f.backend,
-                                       projection=f.projection, k_in=f.k_in, k_out=f.k_out)
+                                       projection=f.projection, k_in=f.k_in, k_out=f.k_out,
+                                       nonzeros=f.nonzeros)
 
     def _train_draws(self, cfg: RunConfig, paths: RunPaths | None) -> Any:
         o = self.options(cfg)
