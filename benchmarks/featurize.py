@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
 
 
+VARIANTS = ("tda", "tda-bf16", "tda-sparse", "tda-factored", "traker")
+
+
 def rss_mb() -> float:
     """Current resident set size of this process in MB (Linux /proc)."""
     with open("/proc/self/statm") as fh:
@@ -62,14 +65,10 @@ def worker(args: argparse.Namespace) -> dict:
     base = rss_mb()
     t0 = time.perf_counter()
     if args.worker.startswith("tda"):
-        from tda.featurize import Featurizer
-        from tda.tasks import ClassificationTask
-
-        fz = Featurizer(model, ClassificationTask(), k=args.k, seed=0,
-                        precision="bf16" if args.worker == "tda-bf16" else "fp32")
+        fz = make_featurizer(args.worker, model, args.k)
         batches = ((np.arange(lo, min(lo + args.batch, args.n)), {"x": x[lo: lo + args.batch], "y": y[lo: lo + args.batch]})
                    for lo in starts)
-        out = np.empty((args.n, args.k), dtype=np.float32)
+        out = np.empty((args.n, getattr(fz, "k", args.k)), dtype=np.float32)
         for ids, phi, _q in fz.featurize(state, 0, batches):
             out[ids] = phi
         check = float(np.abs(out).mean())
@@ -85,9 +84,25 @@ def worker(args: argparse.Namespace) -> dict:
             traker.featurize(batch=(xb, yb), num_samples=len(yb))
         check = float(np.abs(np.asarray(traker.saver.current_store["grads"][: args.n])).mean())
     seconds = time.perf_counter() - t0
-    return {"library": args.worker, "k": args.k, "n": args.n, "batch": args.batch, "dim": dim,
+    width = getattr(fz, "k", args.k) if args.worker.startswith("tda") else args.k
+    return {"library": args.worker, "k": args.k, "width": width, "n": args.n, "batch": args.batch, "dim": dim,
             "seconds": seconds, "examples_per_s": args.n / seconds, "peak_rss_mb": peak_rss_mb(),
             "base_rss_mb": base, "mean_abs_feature": check}
+
+
+def make_featurizer(variant: str, model, k: int):
+    """tda's featurizer of a benchmark variant at projection width (about) k."""
+    from tda.factored import FactoredFeaturizer
+    from tda.featurize import Featurizer
+    from tda.tasks import ClassificationTask
+
+    task = ClassificationTask()
+    if variant == "tda-factored":  # three linear layers: k_in = k_out = sqrt(k / 3), width ~ k
+        side = max(1, round((k / 3) ** 0.5))
+        return FactoredFeaturizer(model, task, k_in=side, k_out=side, seed=0)
+    if variant == "tda-sparse":
+        return Featurizer(model, task, k=k, seed=0, projection="sparse")
+    return Featurizer(model, task, k=k, seed=0, precision="bf16" if variant == "tda-bf16" else "fp32")
 
 
 def run_child(lib: str, k: int, args: argparse.Namespace) -> dict:
@@ -106,9 +121,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128, help="examples per featurize call (both libraries)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--libs", nargs="+", default=["tda", "tda-bf16", "traker"],
-                   help="tda (fp32 projection, the default), tda-bf16 (precision='bf16'), traker")
-    p.add_argument("--worker", choices=["tda", "tda-bf16", "traker"], help=argparse.SUPPRESS)
+    p.add_argument("--libs", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="tda (dense fp32), tda-bf16 (dense, precision='bf16'), tda-sparse (SJLT, s=1), "
+                        "tda-factored (per-layer k_in = k_out = sqrt(k/3)), traker (dense, its CPU projector)")
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     if args.worker:
@@ -124,16 +140,16 @@ def main() -> None:
                   f"{r['base_rss_mb']:.0f} MB loaded)", flush=True)
     print(f"\nMLP 784-512-512-10 (d={results[0]['dim']:,}), {args.n} MNIST train examples, batch {args.batch}, "
           f"{args.threads} threads, CPU")
-    print(f"{'k':>6} {'tda variant':>12} {'ex/s':>8} {'traker ex/s':>12} {'speed ratio':>12} {'peak MB':>8} "
-          f"{'traker peak MB':>15} {'memory ratio':>13}")
+    print(f"{'k':>6} {'tda variant':>13} {'width':>6} {'ex/s':>8} {'traker ex/s':>12} {'speed ratio':>12} "
+          f"{'peak MB':>8} {'traker peak MB':>15} {'memory ratio':>13}")
     for k in args.k:
         by = {r["library"]: r for r in results if r["k"] == k}
         b = by.get("traker")
-        for name in ("tda", "tda-bf16"):
+        for name in VARIANTS[:-1]:
             a = by.get(name)
             if a is None or b is None:
                 continue
-            print(f"{k:>6} {name:>12} {a['examples_per_s']:>8.1f} {b['examples_per_s']:>12.1f} "
+            print(f"{k:>6} {name:>13} {a['width']:>6} {a['examples_per_s']:>8.1f} {b['examples_per_s']:>12.1f} "
                   f"{a['examples_per_s'] / b['examples_per_s']:>11.1f}x {a['peak_rss_mb']:>8.0f} "
                   f"{b['peak_rss_mb']:>15.0f} {a['peak_rss_mb'] / b['peak_rss_mb']:>12.2f}x")
     if args.json:

@@ -220,7 +220,9 @@ class Featurizer:
             importable (k a multiple of 512, Rademacher, fp32), the dense blocked GEMM otherwise.
             The resolved backend is part of :meth:`spec`, so features of the two never mix.
         chunk_size: vmap chunk size bounding gradient memory.
-        cache_bytes: memory budget for projection blocks kept between batches.
+        cache_bytes: memory budget for projection blocks kept between batches (Rademacher
+            entries are kept as int8: the default 768 MiB holds P whole up to d x k = 805M,
+            e.g. d = 670k at k = 1024; beyond, the rest is regenerated per pass).
         precision: projection precision, ``"fp32"`` or ``"bf16"`` (see :class:`~tda.projectors.Projector`).
         grad_method: ``"vmap"`` (``torch.func``, any model), ``"linear"`` (one batched backward,
             per-example gradients as outer products; every selected parameter must belong to an
@@ -253,10 +255,10 @@ class Featurizer:
         device: str | torch.device | None = None,
         backend: str = "auto",
         chunk_size: int | None = None,
-        cache_bytes: int = 4 << 30,
+        cache_bytes: int = 768 << 20,
         precision: str = "fp32",
         grad_method: str = "auto",
-        group_bytes: int = 1 << 30,
+        group_bytes: int = 256 << 20,
         projection: str = "dense",
         nonzeros: int = 1,
     ) -> None:
@@ -349,7 +351,7 @@ class Featurizer:
         """Examples projected together: 1 (per batch) when P fits the block cache, else enough
         batches to fill ``group_bytes`` of gradients, so each generated block serves many rows."""
         p = self.projector
-        if p.backend in ("fast_jl", "sparse") or p.dim * p.k * 4 <= p.cache_bytes:
+        if p.backend in ("fast_jl", "sparse") or p.matrix_bytes() <= p.cache_bytes:
             return 1
         return max(1, self.group_bytes // (p.dim * 4))
 

@@ -3,9 +3,11 @@
 ``phi = P^T g / sqrt(d)`` with ``P`` of shape (d, k), entries +-1 (Rademacher) or N(0, 1).
 ``P`` is the vertical stack of row blocks ``P_b`` (``block_rows`` x k), each generated from a
 PCG64 stream seeded by ``(seed, checkpoint, b)`` alone: any process, on any machine, regenerates
-the same matrix without storing it, and the whole d x k matrix is never materialised (unless
-it fits the cache budget, where blocks are kept after first use). Products are accumulated in
-fp32 (or fp64 when the gradients are fp64).
+the same matrix without storing it, and the whole d x k matrix is never materialised in the
+compute dtype: panels of P within the cache budget are kept after first use as int8 (+-1
+entries, a quarter of fp32; Gaussian ones in the compute dtype) and widened into one reused
+scratch panel per GEMM, the others regenerated (a table lookup per random byte, ~5e8
+entries/s on two cores). Products are accumulated in fp32 (or fp64 when the gradients are fp64).
 
 On CUDA the same blocks are used (generated on the CPU, cached on the device), so CPU and GPU
 features agree. ``backend="fast_jl"`` uses traker's compiled CUDA kernel instead: a different
@@ -32,13 +34,11 @@ logger = logging.getLogger(__name__)
 _KINDS = ("rademacher", "gaussian")
 _BACKENDS = ("auto", "dense", "fast_jl")
 _PRECISIONS = ("fp32", "bf16")
-# Bit j of each random byte gives sign j of its 8 entries: 1 -> +1, 0 -> -1. The sign is
-# written straight into the float's bit pattern: -1.0 XOR (bit << sign position).
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-_MINUS_ONE_BITS = {torch.float32: (torch.int32, 31, -1082130432),  # 0xBF800000
-                   torch.bfloat16: (torch.int16, 15, -16512)}  # 0xBF80
-# Rows of P multiplied per GEMM call: several generation blocks side by side (~64M entries).
-_PANEL_ENTRIES = 1 << 26
+# Bit j of each random byte gives sign j of its 8 entries: 1 -> +1, 0 -> -1. A byte's 8 signs
+# as int8, packed into one uint64 per byte value: one table lookup unpacks 8 entries.
+_SIGNS8 = (((np.arange(256)[:, None] >> np.arange(8)) & 1) * 2 - 1).astype(np.int8).view(np.uint64).reshape(256)
+# Rows of P multiplied per GEMM call: several generation blocks side by side (~16M entries).
+_PANEL_ENTRIES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class Projector:
         self.cache_bytes = cache_bytes
         self._cache: dict[tuple[int, int, str], Tensor] = {}
         self._cached_bytes = 0
-        self._scratch: Tensor | None = None
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] | None = None
 
     @property
     def spec(self) -> ProjectorSpec:
@@ -138,7 +138,8 @@ class Projector:
               out: Tensor | None = None) -> Tensor:
         """Block ``b`` of P for ``checkpoint``: CPU tensor (rows_b, k). Pure function.
 
-        Rademacher entries are exact in any dtype; ``dtype`` is float32, bfloat16 or float64.
+        Rademacher entries are exact in any dtype; ``dtype`` is float32, bfloat16, float64 or
+        (Rademacher only) int8, the form the cache keeps.
         ``out``: a contiguous CPU (rows_b, k) tensor of ``dtype`` to write into (no allocation).
         """
         if not 0 <= b < self.n_blocks:
@@ -150,18 +151,14 @@ class Projector:
             out = torch.empty(rows, self.k, dtype=dtype)
         elif out.shape != (rows, self.k) or out.dtype != dtype or not out.is_contiguous() or out.is_cuda:
             raise ShapeError(f"block output must be a contiguous CPU ({rows}, {self.k}) {dtype} tensor")
+        if dtype == torch.int8 and self.kind != "rademacher":
+            raise ConfigError("only Rademacher blocks can be generated as int8")
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, checkpoint, b])))
         n = rows * self.k
         if self.kind == "gaussian":
             return out.copy_(torch.from_numpy(rng.standard_normal((rows, self.k), dtype=np.float32)))
-        raw = torch.frombuffer(bytearray(rng.bytes((n + 7) // 8)), dtype=torch.uint8)
-        bits = (raw.unsqueeze(1) >> _SHIFTS).bitwise_and_(1).reshape(-1)[:n]  # (n,) 0/1
-        if dtype not in _MINUS_ONE_BITS:
-            return out.copy_(bits.to(dtype).mul_(2).sub_(1).reshape(rows, self.k))
-        int_dtype, shift, minus_one = _MINUS_ONE_BITS[dtype]
-        torch.bitwise_xor(bits.to(int_dtype).bitwise_left_shift_(shift), minus_one,
-                          out=out.view(int_dtype).reshape(-1))
-        return out
+        signs = _SIGNS8[np.frombuffer(rng.bytes((n + 7) // 8), dtype=np.uint8)].view(np.int8)[:n]
+        return out.copy_(torch.from_numpy(signs).reshape(rows, self.k))  # exact in every dtype
 
     def matrix(self, checkpoint: int) -> Tensor:
         """The whole (d, k) matrix; for tests and small d only."""
@@ -171,32 +168,59 @@ class Projector:
         lo = p * self.blocks_per_panel * self.block_rows
         return lo, min(lo + self.blocks_per_panel * self.block_rows, self.dim)
 
+    def _storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """What the cache keeps: +-1 entries as int8 (a quarter of fp32), Gaussian ones as used."""
+        return torch.int8 if self.kind == "rademacher" else dtype
+
+    def matrix_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the whole of P takes in the cache (int8 for Rademacher entries)."""
+        return self.dim * self.k * torch.empty((), dtype=self._storage_dtype(dtype)).element_size()
+
     def _panel(self, checkpoint: int, p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """Rows ``_panel_rows(p)`` of P (several blocks), on ``device`` in ``dtype``; cached."""
-        key = (checkpoint, p, f"{device}:{dtype}")
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
+        """Rows ``_panel_rows(p)`` of P (several blocks), on ``device`` in ``dtype``.
+
+        Panels within ``cache_bytes`` are kept in their storage dtype (int8 for +-1 entries) and
+        widened into one scratch buffer per use (a fast, exact conversion); the others are
+        generated into the scratch buffer every call."""
+        store = self._storage_dtype(dtype)
+        key = (checkpoint, p, f"{device}:{store}")
+        panel = self._cache.get(key)
+        if panel is None:
+            panel = self._generate(checkpoint, p, device, store, dtype)
+        return panel if panel.dtype == dtype else self._widen(panel, dtype)
+
+    def _generate(self, checkpoint: int, p: int, device: torch.device, store: torch.dtype,
+                  dtype: torch.dtype) -> Tensor:
         lo, hi = self._panel_rows(p)
         first = p * self.blocks_per_panel
-        last = min(first + self.blocks_per_panel, self.n_blocks)
-        size = (hi - lo) * self.k * torch.empty((), dtype=dtype).element_size()
+        size = (hi - lo) * self.k * torch.empty((), dtype=store).element_size()
         keep = self._cached_bytes + size <= self.cache_bytes
+        panel = torch.empty(hi - lo, self.k, dtype=store) if keep or device.type != "cpu" else None
+        if panel is None:  # uncached on the CPU: generate into the widened scratch buffer directly
+            return self._fill(checkpoint, first, lo, hi, self._scratch_for(hi - lo, dtype, device))
+        panel = self._fill(checkpoint, first, lo, hi, panel).to(device)
         if keep:
-            panel = torch.empty(hi - lo, self.k, dtype=dtype)
-        else:  # reuse one scratch buffer instead of allocating (and page-faulting) every call
-            if self._scratch is None or self._scratch.dtype != dtype or self._scratch.shape[0] < hi - lo:
-                self._scratch = torch.empty(self.blocks_per_panel * self.block_rows, self.k, dtype=dtype)
-            panel = self._scratch[: hi - lo]
-        for b in range(first, last):
-            r0 = b * self.block_rows - lo
-            r1 = min(r0 + self.block_rows, hi - lo)
-            self.block(checkpoint, b, dtype, out=panel[r0:r1])
-        panel = panel.to(device)
-        if keep:
-            self._cache[key] = panel
+            self._cache[(checkpoint, p, f"{device}:{store}")] = panel
             self._cached_bytes += size
         return panel
+
+    def _fill(self, checkpoint: int, first: int, lo: int, hi: int, panel: Tensor) -> Tensor:
+        for b in range(first, min(first + self.blocks_per_panel, self.n_blocks)):
+            r0 = b * self.block_rows - lo
+            r1 = min(r0 + self.block_rows, hi - lo)
+            self.block(checkpoint, b, panel.dtype, out=panel[r0:r1])
+        return panel
+
+    def _scratch_for(self, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """One reused (rows, k) buffer per dtype and device (no allocation, no page faults per call)."""
+        buf = self._scratch.get((device, dtype)) if self._scratch else None
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty(self.blocks_per_panel * self.block_rows, self.k, dtype=dtype, device=device)
+            self._scratch = {**(self._scratch or {}), (device, dtype): buf}
+        return buf[:rows]
+
+    def _widen(self, panel: Tensor, dtype: torch.dtype) -> Tensor:
+        return self._scratch_for(panel.shape[0], dtype, panel.device).copy_(panel)
 
     def clear_cache(self) -> None:
         """Drop cached blocks (e.g. after the last batch of a checkpoint)."""

@@ -160,6 +160,18 @@ def test_zero_cache_budget_gives_identical_results() -> None:
     assert torch.equal(cached.project(g, 1), first)
 
 
+def test_the_cache_keeps_signs_as_int8_and_widens_them_exactly() -> None:
+    p = _projector()
+    g = torch.randn(3, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = g @ p.matrix(2).double() / DIM**0.5
+    torch.testing.assert_close(p.project(g, 2), ref, rtol=1e-12, atol=1e-12)  # fp64, via the int8 cache
+    assert {t.dtype for t in p._cache.values()} == {torch.int8}
+    assert p._cached_bytes == p.matrix_bytes() == DIM * p.k
+    assert torch.equal(p.block(2, 0, torch.int8).float(), p.block(2, 0))
+    with pytest.raises(ConfigError, match="only Rademacher blocks"):
+        _projector(kind="gaussian").block(0, 0, torch.int8)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
