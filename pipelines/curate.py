@@ -50,8 +50,8 @@ def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], di
     suspect) and the family's per-example ``labels``, ``predicted``, ``loss``, ``confidence``."""
     family = family_for(cfg)
     if not hasattr(family, "example_predictions"):
-        raise ConfigError(f"tda curate needs class labels and predictions; the {family.name!r} family has none yet "
-                          "(use the classifier family)")
+        raise ConfigError(f"tda curate needs per-example predictions and losses; the {family.name!r} family has "
+                          "none yet (use the classifier or the causal-lm family)")
     preds = family.example_predictions(cfg, paths)
     wanted = set(cfg.curate.methods or (*SELF_INFLUENCE, *BASELINES, *ENSEMBLES))
     for parts in (ENSEMBLES[m] for m in wanted & set(ENSEMBLES)):
@@ -68,16 +68,19 @@ def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], di
     return methods, preds
 
 
-def flipped_rows(cfg: RunConfig, paths: RunPaths, noisy: np.ndarray) -> np.ndarray | None:
-    """Where the trained labels differ from the clean ones (None without ``data.label_noise``)."""
+def flipped_rows(cfg: RunConfig, paths: RunPaths) -> np.ndarray | None:
+    """Training rows ``data.label_noise`` changed: a flipped label, or (an LM) a shuffled
+    sequence (None without ``data.label_noise``)."""
     if not cfg.data.label_noise:
         return None
     from .families.base import collated
 
-    clean_cfg = replace(cfg, data=replace(cfg.data, label_noise=0.0))
     family = family_for(cfg)
-    clean = collated(family.datasets(clean_cfg, paths)["train"], family.collate(cfg))[family.label_key].numpy()
-    return clean != noisy
+    key = getattr(family, "label_key", None) or "input_ids"
+    clean_cfg = replace(cfg, data=replace(cfg.data, label_noise=0.0))
+    clean, noisy = (collated(family.datasets(c, paths)["train"], family.collate(cfg))[key].numpy() for c in (clean_cfg, cfg))
+    changed = clean != noisy
+    return changed.reshape(len(changed), -1).any(axis=1)
 
 
 def write_ranking(folder, methods: dict[str, np.ndarray], preds: dict[str, np.ndarray], flipped,
@@ -102,7 +105,7 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
     methods, preds = rankings(cfg, paths)
     folder = paths.root / "curation"
     folder.mkdir(exist_ok=True)
-    flipped = flipped_rows(cfg, paths, preds["labels"])
+    flipped = flipped_rows(cfg, paths)
     lead = cfg.curate.method
     order = np.argsort(-methods[lead], kind="stable")  # most suspect first
     write_ranking(folder, methods, preds, flipped, order)
@@ -122,7 +125,8 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
         family = family_for(cfg)
         if not hasattr(family, "accuracy_job"):
             raise ConfigError(f"the {family.name!r} family has no accuracy retraining yet; set curate.retrain_seeds: 0")
-        result["check"] = retrain_check(cfg, family.accuracy_job(cfg), order, folder / "retrain", progress)
+        result["check"] = retrain_check(cfg, family.accuracy_job(cfg), order, folder / "retrain", progress,
+                                        getattr(family, "check_metric", "accuracy"))
     save_json(folder / "curation.json", result)
     return result
 

@@ -72,16 +72,21 @@ def run_arms(cfg: RunConfig, job: Any, keep: dict[str, np.ndarray], seeds: list[
     return {arm: np.stack([np.load(folder / f"{arm}-{s}.npy") for s in seeds]) for arm in keep}
 
 
-def retrain_check(cfg: RunConfig, job: Any, order: np.ndarray, folder: Path, progress: bool) -> dict[str, Any]:
-    """Run (or resume) the check; accuracy per arm with intervals, and the paired difference."""
+def retrain_check(cfg: RunConfig, job: Any, order: np.ndarray, folder: Path, progress: bool,
+                  metric: str = "accuracy") -> dict[str, Any]:
+    """Run (or resume) the check; the query ``metric`` per arm (the mean of the job's per-query
+    outputs: top-1 accuracy for a classifier, completion log-probability for an LM) with
+    intervals, and the paired difference."""
     c = cfg.curate
     keep = arm_rows(order, c.remove_fraction, c.seed)
     seeds = [10_000 + 100 * c.seed + r for r in range(c.retrain_seeds)]
-    hits = run_arms(cfg, job, keep, seeds, folder, {"measure": "correct", "fraction": c.remove_fraction},
+    measure = "correct" if metric == "accuracy" else metric
+    hits = run_arms(cfg, job, keep, seeds, folder, {"measure": measure, "fraction": c.remove_fraction},
                     "curate: retrain", progress)
     acc = {arm: h.mean(axis=1) for arm, h in hits.items()}
     return {"remove_fraction": c.remove_fraction, "removed": int(len(order) - len(keep["flagged"])),
-            "seeds": len(seeds), "accuracy": {arm: {**interval(a), "per_seed": a.tolist()} for arm, a in acc.items()},
+            "seeds": len(seeds), "metric": metric,
+            metric: {arm: {**interval(a), "per_seed": a.tolist()} for arm, a in acc.items()},
             "flagged_minus_random": interval(acc["flagged"] - acc["random"])}
 
 

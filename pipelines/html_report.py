@@ -177,7 +177,8 @@ def curation_section(cfg: RunConfig, paths: RunPaths) -> str:
         out += _table(["method", "ROC-AUC", "AP", "found 5%", "10%", "20%"], rows)
     top = pq.read_table(paths.root / "curation" / "ranking.parquet").slice(0, 24).to_pydict()
     render = Renderer(cfg, datasets_for(cfg, paths)["train"])
-    cells = [f'<div class="cell">{render(int(i))}<br>id {i}: label {y}, predicted {p}<br>{res["method"]} {s:.3f}</div>'
+    cells = [f'<div class="cell">{render(int(i))}<br>id {i}' + (f": label {y}, predicted {p}" if y != -1 else "")
+             + f'<br>{html.escape(res["method"])} {s:.3f}</div>'
              for i, y, p, s in zip(top["id"], top["label"], top["predicted"], top[res["method"]])]
     return out + f"<p>top suspects</p><div class='grid'>{''.join(cells)}</div>"
 

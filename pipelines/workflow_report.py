@@ -12,7 +12,10 @@ def print_curation(res: dict[str, Any], paths: RunPaths, top: int = 10) -> None:
 
     noise = res.get("label_noise")
     head = f"curation of {res['n_train']} training examples, ranked by {res['method']}"
-    print(head + (f"; {noise['flipped']} labels flipped (data.label_noise {noise['fraction']:g})" if noise else ""))
+    table = pq.read_table(paths.root / "curation" / "ranking.parquet").slice(0, top).to_pydict()
+    lm = all(y == -1 for y in table["label"])  # a language model: no class labels
+    what = "sequences shuffled" if lm else "labels flipped"
+    print(head + (f"; {noise['flipped']} {what} (data.label_noise {noise['fraction']:g})" if noise else ""))
     if noise:
         print(f"  {'method':<12} {'ROC-AUC':>8} {'AP':>7}  found in top 5% / 10% / 20%")
         for name, m in res["methods"].items():
@@ -21,13 +24,17 @@ def print_curation(res: dict[str, Any], paths: RunPaths, top: int = 10) -> None:
         if "best_baseline" in res:
             verdict = "matches or beats" if res["method_matches_best_baseline"] else "is BELOW"
             print(f"  {res['method']} {verdict} the best baseline ({res['best_baseline']}) in ROC-AUC")
-    table = pq.read_table(paths.root / "curation" / "ranking.parquet").slice(0, top).to_pydict()
-    print(f"  top {top} suspects (id, label, predicted):",
-          ", ".join(f"{i} ({y}->{p})" for i, y, p in zip(table["id"], table["label"], table["predicted"])))
+    if lm:
+        print(f"  top {top} suspects (id):", ", ".join(str(i) for i in table["id"]))
+    else:
+        print(f"  top {top} suspects (id, label, predicted):",
+              ", ".join(f"{i} ({y}->{p})" for i, y, p in zip(table["id"], table["label"], table["predicted"])))
     if "check" in res:
-        c, a = res["check"], res["check"]["accuracy"]
+        metric = res["check"].get("metric", "accuracy")
+        c, a = res["check"], res["check"][metric]
         d = c["flagged_minus_random"]
-        print(f"  retrained without {c['removed']} examples ({c['remove_fraction']:.0%}), {c['seeds']} seeds: query accuracy "
+        name = "accuracy" if metric == "accuracy" else "completion log-probability"
+        print(f"  retrained without {c['removed']} examples ({c['remove_fraction']:.0%}), {c['seeds']} seeds: query {name} "
               f"without flagged {a['flagged']['mean']:.4f} [{a['flagged']['ci_low']:.4f}, {a['flagged']['ci_high']:.4f}], "
               f"without random {a['random']['mean']:.4f} [{a['random']['ci_low']:.4f}, {a['random']['ci_high']:.4f}]; "
               f"difference {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")

@@ -47,6 +47,24 @@ def flip_labels(labels: np.ndarray, fraction: float, seed: int, n_classes: int) 
     return noisy, flipped
 
 
+def shuffle_sequences(tokens: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded ``fraction`` of (n, T) token sequences with their tokens in a random order: the
+    language-model analogue of a flipped label (the targets no longer follow the text), with the
+    corpus's token frequencies kept. Returns ``(tokens, corrupted mask)``; a sequence a permutation
+    leaves unchanged (e.g. one repeated character) is not counted as corrupted."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ShapeError(f"sequence noise needs (n, T) tokens, got shape {tokens.shape}")
+    if not 0 <= fraction < 1:
+        raise TDAError(f"sequence noise fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 7927])
+    rows = rng.choice(len(tokens), size=int(round(fraction * len(tokens))), replace=False)
+    noisy = tokens.copy()
+    for r in rows:
+        noisy[r] = tokens[r][rng.permutation(tokens.shape[1])]
+    return noisy, (noisy != tokens).any(axis=1)
+
+
 def self_influence(scorer: Scorer, train: FeatureSource, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, scores)``: each training example's score against itself under a fitted ``scorer``
     whose query side reads the same features as its train side (gradient scorers)."""

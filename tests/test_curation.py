@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from tda.curation import average_precision, detection_metrics, flip_labels, found_at, rank_average, roc_auc, self_influence
+from tda.curation import (average_precision, detection_metrics, flip_labels, found_at, rank_average, roc_auc,
+                          self_influence, shuffle_sequences)
 from tda.features import ArrayFeatures, FeatureBlock
 from tda.scorers import GradDotScorer, TracInCPScorer, TRAKScorer
 
@@ -129,3 +130,37 @@ def test_curate_refuses_bad_settings_and_unfinished_runs(tmp_path, capsys) -> No
     assert list(res["methods"]) == ["loss"] and "check" not in res
     assert main(["run", str(TINY), "--out", str(tmp_path / "bad"), "--set", "data.label_noise=1.5"]) == 2
     assert "data.label_noise must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_shuffle_sequences_permutes_a_seeded_share() -> None:
+    tokens = np.arange(40 * 8).reshape(40, 8) % 13
+    noisy, changed = shuffle_sequences(tokens, 0.25, seed=3)
+    assert changed.sum() == 10 and np.array_equal(noisy[~changed], tokens[~changed])
+    assert all(sorted(noisy[r]) == sorted(tokens[r]) for r in range(40))  # same tokens, another order
+    again, _ = shuffle_sequences(tokens, 0.25, seed=3)
+    assert np.array_equal(again, noisy)
+    same = np.zeros((4, 5), dtype=int)
+    assert not shuffle_sequences(same, 0.5, seed=0)[1].any()  # a permutation that changes nothing is no noise
+
+
+def test_curate_a_language_model_finds_shuffled_sequences(tmp_path, capsys) -> None:
+    lm = Path(__file__).resolve().parents[1] / "configs" / "shakespeare_lm.yaml"
+    run = tmp_path / "lm"
+    args = [str(lm), "--out", str(run), "--set", "data.train_size=120", "--set", "train.epochs=2",
+            "--set", "featurize.k=64", "--set", "data.label_noise=0.1", "--quiet"]
+    assert main(["run", *args]) == 0
+    assert main(["curate", *args, "--set", "curate.retrain_seeds=1"]) == 0
+    out = capsys.readouterr().out
+    assert "12 sequences shuffled" in out and "completion log-probability" in out
+    res = json.loads((run / "curation" / "curation.json").read_text())
+    assert res["label_noise"]["flipped"] == 12
+    assert {"trak", "loss", "confidence", "trak+loss+confidence"} <= set(res["methods"])
+    assert res["methods"]["loss"]["auc"] > 0.6  # shuffled text is hard to predict
+    check = res["check"]
+    assert check["metric"] == "log_prob" and check["removed"] == 12
+    assert np.isfinite(check["log_prob"]["flagged"]["mean"]) and check["log_prob"]["flagged"]["mean"] < 0
+    with open(run / "curation" / "ranking.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 120 and {r["label"] for r in rows} == {"-1"}
+    page = (run / "report.html").read_text()
+    assert "Curation" in page and "label -1" not in page

@@ -39,6 +39,7 @@ from torch import nn
 
 from tda.data import DEMO_DATA, arrow_columns, example_ids
 from tda.errors import ConfigError, DataError
+from tda.featurize import load_checkpoint
 from tda.tasks import Task
 
 from ..layout import load_checkpoint_list
@@ -124,6 +125,8 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         text, vocab = load_corpus(self.corpus_root(cfg))
         split = int(len(text) * o.test_start)
         train = lm_sequences(text[:split], vocab, o.context, n=d.train_size)
+        if d.label_noise:
+            train = noisy_sequences(train, d.label_noise, d.seed)
         source = train if d.query_split == "train" else lm_sequences(text[split:], vocab, o.context)
         n_held = min(d.query_size, len(source))
         if d.query_path:  # queries from a file: its (prompt, completion) rows and ids
@@ -245,6 +248,31 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
                            else vocab.decode(ids))
         return out
 
+    def example_predictions(self, cfg: RunConfig, paths: RunPaths, split: str = "train") -> dict[str, np.ndarray]:
+        """Per sequence of ``split``, over every attributed checkpoint: mean next-token ``loss``
+        and ``confidence`` (1 - mean p(next token)), the curation baselines; an LM has no class,
+        so ``labels`` and ``predicted`` are -1 and ``p_predicted`` is the mean p(next token)."""
+        from .chargpt import dataset_tokens, sequence_losses
+
+        dataset = self.datasets(cfg, paths)[split]
+        tokens, model, losses, probs = dataset_tokens(dataset), self.build_model(cfg), [], []
+        for entry in load_checkpoint_list(paths):
+            model.load_state_dict(load_checkpoint(paths.checkpoint_file(entry)))
+            loss, prob = sequence_losses(model, tokens)
+            losses.append(loss)
+            probs.append(prob)
+        loss, prob = torch.stack(losses).mean(0).numpy(), torch.stack(probs).mean(0).numpy()
+        none = np.full(len(loss), -1, dtype=np.int64)
+        return {"ids": np.asarray(example_ids(dataset)), "labels": none, "predicted": none, "p_predicted": prob,
+                "loss": loss, "confidence": 1 - prob}
+
+    def accuracy_job(self, cfg: RunConfig) -> Any:
+        """tda curate's check: trains the recipe on given rows; per query ``log p(completion | prompt)``."""
+        return self.subset_job(cfg)
+
+    #: what tda curate's check averages over the queries (the classifier's is top-1 accuracy)
+    check_metric = "log_prob"
+
     #: tda unlearn: the retrained outputs are the queries' log-probabilities only (no top-1 hits)
     unlearning_hits = False
 
@@ -254,6 +282,18 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
+
+
+def noisy_sequences(train: Any, fraction: float, seed: int) -> Any:
+    """``data.label_noise`` for an LM: a seeded share of training sequences shuffled
+    (:func:`tda.curation.shuffle_sequences`); ids and loss masks unchanged."""
+    from tda.curation import shuffle_sequences
+
+    from .chargpt import _sequence_table
+
+    cols = arrow_columns(train.with_format("arrow")[:])
+    tokens, _ = shuffle_sequences(np.stack([np.asarray(r) for r in cols["input_ids"]]), fraction, seed)
+    return _sequence_table(np.asarray(cols["id"]), tokens, np.stack([np.asarray(r) for r in cols["loss_mask"]]))
 
 
 def _clip(text: str, width: int = 70) -> str:

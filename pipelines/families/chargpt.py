@@ -326,6 +326,21 @@ def lm_loss(model: nn.Module, tokens: Tensor, batch_size: int = 256) -> float:
 
 
 @torch.no_grad()
+def sequence_losses(model: nn.Module, tokens: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Per (n, T) sequence: mean next-token cross-entropy (nats) and mean probability of the
+    actual next token, both float64 (n,)."""
+    model.eval()
+    losses, probs = [], []
+    for lo in range(0, tokens.shape[0], batch_size):
+        batch = tokens[lo: lo + batch_size]
+        logp = torch.log_softmax(_logits(model(batch))[:, :-1].double(), dim=-1)
+        target = logp.gather(2, batch[:, 1:].unsqueeze(2)).squeeze(2)  # (b, T-1)
+        losses.append(-target.mean(1))
+        probs.append(target.exp().mean(1))
+    return torch.cat(losses), torch.cat(probs)
+
+
+@torch.no_grad()
 def generate(model: nn.Module, vocab: CharVocab, prompt: str, length: int, seq_len: int,
              temperature: float = 0.0, seed: int = 0) -> str:
     """Greedy (temperature 0) or sampled continuation of ``prompt`` (for demos and checks)."""
@@ -351,5 +366,6 @@ def dataset_tokens(dataset) -> Tensor:
 
 __all__ = [
     "CharVocab", "GPTSpec", "LMTrainResult", "build_gpt2", "completion_examples", "dataset_tokens", "generate",
+    "sequence_losses",
     "lm_loss", "lm_sequences", "load_text", "train_lm",
 ]

@@ -1,0 +1,106 @@
+"""LDS and featurization time of the dense, sparse and factored projections at (about) equal
+width, TRAK with the automatic ridge, per family (issue 14, part 2: the default projection).
+
+For each family config of benchmarks/families/ (MNIST MLP, CIFAR-2 CNN, char LM) every
+projection gets its own `tda run` (same seeds: the same checkpoints) and `tda validate` under
+the classic protocol on one shared, cached ground truth (keyed by data, model and train only).
+The factored projection's per-layer ``k_in = k_out`` is chosen so its width is the closest to
+``featurize.k`` from below. Featurization time is the wall time of `tda run --only featurize`
+(train and query sets, every model; including ~3 s of process start-up).
+
+    python benchmarks/projections.py                          # the three families
+    python benchmarks/projections.py --only mnist_mlp --projections dense sparse
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "benchmarks" / "families"
+FAMILIES = ("mnist_mlp", "cifar2_cnn", "char_lm")
+PROJECTIONS = ("dense", "sparse", "factored")
+
+
+def tda(*args: str) -> float:
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "pipelines.cli", *args], check=True, cwd=ROOT)
+    return time.time() - start
+
+
+def factored_side(cfg: Path, k: int) -> tuple[int, int]:
+    """The largest k_in = k_out whose factored width is at most k, and that width."""
+    sys.path.insert(0, str(ROOT))
+    from pipelines.config import load_config
+    from pipelines.families import family_for
+    from pipelines.families.base import projection_width
+
+    best = (1, 0)
+    for side in range(1, 129):
+        c = load_config(cfg, ["featurize.projection=factored", f"featurize.k_in={side}", f"featurize.k_out={side}"])
+        width = projection_width(c, family_for(c).build_model(c))
+        if width > k:
+            break
+        best = (side, width)
+    return best
+
+
+def measure(cfg: Path, cache: Path, projection: str, k: int) -> dict:
+    done = cache / f"{projection}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    sets = ["--set", "score.scorer=trak", "--set", f"featurize.projection={projection}"]
+    width = k
+    if projection == "factored":
+        side, width = factored_side(cfg, k)
+        sets += ["--set", f"featurize.k_in={side}", "--set", f"featurize.k_out={side}"]
+    run = cache / projection
+    tda("run", str(cfg), "--out", str(run), "--quiet", "--only", "train", *sets)
+    featurize_s = tda("run", str(cfg), "--out", str(run), "--quiet", "--only", "featurize", *sets)
+    tda("run", str(cfg), "--out", str(run), "--quiet", *sets)
+    wall = tda("validate", str(cfg), "--out", str(run), "--quiet", *sets, "--set", "validate.protocol=classic",
+               "--set", "validate.scorers=[trak]", "--set", f"validate.ground_truth_dir={cache / 'gt'}")
+    res = json.loads((run / "validation" / "validation.json").read_text())
+    rep = res["scorers"]["trak"]["report"]
+    out = {"projection": projection, "width": width, "lds": rep["mean"], "ci": [rep["ci_low"], rep["ci_high"]],
+           "featurize_s": featurize_s, "validate_s": wall, "subsets": res["subsets"],
+           "lambda": res["scorers"]["trak"].get("lambda", {})}
+    done.write_text(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tda" / "projections")
+    ap.add_argument("--only", nargs="*", choices=FAMILIES)
+    ap.add_argument("--projections", nargs="*", default=list(PROJECTIONS), choices=PROJECTIONS)
+    args = ap.parse_args()
+    rows = []
+    for fam in args.only or FAMILIES:
+        cfg = CONFIGS / f"{fam}.yaml"
+        sys.path.insert(0, str(ROOT))
+        from pipelines.config import load_config
+
+        k = load_config(cfg).featurize.k
+        for proj in args.projections:
+            r = measure(cfg, args.cache / fam, proj, k)
+            rows.append((fam, r))
+            print(f"{fam:>11} {proj:>9} width {r['width']:>5}  LDS {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+                  f"  featurize {r['featurize_s']:.1f} s", flush=True)
+    print("\n| family | projection | width | LDS (classic, TRAK auto ridge) | LDS - dense | featurize s |")
+    print("|---|---|---|---|---|---|")
+    dense = {fam: r["lds"] for fam, r in rows if r["projection"] == "dense"}
+    for fam, r in rows:
+        diff = f"{r['lds'] - dense[fam]:+.3f}" if fam in dense else ""
+        fs = f"{r['featurize_s']:.1f}"
+        print(f"| {fam} | {r['projection']} | {r['width']} | {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] "
+              f"| {diff} | {fs} |")
+
+
+if __name__ == "__main__":
+    main()
