@@ -133,7 +133,7 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
         res["check"], retrained = exact_check(cfg, family, paths, group, forget, control, len(train_ids), progress)
         res["check"]["spearman_predicted_actual"] = agreement(res["predicted"]["per_query"],
                                                               res["check"]["forget"]["actual_per_query"])
-    if cfg.unlearn.approximate and getattr(family, "unlearning_hits", True):
+    if cfg.unlearn.approximate:
         from .unlearn_approx import approximate_unlearning
 
         res["approximate"] = approximate_unlearning(cfg, family, paths, forget, retrained)

@@ -3,9 +3,11 @@ the retrained models of the exact check: the run's first model updated by gradie
 unrestricted and restricted to the weights most attributed to the forget loss (WAGLE-like,
 :mod:`tda.unlearning`). The ascent stops for each forget example once its loss reaches the original
 model's mean loss on the held-out queries. Per variant: forget-set accuracy and loss, retain and
-query accuracy, the distance of the query margins to the retrained models' (in units of their spread over seeds, a
+query accuracy (classifiers), the distance of the queries' attributed outputs (margins; an LM's
+completion log-probabilities) to the retrained models' (in units of their spread over seeds, a
 KLOM-like figure: 0 is as good as retraining), and a loss-attack membership-inference AUC of the
-forget set against the held-out queries (0.5: indistinguishable from never trained on).
+forget set against the held-out queries (0.5: indistinguishable from never trained on). An LM's
+loss is the mean next-token loss of a sequence (a query's: of its completion).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tda.featurize import load_checkpoint
-from tda.tasks import classification_margin
+from tda.lm import _logits as lm_logits, completion_log_prob
 from tda.unlearning import gradient_difference, membership_auc, weight_mask
 
 from .families.base import collated
@@ -26,29 +28,44 @@ from .layout import RunPaths, load_checkpoint_list
 from .schema import RunConfig
 
 
-def _ce_each(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+class _Ops:
+    """Per-example loss, attributed output and (classifiers) top-1 hits of a family's batches."""
+
+    def __init__(self, cfg: RunConfig, family: Any) -> None:
+        self.task = family.task(cfg)
+        self.classifier = getattr(family, "unlearning_hits", True)
+
+    def loss_each(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.classifier:
+            return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+        logits = lm_logits(model(batch["input_ids"]))  # mean next-token loss over the scored tokens
+        return -completion_log_prob(logits, batch["input_ids"], batch["loss_mask"], "mean")
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_each(model, batch).mean()
+
+    def output(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The attributed output (margin, completion log-probability): what the retrained models measured."""
+        return self.task.output(model, batch)
+
+    def hits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+        return float((model(batch["x"]).argmax(1) == batch["y"]).double().mean())
 
 
-def _ce(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return _ce_each(model, batch).mean()
-
-
-def _metrics(model: torch.nn.Module, forget: dict, retain: dict, query: dict,
+def _metrics(ops: _Ops, model: torch.nn.Module, forget: dict, retain: dict, query: dict,
              retrained: np.ndarray | None) -> dict[str, Any]:
     with torch.no_grad():
-        out = {}
+        out, losses = {}, {}
         for name, b in (("forget", forget), ("retain", retain), ("query", query)):
-            logits = model(b["x"])
-            out[f"{name}_accuracy"] = float((logits.argmax(1) == b["y"]).double().mean())
-            out[f"{name}_loss"] = float(F.cross_entropy(logits, b["y"]))
-        lf = F.cross_entropy(model(forget["x"]), forget["y"], reduction="none").numpy()
-        lq = F.cross_entropy(model(query["x"]), query["y"], reduction="none").numpy()
-        out["membership_auc"] = membership_auc(lf, lq)
+            if ops.classifier:
+                out[f"{name}_accuracy"] = ops.hits(model, b)
+            losses[name] = ops.loss_each(model, b).double().numpy()
+            out[f"{name}_loss"] = float(losses[name].mean())
+        out["membership_auc"] = membership_auc(losses["forget"], losses["query"])
         if retrained is not None:
-            margins = classification_margin(model(query["x"]), query["y"]).double().numpy()
+            outputs = ops.output(model, query).double().numpy()
             spread = max(float(retrained.std(axis=0, ddof=1).mean()), 1e-12) if len(retrained) > 1 else 1.0
-            out["margin_distance_to_retrained"] = float(np.abs(margins - retrained.mean(axis=0)).mean() / spread)
+            out["output_distance_to_retrained"] = float(np.abs(outputs - retrained.mean(axis=0)).mean() / spread)
     return out
 
 
@@ -58,7 +75,8 @@ def approximate_unlearning(cfg: RunConfig, family: Any, paths: RunPaths, forget_
     u = cfg.unlearn
     data = family.datasets(cfg, paths)
     train, query = collated(data["train"], family.collate(cfg)), collated(data["query"], family.collate(cfg))
-    rest = np.setdiff1d(np.arange(len(train["y"])), forget_rows)
+    ops = _Ops(cfg, family)
+    rest = np.setdiff1d(np.arange(len(next(iter(train.values())))), forget_rows)
     sample = np.random.default_rng([u.seed, 9001]).choice(rest, size=min(len(rest), 1024), replace=False)
     forget = {k: v[forget_rows] for k, v in train.items()}
     retain_sample = {k: v[sample] for k, v in train.items()}
@@ -70,15 +88,15 @@ def approximate_unlearning(cfg: RunConfig, family: Any, paths: RunPaths, forget_
     lr = u.approx_lr if u.approx_lr is not None else cfg.train.lr
     res = {"model": "the run's model 0, last attributed checkpoint", "steps": u.approx_steps, "lr": lr,
            "mask_fraction": u.mask_fraction, "retain_sample": len(sample), "variants": {}}
-    res["variants"]["original"] = _metrics(base, forget, retain_all, query, retrained_margins)
+    res["variants"]["original"] = _metrics(ops, base, forget, retain_all, query, retrained_margins)
     bound = res["forget_bound"] = res["variants"]["original"]["query_loss"]  # a held-out example's loss
     torch.manual_seed(u.seed)
     for name, masked in (("gradient difference", False), ("masked gradient difference", True)):
         model = copy.deepcopy(base)
-        mask = weight_mask(model, _ce, forget, retain_sample, u.mask_fraction) if masked else None
-        gradient_difference(model, _ce, forget, retain_sample, u.approx_steps, lr, mask=mask, forget_bound=bound,
-                            example_loss=_ce_each)
-        res["variants"][name] = _metrics(model, forget, retain_all, query, retrained_margins)
+        mask = weight_mask(model, ops.loss, forget, retain_sample, u.mask_fraction) if masked else None
+        gradient_difference(model, ops.loss, forget, retain_sample, u.approx_steps, lr, mask=mask, forget_bound=bound,
+                            example_loss=ops.loss_each)
+        res["variants"][name] = _metrics(ops, model, forget, retain_all, query, retrained_margins)
     return res
 
 

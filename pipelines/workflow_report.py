@@ -69,8 +69,9 @@ def print_unlearning(res: dict[str, Any], paths: RunPaths) -> None:
         print(f"  without retraining ({ap['steps']} gradient-difference steps, lr {ap['lr']:g}; masked: top "
               f"{ap['mask_fraction']:.0%} of weights):")
         for name, m in ap["variants"].items():
-            dist = m.get("margin_distance_to_retrained")
-            print(f"    {name:<27} forget acc {m['forget_accuracy']:.3f} loss {m['forget_loss']:.3f}, retain acc "
-                  f"{m['retain_accuracy']:.3f}, query acc {m['query_accuracy']:.3f}, membership AUC {m['membership_auc']:.3f}"
-                  + (f", margin distance to retrained {dist:.2f}" if dist is not None else ""))
+            dist = m.get("output_distance_to_retrained", m.get("margin_distance_to_retrained"))
+            acc = lambda part: f" acc {m[part + '_accuracy']:.3f}" if part + "_accuracy" in m else ""  # noqa: E731
+            print(f"    {name:<27} forget{acc('forget')} loss {m['forget_loss']:.3f}, retain{acc('retain')} loss "
+                  f"{m['retain_loss']:.3f}, query{acc('query')} loss {m['query_loss']:.3f}, membership AUC "
+                  f"{m['membership_auc']:.3f}" + (f", output distance to retrained {dist:.2f}" if dist is not None else ""))
     print(f"written to {paths.root / 'unlearning'}/unlearning.json")

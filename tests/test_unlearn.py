@@ -57,7 +57,7 @@ def test_unlearn_predicts_checks_by_retraining_and_calibrates_after_validate(tmp
     variants = res["approximate"]["variants"]
     assert set(variants) == {"original", "gradient difference", "masked gradient difference"}
     for m in variants.values():
-        assert 0 <= m["membership_auc"] <= 1 and np.isfinite(m["margin_distance_to_retrained"])
+        assert 0 <= m["membership_auc"] <= 1 and np.isfinite(m["output_distance_to_retrained"])
     assert variants["gradient difference"]["forget_loss"] > variants["original"]["forget_loss"]  # it forgot
     saved = {p.name: p.stat().st_mtime_ns for p in (run / "unlearning" / "retrain").glob("*.npy")}
     assert len(saved) == 6  # 3 arms x 2 seeds
@@ -136,7 +136,13 @@ def test_unlearn_a_language_model_completion_and_report_its_text(tmp_path, capsy
     assert main(["unlearn", *args, "--set", "unlearn.k=10", "--set", "unlearn.retrain_seeds=1"]) == 0
     res = json.loads((run / "unlearning" / "unlearning.json").read_text())
     assert res["behaviour"] == "query 0" and "log-probabilities" in res["output"] and res["k"] == 10
-    assert "accuracy" not in res["check"]["forget"] and "approximate" not in res
+    assert "accuracy" not in res["check"]["forget"]
+    approx = res["approximate"]["variants"]  # gradient difference on the LM: losses, no accuracies
+    assert set(approx) == {"original", "gradient difference", "masked gradient difference"}
+    for m in approx.values():
+        assert "forget_accuracy" not in m and np.isfinite(m["forget_loss"]) and 0 <= m["membership_auc"] <= 1
+        assert np.isfinite(m["output_distance_to_retrained"])
+    assert approx["gradient difference"]["forget_loss"] > approx["original"]["forget_loss"]  # the ascent moved it
     assert np.isfinite(res["check"]["forget"]["actual_group"]["mean"])
     page = (run / "report.html").read_text()
     assert page.count('class="txt"') > 10 and " -&gt; " in page  # queries shown as prompt -> completion
