@@ -2,9 +2,11 @@
 
 The training side is the factored projection of ``grad f`` (``featurize.projection: factored``),
 the same features a factored TRAK run stores. The query side is preconditioned. Its featurizer
-fits the EK-FAC factors of every attributed checkpoint on the training set (covariances of
-layer inputs and output gradients, eigenbases, eigenvalue correction, damping; :mod:`tda.ekfac`),
-then projects with the same matrices (:class:`tda.ekfac_features.EKFACQueryFeaturizer`).
+fits the EK-FAC factors of every attributed checkpoint on the training set in the projection's
+space (LoGra: covariances of ``P_in^T a`` and ``P_out^T delta``, eigenbases, eigenvalue
+correction on ``P_out^T G P_in``, damping; :mod:`tda.ekfac`), then preconditions the projected
+query gradients with them (:class:`tda.ekfac_features.EKFACQueryFeaturizer`); with
+``k_in = k_out = null`` this is exact EK-FAC.
 :class:`tda.scorers.EKFACScorer` takes the inner products, and the index serves them.
 
 The factors are fitted once per process that featurizes queries (one for the local executor).
@@ -45,5 +47,6 @@ def ekfac_query_featurizer(cfg: RunConfig, paths: RunPaths | None) -> Any:
     entries = load_checkpoint_list(paths)
     factors = EKFACFactors.fit(model, task, family.datasets(cfg, paths)["train"], family.collate(cfg),
                                [paths.checkpoint_file(e) for e in entries], f.batch_size, layers=f.params,
-                               checkpoint_ids=[int(e["id"]) for e in entries], device=device)
+                               checkpoint_ids=[int(e["id"]) for e in entries], device=device,
+                               projection={"k_in": f.k_in, "k_out": f.k_out, "seed": f.seed, "kind": f.projector})
     return EKFACQueryFeaturizer(model, task, factors, f.k_in, f.k_out, f.seed, f.projector, device)

@@ -66,8 +66,8 @@ import torch
 from torch import nn
 
 from .data import Collate, iter_batches
-from .ekfac_fit import (CHUNK_ELEMENTS, DEFAULT_DAMPING_REL, FISHERS, EKFACSettings, LayerFactors, fit_checkpoint,
-                        joined_matrices, weights_digest)
+from .ekfac_fit import (CHUNK_ELEMENTS, DEFAULT_DAMPING_REL, FISHERS, EKFACSettings, LayerFactors, factor_width,
+                        fit_checkpoint, joined_matrices, projector_of, weights_digest)
 from .errors import CheckpointError, ConfigError, ShapeError, TDAError, reading
 from .factored import SUPPORTED, LayerSpec, factored_selection
 from .featurize import StateDict
@@ -104,11 +104,13 @@ class EKFACFactors:
         if len(factors) != len(checkpoint_ids) or len(digests) != len(checkpoint_ids):
             raise ShapeError(f"{len(factors)} factor sets and {len(digests)} digests for "
                              f"{len(checkpoint_ids)} checkpoints")
+        projector = projector_of(layers, settings)
         for per in factors:
             if len(per) != len(layers):
                 raise ShapeError(f"{len(per)} layer factors for {len(layers)} layers")
             for s, f in zip(layers, per):
-                want = {"q_a": (s.d_in, s.d_in), "q_s": (s.d_out, s.d_out), "lam": (s.d_out, s.d_in)}
+                w_in, w_out = factor_width(projector, s, "in"), factor_width(projector, s, "out")
+                want = {"q_a": (w_in, w_in), "q_s": (w_out, w_out), "lam": (w_out, w_in)}
                 for key, shape in want.items():
                     if tuple(getattr(f, key).shape) != shape:
                         raise ShapeError(f"layer {s.name}: {key} has shape {tuple(getattr(f, key).shape)}, expected "
@@ -130,7 +132,7 @@ class EKFACFactors:
                     layers: Sequence[str] | None = None, fisher: str = "sampled", samples: int = 1, seed: int = 0,
                     damping: float | None = None, damping_rel: float = DEFAULT_DAMPING_REL,
                     checkpoint_ids: Sequence[int] | None = None, device: str | torch.device | None = None,
-                    strict: bool = False) -> "EKFACFactors":
+                    strict: bool = False, projection: dict | None = None) -> "EKFACFactors":
         """Two passes over the training batches per checkpoint (module docstring).
 
         Args:
@@ -143,13 +145,22 @@ class EKFACFactors:
             damping: absolute damping for every layer; ``None``: ``damping_rel * mean(Lambda_L)``.
             device: default the model's. strict: refuse (instead of log) trainable parameters
                 outside the supported layers, which EK-FAC leaves out of ``H`` and of the scores.
+            projection: ``{"k_in", "k_out", "seed", "kind"}`` of a factored projection: fit the
+                factors in its space (LoGra: covariances of ``P_in^T a`` and ``P_out^T delta``,
+                eigenvalues corrected on ``P_out^T G P_in``), so they precondition projected
+                gradients; ``None``: the full layer space.
 
         Raises:
             ConfigError: bad settings, unsupported layers named (or any with ``strict``).
             NonFiniteError: NaN or infinite inputs, gradients or loss weights (ids named).
             CheckpointError, ShapeError, DataError: as for featurization.
         """
-        settings = EKFACSettings(fisher, samples, seed, damping, damping_rel)
+        if projection is not None:
+            projection = {"k_in": projection.get("k_in"), "k_out": projection.get("k_out"),
+                          "seed": int(projection.get("seed", 0)), "kind": projection.get("kind", "rademacher")}
+            if projection["k_in"] is None and projection["k_out"] is None:
+                projection = None  # both sides identity: the full space
+        settings = EKFACSettings(fisher, samples, seed, damping, damping_rel, projection)
         if not checkpoints:
             raise CheckpointError("at least one checkpoint is needed; pass [model.state_dict()] for one")
         specs, skipped = _selection(model, layers, strict)
@@ -203,7 +214,8 @@ class EKFACFactors:
         spec = json.loads(str(state["spec"]))
         layers = [LayerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
                   for s in spec["layers"]]
-        settings = EKFACSettings(spec["fisher"], spec["samples"], spec["seed"], spec["damping"], spec["damping_rel"])
+        settings = EKFACSettings(spec["fisher"], spec["samples"], spec["seed"], spec["damping"], spec["damping_rel"],
+                                 spec.get("projection"))
         try:
             factors = [[LayerFactors(*(torch.from_numpy(np.asarray(state[f"c{c}_l{i}_{key}"]))
                                        for key in ("q_a", "q_s", "lam")), float(state[f"c{c}_l{i}_damping"]))

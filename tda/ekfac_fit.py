@@ -132,6 +132,30 @@ def _loss_matrices(model: nn.Module, task: Task, batch: Batch, layers: Sequence[
     return out
 
 
+def projector_of(layers: Sequence[LayerSpec], settings: EKFACSettings):
+    """The factored projector of projected-space factors (``None`` for full-space ones)."""
+    if settings.projection is None:
+        return None
+    from .factored import FactoredProjector  # tda.factored imports tda.featurize, as this module does
+
+    p = settings.projection
+    return FactoredProjector(list(layers), p["k_in"], p["k_out"], p["seed"], p["kind"])
+
+
+def factor_width(projector, layer: LayerSpec, side: str) -> int:
+    """Width of a layer's input (``side="in"``) or output-gradient factor, projected or not."""
+    if projector is None:
+        return layer.d_in if side == "in" else layer.d_out
+    return projector.width(layer, side)
+
+
+def project_matrices(projector, checkpoint: int, layer: LayerSpec, a: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a P_in, delta P_out)``: a layer's inputs and output gradients in the projected space
+    (an identity side unchanged), so ``(delta P_out)^T (a P_in) = P_out^T G P_in``."""
+    p_in, p_out = (projector.factor(checkpoint, layer, side) for side in ("in", "out"))
+    return (a if p_in is None else a @ p_in.to(a)), (delta if p_out is None else delta @ p_out.to(delta))
+
+
 def _weighted(x: Tensor, w: Tensor | float) -> Tensor:
     return x * w if isinstance(w, float) else x * w.to(x)[:, None, None]
 
@@ -168,6 +192,10 @@ class EKFACSettings:
     seed: int = 0
     damping: float | None = None
     damping_rel: float = DEFAULT_DAMPING_REL
+    #: fitted in the factored projection's space (LoGra): ``{"k_in", "k_out", "seed", "kind"}``
+    #: of the :class:`~tda.factored.FactoredProjector` applied to inputs and output gradients
+    #: before the covariances; ``None``: the full layer space
+    projection: dict | None = None
 
     def __post_init__(self) -> None:
         if self.fisher not in FISHERS:
@@ -188,14 +216,16 @@ class Fitter:
     def __init__(self, model: nn.Module, task: Task, layers: Sequence[LayerSpec], settings: EKFACSettings,
                  checkpoint: int, device: torch.device) -> None:
         self.model, self.task, self.layers, self.settings, self.device = model, task, list(layers), settings, device
+        self.checkpoint, self.projector = checkpoint, projector_of(layers, settings)
         self.gen: torch.Generator | None = None
         if settings.fisher == "sampled":
             seq = np.random.SeedSequence([settings.seed, checkpoint])
             gen_device = device if device.type == "cuda" else torch.device("cpu")
             self.gen = torch.Generator(device=gen_device).manual_seed(int(seq.generate_state(1)[0]))
-        self.cov_a = [torch.zeros(s.d_in, s.d_in, dtype=torch.float64, device=device) for s in layers]
-        self.cov_s = [torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device) for s in layers]
-        self.lam = [torch.zeros(s.d_out, s.d_in, dtype=torch.float64, device=device) for s in layers]
+        w_in, w_out = ([factor_width(self.projector, s, side) for s in layers] for side in ("in", "out"))
+        self.cov_a = [torch.zeros(w, w, dtype=torch.float64, device=device) for w in w_in]
+        self.cov_s = [torch.zeros(w, w, dtype=torch.float64, device=device) for w in w_out]
+        self.lam = [torch.zeros(o, i, dtype=torch.float64, device=device) for o, i in zip(w_out, w_in)]
         self.bases: list[tuple[Tensor, Tensor]] = []
         self.n = 0
 
@@ -203,7 +233,10 @@ class Fitter:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         draws = label_draws(self.task, self.model, batch, ids, self.settings.fisher, self.settings.samples, self.gen)
         for j, (b, w) in enumerate(draws):
-            yield j, _loss_matrices(self.model, self.task, b, self.layers, ids), w
+            mats = _loss_matrices(self.model, self.task, b, self.layers, ids)
+            if self.projector is not None:
+                mats = [project_matrices(self.projector, self.checkpoint, s, a, d) for s, (a, d) in zip(self.layers, mats)]
+            yield j, mats, w
 
     def covariance_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         for j, mats, w in self._batches(batch, ids):
@@ -258,4 +291,5 @@ def fit_checkpoint(model: nn.Module, task: Task, layers: Sequence[LayerSpec], se
 
 
 __all__ = ["CHUNK_ELEMENTS", "DEFAULT_DAMPING_REL", "EKFACSettings", "FISHERS", "Fitter", "LayerFactors",
-           "fit_checkpoint", "joined_matrices", "label_draws", "weights_digest"]
+           "factor_width", "fit_checkpoint", "joined_matrices", "label_draws", "project_matrices", "projector_of",
+           "weights_digest"]

@@ -254,6 +254,54 @@ def test_both_sides_use_the_same_factored_projection() -> None:
     assert lo == phi.shape[1] == psi.shape[1] == train.k == query.k
 
 
+def test_factors_fitted_in_the_projected_space_equal_explicit_projected_matrices() -> None:
+    """LoGra-style EK-FAC: with ``projection=...`` the factors are the EK-FAC of the projected
+    gradients ``G~ = P_out^T G P_in``: the bases diagonalise the covariances of ``P_in^T a`` and
+    ``P_out^T delta``, ``Lambda = diag(K^T F~ K)`` with ``F~ = E[vec G~ vec G~^T]``, the query
+    feature is ``(K diag(Lambda + lambda) K^T)^-1 vec(G~_z) / c_L`` and the scores are
+    ``vec(G~_z)^T H~^-1 vec(Q_i G~_i)`` (float64, explicit)."""
+    model = _tiny()
+    x, y = _data(20)
+    task = ClassificationTask()
+    proj = {"k_in": 3, "k_out": 2, "seed": 4, "kind": "rademacher"}
+    factors = EKFACFactors.fit_batches(model, task, _batches(x, y), [model.state_dict()], fisher="empirical",
+                                       projection=proj)
+    assert factors.settings.projection == proj
+    again = EKFACFactors.from_state_dict(factors.state_dict())
+    assert again.settings.projection == proj and torch.equal(again.factors[0][0].lam, factors.factors[0][0].lam)
+    train, query = ekfac_featurizers(model, task, factors, **proj)
+    loss_g, f_g = _layer_grads(model, _ce, x, y, factors), _layer_grads(model, classification_margin, x, y, factors)
+    inputs = [x, torch.tanh(model[0](x)).detach()]
+    psi = _features(query, model, _batches(x[:5], y[:5])).feats[0]
+    lo, exact = 0, []
+    for i, (s, f) in enumerate(zip(factors.layers, factors.factors[0])):
+        p_out, p_in = (train.projector.factor(0, s, side).double() for side in ("out", "in"))
+        assert f.q_a.shape == (3, 3) and f.q_s.shape == (2, 2) and f.lam.shape == (2, 3)
+        a = torch.cat([inputs[i], torch.ones(len(x), 1, dtype=x.dtype)], dim=1) @ p_in
+        delta = loss_g[i][:, :, -1] @ p_out  # one position: the bias column of G_i is delta
+        for q, cov in ((f.q_a, a.T @ a / len(a)), (f.q_s, delta.T @ delta / len(a))):
+            rot = q.T @ cov @ q
+            torch.testing.assert_close(rot - torch.diag(torch.diagonal(rot)), torch.zeros_like(rot), rtol=0,
+                                       atol=_Q_RTOL * float(cov.abs().max()))
+        flat = (p_out.T @ loss_g[i] @ p_in).reshape(len(x), -1)  # vec G~_i of the loss
+        basis = _kron_basis(f)
+        lam = torch.diagonal(basis.T @ (flat.T @ flat / len(x)) @ basis).reshape(f.lam.shape)
+        torch.testing.assert_close(f.lam, lam, rtol=_Q_RTOL, atol=1e-14)
+        h = basis @ torch.diag((f.lam + f.damping).reshape(-1)) @ basis.T
+        gz = (p_out.T @ f_g[i][:5] @ p_in).reshape(5, -1)
+        solved = torch.linalg.solve(h, gz.T).T
+        np.testing.assert_allclose(psi[:, lo: lo + 6], (solved / train.projector.scales[i]).numpy(), rtol=1e-5,
+                                   atol=1e-6 * float(solved.abs().max() / train.projector.scales[i]))
+        exact.append(solved @ (-flat).T)
+        lo += 6
+    tr = ArrayFeatures(_features(train, model, _batches(x, y)), [0])
+    scores = score_matrix(_features(query, model, _batches(x[:5], y[:5])), EKFACScorer().fit(tr), tr)
+    np.testing.assert_allclose(scores, sum(exact).numpy(), rtol=2e-4, atol=1e-4 * np.abs(scores).max())
+    assert (np.diag(scores) > 0).all()
+    with pytest.raises(ShapeError, match="fitted in the space of the projection"):
+        ekfac_featurizers(model, task, factors, k_in=3, k_out=3, seed=4)
+
+
 def test_factored_projection_approximates_the_exact_scores() -> None:
     """Projected scores are unbiased estimates of the exact (unprojected) EK-FAC scores: over 12
     projection seeds at k_in = k_out = 16 the mean has slope in (0.85, 1.15) on the exact scores
