@@ -7,15 +7,16 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
-from stores import StoreLock
-
-from .config import load_config
 from .layout import RunPaths
-from .run_folder import check_finished
 
 
 def _on_finished_run(args: argparse.Namespace, stage: Callable, printer: Callable) -> int:
     """Run ``stage(cfg, paths, progress)`` on the finished run of ``args.config`` under its lock, then print."""
+    from stores import StoreLock
+
+    from .config import load_config
+    from .run_folder import check_finished
+
     cfg = load_config(args.config, args.set)
     paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():

@@ -24,8 +24,6 @@ import yaml
 
 from tda.errors import ConfigError, reading
 
-from .families import family_for
-from .scorers import check_scorer
 from .schema import (FEATURE_SECTIONS, IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS,  # noqa: F401
                      SCORE_SECTIONS, DataConfig, ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig,
                      ValidateConfig, _build, scorer_fingerprint, section_fingerprint, stable_dict)
@@ -35,7 +33,8 @@ from .schema import (FEATURE_SECTIONS, IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, OUTP
 PATH_KEYS = INPUT_KEYS + (("validate", "ground_truth_dir"),)
 
 
-def parse_config(values: dict[str, Any], overrides: list[str] | None = None, base: str | Path | None = None) -> RunConfig:
+def parse_config(values: dict[str, Any], overrides: list[str] | None = None, base: str | Path | None = None,
+                 check: bool = True) -> RunConfig:
     """Build and check a :class:`RunConfig` from a mapping plus ``section.key=value`` overrides.
 
     Args:
@@ -43,6 +42,8 @@ def parse_config(values: dict[str, Any], overrides: list[str] | None = None, bas
         overrides: ``section.key=value`` strings, values parsed as YAML; their paths resolve
             against the working directory.
         base: folder the paths of ``values`` resolve against (default: the working directory).
+        check: run the family's checks (:func:`check_config`); ``False`` builds the sections only,
+            without importing any family (the numpy-only ``tda query`` on a recorded config).
     """
     if not isinstance(values or {}, dict):
         raise ConfigError(f"a config must be a mapping of sections (data:, model:, ...), got a {type(values).__name__}")
@@ -55,12 +56,16 @@ def parse_config(values: dict[str, Any], overrides: list[str] | None = None, bas
         if (section, key) in PATH_KEYS + IMPORT_KEYS:
             _resolve_paths({section: values[section]}, Path.cwd())  # command-line paths: the working dir
     cfg = _build(RunConfig, values, "")
-    check_config(cfg)
+    if check:
+        check_config(cfg)
     return cfg
 
 
 def check_config(cfg: RunConfig) -> None:
     """The checks that need the family: arch, data set, options, and that it feeds the scorer."""
+    from .families import family_for  # here: the families import torch and their model code
+    from .scorers import check_scorer
+
     family = family_for(cfg)
     family.check(cfg)
     check_scorer(cfg, family)

@@ -228,6 +228,30 @@ def write_report(cfg: RunConfig, paths: RunPaths, shown: int | None = None, k: i
     return target
 
 
+def answer_page(paths: RunPaths, ans: Any, split: str = "query") -> str:
+    """``tda query --html``: one self-contained page of a query answer (each example's image or
+    text, label, prediction, and the proponent / opponent grids with labels and signed scores)."""
+    from .run_folder import recorded_config
+
+    cfg = recorded_config(paths)
+    data, family = datasets_for(cfg, paths), family_for(cfg)
+    texts = getattr(family, "example_texts", None)
+    train_r, query_r = (Renderer(cfg, data[s], texts(cfg, paths, s) if texts else None) for s in ("train", split))
+    parts = []
+    for row, q in enumerate(ans.as_dict()["queries"]):
+        head = f"{html.escape(split)} id {q['id']}, label {html.escape(str(q['label']))}"
+        if "predicted" in q:
+            head += f", predicted {q['predicted']} (p {q['p_predicted']:.2f})"
+        grids = [f"<p>{title}</p><div class='grid'>"
+                 + "".join(_cell(train_r, e["id"], e["label"], e["score"], None) for e in q[key]) + "</div>"
+                 for title, key in (("proponents (training on them raises the query's output)", "proponents"),
+                                    ("opponents (training on them lowers it)", "opponents"))]
+        parts.append(f"<h3>{head}</h3><div class='grid'><div class='cell'>{query_r(q['id'])}</div></div>{''.join(grids)}")
+    title = f"{cfg.name}: tda query ({ans.scorer}, {ans.kind} index over {ans.n_index} training examples)"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+
+
 def refresh_report(cfg: RunConfig, paths: RunPaths) -> None:
     """:func:`write_report` at the end of a command; a report that cannot be drawn is a warning,
     never a failed command (the run's results are already written)."""
@@ -238,4 +262,4 @@ def refresh_report(cfg: RunConfig, paths: RunPaths) -> None:
                        paths.root)
 
 
-__all__ = ["Renderer", "refresh_report", "image_shape", "per_checkpoint_terms", "png_uri", "write_report"]
+__all__ = ["Renderer", "answer_page", "refresh_report", "image_shape", "per_checkpoint_terms", "png_uri", "write_report"]

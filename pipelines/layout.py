@@ -13,6 +13,8 @@ from typing import Any
 from tda.errors import CheckpointError
 
 RUN_FILE = "run.json"
+#: The run folder's cache of input digests (see :mod:`stores.digests`).
+INPUTS_FILE = "inputs.json"
 
 
 @dataclass(frozen=True)

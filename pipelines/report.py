@@ -21,7 +21,7 @@ def titles(scorer: str, proponents: str, opponents: str) -> tuple[str, str]:
     return proponents, opponents
 
 
-def format_query(query_id: int, query_label: int, predicted: int | None, top: dict[str, np.ndarray], row: int,
+def format_query(query_id: int, query_label: int, predicted: int | str | None, top: dict[str, np.ndarray], row: int,
                  labels: dict[int, int], k: int, scorer: str = "trak") -> str:
     """Block of text for one query: proponents (raise the margin) and opponents (lower it)."""
     head = f"  query id {query_id}  label {query_label}"

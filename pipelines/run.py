@@ -22,7 +22,7 @@ from tda.data import arrow_columns, example_ids, mnist_collate
 from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 
 from .families import family_for, resolve_device  # noqa: F401
-from .layout import RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
+from .layout import INPUTS_FILE, RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
 from .schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, input_digests, section_fingerprint  # noqa: F401
 from .scorers import feature_kind
 
@@ -68,8 +68,6 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
     DIGESTS.save(paths.root / INPUTS_FILE)
 
 
-#: The run folder's cache of input digests (see :mod:`stores.digests`).
-INPUTS_FILE = "inputs.json"
 #: What claiming a run folder writes before any stage runs (the record, the input-digest cache, the lock).
 CLAIM_FILES = (RUN_FILE, INPUTS_FILE, ".lock")
 

@@ -1,4 +1,8 @@
-"""Checks that a folder holds a finished ``tda run`` of a configuration (shared by the commands that read one)."""
+"""Checks that a folder holds a finished ``tda run`` of a configuration (shared by the commands that read one).
+
+This module imports neither torch nor a model family at its top (the numpy-only ``tda query``
+reads a run through it); what needs them is imported inside the functions.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,12 @@ import numpy as np
 
 from stores import FeatureStore
 from stores.digests import DIGESTS
-from tda.data import example_ids
 from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
                         StoreError)
 from tda.features import FeatureBlock, concat_blocks
 
 from .config import _build, parse_config
-
-from .layout import RunPaths
-from .run import INPUTS_FILE, feature_fingerprint
+from .layout import INPUTS_FILE, RunPaths
 from .schema import RunConfig
 
 
@@ -40,6 +41,8 @@ def read_run_file(paths: RunPaths, make: str = "") -> dict:
 def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
     """``tda validate``: the folder must hold a finished run of this configuration; otherwise an
     error naming what differs or is missing and ``finish``, the command that completes the run."""
+    from .run import feature_fingerprint
+
     if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train"):
         raise FingerprintMismatchError(
             f"{paths.root} holds a run of another configuration (data/model/train/featurize differ); validate it "
@@ -66,8 +69,9 @@ def check_complete(paths: RunPaths, needs: dict[str, tuple[str, str]], finish: s
                          "(finished work is reused)")
 
 
-def recorded_config(paths: RunPaths) -> RunConfig:
-    """The configuration ``run.json`` records (its input digests loaded, read only)."""
+def recorded_config(paths: RunPaths, check: bool = True) -> RunConfig:
+    """The configuration ``run.json`` records (its input digests loaded, read only); ``check=False``:
+    without the family's checks (and without importing the family)."""
     recorded = read_run_file(paths)["config"]
     DIGESTS.load(paths.root / INPUTS_FILE)  # input digests the run recorded (read only: a query writes nothing)
     try:
@@ -75,11 +79,13 @@ def recorded_config(paths: RunPaths) -> RunConfig:
     except ConfigError as exc:
         raise StoreCorruptError(f"{paths.run_file} records a config this version cannot use ({exc}); restore the "
                                 f"file, or rerun `tda run CONFIG --out {paths.root} --overwrite`") from exc
-    return parse_config(recorded)
+    return parse_config(recorded, check=check)
 
 
 def labels_of(dataset, column: str = "label") -> dict[int, int]:
     """``id -> label`` of a data set with a label column; empty without one (text, for example)."""
+    from tda.data import example_ids
+
     if column not in dataset.column_names:
         return {}
     cols = dataset.with_format("numpy")

@@ -105,7 +105,10 @@ class TrainConfig:
 class FeaturizeConfig:
     """Per-example gradients and their random projection.
 
-    ``projection: dense`` projects the flat per-example gradient with a d x k matrix;
+    ``projection: sparse`` (the default: LDS within 0.015 of dense at equal k on the MNIST MLP,
+    CIFAR-2 CNN and char LM, and faster; ``benchmarks/projections.py``) projects the flat
+    per-example gradient with an SJLT of ``nonzeros`` entries per coordinate (tda.sparse);
+    ``dense`` with a d x k matrix;
     ``factored`` projects each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
     groups=1) with a Kronecker pair ``k_out x k_in`` without forming it (LoGra, tda.factored):
     the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are
@@ -124,7 +127,7 @@ class FeaturizeConfig:
     params: list[str] | None = None  # parameter (dense) / module (factored) names or prefixes (None: all)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     backend: str = "auto"  # projector backend: auto/dense/fast_jl
-    projection: str = "dense"  # "dense" (P^T g), "sparse" (SJLT, s nonzeros per coordinate) or "factored" (per-layer Kronecker)
+    projection: str = "sparse"  # "sparse" (SJLT, s nonzeros per coordinate; the default, README), "dense" (P^T g) or "factored" (per-layer Kronecker)
     nonzeros: int = 1  # sparse: nonzeros per gradient coordinate (s; k must be a multiple of it)
     k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
     k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)
@@ -172,13 +175,19 @@ class ScoreConfig:
 class IndexConfig:
     """FAISS index over train-side vectors."""
 
-    kind: str = "flat"  # "flat" (exact) or "ivf" (approximate, large stores)
+    kind: str = "flat"  # "flat" / "pruned" (exact; pruned skips short vectors), "ivf" / "hnsw" (approximate)
     nlist: int | None = None  # IVF cells (default ~4 sqrt(n))
-    nprobe: int = 16  # IVF cells searched per query
+    nprobe: int | None = None  # IVF cells searched per query (default nlist / 32, at least 16)
+    hnsw_m: int = 16  # HNSW links per node
+    ef_construction: int = 64  # HNSW candidates per insertion while building
+    ef_search: int = 128  # HNSW candidates per search (raise for recall)
+    recall_queries: int = 100  # the run's queries the approximate index is checked on (0: no check)
 
     def __post_init__(self) -> None:
-        _choice(self, "kind", ("flat", "ivf"))
-        _positive(self, "nlist", "nprobe")
+        _choice(self, "kind", ("flat", "pruned", "ivf", "hnsw"))
+        _positive(self, "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")
+        if self.recall_queries < 0:
+            raise ConfigError(f"index.recall_queries must be >= 0, got {self.recall_queries}")
 
 
 @dataclass
@@ -273,13 +282,15 @@ def _build(cls: type, values: Any, where: str) -> Any:
 #: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
 LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
               ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True,
-              ("score", "options"): {}, ("featurize", "projection"): FeaturizeConfig().projection,
+              ("score", "options"): {}, ("featurize", "projection"): "dense",  # the default before the sparse one: runs made then stay valid
               ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out,
               ("featurize", "nonzeros"): FeaturizeConfig().nonzeros,
               **{("data", k): getattr(DataConfig(), k) for k in ("train_path", "collate", "text_column", "label_column",
                                                                   "image_column", "tokenizer", "max_length")},
               **{("model", k): None for k in ("factory", "hf", "hf_class", "checkpoints", "task")},
-              ("train", "factory"): None, ("data", "label_noise"): 0.0}
+              ("train", "factory"): None, ("data", "label_noise"): 0.0,
+              **{("index", k): getattr(IndexConfig(), k) for k in ("hnsw_m", "ef_construction", "ef_search")},
+              ("index", "recall_queries"): IndexConfig().recall_queries}
 
 #: Keys no fingerprint holds: where code is imported from does not change what it computes.
 UNHASHED_KEYS = ("code_dir",)

@@ -65,8 +65,9 @@ class Attributor:
         precision: projection precision, ``"fp32"`` (default) or ``"bf16"`` (faster, ~3e-3
             relative feature error; see :class:`~tda.projectors.Projector`).
         grad_method: per-example gradient path (see :class:`~tda.featurize.Featurizer`).
-        projection: ``"dense"`` (d x k matrix), ``"sparse"`` (SJLT with ``nonzeros`` entries per
-            gradient coordinate, :class:`~tda.sparse.SparseProjector`) or ``"factored"``
+        projection: ``"sparse"`` (the default: SJLT with ``nonzeros`` entries per gradient
+            coordinate, :class:`~tda.sparse.SparseProjector`; the same LDS as dense at equal k,
+            faster), ``"dense"`` (d x k matrix, as traker) or ``"factored"``
             (per-layer Kronecker ``k_out x k_in``, never forming the gradient; ``param_names``
             then names modules, ``k`` is unused; :class:`~tda.factored.FactoredFeaturizer`).
 
@@ -91,7 +92,7 @@ class Attributor:
         progress: bool = False,
         precision: str = "fp32",
         grad_method: str = "auto",
-        projection: str = "dense",
+        projection: str = "sparse",
         nonzeros: int = 1,
         k_in: int | None = 16,
         k_out: int | None = 16,

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from .errors import QueryError, ShapeError
 from .features import FeatureBlock, FeatureSource
 
 if TYPE_CHECKING:  # the scorers call this kernel; it only needs their two transforms
+    import torch
+
     from .scorers.base import Scorer
 
 
@@ -47,6 +48,8 @@ def iter_score_blocks(
         train: training feature source.
         block_rows: training rows per block.
     """
+    import torch  # here, not at the top: readers of TopK (tda query on an index) never load torch
+
     q = torch.from_numpy(np.ascontiguousarray(query_vectors, dtype=np.float32))
     for blk in train.iter_blocks(block_rows):
         t = torch.from_numpy(np.ascontiguousarray(scorer.transform_train(blk), dtype=np.float32))
@@ -68,6 +71,8 @@ def score_matrix(
 
 def _merge(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int,
            largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     all_s = torch.cat([best_s, s], dim=1)
     all_i = torch.cat([best_i, i], dim=1)
     top = torch.topk(all_s, min(k, all_s.shape[1]), dim=1, largest=largest, sorted=True)
@@ -80,6 +85,8 @@ def top_k(
     """Streaming top-k proponents and opponents per query, exact (no index)."""
     if k < 1:
         raise QueryError(f"k must be >= 1, got {k}")
+    import torch
+
     qv = scorer.transform_query(query)
     m = qv.shape[0]
     empty_s = torch.empty(m, 0, dtype=torch.float32)

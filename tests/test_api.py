@@ -18,6 +18,7 @@ from tda.gradients import flatten_grads, per_example_grads
 from tda.kernel import score_matrix
 from tda.models import mlp
 from tda.projectors import Projector
+from tda.sparse import SparseProjector
 
 HIDDEN, K = (8,), 64
 
@@ -67,9 +68,10 @@ def test_attributor_scores_and_top_k(api_setup) -> None:
     np.testing.assert_array_equal(top.opponent_ids, train_ids[np.argsort(scores, axis=1)[:, :3]])
 
 
-def test_attributor_features_equal_manual_pipeline(api_setup) -> None:
+@pytest.mark.parametrize("projection", ["sparse", "dense"])  # sparse: the default
+def test_attributor_features_equal_manual_pipeline(api_setup, projection: str) -> None:
     train, _, ckpts = api_setup
-    attr = _attributor(ckpts).fit(train)
+    attr = (_attributor(ckpts) if projection == "sparse" else _attributor(ckpts, projection="dense")).fit(train)
     batch = mnist_collate(train.with_format("numpy")[:])
     model = mlp(784, HIDDEN, 10)
     names = [n for n, _ in model.named_parameters()]
@@ -77,14 +79,15 @@ def test_attributor_features_equal_manual_pipeline(api_setup) -> None:
     for c, state in enumerate(ckpts):
         model.load_state_dict(state)
         flat = flatten_grads(per_example_grads(model, tda.ClassificationTask(), batch), names)
-        phi = Projector(dim, K, seed=0).project(flat, c)
+        proj = SparseProjector(dim, K, seed=0) if projection == "sparse" else Projector(dim, K, seed=0)
+        phi = proj.project(flat, c)
         np.testing.assert_allclose(attr.train_features.block.feats[c], phi.numpy(), rtol=1e-4, atol=1e-6)
         with torch.no_grad():
             p_true = torch.softmax(model(batch["x"]), 1)[torch.arange(40), batch["y"]]
         np.testing.assert_allclose(attr.train_features.block.q[c], (1 - p_true).numpy(),
                                    rtol=1e-5, atol=1e-6)
     # batching does not change the features
-    whole = _attributor(ckpts, batch_size=40).featurize(train)
+    whole = _attributor(ckpts, batch_size=40, projection=projection).featurize(train)
     np.testing.assert_allclose(whole.feats, attr.train_features.block.feats, rtol=1e-5, atol=1e-7)
 
 

@@ -77,7 +77,8 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         cfg = load_config(ROOT / "configs" / name)
         old = cfg.to_dict()
         del old["model"]["family"], old["model"]["options"], old["score"]["influential_fraction"]
-        del old["featurize"]["projection"], old["featurize"]["k_in"], old["featurize"]["k_out"]
+        assert old["featurize"]["projection"] == "sparse"  # the default since issue 14: hashed, features differ
+        del old["featurize"]["k_in"], old["featurize"]["k_out"], old["featurize"]["nonzeros"]
         del old["data"]["query_path"], old["score"]["dense"], old["score"]["options"], old["code_dir"]
         for key in ("train_path", "collate", "text_column", "label_column", "image_column", "tokenizer", "max_length",
                     "label_noise"):
@@ -85,9 +86,14 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         for key in ("factory", "hf", "hf_class", "checkpoints", "task"):
             del old["model"][key]
         del old["train"]["factory"]
+        for key in ("hnsw_m", "ef_construction", "ef_search", "recall_queries"):
+            del old["index"][key]
         for sections in (FEATURE_SECTIONS, SCORE_SECTIONS):
             assert section_fingerprint(cfg, *sections) == fingerprint({s: old[s] for s in sections})
         assert feature_fingerprint(cfg) == section_fingerprint(cfg, *FEATURE_SECTIONS)
+        dense = load_config(ROOT / "configs" / name, ["featurize.projection=dense"])  # the former default
+        del old["featurize"]["projection"]
+        assert section_fingerprint(dense, *FEATURE_SECTIONS) == fingerprint({s: old[s] for s in FEATURE_SECTIONS})
 
 
 def test_diffusion_feature_fingerprint_follows_the_feature_layout() -> None:

@@ -1,7 +1,11 @@
 """The index stage: fit the scorer on the train store, save its state, build the FAISS index.
 
 Both are keyed by the scorer fingerprint (training side of the feature sections, the scorer's
-settings, the index settings): a rerun with the same settings loads them, another refits.
+settings, the index settings): a rerun with the same settings loads them, another refits. An
+approximate index (``index.kind: ivf`` / ``hnsw``; ``flat`` and ``pruned`` are exact) is checked against brute force on up to
+``index.recall_queries`` of the run's queries, in the same pass over the store that builds it:
+recall@k (k = ``score.topk``) of proponents and opponents goes into ``index.json`` (``recall``),
+and a warning naming the fix is logged below :data:`stores.index.RECALL_TARGET`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from tqdm.auto import tqdm
 
 from stores import FeatureStore, FaissIndex, build_index
 from stores._io import save_json, save_npz, sha256_file
+from stores.index import RECALL_TARGET, exact_recall, index_space
 from tda.errors import IndexMismatchError, StoreCorruptError, StoreError
 
 from ..layout import RunPaths, json_field
@@ -32,7 +37,9 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
     fp = scorer_fingerprint(cfg)
     markers = (paths.scorer / "scorer.json", paths.index / "index.json")
-    if all(json_field(m, "fingerprint") == fp for m in markers) and _state_intact(paths):
+    space = json_field(markers[1], "space") or "plain"  # an older tda indexed TRAK unwhitened
+    if all(json_field(m, "fingerprint") == fp for m in markers) and _state_intact(paths) \
+            and space == index_space(scorer_for(cfg, paths)):
         try:
             return FaissIndex.load(paths.index)  # checked against its sha256
         except StoreError as exc:
@@ -47,10 +54,57 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
                                              "hyperparameters": scorer.hyperparameters(),
                                              "sha256": sha256_file(paths.scorer / "state.npz")})
-    index = build_index(_View(train, desc=f"index: build {cfg.index.kind}" if progress else None), scorer, cfg.index.kind,
-                        cfg.index.nlist, cfg.index.nprobe, meta={"fingerprint": fp})
+    ic = cfg.index
+    exact = ic.kind in ("flat", "pruned")
+    queries = None if exact else _recall_queries(cfg, paths, scorer)
+    k = min(cfg.score.topk, len(train))
+    index = build_index(_View(train, desc=f"index: build {ic.kind}" if progress else None), scorer, ic.kind,
+                        ic.nlist, ic.nprobe, meta={"fingerprint": fp}, hnsw_m=ic.hnsw_m,
+                        ef_construction=ic.ef_construction, ef_search=ic.ef_search, recall_queries=queries,
+                        recall_k=k)
+    if exact:
+        index.meta["recall"] = exact_recall(k)
+    _warn_recall(index)
     index.save(paths.index)
     return index
+
+
+def _recall_queries(cfg: RunConfig, paths: RunPaths, scorer: Any) -> np.ndarray | None:
+    """Query vectors of up to ``index.recall_queries`` of the run's queries, spread evenly over the
+    query store (None: no check, or no query store yet)."""
+    want = cfg.index.recall_queries
+    if want == 0 or not paths.store("query").is_dir():
+        return None
+    try:
+        query = FeatureStore.open(paths.store("query"))
+    except StoreError as exc:
+        logger.warning("index: no recall check (%s)", exc)
+        return None
+    pick = np.unique(np.linspace(0, len(query) - 1, min(want, len(query))).round().astype(np.int64))
+    parts, start = [], 0
+    for blk in query.iter_blocks():
+        rows = pick[(pick >= start) & (pick < start + len(blk))] - start
+        if len(rows):
+            parts.append(scorer.transform_query(blk.select(rows)))
+        start += len(blk)
+    return np.concatenate(parts) if parts else None
+
+
+def _warn_recall(index: FaissIndex) -> None:
+    """Log a warning naming the fix when the approximate index misses the exact top-k."""
+    rec = index.meta.get("recall")
+    if not rec or rec.get("exact") or rec["recall"] >= RECALL_TARGET:
+        return
+    meta = index.meta
+    if index.kind == "ivf":
+        fix = (f"raise index.nprobe (now {meta['nprobe']} of nlist {meta['nlist']} cells; recall rises with the "
+               "share probed)")
+    else:
+        fix = (f"raise index.ef_search (now {meta['ef_search']}), or index.hnsw_m (now {meta['hnsw_m']}) and "
+               f"index.ef_construction (now {meta['ef_construction']})")
+    logger.warning("index: recall@%d of the %s index is %.3f (proponents %.3f, opponents %.3f) on %d of the run's "
+                   "queries, below %.2f: %s, or use index.kind: flat (exact)", rec["k"], index.kind, rec["recall"],
+                   rec["proponents"], rec["opponents"], rec["queries"], RECALL_TARGET, fix)
 
 
 def load_scorer(cfg: RunConfig, paths: RunPaths):
@@ -85,7 +139,7 @@ def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> Faiss
         raise StoreError(f"{paths.index} holds no finished index; build it with `tda run CONFIG --from index`")
     index = FaissIndex.load(paths.index)
     return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
-                       fix="rebuild it with `tda run CONFIG --from index`")
+                       space=index_space(scorer_for(cfg, paths)), fix="rebuild it with `tda run CONFIG --from index`")
 
 
 class _View:

@@ -1,30 +1,55 @@
-"""Scorers: each defines two transforms whose inner product is the attribution score."""
+"""Scorers: each defines two transforms whose inner product is the attribution score.
 
-from .airrep import AirRepScorer
-from .base import Scorer
-from .ekfac import EKFACScorer
-from .magic import PrecomputedScorer
-from .repsim import RepSimScorer
-from .tracin import GradCosScorer, GradDotScorer, TracInCPScorer
-from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
+Names are imported lazily (PEP 562), so ``tda.scorers.base`` or ``tda.scorers.trak`` can be read
+without importing every scorer (AirRep's head needs torch; the transforms of TRAK, TracIn,
+Grad-Dot / Grad-Cos and RepSim are numpy).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..lazy import lazy_exports
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "AirRepScorer": "airrep", "Scorer": "base", "EKFACScorer": "ekfac", "PrecomputedScorer": "magic",
+    "RepSimScorer": "repsim", "GradCosScorer": "tracin", "GradDotScorer": "tracin", "TracInCPScorer": "tracin",
+    "DEFAULT_LAMBDA_REL": "trak", "TRAKScorer": "trak", "DiffusionTracInScorer": "diffusion",
+    "DiffusionReTracScorer": "diffusion", "SlotScorer": "diffusion", "make_dtrak_scorer": "diffusion",
+    "generally_influential": "diffusion", "influence_counts": "diffusion",
+}
+
+#: ``make_scorer`` name -> class name
+_REGISTRY = {"trak": "TRAKScorer", "tracin": "TracInCPScorer", "graddot": "GradDotScorer",
+             "gradcos": "GradCosScorer", "repsim": "RepSimScorer", "airrep": "AirRepScorer", "ekfac": "EKFACScorer"}
 
 __all__ = ["Scorer", "TRAKScorer", "DEFAULT_LAMBDA_REL", "make_scorer", "TracInCPScorer",
-           "GradDotScorer", "GradCosScorer", "RepSimScorer", "AirRepScorer", "EKFACScorer", "PrecomputedScorer"]
+           "GradDotScorer", "GradCosScorer", "RepSimScorer", "AirRepScorer", "EKFACScorer", "PrecomputedScorer",
+           "DiffusionTracInScorer", "DiffusionReTracScorer", "SlotScorer", "make_dtrak_scorer",
+           "generally_influential", "influence_counts"]
 
 
-def make_scorer(name: str, **kwargs: object) -> Scorer:
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
+
+
+def make_scorer(name: str, **kwargs: object) -> Any:
     """Build a scorer by name (``"trak"``, ``"tracin"``, ``"graddot"``, ``"gradcos"``,
     ``"repsim"``, ``"airrep"``, ``"ekfac"``); ``kwargs`` go to its constructor."""
     from ..errors import ConfigError
 
-    registry = {"trak": TRAKScorer, "tracin": TracInCPScorer, "graddot": GradDotScorer,
-                "gradcos": GradCosScorer, "repsim": RepSimScorer, "airrep": AirRepScorer, "ekfac": EKFACScorer}
-    if name not in registry:
-        raise ConfigError(f"unknown scorer {name!r}; choose one of {sorted(registry)}")
-    return registry[name](**kwargs)
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown scorer {name!r}; choose one of {sorted(_REGISTRY)}")
+    return __getattr__(_REGISTRY[name])(**kwargs)
 
-from .diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, generally_influential,  # noqa: E402
-                        influence_counts, make_dtrak_scorer)
 
-__all__ += ["DiffusionTracInScorer", "DiffusionReTracScorer", "SlotScorer", "make_dtrak_scorer",
-            "generally_influential", "influence_counts"]
+if TYPE_CHECKING:
+    from .airrep import AirRepScorer
+    from .base import Scorer
+    from .diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, generally_influential,
+                            influence_counts, make_dtrak_scorer)
+    from .ekfac import EKFACScorer
+    from .magic import PrecomputedScorer
+    from .repsim import RepSimScorer
+    from .tracin import GradCosScorer, GradDotScorer, TracInCPScorer
+    from .trak import DEFAULT_LAMBDA_REL, TRAKScorer

@@ -9,21 +9,27 @@ the effective dimension ``df(lambda) = sum_j s_j / (s_j + lambda)`` of the kerne
 
     tau(z)_i = [ (1/M) sum_m phi_m,i^T K_m^{-1} phi_m(z) ] * [ (1/M) sum_m Q_m,i ]
 
-As two transforms: ``T_train(z_i) = concat_m(phi_m,i) * Qbar_i / M`` and
-``T_query(z) = concat_m(K_m^{-1} phi_m(z))``; their inner product is exactly tau(z)_i.
+As two transforms in the whitened space of each kernel's Cholesky factor ``K_m = L_m L_m^T``
+(so ``K_m^{-1} = L_m^{-T} L_m^{-1}``): ``T_train(z_i) = concat_m(L_m^{-1} phi_m,i) * Qbar_i / M``
+and ``T_query(z) = concat_m(L_m^{-1} phi_m(z))``; their inner product is exactly tau(z)_i. Both
+sides live in one well-conditioned space, which approximate (IVF, HNSW) search needs: indexing
+``phi_i`` against ``K^{-1} phi(z)`` stretches the train side by the kernel's condition number.
+Only ``Qbar_i`` (train side) makes the vectors' norms differ.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, NonFiniteError, ShapeError, TDAError
 from ..features import FeatureBlock, FeatureSource
 from .base import Scorer
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,8 @@ def auto_lambdas(eigenvalues: torch.Tensor, fraction: float) -> torch.Tensor:
         eigenvalues: (M, k) eigenvalues of each ``Phi_m^T Phi_m`` (negative round-off is clipped).
         fraction: target ``df / k`` in (0, 1).
     """
+    import torch
+
     s = eigenvalues.clamp(min=0).to(torch.float64)
     top = s.max(dim=1).values.clamp(min=1e-300)
     rank = (s > top[:, None] * 1e-9).sum(dim=1).clamp(min=1).to(torch.float64)  # (M,)
@@ -105,6 +113,8 @@ class TRAKScorer(Scorer):
         return out
 
     def fit(self, train: FeatureSource, progress: bool = False) -> "TRAKScorer":
+        import torch  # fitting only: the query side is numpy, so serving a fitted TRAK never loads torch
+
         m_count, k = len(train.checkpoints), train.k
         gram = torch.zeros(m_count, k, k, dtype=torch.float64)
         n = 0
@@ -149,20 +159,25 @@ class TRAKScorer(Scorer):
                 "checkpoints and projector"
             )
 
-    def transform_train(self, block: FeatureBlock) -> np.ndarray:
+    #: the index holds whitened vectors (stores.index.index_space), not those of older versions
+    index_space = "whitened"
+
+    def _whiten(self, block: FeatureBlock) -> np.ndarray:
+        """``concat_m(L_m^{-1} phi_m)``: (b, M*k) float64."""
         self._require_fit(block)
-        m_count, b, k = block.feats.shape
-        weight = block.q.mean(axis=0) / m_count  # (b,)
-        out = np.transpose(block.feats, (1, 0, 2)).reshape(b, m_count * k)  # (b, M*k)
-        return (out * weight[:, None]).astype(np.float32)
+        phi = np.asarray(block.feats, dtype=np.float64).transpose(0, 2, 1)  # (M, k, b)
+        solved = forward_solve(self.chol, phi)  # (M, k, b): L_m^-1 phi_m
+        m_count, k, b = solved.shape
+        return solved.transpose(2, 0, 1).reshape(b, m_count * k)
+
+    def transform_train(self, block: FeatureBlock) -> np.ndarray:
+        """(b, M*k) float32: ``concat_m(L_m^{-1} phi_m,i) * mean_m(Q_m,i) / M``."""
+        weight = np.asarray(block.q, dtype=np.float64).mean(axis=0) / block.feats.shape[0]  # (b,)
+        return (self._whiten(block) * weight[:, None]).astype(np.float32)
 
     def transform_query(self, block: FeatureBlock) -> np.ndarray:
-        self._require_fit(block)
-        chol = torch.from_numpy(self.chol)  # (M, k, k)
-        phi = torch.from_numpy(np.asarray(block.feats, dtype=np.float64))  # (M, m, k)
-        solved = torch.cholesky_solve(phi.transpose(1, 2), chol)  # (M, k, m)
-        m_count, k, m = solved.shape
-        return solved.permute(2, 0, 1).reshape(m, m_count * k).numpy().astype(np.float32)
+        """(m, M*k) float32: ``concat_m(L_m^{-1} phi_m(z))``."""
+        return self._whiten(block).astype(np.float32)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.chol is None:
@@ -185,6 +200,21 @@ class TRAKScorer(Scorer):
             self.chosen_lambda_rel = np.asarray(state["chosen_lambda_rel"])
         self.cond = np.asarray(state.get("cond", np.full(len(self.lambdas), np.nan)))
         return self
+
+
+def forward_solve(chol: np.ndarray, rhs: np.ndarray, block: int = 128) -> np.ndarray:
+    """``L^-1 rhs`` per batch entry, in numpy (float64): blocked forward substitution.
+
+    Args:
+        chol: (M, k, k) lower Cholesky factors ``L``.
+        rhs: (M, k, m) right-hand sides.
+    """
+    k = chol.shape[-1]
+    y = np.empty_like(rhs)
+    for s in range(0, k, block):  # L y = rhs, top block first
+        e = min(s + block, k)
+        y[:, s:e] = np.linalg.solve(chol[:, s:e, s:e], rhs[:, s:e] - chol[:, s:e, :s] @ y[:, :s])
+    return y
 
 
 def check_lambda_rel(value: Any) -> float | str:

@@ -1,0 +1,224 @@
+"""``tda run CONFIG`` and ``tda validate CONFIG``: the staged job of a config and its counterfactual check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from stores import FeatureStore, StoreLock
+from stores._io import remove_tree, sweep_removed
+from tda.errors import ConfigError, ForeignStoreError, StoreError, TDAError
+
+from .config import load_config
+from .families import Reporting, family_for
+from .layout import RunPaths, load_checkpoint_list
+from .query_fast import LABELS_DIR, write_labels
+from .report import format_query
+from .run import claim_run_dir, datasets_for
+from .run_folder import check_finished as _check_finished, labels_of as _labels, read_run_file
+from .schema import RunConfig
+from .stages import RUN_STAGES, STAGES, stage_featurize, stage_index, stage_retrain, stage_score, stage_train
+
+
+
+
+def _stages(args: argparse.Namespace) -> list[str]:
+    if args.only:
+        return [args.only]
+    if args.from_stage == "validate":
+        return ["validate"]
+    start = STAGES.index(args.from_stage) if args.from_stage else 0
+    return list(STAGES[start:])
+
+
+#: What each stage made in the run folder; ``--from STAGE`` deletes it for that stage and every
+#: later one, so they are redone (derived data only: checkpoints named by model.checkpoints and
+#: shared retraining folders are never touched).
+STAGE_OUTPUTS = {"train": ("checkpoints",), "featurize": ("features-train", "features-query"),
+                 "retrain": ("airrep",), "index": ("scorer", "index"), "score": ("scores", LABELS_DIR)}
+
+
+def _forget(paths: RunPaths, stages: list[str]) -> None:
+    """Under the run lock: delete the outputs of ``stages`` so that they run again. The last stage's
+    go first and each folder goes whole (:func:`remove_tree`), so a kill never leaves a later stage's
+    outputs beside a half-deleted earlier one."""
+    for stage in reversed(stages):
+        for name in STAGE_OUTPUTS.get(stage, ()):
+            if (paths.root / name).is_dir():
+                remove_tree(paths.root / name)
+
+
+def _cleanup_interrupted(paths: RunPaths, repair: bool) -> None:
+    """Under the run lock: drop temporary files of killed writers; with ``repair`` drop damaged shards."""
+    for tmp in paths.root.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    sweep_removed(paths.root)
+    if repair:
+        for split in ("train", "query"):
+            if (paths.store(split) / "manifest.json").is_file():
+                dropped = FeatureStore.open(paths.store(split)).repair()
+                if dropped:
+                    print(f"repair: {len(dropped)} damaged records dropped from {paths.store(split)}; re-featurizing",
+                          file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    root = Path(args.out or cfg.out_dir).resolve()  # jobs carry it to workers started elsewhere
+    paths = RunPaths(root)
+    t0 = time.time()
+    _make_run_folder(root)
+    _preflight(cfg)
+    todo = _stages(args)
+    progress = not args.quiet
+    done: list[str] = []
+    with StoreLock(root):
+        if paths.run_file.exists():
+            try:
+                read_run_file(paths)
+            except TDAError:
+                if not args.overwrite:
+                    raise
+                paths.run_file.unlink()  # damaged or foreign: --overwrite replaces it
+        claim_run_dir(cfg, root, args.overwrite)
+        _cleanup_interrupted(paths, args.repair)
+        if args.from_stage:
+            _forget(paths, _stages(args))
+        for stage in todo:
+            t = time.time()
+            done.append(_run_stage(stage, cfg, paths, progress) + f" ({time.time() - t:.1f}s)")
+        if "score" in todo:
+            write_labels(cfg, paths)  # what `tda query` prints, for its numpy-only path
+    if "score" in todo:
+        print_report(cfg, paths)
+        from .html_report import refresh_report
+
+        refresh_report(cfg, paths)
+    e = cfg.executor
+    where = "local" if e.kind == "local" else f"dask ({e.address or f'LocalCluster, {e.workers} workers'})"
+    print(f"\n{cfg.name}: done in {time.time() - t0:.1f}s on the {where} executor")
+    for line in done:
+        print(f"  {line}")
+    print(f"outputs in {root}/: checkpoints/, features-train/, features-query/, scorer/, index/, "
+          "scores/scores.npy (n_query x n_train), scores/topk.npz")
+    return 0
+
+
+def _make_run_folder(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise ForeignStoreError(f"the run folder {root} is an existing file; pass --out a folder (new or a tda run)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the run folder {root} ({exc.strerror}); choose a writable --out") from exc
+
+
+def _preflight(cfg: RunConfig) -> None:
+    """Checks that would otherwise fail only after all the work."""
+    n_train = len(datasets_for(cfg)["train"])
+    if cfg.score.topk > n_train:
+        raise ConfigError(f"score.topk is {cfg.score.topk} but the training set has {n_train} examples; lower "
+                          "score.topk or raise data.train_size")
+
+
+def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> str:
+    """Run one stage; a line saying what it did (for the final summary)."""
+    if stage == "train":
+        ckpts = stage_train(cfg, paths, progress)
+        if cfg.model.checkpoints or family_for(cfg).default_checkpoints(cfg):
+            return f"train: none (model.checkpoints), {len(ckpts)} checkpoint(s) checked against the model"
+        return f"train: {cfg.train.models} model(s), {len(ckpts)} attributed checkpoint(s)"
+    if stage == "featurize":
+        stats: dict = {}
+        stage_featurize(cfg, paths, progress, stats=stats)
+        parts = [f"{split} {s['examples']} examples x {s['checkpoints']} checkpoint(s), "
+                 f"{s['jobs']} shard job(s) run" + (f" ({s['rows']} rows)" if s["jobs"] else ", all reused")
+                 for split, s in stats.items()]
+        return "featurize: " + "; ".join(parts)
+    if stage == "retrain":
+        subsets = stage_retrain(cfg, paths, progress)
+        return f"retrain: {subsets} subset model(s)" if subsets else "retrain: not needed by " + cfg.score.scorer
+    if stage == "index":
+        index = stage_index(cfg, paths, progress)
+        return f"index: {index.meta.get('kind', cfg.index.kind)} over {len(index)} training examples"
+    if stage == "score":
+        outputs = stage_score(cfg, paths, progress)
+        with np.load(outputs["topk"], allow_pickle=False) as z:
+            shape = (len(z["query_ids"]), len(z["train_ids"]))
+        dense = "dense scores and " if "scores" in outputs else ""
+        return (f"score: {cfg.score.scorer}, {shape[0]} queries x {shape[1]} training examples, "
+                f"{dense}top-{cfg.score.topk}")
+    if stage == "validate":
+        _validate(cfg, paths, progress)
+        return f"validate: results in {paths.root / 'validation'}/"
+    raise ConfigError(f"unknown stage {stage!r}; choose one of {RUN_STAGES}")
+
+
+def print_report(cfg: RunConfig, paths: RunPaths) -> None:
+    family = family_for(cfg)
+    text = family.report(cfg, paths) if isinstance(family, Reporting) else None  # a family's own report
+    if text is not None:
+        print(text)
+        return
+    data = datasets_for(cfg, paths)
+    column = cfg.data.label_column if cfg.model.family in ("user", "hf") else "label"
+    labels, qlabels = _labels(data["train"], column), _labels(data["query"], column)
+    with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
+        top = {k: z[k] for k in z.files}
+    ckpts = load_checkpoint_list(paths)
+    acc = family.query_accuracy(cfg, paths) if hasattr(family, "query_accuracy") else None
+    print(f"\n{cfg.name}: {len(top['train_ids'])} training examples, {len(top['query_ids'])} queries, "
+          f"{len(ckpts)} checkpoints" + (f", query accuracy {acc:.3f}" if acc is not None else ""))
+    print("score > 0: training on the example raises the query's measured output f (proponent); "
+          "f is the margin log(p/(1-p)) for classifiers, log p(completion | prompt) for language models")
+    for row in range(min(cfg.score.show, len(top["query_ids"]))):
+        qid = int(top["query_ids"][row])
+        print(format_query(qid, qlabels.get(qid, "?"), None, top, row, labels, min(5, cfg.score.topk),
+                           cfg.score.scorer))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
+    finish = f"`tda run {args.config} --out {paths.root}`"
+    with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
+        _check_finished(cfg, paths, finish)  # before any retraining; run.json is not rewritten
+        _validate(cfg, paths, progress=not args.quiet)
+        from .html_report import refresh_report
+
+        refresh_report(cfg, paths)
+    return 0
+
+
+def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
+    """The validate stage (under the run lock) and its printed summary."""
+    from .stages.validate import stage_validate
+
+    res = stage_validate(cfg, paths, progress=progress)
+    gt = res["ground_truth"]
+    order = f", batch order {gt['batch_order']}, seed {gt['fixed_seed']}" if res["protocol"] == "small-drop" else ""
+    print(f"LDS ({res['protocol']} protocol{order}) over {res['subsets']} subsets (alpha {res['alpha']:g}), "
+          f"{res['n_queries']} queries, {res['checkpoints']} checkpoints; report fold")
+    for name, r in res["scorers"].items():
+        rep, cal = r["report"], r["calibration"]["fit"]
+        print(f"  {name:<18} LDS {rep['mean']:.3f} [{rep['ci_low']:.3f}, {rep['ci_high']:.3f}] "
+              f"({rep['n_undefined']} undefined); actual change = {cal['intercept']:+.3g} + {cal['slope']:.3g} x predicted")
+    if "lds" in res:
+        lds_ = res["lds"]
+        print(f"  TRAK ridge: configured {lds_['configured']['label']}, tuning fold chose "
+              f"{lds_['chosen_lambda_rel']:g}")
+    if res.get("noise"):
+        print(f"  score noise: {res['noise']['share_distinguishable']:.1%} of train-query pairs distinguishable "
+              f"from zero across checkpoints (median |mean|/std {res['noise']['median_snr']:.2f})")
+    if "removal" in res:
+        rm = res["removal"]
+        for mode, r in rm["modes"].items():
+            print(f"  remove {mode:<6} k={rm['ks']}: mean change {np.round(r['mean_change'], 3).tolist()}, "
+                  f"flip rate {np.round(r['flip_rate'], 2).tolist()}")
+        print(f"  brittleness (smallest k flipping, -1 none): {rm['brittleness']}")
+    print(f"written to {paths.root / 'validation'}/")

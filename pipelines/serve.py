@@ -1,0 +1,130 @@
+"""``tda serve RUN``: a long-running HTTP/JSON service over a finished run (FastAPI + uvicorn).
+
+The run is loaded once (:class:`pipelines.serve_state.Service`); then
+
+- ``GET /health``: status, scorer, index kind, sizes, load time, whether the model is loaded;
+- ``GET /query/{id}?k=10``: top-k proponents and opponents of stored query ``id``;
+- ``POST /query`` ``{"ids": [...], "k": 10}``: the same for several stored queries, one search;
+- ``POST /query/train`` ``{"ids": [...], "k": 10}``: training examples asked as queries;
+- ``POST /query/input`` ``{"rows": [{...}], "k": 10}``: new inputs, rows with the query data's
+  columns (MNIST: ``{"image": [784 uint8], "label": 7}``), featurized on the fly (the model is
+  loaded on the first such request).
+
+Each answer lists, per query, its id and label and the proponents / opponents with their ids,
+labels and scores. A bad request (unknown id, k out of range, malformed body, a scorer that cannot
+score new inputs) is a 4xx JSON ``{"error": type, "detail": message}``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from tda.errors import QueryError, TDAError
+
+from .layout import RunPaths
+from .query_fast import Answer
+from .serve_state import Service
+
+logger = logging.getLogger(__name__)
+
+#: most ids or rows one request may ask for
+MAX_BATCH = 1024
+
+
+class Ids(BaseModel):
+    """Body of ``POST /query`` and ``POST /query/train``."""
+
+    ids: list[int] = Field(min_length=1, max_length=MAX_BATCH)
+    k: int = 10
+
+
+class Rows(BaseModel):
+    """Body of ``POST /query/input``: rows with the query data's columns."""
+
+    rows: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH)
+    k: int = 10
+
+
+def answer_json(ans: Answer) -> dict[str, Any]:
+    """The JSON of an answer: one entry per query."""
+    def side(row: int, name: str) -> list[dict[str, Any]]:
+        ids, scores = ans.top[f"{name}_ids"][row], ans.top[f"{name}_scores"][row]
+        return [{"id": int(i), "label": _plain(ans.labels.get(int(i))), "score": float(s)}
+                for i, s in zip(ids, scores) if int(i) >= 0]
+
+    results = [{"id": int(q), "label": _plain(ans.qlabels.get(int(q))), "proponents": side(r, "proponent"),
+                "opponents": side(r, "opponent")} for r, q in enumerate(ans.ids)]
+    return {"scorer": ans.scorer, "index": ans.kind, "search_ms": round(ans.search * 1000, 3), "results": results}
+
+
+def _status(exc: TDAError) -> int:
+    """404 for an id the run does not hold, 400 for another bad query (k), 422 for bad input data."""
+    if isinstance(exc, QueryError):
+        return 404 if "not in the" in str(exc) else 400
+    return 422
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI application answering from ``service``."""
+    app = FastAPI(title="tda serve", description=__doc__)
+
+    @app.exception_handler(TDAError)
+    async def tda_error(request: Request, exc: TDAError) -> JSONResponse:
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=_status(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": "RequestValidationError", "detail": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("tda serve: unexpected error")
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=500)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/query/{example}")
+    def query_one(example: int, k: int = 10) -> dict[str, Any]:
+        return answer_json(service.stored([example], k))
+
+    @app.post("/query")
+    def query(body: Ids) -> dict[str, Any]:
+        return answer_json(service.stored(list(dict.fromkeys(body.ids)), body.k))
+
+    @app.post("/query/train")
+    def query_train(body: Ids) -> dict[str, Any]:
+        return answer_json(service.train(list(dict.fromkeys(body.ids)), body.k))
+
+    @app.post("/query/input")
+    def query_input(body: Rows) -> dict[str, Any]:
+        return answer_json(service.new_inputs(body.rows, body.k))
+
+    return app
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    service = Service.load(RunPaths(Path(args.run).resolve()))
+    service.threads = max(1, args.threads)
+    health = service.health()
+    print(f"tda serve: {health['run']} ({health['scorer']}, {health['index']} index over {health['n_train']} "
+          f"training examples, {health['n_query']} stored queries; loaded in {health['load_s']:.2f}s) on "
+          f"http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,175 @@
+"""What ``tda serve`` holds in memory: a finished run loaded once, answering top-k questions.
+
+At start-up it loads the recorded config, the fitted scorer, the FAISS index and the labels
+(numpy-only where :mod:`pipelines.query_fast` can, else through the registry and the family as
+the full ``tda query`` path does) and transforms every stored query once (``T_query`` of the
+query store, cached: a stored query's answer is then one index search). Training examples asked
+as queries are read from the train store and transformed per request (what ``tda query --split
+train`` does). New inputs (rows like the run's query data) are featurized on the fly by the
+featurize stage's featurizer, collate and batching over the run's checkpoints; the model is
+loaded on the first such request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from stores import FeatureStore
+from tda.errors import DataError, QueryError, TDAError
+from tda.features import FeatureBlock
+
+from .layout import RunPaths
+from .query_fast import Answer, LoadedRun, NotLean, check_k, load_lean, search
+
+logger = logging.getLogger(__name__)
+
+
+def load_full(paths: RunPaths) -> LoadedRun:
+    """The run loaded as the full ``tda query`` path loads it (torch, the family, the data sets)."""
+    from .run import datasets_for
+    from .run_folder import QUERY_NEEDS, check_complete, labels_of, recorded_config, stored_features
+    from .stages import load_index, load_scorer
+
+    cfg = recorded_config(paths)
+    check_complete(paths, QUERY_NEEDS, f"`tda run CONFIG --out {paths.root}`")
+    scorer = load_scorer(cfg, paths)
+    first = int(FeatureStore.open(paths.store("query")).ids()[0])
+    dim = scorer.transform_query(stored_features(paths, [first], "query")).shape[1]
+    index = load_index(cfg, paths, dim=dim, n_train=FeatureStore.open(paths.store("train")).n)
+    data = datasets_for(cfg, paths)
+    return LoadedRun(cfg, paths, scorer, index, {s: labels_of(data[s]) for s in ("train", "query")})
+
+
+def query_vectors(run: LoadedRun, block_rows: int = 4096) -> tuple[np.ndarray, dict[int, int]]:
+    """``T_query`` of every stored query, (n_query, D) float32, and ``id -> row``."""
+    store = FeatureStore.open(run.paths.store("query"))
+    ids, parts = [], []
+    for blk in store.iter_blocks(block_rows):
+        ids.append(np.asarray(blk.ids, dtype=np.int64))
+        parts.append(np.asarray(run.scorer.transform_query(blk), dtype=np.float32))
+    all_ids = np.concatenate(ids)
+    return np.ascontiguousarray(np.concatenate(parts)), {int(i): r for r, i in enumerate(all_ids.tolist())}
+
+
+class Service:
+    """A run loaded once; thread-safe answers (one featurization of new inputs at a time)."""
+
+    def __init__(self, run: LoadedRun, vectors: np.ndarray, rows: dict[int, int], loaded: str = "lean") -> None:
+        """``run`` with its index and labels loaded; ``vectors`` (n_query, D): ``T_query`` of the stored
+        queries, ``rows``: query id -> row of ``vectors``; ``loaded``: how the run was loaded."""
+        self.run, self.vectors, self.rows, self.path = run, vectors, rows, loaded
+        self.load_s = 0.0
+        self.threads: int | None = None  # FAISS threads per search, set in each request's thread (OpenMP's is per thread)
+        self._featurizer: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, paths: RunPaths) -> "Service":
+        """A finished run loaded once (numpy-only where it can be), its stored queries transformed."""
+        t0 = time.time()
+        try:
+            run, loaded = load_lean(paths), "lean"
+        except NotLean as exc:
+            logger.info("tda serve: loading through the family (%s)", exc)
+            run, loaded = load_full(paths), "full"
+        vectors, rows = query_vectors(run)
+        run.answer([next(iter(rows))], "query", 1, vectors[:1])  # loads (and checks) the index and labels
+        service = cls(run, vectors, rows, loaded)
+        service.load_s = time.time() - t0
+        return service
+
+    def health(self) -> dict[str, Any]:
+        run = self.run
+        return {"status": "ok", "run": str(run.paths.root) if run.paths else None, "scorer": run.cfg.score.scorer, "index": run.index.kind,
+                "n_train": len(run.index), "n_query": len(self.rows), "dim": int(self.vectors.shape[1]),
+                "loaded": self.path, "load_s": round(self.load_s, 3), "model_loaded": self._featurizer is not None}
+
+    def stored(self, ids: list[int], k: int) -> Answer:
+        """Top-k of stored queries, from the cached query vectors."""
+        self._set_threads()
+        missing = [i for i in ids if i not in self.rows]
+        if missing:
+            lo, hi = min(self.rows), max(self.rows)
+            raise QueryError(f"example id(s) {missing[:5]} are not in the query split of this run (ids {lo}..{hi}); "
+                             "pick an id from that range")
+        return self.run.answer(ids, "query", k, self.vectors[[self.rows[i] for i in ids]])
+
+    def train(self, ids: list[int], k: int) -> Answer:
+        """Top-k of training examples asked as queries (their stored features, transformed per request)."""
+        self._set_threads()
+        self._check_new_inputs("train")
+        return self.run.answer(ids, "train", k)
+
+    def new_inputs(self, rows: list[dict[str, Any]], k: int) -> Answer:
+        """Top-k of new inputs: rows shaped like the run's query data (their ids: -1, -2, ...)."""
+        self._check_new_inputs("new")
+        self._set_threads()
+        check_k(k, len(self.run.index))
+        with self._lock:  # one featurization at a time (the model is shared)
+            block = self._featurize(rows)
+        vectors = self.run.scorer.transform_query(block)
+        top, spent = search(self.run.index, vectors, k)
+        ids = [int(i) for i in block.ids]
+        given = {i: row.get("label", "?") for i, row in zip(ids, rows)}
+        return Answer(ids, top, self.run.labels["train"], given, self.run.cfg.score.scorer, len(self.run.index),
+                      self.run.index.kind, spent, spent)
+
+    def _set_threads(self) -> None:
+        if self.threads is not None:
+            import faiss
+
+            faiss.omp_set_num_threads(self.threads)
+
+    def _check_new_inputs(self, what: str) -> None:
+        if not getattr(self.run.scorer, "scores_new_inputs", True):
+            raise QueryError(f"the {self.run.scorer.name} scorer holds scores of the run's own queries only and "
+                             f"cannot score a {what} example; ask for stored query ids")
+
+    def _featurize(self, rows: list[dict[str, Any]]) -> FeatureBlock:
+        """Features of ``rows`` under every checkpoint of the run: the featurize stage's featurizer,
+        collate and batching (the model is built on the first call)."""
+        from tda.data import iter_batches
+
+        from .layout import load_checkpoint_list
+        from .run import collate_for, datasets_for, make_featurizer
+
+        cfg, paths = self.run.cfg, self.run.paths
+        if self._featurizer is None:
+            self._featurizer = make_featurizer(cfg, "query", paths)
+            self._template = datasets_for(cfg, paths)["query"]
+        dataset = _as_dataset(rows, self._template)
+        feats, qs, ids = [], [], None
+        for m, entry in enumerate(load_checkpoint_list(paths)):
+            batches = iter_batches(dataset, collate_for(cfg), cfg.featurize.batch_size)
+            parts = list(self._featurizer.featurize(paths.checkpoint_file(entry), m, batches))
+            ids, f, q = (np.concatenate(p) for p in zip(*parts))
+            feats.append(f.astype(np.float32))
+            qs.append(q.astype(np.float32))
+        return FeatureBlock(ids=ids, feats=np.stack(feats), q=np.stack(qs))
+
+
+def _as_dataset(rows: list[dict[str, Any]], template: Any) -> Any:
+    """``rows`` as a data set with the query data's columns and types (ids -1, -2, ...)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a server's log is no place for per-request bars
+    columns = [c for c in template.column_names if c != "id"]
+    if not rows:
+        raise DataError("no rows given; pass at least one input")
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict) or set(row) != set(columns):
+            raise DataError(f"row {n} must be an object with the query data's columns {columns}, got "
+                            f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+    full = [{"id": -1 - n, **row} for n, row in enumerate(rows)]
+    try:
+        return datasets.Dataset.from_list(full).cast(template.features)
+    except (TypeError, ValueError, TDAError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"the rows do not match the query data's columns {dict(template.features)} ({reason})") from exc
+    except Exception as exc:  # pyarrow's conversion errors
+        raise DataError(f"the rows do not match the query data's columns ({type(exc).__name__}: {exc})") from exc
