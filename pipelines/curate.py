@@ -38,11 +38,38 @@ def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: di
     for name in SELF_INFLUENCE:
         if name not in wanted or name not in usable:
             continue
-        ids, values = self_influence(scorer_for(cfg, paths, name, train), train)
+        scorer = scorer_for(cfg, paths, name, train)
+        if name == "ekfac":
+            ids, values = ekfac_self_influence(cfg, paths, scorer, train)
+        else:
+            ids, values = self_influence(scorer, train)
         col = np.full(len(rows), np.nan)
         col[[rows[int(i)] for i in ids]] = values
         out[name] = col
     return out
+
+
+def ekfac_self_influence(cfg: RunConfig, paths: RunPaths, scorer: Any, train: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
+    """EK-FAC self-influence ``Q_i grad f_i^T H^-1 grad f_i``: the training set featurized by the
+    run's preconditioned query featurizer (factors refitted on it), against its stored train side."""
+    from tda.ekfac_features import featurize_data
+
+    from .layout import load_checkpoint_list
+    from .run import make_featurizer
+
+    family, entries = family_for(cfg), load_checkpoint_list(paths)
+    order = {int(e["id"]): e for e in entries}
+    ckpts = [int(c) for c in train.checkpoints]
+    block = featurize_data(make_featurizer(cfg, "query", paths), [paths.checkpoint_file(order[c]) for c in ckpts],
+                           ckpts, family.datasets(cfg, paths)["train"], family.collate(cfg), cfg.featurize.batch_size)
+    query = np.asarray(scorer.transform_query(block), dtype=np.float64)
+    rows = {int(i): r for r, i in enumerate(block.ids)}
+    ids, out = [], []
+    for blk in train.iter_blocks(4096):
+        b = np.asarray(scorer.transform_train(blk), dtype=np.float64)
+        ids.append(np.asarray(blk.ids))
+        out.append(np.einsum("ij,ij->i", query[[rows[int(i)] for i in blk.ids]], b))
+    return np.concatenate(ids), np.concatenate(out)
 
 
 def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -131,4 +158,4 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
     return result
 
 
-__all__ = ["BASELINES", "ENSEMBLES", "SELF_INFLUENCE", "flipped_rows", "rankings", "stage_curate", "write_ranking"]
+__all__ = ["BASELINES", "ENSEMBLES", "SELF_INFLUENCE", "ekfac_self_influence", "flipped_rows", "rankings", "stage_curate", "write_ranking"]

@@ -51,7 +51,7 @@ class ValidateConfig:
 
 #: suspect rankings ``tda curate`` can compute (:mod:`pipelines.curate`): self-influence under a
 #: gradient scorer, training loss, 1 - p(label) (``confidence``), and a rank ensemble
-SELF_INFLUENCE = ("trak", "tracin", "graddot")
+SELF_INFLUENCE = ("trak", "tracin", "graddot", "ekfac")
 CURATION_BASELINES = ("loss", "confidence")
 #: rank ensembles and the rankings they average
 CURATION_ENSEMBLES = {"trak+loss": ("trak", "loss"), "trak+loss+confidence": ("trak", "loss", "confidence")}

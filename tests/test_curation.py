@@ -164,3 +164,36 @@ def test_curate_a_language_model_finds_shuffled_sequences(tmp_path, capsys) -> N
     assert len(rows) == 120 and {r["label"] for r in rows} == {"-1"}
     page = (run / "report.html").read_text()
     assert "Curation" in page and "label -1" not in page
+
+
+def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path) -> None:
+    """With ``score.scorer: ekfac`` the ranking holds EK-FAC self-influence, the diagonal of
+    EKFACAttributor's scores of the training set against itself on the same checkpoints."""
+    import torch
+
+    from pipelines.config import parse_config
+    from pipelines.families import family_for
+    from tda.ekfac_features import EKFACAttributor
+
+    run = tmp_path / "run"
+    sets = [*NOISY, "--set", "score.scorer=ekfac", "--set", "featurize.projection=factored", "--set",
+            "featurize.k_in=8", "--set", "featurize.k_out=8", "--set", "train.models=1", "--set", "curate.retrain_seeds=0",
+            "--set", "curate.method=ekfac",
+            "--set", "data.train_size=120", "--quiet"]
+    assert main(["run", str(TINY), "--out", str(run), *sets]) == 0
+    assert main(["curate", str(TINY), "--out", str(run), *sets]) == 0
+    res = json.loads((run / "curation" / "curation.json").read_text())
+    assert {"ekfac", "loss", "confidence"} <= set(res["methods"]) and 0 <= res["methods"]["ekfac"]["auc"] <= 1
+    cfg = parse_config(json.loads((run / "run.json").read_text())["config"])
+    family = family_for(cfg)
+    entries = json.loads((run / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
+    states = [torch.load(run / "checkpoints" / e["file"], weights_only=True) for e in entries]
+    train = family.datasets(cfg)["train"]
+    attr = EKFACAttributor(family.build_model(cfg), states, family.collate(cfg), task=family.task(cfg), k_in=8,
+                           k_out=8, batch_size=cfg.featurize.batch_size).fit(train)
+    want = np.diag(attr.scores(train))
+    with open(run / "curation" / "ranking.csv") as fh:
+        got = {int(r["id"]): float(r["ekfac"]) for r in csv.DictReader(fh)}
+    ids = np.asarray(train["id"]) if "id" in train.column_names else np.arange(len(train))
+    np.testing.assert_allclose([got[int(i)] for i in ids], want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    assert (want > 0).mean() > 0.9  # H is positive definite: self-influence is positive
