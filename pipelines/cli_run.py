@@ -17,7 +17,7 @@ from tda.errors import ConfigError, ForeignStoreError, StoreError, TDAError
 from .config import load_config
 from .families import Reporting, family_for
 from .layout import RunPaths, load_checkpoint_list
-from .query_fast import LABELS_DIR, write_labels
+from .query_fast import LABELS_DIR, load_predictions, write_labels
 from .report import format_query
 from .run import claim_run_dir, datasets_for
 from .run_folder import check_finished as _check_finished, labels_of as _labels, read_run_file
@@ -176,10 +176,12 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
           f"{len(ckpts)} checkpoints" + (f", query accuracy {acc:.3f}" if acc is not None else ""))
     print("score > 0: training on the example raises the query's measured output f (proponent); "
           "f is the margin log(p/(1-p)) for classifiers, log p(completion | prompt) for language models")
+    preds = load_predictions(paths) or {}  # recorded after the score stage (classifiers)
     for row in range(min(cfg.score.show, len(top["query_ids"]))):
         qid = int(top["query_ids"][row])
-        print(format_query(qid, qlabels.get(qid, "?"), None, top, row, labels, min(5, cfg.score.topk),
-                           cfg.score.scorer))
+        pred = preds.get(qid)
+        print(format_query(qid, qlabels.get(qid, "?"), None if pred is None else f"{pred[0]} (p {pred[1]:.2f})",
+                           top, row, labels, min(5, cfg.score.topk), cfg.score.scorer))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
