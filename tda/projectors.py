@@ -125,7 +125,7 @@ class Projector:
         self.cache_bytes = cache_bytes
         self._cache: dict[tuple[int, int, str], Tensor] = {}
         self._cached_bytes = 0
-        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] | None = None
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     @property
     def spec(self) -> ProjectorSpec:
@@ -186,21 +186,23 @@ class Projector:
         key = (checkpoint, p, f"{device}:{store}")
         panel = self._cache.get(key)
         if panel is None:
-            panel = self._generate(checkpoint, p, device, store, dtype)
+            panel = self._generate(key, device, store, dtype)
         return panel if panel.dtype == dtype else self._widen(panel, dtype)
 
-    def _generate(self, checkpoint: int, p: int, device: torch.device, store: torch.dtype,
+    def _generate(self, key: tuple[int, int, str], device: torch.device, store: torch.dtype,
                   dtype: torch.dtype) -> Tensor:
+        """Panel ``key`` generated: kept in the cache while it fits, else (on the CPU) straight
+        into the widened scratch buffer."""
+        checkpoint, p, _ = key
         lo, hi = self._panel_rows(p)
         first = p * self.blocks_per_panel
         size = (hi - lo) * self.k * torch.empty((), dtype=store).element_size()
         keep = self._cached_bytes + size <= self.cache_bytes
-        panel = torch.empty(hi - lo, self.k, dtype=store) if keep or device.type != "cpu" else None
-        if panel is None:  # uncached on the CPU: generate into the widened scratch buffer directly
+        if not keep and device.type == "cpu":
             return self._fill(checkpoint, first, lo, hi, self._scratch_for(hi - lo, dtype, device))
-        panel = self._fill(checkpoint, first, lo, hi, panel).to(device)
+        panel = self._fill(checkpoint, first, lo, hi, torch.empty(hi - lo, self.k, dtype=store)).to(device)
         if keep:
-            self._cache[(checkpoint, p, f"{device}:{store}")] = panel
+            self._cache[key] = panel
             self._cached_bytes += size
         return panel
 
@@ -213,10 +215,10 @@ class Projector:
 
     def _scratch_for(self, rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """One reused (rows, k) buffer per dtype and device (no allocation, no page faults per call)."""
-        buf = self._scratch.get((device, dtype)) if self._scratch else None
+        buf = self._scratch.get((device, dtype))
         if buf is None or buf.shape[0] < rows:
             buf = torch.empty(self.blocks_per_panel * self.block_rows, self.k, dtype=dtype, device=device)
-            self._scratch = {**(self._scratch or {}), (device, dtype): buf}
+            self._scratch[(device, dtype)] = buf
         return buf[:rows]
 
     def _widen(self, panel: Tensor, dtype: torch.dtype) -> Tensor:
@@ -225,7 +227,7 @@ class Projector:
     def clear_cache(self) -> None:
         """Drop cached blocks (e.g. after the last batch of a checkpoint)."""
         self._cache.clear()
-        self._scratch = None
+        self._scratch = {}
         self._cached_bytes = 0
 
     def project(self, grads: Tensor, checkpoint: int) -> Tensor:
