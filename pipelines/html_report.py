@@ -26,6 +26,7 @@ from tda.errors import TDAError
 
 from .families import family_for
 from .layout import RunPaths, load_checkpoint_list
+from .query_fast import query_predictions
 from .run import datasets_for
 from .run_folder import labels_of, stored_features
 from .schema import RunConfig
@@ -133,8 +134,7 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
     labels, qlabels = labels_of(data["train"], column), labels_of(data["query"], column)
     with np.load(paths.scores / "topk.npz") as z:
         top = {key: z[key] for key in z.files}
-    preds = family.example_predictions(cfg, paths, "query") if hasattr(family, "example_predictions") else None
-    pred_rows = {} if preds is None else {int(i): r for r, i in enumerate(preds["ids"])}
+    preds = query_predictions(cfg, paths) or {}  # recorded by `tda run`, else computed (classes only)
     rows = list(range(min(shown, len(top["query_ids"]))))
     qids = [int(top["query_ids"][r]) for r in rows]
     scorer = load_scorer(cfg, paths)
@@ -143,9 +143,8 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
     parts = []
     for n, (r, qid) in enumerate(zip(rows, qids)):
         head = f"query id {qid}, label {html.escape(str(qlabels.get(qid, '?')))}"
-        at = pred_rows.get(qid)
-        if at is not None:
-            head += f", predicted {preds['predicted'][at]} (p {preds['p_predicted'][at]:.2f})"
+        if qid in preds:
+            head += f", predicted {preds[qid][0]} (p {preds[qid][1]:.2f})"
         grids = []
         for side, key in (("proponents (training on them raises the query's output)", "proponent"),
                           ("opponents (training on them lowers it)", "opponent")):

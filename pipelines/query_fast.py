@@ -155,11 +155,10 @@ def write_labels(cfg: RunConfig, paths: RunPaths) -> bool:
             return False
         arrays[f"{split}_ids"], arrays[f"{split}_labels"] = np.asarray(list(labels), dtype=np.int64), values
     arrays.update(_predictions(cfg, paths))
-    record = {**_store_fingerprints(paths)}
     if not _same_arrays(npz, arrays):  # a rerun rewrites nothing
         save_npz(npz, **arrays)
-    record["sha256"] = sha256_file(npz)
-    if json_field(marker, "sha256") != record["sha256"] or any(json_field(marker, k) != v for k, v in record.items()):
+    record = {**_store_fingerprints(paths), "sha256": sha256_file(npz)}
+    if any(json_field(marker, k) != v for k, v in record.items()):
         save_json(marker, record)
     return True
 
@@ -173,7 +172,7 @@ def _same_arrays(npz, arrays: dict[str, np.ndarray]) -> bool:
 
 
 def _predictions(cfg: RunConfig, paths: RunPaths) -> dict[str, np.ndarray]:
-    """Predicted class and its probability per query (families with class predictions)."""
+    """Predicted class and its probability per query, as arrays (families with classes only)."""
     from .families import family_for
 
     family = family_for(cfg)
@@ -184,21 +183,16 @@ def _predictions(cfg: RunConfig, paths: RunPaths) -> dict[str, np.ndarray]:
             "query_p_predicted": preds["p_predicted"]}
 
 
-def load_predictions(paths: RunPaths) -> dict[int, tuple[int, float]] | None:
-    """``query id -> (predicted, probability)`` recorded by :func:`write_labels` (None: not recorded)."""
-    npz = paths.root / LABELS_DIR / "labels.npz"
-    if not npz.is_file():
+def _prediction_map(arrays) -> dict[int, tuple[int, float]] | None:
+    if "query_predicted" not in arrays:
         return None
-    with np.load(npz, allow_pickle=False) as z:
-        if "query_predicted" not in z.files:
-            return None
-        return {int(i): (int(c), float(p)) for i, c, p in
-                zip(z["query_pred_ids"], z["query_predicted"], z["query_p_predicted"])}
+    return {int(i): (int(c), float(p)) for i, c, p in
+            zip(arrays["query_pred_ids"], arrays["query_predicted"], arrays["query_p_predicted"])}
 
 
-def load_labels(paths: RunPaths) -> dict[str, dict[int, Any]]:
-    """``split -> {id: label}`` that :func:`write_labels` recorded; :class:`NotLean` when missing,
-    damaged or recorded for other feature stores."""
+def _recorded(paths: RunPaths) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_labels` recorded; :class:`NotLean` when missing, damaged or
+    recorded for other feature stores."""
     marker, npz = paths.root / LABELS_DIR / "labels.json", paths.root / LABELS_DIR / "labels.npz"
     want = json_field(marker, "sha256")
     if want is None or not npz.is_file() or sha256_file(npz) != want:
@@ -206,8 +200,30 @@ def load_labels(paths: RunPaths) -> dict[str, dict[int, Any]]:
     if any(json_field(marker, split) != fp for split, fp in _store_fingerprints(paths).items()):
         raise NotLean("the labels were recorded for other features")
     with np.load(npz, allow_pickle=False) as z:
-        return {split: dict(zip(z[f"{split}_ids"].tolist(), z[f"{split}_labels"].tolist()))
-                for split in ("train", "query")}
+        return {k: z[k] for k in z.files}
+
+
+def load_predictions(paths: RunPaths) -> dict[int, tuple[int, float]] | None:
+    """``query id -> (predicted, probability)`` recorded by :func:`write_labels` (None: not
+    recorded, or recorded for other features)."""
+    try:
+        return _prediction_map(_recorded(paths))
+    except NotLean:
+        return None
+
+
+def query_predictions(cfg: RunConfig, paths: RunPaths) -> dict[int, tuple[int, float]] | None:
+    """The recorded predictions, else computed from the checkpoints (None: the family has no classes)."""
+    recorded = load_predictions(paths)
+    return recorded if recorded is not None else _prediction_map(_predictions(cfg, paths))
+
+
+def load_labels(paths: RunPaths) -> dict[str, dict[int, Any]]:
+    """``split -> {id: label}`` that :func:`write_labels` recorded; :class:`NotLean` when missing,
+    damaged or recorded for other feature stores."""
+    arrays = _recorded(paths)
+    return {split: dict(zip(arrays[f"{split}_ids"].tolist(), arrays[f"{split}_labels"].tolist()))
+            for split in ("train", "query")}
 
 
 @dataclass

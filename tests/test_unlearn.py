@@ -146,4 +146,5 @@ def test_unlearn_a_language_model_completion_and_report_its_text(tmp_path, capsy
     assert np.isfinite(res["check"]["forget"]["actual_group"]["mean"])
     page = (run / "report.html").read_text()
     assert page.count('class="txt"') > 10 and " -&gt; " in page  # queries shown as prompt -> completion
+    assert "predicted -1" not in page and ", predicted" not in page  # an LM has no classes to predict
     capsys.readouterr()
