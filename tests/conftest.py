@@ -79,3 +79,15 @@ def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def spearman_rows() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return rowwise_spearman
+
+
+@pytest.fixture(scope="session")
+def default_tiny_run(tmp_path_factory) -> Path:
+    """``tda run configs/tiny.yaml`` with its defaults, made once per session; tests only read it
+    (copy it with shutil.copytree to change anything)."""
+    from pipelines.cli import main
+
+    out = tmp_path_factory.mktemp("default-tiny") / "tiny"
+    assert main(["run", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"), "--out", str(out),
+                 "--quiet"]) == 0
+    return out

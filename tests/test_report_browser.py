@@ -13,11 +13,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pipelines.cli import main
 from pipelines.config import parse_config
 from pipelines.html_report import STYLE, Renderer
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 BROWSER = next((path for path in map(shutil.which, BROWSERS) if path), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason=f"no headless browser found (looked for {', '.join(BROWSERS)}); "
@@ -49,10 +47,8 @@ def body_data(dom: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r'data-(\w+)="(\d+)"', body.group(1))}
 
 
-def test_every_image_of_the_report_decodes_and_the_rows_exist(tmp_path) -> None:
-    run = tmp_path / "run"
-    assert main(["run", str(TINY), "--out", str(run), "--quiet"]) == 0
-    page = (run / "report.html").read_text(encoding="utf-8")
+def test_every_image_of_the_report_decodes_and_the_rows_exist(default_tiny_run, tmp_path) -> None:
+    page = (default_tiny_run / "report.html").read_text(encoding="utf-8")
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     got = body_data(dump_dom(probed))

@@ -19,10 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--quiet"]) == 0
-    return out
+def tiny_run(default_tiny_run):  # the session's default tiny run (conftest), read only
+    return default_tiny_run
 
 
 def _free_port() -> int:
