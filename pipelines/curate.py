@@ -62,14 +62,7 @@ def ekfac_self_influence(cfg: RunConfig, paths: RunPaths, scorer: Any, train: Fe
     ckpts = [int(c) for c in train.checkpoints]
     block = featurize_data(make_featurizer(cfg, "query", paths), [paths.checkpoint_file(order[c]) for c in ckpts],
                            ckpts, family.datasets(cfg, paths)["train"], family.collate(cfg), cfg.featurize.batch_size)
-    query = np.asarray(scorer.transform_query(block), dtype=np.float64)
-    rows = {int(i): r for r, i in enumerate(block.ids)}
-    ids, out = [], []
-    for blk in train.iter_blocks(4096):
-        b = np.asarray(scorer.transform_train(blk), dtype=np.float64)
-        ids.append(np.asarray(blk.ids))
-        out.append(np.einsum("ij,ij->i", query[[rows[int(i)] for i in blk.ids]], b))
-    return np.concatenate(ids), np.concatenate(out)
+    return self_influence(scorer, train, query=block)
 
 
 def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from .errors import ShapeError, TDAError
-from .features import FeatureSource
+from .features import FeatureBlock, FeatureSource
 from .scorers.base import Scorer
 
 #: shares of the ranking inspected for ``found_at``
@@ -65,12 +65,27 @@ def shuffle_sequences(tokens: np.ndarray, fraction: float, seed: int) -> tuple[n
     return noisy, (noisy != tokens).any(axis=1)
 
 
-def self_influence(scorer: Scorer, train: FeatureSource, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, scores)``: each training example's score against itself under a fitted ``scorer``
-    whose query side reads the same features as its train side (gradient scorers)."""
+def self_influence(scorer: Scorer, train: FeatureSource, block_rows: int = 4096,
+                   query: FeatureBlock | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, scores)``: each training example's score against itself under a fitted ``scorer``.
+
+    ``query``: the same training examples featurized by another query-side featurizer (EK-FAC's
+    preconditioned gradients); by default the query side reads the train features themselves
+    (gradient scorers)."""
+    rows = vectors = None
+    if query is not None:
+        vectors = np.asarray(scorer.transform_query(query), dtype=np.float64)
+        rows = {int(i): r for r, i in enumerate(query.ids)}
     ids, out = [], []
     for blk in train.iter_blocks(block_rows):
-        a = np.asarray(scorer.transform_query(blk), dtype=np.float64)
+        if vectors is None:
+            a = np.asarray(scorer.transform_query(blk), dtype=np.float64)
+        else:
+            missing = [int(i) for i in blk.ids if int(i) not in rows]
+            if missing:
+                raise ShapeError(f"the query-side features lack training ids {missing[:5]}; featurize the whole "
+                                 "training set")
+            a = vectors[[rows[int(i)] for i in blk.ids]]
         b = np.asarray(scorer.transform_train(blk), dtype=np.float64)
         if a.shape != b.shape:
             raise ShapeError(f"{scorer.name}: query-side vectors {a.shape} and train-side {b.shape} differ; "
