@@ -109,6 +109,10 @@ class FeaturizeConfig:
     CIFAR-2 CNN and char LM, and faster; ``benchmarks/projections.py``) projects the flat
     per-example gradient with an SJLT of ``nonzeros`` entries per coordinate (tda.sparse);
     ``dense`` with a d x k matrix;
+    ``tensorsketch`` sketches each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
+    groups=1) into the same ``k`` outputs from the layer's inputs and output gradients without
+    forming it (TensorSketch, tda.tensorsketch; width ``k``, ``params`` names modules, other
+    layers' parameters are skipped and listed in the store manifest, as for ``factored``);
     ``factored`` projects each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
     groups=1) with a Kronecker pair ``k_out x k_in`` without forming it (LoGra, tda.factored):
     the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are
@@ -124,10 +128,10 @@ class FeaturizeConfig:
     batch_size: int = 256  # examples per gradient batch
     shard_size: int = 4096  # examples per store shard (unit of resumption)
     dtype: str = "float32"  # stored dtype: float32 or float16
-    params: list[str] | None = None  # parameter (dense) / module (factored) names or prefixes (None: all)
+    params: list[str] | None = None  # parameter (dense, sparse) / module (factored, tensorsketch) names or prefixes (None: all)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     backend: str = "auto"  # projector backend: auto/dense/fast_jl
-    projection: str = "sparse"  # "sparse" (SJLT, s nonzeros per coordinate; the default, README), "dense" (P^T g) or "factored" (per-layer Kronecker)
+    projection: str = "sparse"  # "sparse" (SJLT, s nonzeros per coordinate; the default, README), "dense" (P^T g), "tensorsketch" (per-layer TensorSketch into k) or "factored" (per-layer Kronecker)
     nonzeros: int = 1  # sparse: nonzeros per gradient coordinate (s; k must be a multiple of it)
     k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
     k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)
@@ -138,7 +142,7 @@ class FeaturizeConfig:
         _choice(self, "dtype", ("float32", "float16"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "dense", "fast_jl"))
-        _choice(self, "projection", ("dense", "sparse", "factored"))
+        _choice(self, "projection", ("dense", "sparse", "factored", "tensorsketch"))
         if self.projection == "sparse" and self.k % self.nonzeros:
             raise ConfigError(f"featurize.k ({self.k}) must be a multiple of featurize.nonzeros ({self.nonzeros}) "
                               "for the sparse projection; change one of them")

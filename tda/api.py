@@ -67,7 +67,10 @@ class Attributor:
         grad_method: per-example gradient path (see :class:`~tda.featurize.Featurizer`).
         projection: ``"sparse"`` (the default: SJLT with ``nonzeros`` entries per gradient
             coordinate, :class:`~tda.sparse.SparseProjector`; the same LDS as dense at equal k,
-            faster), ``"dense"`` (d x k matrix, as traker) or ``"factored"``
+            faster), ``"dense"`` (d x k matrix, as traker), ``"tensorsketch"`` (each supported
+            layer's gradient TensorSketched into the same ``k`` outputs from its inputs and
+            output gradients, never forming the gradient; ``param_names`` then names modules;
+            :class:`~tda.tensorsketch.TensorSketchProjector`) or ``"factored"``
             (per-layer Kronecker ``k_out x k_in``, never forming the gradient; ``param_names``
             then names modules, ``k`` is unused; :class:`~tda.factored.FactoredFeaturizer`).
 
@@ -106,9 +109,10 @@ class Attributor:
         self.collate = collate
         self.scorer = scorer if scorer is not None else TRAKScorer()
         task = task or _default_task(model)
-        if projection == "factored":
+        if projection in ("factored", "tensorsketch"):
             self.featurizer: Featurizer | FactoredFeaturizer = FactoredFeaturizer(
-                model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind, layers=param_names, device=device)
+                model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind, layers=param_names, device=device,
+                projection=projection, k=k)
         else:
             self.featurizer = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names,
                                          device=device, precision=precision, grad_method=grad_method,

@@ -35,8 +35,8 @@ The demo UNet, its training recipe and sampler belong to the diffusion family (`
 ``S`` gradients before projecting (D-TRAK, "may be done before projection since projection is
 linear") or keeps every draw as a slot ``[P^T g_s / sqrt(d), ||g_s||_2]`` (width ``k + 1``), the
 exact full-gradient norm being what Diffusion-ReTrac divides by. With ``projection="factored"``
-the dense ``P^T g / sqrt(d)`` is replaced by the per-layer Kronecker projection of
-:mod:`tda.factored` over the UNet's convolutions and linear layers (GroupNorm parameters are not
+(or ``"tensorsketch"``, :mod:`tda.tensorsketch`) the dense ``P^T g / sqrt(d)`` is replaced by the
+per-layer Kronecker projection (or TensorSketch) of :mod:`tda.factored` over the UNet's convolutions and linear layers (GroupNorm parameters are not
 covered), the norm by the exact norm of the covered gradient; averaging over draws after
 projecting equals projecting the average, as for the dense projection.
 """
@@ -320,9 +320,11 @@ class DiffusionFeaturizer:
         model, task: the epsilon model and the output function.
         draws: where each example's ``(t, noise seed)`` come from.
         mode: ``"mean"``, ``"slots"`` or ``"pooled"``.
-        projection: ``"dense"`` (:class:`Featurizer`, dimension ``k``) or ``"factored"``
-            (:class:`tda.factored.FactoredFeaturizer` with ``k_in`` / ``k_out``, ``param_names``
-            then naming modules; ``k`` and ``backend`` unused).
+        projection: ``"dense"`` or ``"sparse"`` (:class:`Featurizer`, dimension ``k``),
+            ``"factored"`` (:class:`tda.factored.FactoredFeaturizer` with ``k_in`` / ``k_out``,
+            ``param_names`` then naming modules; ``k`` and ``backend`` unused) or
+            ``"tensorsketch"`` (the same featurizer's TensorSketch into ``k``, ``param_names``
+            naming modules).
         chunk_size: examples (times draws) per vmap chunk or, factored, per forward pass.
         Other arguments as for :class:`Featurizer`.
     """
@@ -334,16 +336,17 @@ class DiffusionFeaturizer:
                  k_out: int | None = 16, nonzeros: int = 1) -> None:
         if mode not in ("mean", "slots", "pooled"):
             raise ConfigError(f"diffusion featurizer mode {mode!r} is unknown; use 'mean', 'slots' or 'pooled'")
-        if projection == "factored":
+        if projection in ("factored", "tensorsketch"):
             from .factored import FactoredFeaturizer  # tda.factored imports tda.featurize, as this module does
 
             self.inner: Any = FactoredFeaturizer(model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind,
-                                                 layers=param_names, device=device, chunk_size=chunk_size)
+                                                 layers=param_names, device=device, chunk_size=chunk_size,
+                                                 projection=projection, k=k)
         elif projection in ("dense", "sparse"):
             self.inner = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names, device=device,
                                     backend=backend, chunk_size=chunk_size, projection=projection, nonzeros=nonzeros)
         else:
-            raise ConfigError(f"projection {projection!r} is unknown; use 'dense', 'sparse' or 'factored'")
+            raise ConfigError(f"projection {projection!r} is unknown; use 'dense', 'sparse', 'factored' or 'tensorsketch'")
         self.task, self.draws, self.mode, self.projection = task, draws, mode, projection
         self.projector = self.inner.projector
 
@@ -365,7 +368,8 @@ class DiffusionFeaturizer:
         big = {"x": x.repeat_interleave(s, dim=0),  # (B*S, C, H, W), example-major
                "t": torch.from_numpy(t.reshape(-1)).to(x.device),
                "noise": noise_from_seeds(seeds.reshape(-1), x.shape[1:]).to(x.device)}
-        phi = (self._factored if self.projection == "factored" else self._dense)(big, ids, checkpoint, s)
+        captured = self.projection in ("factored", "tensorsketch")
+        phi = (self._factored if captured else self._dense)(big, ids, checkpoint, s)
         phi = phi.reshape(b, -1)  # (B, feature_dim)
         check_finite(phi, ids, "projected gradients")
         q = np.full(b, self.task.q_value if self.mode == "mean" else 1.0, dtype=np.float32)

@@ -2,7 +2,8 @@
 
 For a linear layer ``y_t = W a_t + b`` applied at positions t (tokens, or one position for a
 plain MLP), the per-example gradient of the output ``f`` is ``G = sum_t delta_t [a_t; 1]^T``
-(``d_out x d_in'``, the bias as an extra input column of ones, ``delta_t = df/dy_t``). Its
+(``d_out x d_in'``, the bias as an extra input column of ones, ``delta_t = df/dy_t``; a 2-d
+convolution is the same with ``a_t`` its input patches, see :mod:`tda.captures`). Its
 projection by the Kronecker matrix ``P_out (x) P_in`` is
 
     phi_L = c_L * P_out^T G P_in = c_L * sum_t (P_out^T delta_t)(P_in^T [a_t; 1])^T   (k_out x k_in)
@@ -12,14 +13,8 @@ computed from the projected activations and output gradients, never forming ``G`
 ``O(d_out d_in k)``. The feature of an example is the concatenation of the flattened ``phi_L``
 over the selected layers (row-major ``(k_out, k_in)``, the bias column last on the input side;
 transformers' ``Conv1D`` stores its weight as ``(in, out)``, so its ``phi_L`` is the transpose
-of its weight-gradient layout).
-
-A 2-d convolution (``nn.Conv2d``, ``groups=1``) is the same linear map applied at every output
-position t: ``y_t = W a_t + b`` with ``W`` the weight flattened to ``(C_out, C_in kh kw)`` and
-``a_t`` the input patch that position reads (``torch.nn.functional.unfold`` of the padded
-input, with the layer's stride and dilation; channel-major, matching the weight's layout), so
-its weight gradient per example is ``sum_t delta_t [a_t; 1]^T`` and everything above applies
-with T = the number of output positions.
+of its weight-gradient layout). :class:`FactoredFeaturizer` also drives the TensorSketch of the
+same captures (``projection="tensorsketch"``, :mod:`tda.tensorsketch`).
 
 Coverage: supported layers are ``nn.Linear``, transformers' ``Conv1D`` and ``nn.Conv2d`` with
 ``groups=1``. Any other trainable parameter under the selection (norm scales and shifts,
@@ -45,11 +40,8 @@ features *are* the per-example gradients. At equal total k the Kronecker feature
 than dense ones: the error of an inner product shrinks with ``k_in`` and ``k_out`` separately,
 not with their product.
 
-Activations and output gradients are captured with forward hooks and one batched backward pass
-of ``sum_b f_b`` (examples must not interact, as for the vmap path: the model runs in eval
-mode), so ``df/dy`` of example b is exactly ``delta`` of example b. The exact L2 norm of each
-example's covered gradient (what Diffusion-ReTrac divides by) follows from the same captures
-(:meth:`FactoredProjector.grad_norms`) without forming the gradient when that is cheaper.
+Activations and output gradients are captured by :func:`tda.captures.capture_layers` (forward
+hooks, one batched backward pass in eval mode).
 """
 
 from __future__ import annotations
@@ -57,55 +49,26 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, ShapeError
+from .captures import SIDES, CapturedLayers, Captures, LayerSpec, capture_layers, layer_matrices
+from .errors import ConfigError
 from .featurize import StateDict, featurize_loop
-from .gradients import check_finite, eval_mode, loss_weights
+from .gradients import check_finite, loss_weights
 from .projectors import Projector
 from .tasks import Batch, Task
+from .tensorsketch import TensorSketchProjector
 
 logger = logging.getLogger(__name__)
 
 _KINDS = ("rademacher", "gaussian")
-_SIDES = {"in": 0, "out": 1}
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d with groups=1"
-
-#: Raw captures: per layer, one ``(input, output gradient)`` pair per call of the layer.
-Captures = list[list[tuple[Tensor, Tensor]]]
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One projected layer. ``d_in`` counts the bias column; ``layout`` is ``"linear"`` (weight
-    ``(out, in)``), ``"conv1d"`` (transformers' ``Conv1D``, weight ``(in, out)``) or ``"conv2d"``
-    (weight ``(out, C_in, kh, kw)``, ``d_in = C_in kh kw (+ 1)``). Convolutions also record the
-    geometry their input patches are unfolded with: ``kernel``, ``stride``, ``dilation``, ``pad``
-    (``F.pad`` widths: left, right, top, bottom) and ``padding_mode``."""
-
-    name: str
-    d_in: int
-    d_out: int
-    bias: bool
-    layout: str
-    kernel: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    dilation: tuple[int, ...] = ()
-    pad: tuple[int, ...] = ()
-    padding_mode: str = "zeros"
-
-    @property
-    def params(self) -> list[str]:
-        """Names of the parameters this layer's feature covers."""
-        return [f"{self.name}.weight"] + ([f"{self.name}.bias"] if self.bias else [])
 
 
 def _layout(module: nn.Module) -> str | None:
@@ -203,45 +166,6 @@ def factored_layers(model: nn.Module, names: Sequence[str] | None = None) -> lis
     return factored_selection(model, names)[0]
 
 
-def layer_matrices(layer: LayerSpec, inp: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-position inputs and output gradients of one call of a layer.
-
-    Args:
-        layer: the layer. inp: its input, (B, ..., in) for linear layers, (B, C_in, H, W) for
-            convolutions. grad: ``df/dy`` of its output, same shape as the output.
-
-    Returns:
-        ``a`` (B, N, d_in) with a ones column for the bias, and ``delta`` (B, N, d_out), N the
-        number of positions (tokens, or output pixels of a convolution).
-    """
-    b = inp.shape[0]
-    if layer.layout == "conv2d":
-        if inp.ndim != 4:
-            raise ShapeError(f"conv layer {layer.name} sees input of shape {tuple(inp.shape)}; the factored "
-                             "projection needs batched (B, C, H, W) inputs")
-        if any(layer.pad):
-            inp = F.pad(inp, layer.pad, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
-        a = F.unfold(inp, layer.kernel, dilation=layer.dilation, stride=layer.stride).transpose(1, 2)  # (B, L, C kh kw)
-        delta = grad.reshape(b, layer.d_out, -1).transpose(1, 2)  # (B, L, C_out)
-    else:
-        a = inp.reshape(b, -1, inp.shape[-1])  # (B, N, in)
-        delta = grad.reshape(b, -1, layer.d_out)  # (B, N, out)
-    if a.shape[1] != delta.shape[1]:
-        raise ShapeError(f"layer {layer.name}: {a.shape[1]} input positions but {delta.shape[1]} output positions")
-    if layer.bias:
-        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-    return a, delta
-
-
-def _sq_norm(a: Tensor, delta: Tensor) -> Tensor:
-    """``||sum_t delta_t a_t^T||_F^2`` per example, (B,), by the cheaper of forming the gradient
-    (N d_in d_out) or the position Gram matrices (N^2 (d_in + d_out))."""
-    n, d_in, d_out = a.shape[1], a.shape[2], delta.shape[2]
-    if d_in * d_out <= n * (d_in + d_out):
-        return (delta.transpose(1, 2) @ a).pow(2).sum(dim=(1, 2))  # (B, d_out, d_in) -> (B,)
-    return ((delta @ delta.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))  # (B, N, N) -> (B,)
-
-
 @dataclass(frozen=True)
 class FactoredSpec:
     """Everything that determines the factored features; stored in manifests and compared."""
@@ -256,7 +180,7 @@ class FactoredSpec:
     dim: int
 
 
-class FactoredProjector:
+class FactoredProjector(CapturedLayers):
     """Kronecker projection of per-layer gradients from captured activations and output grads.
 
     Args:
@@ -306,7 +230,7 @@ class FactoredProjector:
 
     def layer_seed(self, layer: LayerSpec, side: str) -> int:
         """Seed of one factor: a pure function of (seed, layer name, side)."""
-        seq = np.random.SeedSequence([self.seed, zlib.crc32(layer.name.encode()), _SIDES[side]])
+        seq = np.random.SeedSequence([self.seed, zlib.crc32(layer.name.encode()), SIDES[side]])
         return int(seq.generate_state(1, dtype=np.uint32)[0])
 
     def factor(self, checkpoint: int, layer: LayerSpec, side: str) -> Tensor | None:
@@ -327,22 +251,6 @@ class FactoredProjector:
     def clear_cache(self) -> None:
         """Drop cached factors (e.g. after the last batch of a checkpoint)."""
         self._cache.clear()
-
-    def _calls(self, captures: Captures) -> Iterator[tuple[LayerSpec, list[tuple[Tensor, Tensor]]]]:
-        """Per layer, its calls as ``(a, delta)`` in fp32 (fp64 for fp64 inputs), unfolded one
-        layer at a time so that only one layer's patches are in memory."""
-        if len(captures) != len(self.layers):
-            raise ShapeError(f"{len(captures)} captures for {len(self.layers)} layers")
-        for layer, calls in zip(self.layers, captures):
-            mats = []
-            for inp, grad in calls:
-                dtype = torch.float64 if inp.dtype == torch.float64 else torch.float32
-                a, delta = layer_matrices(layer, inp.to(dtype), grad.to(dtype))
-                if a.shape[-1] != layer.d_in or delta.shape[-1] != layer.d_out:
-                    raise ShapeError(f"layer {layer.name}: captured widths {a.shape[-1]}, {delta.shape[-1]} "
-                                     f"but the projector expects {layer.d_in}, {layer.d_out}")
-                mats.append((a, delta))
-            yield layer, mats
 
     def project(self, captures: Captures, checkpoint: int) -> Tensor:
         """Features from per-layer captures.
@@ -375,96 +283,6 @@ class FactoredProjector:
         return torch.cat([ref.new_zeros(ref.shape[0], size) if phi is None else phi
                           for phi, size in zip(parts, self.sizes)], dim=1)
 
-    def grad_norms(self, captures: Captures, group: int = 1) -> Tensor:
-        """Exact L2 norm of each example's gradient over the covered parameters, (B,), from the
-        same captures (independent of the projection). With ``group`` > 1, each run of ``group``
-        consecutive rows is one example's draws and the norm is that of their mean gradient:
-        (B / group,)."""
-        total = None
-        for _, mats in self._calls(captures):
-            if not mats:
-                continue
-            a = torch.cat([m[0] for m in mats], dim=1)  # calls as extra positions: (B, N, d_in)
-            delta = torch.cat([m[1] for m in mats], dim=1)
-            if group > 1:  # the mean over draws of sum_t delta_t a_t^T: draws as extra positions, delta / group
-                if a.shape[0] % group:
-                    raise ShapeError(f"{a.shape[0]} rows do not split into groups of {group} draws")
-                a = a.reshape(a.shape[0] // group, -1, a.shape[2])
-                delta = delta.reshape(delta.shape[0] // group, -1, delta.shape[2]) / group
-            sq = _sq_norm(a, delta)
-            total = sq if total is None else total + sq
-        if total is None:
-            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
-        return total.clamp_min(0).sqrt()
-
-
-@contextmanager
-def _grad_enabled_on(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    params = list(params)
-    old = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in zip(params, old):
-            p.requires_grad_(flag)
-
-
-def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[LayerSpec]) -> Captures:
-    """Per-example inputs and output gradients of each layer, one entry per call.
-
-    Runs ``task.output`` on the whole batch in eval mode with forward hooks, then one backward
-    pass of ``sum_b f_b`` to the layer outputs. A layer called several times contributes all
-    its calls (the weight gradient is their sum); a layer never called contributes none.
-
-    Returns:
-        Per layer the list of its calls' ``(input, output gradient)``, detached, as the layer
-        saw them (turned into per-position matrices by :func:`layer_matrices`).
-
-    Raises:
-        ShapeError: the output is not (B,), a layer's input is not batch-first, or a layer's
-            output was modified in place after the layer (its gradient would be wrong).
-    """
-    modules = dict(model.named_modules())
-    seen: dict[str, list[tuple[Tensor, Tensor, int]]] = {s.name: [] for s in layers}
-
-    def hook(name: str):
-        def fn(module: nn.Module, args: tuple, output: Tensor) -> None:
-            seen[name].append((args[0], output, output._version))
-        return fn
-
-    handles = [modules[s.name].register_forward_hook(hook(s.name)) for s in layers]
-    weights = [modules[s.name].weight for s in layers]
-    try:
-        with eval_mode(model), torch.enable_grad(), _grad_enabled_on(weights):
-            f = task.output(model, batch)  # (B,)
-            if f.ndim != 1:
-                raise ShapeError(f"task output must be (B,), got {tuple(f.shape)}")
-            for s in layers:
-                for inp, out, version in seen[s.name]:
-                    if out._version != version:
-                        raise ShapeError(f"the output of layer {s.name} is modified in place after the layer "
-                                         "(e.g. ReLU(inplace=True)); make that operation out of place or use the "
-                                         "dense projection")
-                    if inp.shape[0] != f.shape[0]:
-                        raise ShapeError(f"layer {s.name} sees inputs of shape {tuple(inp.shape)}: the leading "
-                                         f"dimension must be the batch ({f.shape[0]}); use the dense projection")
-            outs = [o for s in layers for _, o, _ in seen[s.name]]
-            grads = iter(torch.autograd.grad(f.sum(), outs, allow_unused=True) if outs else [])
-    finally:
-        for h in handles:
-            h.remove()
-    captures: Captures = []
-    for s in layers:
-        calls = []
-        for inp, out, _ in seen[s.name]:
-            g = next(grads)
-            calls.append((inp.detach(), (torch.zeros_like(out) if g is None else g).detach()))
-        captures.append(calls)
-    return captures
-
-
 class FactoredFeaturizer:
     """Factored-projection features with the interface of :class:`tda.featurize.Featurizer`.
 
@@ -475,22 +293,32 @@ class FactoredFeaturizer:
         seed, kind: projection seed and ``"rademacher"`` / ``"gaussian"``.
         layers: module names or prefixes (see :func:`factored_selection`), ``None`` for all.
         device: where to compute (default: the model's). chunk_size: examples per forward pass.
+        projection: ``"factored"`` (the Kronecker pair above) or ``"tensorsketch"``
+            (:class:`tda.tensorsketch.TensorSketchProjector` of the same layers into ``k``
+            outputs; ``k_in``, ``k_out`` and ``kind`` unused). k: tensorsketch width.
     """
 
     def __init__(self, model: nn.Module, task: Task, k_in: int | None = 16, k_out: int | None = 16,
                  seed: int = 0, kind: str = "rademacher", layers: Sequence[str] | None = None,
-                 device: str | torch.device | None = None, chunk_size: int | None = None) -> None:
+                 device: str | torch.device | None = None, chunk_size: int | None = None,
+                 projection: str = "factored", k: int = 1024) -> None:
+        if projection not in ("factored", "tensorsketch"):
+            raise ConfigError(f"projection {projection!r} of captured layers is unknown; use 'factored' or "
+                              "'tensorsketch' (the dense and sparse projections are tda.featurize.Featurizer's)")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.task = task
         self.layers, self.skipped = factored_selection(model, layers)
-        self.projector = FactoredProjector(self.layers, k_in, k_out, seed, kind)
+        if projection == "tensorsketch":
+            self.projector: FactoredProjector | TensorSketchProjector = TensorSketchProjector(self.layers, k, seed)
+        else:
+            self.projector = FactoredProjector(self.layers, k_in, k_out, seed, kind)
         self.names = [p for s in self.layers for p in s.params]
         self.chunk_size = chunk_size
 
     @property
     def k(self) -> int:
-        """Feature dimension ``sum over layers of k_out * k_in``."""
+        """Feature dimension: ``sum over layers of k_out * k_in`` (factored), ``k`` (tensorsketch)."""
         return self.projector.k
 
     @property
@@ -539,5 +367,5 @@ class FactoredFeaturizer:
                                   self.clear_cache)
 
 
-__all__ = ["SUPPORTED", "FactoredFeaturizer", "FactoredProjector", "FactoredSpec", "LayerSpec", "capture_layers",
-           "factored_layers", "factored_selection", "layer_matrices"]
+__all__ = ["SUPPORTED", "CapturedLayers", "Captures", "FactoredFeaturizer", "FactoredProjector", "FactoredSpec",
+           "LayerSpec", "capture_layers", "factored_layers", "factored_selection", "layer_matrices"]

@@ -38,7 +38,7 @@ def test_featurize_projection_round_trips_and_is_checked() -> None:
     assert parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
     assert parse_config({}, ["featurize.projection=factored", "featurize.k_in=null"]).featurize.k_in is None
     assert parse_config({}).featurize.projection == "sparse"  # the default (benchmarks/projections.py)
-    with pytest.raises(ConfigError, match=r"featurize.projection is 'kron'; choose one of \('dense', 'sparse', 'factored'\)"):
+    with pytest.raises(ConfigError, match=r"featurize.projection is 'kron'; choose one of \('dense', 'sparse', 'factored', 'tensorsketch'\)"):
         parse_config({"featurize": {"projection": "kron"}})
     with pytest.raises(ConfigError, match="featurize.k_out must be >= 1"):
         parse_config({"featurize": {"k_out": 0}})

@@ -240,20 +240,22 @@ def featurize_params_named() -> Iterator[None]:
 
 
 def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task) -> Any:
-    """Projected per-example gradients of ``task`` under ``featurize`` (dense, sparse or factored)."""
+    """Projected per-example gradients of ``task`` under ``featurize`` (dense, sparse, factored or
+    tensorsketch)."""
     f = cfg.featurize
-    if f.projection == "factored":
+    if f.projection in ("factored", "tensorsketch"):
         with featurize_params_named():
             return FactoredFeaturizer(model, task, k_in=f.k_in, k_out=f.k_out, seed=f.seed, kind=f.projector,
-                                      layers=f.params, device=resolve_device(f.device))
+                                      layers=f.params, device=resolve_device(f.device), projection=f.projection,
+                                      k=f.k)
     return Featurizer(model, task, k=f.k, seed=f.seed, kind=f.projector, param_names=f.params,
                       device=resolve_device(f.device), backend=f.backend, projection=f.projection,
                       nonzeros=f.nonzeros)
 
 
 def projection_width(cfg: RunConfig, model: nn.Module) -> int:
-    """Width of one projected gradient: ``featurize.k`` (dense, sparse) or the factored
-    projection's ``sum over layers of k_out * k_in`` for ``model``."""
+    """Width of one projected gradient: ``featurize.k`` (dense, sparse, tensorsketch) or the
+    factored projection's ``sum over layers of k_out * k_in`` for ``model``."""
     f = cfg.featurize
     if f.projection != "factored":
         return f.k

@@ -11,9 +11,9 @@ over a timestep grid (one pooled slot); query side: one slot per grid draw), the
 representation scorers ``repsim`` and ``airrep`` on the UNet bottleneck (``mid``) averaged over
 the query grid's draws (:class:`tda.diffusion.NoisedInputs`). The feature layouts differ, so
 their kind is part of the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Gradient
-layouts take the dense or, with ``featurize.projection: factored``, the per-layer Kronecker
-projection of the UNet's convolutions and linear layers (:mod:`tda.factored`; GroupNorm
-parameters are not covered). AirRep's training queries are training-split images outside
+layouts take the dense or sparse or, with ``featurize.projection: factored`` / ``tensorsketch``,
+the per-layer Kronecker projection (TensorSketch) of the UNet's convolutions and linear layers
+(:mod:`tda.factored`, :mod:`tda.tensorsketch`; GroupNorm parameters are not covered). AirRep's training queries are training-split images outside
 the training subset; its subset models report the output averaged over a seeded grid
 (:class:`DiffusionSubsetJob`).
 

@@ -1,0 +1,229 @@
+"""TensorSketch projection of per-layer gradients from captured layers (Pham & Pagh 2013;
+METHODS.md section 2).
+
+For a layer applied at positions t (tokens, output pixels of a convolution, one position for a
+plain MLP) the per-example gradient is ``G = sum_t delta_t a_t^T`` (``d_out x d_in``, ``a_t``
+with the bias ones column, exactly as :func:`tda.captures.layer_matrices` returns it). Its
+sketch is the CountSketch of ``vec(G)`` under the hash and sign
+
+    h(i, j) = (h_out(i) + h_in(j)) mod k,    s(i, j) = s_out(i) s_in(j),
+
+    phi_c = sqrt(k / d) * sum_{i, j: h(i, j) = c} s(i, j) G_ij,
+
+with ``h_in, s_in`` (``d_in``) and ``h_out, s_out`` (``d_out``) uniform buckets in ``[0, k)``
+and random signs. It is computed without forming ``G``: the CountSketch of an outer product
+``delta a^T`` is the circular convolution of the CountSketches of ``a`` and ``delta``, so
+
+    TS(G) = irfft( sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t)) )          (length k)
+
+at ``O(T (d_in + d_out + k log k))`` per example and layer; when cheaper (few positions and a
+small ``d_in d_out``, e.g. a convolution's many pixels against a small kernel) ``G`` is formed
+(``O(T d_in d_out)``) and scattered with the combined hash instead: the same sketch, up to
+rounding. Every selected layer sketches into the SAME ``k`` outputs with its own independent
+hashes (the sum over layers), so the width is ``k`` whatever the model, as for the dense and
+sparse projections.
+
+Moments: for two distinct coordinates the combined bucket collides with probability ``1 / k``
+and the product of signs has mean zero, so ``E <phi, phi'> = (k / d) <g, g'>`` with ``d`` the
+number of covered gradient coordinates: the dense projector's ``P^T g / sqrt(d)`` scale, so
+ridges and TracIn scales mean the same thing. The signs are only pairwise independent across
+coordinates sharing a row or column of ``G``, so the variance is somewhat above CountSketch's
+(Pham & Pagh bound it by a constant factor); unlike the factored projection its error shrinks
+with the full ``k``, not with per-layer factors of ``sqrt(k)``.
+
+Coverage is the factored projection's (:func:`tda.factored.factored_selection`: nn.Linear,
+transformers' Conv1D, nn.Conv2d with groups=1); other trainable parameters (norms, embeddings, a
+tied LM head) are skipped and listed in the featurizer's spec. Buckets and signs of one layer
+side come from a numpy PCG64 stream seeded by ``(seed, checkpoint, crc32(layer name), side)``,
+so any process regenerates them; they are cached per device and dtype. Sums run in fp32 (fp64
+for fp64 captures) with ``torch.fft`` on the CPU or on CUDA alike.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, ShapeError
+from .captures import SIDES, CapturedLayers, Captures, LayerSpec
+
+#: Largest intermediate (elements) one chunk of examples may allocate per layer.
+CHUNK_ELEMENTS = 1 << 24
+#: Relative costs per element against one multiply-add of forming ``G`` by batched matmul,
+#: measured on the CPU (one thread, torch 2.13): writing and scattering an element, and one
+#: ``log2 k`` step of a length-k real FFT plus its share of the product.
+SCATTER_COST = 60.0
+FFT_COST = 5.0
+_METHODS = ("auto", "fft", "form")
+
+
+@dataclass(frozen=True)
+class TensorSketchSpec:
+    """Everything that determines the tensorsketch features; stored in manifests and compared."""
+
+    projection: str
+    layers: tuple[str, ...]
+    seed: int
+    k: int
+    dim: int
+
+
+def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, k: int) -> Tensor:
+    """CountSketch of each row: ``out[r, buckets[j]] += signs[j] x[r, j]``; x (R, d) -> (R, k)."""
+    return x.new_zeros(x.shape[0], k).scatter_add_(1, buckets.expand(x.shape[0], -1), x * signs)
+
+
+def sketch_fft(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
+               k: int) -> Tensor:
+    """``irfft(sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t)))``: a (B, N, d_in), delta (B, N, d_out)
+    -> (B, k), unscaled."""
+    b, n = a.shape[:2]
+    fa = torch.fft.rfft(count_sketch(a.reshape(b * n, -1), *side_in, k), dim=1)  # (B N, k/2 + 1)
+    fd = torch.fft.rfft(count_sketch(delta.reshape(b * n, -1), *side_out, k), dim=1)
+    prod = (fa * fd).reshape(b, n, -1).sum(dim=1) if n > 1 else fa * fd  # (B, k/2 + 1)
+    return torch.fft.irfft(prod, n=k, dim=1)
+
+
+def sketch_formed(a: Tensor, delta: Tensor, cols: Tensor, signs: Tensor, k: int) -> Tensor:
+    """``G = sum_t delta_t a_t^T`` formed, then scattered by the combined hash: (B, k), unscaled.
+    ``cols`` / ``signs``: (d_out d_in,) row-major over ``(i, j)``."""
+    g = (delta.transpose(1, 2) @ a).reshape(a.shape[0], -1)  # (B, d_out d_in)
+    return count_sketch(g, cols, signs, k)
+
+
+class TensorSketchProjector(CapturedLayers):
+    """TensorSketch of the selected layers' gradients into ``k`` shared outputs.
+
+    The interface of :class:`tda.factored.FactoredProjector` (``project(captures, checkpoint)``,
+    ``grad_norms``, ``spec``, ``spec_dict``, ``clear_cache``), so
+    :class:`tda.factored.FactoredFeaturizer` takes either (``projection="tensorsketch"``).
+
+    Args:
+        layers: the layers (see :func:`tda.factored.factored_selection`).
+        k: projection dimension (the feature width). seed: base seed.
+        method: ``"auto"`` (per layer and batch the cheaper of the two ways), ``"fft"`` or
+            ``"form"`` (force one; same features up to rounding, for tests and benchmarks).
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], k: int = 1024, seed: int = 0, method: str = "auto") -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"tensorsketch k must be an integer >= 1, got {k!r}")
+        if isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"projection seed must be >= 0, got {seed}")
+        if method not in _METHODS:
+            raise ConfigError(f"tensorsketch method {method!r} is unknown; use one of {_METHODS}")
+        if not layers:
+            raise ConfigError("the tensorsketch projection needs at least one layer")
+        self.layers, self.k, self.seed, self.method = list(layers), int(k), int(seed), method
+        self.dim = sum(s.d_in * s.d_out for s in self.layers)
+        self.scale = math.sqrt(self.k / self.dim)
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def spec(self) -> TensorSketchSpec:
+        return TensorSketchSpec("tensorsketch", tuple(s.name for s in self.layers), self.seed, self.k, self.dim)
+
+    def spec_dict(self) -> dict[str, Any]:
+        d = asdict(self.spec)
+        d["layers"] = list(d["layers"])
+        return d
+
+    def hashes(self, checkpoint: int, layer: LayerSpec, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(buckets, signs)`` of one layer side: (d,) int64 in ``[0, k)`` and (d,) +-1 int8,
+        ``d = d_in`` (bias column last) or ``d_out``. Pure function of (seed, checkpoint, layer name, side)."""
+        if checkpoint < 0:
+            raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
+        d = layer.d_in if side == "in" else layer.d_out
+        seq = np.random.SeedSequence([self.seed, checkpoint, zlib.crc32(layer.name.encode()), SIDES[side]])
+        rng = np.random.Generator(np.random.PCG64(seq))
+        buckets = rng.integers(0, self.k, size=d, dtype=np.int64)
+        signs = rng.integers(0, 2, size=d, dtype=np.int8) * 2 - 1
+        return buckets, signs
+
+    def _side(self, checkpoint: int, layer: LayerSpec, side: str, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Buckets and signs of ``side`` ("in", "out", or "formed": the combined (d_out d_in,)
+        hash of :func:`sketch_formed`) on ``like``'s device and dtype, cached."""
+        key = (checkpoint, layer.name, side, str(like.device), like.dtype)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if side == "formed":
+            (h_in, s_in), (h_out, s_out) = (self._side(checkpoint, layer, s, like) for s in ("in", "out"))
+            cols = (h_out[:, None] + h_in[None, :]) % self.k  # (d_out, d_in), row-major as G
+            pair = (cols.reshape(-1), (s_out[:, None] * s_in[None, :]).reshape(-1))
+        else:
+            buckets, signs = self.hashes(checkpoint, layer, side)
+            pair = (torch.from_numpy(buckets).to(like.device), torch.from_numpy(signs).to(like.device, like.dtype))
+        self._cache[key] = pair
+        return pair
+
+    def clear_cache(self) -> None:
+        """Drop cached hashes (e.g. after the last batch of a checkpoint)."""
+        self._cache.clear()
+
+    def path(self, layer: LayerSpec, positions: int) -> str:
+        """``"fft"`` or ``"form"``: the cheaper way to sketch ``layer`` seen at ``positions``
+        positions per example (or the forced :attr:`method`)."""
+        if self.method != "auto":
+            return self.method
+        d_in, d_out = layer.d_in, layer.d_out
+        form = d_in * d_out * (positions + SCATTER_COST)
+        fft = positions * (SCATTER_COST * (d_in + d_out) + FFT_COST * self.k * max(1.0, math.log2(self.k)))
+        return "form" if form <= fft else "fft"
+
+    def _sketch_layer(self, layer: LayerSpec, a: Tensor, delta: Tensor, checkpoint: int) -> Tensor:
+        """Unscaled (B, k) sketch of one layer's ``sum_t delta_t a_t^T``, in chunks of examples."""
+        b, n = a.shape[:2]
+        method = self.path(layer, n)
+        per_example = layer.d_in * layer.d_out if method == "form" else n * (self.k + 2)
+        step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
+        parts = []
+        for lo in range(0, b, step):
+            ac, dc = a[lo: lo + step], delta[lo: lo + step]
+            if method == "form":
+                parts.append(sketch_formed(ac, dc, *self._side(checkpoint, layer, "formed", a), self.k))
+            else:
+                sides = (self._side(checkpoint, layer, s, a) for s in ("in", "out"))
+                parts.append(sketch_fft(ac, dc, *sides, self.k))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def project(self, captures: Captures, checkpoint: int) -> Tensor:
+        """Features from per-layer captures.
+
+        Args:
+            captures: per layer (in :attr:`layers` order) the list of its calls' ``(input,
+                output gradient)`` (see :func:`tda.captures.capture_layers`); a layer never
+                called has none, several calls of a layer are its positions together.
+            checkpoint: checkpoint id selecting the hashes.
+
+        Returns:
+            (B, k) features, fp32 (fp64 for fp64 inputs).
+
+        Raises:
+            ShapeError: captures that do not match the layers, or no layer ran.
+        """
+        if checkpoint < 0:
+            raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
+        out: Tensor | None = None
+        for layer, mats in self._calls(captures):
+            if not mats:
+                continue
+            a = torch.cat([m[0] for m in mats], dim=1)  # calls as extra positions: (B, N, d_in)
+            delta = torch.cat([m[1] for m in mats], dim=1)  # (B, N, d_out)
+            if out is not None and a.shape[0] != out.shape[0]:
+                raise ShapeError(f"layer {layer.name} was captured for {a.shape[0]} examples, the layers "
+                                 f"before it for {out.shape[0]}; capture all layers from one batch")
+            phi = self._sketch_layer(layer, a, delta, checkpoint)
+            out = phi if out is None else out.add_(phi)
+        if out is None:
+            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+        return out.mul_(self.scale)
+
+
+__all__ = ["TensorSketchProjector", "TensorSketchSpec", "count_sketch", "sketch_fft", "sketch_formed"]

@@ -1,0 +1,229 @@
+"""TensorSketch projection (tda.tensorsketch): both ways of computing it (FFT of the two
+CountSketches, and the formed gradient scattered by the combined hash) equal ``S^T g`` for the
+explicit sketch matrix built entry by entry from the projector's hashes, against float64
+per-example gradients from a loop of autograd (MLP, CNN, a linear layer over a sequence and a
+layer called twice); inner products are unbiased with CountSketch's order of variance; hashes
+are a pure function of (seed, checkpoint, layer, side); the wiring (config run, Attributor)
+works and bad input is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.run import feature_fingerprint
+from stores import FeatureStore
+from tda.api import Attributor
+from tda.errors import ConfigError, ShapeError
+from tda.factored import FactoredFeaturizer, LayerSpec, capture_layers, factored_selection
+from tda.tasks import ClassificationTask
+from tda.tensorsketch import TensorSketchProjector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Sequence(nn.Module):
+    """(B, T*4) -> tokens (B, T, 4) -> a linear over every token, then one linear used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.mix, self.head = nn.Linear(4, 5), nn.Linear(5, 5, bias=False), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.tok(x.reshape(x.shape[0], -1, 4)))  # (B, T, 5)
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))  # two calls of one layer
+        return self.head(h.mean(dim=1))  # (B, 3)
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Unflatten(1, (2, 6, 6)), nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+                         nn.Conv2d(3, 2, 2, bias=False), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+
+
+def _looped_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: list[LayerSpec]) -> torch.Tensor:
+    """(B, d) per-example gradients, one autograd call per example, laid out as G = (d_out, d_in)
+    row-major per layer with the bias column last (the coordinates the sketch hashes)."""
+    modules, task, rows = dict(model.named_modules()), ClassificationTask(), []
+    for b in range(x.shape[0]):
+        f = task.output(model, {"x": x[b: b + 1], "y": y[b: b + 1]}).sum()
+        params = [p for s in layers for p in (modules[s.name].weight, modules[s.name].bias) if p is not None]
+        grads = iter(torch.autograd.grad(f, params))
+        parts = []
+        for s in layers:
+            w = next(grads).reshape(s.d_out, -1)  # conv: (out, C_in kh kw), the unfold order
+            parts.append(torch.cat([w, next(grads)[:, None]], dim=1) if s.bias else w)
+        rows.append(torch.cat([p.reshape(-1) for p in parts]))
+    return torch.stack(rows)
+
+
+def _explicit_matrix(proj: TensorSketchProjector, checkpoint: int) -> torch.Tensor:
+    """(d, k) ``sqrt(k/d) S``, entry by entry: S[(L, i, j), (h_out(i) + h_in(j)) mod k] = s_out(i) s_in(j)."""
+    m, row = torch.zeros(proj.dim, proj.k, dtype=torch.float64), 0
+    for layer in proj.layers:
+        h_in, s_in = proj.hashes(checkpoint, layer, "in")
+        h_out, s_out = proj.hashes(checkpoint, layer, "out")
+        for i in range(layer.d_out):
+            for j in range(layer.d_in):
+                m[row, (h_out[i] + h_in[j]) % proj.k] += float(s_out[i]) * float(s_in[j])
+                row += 1
+    return m * (proj.k / proj.dim) ** 0.5
+
+
+CASES = {"mlp": (_mlp, 5), "cnn": (_cnn, 72), "sequence": (lambda: _Sequence().double().eval(), 12)}
+
+
+@pytest.mark.parametrize("method", ["fft", "form"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("k", [16, 13])
+def test_equals_explicit_sketch_of_looped_gradients_float64(case: str, method: str, k: int) -> None:
+    build, width = CASES[case]
+    model = build()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, width, generator=gen, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    layers, skipped = factored_selection(model)
+    assert skipped == []
+    proj = TensorSketchProjector(layers, k=k, seed=7, method=method)
+    caps = capture_layers(model, ClassificationTask(), {"x": x, "y": y}, layers)
+    phi = proj.project(caps, checkpoint=2)
+    g = _looped_gradients(model, x, y, layers)
+    assert phi.shape == (5, k) and phi.dtype == torch.float64 and g.shape[1] == proj.dim
+    torch.testing.assert_close(phi, g @ _explicit_matrix(proj, 2), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(proj.grad_norms(caps), g.norm(dim=1), rtol=1e-10, atol=1e-12)
+
+
+def test_auto_picks_fft_for_wide_single_position_layers_and_form_for_small_many_position_ones() -> None:
+    proj = TensorSketchProjector([LayerSpec("w", 785, 512, True, "linear")], k=1024)
+    assert proj.path(proj.layers[0], 1) == "fft"
+    assert proj.path(LayerSpec("c", 28, 16, True, "conv2d"), 1024) == "form"
+
+
+def _synthetic() -> tuple[list[LayerSpec], list, np.ndarray]:
+    """Two layers, 3 positions, two correlated examples; returns layers, captures and the flat (2, d)
+    gradients G = sum_t delta_t a_t^T."""
+    layers = [LayerSpec("a", 6, 4, False, "linear"), LayerSpec("b", 5, 7, False, "linear")]
+    gen, caps, flat = torch.Generator().manual_seed(0), [], []
+    for s in layers:
+        a = torch.randn(1, 3, s.d_in, generator=gen, dtype=torch.float64)
+        d = torch.randn(1, 3, s.d_out, generator=gen, dtype=torch.float64)
+        a = torch.cat([a, a + 0.3 * torch.randn(a.shape, generator=gen, dtype=torch.float64)])  # (2, 3, d_in)
+        d = torch.cat([d, d + 0.3 * torch.randn(d.shape, generator=gen, dtype=torch.float64)])
+        caps.append([(a, d)])
+        flat.append((d.transpose(1, 2) @ a).reshape(2, -1))
+    return layers, caps, torch.cat(flat, dim=1).numpy()
+
+
+def test_inner_products_unbiased_with_countsketch_order_variance() -> None:
+    layers, caps, g = _synthetic()
+    k, seeds = 32, 600
+    vals = np.array([[float(phi[0] @ phi[1]), float(phi[0] @ phi[0])] for phi in
+                     (TensorSketchProjector(layers, k, seed=s).project(caps, 0) for s in range(seeds))])
+    vals *= g.shape[1] / k  # undo E ||phi||^2 = (k/d) ||g||^2
+    for col, (u, v) in enumerate(((g[0], g[1]), (g[0], g[0]))):
+        true = float(u @ v)
+        cs_var = (float(u @ u) * float(v @ v) + true ** 2 - 2 * float((u ** 2) @ (v ** 2))) / k  # CountSketch's
+        assert abs(vals[:, col].mean() - true) < 4 * (max(vals[:, col].var(), cs_var) / seeds) ** 0.5
+        assert vals[:, col].mean() / true == pytest.approx(1, abs=0.1)
+        assert 0.5 * cs_var < vals[:, col].var() < 3 * cs_var  # measured 1.2x over 2,000 seeds
+
+
+def test_hashes_are_a_pure_function_of_seed_checkpoint_layer_and_side() -> None:
+    layers, caps, _ = _synthetic()
+    proj = TensorSketchProjector(layers, 64, seed=3)
+    first = proj.project(caps, 1)
+    proj.clear_cache()
+    torch.testing.assert_close(TensorSketchProjector(layers, 64, seed=3).project(caps, 1), first, rtol=0, atol=0)
+    assert not torch.allclose(proj.project(caps, 0), first)  # another checkpoint
+    assert not torch.allclose(TensorSketchProjector(layers, 64, seed=4).project(caps, 1), first)
+    h = proj.hashes(1, layers[0], "in")[0]
+    assert not np.array_equal(h, proj.hashes(1, layers[0], "out")[0][: len(h)])
+    assert not np.array_equal(h[:4], proj.hashes(1, layers[1], "in")[0][:4])
+    code = ("from tda.factored import LayerSpec; from tda.tensorsketch import TensorSketchProjector as T; "
+            "print(T([LayerSpec('a', 6, 4, False, 'linear')], 64, seed=3).hashes(1, LayerSpec('a', 6, 4, False, "
+            "'linear'), 'in')[0].tolist())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert other.strip() == str(h.tolist())  # another process regenerates them
+
+
+def test_featurizer_width_spec_and_float32(make_mlp, tiny_data) -> None:
+    model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
+    x, y = tiny_data(10, in_dim=5, classes=3, seed=3)
+    fz = FactoredFeaturizer(model, ClassificationTask(), projection="tensorsketch", k=48, seed=2, chunk_size=4)
+    phi, q = fz.featurize_batch({"x": x, "y": y}, np.arange(10), checkpoint=0)
+    assert phi.shape == (10, 48) == (10, fz.k) and phi.dtype == np.float32 and fz.feature_dim == 48
+    whole = FactoredFeaturizer(model, ClassificationTask(), projection="tensorsketch", k=48, seed=2)
+    np.testing.assert_allclose(whole.featurize_batch({"x": x, "y": y}, np.arange(10), 0)[0], phi, rtol=1e-5, atol=1e-6)
+    spec = fz.spec()
+    assert spec["projection"] == "tensorsketch" and spec["k"] == 48 and spec["layers"] == ["0", "2"]
+    assert spec["dim"] == sum(p.numel() for p in model.parameters()) and spec["skipped"] == []
+    assert spec != FactoredFeaturizer(model, ClassificationTask()).spec()
+
+
+def test_bad_input_is_refused() -> None:
+    layers, caps, _ = _synthetic()
+    for k in (0, -3, True, 2.5):
+        with pytest.raises(ConfigError, match="tensorsketch k must be an integer >= 1"):
+            TensorSketchProjector(layers, k)
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        TensorSketchProjector(layers, 8, seed=-1)
+    with pytest.raises(ConfigError, match="method 'ifft' is unknown"):
+        TensorSketchProjector(layers, 8, method="ifft")
+    with pytest.raises(ConfigError, match="at least one layer"):
+        TensorSketchProjector([], 8)
+    proj = TensorSketchProjector(layers, 8)
+    with pytest.raises(ShapeError, match="1 captures for 2 layers"):
+        proj.project(caps[:1], 0)
+    a, d = caps[1][0]
+    with pytest.raises(ShapeError, match="captured widths 4, 7 but the projector expects 5, 7"):
+        proj.project([caps[0], [(a[..., :4], d)]], 0)
+    with pytest.raises(ShapeError, match="captured for 1 examples, the layers before it for 2"):
+        proj.project([caps[0], [(a[:1], d[:1])]], 0)
+    with pytest.raises(ShapeError, match="no selected layer ran"):
+        proj.project([[], []], 0)
+    with pytest.raises(ConfigError, match="checkpoint id must be >= 0"):
+        proj.project(caps, -1)
+    with pytest.raises(ConfigError, match="'kron' of captured layers is unknown"):
+        FactoredFeaturizer(_mlp(), ClassificationTask(), projection="kron")
+
+
+def test_attributor_with_tensorsketch(make_mlp, tiny_data) -> None:
+    import datasets
+
+    model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
+    x, y = tiny_data(12, in_dim=5, classes=3, seed=5)
+    rows = datasets.Dataset.from_dict({"x": x.numpy(), "y": y.numpy()})
+    collate = lambda b: {"x": torch.tensor(np.stack([np.asarray(r, dtype=np.float32) for r in b["x"]])),  # noqa: E731
+                         "y": torch.as_tensor(np.asarray(b["y"]))}
+    attr = Attributor(model, [model.state_dict()], collate, k=32, seed=3, projection="tensorsketch").fit(rows)
+    assert isinstance(attr.featurizer.projector, TensorSketchProjector) and attr.featurizer.k == 32
+    scores = attr.scores(rows)
+    assert scores.shape == (12, 12) and np.isfinite(scores).all()
+    assert np.mean(np.diag(scores) > 0) > 0.8  # self-influence is positive
+
+
+def test_a_config_run_with_the_tensorsketch_projection(tmp_path, capsys) -> None:
+    out, sets = tmp_path / "run", ["featurize.projection=tensorsketch"]
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--quiet",
+                 "--set", sets[0]]) == 0
+    assert "query id" in capsys.readouterr().out
+    store = FeatureStore.open(out / "features-train")
+    spec = store.manifest["spec"]
+    assert store.k == 64 and spec["projection"] == "tensorsketch" and spec["k"] == 64 and spec["skipped"] == []
+    scores = np.load(out / "scores" / "scores.npy")
+    assert np.isfinite(scores).all() and np.abs(scores).max() > 0
+    tiny = ROOT / "configs" / "tiny.yaml"
+    assert feature_fingerprint(load_config(tiny, sets)) != feature_fingerprint(load_config(tiny))
