@@ -79,15 +79,20 @@ def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, k: int) -> Tensor:
     return x.new_zeros(x.shape[0], k).scatter_add_(1, buckets.expand(x.shape[0], -1), x * signs)
 
 
-def sketch_fft(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
-               k: int) -> Tensor:
-    """``irfft(sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t)))``: a (B, N, d_in), delta (B, N, d_out)
-    -> (B, k), unscaled."""
+def spectrum(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
+             k: int) -> Tensor:
+    """``sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t))``: a (B, N, d_in), delta (B, N, d_out) ->
+    (B, k // 2 + 1) complex, the spectrum of the unscaled sketch."""
     b, n = a.shape[:2]
     fa = torch.fft.rfft(count_sketch(a.reshape(b * n, -1), *side_in, k), dim=1)  # (B N, k/2 + 1)
     fd = torch.fft.rfft(count_sketch(delta.reshape(b * n, -1), *side_out, k), dim=1)
-    prod = (fa * fd).reshape(b, n, -1).sum(dim=1) if n > 1 else fa * fd  # (B, k/2 + 1)
-    return torch.fft.irfft(prod, n=k, dim=1)
+    return fa.mul_(fd).reshape(b, n, -1).sum(dim=1) if n > 1 else fa.mul_(fd)  # (B, k/2 + 1)
+
+
+def sketch_fft(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
+               k: int) -> Tensor:
+    """``irfft(sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t)))``: (B, k), unscaled."""
+    return torch.fft.irfft(spectrum(a, delta, side_in, side_out, k), n=k, dim=1)
 
 
 def sketch_formed(a: Tensor, delta: Tensor, cols: Tensor, signs: Tensor, k: int) -> Tensor:
@@ -177,21 +182,27 @@ class TensorSketchProjector(CapturedLayers):
         fft = positions * (SCATTER_COST * (d_in + d_out) + FFT_COST * self.k * max(1.0, math.log2(self.k)))
         return "form" if form <= fft else "fft"
 
-    def _sketch_layer(self, layer: LayerSpec, a: Tensor, delta: Tensor, checkpoint: int) -> Tensor:
-        """Unscaled (B, k) sketch of one layer's ``sum_t delta_t a_t^T``, in chunks of examples."""
+    def _sketch_layer(self, layer: LayerSpec, a: Tensor, delta: Tensor, checkpoint: int,
+                      acc: dict[str, Tensor]) -> None:
+        """Add one layer's unscaled sketch of ``sum_t delta_t a_t^T`` to ``acc``, in chunks of
+        examples: formed ones to ``acc["real"]`` (B, k), FFT ones to their spectrum
+        ``acc["spectrum"]`` (B, k // 2 + 1), so all FFT layers share one inverse transform."""
         b, n = a.shape[:2]
         method = self.path(layer, n)
         per_example = layer.d_in * layer.d_out if method == "form" else n * (self.k + 2)
         step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
-        parts = []
+        key = "real" if method == "form" else "spectrum"
+        if key not in acc:
+            acc[key] = (a.new_zeros(b, self.k) if method == "form" else
+                        torch.zeros(b, self.k // 2 + 1, dtype=torch.complex128 if a.dtype == torch.float64
+                                    else torch.complex64, device=a.device))
+        if method == "form":
+            sides: tuple = self._side(checkpoint, layer, "formed", a)
+        else:
+            sides = (self._side(checkpoint, layer, "in", a), self._side(checkpoint, layer, "out", a))
+        fn = sketch_formed if method == "form" else spectrum
         for lo in range(0, b, step):
-            ac, dc = a[lo: lo + step], delta[lo: lo + step]
-            if method == "form":
-                parts.append(sketch_formed(ac, dc, *self._side(checkpoint, layer, "formed", a), self.k))
-            else:
-                sides = (self._side(checkpoint, layer, s, a) for s in ("in", "out"))
-                parts.append(sketch_fft(ac, dc, *sides, self.k))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            acc[key][lo: lo + step] += fn(a[lo: lo + step], delta[lo: lo + step], *sides, self.k)
 
     def project(self, captures: Captures, checkpoint: int) -> Tensor:
         """Features from per-layer captures.
@@ -210,20 +221,25 @@ class TensorSketchProjector(CapturedLayers):
         """
         if checkpoint < 0:
             raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
-        out: Tensor | None = None
+        acc: dict[str, Tensor] = {}
+        rows: int | None = None
         for layer, mats in self._calls(captures):
             if not mats:
                 continue
-            a = torch.cat([m[0] for m in mats], dim=1)  # calls as extra positions: (B, N, d_in)
-            delta = torch.cat([m[1] for m in mats], dim=1)  # (B, N, d_out)
-            if out is not None and a.shape[0] != out.shape[0]:
-                raise ShapeError(f"layer {layer.name} was captured for {a.shape[0]} examples, the layers "
-                                 f"before it for {out.shape[0]}; capture all layers from one batch")
-            phi = self._sketch_layer(layer, a, delta, checkpoint)
-            out = phi if out is None else out.add_(phi)
-        if out is None:
+            for a, _ in mats:
+                if rows is not None and a.shape[0] != rows:
+                    raise ShapeError(f"layer {layer.name} was captured for {a.shape[0]} examples, the layers "
+                                     f"before it for {rows}; capture all layers from one batch")
+                rows = a.shape[0]
+            a, delta = mats[0] if len(mats) == 1 else (torch.cat([m[i] for m in mats], dim=1) for i in (0, 1))
+            self._sketch_layer(layer, a, delta, checkpoint, acc)  # calls as extra positions: (B, N, d)
+        if rows is None:
             raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+        out = acc.get("real")
+        if "spectrum" in acc:
+            waves = torch.fft.irfft(acc["spectrum"], n=self.k, dim=1)
+            out = waves if out is None else out.add_(waves)
         return out.mul_(self.scale)
 
 
-__all__ = ["TensorSketchProjector", "TensorSketchSpec", "count_sketch", "sketch_fft", "sketch_formed"]
+__all__ = ["TensorSketchProjector", "TensorSketchSpec", "count_sketch", "sketch_fft", "sketch_formed", "spectrum"]

@@ -227,3 +227,35 @@ def test_a_config_run_with_the_tensorsketch_projection(tmp_path, capsys) -> None
     assert np.isfinite(scores).all() and np.abs(scores).max() > 0
     tiny = ROOT / "configs" / "tiny.yaml"
     assert feature_fingerprint(load_config(tiny, sets)) != feature_fingerprint(load_config(tiny))
+
+
+def test_diffusion_featurizer_takes_tensorsketch() -> None:
+    """D-TRAK's draw-averaged features are the mean of the per-draw slots' sketches (linearity)."""
+    from pipelines.families.unet import TinyUNet
+    from tda.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule
+
+    torch.manual_seed(1)
+    model = TinyUNet((4, 8), in_channels=1, time_dim=4, head=2).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    task, draws = DiffusionTask(NoiseSchedule(T=50, beta_start=1e-3, beta_end=0.2), "loss"), GridDraws(50, 3, seed=2)
+    x, ids = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1, np.array([4, 9])
+    out = {}
+    for mode in ("mean", "slots"):
+        fz = DiffusionFeaturizer(model, task, draws, mode, k=32, projection="tensorsketch")
+        ((_, out[mode], _),) = fz.featurize(state, 0, [(ids, {"x": x})])
+    assert out["mean"].shape == (2, 32) and out["slots"].shape == (2, 3 * 33)
+    slots = out["slots"].reshape(2, 3, 33)
+    np.testing.assert_allclose(out["mean"], slots[:, :, :32].mean(axis=1), rtol=1e-4, atol=1e-6)
+    assert (slots[:, :, 32] > 0).all() and fz.spec()["projection"] == "tensorsketch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    layers, caps, _ = _synthetic()
+    for method in ("fft", "form"):
+        proj = TensorSketchProjector(layers, 64, seed=1, method=method)
+        cpu = proj.project([[(a.float(), d.float()) for a, d in calls] for calls in caps], 0)
+        gpu = proj.project([[(a.float().cuda(), d.float().cuda()) for a, d in calls] for calls in caps], 0)
+        assert gpu.is_cuda and gpu.dtype == torch.float32
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
