@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
 
 
-VARIANTS = ("tda", "tda-bf16", "tda-sparse", "tda-factored", "traker")
+VARIANTS = ("tda", "tda-bf16", "tda-sparse", "tda-factored", "tda-tensorsketch", "traker")
 
 
 def rss_mb() -> float:
@@ -102,6 +102,8 @@ def make_featurizer(variant: str, model, k: int):
         return FactoredFeaturizer(model, task, k_in=side, k_out=side, seed=0)
     if variant == "tda-sparse":
         return Featurizer(model, task, k=k, seed=0, projection="sparse")
+    if variant == "tda-tensorsketch":  # the three linear layers sketched into the same k outputs
+        return FactoredFeaturizer(model, task, seed=0, projection="tensorsketch", k=k)
     return Featurizer(model, task, k=k, seed=0, precision="bf16" if variant == "tda-bf16" else "fp32")
 
 
@@ -123,7 +125,8 @@ def main() -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--libs", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="tda (dense fp32), tda-bf16 (dense, precision='bf16'), tda-sparse (SJLT, s=1), "
-                        "tda-factored (per-layer k_in = k_out = sqrt(k/3)), traker (dense, its CPU projector)")
+                        "tda-factored (per-layer k_in = k_out = sqrt(k/3)), tda-tensorsketch (per-layer "
+                        "TensorSketch into k), traker (dense, its CPU projector)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -135,12 +138,12 @@ def main() -> None:
         for lib in args.libs:
             r = run_child(lib, k, args)
             results.append(r)
-            print(f"{lib:>8} k={k:<5} {r['examples_per_s']:8.1f} ex/s  {r['seconds']:7.1f} s  "
+            print(f"{lib:>16} k={k:<5} {r['examples_per_s']:8.1f} ex/s  {r['seconds']:7.1f} s  "
                   f"peak RSS {r['peak_rss_mb']:7.0f} MB (+{r['peak_rss_mb'] - r['base_rss_mb']:.0f} over "
                   f"{r['base_rss_mb']:.0f} MB loaded)", flush=True)
     print(f"\nMLP 784-512-512-10 (d={results[0]['dim']:,}), {args.n} MNIST train examples, batch {args.batch}, "
           f"{args.threads} threads, CPU")
-    print(f"{'k':>6} {'tda variant':>13} {'width':>6} {'ex/s':>8} {'traker ex/s':>12} {'speed ratio':>12} "
+    print(f"{'k':>6} {'tda variant':>16} {'width':>6} {'ex/s':>8} {'traker ex/s':>12} {'speed ratio':>12} "
           f"{'peak MB':>8} {'traker peak MB':>15} {'memory ratio':>13}")
     for k in args.k:
         by = {r["library"]: r for r in results if r["k"] == k}
@@ -149,7 +152,7 @@ def main() -> None:
             a = by.get(name)
             if a is None or b is None:
                 continue
-            print(f"{k:>6} {name:>13} {a['width']:>6} {a['examples_per_s']:>8.1f} {b['examples_per_s']:>12.1f} "
+            print(f"{k:>6} {name:>16} {a['width']:>6} {a['examples_per_s']:>8.1f} {b['examples_per_s']:>12.1f} "
                   f"{a['examples_per_s'] / b['examples_per_s']:>11.1f}x {a['peak_rss_mb']:>8.0f} "
                   f"{b['peak_rss_mb']:>15.0f} {a['peak_rss_mb'] / b['peak_rss_mb']:>12.2f}x")
     if args.json:

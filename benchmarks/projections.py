@@ -1,15 +1,17 @@
-"""LDS and featurization time of the dense, sparse and factored projections at (about) equal
-width, TRAK with the automatic ridge, per family (issue 14, part 2: the default projection).
+"""LDS and featurization time of the dense, sparse, factored and tensorsketch projections at
+(about) equal width, TRAK with the automatic ridge, per family (issue 14: the default projection).
 
 For each family config of benchmarks/families/ (MNIST MLP, CIFAR-2 CNN, char LM) every
 projection gets its own `tda run` (same seeds: the same checkpoints) and `tda validate` under
 the classic protocol on one shared, cached ground truth (keyed by data, model and train only).
 The factored projection's per-layer ``k_in = k_out`` is chosen so its width is the closest to
-``featurize.k`` from below. Featurization time is the wall time of `tda run --only featurize`
-(train and query sets, every model; including ~3 s of process start-up).
+``featurize.k`` from below; the tensorsketch width is ``featurize.k``, as dense and sparse.
+Featurization time is the wall time of `tda run --only featurize` (train and query sets, every
+model; including ~3 s of process start-up).
 
     python benchmarks/projections.py                          # the three families
     python benchmarks/projections.py --only mnist_mlp --projections dense sparse
+    python benchmarks/projections.py --projections dense sparse tensorsketch
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "families"
 FAMILIES = ("mnist_mlp", "cifar2_cnn", "char_lm")
-PROJECTIONS = ("dense", "sparse", "factored")
+PROJECTIONS = ("dense", "sparse", "factored", "tensorsketch")
 
 
 def tda(*args: str) -> float:
@@ -90,7 +92,7 @@ def main() -> None:
         for proj in args.projections:
             r = measure(cfg, args.cache / fam, proj, k)
             rows.append((fam, r))
-            print(f"{fam:>11} {proj:>9} width {r['width']:>5}  LDS {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+            print(f"{fam:>11} {proj:>12} width {r['width']:>5}  LDS {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
                   f"  featurize {r['featurize_s']:.1f} s", flush=True)
     print("\n| family | projection | width | LDS (classic, TRAK auto ridge) | LDS - dense | featurize s |")
     print("|---|---|---|---|---|---|")
