@@ -1,13 +1,20 @@
 """Automatic ridge against the best fixed lambda_rel (issue 12, part 1).
 
-For each data set (MNIST MLP, Fashion-MNIST MLP, CIFAR-2 CNN; configs in benchmarks/ridge/) it
-runs ``tda run`` and ``tda validate`` (80 subsets at alpha 0.5: the ground truth, cached under
---cache), then, for ensembles of M = 1, 2, 3, 5 models, reports LDS on the reporting fold of TRAK
-with ``lambda_rel: auto`` against the fixed value of a wide grid (1e-4 .. 1e3) chosen on the
-tuning fold, and against the old default 0.01.
+Seven data set / model pairs: the benchmarks/ridge/ configs (MNIST MLP, Fashion-MNIST MLP,
+CIFAR-2 CNN; 2,000 training examples, 5 models, well trained) and the benchmarks/families/ ones
+(MNIST MLP on 2,000 examples for 4 epochs; CIFAR-2 CNN on 1,000 examples, fewer than k, for 6
+epochs (underfit, train accuracy ~0.7) and for 20; the char LM). Each gets `tda run` and
+`tda validate` (classic protocol, TRAK only: the ground truth, cached under --cache). Then, at
+k = 256, 512 and the run's k (the first k coordinates of the stored projection) and for ensembles
+of M = 1, 3 and all models, the LDS on the reporting fold of TRAK with ``lambda_rel: auto``,
+against the fixed value of a wide grid (1e-4 .. 1e3) chosen on the tuning fold, the earlier width
+rule (df = 3.6 M^0.43 sqrt(k)) and the old default 0.01.
 
-    python benchmarks/ridge.py            # ~15 min on 2 cores the first time, seconds after
-    python benchmarks/ridge.py --sweep    # LDS against the target effective dimension, k = 256..1024
+Each kernel is diagonalised once, so every ridge costs one GEMM: ``phi_q U diag(1/(s+lambda))
+U^T phi_i``; a self-check first compares that with tda's TRAKScorer on the first set.
+
+    python benchmarks/ridge.py                   # ~25 min on 2 cores the first time, ~2 min after
+    python benchmarks/ridge.py --sets mnist,cifar2-small
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,80 +36,113 @@ from stores import FeatureStore  # noqa: E402
 from tda.features import ArrayFeatures, FeatureBlock, concat_blocks  # noqa: E402
 from tda.kernel import score_matrix  # noqa: E402
 from tda.scorers import TRAKScorer  # noqa: E402
+from tda.scorers.trak import auto_df, auto_lambdas  # noqa: E402
 from tda.validation import lds, split_folds  # noqa: E402
 
-GRID = [1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0]
+GRID = [1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
+SETS = {  # name: (config under benchmarks/, --set overrides)
+    "mnist": ("ridge/mnist.yaml", []), "fashion": ("ridge/fashion.yaml", []), "cifar2": ("ridge/cifar2.yaml", []),
+    "mnist-small": ("families/mnist_mlp.yaml", ["score.scorer=trak"]),
+    "cifar2-small": ("families/cifar2_cnn.yaml", []),
+    "cifar2-small-e20": ("families/cifar2_cnn.yaml", ["train.epochs=20"]),
+    "char-lm": ("families/char_lm.yaml", []),
+}
 
 
-def prepare(config: Path, out: Path) -> tuple[FeatureBlock, FeatureBlock, np.ndarray, np.ndarray]:
+def prepare(name: str, cache: Path) -> tuple[FeatureBlock, FeatureBlock, np.ndarray, np.ndarray]:
     """Run and validate (both resume; cached) and return train/query features and ground truth."""
-    for cmd in ("run", "validate"):
-        subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(config), "--out", str(out), "--quiet"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    cfg = load_config(config)
+    config, sets = SETS[name]
+    out, args = cache / name, [a for s in sets for a in ("--set", s)]
+    for cmd, extra in (("run", []), ("validate", ["--set", "validate.scorers=[trak]", "--set", "validate.protocol=classic"])):
+        subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(ROOT / "benchmarks" / config), "--out", str(out),
+                        "--quiet", *args, *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    cfg = load_config(ROOT / "benchmarks" / config, sets)
     v = cfg.validate
     train = concat_blocks(list(FeatureStore.open(out / "features-train").iter_blocks()))
     query = concat_blocks(list(FeatureStore.open(out / "features-query").iter_blocks()))
     spec = GroundTruthSpec(n=len(train.ids), m=len(query.ids), n_subsets=v.subsets,
-                           models_per_subset=v.models_per_subset, alpha=v.alpha, seed=v.seed,
-                           job=job_fingerprint(cfg))
+                           models_per_subset=v.models_per_subset, alpha=v.alpha, seed=v.seed, job=job_fingerprint(cfg))
     gt = GroundTruth(out / "ground-truth", spec)
     return train, query, gt.masks, gt.mean_outputs()
 
 
-def fold_lds(train: FeatureBlock, query: FeatureBlock, m: int, lam, masks, outputs, queries, subsets) -> float:
-    sub = lambda b: FeatureBlock(b.ids, b.feats[:m], b.q[:m])  # noqa: E731
-    src = ArrayFeatures(sub(train), range(m))
-    scores = score_matrix(sub(query).select(queries), TRAKScorer(lam).fit(src), src)
-    return lds(scores, masks[subsets], outputs[np.ix_(subsets, queries)], n_boot=1).mean
+class Spectral:
+    """Per model ``Phi^T Phi = U diag(s) U^T`` and the rotated train / query features."""
+
+    def __init__(self, train: FeatureBlock, query: FeatureBlock) -> None:
+        self.s, self.a, self.b = [], [], []
+        for m in range(train.feats.shape[0]):
+            g = torch.from_numpy(train.feats[m].astype(np.float64))
+            s, u = torch.linalg.eigh(g.T @ g)
+            self.s.append(s.clamp_min(0))
+            self.a.append(torch.from_numpy(query.feats[m].astype(np.float64)) @ u)
+            self.b.append(g @ u)
+        self.eig = torch.stack(self.s)  # (M, k)
+        self.q = np.asarray(train.q, dtype=np.float64)
+        self.scale = self.eig.sum(dim=1) / self.eig.shape[1]  # mean diagonal of each kernel
+
+    def scores(self, lambdas: torch.Tensor, models: int) -> np.ndarray:
+        """TRAK scores of the first ``models`` models at per-model ridges ``lambdas``."""
+        total = sum((self.a[m] / (self.s[m] + lambdas[m])) @ self.b[m].T for m in range(models))
+        return (total / models).numpy() * self.q[:models].mean(axis=0)[None, :]
+
+    def auto(self, models: int) -> torch.Tensor:
+        return auto_lambdas(self.eig[:models], auto_df(self.eig[:models], models))
+
+    def width_rule(self, models: int) -> torch.Tensor:
+        k = self.eig.shape[1]
+        return auto_lambdas(self.eig[:models], min(3.6 * models ** 0.43 * k ** 0.5, 0.6 * k))
 
 
-SWEEP_DF = [25, 50, 75, 100, 150, 200, 300, 400, 600]
+def self_check(train: FeatureBlock, query: FeatureBlock, spec: Spectral) -> float:
+    """Max relative difference of the eigen-path scores and tda's TRAKScorer (auto ridge, all models)."""
+    src = ArrayFeatures(train, range(train.feats.shape[0]))
+    ref = score_matrix(query, TRAKScorer().fit(src), src)
+    mine = spec.scores(spec.auto(train.feats.shape[0]), train.feats.shape[0])
+    return float(np.abs(mine - ref).max() / np.abs(ref).max())
 
 
-def sweep(name: str, train: FeatureBlock, query: FeatureBlock, masks, outputs, folds: dict) -> None:
-    """LDS (tuning / reporting fold) against the target effective dimension, for k = 256, 512, 1024
-    (the first k coordinates of the stored projection are a projection of width k) and M = 1, 3, 5."""
-    import tda.scorers.trak as trak
-
-    rule = trak.auto_df_fraction
-    try:
-        for k in (256, 512, 1024):
-            for m in (1, 3, 5):
-                cut = lambda b: FeatureBlock(b.ids, np.ascontiguousarray(b.feats[:m, :, :k]), b.q[:m])  # noqa: E731
-                cells = []
-                for df in [d for d in SWEEP_DF if d < 0.95 * k]:
-                    trak.auto_df_fraction = lambda models, width, df=df: df / width
-                    cells.append(f"{df}: " + " / ".join(f"{fold_lds(cut(train), cut(query), m, 'auto', masks, outputs, *f):.3f}"
-                                                        for f in folds))
-                print(f"| {name} | {k} | {m} | {rule(m, k) * k:.0f} | " + ", ".join(cells) + " |", flush=True)
-    finally:
-        trak.auto_df_fraction = rule
+def rows_for(name: str, train: FeatureBlock, query: FeatureBlock, masks: np.ndarray, outputs: np.ndarray) -> list[dict]:
+    f = split_folds(len(query.ids), masks.shape[0], 0.5, 0)
+    folds = {"tune": (f["tune_queries"], f["tune_subsets"]), "report": (f["report_queries"], f["report_subsets"])}
+    fold = lambda sc, which: lds(sc[folds[which][0]], masks[folds[which][1]],  # noqa: E731
+                                 outputs[np.ix_(folds[which][1], folds[which][0])], n_boot=1).mean
+    m_all, _, k_all = train.feats.shape
+    rows = []
+    for k in sorted({256, 512, k_all} & set(range(1, k_all + 1))):
+        cut = lambda b: FeatureBlock(b.ids, np.ascontiguousarray(b.feats[:, :, :k]), b.q)  # noqa: E731
+        spec = Spectral(cut(train), cut(query))
+        for m in sorted({1, 3, m_all} & set(range(1, m_all + 1))):
+            best = max(GRID, key=lambda lam: fold(spec.scores(spec.scale * lam, m), "tune"))
+            cells = {label: fold(spec.scores(lams, m), "report") for label, lams in (
+                ("best", spec.scale * best), ("auto", spec.auto(m)), ("width", spec.width_rule(m)),
+                ("0.01", spec.scale * 0.01))}
+            df = float(auto_df(spec.eig[:m], m)[0])
+            rows.append({"set": name, "k": k, "m": m, "best_lambda": best, "df": df, **cells})
+            r = rows[-1]
+            print(f"| {name} | {k} | {m} | {best:g} | {r['best']:.3f} | {r['auto']:.3f} ({df:.0f}) | {r['auto'] - r['best']:+.3f} "
+                  f"| {r['width']:.3f} | {r['width'] - r['best']:+.3f} | {r['0.01']:.3f} |", flush=True)
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tda" / "ridge")
-    p.add_argument("--sets", default="mnist,fashion,cifar2")
-    p.add_argument("--sweep", action="store_true", help="print LDS against the target effective dimension instead")
+    p.add_argument("--sets", default=",".join(SETS))
     a = p.parse_args()
-    if a.sweep:
-        print("| data set | k | M | df of the rule | df: LDS tuning / reporting fold |\n|---|---|---|---|---|")
-    else:
-        print("| data set | M | best fixed lambda_rel (tuning fold) | LDS, best fixed | LDS, auto | auto - best | LDS, 0.01 |")
-        print("|---|---|---|---|---|---|---|")
-    for name in a.sets.split(","):
-        train, query, masks, outputs = prepare(ROOT / "benchmarks" / "ridge" / f"{name}.yaml", a.cache / name)
-        f = split_folds(len(query.ids), masks.shape[0], 0.5, 0)
-        tune = (f["tune_queries"], f["tune_subsets"])
-        report = (f["report_queries"], f["report_subsets"])
-        if a.sweep:
-            sweep(name, train, query, masks, outputs, [tune, report])
-            continue
-        for m in (1, 2, 3, 5):
-            best = max(GRID, key=lambda lam: fold_lds(train, query, m, lam, masks, outputs, *tune))
-            fixed, auto, old = (fold_lds(train, query, m, lam, masks, outputs, *report) for lam in (best, "auto", 0.01))
-            print(f"| {name} | {m} | {best:g} | {fixed:.3f} | {auto:.3f} | {auto - fixed:+.3f} | {old:.3f} |", flush=True)
+    print("| data set | k | M | best fixed lambda_rel (tuning) | LDS, best fixed | LDS, auto (df) | auto - best "
+          "| LDS, width rule | width - best | LDS, 0.01 |\n|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for i, name in enumerate(a.sets.split(",")):
+        train, query, masks, outputs = prepare(name, a.cache)
+        if i == 0:
+            diff = self_check(train, query, Spectral(train, query))
+            assert diff < 1e-6, f"eigen-path scores differ from TRAKScorer's by {diff:.2e}"
+        rows += rows_for(name, train, query, masks, outputs)
+    for rule in ("auto", "width", "0.01"):
+        gaps = np.array([r[rule] - r["best"] for r in rows])
+        print(f"{rule:>6}: mean gap to the best fixed {gaps.mean():+.4f}, worst {gaps.min():+.3f}, "
+              f"cells below -0.02: {(gaps < -0.02).sum()} of {len(gaps)}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_nonpositive_lambda_raises(bad: float) -> None:
 
 
 def test_auto_ridge_reaches_the_target_effective_dimension_and_is_recorded() -> None:
-    from tda.scorers.trak import auto_df_fraction
+    from tda.scorers.trak import auto_df
 
     rng = np.random.default_rng(0)
     n, k, m = 300, 40, 3
@@ -102,13 +102,16 @@ def test_auto_ridge_reaches_the_target_effective_dimension_and_is_recorded() -> 
     src = ArrayFeatures(FeatureBlock(np.arange(n), feats, rng.uniform(0.1, 1, (m, n))), range(m))
     scorer = TRAKScorer().fit(src)  # the default is "auto"
     assert scorer.lambda_rel == "auto"
-    target = auto_df_fraction(m, k) * k
     for c in range(m):
         s = np.linalg.eigvalsh(feats[c].T @ feats[c])  # explicit float64 spectrum
+        nuclear, frob = np.linalg.norm(feats[c], "nuc"), np.linalg.norm(feats[c], "fro")
+        target = min(0.95 * m ** 0.43 * k ** 0.25 * nuclear / frob, 0.6 * k)  # sqrt(spread) = ||Phi||_* / ||Phi||_F
+        assert scorer.target_df[c] == pytest.approx(target, rel=1e-6)
         assert abs(np.sum(s / (s + scorer.lambdas[c])) - target) < 1e-6 * k
         np.testing.assert_allclose(scorer.chosen_lambda_rel[c], scorer.lambdas[c] / np.mean(s), rtol=1e-6)
     hp = scorer.hyperparameters()
     assert hp["lambda_rel"] == "auto" and len(hp["chosen_lambda_rel"]) == m and "effective dimension" in hp["lambda_rule"]
+    assert len(hp["target_df"]) == m
     fixed = TRAKScorer(lambda_rel=float(scorer.chosen_lambda_rel[0])).fit(src)
     assert np.isclose(fixed.lambdas[0], scorer.lambdas[0])  # a fixed value reproduces a chosen one
     state = scorer.state_dict()
@@ -116,9 +119,11 @@ def test_auto_ridge_reaches_the_target_effective_dimension_and_is_recorded() -> 
     np.testing.assert_array_equal(again.chosen_lambda_rel, scorer.chosen_lambda_rel)
     with pytest.raises(ConfigError, match="lambda_rel=auto"):
         TRAKScorer(lambda_rel=0.1).load_state_dict(state)
-    assert auto_df_fraction(1, 1024) < auto_df_fraction(5, 1024) < 0.5
-    assert auto_df_fraction(1, 256) > auto_df_fraction(1, 1024)  # df grows as sqrt(k), not k
-    assert auto_df_fraction(10, 64) == pytest.approx(0.6)  # capped
+    flat = torch.ones(1, 1024, dtype=torch.float64)  # spread 1024: every direction carries as much
+    steep = torch.from_numpy(np.geomspace(1e4, 1e-4, 1024))[None]  # a few directions dominate
+    assert float(auto_df(steep, 1)) < float(auto_df(flat, 1))
+    assert float(auto_df(flat, 1)) < float(auto_df(flat, 5)) <= 0.6 * 1024
+    assert float(auto_df(torch.ones(1, 64, dtype=torch.float64), 10)) == pytest.approx(0.6 * 64)  # capped
 
 
 def test_unknown_scorer_name_raises() -> None:

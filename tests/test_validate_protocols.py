@@ -91,8 +91,8 @@ def test_auto_ridge_never_targets_more_than_the_rank() -> None:
     rng = np.random.default_rng(0)
     phi = rng.normal(size=(10, 40))  # n = 10 examples, k = 40
     s = torch.from_numpy(np.linalg.eigvalsh(phi.T @ phi))[None]
-    for fraction, want in ((0.2, 8.0), (0.5, 9.0)):  # 0.2 * 40 = 8 < 9; 0.5 * 40 = 20 capped at 0.9 * 10
-        lam = float(auto_lambdas(s, fraction)[0])
+    for df, want in ((8.0, 8.0), (20.0, 9.0)):  # 8 < 9 is kept; 20 is capped at 0.9 * 10
+        lam = float(auto_lambdas(s, df)[0])
         assert float((s / (s + lam)).sum()) == pytest.approx(want, rel=1e-6)
         assert lam > 1e-6 * float(s.max())
 

@@ -4,8 +4,7 @@ For each checkpoint m: ``K_m = Phi_m^T Phi_m + lambda_m I`` with
 ``lambda_m = lambda_rel * mean(diag(Phi_m^T Phi_m))``, factored by Cholesky in float64. By default
 (``lambda_rel="auto"``) the ridge comes from each kernel's spectrum: lambda_m is the value at which
 the effective dimension ``df(lambda) = sum_j s_j / (s_j + lambda)`` of the kernel's eigenvalues
-``s_j`` is :func:`auto_df_fraction` ``(M, k) * k`` (see :func:`auto_lambdas`; measured in
-``benchmarks/ridge.py``). The score of query z for train example i is
+``s_j`` is :func:`auto_df` (see :func:`auto_lambdas`; measured in ``benchmarks/ridge.py``). The score of query z for train example i is
 
     tau(z)_i = [ (1/M) sum_m phi_m,i^T K_m^{-1} phi_m(z) ] * [ (1/M) sum_m Q_m,i ]
 
@@ -35,49 +34,70 @@ logger = logging.getLogger(__name__)
 
 #: Default ridge: chosen per checkpoint from the kernel's spectrum (:func:`auto_lambdas`).
 DEFAULT_LAMBDA_REL = "auto"
-#: ``df = AUTO_DF_BASE * sqrt(k) * M ** AUTO_DF_POWER``, at most ``AUTO_DF_CAP * k`` (:func:`auto_df_fraction`)
-AUTO_DF_BASE, AUTO_DF_POWER, AUTO_DF_CAP = 3.6, 0.43, 0.6
+#: ``df = AUTO_DF_BASE * M ** AUTO_DF_POWER * k ** 0.25 * sqrt(spread)``, at most ``AUTO_DF_CAP * k`` (:func:`auto_df`)
+AUTO_DF_BASE, AUTO_DF_POWER, AUTO_DF_CAP = 0.95, 0.43, 0.6
 #: the most of a rank-deficient kernel's rank the automatic ridge may target (:func:`auto_lambdas`)
 RANK_CAP = 0.9
+#: how the automatic ridge is described in manifests (``scorer.json``'s ``lambda_rule``)
+AUTO_RULE = "df = 0.95 M^0.43 k^0.25 sqrt(spread), spread = ||Phi||_*^2 / ||Phi||_F^2"
 
 
-def auto_df_fraction(models: int, k: int) -> float:
-    """Target effective dimension of each kernel, as a fraction of k, for an ensemble of ``models``
-    at projection width ``k``: ``3.6 sqrt(k) M^0.43 / k``, at most 0.6.
+def spread(eigenvalues: "torch.Tensor") -> "torch.Tensor":
+    """Per checkpoint, the participation ratio of the feature matrix's singular values,
+    ``(sum_j sqrt(s_j))^2 / sum_j s_j = ||Phi||_*^2 / ||Phi||_F^2``: between 1 (one direction) and
+    the rank (a flat spectrum). (M, k) eigenvalues of ``Phi_m^T Phi_m`` -> (M,) float64."""
+    import torch
 
-    More models average more of the checkpoint-specific noise away, so they bear a weaker ridge;
-    a wider projection keeps more of the gradients' directions, and the LDS-optimal effective
-    dimension grows about as its square root (not in proportion). Measured on MNIST MLP and
-    CIFAR-2 CNN LDS folds at k = 256, 512, 1024 and M = 1..10 (``benchmarks/ridge.py --sweep``,
-    ``benchmarks/lds.py``).
+    s = eigenvalues.clamp(min=0).to(torch.float64)
+    return s.sqrt().sum(dim=1) ** 2 / s.sum(dim=1).clamp(min=1e-300)
+
+
+def auto_df(eigenvalues: "torch.Tensor", models: int) -> "torch.Tensor":
+    """Target effective dimension of each kernel of an ensemble of ``models``:
+    ``0.95 M^0.43 k^0.25 sqrt(spread)`` (:func:`spread`), at most ``0.6 k``.
+
+    More models average more checkpoint-specific noise away and bear a weaker ridge (``M^0.43``).
+    The LDS-optimal df tracks how many directions the gradients actually spread over: about
+    ``0.25 M^0.43 spread`` on data sets whose gradients concentrate (a short or underfit training
+    run, fewer examples than k), and about ``3.6 M^0.43 sqrt(k)`` (the earlier width rule) on the
+    rest; the rule is the geometric mean of the two. Measured against the best fixed ridge on seven
+    data set / model pairs at k = 256, 512, 1024 and M = 1..5 (``benchmarks/ridge.py``).
+
+    Args:
+        eigenvalues: (M, k) eigenvalues of each ``Phi_m^T Phi_m``.
+        models: ensemble size M (each kernel's target uses it).
+
+    Returns:
+        (M,) float64 targets.
     """
-    return min(AUTO_DF_BASE * max(1, models) ** AUTO_DF_POWER / max(1, k) ** 0.5, AUTO_DF_CAP)
+    k = eigenvalues.shape[1]
+    df = AUTO_DF_BASE * max(1, models) ** AUTO_DF_POWER * k ** 0.25 * spread(eigenvalues).sqrt()
+    return df.clamp(max=AUTO_DF_CAP * k)
 
 
-def auto_lambdas(eigenvalues: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per checkpoint, the ridge at which ``df(lambda) = min(fraction * k, RANK_CAP * rank)``
-    (bisection in log lambda).
+def auto_lambdas(eigenvalues: "torch.Tensor", df: "torch.Tensor | float") -> "torch.Tensor":
+    """Per checkpoint, the ridge at which ``df(lambda) = min(df, RANK_CAP * rank)`` (bisection in
+    log lambda).
 
     ``df`` cannot exceed the kernel's numerical rank, which is at most n when there are fewer
-    training examples than feature dimensions. There the plain target ``fraction * k`` may be
-    out of reach, and the ridge would collapse to 0; it is capped at ``RANK_CAP`` of the rank.
-    With n >= k (the measured setting, ``benchmarks/ridge.py``) the cap never binds.
+    training examples than feature dimensions. There a target may be out of reach, and the ridge
+    would collapse to 0; it is capped at ``RANK_CAP`` of the rank.
 
     Args:
         eigenvalues: (M, k) eigenvalues of each ``Phi_m^T Phi_m`` (negative round-off is clipped).
-        fraction: target ``df / k`` in (0, 1).
+        df: target effective dimension, one for all checkpoints or (M,).
     """
     import torch
 
     s = eigenvalues.clamp(min=0).to(torch.float64)
     top = s.max(dim=1).values.clamp(min=1e-300)
     rank = (s > top[:, None] * 1e-9).sum(dim=1).clamp(min=1).to(torch.float64)  # (M,)
-    target = torch.clamp(RANK_CAP * rank, max=fraction * s.shape[1])
+    target = torch.minimum(RANK_CAP * rank, torch.as_tensor(df, dtype=torch.float64).expand_as(rank))
     lo, hi = torch.log(top * 1e-12), torch.log(top * 1e6)  # df(lo) ~ rank, df(hi) ~ 0
     for _ in range(100):
         mid = (lo + hi) / 2
-        df = (s / (s + torch.exp(mid)[:, None])).sum(dim=1)
-        lo, hi = torch.where(df > target, mid, lo), torch.where(df > target, hi, mid)  # target: (M,)
+        df_mid = (s / (s + torch.exp(mid)[:, None])).sum(dim=1)
+        lo, hi = torch.where(df_mid > target, mid, lo), torch.where(df_mid > target, hi, mid)  # target: (M,)
     return torch.exp((lo + hi) / 2)
 
 
@@ -98,6 +118,7 @@ class TRAKScorer(Scorer):
     def __init__(self, lambda_rel: float | str = DEFAULT_LAMBDA_REL, block_rows: int = 8192) -> None:
         self.lambda_rel = check_lambda_rel(lambda_rel)
         self.chosen_lambda_rel: np.ndarray | None = None
+        self.target_df: np.ndarray | None = None  # (M,) the automatic ridge's effective dimensions
         self.block_rows = block_rows
         self.chol: np.ndarray | None = None  # (M, k, k) float64 lower factors
         self.lambdas: np.ndarray | None = None  # (M,)
@@ -107,9 +128,9 @@ class TRAKScorer(Scorer):
         out: dict[str, Any] = {"lambda_rel": self.lambda_rel}
         if self.chosen_lambda_rel is not None:
             out["chosen_lambda_rel"] = [float(x) for x in self.chosen_lambda_rel]
-            m_count, k = len(self.chosen_lambda_rel), int(self.chol.shape[-1])
-            out["lambda_rule"] = (f"effective dimension {auto_df_fraction(m_count, k):.3g} k "
-                                  "per checkpoint" if self.lambda_rel == "auto" else "fixed")
+            out["lambda_rule"] = f"effective dimension {AUTO_RULE}" if self.lambda_rel == "auto" else "fixed"
+            if self.target_df is not None:
+                out["target_df"] = [round(float(x), 2) for x in self.target_df]
         return out
 
     def fit(self, train: FeatureSource, progress: bool = False) -> "TRAKScorer":
@@ -130,7 +151,9 @@ class TRAKScorer(Scorer):
         if bool((scale <= 0).any()):
             raise TDAError("a checkpoint's training features are all zero; check the model and data")
         if self.lambda_rel == "auto":
-            lambdas = auto_lambdas(torch.linalg.eigvalsh(gram), auto_df_fraction(m_count, k))
+            eigenvalues = torch.linalg.eigvalsh(gram)
+            self.target_df = auto_df(eigenvalues, m_count).numpy()
+            lambdas = auto_lambdas(eigenvalues, torch.from_numpy(self.target_df))
         else:
             lambdas = self.lambda_rel * scale
         kern = gram + lambdas[:, None, None] * torch.eye(k, dtype=torch.float64)
