@@ -109,10 +109,11 @@ class FeaturizeConfig:
     CIFAR-2 CNN and char LM, and faster; ``benchmarks/projections.py``) projects the flat
     per-example gradient with an SJLT of ``nonzeros`` entries per coordinate (tda.sparse);
     ``dense`` with a d x k matrix;
-    ``tensorsketch`` sketches each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
-    groups=1) into the same ``k`` outputs from the layer's inputs and output gradients without
-    forming it (TensorSketch, tda.tensorsketch; width ``k``, ``params`` names modules, other
-    layers' parameters are skipped and listed in the store manifest, as for ``factored``);
+    ``tensorsketch`` sketches each covered layer's gradient (nn.Linear, Conv1D, Conv2d with
+    groups=1, embeddings and a tied LM head, LayerNorm / RMSNorm / GroupNorm / eval BatchNorm)
+    into the same ``k`` outputs from the layer's inputs and output gradients without forming it
+    (TensorSketch, tda.tensorsketch; width ``k``, ``params`` names modules; any other trainable
+    parameter under ``params`` is a ConfigError, tda.sketch_layers);
     ``factored`` projects each supported layer's gradient (nn.Linear, Conv1D, Conv2d with
     groups=1) with a Kronecker pair ``k_out x k_in`` without forming it (LoGra, tda.factored):
     the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are

@@ -69,7 +69,8 @@ class Attributor:
             coordinate, :class:`~tda.sparse.SparseProjector`; the same LDS as dense at equal k,
             faster), ``"dense"`` (d x k matrix, as traker), ``"tensorsketch"`` (each supported
             layer's gradient TensorSketched into the same ``k`` outputs from its inputs and
-            output gradients, never forming the gradient; ``param_names`` then names modules;
+            output gradients, never forming the gradient; embeddings, a tied LM head and affine
+            norms included, other parameters refused; ``param_names`` then names modules;
             :class:`~tda.tensorsketch.TensorSketchProjector`) or ``"factored"``
             (per-layer Kronecker ``k_out x k_in``, never forming the gradient; ``param_names``
             then names modules, ``k`` is unused; :class:`~tda.factored.FactoredFeaturizer`).

@@ -20,7 +20,10 @@ of ``sum_b f_b`` (examples must not interact, as for the vmap path: the model ru
 mode), so ``df/dy`` of example b is exactly ``delta`` of example b. The exact L2 norm of each
 example's covered gradient (what Diffusion-ReTrac divides by) follows from the same captures
 (:meth:`CapturedLayers.grad_norms`) without forming the gradient when that is cheaper. Which
-layers are captured is :func:`tda.factored.factored_selection`'s choice.
+layers are captured is :func:`tda.factored.factored_selection`'s choice, or for the TensorSketch
+projection :func:`tda.sketch_layers.tensorsketch_selection`'s, which adds embeddings (ids and
+output gradients) and per-channel affine norms (``xhat``, the normalised input, and output
+gradients; :func:`norm_layout`, :func:`normalized`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ from .tasks import Batch, Task
 
 #: The two sides of a layer, as seeds of their random maps see them.
 SIDES = {"in": 0, "out": 1}
+
+#: Layouts of the layers both projections read as ``G = sum_t delta_t a_t^T``; the TensorSketch
+#: projection also reads embeddings (``a_t = onehot(id_t)``) and per-channel affine norms.
+MATRIX_LAYOUTS = ("linear", "conv1d", "conv2d")
+NORM_LAYOUTS = ("layernorm", "channelnorm")
+SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d with groups=1"
 
 #: Raw captures: per layer, one ``(input, output gradient)`` pair per call of the layer.
 Captures = list[list[tuple[Tensor, Tensor]]]
@@ -70,6 +79,60 @@ class LayerSpec:
 
 
 
+def matrix_layout(module: nn.Module) -> str | None:
+    """The layout of a layer both projections read as a matrix gradient, ``None`` for any other module."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return "conv1d"
+    if type(module) is nn.Conv2d and module.groups == 1:
+        return "conv2d"
+    return None
+
+
+def matrix_spec(name: str, module: nn.Module, layout: str) -> LayerSpec:
+    """The :class:`LayerSpec` of a layer of layout ``layout`` (see :func:`matrix_layout`)."""
+    w = module.weight
+    bias = getattr(module, "bias", None) is not None
+    if layout == "conv2d":
+        return LayerSpec(name, int(w[0].numel()) + int(bias), int(w.shape[0]), bias, layout,
+                         kernel=tuple(int(k) for k in module.kernel_size),
+                         stride=tuple(int(v) for v in module.stride),
+                         dilation=tuple(int(v) for v in module.dilation),
+                         pad=tuple(int(v) for v in module._reversed_padding_repeated_twice),
+                         padding_mode=module.padding_mode)
+    d_out, d_in = (w.shape[0], w.shape[1]) if layout == "linear" else (w.shape[1], w.shape[0])
+    return LayerSpec(name, int(d_in) + int(bias), int(d_out), bias, layout)
+
+
+def norm_layout(module: nn.Module) -> str | None:
+    """``"layernorm"`` (nn.LayerNorm, nn.RMSNorm: normalised over the trailing dims) or
+    ``"channelnorm"`` (nn.GroupNorm, nn.BatchNorm*d with running statistics: dim 1) for a
+    per-channel affine norm the TensorSketch projection covers, ``None`` for any other module."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.elementwise_affine:
+        return "layernorm"
+    if isinstance(module, nn.GroupNorm) and module.affine:
+        return "channelnorm"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.running_mean is not None:
+        return "channelnorm"  # eval mode: the running statistics, so examples do not interact
+    return None
+
+
+def normalized(module: nn.Module, x: Tensor) -> Tensor:
+    """``xhat``, the input of a norm layer normalised as the module does (its eps, groups or running
+    statistics), before its affine map ``xhat * weight + bias``: the weight's gradient is
+    ``sum_t delta_t * xhat_t``. fp32 (fp64 for fp64 inputs), detached."""
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
+    return F.batch_norm(x, module.running_mean.to(x.dtype), module.running_var.to(x.dtype), training=False,
+                        eps=module.eps)
+
+
 def layer_matrices(layer: LayerSpec, inp: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     """Per-position inputs and output gradients of one call of a layer.
 
@@ -79,9 +142,17 @@ def layer_matrices(layer: LayerSpec, inp: Tensor, grad: Tensor) -> tuple[Tensor,
 
     Returns:
         ``a`` (B, N, d_in) with a ones column for the bias, and ``delta`` (B, N, d_out), N the
-        number of positions (tokens, or output pixels of a convolution).
+        number of positions (tokens, or output pixels of a convolution). The TensorSketch-only
+        layouts: an embedding's ids (B, N) and delta (B, N, d_in); a norm's ``xhat`` (captured
+        already normalised, see :func:`normalized`) and delta, both (B, N, d_out).
     """
     b = inp.shape[0]
+    if layer.layout == "embedding":  # ids (B, N) and delta (B, N, embedding dim)
+        return inp.reshape(b, -1), grad.reshape(b, -1, grad.shape[-1])
+    if layer.layout == "channelnorm":  # channels at dim 1: (B, N, C) with N the other positions
+        return (inp.reshape(b, inp.shape[1], -1).transpose(1, 2), grad.reshape(b, grad.shape[1], -1).transpose(1, 2))
+    if layer.layout == "layernorm":  # the normalised trailing dims flattened to d_out
+        return inp.reshape(b, -1, layer.d_out), grad.reshape(b, -1, layer.d_out)
     if layer.layout == "conv2d":
         if inp.ndim != 4:
             raise ShapeError(f"conv layer {layer.name} sees input of shape {tuple(inp.shape)}; the factored "
@@ -126,10 +197,16 @@ class CapturedLayers:
             mats = []
             for inp, grad in calls:
                 dtype = torch.float64 if inp.dtype == torch.float64 else torch.float32
-                a, delta = layer_matrices(layer, inp.to(dtype), grad.to(dtype))
-                if a.shape[-1] != layer.d_in or delta.shape[-1] != layer.d_out:
-                    raise ShapeError(f"layer {layer.name}: captured widths {a.shape[-1]}, {delta.shape[-1]} "
-                                     f"but the projector expects {layer.d_in}, {layer.d_out}")
+                if layer.layout == "embedding":  # integer ids stay ids; delta is (B, N, d_in)
+                    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+                    a, delta = layer_matrices(layer, inp, grad.to(dtype))
+                    widths, want = (delta.shape[-1],), (layer.d_in,)
+                else:
+                    a, delta = layer_matrices(layer, inp.to(dtype), grad.to(dtype))
+                    widths, want = (a.shape[-1], delta.shape[-1]), (layer.d_in, layer.d_out)
+                if widths != want:
+                    raise ShapeError(f"layer {layer.name}: captured widths {', '.join(map(str, widths))} "
+                                     f"but the projector expects {', '.join(map(str, want))}")
                 mats.append((a, delta))
             yield layer, mats
 
@@ -170,16 +247,32 @@ def _grad_enabled_on(params: Iterable[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _hook(layer: LayerSpec, seen: list[tuple[Tensor, Tensor, int]], rows: int):
+    """Forward hook recording ``(input, output, output version)``; an embedding called on one row
+    of ids for a batch of ``rows`` (position ids) returns its output expanded to the batch."""
+    def fn(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        inp = args[0]
+        if layer.layout == "embedding" and inp.shape[0] == 1 < rows:
+            inp, output = inp.expand(rows, *inp.shape[1:]), output.expand(rows, *output.shape[1:])
+        seen.append((inp, output, output._version))
+        return output if inp is not args[0] else None  # the batch reads each example's own copy
+    return fn
+
+
 def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[LayerSpec]) -> Captures:
     """Per-example inputs and output gradients of each layer, one entry per call.
 
     Runs ``task.output`` on the whole batch in eval mode with forward hooks, then one backward
     pass of ``sum_b f_b`` to the layer outputs. A layer called several times contributes all
-    its calls (the weight gradient is their sum); a layer never called contributes none.
+    its calls (the weight gradient is their sum); a layer never called contributes none. An
+    embedding called on one row of ids for the whole batch (GPT-2's position ids, ``(1, T)``)
+    has its output expanded to the batch inside the forward pass (the same values wherever the
+    model broadcasts it against the batch), so each example's copy has its own gradient.
 
     Returns:
         Per layer the list of its calls' ``(input, output gradient)``, detached, as the layer
-        saw them (turned into per-position matrices by :func:`layer_matrices`).
+        saw them (a norm's input normalised, :func:`normalized`; turned into per-position
+        matrices by :func:`layer_matrices`).
 
     Raises:
         ShapeError: the output is not (B,), a layer's input is not batch-first, or a layer's
@@ -187,13 +280,8 @@ def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[
     """
     modules = dict(model.named_modules())
     seen: dict[str, list[tuple[Tensor, Tensor, int]]] = {s.name: [] for s in layers}
-
-    def hook(name: str):
-        def fn(module: nn.Module, args: tuple, output: Tensor) -> None:
-            seen[name].append((args[0], output, output._version))
-        return fn
-
-    handles = [modules[s.name].register_forward_hook(hook(s.name)) for s in layers]
+    rows = next(iter(batch.values())).shape[0]
+    handles = [modules[s.name].register_forward_hook(_hook(s, seen[s.name], rows)) for s in layers]
     weights = [modules[s.name].weight for s in layers]
     try:
         with eval_mode(model), torch.enable_grad(), _grad_enabled_on(weights):
@@ -219,9 +307,11 @@ def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[
         calls = []
         for inp, out, _ in seen[s.name]:
             g = next(grads)
-            calls.append((inp.detach(), (torch.zeros_like(out) if g is None else g).detach()))
+            inp = normalized(modules[s.name], inp) if s.layout in NORM_LAYOUTS else inp.detach()
+            calls.append((inp, (torch.zeros_like(out) if g is None else g).detach()))
         captures.append(calls)
     return captures
 
 
-__all__ = ["SIDES", "CapturedLayers", "Captures", "LayerSpec", "capture_layers", "layer_matrices"]
+__all__ = ["MATRIX_LAYOUTS", "NORM_LAYOUTS", "SIDES", "SUPPORTED", "CapturedLayers", "Captures", "LayerSpec",
+           "capture_layers", "layer_matrices", "matrix_layout", "matrix_spec", "norm_layout", "normalized"]

@@ -57,28 +57,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .captures import SIDES, CapturedLayers, Captures, LayerSpec, capture_layers, layer_matrices
+from .captures import SIDES, SUPPORTED, CapturedLayers, Captures, LayerSpec, capture_layers, layer_matrices
+from .captures import matrix_layout as _layout, matrix_spec as _spec
 from .errors import ConfigError
 from .featurize import StateDict, featurize_loop
 from .gradients import check_finite, loss_weights
 from .projectors import Projector
+from .sketch_layers import tensorsketch_selection
 from .tasks import Batch, Task
 from .tensorsketch import TensorSketchProjector
 
 logger = logging.getLogger(__name__)
 
 _KINDS = ("rademacher", "gaussian")
-SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d with groups=1"
-
-
-def _layout(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
-        return "conv1d"
-    if type(module) is nn.Conv2d and module.groups == 1:
-        return "conv2d"
-    return None
 
 
 def _why_not(module: nn.Module, shared: bool) -> str:
@@ -91,20 +82,6 @@ def _why_not(module: nn.Module, shared: bool) -> str:
         return (f"a grouped convolution (groups={module.groups}): its weight gradient is block-diagonal over "
                 "the groups, which one Kronecker factor pair does not represent")
     return f"a {type(module).__name__}, not one of the supported layers ({SUPPORTED})"
-
-
-def _spec(name: str, module: nn.Module, layout: str) -> LayerSpec:
-    w = module.weight
-    bias = getattr(module, "bias", None) is not None
-    if layout == "conv2d":
-        return LayerSpec(name, int(w[0].numel()) + int(bias), int(w.shape[0]), bias, layout,
-                         kernel=tuple(int(k) for k in module.kernel_size),
-                         stride=tuple(int(v) for v in module.stride),
-                         dilation=tuple(int(v) for v in module.dilation),
-                         pad=tuple(int(v) for v in module._reversed_padding_repeated_twice),
-                         padding_mode=module.padding_mode)
-    d_out, d_in = (w.shape[0], w.shape[1]) if layout == "linear" else (w.shape[1], w.shape[0])
-    return LayerSpec(name, int(d_in) + int(bias), int(d_out), bias, layout)
 
 
 def _under(name: str, wanted: str) -> bool:
@@ -291,11 +268,13 @@ class FactoredFeaturizer:
         k_in, k_out: per-layer projected dimensions (``None``: identity factor); the feature
             dimension is ``self.k = sum over layers of k_out * k_in``.
         seed, kind: projection seed and ``"rademacher"`` / ``"gaussian"``.
-        layers: module names or prefixes (see :func:`factored_selection`), ``None`` for all.
+        layers: module names or prefixes (see :func:`factored_selection`; tensorsketch:
+            :func:`tda.sketch_layers.tensorsketch_selection`), ``None`` for all.
         device: where to compute (default: the model's). chunk_size: examples per forward pass.
         projection: ``"factored"`` (the Kronecker pair above) or ``"tensorsketch"``
-            (:class:`tda.tensorsketch.TensorSketchProjector` of the same layers into ``k``
-            outputs; ``k_in``, ``k_out`` and ``kind`` unused). k: tensorsketch width.
+            (:class:`tda.tensorsketch.TensorSketchProjector` of those layers, embeddings and
+            affine norms into ``k`` outputs; ``k_in``, ``k_out`` and ``kind`` unused). k:
+            tensorsketch width.
     """
 
     def __init__(self, model: nn.Module, task: Task, k_in: int | None = 16, k_out: int | None = 16,
@@ -308,12 +287,13 @@ class FactoredFeaturizer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.task = task
-        self.layers, self.skipped = factored_selection(model, layers)
-        if projection == "tensorsketch":
+        if projection == "tensorsketch":  # also embeddings and norms; an uncovered parameter is refused
+            self.layers, self.skipped = tensorsketch_selection(model, layers), []
             self.projector: FactoredProjector | TensorSketchProjector = TensorSketchProjector(self.layers, k, seed)
         else:
+            self.layers, self.skipped = factored_selection(model, layers)
             self.projector = FactoredProjector(self.layers, k_in, k_out, seed, kind)
-        self.names = [p for s in self.layers for p in s.params]
+        self.names = list(dict.fromkeys(p for s in self.layers for p in s.params))
         self.chunk_size = chunk_size
 
     @property

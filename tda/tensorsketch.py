@@ -31,12 +31,21 @@ coordinates sharing a row or column of ``G``, so the variance is somewhat above 
 (Pham & Pagh bound it by a constant factor); unlike the factored projection its error shrinks
 with the full ``k``, not with per-layer factors of ``sqrt(k)``.
 
-Coverage is the factored projection's (:func:`tda.factored.factored_selection`: nn.Linear,
-transformers' Conv1D, nn.Conv2d with groups=1); other trainable parameters (norms, embeddings, a
-tied LM head) are skipped and listed in the featurizer's spec. Buckets and signs of one layer
-side come from a numpy PCG64 stream seeded by ``(seed, checkpoint, crc32(layer name), side)``,
-so any process regenerates them; they are cached per device and dtype. Sums run in fp32 (fp64
-for fp64 captures) with ``torch.fft`` on the CPU or on CUDA alike.
+Coverage (:func:`tda.sketch_layers.tensorsketch_selection`): the factored projection's layers
+(nn.Linear, transformers' Conv1D, nn.Conv2d with groups=1), embeddings and per-channel affine
+norms; any other trainable parameter under the selection is refused. An embedding's gradient
+``sum_t onehot(id_t) delta_t^T`` is the term with ``a_t = onehot(id_t)``, whose CountSketch is
+the single bucket ``h_out(id_t)`` (rows = ids): entry ``(id_t, j)`` is scattered straight to
+``(h_out(id_t) + h_in(j)) mod k`` with sign ``s_out(id_t) s_in(j)``, no FFT. A weight shared by an
+embedding and linear layers (a tied LM head) is hashed by the parameter's name in every use, so
+its sketch is that of the sum of the uses' gradients and ``d`` counts it once. A norm's weight
+(``sum_t delta_t * xhat_t``) and bias (``sum_t delta_t``) are formed per example and
+CountSketched with hashes of their own. ``d`` is the total covered dimension.
+
+Buckets and signs of one layer side come from a numpy PCG64 stream seeded by ``(seed,
+checkpoint, crc32(layer name), side)`` (the parameter's name for embeddings and shared
+weights; side 2 for a vector), so any process regenerates them; they are cached per device and
+dtype. Sums run in fp32 (fp64 for fp64 captures) with ``torch.fft`` on the CPU or on CUDA alike.
 """
 
 from __future__ import annotations
@@ -51,7 +60,8 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, ShapeError
-from .captures import SIDES, CapturedLayers, Captures, LayerSpec
+from .captures import MATRIX_LAYOUTS, NORM_LAYOUTS, SIDES, CapturedLayers, Captures, LayerSpec
+from .sketch_layers import covered_sizes, embedding_sketch, norm_grads, regroup, shared_sq_norm, term_sq_norm
 
 #: Largest intermediate (elements) one chunk of examples may allocate per layer.
 CHUNK_ELEMENTS = 1 << 24
@@ -61,6 +71,8 @@ CHUNK_ELEMENTS = 1 << 24
 SCATTER_COST = 60.0
 FFT_COST = 5.0
 _METHODS = ("auto", "fft", "form")
+#: Seed-stream side of a CountSketched vector parameter (a norm's weight or bias, a tied layer's bias).
+VECTOR = 2
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class TensorSketchSpec:
     seed: int
     k: int
     dim: int
+    params: tuple[str, ...]
 
 
 def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, k: int) -> Tensor:
@@ -126,30 +139,58 @@ class TensorSketchProjector(CapturedLayers):
         if not layers:
             raise ConfigError("the tensorsketch projection needs at least one layer")
         self.layers, self.k, self.seed, self.method = list(layers), int(k), int(seed), method
-        self.dim = sum(s.d_in * s.d_out for s in self.layers)
+        self.sizes = covered_sizes(self.layers)  # covered parameter -> entries, a shared weight once
+        self.dim = sum(self.sizes.values())
         self.scale = math.sqrt(self.k / self.dim)
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     @property
     def spec(self) -> TensorSketchSpec:
-        return TensorSketchSpec("tensorsketch", tuple(s.name for s in self.layers), self.seed, self.k, self.dim)
+        return TensorSketchSpec("tensorsketch", tuple(s.name for s in self.layers), self.seed, self.k, self.dim,
+                                tuple(self.sizes))
 
     def spec_dict(self) -> dict[str, Any]:
         d = asdict(self.spec)
-        d["layers"] = list(d["layers"])
+        d["layers"], d["params"] = list(d["layers"]), list(d["params"])
         return d
 
-    def hashes(self, checkpoint: int, layer: LayerSpec, side: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(buckets, signs)`` of one layer side: (d,) int64 in ``[0, k)`` and (d,) +-1 int8,
-        ``d = d_in`` (bias column last) or ``d_out``. Pure function of (seed, checkpoint, layer name, side)."""
+    def _stream(self, checkpoint: int, label: str, side: int, d: int) -> tuple[np.ndarray, np.ndarray]:
         if checkpoint < 0:
             raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
-        d = layer.d_in if side == "in" else layer.d_out
-        seq = np.random.SeedSequence([self.seed, checkpoint, zlib.crc32(layer.name.encode()), SIDES[side]])
+        seq = np.random.SeedSequence([self.seed, checkpoint, zlib.crc32(label.encode()), side])
         rng = np.random.Generator(np.random.PCG64(seq))
         buckets = rng.integers(0, self.k, size=d, dtype=np.int64)
         signs = rng.integers(0, 2, size=d, dtype=np.int8) * 2 - 1
         return buckets, signs
+
+    def hashes(self, checkpoint: int, layer: LayerSpec, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(buckets, signs)`` of one layer side: (d,) int64 in ``[0, k)`` and (d,) +-1 int8,
+        ``d = d_in`` (bias column last) or ``d_out``. Pure function of (seed, checkpoint, layer name, side);
+        a layer with a ``key`` (embeddings, shared weights) is hashed by the parameter's name instead,
+        ``in`` = the weight's columns, ``out`` = its rows (ids), and a bias column of its own."""
+        d = layer.d_in if side == "in" else layer.d_out
+        key = getattr(layer, "key", None)
+        if key is None:
+            return self._stream(checkpoint, layer.name, SIDES[side], d)
+        extra = side == "in" and layer.bias
+        buckets, signs = self._stream(checkpoint, key, SIDES[side], d - int(extra))
+        if extra:
+            hb, sb = self.vector_hashes(checkpoint, f"{layer.name}.bias", 1)
+            buckets, signs = np.concatenate([buckets, hb]), np.concatenate([signs, sb])
+        return buckets, signs
+
+    def vector_hashes(self, checkpoint: int, param: str, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """CountSketch ``(buckets, signs)`` of a vector parameter (a norm's weight or bias): (d,) each,
+        a pure function of (seed, checkpoint, parameter name)."""
+        return self._stream(checkpoint, param, VECTOR, d)
+
+    def _vector(self, checkpoint: int, param: str, d: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        key = (checkpoint, param, "vector", str(like.device), like.dtype)
+        if key not in self._cache:
+            buckets, signs = self.vector_hashes(checkpoint, param, d)
+            self._cache[key] = (torch.from_numpy(buckets).to(like.device),
+                                torch.from_numpy(signs).to(like.device, like.dtype))
+        return self._cache[key]
 
     def _side(self, checkpoint: int, layer: LayerSpec, side: str, like: Tensor) -> tuple[Tensor, Tensor]:
         """Buckets and signs of ``side`` ("in", "out", or "formed": the combined (d_out d_in,)
@@ -204,6 +245,42 @@ class TensorSketchProjector(CapturedLayers):
         for lo in range(0, b, step):
             acc[key][lo: lo + step] += fn(a[lo: lo + step], delta[lo: lo + step], *sides, self.k)
 
+    def _sketch_term(self, layer: LayerSpec, a: Tensor, delta: Tensor, checkpoint: int,
+                     acc: dict[str, Tensor]) -> None:
+        """Add an embedding's or a norm's unscaled sketch to ``acc["real"]`` (B, k), in chunks of examples."""
+        if "real" not in acc:
+            acc["real"] = delta.new_zeros(delta.shape[0], self.k)
+        if layer.layout in NORM_LAYOUTS:
+            for param, g in zip(layer.params, norm_grads(layer, a, delta)):
+                acc["real"] += count_sketch(g, *self._vector(checkpoint, param, layer.d_out, g), self.k)
+            return
+        rows, cols = self._side(checkpoint, layer, "out", delta), self._side(checkpoint, layer, "in", delta)
+        step = max(1, CHUNK_ELEMENTS // max(a.shape[1] * layer.d_in, 1))
+        for lo in range(0, a.shape[0], step):
+            acc["real"][lo: lo + step] += embedding_sketch(a[lo: lo + step], delta[lo: lo + step], rows, cols,
+                                                           self.k, layer.padding_idx)
+
+    def grad_norms(self, captures: Captures, group: int = 1) -> Tensor:
+        """Exact L2 norm of each example's gradient over the covered parameters, (B,) (see
+        :meth:`CapturedLayers.grad_norms`), a shared weight's as the norm of the sum of its uses."""
+        total, shared = None, {}
+        for layer, mats in self._calls(captures):
+            if not mats:
+                continue
+            a, delta = regroup(*(torch.cat([m[i] for m in mats], dim=1) for i in (0, 1)), group)
+            key = getattr(layer, "key", None)
+            if key is not None:  # an embedding or a shared weight: the norm of the sum of its uses
+                shared.setdefault(key, []).append((layer, a, delta))
+                continue
+            sq = term_sq_norm(layer, a, delta)
+            total = sq if total is None else total + sq
+        for uses in shared.values():
+            sq = shared_sq_norm(uses)
+            total = sq if total is None else total + sq
+        if total is None:
+            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+        return total.clamp_min(0).sqrt()
+
     def project(self, captures: Captures, checkpoint: int) -> Tensor:
         """Features from per-layer captures.
 
@@ -232,7 +309,10 @@ class TensorSketchProjector(CapturedLayers):
                                      f"before it for {rows}; capture all layers from one batch")
                 rows = a.shape[0]
             a, delta = mats[0] if len(mats) == 1 else (torch.cat([m[i] for m in mats], dim=1) for i in (0, 1))
-            self._sketch_layer(layer, a, delta, checkpoint, acc)  # calls as extra positions: (B, N, d)
+            if layer.layout in MATRIX_LAYOUTS:  # calls as extra positions: (B, N, d)
+                self._sketch_layer(layer, a, delta, checkpoint, acc)
+            else:
+                self._sketch_term(layer, a, delta, checkpoint, acc)
         if rows is None:
             raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
         out = acc.get("real")

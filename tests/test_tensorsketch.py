@@ -2,7 +2,9 @@
 CountSketches, and the formed gradient scattered by the combined hash) equal ``S^T g`` for the
 explicit sketch matrix built entry by entry from the projector's hashes, against float64
 per-example gradients from a loop of autograd (MLP, CNN, a linear layer over a sequence and a
-layer called twice); inner products are unbiased with CountSketch's order of variance; hashes
+layer called twice; embeddings, a tied LM head and layer norms of a 1-layer GPT-2, BatchNorm,
+GroupNorm, LayerNorm and RMSNorm of a CNN, every parameter exactly once); an uncovered parameter
+is refused; inner products are unbiased with CountSketch's order of variance; hashes
 are a pure function of (seed, checkpoint, layer, side); the wiring (config run, Attributor)
 works and bad input is refused."""
 
@@ -24,6 +26,8 @@ from stores import FeatureStore
 from tda.api import Attributor
 from tda.errors import ConfigError, ShapeError
 from tda.factored import FactoredFeaturizer, LayerSpec, capture_layers, factored_selection
+from tda.lm import LMTask
+from tda.sketch_layers import tensorsketch_selection
 from tda.tasks import ClassificationTask
 from tda.tensorsketch import TensorSketchProjector
 
@@ -104,6 +108,112 @@ def test_equals_explicit_sketch_of_looped_gradients_float64(case: str, method: s
     assert phi.shape == (5, k) and phi.dtype == torch.float64 and g.shape[1] == proj.dim
     torch.testing.assert_close(phi, g @ _explicit_matrix(proj, 2), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(proj.grad_norms(caps), g.norm(dim=1), rtol=1e-10, atol=1e-12)
+
+
+def _explicit_blocks(proj: TensorSketchProjector, checkpoint: int) -> dict[str, torch.Tensor]:
+    """Per covered parameter, its (numel, k) block of ``S`` from the hashes: a weight (rows, cols)
+    entry (i, j) to (h_out(i) + h_in(j)) mod k, a linear bias i to (h_out(i) + h_in(last)) mod k, a
+    norm's vectors to their own CountSketch. A shared weight gets one block (every use hashes alike)."""
+    blocks, k = {}, proj.k
+
+    def block(buckets: np.ndarray, signs: np.ndarray) -> torch.Tensor:
+        buckets = torch.from_numpy(buckets.reshape(-1) % k)
+        m = torch.zeros(len(buckets), k, dtype=torch.float64)
+        m[torch.arange(len(buckets)), buckets] = torch.from_numpy(signs * 1.0)
+        return m
+
+    for s in proj.layers:
+        if s.layout in ("layernorm", "channelnorm"):
+            blocks.update({p: block(*proj.vector_hashes(checkpoint, p, s.d_out)) for p in s.params})
+            continue
+        (h_in, s_in), (h_out, s_out) = proj.hashes(checkpoint, s, "in"), proj.hashes(checkpoint, s, "out")
+        cols = s.d_in - int(s.bias)
+        w = block(h_out[:, None] + h_in[None, :cols], (s_out[:, None] * s_in[None, :cols]).reshape(-1))
+        assert torch.equal(blocks.setdefault(s.params[0], w), w)  # a shared weight: the same hash in every use
+        if s.bias:
+            blocks[s.params[1]] = block(h_out + h_in[cols], s_out * s_in[cols])
+    return blocks
+
+
+def _tiny_gpt(tied: bool) -> nn.Module:
+    from pipelines.families.chargpt import GPTSpec, build_gpt2
+
+    return build_gpt2(GPTSpec(vocab_size=7, seq_len=5, n_layer=1, n_head=1, n_embd=4, tie_embeddings=tied),
+                      seed=0).double()
+
+
+def _norm_cnn() -> nn.Module:
+    torch.manual_seed(4)
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
+    return nn.Sequential(nn.Unflatten(1, (2, 4, 4)), nn.Conv2d(2, 3, 3, padding=1), bn, nn.Tanh(),
+                         nn.Conv2d(3, 4, 2, stride=2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
+                         nn.LayerNorm(16), nn.Linear(16, 6), nn.RMSNorm(6, eps=1e-3), nn.Linear(6, 3)).double().eval()
+
+
+def _lm_batch(b: int = 3) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 7, (b, 5), generator=torch.Generator().manual_seed(5))
+    return {"input_ids": ids, "loss_mask": torch.tensor([[0, 1, 1, 1, 1]] * b, dtype=torch.float64)}
+
+
+COVERAGE = {"gpt-tied": (lambda: _tiny_gpt(True), LMTask(), _lm_batch),
+            "gpt-untied": (lambda: _tiny_gpt(False), LMTask(), _lm_batch),
+            "norm-cnn": (_norm_cnn, ClassificationTask(), lambda: {
+                "x": torch.randn(4, 32, generator=torch.Generator().manual_seed(6), dtype=torch.float64),
+                "y": torch.tensor([0, 2, 1, 0])})}
+
+
+@pytest.mark.parametrize("case", sorted(COVERAGE))
+def test_embeddings_norms_and_a_tied_head_equal_the_explicit_sketch_float64(case: str) -> None:
+    """Every parameter sketched exactly once: the tied weight's gradient is the sum of both uses."""
+    build, task, make = COVERAGE[case]
+    model, batch = build(), make()
+    layers = tensorsketch_selection(model)
+    proj = TensorSketchProjector(layers, k=16, seed=3)
+    named = dict(model.named_parameters())  # one name per tensor: the tied head is transformer.wte.weight
+    assert list(proj.sizes) == list(named) and proj.dim == sum(p.numel() for p in named.values())
+    assert ("lm_head" in [s.name for s in layers]) == case.startswith("gpt")
+    phi = proj.project(capture_layers(model, task, batch, layers), checkpoint=1)
+    blocks, conv1d = _explicit_blocks(proj, 1), {s.params[0] for s in layers if s.layout == "conv1d"}
+    rows = []
+    for b in range(phi.shape[0]):
+        one = {key: v[b: b + 1] for key, v in batch.items()}
+        grads = torch.autograd.grad(task.output(model, one).sum(), list(named.values()))
+        rows.append(torch.cat([(g.T if n in conv1d else g).reshape(-1) for n, g in zip(named, grads)]))
+    g = torch.stack(rows)
+    ref = g @ torch.cat([blocks[n] for n in named]) * (proj.k / proj.dim) ** 0.5
+    torch.testing.assert_close(phi, ref, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(proj.grad_norms(capture_layers(model, task, batch, layers)), g.norm(dim=1),
+                               rtol=1e-9, atol=1e-11)
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.gain = nn.Linear(5, 3), nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.gain
+
+
+def test_an_uncovered_parameter_is_refused_unless_left_out_of_the_selection() -> None:
+    with pytest.raises(ConfigError, match=r"does not cover 1 trainable.*gain \(_Scaled\).*sparse or dense"):
+        tensorsketch_selection(_Scaled())
+    with pytest.raises(ConfigError, match=r"does not cover 2 .*0.weight \(Conv2d with groups=2\)"):
+        tensorsketch_selection(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)))
+    assert [s.name for s in tensorsketch_selection(_Scaled(), ["body"])] == ["body"]
+    with pytest.raises(ConfigError, match="names no module"):
+        tensorsketch_selection(_Scaled(), ["body.weight"])
+    with pytest.raises(ConfigError, match="does not cover"):
+        FactoredFeaturizer(_Scaled(), ClassificationTask(), projection="tensorsketch", k=8)
+    model = _tiny_gpt(True)
+    assert [s.name for s in tensorsketch_selection(model, ["lm_head"])] == ["transformer.wte", "lm_head"]
+    fz = FactoredFeaturizer(model, LMTask(), projection="tensorsketch", k=8)
+    spec, named = fz.spec(), dict(model.named_parameters())
+    assert spec["params"] == list(named) and spec["dim"] == sum(p.numel() for p in named.values())
+    assert spec["skipped"] == [] and "transformer.wte" in spec["layers"]
+    factored = FactoredFeaturizer(model, LMTask())  # the factored projection still skips them
+    assert "transformer.wte.weight" in factored.skipped and "lm_head" not in [s.name for s in factored.layers]
 
 
 def test_auto_picks_fft_for_wide_single_position_layers_and_form_for_small_many_position_ones() -> None:

@@ -12,8 +12,9 @@ representation scorers ``repsim`` and ``airrep`` on the UNet bottleneck (``mid``
 the query grid's draws (:class:`tda.diffusion.NoisedInputs`). The feature layouts differ, so
 their kind is part of the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Gradient
 layouts take the dense or sparse or, with ``featurize.projection: factored`` / ``tensorsketch``,
-the per-layer Kronecker projection (TensorSketch) of the UNet's convolutions and linear layers
-(:mod:`tda.factored`, :mod:`tda.tensorsketch`; GroupNorm parameters are not covered). AirRep's training queries are training-split images outside
+the per-layer Kronecker projection of the UNet's convolutions and linear layers (GroupNorm
+parameters are not covered; :mod:`tda.factored`) or their TensorSketch, which also covers the
+GroupNorms (:mod:`tda.tensorsketch`). AirRep's training queries are training-split images outside
 the training subset; its subset models report the output averaged over a seeded grid
 (:class:`DiffusionSubsetJob`).
 
