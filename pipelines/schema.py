@@ -105,8 +105,10 @@ class TrainConfig:
 class FeaturizeConfig:
     """Per-example gradients and their random projection.
 
-    ``projection: sparse`` (the default: LDS within 0.015 of dense at equal k on the MNIST MLP,
-    CIFAR-2 CNN and char LM, and faster; ``benchmarks/projections.py``) projects the flat
+    ``projection: auto`` (the default) is ``tensorsketch`` for the built-in models (LDS within
+    0.011 of dense at equal k on the MNIST MLP, CIFAR-2 CNN and char LM, and the fastest;
+    ``benchmarks/projections.py``) and ``sparse`` for every other model or a ``params``
+    selection (pipelines.families.base.resolved_projection). ``sparse`` projects the flat
     per-example gradient with an SJLT of ``nonzeros`` entries per coordinate (tda.sparse);
     ``dense`` with a d x k matrix;
     ``tensorsketch`` sketches each covered layer's gradient (nn.Linear, Conv1D, Conv2d with
@@ -132,7 +134,7 @@ class FeaturizeConfig:
     params: list[str] | None = None  # parameter (dense, sparse) / module (factored, tensorsketch) names or prefixes (None: all)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     backend: str = "auto"  # projector backend: auto/dense/fast_jl
-    projection: str = "sparse"  # "sparse" (SJLT, s nonzeros per coordinate; the default, README), "dense" (P^T g), "tensorsketch" (per-layer TensorSketch into k) or "factored" (per-layer Kronecker)
+    projection: str = "auto"  # "auto" (tensorsketch for the built-in models, sparse otherwise; README), "sparse" (SJLT, s nonzeros per coordinate), "dense" (P^T g), "tensorsketch" (per-layer TensorSketch into k) or "factored" (per-layer Kronecker)
     nonzeros: int = 1  # sparse: nonzeros per gradient coordinate (s; k must be a multiple of it)
     k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
     k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)
@@ -143,8 +145,8 @@ class FeaturizeConfig:
         _choice(self, "dtype", ("float32", "float16"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "dense", "fast_jl"))
-        _choice(self, "projection", ("dense", "sparse", "factored", "tensorsketch"))
-        if self.projection == "sparse" and self.k % self.nonzeros:
+        _choice(self, "projection", ("auto", "dense", "sparse", "factored", "tensorsketch"))
+        if self.projection in ("sparse", "auto") and self.k % self.nonzeros:
             raise ConfigError(f"featurize.k ({self.k}) must be a multiple of featurize.nonzeros ({self.nonzeros}) "
                               "for the sparse projection; change one of them")
         if self.seed < 0:

@@ -32,13 +32,31 @@ NEW_KEYS = ("projection", "k_in", "k_out", "nonzeros")
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST idx files not found in {MNIST}")
 
 
+def test_auto_projection_is_tensorsketch_for_built_in_models_and_sparse_for_others() -> None:
+    from pipelines.families.base import resolved_projection
+
+    def resolved(**values):
+        return resolved_projection(parse_config(values))
+
+    assert resolved() == "tensorsketch"  # classifier MLP
+    assert resolved(model={"arch": "cnn", "hidden": [8, 8]}) == "tensorsketch"
+    assert resolved(model={"family": "causal-lm", "arch": "gpt2"}, data={"name": "tinyshakespeare"}) == "tensorsketch"
+    assert resolved(featurize={"params": ["0.weight"]}) == "sparse"  # parameter names: the sparse projection's
+    yours = parse_config({})
+    yours.model.family, yours.model.factory = "user", "mymodel.py:build"  # your model: unknown layers
+    assert resolved_projection(yours) == "sparse"
+    assert resolved(model={"family": "diffusion", "arch": "unet", "hidden": [8, 16]}) == "sparse"
+    for explicit in ("dense", "sparse", "factored", "tensorsketch"):
+        assert resolved(featurize={"projection": explicit}) == explicit
+
+
 def test_featurize_projection_round_trips_and_is_checked() -> None:
     cfg = parse_config({"featurize": {"projection": "factored", "k_in": None, "k_out": 8}})
     assert (cfg.featurize.projection, cfg.featurize.k_in, cfg.featurize.k_out) == ("factored", None, 8)
     assert parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
     assert parse_config({}, ["featurize.projection=factored", "featurize.k_in=null"]).featurize.k_in is None
-    assert parse_config({}).featurize.projection == "sparse"  # the default (benchmarks/projections.py)
-    with pytest.raises(ConfigError, match=r"featurize.projection is 'kron'; choose one of \('dense', 'sparse', 'factored', 'tensorsketch'\)"):
+    assert parse_config({}).featurize.projection == "auto"  # the default (benchmarks/projections.py)
+    with pytest.raises(ConfigError, match=r"featurize.projection is 'kron'; choose one of \('auto', 'dense', 'sparse', 'factored', 'tensorsketch'\)"):
         parse_config({"featurize": {"projection": "kron"}})
     with pytest.raises(ConfigError, match="featurize.k_out must be >= 1"):
         parse_config({"featurize": {"k_out": 0}})

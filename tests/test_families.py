@@ -77,7 +77,7 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         cfg = load_config(ROOT / "configs" / name)
         old = cfg.to_dict()
         del old["model"]["family"], old["model"]["options"], old["score"]["influential_fraction"]
-        assert old["featurize"]["projection"] == "sparse"  # the default since issue 14: hashed, features differ
+        assert old["featurize"]["projection"] == "auto"  # the default since tensorsketch: hashed, features differ
         del old["featurize"]["k_in"], old["featurize"]["k_out"], old["featurize"]["nonzeros"]
         del old["data"]["query_path"], old["score"]["dense"], old["score"]["options"], old["code_dir"]
         for key in ("train_path", "collate", "text_column", "label_column", "image_column", "tokenizer", "max_length",

@@ -24,6 +24,7 @@ import torch
 
 from pipelines.cli import main
 from pipelines.config import load_config, scorer_fingerprint
+from pipelines.families.base import gradient_featurizer
 from pipelines.run import RunPaths
 from pipelines.stages import open_store
 from stores import FaissIndex, FeatureStore, StoreLock, shard_path
@@ -290,8 +291,7 @@ def test_other_projection_seed_or_k_is_refused(run, capsys):
     name, msg = cli_error(run_args(run, "--set", "featurize.seed=1"), capsys)
     assert name == "FingerprintMismatchError" and "--overwrite" in msg
     cfg = load_config(TINY, [f"data.root={MNIST}", "featurize.seed=1"])
-    featurizer = Featurizer(mlp(784, tuple(cfg.model.hidden), 10), ClassificationTask(), k=cfg.featurize.k, seed=1,
-                            projection=cfg.featurize.projection)
+    featurizer = gradient_featurizer(cfg, mlp(784, tuple(cfg.model.hidden), 10), ClassificationTask())
     with raises_exactly(E.FingerprintMismatchError, r"differs in \['seed'\].*use another store folder"):
         open_store(cfg, RunPaths(run), "train", cfg.data.train_size, featurizer.spec())
     # same fingerprint, other k: the manifest's own settings are compared too

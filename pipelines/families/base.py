@@ -239,17 +239,34 @@ def featurize_params_named() -> Iterator[None]:
         raise ConfigError(f"featurize.params: {exc}") from exc
 
 
+#: (model.family, model.arch) of the built-in models: every parameter is one tensorsketch covers
+#: (linear, conv, embedding, affine norm) and no layer output is modified in place, so
+#: ``featurize.projection: auto`` sketches them with tensorsketch (README, "Default projection").
+TENSORSKETCH_BUILTINS = frozenset({("classifier", "mlp"), ("classifier", "cnn"), ("causal-lm", "gpt2")})
+
+
+def resolved_projection(cfg: RunConfig) -> str:
+    """``featurize.projection`` with ``auto`` resolved: ``tensorsketch`` for a built-in model
+    (:data:`TENSORSKETCH_BUILTINS`) with every parameter selected, else ``sparse`` (any model:
+    yours, Hugging Face ones, the UNet, or a ``featurize.params`` selection by parameter name)."""
+    f, m = cfg.featurize, cfg.model
+    if f.projection != "auto":
+        return f.projection
+    builtin = (m.family, m.arch) in TENSORSKETCH_BUILTINS and not (m.factory or m.hf)
+    return "tensorsketch" if builtin and f.params is None else "sparse"
+
+
 def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task) -> Any:
     """Projected per-example gradients of ``task`` under ``featurize`` (dense, sparse, factored or
-    tensorsketch)."""
-    f = cfg.featurize
-    if f.projection in ("factored", "tensorsketch"):
+    tensorsketch; ``auto``: :func:`resolved_projection`)."""
+    f, projection = cfg.featurize, resolved_projection(cfg)
+    if projection in ("factored", "tensorsketch"):
         with featurize_params_named():
             return FactoredFeaturizer(model, task, k_in=f.k_in, k_out=f.k_out, seed=f.seed, kind=f.projector,
-                                      layers=f.params, device=resolve_device(f.device), projection=f.projection,
+                                      layers=f.params, device=resolve_device(f.device), projection=projection,
                                       k=f.k)
     return Featurizer(model, task, k=f.k, seed=f.seed, kind=f.projector, param_names=f.params,
-                      device=resolve_device(f.device), backend=f.backend, projection=f.projection,
+                      device=resolve_device(f.device), backend=f.backend, projection=projection,
                       nonzeros=f.nonzeros)
 
 
@@ -257,7 +274,7 @@ def projection_width(cfg: RunConfig, model: nn.Module) -> int:
     """Width of one projected gradient: ``featurize.k`` (dense, sparse, tensorsketch) or the
     factored projection's ``sum over layers of k_out * k_in`` for ``model``."""
     f = cfg.featurize
-    if f.projection != "factored":
+    if resolved_projection(cfg) != "factored":
         return f.k
     with featurize_params_named():
         layers = factored_layers(model, f.params)

@@ -51,7 +51,7 @@ from ..layout import load_checkpoint_list
 from ..report import format_examples
 from ..score_options import score_options
 from .base import (Family, Reporting, Representations, Retraining, SaveFn, collated, featurize_params_named,
-                   projection_width, resolve_device)
+                   projection_width, resolve_device, resolved_projection)
 from .images import image_query_file, image_split, unused_train_rows
 from .jobs import SubsetJob
 from .registry import family_for, register_family
@@ -234,7 +234,7 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
             return DiffusionFeaturizer(self.build_model(cfg), DiffusionTask(sched, output), draws, mode, k=f.k,
                                        seed=f.seed, kind=f.projector, param_names=f.params,
                                        device=resolve_device(f.device), backend=f.backend,
-                                       projection=f.projection, k_in=f.k_in, k_out=f.k_out,
+                                       projection=resolved_projection(cfg), k_in=f.k_in, k_out=f.k_out,
                                        nonzeros=f.nonzeros)
 
     def _train_draws(self, cfg: RunConfig, paths: RunPaths | None) -> Any:
