@@ -181,6 +181,26 @@ def _sq_norm(a: Tensor, delta: Tensor) -> Tensor:
 
 
 
+#: Largest intermediate (elements) one chunk of examples may allocate per layer.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def under(name: str, wanted: str) -> bool:
+    """Whether module or parameter ``name`` is ``wanted`` or inside it (a selection by prefix)."""
+    return name == wanted or name.startswith(wanted + ".")
+
+
+def regroup(a: Tensor, delta: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Each run of ``group`` rows as one example whose gradient is their mean: the draws as extra
+    positions and delta / group."""
+    if group == 1:
+        return a, delta
+    if a.shape[0] % group:
+        raise ShapeError(f"{a.shape[0]} rows do not split into groups of {group} draws")
+    return (a.reshape(a.shape[0] // group, -1, *a.shape[2:]),
+            delta.reshape(delta.shape[0] // group, -1, delta.shape[2]) / group)
+
+
 class CapturedLayers:
     """Base of the projectors that read captured layers (:class:`FactoredProjector`,
     :class:`tda.tensorsketch.TensorSketchProjector`): turns captures into per-position matrices
@@ -219,13 +239,8 @@ class CapturedLayers:
         for _, mats in self._calls(captures):
             if not mats:
                 continue
-            a = torch.cat([m[0] for m in mats], dim=1)  # calls as extra positions: (B, N, d_in)
-            delta = torch.cat([m[1] for m in mats], dim=1)
-            if group > 1:  # the mean over draws of sum_t delta_t a_t^T: draws as extra positions, delta / group
-                if a.shape[0] % group:
-                    raise ShapeError(f"{a.shape[0]} rows do not split into groups of {group} draws")
-                a = a.reshape(a.shape[0] // group, -1, a.shape[2])
-                delta = delta.reshape(delta.shape[0] // group, -1, delta.shape[2]) / group
+            # calls as extra positions: (B, N, d_in); the mean over draws of sum_t delta_t a_t^T
+            a, delta = regroup(torch.cat([m[0] for m in mats], dim=1), torch.cat([m[1] for m in mats], dim=1), group)
             sq = _sq_norm(a, delta)
             total = sq if total is None else total + sq
         if total is None:

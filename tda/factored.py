@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .captures import SIDES, SUPPORTED, CapturedLayers, Captures, LayerSpec, capture_layers, layer_matrices
+from .captures import SIDES, SUPPORTED, CapturedLayers, Captures, LayerSpec, capture_layers, layer_matrices, under
 from .captures import matrix_layout as _layout, matrix_spec as _spec
 from .errors import ConfigError
 from .featurize import StateDict, featurize_loop
@@ -82,10 +82,6 @@ def _why_not(module: nn.Module, shared: bool) -> str:
         return (f"a grouped convolution (groups={module.groups}): its weight gradient is block-diagonal over "
                 "the groups, which one Kronecker factor pair does not represent")
     return f"a {type(module).__name__}, not one of the supported layers ({SUPPORTED})"
-
-
-def _under(name: str, wanted: str) -> bool:
-    return name == wanted or name.startswith(wanted + ".")
 
 
 def factored_selection(model: nn.Module, names: Sequence[str] | None = None) -> tuple[list[LayerSpec], list[str]]:
@@ -114,7 +110,7 @@ def factored_selection(model: nn.Module, names: Sequence[str] | None = None) -> 
     supported = [n for n, m in modules.items() if _layout(m) and m.weight.requires_grad and owners[id(m.weight)] == 1]
     if names is not None:
         for wanted in names:
-            if not any(_under(n, wanted) for n in supported):
+            if not any(under(n, wanted) for n in supported):
                 mod = modules.get(wanted)
                 if mod is not None and any(True for _ in mod.parameters(recurse=False)):
                     shared = any(owners[id(p)] > 1 for p in mod.parameters(recurse=False))
@@ -122,13 +118,13 @@ def factored_selection(model: nn.Module, names: Sequence[str] | None = None) -> 
                                       "leave it out of the selection or use the dense projection")
                 raise ConfigError(f"{wanted!r} names no layer the factored projection supports ({SUPPORTED}); "
                                   f"give module names or prefixes, not parameter names; choose from {supported[:20]}")
-    selected = [n for n in supported if names is None or any(_under(n, w) for w in names)]
+    selected = [n for n in supported if names is None or any(under(n, w) for w in names)]
     if not selected:
         raise ConfigError(f"the model has no (unshared) layer the factored projection supports ({SUPPORTED}); "
                           "use the dense projection")
     covered = {id(p) for n in selected for p in modules[n].parameters(recurse=False)}
     skipped = [n for n, p in model.named_parameters()
-               if p.requires_grad and id(p) not in covered and (names is None or any(_under(n, w) for w in names))]
+               if p.requires_grad and id(p) not in covered and (names is None or any(under(n, w) for w in names))]
     if skipped:
         total, left = sum(p.numel() for p in model.parameters() if p.requires_grad), set(skipped)
         share = sum(p.numel() for n, p in model.named_parameters() if n in left) / max(total, 1)

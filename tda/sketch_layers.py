@@ -29,9 +29,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .captures import (NORM_LAYOUTS, SUPPORTED, LayerSpec, _sq_norm, matrix_layout, matrix_spec,
-                       norm_layout)
-from .errors import ConfigError, ShapeError
+from .captures import (CHUNK_ELEMENTS, NORM_LAYOUTS, SUPPORTED, LayerSpec, _sq_norm, matrix_layout, matrix_spec,
+                       norm_layout, under)
+from .errors import ConfigError
 
 COVERED = f"{SUPPORTED}, nn.Embedding (tied LM heads included), LayerNorm, RMSNorm, GroupNorm, BatchNorm (eval)"
 
@@ -59,10 +59,6 @@ def covered_sizes(layers: Sequence[LayerSpec]) -> dict[str, int]:
             weight = s.d_out * (s.d_in - int(s.bias))
             sizes.update({s.params[0]: weight, **({s.params[1]: s.d_out} if s.bias else {})})
     return sizes
-
-
-def _under(name: str, wanted: str) -> bool:
-    return name == wanted or name.startswith(wanted + ".")
 
 
 def _covers(module: nn.Module, param: nn.Parameter, users: list[nn.Module]) -> bool:
@@ -122,11 +118,11 @@ def tensorsketch_selection(model: nn.Module, names: Sequence[str] | None = None)
         for p in mod.parameters(recurse=False):
             users.setdefault(id(p), []).append((mname, mod))
     for wanted in names or ():
-        if not any(_under(n, wanted) for n in modules):
+        if not any(under(n, wanted) for n in modules):
             raise ConfigError(f"{wanted!r} names no module; give module names or prefixes, not parameter names; "
                               f"choose from {[n for n in modules if n][:20]}")
     picked = {n: p for n, p in model.named_parameters() if p.requires_grad and
-              (names is None or any(_under(m, w) for m, _ in users[id(p)] for w in names))}
+              (names is None or any(under(m, w) for m, _ in users[id(p)] for w in names))}
     if not picked:
         raise ConfigError(f"featurize.params {list(names or [])} select no trainable parameter")
     keys, left, include = {id(p): n for n, p in model.named_parameters()}, {}, set()
@@ -164,24 +160,13 @@ def norm_grads(layer: LayerSpec, xhat: Tensor, delta: Tensor) -> list[Tensor]:
     return [(delta * xhat).sum(dim=1)] + ([delta.sum(dim=1)] if layer.bias else [])
 
 
-def regroup(a: Tensor, delta: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    """Each run of ``group`` rows as one example whose gradient is their mean: the draws as extra
-    positions and delta / group."""
-    if group == 1:
-        return a, delta
-    if a.shape[0] % group:
-        raise ShapeError(f"{a.shape[0]} rows do not split into groups of {group} draws")
-    return (a.reshape(a.shape[0] // group, -1, *a.shape[2:]),
-            delta.reshape(delta.shape[0] // group, -1, delta.shape[2]) / group)
-
-
 def shared_sq_norm(uses: list[tuple[LayerSpec, Tensor, Tensor]]) -> Tensor:
     """``||sum over uses of the weight's gradient||^2`` (plus each linear use's bias) per example,
     (B,), forming the (B, rows, cols) gradient a few examples at a time."""
     first = uses[0][0]
     n_rows, n_cols = first.d_out, first.d_in - int(first.bias)
     b = uses[0][1].shape[0]
-    step = max(1, (1 << 24) // max(n_rows * n_cols, 1))
+    step = max(1, CHUNK_ELEMENTS // max(n_rows * n_cols, 1))
     out = []
     for lo in range(0, b, step):
         g, extra = None, 0.0
@@ -208,5 +193,5 @@ def term_sq_norm(layer: LayerSpec, a: Tensor, delta: Tensor) -> Tensor:
     return _sq_norm(a, delta)
 
 
-__all__ = ["COVERED", "SketchLayer", "covered_sizes", "embedding_sketch", "norm_grads", "regroup",
+__all__ = ["COVERED", "SketchLayer", "covered_sizes", "embedding_sketch", "norm_grads",
            "shared_sq_norm", "term_sq_norm", "tensorsketch_selection"]

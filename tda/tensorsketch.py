@@ -60,11 +60,10 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, ShapeError
-from .captures import MATRIX_LAYOUTS, NORM_LAYOUTS, SIDES, CapturedLayers, Captures, LayerSpec
-from .sketch_layers import covered_sizes, embedding_sketch, norm_grads, regroup, shared_sq_norm, term_sq_norm
+from .captures import (CHUNK_ELEMENTS, MATRIX_LAYOUTS, NORM_LAYOUTS, SIDES, CapturedLayers, Captures, LayerSpec,
+                       regroup)
+from .sketch_layers import covered_sizes, embedding_sketch, norm_grads, shared_sq_norm, term_sq_norm
 
-#: Largest intermediate (elements) one chunk of examples may allocate per layer.
-CHUNK_ELEMENTS = 1 << 24
 #: Relative costs per element against one multiply-add of forming ``G`` by batched matmul,
 #: measured on the CPU (one thread, torch 2.13): writing and scattering an element, and one
 #: ``log2 k`` step of a length-k real FFT plus its share of the product.
