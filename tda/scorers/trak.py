@@ -39,7 +39,8 @@ AUTO_DF_BASE, AUTO_DF_POWER, AUTO_DF_CAP = 0.95, 0.43, 0.6
 #: the most of a rank-deficient kernel's rank the automatic ridge may target (:func:`auto_lambdas`)
 RANK_CAP = 0.9
 #: how the automatic ridge is described in manifests (``scorer.json``'s ``lambda_rule``)
-AUTO_RULE = "df = 0.95 M^0.43 k^0.25 sqrt(spread), spread = ||Phi||_*^2 / ||Phi||_F^2"
+AUTO_RULE = (f"df = {AUTO_DF_BASE} M^{AUTO_DF_POWER} k^0.25 sqrt(spread), spread = ||Phi||_*^2 / ||Phi||_F^2, "
+             f"at most {AUTO_DF_CAP} k")
 
 
 def spread(eigenvalues: "torch.Tensor") -> "torch.Tensor":
