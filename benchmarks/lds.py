@@ -37,7 +37,7 @@ from tda.featurize import Featurizer
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.tasks import ClassificationTask
-from tda.validation import lds, score_noise, split_folds
+from tda.validation import ground_truth_reliability, lds, score_noise, split_folds
 
 LAMBDA_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0, 1000.0]
 
@@ -102,10 +102,15 @@ def first(block: FeatureBlock, m: int) -> FeatureBlock:
     return FeatureBlock(block.ids, block.feats[:m], block.q[:m])
 
 
-def evaluate(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray, folds: dict, tuned: bool) -> dict:
+def evaluate(scores: np.ndarray, masks: np.ndarray, runs: np.ndarray, folds: dict, tuned: bool) -> dict:
+    """LDS against the mean of the R models per subset; ``runs`` is (J, R, m). With R >= 2 also
+    ``report_1``: the report fold against the first model of each subset alone (an R = 1 ground truth)."""
     rq, rj = folds["report_queries"], folds["report_subsets"]
+    outputs = runs.mean(axis=1)
     rep = lds(scores[rq], masks[rj], outputs[np.ix_(rj, rq)])
     res = {"report": rep.as_dict()}
+    if runs.shape[1] > 1:
+        res["report_1"] = lds(scores[rq], masks[rj], runs[:, 0][np.ix_(rj, rq)]).as_dict()
     if not tuned:
         res["all"] = lds(scores, masks, outputs).as_dict()
     return res
@@ -156,6 +161,8 @@ def main() -> None:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "tda" / "lds-mnist-mlp"))
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--models", type=int, default=10)
+    p.add_argument("--gt-models", type=int, default=1,
+                   help="models per subset in the ground truth (>= 2 also reports its noise ceiling)")
     p.add_argument("--k", type=int, default=512)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="dask LocalCluster workers for the ground truth")
@@ -166,13 +173,14 @@ def main() -> None:
     cfg = recipe(args)
     cache = Path(args.cache) / f"e{args.epochs}"
     t0 = time.time()
-    spec = GroundTruthSpec(n=5000, m=500, n_subsets=args.subsets, alpha=0.5, seed=0, job=job_fingerprint(cfg))
-    gt = GroundTruth(cache / f"gt-{args.subsets}", spec)
+    spec = GroundTruthSpec(n=5000, m=500, n_subsets=args.subsets,
+                           models_per_subset=args.gt_models, alpha=0.5, seed=0, job=job_fingerprint(cfg))
+    gt = GroundTruth(cache / (f"gt-{args.subsets}" + (f"x{args.gt_models}" if args.gt_models > 1 else "")), spec)
     if gt.pending():
         with make_executor("dask", workers=args.workers) as ex:
             gt.compute(MNISTRetrainJob(cfg, 500), ex)
     t_gt = time.time() - t0
-    masks, outputs = gt.masks, gt.mean_outputs()
+    masks, outputs = gt.masks, gt.outputs()
     folds = split_folds(500, args.subsets, 0.5, seed=0)
     ms = sorted({1, min(5, args.models), args.models})
     rows: dict[str, dict] = {}
@@ -183,7 +191,7 @@ def main() -> None:
             src = ArrayFeatures(first(train, m), range(m))
             s = score_matrix(first(query, m), TRAKScorer().fit(src), src)
             rows[f"tda TRAK-{m} {kind} default"] = evaluate(s, masks, outputs, folds, tuned=False)
-            s, lam = trak_tuned(first(train, m), first(query, m), masks, outputs, folds)
+            s, lam = trak_tuned(first(train, m), first(query, m), masks, outputs.mean(axis=1), folds)
             rows[f"tda TRAK-{m} {kind} tuned (lambda {lam:g})"] = evaluate(s, masks, outputs, folds, tuned=True)
         if kind == "full" and args.models >= 2:
             stack = []
@@ -196,15 +204,18 @@ def main() -> None:
             for m, s in traker_scores(cfg, states, ms, args.k, cache).items():
                 rows[f"traker TRAK-{m} {kind} default"] = evaluate(s, masks, outputs, folds, tuned=False)
     rows.update(other_methods(cfg, cache, args.k, masks, outputs, folds))
-    print(f"\nMNIST MLP 784-128-10, 5000 train / 500 queries, {args.subsets} subsets x 1 model at alpha 0.5, "
+    print(f"\nMNIST MLP 784-128-10, 5000 train / 500 queries, {args.subsets} subsets x {args.gt_models} model(s) "
+          "at alpha 0.5, "
           f"k={args.k}, {args.epochs} epochs; ground truth {t_gt:.0f}s (cached in {cache})")
-    print(f"{'method':<44} {'LDS all queries/subsets':>26} {'LDS report fold':>26}")
+    keys = ("all", "report", "report_1") if args.gt_models > 1 else ("all", "report")
+    print(f"{'method':<44} {'LDS all queries/subsets':>26} {'LDS report fold':>26}"
+          + (f" {'report fold, 1 model/subset':>28}" if args.gt_models > 1 else ""))
     for name, r in rows.items():
         cells = []
-        for key in ("all", "report"):
+        for key in keys:
             x = r.get(key)
             cells.append(f"{x['mean']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}]" if x else "- (tuned)")
-        print(f"{name:<44} {cells[0]:>26} {cells[1]:>26}")
+        print(f"{name:<44} " + " ".join(f"{c:>26}" for c in cells))
     for m in ms:
         a = rows.get(f"tda TRAK-{m} full default", {}).get("report", {}).get("mean")
         b = rows.get(f"traker TRAK-{m} full default", {}).get("report", {}).get("mean")
@@ -213,6 +224,9 @@ def main() -> None:
     if args.models >= 2:
         print(f"score noise over {args.models} independently trained models (TRAK-1 each): "
               + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in noise.items()))
+    if args.gt_models >= 2:
+        rel = ground_truth_reliability(gt.outputs()).as_dict()
+        print("ground truth noise: " + ", ".join(f"{k} {v:.3f}" for k, v in rel.items()))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

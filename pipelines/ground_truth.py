@@ -202,6 +202,9 @@ class GroundTruth:
 def job_fingerprint(cfg: RunConfig) -> str:
     """Hash of the retraining recipe and the data it is measured on (keys added later and left at
     their defaults are not hashed, so cached ground truth stays valid across versions)."""
+    from .families.registry import family_for  # families import this module
+
     d = stable_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}
-    return fingerprint({"data": d["data"], "model": d["model"], "train": train})
+    version = family_for(cfg).measure_version
+    return fingerprint({"data": d["data"], "model": d["model"], "train": train, **({"measure": version} if version else {})})

@@ -118,6 +118,35 @@ def test_diffusion_grid_train_draws_pool_the_training_loss_gradient() -> None:
         load_config(ROOT / "configs" / "mnist_ddpm.yaml", ["model.options.train_draws=all"])
 
 
+def test_diffusion_ground_truth_measures_the_attributed_output(monkeypatch) -> None:
+    """The LDS ground truth's f is the query features' f: the same grid of timesteps and noise
+    draws (a different noise side measured another noisy estimate of the loss than the one
+    attributed), and its cache key changed with it."""
+    from pipelines.families import diffusion as dfam
+    from pipelines.ground_truth import job_fingerprint
+    from tda.diffusion import DiffusionTask, noise_from_seeds
+
+    cfg = load_config(ROOT / "configs" / "mnist_ddpm.yaml")
+    family = get_family("diffusion")
+    torch.manual_seed(0)
+    model = family.build_model(cfg).eval()
+    monkeypatch.setattr(dfam, "train_ddpm", lambda *a, **k: (model, None))
+    x = torch.randn(3, 1, 28, 28).clamp(-1, 1)
+    ids = np.array([4, 9, 11])
+    measured = family.subset_job(cfg).run({"x": x}, ids, {"x": x}, ids, seed=0)
+    query = make_featurizer(cfg, "query")
+    t, seeds = query.draws(0, ids)
+    task = DiffusionTask(family.schedule(cfg), family.options(cfg).output)
+    with torch.no_grad():
+        expect = torch.stack([task.output(model, {"x": x, "t": torch.from_numpy(t[:, s]),
+                                                  "noise": noise_from_seeds(seeds[:, s], x.shape[1:])})
+                              for s in range(t.shape[1])]).mean(dim=0)
+    torch.testing.assert_close(measured, expect)
+    current = job_fingerprint(cfg)
+    monkeypatch.setattr(dfam.DiffusionFamily, "measure_version", "")  # as before the change
+    assert job_fingerprint(cfg) != current  # ground truth cached with the old f is not reused
+
+
 @functools.lru_cache(maxsize=1)
 def _toy_data() -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)

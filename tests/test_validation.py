@@ -9,8 +9,8 @@ from scipy.stats import spearmanr
 from pipelines.executors import DaskExecutor, LocalExecutor, make_executor
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec, ResultStore
 from tda.errors import ConfigError, FingerprintMismatchError, ShapeError
-from tda.validation import (bootstrap_ci, brittleness, lds, removal_sets, sample_subsets, score_noise,
-                            split_folds)
+from tda.validation import (bootstrap_ci, brittleness, ground_truth_reliability, lds, removal_sets, sample_subsets, score_noise,
+                            spearman_columns, split_folds)
 
 
 def test_lds_equals_hand_computation():
@@ -189,3 +189,22 @@ def test_damaged_retraining_results_are_recomputed_or_refused(tmp_path):
     assert len(again.store.drop_damaged()) == 3 and len(again.pending()) == 3
     again.compute(ToyJob(effects), LocalExecutor(), progress=False)
     np.testing.assert_array_equal(GroundTruth(tmp_path / "gt", _spec()).outputs(), want)
+
+
+def test_ground_truth_reliability_matches_the_attenuation_of_a_known_signal() -> None:
+    """Outputs = signal + seed noise with known variances: single-model agreement is the
+    signal share (Pearson ~ Spearman here), Spearman-Brown gives the R-model reliability, and
+    the true signal itself scores LDS about sqrt(reliability) against the R-model mean."""
+    rng = np.random.default_rng(0)
+    J, R, m, noise = 400, 4, 40, 1.0
+    signal = rng.normal(size=(J, 1, m))
+    outputs = signal + noise * rng.normal(size=(J, R, m))
+    rel = ground_truth_reliability(outputs)
+    share = 1 / (1 + noise ** 2)  # 0.5
+    assert abs(float(np.mean(rel.single)) - share) < 0.04
+    expect = R * share / (1 + (R - 1) * share)  # 0.8
+    assert abs(float(np.mean(rel.reliability)) - expect) < 0.03
+    oracle = spearman_columns(signal[:, 0], outputs.mean(axis=1))
+    assert abs(rel.ceiling - float(np.mean(oracle))) < 0.03
+    with pytest.raises(ShapeError, match="models_per_subset >= 2"):
+        ground_truth_reliability(outputs[:, :1])

@@ -62,6 +62,7 @@ class Family:
     options_type: type | None = None  # dataclass of model.options; None: no options
     label_key: str | None = None  # batch entry of class labels (label-aware representations), if any
     trains: bool = True  # has a training recipe (else model.checkpoints is required)
+    measure_version: str = ""  # bumped when the ground truth's measured f changes (new cache key)
 
     # -- the protocol
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:

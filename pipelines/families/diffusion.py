@@ -117,6 +117,7 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
     archs = ("unet",)
     data_names = ("mnist", "fashion-mnist")
     feature_kinds = ("grid", "slots", "representations")  # grid-averaged gradients, per-draw slots, h(z)
+    measure_version = "query-grid"  # the ground truth measures f on the query features' grid
     options_type = DiffusionOptions
     airrep_budget = (64, 16, 1 / 6)  # a subset model: ~15 s on 2 cores at the demo's size (5 of 30 epochs)
 
@@ -202,9 +203,13 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
 
     def representation_inputs(self, cfg: RunConfig, split: str) -> NoisedInputs:
         """``(x_t, t)`` at every draw of the query grid (timesteps x noises), seeded per side."""
+        return NoisedInputs(self.schedule(cfg), self.grid_draws(cfg, split))
+
+    def grid_draws(self, cfg: RunConfig, split: str) -> GridDraws:
+        """The seeded timestep x noise grid of ``split``: the train side (0) for ``train``, the
+        query side (1) otherwise, the grid the query features and the LDS ground truth share."""
         o = self.options(cfg)
-        return NoisedInputs(self.schedule(cfg), GridDraws(o.T, o.timesteps, o.noise_draws, seed=cfg.featurize.seed,
-                                                          side=0 if split == "train" else 1))
+        return GridDraws(o.T, o.timesteps, o.noise_draws, seed=cfg.featurize.seed, side=0 if split == "train" else 1)
 
     def airrep_queries(self, cfg: RunConfig) -> Any:
         """Training-split images outside the training subset (never trained on, never queried)."""
@@ -225,7 +230,7 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
         if kind == "representations":
             return self.representation_featurizer(cfg, split)
         o, f, sched = self.options(cfg), cfg.featurize, self.schedule(cfg)
-        draws: Any = GridDraws(o.T, o.timesteps, o.noise_draws, seed=f.seed, side=0 if split == "train" else 1)
+        draws: Any = self.grid_draws(cfg, split)
         output, mode = o.output, ("mean" if kind == "grid" else "slots")
         if mode == "slots" and split == "train":  # the training loss at the trained draw, or pooled over the grid
             output, draws = "loss", self._train_draws(cfg, paths)
@@ -345,17 +350,19 @@ TAGS = {"grid": "-dtrak", "slots": "-tracin"}
 
 
 class DiffusionSubsetJob(SubsetJob):
-    """Train the DDPM recipe on the images; each query's output averaged over a seeded grid."""
+    """Train the DDPM recipe on the images; each query's output averaged over a seeded grid.
 
-    GRID_SIDE = 3  # noise seeds apart from the train (0) and query (1) sides of the featurizers
+    The grid is the query featurizer's (:meth:`DiffusionFamily.grid_draws`): the measured f is
+    the very function whose gradient the query features hold. With other noise draws the ground
+    truth measured a different noisy estimate of the query's loss than the one attributed.
+    """
 
     def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
         t, family = self.cfg.train, family_for(self.cfg)
         o, sched = family.options(self.cfg), family.schedule(self.cfg)
         model, _ = train_ddpm(lambda: family.build_model(self.cfg), train["x"], train_ids, sched, epochs=self.epochs,
                               lr=t.lr, batch_size=t.batch_size, seed=seed)
-        steps, seeds = GridDraws(o.T, o.timesteps, o.noise_draws, seed=self.cfg.featurize.seed,
-                                 side=self.GRID_SIDE)(0, query_ids)  # (m, S) each
+        steps, seeds = family.grid_draws(self.cfg, "query")(0, query_ids)  # (m, S) each
         task, x = DiffusionTask(sched, o.output), query["x"]
         with torch.no_grad():
             per_draw = [task.output(model, {"x": x, "t": torch.from_numpy(steps[:, s]),

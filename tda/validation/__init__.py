@@ -1,9 +1,11 @@
 """Counterfactual validation: LDS, calibration, removal curves, brittleness, score noise, folds."""
 
 from .calibration import Calibration, calibration_report, fit_calibration, removal_effects
-from .metrics import (LDSResult, NoiseReport, bootstrap_ci, brittleness, group_predictions, lds,
+from .metrics import (LDSResult, NoiseReport, Reliability, bootstrap_ci, brittleness, ground_truth_reliability,
+                      group_predictions, lds,
                       removal_sets, score_noise, spearman_columns, split_folds)
 from .subsets import sample_subsets
 
-__all__ = ["Calibration", "LDSResult", "calibration_report", "fit_calibration", "removal_effects", "NoiseReport", "bootstrap_ci", "brittleness", "group_predictions", "lds",
+__all__ = ["Calibration", "LDSResult", "calibration_report", "fit_calibration", "removal_effects", "NoiseReport", "Reliability", "bootstrap_ci", "brittleness",
+           "ground_truth_reliability", "group_predictions", "lds",
            "removal_sets", "sample_subsets", "score_noise", "spearman_columns", "split_folds"]

@@ -149,6 +149,40 @@ def score_noise(stack: np.ndarray) -> NoiseReport:
     return NoiseReport(mean, std, snr, share)
 
 
+@dataclass
+class Reliability:
+    """How much of the ground truth's spread over subsets is signal rather than retraining noise.
+
+    Attributes:
+        single: (m,) mean Spearman over subsets between two models of one subset (different seeds).
+        reliability: (m,) Spearman-Brown reliability of the mean of R models, ``R r / (1 + (R-1) r)``.
+        ceiling: mean over queries of ``sqrt(reliability)``, about the highest LDS any attribution
+            can reach against this ground truth (a predictor of the expected output correlates
+            with the R-model mean at most this much).
+    """
+
+    single: np.ndarray
+    reliability: np.ndarray
+    ceiling: float
+
+    def as_dict(self) -> dict:
+        return {"single_model_agreement": float(np.nanmean(self.single)),
+                "reliability": float(np.nanmean(self.reliability)), "lds_ceiling": self.ceiling}
+
+
+def ground_truth_reliability(outputs: np.ndarray) -> Reliability:
+    """Noise ceiling of LDS from ground truth with R >= 2 models per subset: outputs (J, R, m)."""
+    if outputs.ndim != 3 or outputs.shape[1] < 2:
+        raise ShapeError(f"reliability needs >= 2 models per subset as (J, R, m), got {outputs.shape}; "
+                         "set validate.models_per_subset >= 2")
+    r_count = outputs.shape[1]
+    pairs = [spearman_columns(outputs[:, a], outputs[:, b]) for a in range(r_count) for b in range(a + 1, r_count)]
+    single = np.nanmean(np.stack(pairs), axis=0)
+    pos = np.clip(single, 0.0, None)
+    rel = r_count * pos / (1 + (r_count - 1) * pos)
+    return Reliability(single, rel, float(np.nanmean(np.sqrt(rel))))
+
+
 def split_folds(n_queries: int, n_subsets: int, tune_fraction: float = 0.5, seed: int = 0) -> dict[str, np.ndarray]:
     """Disjoint tuning and reporting folds over queries and over subsets.
 
