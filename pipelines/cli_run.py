@@ -214,6 +214,11 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
         lds_ = res["lds"]
         print(f"  TRAK ridge: configured {lds_['configured']['label']}, tuning fold chose "
               f"{lds_['chosen_lambda_rel']:g}")
+    gt_noise = res.get("ground_truth", {}).get("noise")
+    if gt_noise:
+        print(f"  ground truth: {res['models_per_subset']} models per subset agree at "
+              f"{gt_noise['single_model_agreement']:.2f} (Spearman); no scorer can exceed LDS about "
+              f"{gt_noise['lds_ceiling']:.2f} against it")
     if res.get("noise"):
         print(f"  score noise: {res['noise']['share_distinguishable']:.1%} of train-query pairs distinguishable "
               f"from zero across checkpoints (median |mean|/std {res['noise']['median_snr']:.2f})")

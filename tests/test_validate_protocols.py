@@ -8,6 +8,7 @@ small-drop protocol's full-set reference.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,15 @@ def test_validate_scorer_choice_and_protocol_are_checked(tmp_path, capsys) -> No
                  "--set", "validate.subsets=4", "--set", "validate.plots=false"]) == 0
     res = json.loads((run / "validation" / "validation.json").read_text())
     assert list(res["scorers"]) == ["graddot"] and "lds" not in res
+    assert "noise" not in res["ground_truth"]  # one model per subset: no noise ceiling to estimate
+    capsys.readouterr()
+    shutil.rmtree(run / "ground-truth")  # another ground truth spec needs its own folder
+    assert main(["validate", str(TINY), "--out", str(run), *SETS, "--set", "validate.scorers=[graddot]",
+                 "--set", "validate.subsets=6", "--set", "validate.models_per_subset=2",
+                 "--set", "validate.plots=false"]) == 0
+    noise = json.loads((run / "validation" / "validation.json").read_text())["ground_truth"]["noise"]
+    assert -1 <= noise["single_model_agreement"] <= 1 and 0 <= noise["lds_ceiling"] <= 1
+    assert f"no scorer can exceed LDS about {noise['lds_ceiling']:.2f}" in capsys.readouterr().out
     with pytest.raises(ConfigError):
         from pipelines.config import parse_config
 

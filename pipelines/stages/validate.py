@@ -19,7 +19,7 @@ from tda.errors import ConfigError
 from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
-from tda.validation import brittleness, calibration_report, lds, removal_sets, score_noise, split_folds
+from tda.validation import brittleness, calibration_report, ground_truth_reliability, lds, removal_sets, score_noise, split_folds
 
 from ..executors import make_executor
 from ..families import Retraining, family_for
@@ -189,7 +189,10 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
                   "ground_truth": {"batch_order": job.batch_order,
                                    "fixed_seed": gt.spec.fixed_seed if job.weighted else None,
                                    "retrainings": gt.retrainings()}}
-        outputs = gt.mean_outputs()  # read (and checked against their sha256) once
+        runs = gt.outputs()  # (J, R, m), read (and checked against their sha256) once
+        outputs = runs.mean(axis=1)
+        if runs.shape[1] >= 2:  # how far retraining noise caps any scorer's LDS
+            result["ground_truth"]["noise"] = ground_truth_reliability(runs).as_dict()
         scores = measure_scorers(cfg, paths, names, train, query, (gt.masks, outputs, gt.full_outputs()), folds,
                                  result)
         if v.removal_queries:
