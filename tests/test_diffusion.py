@@ -396,6 +396,31 @@ def test_slot_scorers_reject_misuse(rng) -> None:
 
 
 # ------------------------------------------------------------------ training, replay, sampling
+def test_zero_data_weights_drop_examples_without_reshuffling() -> None:
+    """Small-drop for DDPM: a zero weight removes an example's loss while every batch, timestep
+    and noise draw stays the full run's (so the images it holds do not matter); weights of one
+    are the unweighted run."""
+    x, ids = _images(8, seed=3), np.arange(8)
+    run = dict(epochs=2, lr=1e-3, batch_size=3, seed=5)
+    plain, log = train_ddpm(lambda: _model(0), x, ids, SCHED, **run)
+    ones, _ = train_ddpm(lambda: _model(0), x, ids, SCHED, weights=torch.ones(8), **run)
+    for a, b in zip(plain.state_dict().values(), ones.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    w = torch.ones(8)
+    w[[2, 5]] = 0.0
+    garbage = x.clone()
+    garbage[[2, 5]] = 50.0
+    dropped, log_d = train_ddpm(lambda: _model(0), x, ids, SCHED, weights=w, **run)
+    same, _ = train_ddpm(lambda: _model(0), garbage, ids, SCHED, weights=w, **run)
+    for a, b, c in zip(dropped.state_dict().values(), same.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, c) for a, c in zip(dropped.state_dict().values(), plain.state_dict().values()))
+    for key, value in log.arrays().items():
+        np.testing.assert_array_equal(value, log_d.arrays()[key])
+    with pytest.raises(DataError, match=r"weights must be \(8,\)"):
+        train_ddpm(lambda: _model(0), x, ids, SCHED, weights=torch.ones(7), **run)
+
+
 def test_training_records_the_draws_it_used_and_is_deterministic() -> None:
     x, ids = _images(8, seed=6), np.arange(8) * 3 + 1
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -357,11 +357,17 @@ class DiffusionSubsetJob(SubsetJob):
     truth measured a different noisy estimate of the query's loss than the one attributed.
     """
 
+    supports_weights = True  # small-drop keeps the full run's batches, timesteps and noise
+
     def run(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int) -> torch.Tensor:
+        return self.run_weighted(train, train_ids, query, query_ids, seed, None)
+
+    def run_weighted(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int,
+                     weights: torch.Tensor | None) -> torch.Tensor:
         t, family = self.cfg.train, family_for(self.cfg)
         o, sched = family.options(self.cfg), family.schedule(self.cfg)
         model, _ = train_ddpm(lambda: family.build_model(self.cfg), train["x"], train_ids, sched, epochs=self.epochs,
-                              lr=t.lr, batch_size=t.batch_size, seed=seed)
+                              lr=t.lr, batch_size=t.batch_size, seed=seed, weights=weights)
         steps, seeds = family.grid_draws(self.cfg, "query")(0, query_ids)  # (m, S) each
         task, x = DiffusionTask(sched, o.output), query["x"]
         with torch.no_grad():

@@ -117,6 +117,7 @@ def train_ddpm(
     seed: int = 0,
     warmup_steps: int = 50,
     on_epoch: Callable[..., None] | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[nn.Module, TrainLog]:
     """Train an epsilon-prediction model with Adam on ``L_simple``, recording every draw.
 
@@ -129,6 +130,9 @@ def train_ddpm(
         make_model: builds a fresh model called as ``model(x_t, t)``.
         x: (n, C, H, W) images scaled to [-1, 1]. ids: (n,) example ids.
         on_epoch: called as ``on_epoch(epoch, model, lr=mean learning rate of the epoch)``.
+        weights: optional (n,) per-example data weights: the batch loss is the batch mean of
+            ``w_i * L_simple_i``, and batches, timesteps and noise are those of the unweighted
+            run (zero weights drop examples without reshuffling: the small-drop protocol).
 
     Returns:
         The trained model (eval mode) and the :class:`TrainLog` of every (step, example).
@@ -136,6 +140,8 @@ def train_ddpm(
     ids = np.asarray(ids, dtype=np.int64)
     if len(x) == 0 or len(x) != len(ids):
         raise DataError(f"DDPM training needs equal, non-zero numbers of images and ids, got {len(x)}, {len(ids)}")
+    if weights is not None and tuple(weights.shape) != (len(x),):
+        raise DataError(f"DDPM data weights must be ({len(x)},), got {tuple(weights.shape)}")
     torch.manual_seed(seed)
     model = make_model()
     steps_per_epoch = math.ceil(len(x) / batch_size)
@@ -156,7 +162,8 @@ def train_ddpm(
             t = torch.randint(0, schedule.T, (len(idx),), generator=gen)
             seeds = torch.randint(0, _SEED_MAX, (len(idx),), generator=gen).numpy()
             noise = noise_from_seeds(seeds, x.shape[1:])
-            loss = F.mse_loss(model(noisy(x[idx], t, noise, alpha_bar), t), noise)
+            loss = _batch_loss(model(noisy(x[idx], t, noise, alpha_bar), t), noise,
+                               None if weights is None else weights[idx])
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"DDPM loss became {loss.item()} at step {step}; lower train.lr")
             opt.zero_grad(set_to_none=True)
@@ -172,6 +179,14 @@ def train_ddpm(
         if on_epoch is not None:
             on_epoch(epoch, model, lr=float(np.mean(lrs)))
     return model.eval(), TrainLog(**{k: np.concatenate(v) for k, v in log.items()})
+
+
+def _batch_loss(eps_pred: Tensor, noise: Tensor, weights: Tensor | None) -> Tensor:
+    """``L_simple`` of a batch: the plain MSE, or the batch mean of weighted per-example MSEs."""
+    if weights is None:
+        return F.mse_loss(eps_pred, noise)
+    per_example = (eps_pred - noise).pow(2).flatten(1).mean(dim=1)
+    return (weights.to(per_example.dtype) * per_example).mean()
 
 
 @torch.no_grad()
