@@ -51,6 +51,7 @@ def table(name: str, results: dict[str, dict]) -> str:
     lines = [f"**{name}**  " + "; ".join(
         f"{p}: {r['subsets']} subsets x {r['models_per_subset']}, alpha {r['alpha']:g}, {r['n_queries']} queries, "
         f"{r['n_train']} train, batch order {r['ground_truth']['batch_order']}, {r['wall_s']:.0f} s"
+        + (f", LDS ceiling {r['ground_truth']['noise']['lds_ceiling']:.2f}" if "noise" in r["ground_truth"] else "")
         for p, r in results.items()), "", f"| scorer | {head} |", "|---" * (1 + 2 * len(results)) + "|"]
     for s in scorers:
         cells = []
