@@ -80,7 +80,10 @@ def fit_airrep(train: FeatureBlock, queries: FeatureBlock, sup, keys: dict, head
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
-    p.add_argument("--gt", default="/work/.cache-lds/e10", help="benchmarks/lds.py's cache (read only)")
+    p.add_argument("--gt", default=str(Path.home() / ".cache" / "tda" / "lds-mnist-mlp" / "e10"),
+                   help="benchmarks/lds.py's cache (read only)")
+    p.add_argument("--gt-models", type=int, default=1,
+                   help="models per subset of that ground truth (the README's figures: 1; lds.py's default: 4)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "tda" / "airrep-mnist"))
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--queries", type=int, default=1000)
@@ -100,10 +103,12 @@ def main() -> None:
     gt_cache = Path(args.gt)
 
     # ground truth of the test queries (benchmarks/lds.py), only read
-    gt = GroundTruth(gt_cache / "gt-100", GroundTruthSpec(n=5000, m=500, n_subsets=100, alpha=0.5, seed=0,
-                                                          job=job_fingerprint(cfg)))
+    r = args.gt_models
+    gt_dir = gt_cache / ("gt-100" + (f"x{r}" if r > 1 else ""))
+    gt = GroundTruth(gt_dir, GroundTruthSpec(n=5000, m=500, n_subsets=100, models_per_subset=r, alpha=0.5, seed=0,
+                                             job=job_fingerprint(cfg)))
     if gt.pending():
-        raise SystemExit(f"{gt_cache / 'gt-100'} is incomplete; run benchmarks/lds.py first")
+        raise SystemExit(f"{gt_dir} is incomplete; run `python benchmarks/lds.py --gt-models {r}` first")
     masks, outputs = gt.masks, gt.mean_outputs()
     folds = split_folds(500, 100, 0.5, seed=0)
 
@@ -135,7 +140,7 @@ def main() -> None:
     rows["TRAK-1 (default lambda)"] = score_matrix(first(tq, 1), TRAKScorer().fit(src), src)
 
     res = {name: evaluate(s, masks, outputs, folds, tuned=False) for name, s in rows.items()}
-    print(f"\nMNIST MLP 784-128-10, 5000 train / 500 test queries; ground truth {gt_cache / 'gt-100'} (100 subsets)")
+    print(f"\nMNIST MLP 784-128-10, 5000 train / 500 test queries; ground truth {gt_dir} (100 subsets x {r})")
     print(f"AirRep supervision: {args.subsets} subsets x {args.queries} training queries (train images "
           f"{int(queries['id'][0])}..{int(queries['id'][-1])}), {args.subset_epochs} epochs each, {t_sup:.0f}s here "
           f"(stored in {sup.store.root}); subsets equal to ground-truth subsets: {overlap}")
