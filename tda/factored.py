@@ -61,7 +61,7 @@ from .captures import SIDES, SUPPORTED, CapturedLayers, Captures, LayerSpec, cap
 from .captures import matrix_layout as _layout, matrix_spec as _spec
 from .errors import ConfigError
 from .featurize import StateDict, featurize_loop
-from .gradients import check_finite, loss_weights
+from .gradients import check_finite, eval_mode, loss_weights
 from .projectors import Projector
 from .sketch_layers import tensorsketch_selection
 from .tasks import Batch, Task
@@ -291,6 +291,7 @@ class FactoredFeaturizer:
             self.projector = FactoredProjector(self.layers, k_in, k_out, seed, kind)
         self.names = list(dict.fromkeys(p for s in self.layers for p in s.params))
         self.chunk_size = chunk_size
+        self.verified = False  # the first batch checks the captures against autograd (verify_captures)
 
     @property
     def k(self) -> int:
@@ -330,11 +331,43 @@ class FactoredFeaturizer:
     def featurize_batch(self, batch: Batch, ids: Sequence[int], checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (B, k) float32 and Q (B,) float32 for one batch under the loaded weights."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if not self.verified:
+            self.verify_captures(batch)
         phi = torch.cat([self.project(c, checkpoint) for c in self.captures(batch)])
         check_finite(phi, ids, self.what)
         q = loss_weights(self.model, self.task, batch)
         check_finite(q, ids, "loss weights Q")
         return phi.float().cpu().numpy(), q.cpu().numpy()
+
+    #: rows of the first batch checked, and the relative tolerance of the check
+    VERIFY_ROWS, VERIFY_RTOL = 2, 1e-3
+
+    def verify_captures(self, batch: Batch) -> None:
+        """Check that the captured layers see the whole gradient: the per-example gradient norms
+        over the covered parameters from the captures must equal autograd's (an exact
+        per-example backward of the first :attr:`VERIFY_ROWS` rows). A model that uses a
+        parameter outside its module's forward (``F.linear(x, self.fc.weight)``), or changes
+        what a layer saw, fails here instead of giving silently wrong features."""
+        n = next(iter(batch.values())).shape[0]
+        rows = {k: v[: self.VERIFY_ROWS] if v.ndim and v.shape[0] == n else v for k, v in batch.items()}
+        got = self.projector.grad_norms(next(self.captures(rows)))
+        params = dict(self.model.named_parameters())
+        wanted = [params[name] for name in self.names]
+        exact = []
+        with eval_mode(self.model), torch.enable_grad():
+            for i in range(min(n, self.VERIFY_ROWS)):
+                one = {k: v[i: i + 1] if v.ndim and v.shape[0] == n else v for k, v in batch.items()}
+                grads = torch.autograd.grad(self.task.output(self.model, one).sum(), wanted, allow_unused=True)
+                exact.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+        exact_t = torch.stack(exact).to(got.dtype)
+        if not torch.allclose(got, exact_t, rtol=self.VERIFY_RTOL, atol=1e-6 * float(exact_t.max().clamp_min(1e-30))):
+            raise ConfigError(
+                f"the {self.projector.__class__.__name__} captures of this model do not match its gradient: "
+                f"per-example gradient norms {got.tolist()} from the captured layers, {exact_t.tolist()} from "
+                "autograd. The model probably uses a parameter outside its module's forward (e.g. "
+                "F.linear(x, self.fc.weight)) or changes a layer's input after the layer; use "
+                "featurize.projection: sparse (or dense), which differentiates the whole model")
+        self.verified = True
 
     def featurize(self, state: StateDict | str | Path, checkpoint: int,
                   batches: Iterable[tuple[np.ndarray, Batch]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -216,6 +216,33 @@ def test_an_uncovered_parameter_is_refused_unless_left_out_of_the_selection() ->
     assert "transformer.wte.weight" in factored.skipped and "lm_head" not in [s.name for s in factored.layers]
 
 
+class _Bypass(nn.Module):
+    """Uses its second layer's weight outside that layer's forward: hooks never see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)
+
+
+@pytest.mark.parametrize("projection", ["tensorsketch", "factored"])
+def test_the_first_batch_checks_the_captures_against_autograd(projection: str) -> None:
+    """A parameter used outside its module's forward would leave its gradient out of the captured
+    features; the first batch compares per-example gradient norms with autograd and refuses."""
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    batches = [(np.arange(4), {"x": x, "y": y})]
+    bad = _Bypass()
+    fz = FactoredFeaturizer(bad, ClassificationTask(), projection=projection, k=8, k_in=4, k_out=2)
+    with pytest.raises(ConfigError, match=r"do not match its gradient.*featurize.projection: sparse"):
+        list(fz.featurize(bad.state_dict(), 0, batches))
+    good = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    fz = FactoredFeaturizer(good, ClassificationTask(), projection=projection, k=8, k_in=4, k_out=2)
+    (ids, feats, q), = fz.featurize(good.state_dict(), 0, batches)
+    assert fz.verified and feats.shape == (4, fz.k) and np.isfinite(feats).all()
+
+
 def test_auto_picks_fft_for_wide_single_position_layers_and_form_for_small_many_position_ones() -> None:
     proj = TensorSketchProjector([LayerSpec("w", 785, 512, True, "linear")], k=1024)
     assert proj.path(proj.layers[0], 1) == "fft"
