@@ -421,6 +421,29 @@ def test_zero_data_weights_drop_examples_without_reshuffling() -> None:
         train_ddpm(lambda: _model(0), x, ids, SCHED, weights=torch.ones(7), **run)
 
 
+def test_sgd_steps_are_minus_lr_times_the_clipped_batch_gradient() -> None:
+    """``optimizer="sgd"``: one full-batch step moves the weights by -lr x the (norm-clipped)
+    gradient of L_simple at the recorded draws, the step TracIn-style scorers assume."""
+    x, ids = _images(6, seed=2), np.arange(6)
+    start = _model(0)
+    init = {k: v.clone() for k, v in start.state_dict().items()}
+    model, log = train_ddpm(lambda: start, x, ids, SCHED, epochs=1, lr=0.05, batch_size=6, seed=1,
+                            warmup_steps=1, optimizer="sgd")
+    fresh = _model(0)
+    fresh.load_state_dict(init)
+    order = [int(np.nonzero(ids == i)[0][0]) for i in log.example_id]
+    ab = SCHED.alpha_bar.float()[torch.from_numpy(log.timestep)].reshape(-1, 1, 1, 1)
+    noise = noise_from_seeds(log.noise_seed, SHAPE)
+    xt = ab.sqrt() * x[order] + (1 - ab).sqrt() * noise
+    loss = torch.nn.functional.mse_loss(fresh(xt, torch.from_numpy(log.timestep)), noise)
+    grads = torch.autograd.grad(loss, list(fresh.parameters()))
+    scale = min(1.0, 1.0 / float(torch.sqrt(sum((g ** 2).sum() for g in grads))))
+    for (name, p), g in zip(fresh.named_parameters(), grads):
+        torch.testing.assert_close(model.state_dict()[name], p.detach() - 0.05 * scale * g, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="optimizer 'rmsprop' is unknown"):
+        train_ddpm(lambda: _model(0), x, ids, SCHED, epochs=1, optimizer="rmsprop")
+
+
 def test_training_records_the_draws_it_used_and_is_deterministic() -> None:
     x, ids = _images(8, seed=6), np.arange(8) * 3 + 1
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -63,9 +63,11 @@ def test_registry_knows_the_families_and_names_them_on_error() -> None:
       "score": {"scorer": "dtrak"}}, "did you mean 'timesteps'"),
     ({"model": {"family": "diffusion", "arch": "unet", "options": {"output": "mse"}},
       "score": {"scorer": "dtrak"}}, "model.options.output is 'mse'"),
+    ({"model": {"family": "diffusion", "arch": "unet", "options": {"optimizer": "adamw"}},
+      "score": {"scorer": "dtrak"}}, "model.options.optimizer is 'adamw'; choose one of"),
     ({"model": {"options": {"T": 5}}}, "takes no model.options"),
     ({"model": {"options": 5}}, "model.options must be a mapping"),
-], ids=["scorer", "arch", "data", "option typo", "option value", "no options", "options type"])
+], ids=["scorer", "arch", "data", "option typo", "option value", "optimizer", "no options", "options type"])
 def test_config_is_checked_against_the_family(values: dict, fix: str) -> None:
     with pytest.raises(ConfigError, match=fix.replace("(", r"\(").replace(")", r"\)")):
         parse_config(values)

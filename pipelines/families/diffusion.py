@@ -55,7 +55,7 @@ from .base import (Family, Reporting, Representations, Retraining, SaveFn, colla
 from .images import image_query_file, image_split, unused_train_rows
 from .jobs import SubsetJob
 from .registry import family_for, register_family
-from .unet import TinyUNet, sample_ddpm, train_ddpm
+from .unet import OPTIMIZERS, TinyUNet, sample_ddpm, train_ddpm
 
 if TYPE_CHECKING:
     from ..layout import RunPaths
@@ -80,9 +80,12 @@ class DiffusionOptions:
     saved_checkpoints: int = 3  # evenly spaced checkpoints (last epoch included) when train.checkpoints=all
     generate: int = 8  # images sampled from model 0, appended to the queries
     sample_seed: int = 0  # seed of the sampler
+    optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: the step TracIn and ReTrac assume; README, DDPM)
 
     def __post_init__(self) -> None:
         NoiseSchedule(self.T, self.beta_start, self.beta_end)  # checks the schedule
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"model.options.optimizer is {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.output not in OUTPUTS:
             raise ConfigError(f"model.options.output is {self.output!r}; choose one of {OUTPUTS}")
         if self.train_draws not in ("recorded", "seeded", "grid"):
@@ -178,7 +181,8 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
 
         model, log = train_ddpm(lambda: self.build_model(cfg), collated(data["train"], ddpm_collate)["x"],
                                 example_ids(data["train"]), sched, epochs=t.epochs, lr=t.lr,
-                                batch_size=t.batch_size, seed=t.seed + model_index, on_epoch=on_epoch)
+                                batch_size=t.batch_size, seed=t.seed + model_index, on_epoch=on_epoch,
+                                optimizer=o.optimizer)
         save_npz(self.log_path(paths, model_index), **log.arrays())
         if model_index == 0 and o.generate:
             images = sample_ddpm(model, sched, o.generate, seed=o.sample_seed)  # (g, 1, 28, 28)
@@ -367,7 +371,7 @@ class DiffusionSubsetJob(SubsetJob):
         t, family = self.cfg.train, family_for(self.cfg)
         o, sched = family.options(self.cfg), family.schedule(self.cfg)
         model, _ = train_ddpm(lambda: family.build_model(self.cfg), train["x"], train_ids, sched, epochs=self.epochs,
-                              lr=t.lr, batch_size=t.batch_size, seed=seed, weights=weights)
+                              lr=t.lr, batch_size=t.batch_size, seed=seed, weights=weights, optimizer=o.optimizer)
         steps, seeds = family.grid_draws(self.cfg, "query")(0, query_ids)  # (m, S) each
         task, x = DiffusionTask(sched, o.output), query["x"]
         with torch.no_grad():

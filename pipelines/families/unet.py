@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from tda.diffusion import _SEED_MAX, NoiseSchedule, TrainLog, noise_from_seeds, noisy
 from tda.errors import ConfigError, DataError, NonFiniteError
 
+OPTIMIZERS = ("adam", "sgd")  # train_ddpm's optimizers (model.options.optimizer)
+
 
 # ------------------------------------------------------------------ model
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -118,8 +120,9 @@ def train_ddpm(
     warmup_steps: int = 50,
     on_epoch: Callable[..., None] | None = None,
     weights: Tensor | None = None,
+    optimizer: str = "adam",
 ) -> tuple[nn.Module, TrainLog]:
-    """Train an epsilon-prediction model with Adam on ``L_simple``, recording every draw.
+    """Train an epsilon-prediction model with Adam (or plain SGD) on ``L_simple``, recording every draw.
 
     Deterministic given ``seed``: initialisation after ``torch.manual_seed(seed)``, batch order,
     timesteps and noise seeds from one seeded ``torch.Generator``; noise from the recorded seeds
@@ -133,6 +136,8 @@ def train_ddpm(
         weights: optional (n,) per-example data weights: the batch loss is the batch mean of
             ``w_i * L_simple_i``, and batches, timesteps and noise are those of the unweighted
             run (zero weights drop examples without reshuffling: the small-drop protocol).
+        optimizer: ``"adam"`` or ``"sgd"`` (no momentum: each step is ``-lr`` times the clipped
+            batch gradient, the step TracIn-style scorers assume).
 
     Returns:
         The trained model (eval mode) and the :class:`TrainLog` of every (step, example).
@@ -146,7 +151,9 @@ def train_ddpm(
     model = make_model()
     steps_per_epoch = math.ceil(len(x) / batch_size)
     total = epochs * steps_per_epoch
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"DDPM optimizer {optimizer!r} is unknown; use one of {OPTIMIZERS}")
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)) * max(0.0, 1.0 - s / total))
     gen = torch.Generator().manual_seed(seed)
