@@ -229,3 +229,22 @@ def test_null_or_string_labels_in_a_query_file(tmp_path, capsys) -> None:
         assert main(["run", TINY, "--set", f"data.query_path={path}", "--out", str(tmp_path / name), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert "DataError" in err and "must hold integer class ids 0..9 in every row" in err and "Traceback" not in err
+
+
+def test_near_chance_warning_scales_with_the_number_of_classes(tmp_path, caplog) -> None:
+    """Chance is 1/C: a binary model at 0.685 is weak but learning; one at 0.55 is near chance."""
+    import torch
+
+    from pipelines.config import parse_config
+    from pipelines.stages.train import check_trained
+
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    cases = [("mnist", 0.30, True), ("mnist", 0.50, False), ("cifar2", 0.55, True), ("cifar2", 0.685, False)]
+    for name, acc, warns in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines.stages.train"):
+            check_trained(parse_config({"data": {"name": name}}), path, {"train_accuracy": acc})
+        assert ("training accuracy" in caplog.text) == warns, (name, acc)
+        if warns:
+            assert f"chance is {1 / (2 if name == 'cifar2' else 10):.3f}" in caplog.text

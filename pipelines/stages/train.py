@@ -94,6 +94,10 @@ def state_bytes(model: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+#: share of the way from chance to perfect training accuracy below which a model is called near chance
+NEAR_CHANCE = 0.25
+
+
 def check_trained(cfg: RunConfig, path: Path, summary: dict[str, Any]) -> None:
     """Refuse a model whose weights are not finite; warn when its accuracy is at chance."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -102,10 +106,10 @@ def check_trained(cfg: RunConfig, path: Path, summary: dict[str, Any]) -> None:
     if bad or not math.isfinite(big) or big > 1e6:
         raise NonFiniteError(f"training diverged: {path.name} has {'NaN/inf' if bad else f'weights up to {big:.3g}'} "
                              f"(train.lr is {cfg.train.lr:g}); lower train.lr and rerun with --overwrite")
-    acc = summary.get("train_accuracy")
-    if acc is not None and acc < 1.5 / max(2, _classes(cfg)):
-        logger.warning("model %s reaches only %.3f training accuracy (about chance): its attributions mean "
-                       "little; check train.lr / train.epochs", path.name, acc)
+    acc, chance = summary.get("train_accuracy"), 1.0 / max(2, _classes(cfg))
+    if acc is not None and acc < chance + NEAR_CHANCE * (1.0 - chance):
+        logger.warning("model %s reaches only %.3f training accuracy (chance is %.3f): its attributions mean "
+                       "little; check train.lr / train.epochs", path.name, acc, chance)
 
 
 def _classes(cfg: RunConfig) -> int:
