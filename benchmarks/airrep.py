@@ -109,7 +109,7 @@ def main() -> None:
                                              job=job_fingerprint(cfg)))
     if gt.pending():
         raise SystemExit(f"{gt_dir} is incomplete; run `python benchmarks/lds.py --gt-models {r}` first")
-    masks, outputs = gt.masks, gt.mean_outputs()
+    masks, outputs = gt.masks, gt.outputs()  # (J, R, m), as lds.evaluate takes them
     folds = split_folds(500, 100, 0.5, seed=0)
 
     # AirRep supervision: own subsets, training queries = MNIST train images 5000..

@@ -46,7 +46,9 @@ def flat_grad(model, value: torch.Tensor) -> torch.Tensor:
 
 
 def alignment(task, full, log, x, train_ids, picks, xq, steps, seeds) -> np.ndarray:
-    """(picks, m) ``<grad L_i, grad f_q>`` at the final model, L_i at i's draw of the last epoch."""
+    """(picks, m) ``<grad L_i, grad f_q>`` at the final model, L_i (the training loss) at i's draw
+    of the last epoch, f_q the configured output on the query grid."""
+    loss = DiffusionTask(task.schedule, "loss")
     gq = torch.stack([flat_grad(full, grid_loss(task, full, xq[j: j + 1], steps[j: j + 1], seeds[j: j + 1]).sum())
                       for j in range(len(xq))])
     last = log.epoch == log.epoch.max()
@@ -55,7 +57,7 @@ def alignment(task, full, log, x, train_ids, picks, xq, steps, seeds) -> np.ndar
         row = np.nonzero(last & (log.example_id == train_ids[i]))[0][0]
         batch = {"x": x[i: i + 1], "t": torch.tensor([log.timestep[row]]),
                  "noise": noise_from_seeds(np.array([log.noise_seed[row]]), x.shape[1:])}
-        gi.append(flat_grad(full, task.output(full, batch).sum()))
+        gi.append(flat_grad(full, loss.output(full, batch).sum()))
     return (torch.stack(gi) @ gq.T).numpy()
 
 
@@ -69,11 +71,14 @@ def main() -> None:
     torch.set_num_threads(2)
     cfg = load_config(args.config)
     fam, t = family_for(cfg), cfg.train
-    sched, opt, lr = fam.schedule(cfg), args.optimizer or fam.options(cfg).optimizer, args.lr or t.lr
+    sched, opt = fam.schedule(cfg), args.optimizer or fam.options(cfg).optimizer
+    lr = t.lr if args.lr is None else args.lr
     train, train_ids, query, query_ids = job_data(cfg, "query")
     x, xq, n = train["x"], query["x"], len(train_ids)
     steps, seeds = fam.grid_draws(cfg, "query")(0, query_ids)
-    task = DiffusionTask(sched, "loss")
+    task = DiffusionTask(sched, fam.options(cfg).output)
+    if not 1 <= args.picks <= n:
+        raise SystemExit(f"--picks must be between 1 and the {n} training images")
 
     def change(i: int, weight: float) -> np.ndarray:
         """Change of every query's f when image i trains with ``weight`` instead of 1."""

@@ -206,5 +206,4 @@ def job_fingerprint(cfg: RunConfig) -> str:
 
     d = stable_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}
-    version = family_for(cfg).measure_version
-    return fingerprint({"data": d["data"], "model": d["model"], "train": train, **({"measure": version} if version else {})})
+    return fingerprint({"data": d["data"], "model": d["model"], "train": train, **family_for(cfg).measure_key(cfg)})

@@ -145,7 +145,9 @@ def test_diffusion_ground_truth_measures_the_attributed_output(monkeypatch) -> N
                               for s in range(t.shape[1])]).mean(dim=0)
     torch.testing.assert_close(measured, expect)
     current = job_fingerprint(cfg)
-    monkeypatch.setattr(dfam.DiffusionFamily, "measure_version", "")  # as before the change
+    reseeded = load_config(ROOT / "configs" / "mnist_ddpm.yaml", ["featurize.seed=1"])
+    assert job_fingerprint(reseeded) != current  # another query grid: another measured f
+    monkeypatch.setattr(dfam.DiffusionFamily, "measure_key", lambda self, c: {})  # as before the change
     assert job_fingerprint(cfg) != current  # ground truth cached with the old f is not reused
 
 

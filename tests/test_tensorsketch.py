@@ -241,6 +241,14 @@ def test_the_first_batch_checks_the_captures_against_autograd(projection: str) -
     fz = FactoredFeaturizer(good, ClassificationTask(), projection=projection, k=8, k_in=4, k_out=2)
     (ids, feats, q), = fz.featurize(good.state_dict(), 0, batches)
     assert fz.verified and feats.shape == (4, fz.k) and np.isfinite(feats).all()
+    fz = FactoredFeaturizer(good, ClassificationTask(), projection=projection, k=8, k_in=4, k_out=2, chunk_size=1)
+    list(fz.featurize(good.state_dict(), 0, batches))  # the check reads every chunk of its rows
+    assert fz.verified
+    if projection == "factored":  # a frozen bias stays covered (the captures hold its gradient too)
+        good[0].bias.requires_grad_(False)
+        fz = FactoredFeaturizer(good, ClassificationTask(), projection=projection, k_in=4, k_out=2)
+        list(fz.featurize(good.state_dict(), 0, batches))
+        assert fz.verified and not good[0].bias.requires_grad
 
 
 def test_auto_picks_fft_for_wide_single_position_layers_and_form_for_small_many_position_ones() -> None:

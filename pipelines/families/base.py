@@ -62,7 +62,11 @@ class Family:
     options_type: type | None = None  # dataclass of model.options; None: no options
     label_key: str | None = None  # batch entry of class labels (label-aware representations), if any
     trains: bool = True  # has a training recipe (else model.checkpoints is required)
-    measure_version: str = ""  # bumped when the ground truth's measured f changes (new cache key)
+
+    def measure_key(self, cfg: RunConfig) -> dict[str, Any]:
+        """What the LDS ground truth's measured f depends on beyond data, model and train (hashed
+        into its cache key when not empty; empty keeps the classifier's and LM's keys as they were)."""
+        return {}
 
     # -- the protocol
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:

@@ -120,7 +120,6 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
     archs = ("unet",)
     data_names = ("mnist", "fashion-mnist")
     feature_kinds = ("grid", "slots", "representations")  # grid-averaged gradients, per-draw slots, h(z)
-    measure_version = "query-grid"  # the ground truth measures f on the query features' grid
     options_type = DiffusionOptions
     airrep_budget = (64, 16, 1 / 6)  # a subset model: ~15 s on 2 cores at the demo's size (5 of 30 epochs)
 
@@ -208,6 +207,10 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
     def representation_inputs(self, cfg: RunConfig, split: str) -> NoisedInputs:
         """``(x_t, t)`` at every draw of the query grid (timesteps x noises), seeded per side."""
         return NoisedInputs(self.schedule(cfg), self.grid_draws(cfg, split))
+
+    def measure_key(self, cfg: RunConfig) -> dict[str, Any]:
+        """The ground truth measures f on the query grid (seeded by ``featurize.seed``)."""
+        return {"measure": "query-grid", "grid": self.grid_draws(cfg, "query").spec()}
 
     def grid_draws(self, cfg: RunConfig, split: str) -> GridDraws:
         """The seeded timestep x noise grid of ``split``: the train side (0) for ``train``, the

@@ -100,6 +100,8 @@ class SubsetJob:
         if self.batch_order == "fixed":
             weights = torch.zeros(len(train_ids))
             weights[torch.from_numpy(rows)] = 1.0
+            if bool((weights == 1.0).all()):  # the full-set reference: the attributed run's own path, bit for bit
+                weights = None
             out = self.run_weighted(train, train_ids, query, query_ids, int(seed), weights)
         else:
             out = self.run(take_rows(train, rows), train_ids[rows], query, query_ids, int(seed))
@@ -109,8 +111,9 @@ class SubsetJob:
         raise NotImplementedError
 
     def run_weighted(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int,
-                     weights: torch.Tensor) -> torch.Tensor:
-        """Train on every row with per-example data ``weights`` (n,); jobs with ``supports_weights``."""
+                     weights: torch.Tensor | None) -> torch.Tensor:
+        """Train on every row with per-example data ``weights`` (n,) (``None``: every weight 1, the
+        unweighted run itself); jobs with ``supports_weights``."""
         raise NotImplementedError
 
 
