@@ -191,7 +191,9 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
                                    "retrainings": gt.retrainings()}}
         runs = gt.outputs()  # (J, R, m), read (and checked against their sha256) once
         outputs = runs.mean(axis=1)
-        if runs.shape[1] >= 2:  # how far retraining noise caps any scorer's LDS
+        if runs.shape[1] >= 2:  # how far retraining noise caps any scorer's LDS: a property of the recipe,
+            # estimated on every subset and query (the report fold alone has half of each: noisier, and the
+            # clipping of negative agreements at 0 biases a noisy estimate up)
             result["ground_truth"]["noise"] = ground_truth_reliability(runs).as_dict()
         scores = measure_scorers(cfg, paths, names, train, query, (gt.masks, outputs, gt.full_outputs()), folds,
                                  result)
