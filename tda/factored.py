@@ -62,7 +62,7 @@ from .captures import (SIDES, SUPPORTED, CapturedLayers, Captures, LayerSpec, _g
 from .captures import matrix_layout as _layout, matrix_spec as _spec
 from .errors import ConfigError, ShapeError
 from .featurize import StateDict, featurize_loop
-from .gradients import check_finite, eval_mode, loss_weights
+from .gradients import check_finite, loop_per_example_grads, loss_weights
 from .projectors import Projector
 from .sketch_layers import tensorsketch_selection
 from .tasks import Batch, Task
@@ -354,15 +354,9 @@ class FactoredFeaturizer:
         rows = {k: v[: self.VERIFY_ROWS] for k, v in batch.items()}  # entries are batch-first (featurize_loop)
         got = torch.cat([self.projector.grad_norms(c) for c in self.captures(rows)])
         params = dict(self.model.named_parameters())
-        wanted = [params[name] for name in self.names]
-        exact = []
-        with eval_mode(self.model), torch.enable_grad(), _grad_enabled_on(wanted):
-            for i in range(len(got)):
-                one = {k: v[i: i + 1] for k, v in rows.items()}
-                grads = torch.autograd.grad(self.task.output(self.model, one).sum(), wanted, allow_unused=True)
-                total = torch.zeros((), dtype=torch.float64, device=got.device)
-                exact.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None) + total))
-        exact_t = torch.stack(exact).to(got.dtype)
+        with _grad_enabled_on(params[name] for name in self.names):  # frozen covered parameters count too
+            grads = loop_per_example_grads(self.model, self.task, rows, self.names)
+        exact_t = sum((g.double() ** 2).flatten(1).sum(dim=1) for g in grads.values()).sqrt().to(got.dtype)
         rtol = self.VERIFY_RTOL * (1 if got.device.type == "cpu" else 10)
         if not torch.allclose(got, exact_t, rtol=rtol, atol=1e-6 * float(exact_t.max().clamp_min(1e-30))):
             raise ConfigError(
