@@ -28,17 +28,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines.config import load_config  # noqa: E402
+from pipelines.families.diffusion import drawn_output  # noqa: E402
 from pipelines.families.jobs import job_data  # noqa: E402
 from pipelines.families.registry import family_for  # noqa: E402
 from pipelines.families.unet import train_ddpm  # noqa: E402
 from tda.diffusion import DiffusionTask, noise_from_seeds  # noqa: E402
-
-
-def grid_loss(task, model, x, steps, seeds) -> torch.Tensor:
-    """(B,) f of each image: L_simple averaged over its grid draws."""
-    return torch.stack([task.output(model, {"x": x, "t": torch.from_numpy(steps[:, s]),
-                                            "noise": noise_from_seeds(seeds[:, s], x.shape[1:])})
-                        for s in range(steps.shape[1])]).mean(dim=0)
 
 
 def flat_grad(model, value: torch.Tensor) -> torch.Tensor:
@@ -49,7 +43,7 @@ def alignment(task, full, log, x, train_ids, picks, xq, steps, seeds) -> np.ndar
     """(picks, m) ``<grad L_i, grad f_q>`` at the final model, L_i (the training loss) at i's draw
     of the last epoch, f_q the configured output on the query grid."""
     loss = DiffusionTask(task.schedule, "loss")
-    gq = torch.stack([flat_grad(full, grid_loss(task, full, xq[j: j + 1], steps[j: j + 1], seeds[j: j + 1]).sum())
+    gq = torch.stack([flat_grad(full, drawn_output(task, full, xq[j: j + 1], steps[j: j + 1], seeds[j: j + 1]).sum())
                       for j in range(len(xq))])
     last = log.epoch == log.epoch.max()
     gi = []
@@ -87,12 +81,12 @@ def main() -> None:
         model, _ = train_ddpm(lambda: fam.build_model(cfg), x, train_ids, sched, epochs=t.epochs, lr=lr,
                               batch_size=t.batch_size, seed=t.seed, weights=w, optimizer=opt)
         with torch.no_grad():
-            return (grid_loss(task, model, xq, steps, seeds) - f0).numpy()
+            return (drawn_output(task, model, xq, steps, seeds) - f0).numpy()
 
     full, log = train_ddpm(lambda: fam.build_model(cfg), x, train_ids, sched, epochs=t.epochs, lr=lr,
                            batch_size=t.batch_size, seed=t.seed, weights=torch.ones(n), optimizer=opt)
     with torch.no_grad():
-        f0 = grid_loss(task, full, xq, steps, seeds)
+        f0 = drawn_output(task, full, xq, steps, seeds)
     picks = np.random.default_rng(0).choice(n, args.picks, replace=False)
     drops = np.stack([change(i, 0.0) for i in picks])  # (picks, m)
     align = alignment(task, full, log, x, train_ids, picks, xq, steps, seeds)

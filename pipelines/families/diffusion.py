@@ -376,12 +376,18 @@ class DiffusionSubsetJob(SubsetJob):
         model, _ = train_ddpm(lambda: family.build_model(self.cfg), train["x"], train_ids, sched, epochs=self.epochs,
                               lr=t.lr, batch_size=t.batch_size, seed=seed, weights=weights, optimizer=o.optimizer)
         steps, seeds = family.grid_draws(self.cfg, "query")(0, query_ids)  # (m, S) each
-        task, x = DiffusionTask(sched, o.output), query["x"]
         with torch.no_grad():
-            per_draw = [task.output(model, {"x": x, "t": torch.from_numpy(steps[:, s]),
-                                            "noise": noise_from_seeds(seeds[:, s], x.shape[1:])})
-                        for s in range(steps.shape[1])]
-        return torch.stack(per_draw).mean(dim=0)  # (m,)
+            return drawn_output(DiffusionTask(sched, o.output), model, query["x"], steps, seeds)
+
+
+def drawn_output(task: DiffusionTask, model: nn.Module, x: torch.Tensor, steps: np.ndarray,
+                 seeds: np.ndarray) -> torch.Tensor:
+    """(B,) the task's output of each image averaged over its draws: ``steps`` and ``seeds``
+    (B, S) from a :class:`GridDraws` (differentiable; the ground truth calls it without grad)."""
+    per_draw = [task.output(model, {"x": x, "t": torch.from_numpy(steps[:, s]),
+                                    "noise": noise_from_seeds(seeds[:, s], x.shape[1:])})
+                for s in range(steps.shape[1])]
+    return torch.stack(per_draw).mean(dim=0)
 
 
 
