@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lds import evaluate, featurize, first, recipe, train_models  # noqa: E402  (sibling benchmark script)
+from lds import evaluate, featurize, first, gt_folder, recipe, train_models  # noqa: E402  (sibling benchmark script)
 
 from pipelines.airrep import airrep_ground_truth  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
@@ -104,7 +104,7 @@ def main() -> None:
 
     # ground truth of the test queries (benchmarks/lds.py), only read
     r = args.gt_models
-    gt_dir = gt_cache / ("gt-100" + (f"x{r}" if r > 1 else ""))
+    gt_dir = gt_folder(gt_cache, 100, r)
     gt = GroundTruth(gt_dir, GroundTruthSpec(n=5000, m=500, n_subsets=100, models_per_subset=r, alpha=0.5, seed=0,
                                              job=job_fingerprint(cfg)))
     if gt.pending():

@@ -53,6 +53,11 @@ def recipe(args: argparse.Namespace):
     })
 
 
+def gt_folder(cache: Path, subsets: int, models_per_subset: int) -> Path:
+    """The cached ground truth of ``subsets`` x ``models_per_subset`` (``gt-100``, ``gt-100x4``)."""
+    return cache / (f"gt-{subsets}" + (f"x{models_per_subset}" if models_per_subset > 1 else ""))
+
+
 def train_models(cfg, cache: Path, count: int, half: bool, save_epochs: bool = False) -> list[dict]:
     """Models on the full data (seeds 0..) or on random halves; cached state dicts."""
     train = as_numpy_batch(datasets_for(cfg)["train"])
@@ -177,7 +182,7 @@ def main() -> None:
     t0 = time.time()
     spec = GroundTruthSpec(n=5000, m=500, n_subsets=args.subsets,
                            models_per_subset=args.gt_models, alpha=0.5, seed=0, job=job_fingerprint(cfg))
-    gt = GroundTruth(cache / (f"gt-{args.subsets}" + (f"x{args.gt_models}" if args.gt_models > 1 else "")), spec)
+    gt = GroundTruth(gt_folder(cache, args.subsets, args.gt_models), spec)
     if gt.pending():
         with make_executor("dask", workers=args.workers) as ex:
             gt.compute(MNISTRetrainJob(cfg, 500), ex)
@@ -227,7 +232,7 @@ def main() -> None:
         print(f"score noise over {args.models} independently trained models (TRAK-1 each): "
               + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in noise.items()))
     if args.gt_models >= 2:
-        rel = ground_truth_reliability(gt.outputs()).as_dict()
+        rel = ground_truth_reliability(outputs).as_dict()  # the (J, R, m) runs read above
         print("ground truth noise: " + ", ".join(f"{k} {v:.3f}" for k, v in rel.items()))
     print(f"total {time.time() - t0:.0f}s")
     if args.json:
