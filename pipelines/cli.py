@@ -35,8 +35,18 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tda")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tda", description="Training-data attribution: which training examples drove a prediction.")
+    p.add_argument("--version", action="version", version=f"tda {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the staged job of a YAML config (train, featurize, index, score)")
     r.add_argument("config", help="YAML config, e.g. configs/mnist_trak.yaml")
@@ -61,11 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_workflow_parsers(sub)
     q = sub.add_parser("query", help="top-k proponents/opponents of one example from a finished run")
     q.add_argument("--run", required=True, help="run folder written by `tda run`")
-    q.add_argument("--example", type=int, nargs="+", required=True,
+    q.add_argument("--example", type=int, nargs="+",
                    help="example id(s) (in the query split by default); several are answered in one search")
+    q.add_argument("--list", action="store_true",
+                   help="list the stored ids of the split (with labels, class names, predictions) instead")
+    q.add_argument("--input", metavar="FILE|TEXT",
+                   help="a new input: a rows file (parquet/csv/json/save_to_disk), an image file, or a text")
+    q.add_argument("--label", help="with --input: the class (id or name) whose output is explained (default: the predicted one)")
     q.add_argument("--split", choices=("query", "train"), default="query", help="split the example comes from")
     q.add_argument("-k", type=int, default=10, help="how many proponents and opponents")
-    q.add_argument("--json", action="store_true", help="print the answer as JSON (ids, labels, predictions, scores)")
+    q.add_argument("--chars", metavar="N",
+                   help="cut texts at N characters, or 'all' for whole texts (default: score.text_chars, else whole)")
+    q.add_argument("--json", action="store_true",
+                   help="print the answer as JSON (ids, labels and class names, predictions, scores, texts)")
     q.add_argument("--html", metavar="FILE", help="also write the answer as a self-contained HTML page (images/text inline)")
     q.set_defaults(func=_lazy("cli_query", "cmd_query"))
     add_serve_parser(sub)

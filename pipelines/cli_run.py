@@ -12,15 +12,15 @@ import numpy as np
 
 from stores import FeatureStore, StoreLock
 from stores._io import remove_tree, sweep_removed
-from tda.errors import ConfigError, ForeignStoreError, StoreError, TDAError
+from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError, StoreError, TDAError
 
 from .config import load_config
 from .families import Reporting, family_for
 from .layout import RunPaths, load_checkpoint_list
 from .query_fast import LABELS_DIR, load_predictions, write_labels
-from .report import format_query
+from .report import format_query, predicted_text
 from .run import claim_run_dir, datasets_for
-from .run_folder import check_finished as _check_finished, labels_of as _labels, read_run_file
+from .run_folder import check_finished as _check_finished, class_names, labels_of as _labels, read_run_file
 from .schema import RunConfig
 from .stages import RUN_STAGES, STAGES, stage_featurize, stage_index, stage_retrain, stage_score, stage_train
 
@@ -72,7 +72,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.out or cfg.out_dir).resolve()  # jobs carry it to workers started elsewhere
     paths = RunPaths(root)
     t0 = time.time()
+    fresh = not root.exists()
     _make_run_folder(root)
+    try:
+        return _run_in(args, cfg, paths, t0)
+    except BaseException:
+        if fresh:
+            _drop_empty_claim(root)  # a run refused before any work leaves no folder behind
+        raise
+
+
+def _drop_empty_claim(root: Path) -> None:
+    """Remove ``root`` when it holds nothing but the claim files of a run that did no work."""
+    from .run import CLAIM_FILES
+
+    try:
+        if root.is_dir() and all(p.name in CLAIM_FILES for p in root.iterdir()):
+            remove_tree(root)
+    except OSError:
+        pass
+
+
+def _run_in(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, t0: float) -> int:
+    """``tda run``'s work in the (created) run folder ``paths.root``."""
+    root = paths.root
     _preflight(cfg)
     todo = _stages(args)
     progress = not args.quiet
@@ -177,17 +200,39 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
     print("score > 0: training on the example raises the query's measured output f (proponent); "
           "f is the margin log(p/(1-p)) for classifiers, log p(completion | prompt) for language models")
     preds = load_predictions(paths) or {}  # recorded after the score stage (classifiers)
+    names = class_names(cfg, data)
     for row in range(min(cfg.score.show, len(top["query_ids"]))):
         qid = int(top["query_ids"][row])
-        pred = preds.get(qid)
-        print(format_query(qid, qlabels.get(qid, "?"), None if pred is None else f"{pred[0]} (p {pred[1]:.2f})",
-                           top, row, labels, min(5, cfg.score.topk), cfg.score.scorer))
+        print(format_query(qid, qlabels.get(qid, "?"), predicted_text(preds.get(qid), names), top, row, labels,
+                           min(5, cfg.score.topk), cfg.score.scorer, names=names))
+
+
+def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, command: str) -> None:
+    """``tda validate | curate | unlearn``: where the folder holds no finished run of this config,
+    run ``tda run``'s stages first (each resumes: nothing already done is redone). A folder holding
+    another configuration, or a damaged one, is refused as before."""
+    finish = f"`tda run {args.config} --out {paths.root}`"
+    if paths.run_file.is_file():
+        try:
+            _check_finished(cfg, paths, finish)
+            return
+        except FingerprintMismatchError:
+            raise
+        except StoreError:
+            read_run_file(paths, finish)  # a damaged or foreign run.json stays an error
+    elif paths.root.is_dir() and any(paths.root.iterdir()):
+        read_run_file(paths, finish)  # a folder of other files is not made a run folder
+    print(f"tda {command}: {paths.root} holds no finished run of this config; running its stages first (as {finish})",
+          file=sys.stderr)
+    cmd_run(argparse.Namespace(config=args.config, set=args.set, out=str(paths.root), overwrite=False, repair=False,
+                               from_stage=None, only=None, quiet=args.quiet))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
     finish = f"`tda run {args.config} --out {paths.root}`"
+    run_missing_stages(args, cfg, paths, "validate")
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         _check_finished(cfg, paths, finish)  # before any retraining; run.json is not rewritten
         _validate(cfg, paths, progress=not args.quiet)
@@ -222,6 +267,13 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
     if res.get("noise"):
         print(f"  score noise: {res['noise']['share_distinguishable']:.1%} of train-query pairs distinguishable "
               f"from zero across checkpoints (median |mean|/std {res['noise']['median_snr']:.2f})")
+    if res.get("recipe"):
+        r = res["recipe"]
+        share = (f", queries right {r['correct_retrained']:.2f} vs {r['correct_checkpoints']:.2f}"
+                 if "correct_retrained" in r else "")
+        print(f"  recipe: a model retrained on the full set scores mean output {r['mean_output_retrained']:.3g} vs "
+              f"{r['mean_output_checkpoints']:.3g} for the attributed checkpoints{share}"
+              f"{'' if r['reproduces'] else ' -- the recipe does not reproduce them (see the warning)'}")
     if "removal" in res:
         rm = res["removal"]
         for mode, r in rm["modes"].items():

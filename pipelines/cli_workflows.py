@@ -11,14 +11,17 @@ from .layout import RunPaths
 
 
 def _on_finished_run(args: argparse.Namespace, stage: Callable, printer: Callable) -> int:
-    """Run ``stage(cfg, paths, progress)`` on the finished run of ``args.config`` under its lock, then print."""
+    """Run ``stage(cfg, paths, progress)`` on the finished run of ``args.config`` under its lock (after
+    running the stages a missing or unfinished run lacks), then print."""
     from stores import StoreLock
 
+    from .cli_run import run_missing_stages
     from .config import load_config
     from .run_folder import check_finished
 
     cfg = load_config(args.config, args.set)
     paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
+    run_missing_stages(args, cfg, paths, args.command_name)
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         check_finished(cfg, paths, f"`tda run {args.config} --out {paths.root}`")  # before any retraining
         printer(stage(cfg, paths, progress=not args.quiet), paths)
@@ -64,7 +67,7 @@ def add_workflow_parsers(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
         c.add_argument("--out", help="run folder (default: out_dir from the config)")
         c.add_argument("--quiet", action="store_true", help="no progress bars")
-        c.set_defaults(func=fn)
+        c.set_defaults(func=fn, command_name=name)
     r = sub.add_parser("report", help="write report.html (queries, attributions, curation, unlearning, validation) of a run")
     r.add_argument("run", help="run folder written by `tda run`")
     r.add_argument("--queries", type=int, help="queries shown (default: score.show, at least 6)")

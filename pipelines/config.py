@@ -128,6 +128,9 @@ def _absolute(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+MANIFEST = "tda-checkpoints.json"
+
+
 def _checkpoint_files(value: Any, base: Path) -> list[str]:
     """``model.checkpoints``: a path, a glob or a list of them -> sorted absolute file paths."""
     items = [value] if isinstance(value, str) else value
@@ -142,6 +145,19 @@ def _checkpoint_files(value: Any, base: Path) -> list[str]:
                 raise ConfigError(f"model.checkpoints: no file matches {item!r} (looked for {pattern}); check the pattern "
                                   "(relative paths resolve against the config file's folder)")
             files += hits
+        elif Path(pattern).is_dir() and (Path(pattern) / MANIFEST).is_file():
+            files += recorded_files(Path(pattern))
         else:
             files.append(pattern)
+    return files
+
+
+def recorded_files(folder: Path) -> list[str]:
+    """The checkpoints a recorder listed in ``folder/tda-checkpoints.json``, in recorded order."""
+    from tda.recording import read_manifest
+
+    manifest = read_manifest(folder) or {}
+    files = [str(folder / e["file"]) for e in manifest.get("checkpoints", [])]
+    if not files:
+        raise ConfigError(f"model.checkpoints: {folder / MANIFEST} lists no checkpoints; train with the recorder first")
     return files

@@ -15,6 +15,7 @@ predicted label, a column per method) and ``curation.json``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -23,13 +24,15 @@ import numpy as np
 from stores import FeatureStore
 from stores._io import atomic_write, save_json
 from tda.curation import detection_metrics, rank_average, self_influence
-from tda.errors import ConfigError
+from tda.errors import CheckpointError, ConfigError
 
 from .families import family_for
 from .layout import RunPaths
 from .schema import RunConfig
 from .schema_workflows import CURATION_BASELINES as BASELINES, CURATION_ENSEMBLES as ENSEMBLES, SELF_INFLUENCE
 from .stages.validate_scorers import scorer_for, usable_scorers
+
+logger = logging.getLogger(__name__)
 
 
 def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: dict[int, int]) -> dict[str, np.ndarray]:
@@ -38,7 +41,13 @@ def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: di
     for name in SELF_INFLUENCE:
         if name not in wanted or name not in usable:
             continue
-        scorer = scorer_for(cfg, paths, name, train)
+        try:
+            scorer = scorer_for(cfg, paths, name, train)
+        except CheckpointError as exc:  # e.g. TracIn without recorded learning rates: skip a method not asked for
+            if cfg.curate.methods is not None and name in cfg.curate.methods:
+                raise
+            logger.warning("curate: %s self-influence skipped (%s)", name, exc)
+            continue
         if name == "ekfac":
             ids, values = ekfac_self_influence(cfg, paths, scorer, train)
         else:
@@ -71,7 +80,7 @@ def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], di
     family = family_for(cfg)
     if not hasattr(family, "example_predictions"):
         raise ConfigError(f"tda curate needs per-example predictions and losses; the {family.name!r} family has "
-                          "none yet (use the classifier or the causal-lm family)")
+                          "none (its task is neither a classifier nor a causal LM)")
     preds = family.example_predictions(cfg, paths)
     wanted = set(cfg.curate.methods or (*SELF_INFLUENCE, *BASELINES, *ENSEMBLES))
     for parts in (ENSEMBLES[m] for m in wanted & set(ENSEMBLES)):
@@ -96,7 +105,7 @@ def flipped_rows(cfg: RunConfig, paths: RunPaths) -> np.ndarray | None:
     from .families.base import collated
 
     family = family_for(cfg)
-    key = getattr(family, "label_key", None) or "input_ids"
+    key = getattr(family.task(cfg), "label_key", None) or getattr(family, "label_key", None) or "input_ids"
     clean_cfg = replace(cfg, data=replace(cfg.data, label_noise=0.0))
     clean, noisy = (collated(family.datasets(c, paths)["train"], family.collate(cfg))[key].numpy() for c in (clean_cfg, cfg))
     changed = clean != noisy
@@ -146,7 +155,7 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
         if not hasattr(family, "accuracy_job"):
             raise ConfigError(f"the {family.name!r} family has no accuracy retraining yet; set curate.retrain_seeds: 0")
         result["check"] = retrain_check(cfg, family.accuracy_job(cfg), order, folder / "retrain", progress,
-                                        getattr(family, "check_metric", "accuracy"))
+                                        family.check_metric_of(cfg))
     save_json(folder / "curation.json", result)
     return result
 

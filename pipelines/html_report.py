@@ -1,5 +1,6 @@
 """``tda report RUN``: one self-contained ``report.html`` a person reads (images inline as PNG data
-URIs, text HTML-escaped), refreshed at the end of ``tda run``, ``validate``, ``curate`` and ``unlearn``.
+URIs in their stored colours, whatever their layout; texts whole, wrapped and HTML-escaped, cut only
+at ``score.text_chars``), refreshed at the end of ``tda run``, ``validate``, ``curate`` and ``unlearn``.
 
 Per shown query: the input, its label and the predicted label with probability, then the top
 proponents and opponents as a grid with labels and signed scores. For scorers that sum one term
@@ -22,21 +23,23 @@ from typing import Any
 import numpy as np
 
 from stores._io import atomic_write
-from tda.errors import TDAError
+from tda.errors import DataError, TDAError
 
 from .families import family_for
 from .layout import RunPaths, load_checkpoint_list
 from .query_fast import query_predictions
 from .run import datasets_for
-from .run_folder import labels_of, stored_features
+from .report import label_text, predicted_text
+from .run_folder import class_names, label_column, labels_of, stored_features
 from .schema import RunConfig
 
 logger = logging.getLogger(__name__)
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.grid{display:flex;flex-wrap:wrap;gap:6px}"
          ".cell{border:1px solid #ddd;padding:4px;font-size:12px;width:110px}.cell img{width:96px;image-rendering:pixelated}"
-         ".pos{color:#070}.neg{color:#a00}.noise{color:#888}.txt{font-family:monospace;white-space:pre-wrap;"
-         "max-height:8em;overflow:hidden}")
+         ".cell.wide{width:min(460px,100%)}.pos{color:#070}.neg{color:#a00}.noise{color:#888}"
+         ".txt{font-family:monospace;font-size:13px;white-space:pre-wrap;overflow-wrap:anywhere;text-align:left;"
+         "max-height:24em;overflow:auto;background:#fafafa;padding:4px}.cut{color:#888;font-style:italic}")
 
 
 def png_uri(pixels: np.ndarray) -> str:
@@ -65,32 +68,72 @@ def image_shape(cfg: RunConfig, length: int) -> tuple[int, ...] | None:
 
 
 class Renderer:
-    """HTML for one example of a split: its image, its text, or its id."""
+    """HTML for one example of a split: its image, its text, or its id.
+
+    Images go through :func:`tda.images.display_image` (``tda/images.py``): stored HWC or CHW
+    pictures (nested lists, arrays, PIL images, ``{"bytes", "path"}`` dicts) in the layout of
+    ``data.image_layout``, flat channel-major vectors in the shape of :func:`image_shape`. Texts are
+    shown whole, wrapped, up to ``score.text_chars`` characters (None: all of them).
+    """
 
     def __init__(self, cfg: RunConfig, dataset: Any, texts: dict[int, str] | None = None) -> None:
         self.cfg, self.ds, self.texts = cfg, dataset, texts or {}
         from tda.data import example_ids
 
         self.rows = {int(i): r for r, i in enumerate(example_ids(dataset))}
+        self.warned = False
 
     def __call__(self, example: int) -> str:
         if int(example) in self.texts:  # the family decodes its own (token ids, for language models)
-            return f'<div class="txt">{html.escape(self.texts[int(example)][:400])}</div>'
+            return self.text(self.texts[int(example)])
         d, row = self.cfg.data, self.rows.get(int(example))
         if row is None:
             return ""
         item = self.ds[row]
         if d.image_column in item:
-            pixels = np.asarray(item[d.image_column])
-            shape = image_shape(self.cfg, pixels.size)
-            if shape is not None:
-                img = pixels.reshape(shape).transpose(1, 2, 0)
-                img = img[..., 0] if shape[0] == 1 else img
+            img = self.image(item[d.image_column])
+            if img is not None:
                 return f'<img src="{png_uri(img)}">'
         for column in (d.text_column, "text"):
             if column in item and isinstance(item[column], str):
-                return f'<div class="txt">{html.escape(item[column][:400])}</div>'
+                return self.text(item[column])
         return ""
+
+    def image(self, value: Any) -> np.ndarray | None:
+        """One stored image as uint8 (H, W) or (H, W, C); None when it is no image or its layout
+        cannot be told (a warning, once per renderer: the report shows the rest)."""
+        from tda.images import display_image
+
+        if value is None:
+            return None
+        layout = getattr(self.cfg.data, "image_layout", "auto")
+        try:
+            img = display_image(value, layout)
+            if img is None and np.ndim(value) == 1:  # a flat vector: channel-major, in the data set's shape
+                shape = image_shape(self.cfg, int(np.size(value)))
+                img = display_image(value, layout, shape) if shape is not None else None
+        except DataError as exc:
+            if not self.warned:
+                logger.warning("report: images of column %r not shown (%s)", self.cfg.data.image_column, exc)
+                self.warned = True
+            return None
+        return img
+
+    def text(self, text: str) -> str:
+        """``text`` escaped and wrapped, cut to ``score.text_chars`` characters with an ellipsis and
+        the count of characters left out."""
+        limit = getattr(self.cfg.score, "text_chars", None)
+        if limit is None or len(text) <= limit:
+            return f'<div class="txt">{html.escape(text)}</div>'
+        omitted = len(text) - limit
+        return (f'<div class="txt">{html.escape(text[:limit])}\u2026<span class="cut"> ({omitted} more '
+                f'character{"" if omitted == 1 else "s"} not shown; score.text_chars = {limit})</span></div>')
+
+
+def _box(content: str, rest: str = "") -> str:
+    """A grid cell holding ``content`` (an example) then ``rest``; wide when the example is a text."""
+    wide = " wide" if content.startswith('<div class="txt"') else ""
+    return f'<div class="cell{wide}">{content}{rest}</div>'
 
 
 def per_checkpoint_terms(cfg: RunConfig, paths: RunPaths, scorer: Any, query_ids: list[int],
@@ -118,8 +161,8 @@ def _cell(render: Renderer, example: int, label: Any, score: float, terms: np.nd
         ok = abs(mean) > 2 * sd / np.sqrt(len(terms))
         noise = f'<br><span class="{"" if ok else "noise"}">{mean:+.2e} &plusmn; {sd:.1e} over {len(terms)}' \
                 f'{"" if ok else " (noise)"}</span>'
-    return (f'<div class="cell">{render(example)}<br>id {example} label {html.escape(str(label))}<br>'
-            f'<span class="{sign}">{score:+.3e}</span>{noise}</div>')
+    return _box(render(example), f'<br>id {example} label {html.escape(str(label))}<br>'
+                f'<span class="{sign}">{score:+.3e}</span>{noise}')
 
 
 def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
@@ -130,7 +173,7 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
     texts = getattr(family, "example_texts", None)
     train_r, query_r = (Renderer(cfg, data[split], texts(cfg, paths, split) if texts else None)
                         for split in ("train", "query"))
-    column = cfg.data.label_column if cfg.model.family in ("user", "hf") else "label"
+    column, names = label_column(cfg), class_names(cfg, data)
     labels, qlabels = labels_of(data["train"], column), labels_of(data["query"], column)
     with np.load(paths.scores / "topk.npz") as z:
         top = {key: z[key] for key in z.files}
@@ -142,17 +185,17 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
     terms = per_checkpoint_terms(cfg, paths, scorer, qids, both) if rows else None
     parts = []
     for n, (r, qid) in enumerate(zip(rows, qids)):
-        head = f"query id {qid}, label {html.escape(str(qlabels.get(qid, '?')))}"
+        head = f"query id {qid}, label {html.escape(label_text(qlabels.get(qid), names))}"
         if qid in preds:
-            head += f", predicted {preds[qid][0]} (p {preds[qid][1]:.2f})"
+            head += f", predicted {html.escape(predicted_text(preds[qid], names))}"
         grids = []
         for side, key in (("proponents (training on them raises the query's output)", "proponent"),
                           ("opponents (training on them lowers it)", "opponent")):
-            cells = [_cell(train_r, int(i), labels.get(int(i), "?"), float(s),
+            cells = [_cell(train_r, int(i), label_text(labels.get(int(i)), names), float(s),
                            None if terms is None else terms[n, j + (0 if key == "proponent" else k)])
                      for j, (i, s) in enumerate(zip(top[f"{key}_ids"][r, :k], top[f"{key}_scores"][r, :k]))]
             grids.append(f"<p>{side}</p><div class='grid'>{''.join(cells)}</div>")
-        parts.append(f"<h3>{head}</h3><div class='grid'><div class='cell'>{query_r(qid)}</div></div>{''.join(grids)}")
+        parts.append(f"<h3>{head}</h3><div class='grid'>{_box(query_r(qid))}</div>{''.join(grids)}")
     return "<h2>Queries</h2>" + "".join(parts)
 
 
@@ -175,9 +218,11 @@ def curation_section(cfg: RunConfig, paths: RunPaths) -> str:
     if rows:
         out += _table(["method", "ROC-AUC", "AP", "found 5%", "10%", "20%"], rows)
     top = pq.read_table(paths.root / "curation" / "ranking.parquet").slice(0, 24).to_pydict()
-    render = Renderer(cfg, datasets_for(cfg, paths)["train"])
-    cells = [f'<div class="cell">{render(int(i))}<br>id {i}' + (f": label {y}, predicted {p}" if y != -1 else "")
-             + f'<br>{html.escape(res["method"])} {s:.3f}</div>'
+    data = datasets_for(cfg, paths)
+    render, names = Renderer(cfg, data["train"]), class_names(cfg, data)
+    cells = [_box(render(int(i)), f'<br>id {i}' + (f": label {html.escape(label_text(y, names))}, predicted "
+                                                  f"{html.escape(label_text(p, names))}" if y != -1 else "")
+                  + f'<br>{html.escape(res["method"])} {s:.3f}')
              for i, y, p, s in zip(top["id"], top["label"], top["predicted"], top[res["method"]])]
     return out + f"<p>top suspects</p><div class='grid'>{''.join(cells)}</div>"
 
@@ -229,23 +274,27 @@ def write_report(cfg: RunConfig, paths: RunPaths, shown: int | None = None, k: i
 
 def answer_page(paths: RunPaths, ans: Any, split: str = "query") -> str:
     """``tda query --html``: one self-contained page of a query answer (each example's image or
-    text, label, prediction, and the proponent / opponent grids with labels and signed scores)."""
+    text, label and class name, prediction, and the proponent / opponent grids with labels and
+    signed scores); texts cut at the answer's ``chars`` (``--chars``, else ``score.text_chars``)."""
     from .run_folder import recorded_config
 
     cfg = recorded_config(paths)
+    cfg.score.text_chars = getattr(ans, "chars", cfg.score.text_chars)
     data, family = datasets_for(cfg, paths), family_for(cfg)
+    names = getattr(ans, "names", None)
     texts = getattr(family, "example_texts", None)
     train_r, query_r = (Renderer(cfg, data[s], texts(cfg, paths, s) if texts else None) for s in ("train", split))
     parts = []
     for row, q in enumerate(ans.as_dict()["queries"]):
-        head = f"{html.escape(split)} id {q['id']}, label {html.escape(str(q['label']))}"
+        head = f"{html.escape(split)} id {q['id']}, label {html.escape(label_text(q['label'], names))}"
         if "predicted" in q:
-            head += f", predicted {q['predicted']} (p {q['p_predicted']:.2f})"
+            head += f", predicted {html.escape(predicted_text((q['predicted'], q['p_predicted']), names))}"
         grids = [f"<p>{title}</p><div class='grid'>"
-                 + "".join(_cell(train_r, e["id"], e["label"], e["score"], None) for e in q[key]) + "</div>"
+                 + "".join(_cell(train_r, e["id"], label_text(e["label"], names), e["score"], None) for e in q[key])
+                 + "</div>"
                  for title, key in (("proponents (training on them raises the query's output)", "proponents"),
                                     ("opponents (training on them lowers it)", "opponents"))]
-        parts.append(f"<h3>{head}</h3><div class='grid'><div class='cell'>{query_r(q['id'])}</div></div>{''.join(grids)}")
+        parts.append(f"<h3>{head}</h3><div class='grid'>{_box(query_r(q['id']))}</div>{''.join(grids)}")
     title = f"{cfg.name}: tda query ({ans.scorer}, {ans.kind} index over {ans.n_index} training examples)"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")

@@ -58,7 +58,7 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
             old = None
-    elif root.exists() and any(p.name != ".lock" for p in root.iterdir()):
+    elif root.exists() and any(p.name not in CLAIM_FILES for p in root.iterdir()):
         if not overwrite:
             raise ForeignStoreError(f"{root} is not empty and is not a tda run folder; choose an empty out_dir, or "
                                     "pass --overwrite to replace its contents (also after an interrupted --overwrite)")

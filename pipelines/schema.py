@@ -44,6 +44,9 @@ class DataConfig:
     text_column: str = "text"  # column names the built-in collates read
     label_column: str = "label"
     image_column: str = "image"
+    image_layout: str = "auto"  # stored image layout: "auto" (inferred; error when ambiguous), "HWC", "CHW" (both fed as NCHW) or "stored" (fed as stored)
+    image_scale: float | str = "auto"  # images are divided by this: "auto" (255 for integer pixels, 1 for floats), a number, or "none"
+    class_names: list[str] | None = None  # names of the classes 0..C-1 (default: the label column's ClassLabel names, or the model's id2label)
     tokenizer: str | None = None  # Hugging Face tokenizer folder (default: the model.hf folder)
     max_length: int = 128  # tokens per text example (built-in text collate)
     seed: int = 0  # seed of the random train_size / query_size subsets
@@ -53,6 +56,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice(self, "query_split", ("train", "test"))
         _choice(self, "subset", ("random", "first"))
+        _choice(self, "image_layout", ("auto", "HWC", "CHW", "stored"))
+        if isinstance(self.image_scale, str) and self.image_scale not in ("auto", "none"):
+            raise ConfigError(f"data.image_scale must be a number, 'auto' or 'none', got {self.image_scale!r}")
+        if not isinstance(self.image_scale, str) and not self.image_scale > 0:
+            raise ConfigError(f"data.image_scale must be > 0, got {self.image_scale}")
         _positive(self, "train_size", "query_size", "max_length")
         if not 0 <= self.label_noise < 1:
             raise ConfigError(f"data.label_noise must be in [0, 1), got {self.label_noise}")
@@ -71,6 +79,7 @@ class ModelConfig:
     hf_class: str | None = None  # transformers class name overriding the folder's config "architectures"
     checkpoints: list[str] | None = None  # state_dict files (.pt / .safetensors) or globs trained elsewhere: no training
     task: str | None = None  # classification | causal-lm | diffusion | "module:Class" (default: the family's)
+    check_trained: bool = True  # refuse checkpoints near chance on a training sample (likely an input mismatch); false for untrained ones
 
     def __post_init__(self) -> None:
         if not self.hidden or any(int(h) < 1 for h in self.hidden):
@@ -92,11 +101,24 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     checkpoints: str = "final"  # "final": last epoch of each model; "all": every epoch
-    factory: str | None = None  # your retraining recipe for validation: "module:fn", fn(model, dataset, seed) -> state_dict
+    factory: str | None = None  # your own retraining loop: "module:fn", fn(model, dataset, seed) -> state_dict (else the generic recipe)
+    # The generic recipe (tda/recipe.py) that retrains a user's or Hugging Face model for validate, curate, unlearn and
+    # AirRep; None: the value recorded with the checkpoints (tda.CheckpointRecorder / CheckpointCallback), else the default.
+    optimizer: str | None = None  # "sgd" (default), "adam" or "adamw"
+    momentum: float | None = None  # SGD momentum (default 0.9)
+    weight_decay: float | None = None  # default 5e-4
+    schedule: str | None = None  # "linear" (to 0 over all steps; default), "constant", "cosine" or "epoch-linear"
+    warmup_steps: int | None = None  # linear warm-up steps (default 0)
+    init: str = "auto"  # "scratch" (fresh seeded initialisation), "pretrained" (fine-tune from the weights the model is built with), "auto" (hf: pretrained; else scratch)
 
     def __post_init__(self) -> None:
         _positive(self, "models", "epochs", "batch_size")
         _choice(self, "checkpoints", ("final", "all"))
+        _choice(self, "init", ("auto", "scratch", "pretrained"))
+        if self.optimizer is not None:
+            _choice(self, "optimizer", ("sgd", "adam", "adamw"))
+        if self.schedule is not None:
+            _choice(self, "schedule", ("constant", "linear", "cosine", "epoch-linear"))
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
 
@@ -165,9 +187,10 @@ class ScoreConfig:
     influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
     dense: bool = True  # write the dense (n_query x n_train) scores.npy; false: top-k from the index only (large n)
     options: dict[str, Any] = field(default_factory=dict)  # repsim / airrep settings (pipelines/score_options.py)
+    text_chars: int | None = None  # texts shown in full (CLI, JSON, HTML) unless cut to this many characters
 
     def __post_init__(self) -> None:
-        _positive(self, "topk", "block_rows")
+        _positive(self, "topk", "block_rows", "text_chars")
         if self.show < 0:
             raise ConfigError(f"score.show must be >= 0, got {self.show}")
         try:
@@ -289,18 +312,22 @@ def _build(cls: type, values: Any, where: str) -> Any:
 #: fingerprints (and with them existing run folders) of configs that do not use them are unchanged.
 LATER_KEYS = {("model", "family"): ModelConfig().family, ("data", "query_path"): None, ("model", "options"): {},
               ("score", "influential_fraction"): ScoreConfig().influential_fraction, ("score", "dense"): True,
-              ("score", "options"): {}, ("featurize", "projection"): "dense",  # the default before the sparse one: runs made then stay valid
+              ("score", "options"): {}, ("score", "text_chars"): None, ("featurize", "projection"): "dense",  # the default before the sparse one: runs made then stay valid
               ("featurize", "k_in"): FeaturizeConfig().k_in, ("featurize", "k_out"): FeaturizeConfig().k_out,
               ("featurize", "nonzeros"): FeaturizeConfig().nonzeros,
               **{("data", k): getattr(DataConfig(), k) for k in ("train_path", "collate", "text_column", "label_column",
-                                                                  "image_column", "tokenizer", "max_length")},
+                                                                  "image_column", "tokenizer", "max_length",
+                                                                  "image_layout", "image_scale")},
               **{("model", k): None for k in ("factory", "hf", "hf_class", "checkpoints", "task")},
-              ("train", "factory"): None, ("data", "label_noise"): 0.0,
+              ("train", "factory"): None, ("data", "label_noise"): 0.0, ("train", "init"): "auto",
+              **{("train", k): None for k in ("optimizer", "momentum", "weight_decay", "schedule", "warmup_steps")},
               **{("index", k): getattr(IndexConfig(), k) for k in ("hnsw_m", "ef_construction", "ef_search")},
               ("index", "recall_queries"): IndexConfig().recall_queries}
 
 #: Keys no fingerprint holds: where code is imported from does not change what it computes.
 UNHASHED_KEYS = ("code_dir",)
+#: Keys that change only how answers are shown, never what is computed.
+UNHASHED_SECTION_KEYS = (("data", "class_names"), ("model", "check_trained"))
 
 
 #: Data keys that choose the queries: the training side (checkpoints, train features, fitted
@@ -337,6 +364,8 @@ def stable_dict(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
     for key in UNHASHED_KEYS:
         d.pop(key, None)
+    for section, key in UNHASHED_SECTION_KEYS:
+        d[section].pop(key, None)
     for name, digest in input_digests(cfg).items():
         section, key = name.split(".")
         d[section][key] = {"sha256": digest}
@@ -352,7 +381,7 @@ def stable_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 #: Score keys that change only what is written or printed, never the fitted scorer or index.
-OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction")
+OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction", "text_chars")
 
 
 def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, outputs: bool = True) -> str:

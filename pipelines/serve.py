@@ -10,9 +10,12 @@ The run is loaded once (:class:`pipelines.serve_state.Service`); then
   columns (MNIST: ``{"image": [784 uint8], "label": 7}``), featurized on the fly (the model is
   loaded on the first such request).
 
-Each answer lists, per query, its id and label and the proponents / opponents with their ids,
-labels and scores. A bad request (unknown id, k out of range, malformed body, a scorer that cannot
-score new inputs) is a 4xx JSON ``{"error": type, "detail": message}``, never a traceback.
+Each answer lists, per query, its id, label and ``label_name`` (the class name, where the run has
+class names), its prediction (``predicted``, ``p_predicted``, ``predicted_name``; stored queries of
+classifiers) and ``text`` (text data; cut at ``score.text_chars`` when set), and the proponents /
+opponents with their ids, labels, names, scores and texts. A bad request (unknown id: the
+detail lists ids that exist; k out of range, malformed body, a scorer that cannot score new
+inputs) is a 4xx JSON ``{"error": type, "detail": message}``, never a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tda.errors import QueryError, TDAError
 
 from .layout import RunPaths
 from .query_fast import Answer
+from .report import label_fields, label_name, text_fields
 from .serve_state import Service
 
 logger = logging.getLogger(__name__)
@@ -54,14 +58,20 @@ class Rows(BaseModel):
 
 
 def answer_json(ans: Answer) -> dict[str, Any]:
-    """The JSON of an answer: one entry per query."""
+    """The JSON of an answer: one entry per query (id, label and name, prediction, text, proponents
+    and opponents)."""
     def side(row: int, name: str) -> list[dict[str, Any]]:
         ids, scores = ans.top[f"{name}_ids"][row], ans.top[f"{name}_scores"][row]
-        return [{"id": int(i), "label": _plain(ans.labels.get(int(i))), "score": float(s)}
-                for i, s in zip(ids, scores) if int(i) >= 0]
+        return [ans.train_row(int(i), float(s)) for i, s in zip(ids, scores) if int(i) >= 0]
 
-    results = [{"id": int(q), "label": _plain(ans.qlabels.get(int(q))), "proponents": side(r, "proponent"),
-                "opponents": side(r, "opponent")} for r, q in enumerate(ans.ids)]
+    results = []
+    for r, q in enumerate(ans.ids):
+        result: dict[str, Any] = {"id": int(q), **label_fields(_plain(ans.qlabels.get(int(q))), ans.names)}
+        if ans.predicted and int(q) in ans.predicted:
+            result["predicted"], result["p_predicted"] = ans.predicted[int(q)]
+            result["predicted_name"] = label_name(result["predicted"], ans.names)
+        result.update(text_fields((ans.qtexts or {}).get(int(q)), ans.chars))
+        results.append({**result, "proponents": side(r, "proponent"), "opponents": side(r, "opponent")})
     return {"scorer": ans.scorer, "index": ans.kind, "search_ms": round(ans.search * 1000, 3), "results": results}
 
 

@@ -2,7 +2,8 @@
 
 At start-up it loads the recorded config, the fitted scorer, the FAISS index and the labels
 (numpy-only where :mod:`pipelines.query_fast` can, else through the registry and the family as
-the full ``tda query`` path does) and transforms every stored query once (``T_query`` of the
+the full ``tda query`` path does; with the class names and texts ``tda query`` shows) and
+transforms every stored query once (``T_query`` of the
 query store, cached: a stored query's answer is then one index search). Training examples asked
 as queries are read from the train store and transformed per request (what ``tda query --split
 train`` does). New inputs (rows like the run's query data) are featurized on the fly by the
@@ -31,8 +32,7 @@ logger = logging.getLogger(__name__)
 
 def load_full(paths: RunPaths) -> LoadedRun:
     """The run loaded as the full ``tda query`` path loads it (torch, the family, the data sets)."""
-    from .run import datasets_for
-    from .run_folder import QUERY_NEEDS, check_complete, labels_of, recorded_config, stored_features
+    from .run_folder import QUERY_NEEDS, check_complete, dataset_labels, recorded_config, stored_features
     from .stages import load_index, load_scorer
 
     cfg = recorded_config(paths)
@@ -41,8 +41,7 @@ def load_full(paths: RunPaths) -> LoadedRun:
     first = int(FeatureStore.open(paths.store("query")).ids()[0])
     dim = scorer.transform_query(stored_features(paths, [first], "query")).shape[1]
     index = load_index(cfg, paths, dim=dim, n_train=FeatureStore.open(paths.store("train")).n)
-    data = datasets_for(cfg, paths)
-    return LoadedRun(cfg, paths, scorer, index, {s: labels_of(data[s]) for s in ("train", "query")})
+    return LoadedRun(cfg, paths, scorer, index, None).set_labels(dataset_labels(cfg, paths))
 
 
 def query_vectors(run: LoadedRun, block_rows: int = 4096) -> tuple[np.ndarray, dict[int, int]]:
@@ -74,11 +73,13 @@ class Service:
         t0 = time.time()
         try:
             run, loaded = load_lean(paths), "lean"
-        except NotLean as exc:
+            vectors, rows = query_vectors(run)
+            run.answer([next(iter(rows))], "query", 1, vectors[:1])  # loads (and checks) the index and labels
+        except NotLean as exc:  # no lean state, or no recorded labels (a run made before they were recorded)
             logger.info("tda serve: loading through the family (%s)", exc)
             run, loaded = load_full(paths), "full"
-        vectors, rows = query_vectors(run)
-        run.answer([next(iter(rows))], "query", 1, vectors[:1])  # loads (and checks) the index and labels
+            vectors, rows = query_vectors(run)
+            run.answer([next(iter(rows))], "query", 1, vectors[:1])
         service = cls(run, vectors, rows, loaded)
         service.load_s = time.time() - t0
         return service
@@ -94,9 +95,10 @@ class Service:
         self._set_threads()
         missing = [i for i in ids if i not in self.rows]
         if missing:
-            lo, hi = min(self.rows), max(self.rows)
-            raise QueryError(f"example id(s) {missing[:5]} are not in the query split of this run (ids {lo}..{hi}); "
-                             "pick an id from that range")
+            from .run_folder import missing_ids_error
+
+            root = self.run.paths.root if self.run.paths else "RUN"
+            raise missing_ids_error(missing, np.fromiter(self.rows, dtype=np.int64), "query", root)
         return self.run.answer(ids, "query", k, self.vectors[[self.rows[i] for i in ids]])
 
     def train(self, ids: list[int], k: int) -> Answer:
@@ -115,9 +117,12 @@ class Service:
         vectors = self.run.scorer.transform_query(block)
         top, spent = search(self.run.index, vectors, k)
         ids = [int(i) for i in block.ids]
-        given = {i: row.get("label", "?") for i, row in zip(ids, rows)}
-        return Answer(ids, top, self.run.labels["train"], given, self.run.cfg.score.scorer, len(self.run.index),
-                      self.run.index.kind, spent, spent)
+        cfg = self.run.cfg
+        given = {i: row.get(cfg.data.label_column, row.get("label", "?")) for i, row in zip(ids, rows)}
+        texts = {i: t for i, t in zip(ids, (_text(row, cfg.data.text_column) for row in rows)) if t is not None}
+        return Answer(ids, top, self.run.labels["train"], given, cfg.score.scorer, len(self.run.index),
+                      self.run.index.kind, spent, spent, None, self.run.names, (self.run.texts or {}).get("train"),
+                      texts, cfg.score.text_chars)
 
     def _set_threads(self) -> None:
         if self.threads is not None:
@@ -151,6 +156,11 @@ class Service:
             feats.append(f.astype(np.float32))
             qs.append(q.astype(np.float32))
         return FeatureBlock(ids=ids, feats=np.stack(feats), q=np.stack(qs))
+
+
+def _text(row: dict[str, Any], column: str) -> str | None:
+    """The text of a new input: its ``column`` (``data.text_column``) or ``text`` entry, if a string."""
+    return next((row[c] for c in (column, "text") if isinstance(row.get(c), str)), None)
 
 
 def _as_dataset(rows: list[dict[str, Any]], template: Any) -> Any:

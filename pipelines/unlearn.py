@@ -115,9 +115,10 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
     from .families.base import collated
 
     labels: dict[int, int] = {}
-    if family.label_key is not None:
+    label_key = family.task(cfg).label_key if family.unlearning_hits_of(cfg) else None
+    if label_key is not None:
         query_b = collated(family.datasets(cfg, paths)["query"], family.collate(cfg))
-        labels = {int(q): int(y) for q, y in zip(query_ids, query_b[family.label_key].numpy())}
+        labels = {int(q): int(y) for q, y in zip(query_ids, query_b[label_key].numpy())}
     group, what = behaviour(cfg, query_ids, labels)
     effect = scores[group].sum(axis=0)
     forget = forget_set(effect, scores[group], cfg)
@@ -151,7 +152,7 @@ def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray,
     seeds = [20_000 + 100 * cfg.unlearn.seed + r for r in range(cfg.unlearn.retrain_seeds)]
     out = run_arms(cfg, family.unlearning_job(cfg), keep, seeds, paths.root / "unlearning" / "retrain",
                    {"measure": "margin+hit"}, "unlearn: retrain", progress)
-    with_hits = getattr(family, "unlearning_hits", True)  # classifiers: margins then top-1 hits; LMs: log-probs
+    with_hits = family.unlearning_hits_of(cfg)  # classifiers: margins then top-1 hits; LMs: log-probs
     m = out["full"].shape[1] // 2 if with_hits else out["full"].shape[1]
     margin = {arm: o[:, :m] for arm, o in out.items()}
     hits = {arm: o[:, m:] for arm, o in out.items()}

@@ -17,10 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tda.featurize import load_checkpoint
-from tda.lm import _logits as lm_logits, completion_log_prob
+from tda.featurize import apply_checkpoint, load_checkpoint
 from tda.unlearning import gradient_difference, membership_auc, weight_mask
 
 from .families.base import collated
@@ -29,17 +27,15 @@ from .schema import RunConfig
 
 
 class _Ops:
-    """Per-example loss, attributed output and (classifiers) top-1 hits of a family's batches."""
+    """Per-example loss, attributed output and (classifiers) top-1 hits, from the family's task
+    (:meth:`tda.tasks.Task.example_loss`, :meth:`tda.tasks.Task.logits`)."""
 
     def __init__(self, cfg: RunConfig, family: Any) -> None:
         self.task = family.task(cfg)
-        self.classifier = getattr(family, "unlearning_hits", True)
+        self.classifier = self.task.kind == "classification"
 
     def loss_each(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.classifier:
-            return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
-        logits = lm_logits(model(batch["input_ids"]))  # mean next-token loss over the scored tokens
-        return -completion_log_prob(logits, batch["input_ids"], batch["loss_mask"], "mean")
+        return self.task.example_loss(model, batch)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.loss_each(model, batch).mean()
@@ -49,7 +45,7 @@ class _Ops:
         return self.task.output(model, batch)
 
     def hits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
-        return float((model(batch["x"]).argmax(1) == batch["y"]).double().mean())
+        return float((self.task.logits(model, batch).argmax(1) == batch[self.task.label_key]).double().mean())
 
 
 def _metrics(ops: _Ops, model: torch.nn.Module, forget: dict, retain: dict, query: dict,
@@ -69,6 +65,16 @@ def _metrics(ops: _Ops, model: torch.nn.Module, forget: dict, retain: dict, quer
     return out
 
 
+def training_lr(cfg: RunConfig) -> float:
+    """The learning rate the attributed model trained with: the recorded recipe's for checkpoints
+    trained elsewhere (``model.checkpoints``), else ``train.lr``."""
+    if cfg.model.checkpoints:
+        from .families.capabilities import resolve_recipe
+
+        return resolve_recipe(cfg)[0].lr
+    return cfg.train.lr
+
+
 def approximate_unlearning(cfg: RunConfig, family: Any, paths: RunPaths, forget_rows: np.ndarray,
                            retrained_margins: np.ndarray | None) -> dict[str, Any]:
     """The original model, gradient difference, and masked gradient difference, with their metrics."""
@@ -81,11 +87,12 @@ def approximate_unlearning(cfg: RunConfig, family: Any, paths: RunPaths, forget_
     forget = {k: v[forget_rows] for k, v in train.items()}
     retain_sample = {k: v[sample] for k, v in train.items()}
     retain_all = {k: v[rest] for k, v in train.items()}
-    last = [e for e in load_checkpoint_list(paths) if e.get("model", 0) == 0][-1]
+    entries = load_checkpoint_list(paths)  # the last checkpoint of the first training run
+    last = [e for e in entries if e.get("recorded_model", e.get("model", 0)) == entries[0].get("recorded_model", 0)][-1]
     base = family.build_model(cfg)
-    base.load_state_dict(load_checkpoint(paths.checkpoint_file(last)))
+    apply_checkpoint(base, load_checkpoint(paths.checkpoint_file(last)), f"checkpoint {last['file']}")
     base.eval()
-    lr = u.approx_lr if u.approx_lr is not None else cfg.train.lr
+    lr = u.approx_lr if u.approx_lr is not None else training_lr(cfg)
     res = {"model": "the run's model 0, last attributed checkpoint", "steps": u.approx_steps, "lr": lr,
            "mask_fraction": u.mask_fraction, "retain_sample": len(sample), "variants": {}}
     res["variants"]["original"] = _metrics(ops, base, forget, retain_all, query, retrained_margins)

@@ -28,6 +28,7 @@ _EXPORTS = {
     "AirRepScorer": "scorers", "GradCosScorer": "scorers", "GradDotScorer": "scorers", "RepSimScorer": "scorers",
     "Scorer": "scorers", "TracInCPScorer": "scorers", "TRAKScorer": "scorers", "make_scorer": "scorers",
     "ClassificationTask": "tasks", "Task": "tasks",
+    "CheckpointRecorder": "recording",
 }
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Scorer", "TDAError", "TRAKScorer", "Task", "TopK", "make_scorer", "score_matrix", "top_k",
     "TracInCPScorer", "GradDotScorer", "GradCosScorer", "RepSimScorer", "RepresentationFeaturizer",
     "hidden_states", "AirRepScorer", "HFClassificationTask", "HFCausalLMTask", "load_hf_model",
+    "CheckpointRecorder",
 ]
 
 
@@ -57,3 +59,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports the lazy tabl
     from .scorers import (AirRepScorer, GradCosScorer, GradDotScorer, RepSimScorer, Scorer, TracInCPScorer,
                           TRAKScorer, make_scorer)
     from .tasks import ClassificationTask, Task
+    from .recording import CheckpointRecorder

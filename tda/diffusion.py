@@ -141,6 +141,8 @@ class DiffusionTask(Task):
         output: one of :data:`OUTPUTS` (see the module docstring for definitions and signs).
     """
 
+    kind = "diffusion"
+
     def __init__(self, schedule: NoiseSchedule, output: str = "loss") -> None:
         if output not in OUTPUTS:
             raise ConfigError(f"diffusion output {output!r} is unknown; use one of {OUTPUTS}")

@@ -163,7 +163,7 @@ def check_batch(batch: Batch, ids: Sequence[int]) -> None:
                              "ids; collate must return one row per example for every entry")
 
 
-def _batch_error(exc: RuntimeError, batch: Batch) -> DataError | ConfigError:
+def batch_error(exc: Exception, batch: Batch) -> DataError | ConfigError:
     """Translate the model's failure on a batch into an error naming the batch's shapes and dtypes."""
     shapes = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for k, v in batch.items())
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -198,7 +198,7 @@ def featurize_loop(
             try:
                 phi, q = featurize_batch(batch, ids, checkpoint)
             except RuntimeError as exc:
-                raise _batch_error(exc, batch) from exc
+                raise batch_error(exc, batch) from exc
             yield np.asarray(ids, dtype=np.int64), phi, q
     finally:
         cleanup()
@@ -395,7 +395,7 @@ class Featurizer:
                 device_batch = self._to_device(batch)
                 pending.append((ids, device_batch, self.gradients(device_batch)))
             except RuntimeError as exc:
-                raise _batch_error(exc, batch) from exc
+                raise batch_error(exc, batch) from exc
             rows += len(ids)
             if rows >= group:
                 yield from flush()

@@ -138,9 +138,13 @@ class HFClassificationTask(Task):
     """
 
     name = "hf-classification-margin"
+    kind = "classification"
 
     def __init__(self, label_key: str = "labels", input_keys: Sequence[str] = HF_INPUT_KEYS) -> None:
         self.label_key, self.input_keys = label_key, tuple(input_keys)
+
+    def logits(self, model: ModelCall, batch: Batch) -> Tensor:
+        return self._logits(model, batch)
 
     def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
         if self.label_key not in batch:
@@ -176,15 +180,24 @@ class HFCausalLMTask(Task):
         self.reduction, self.mask_key, self.input_keys = reduction, mask_key, tuple(input_keys)
         self.name = f"hf-causal-lm-logprob-{reduction}"
 
-    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+    kind = "causal-lm"
+
+    def _scored(self, batch: Batch) -> Tensor:
         if self.mask_key in batch:
-            scored = batch[self.mask_key]
-        elif "labels" in batch and batch["labels"].ndim == 2:
-            scored = (batch["labels"] != -100).long()
-        else:
-            raise ShapeError(f"batch has neither {self.mask_key!r} nor (B, T) 'labels' (has {sorted(batch)}); "
-                             "collate prompt/completion rows with tda.hf.HFCausalLMCollate")
+            return batch[self.mask_key]
+        if "labels" in batch and batch["labels"].ndim == 2:
+            return (batch["labels"] != -100).long()
+        raise ShapeError(f"batch has neither {self.mask_key!r} nor (B, T) 'labels' (has {sorted(batch)}); "
+                         "collate prompt/completion rows with tda.hf.HFCausalLMCollate")
+
+    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+        scored = self._scored(batch)
         return completion_log_prob(_call(model, batch, self.input_keys), batch["input_ids"], scored, self.reduction)
+
+    def example_loss(self, model: ModelCall, batch: Batch) -> Tensor:
+        """Mean next-token loss of each sequence's scored tokens, (B,)."""
+        scored = self._scored(batch)
+        return -completion_log_prob(_call(model, batch, self.input_keys), batch["input_ids"], scored, "mean")
 
     def example_groups(self, batch: Batch) -> list[tuple[Tensor, Batch]]:
         return trim_padding(batch)

@@ -116,13 +116,23 @@ class LMTask(Task):
         self.reduction = reduction
         self.name = f"causal-lm-logprob-{reduction}"
 
-    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+    kind = "causal-lm"
+
+    def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
         for key in ("input_ids", "loss_mask"):
             if key not in batch:
                 raise ShapeError(f"batch has no {key!r} entry (has {sorted(batch)}); collate LM rows "
                                  "with tda.lm.lm_collate")
-        logits = _logits(model(batch["input_ids"]))
+        return _logits(model(batch["input_ids"]))
+
+    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+        logits = self._logits(model, batch)
         return completion_log_prob(logits, batch["input_ids"], batch["loss_mask"], self.reduction)
+
+    def example_loss(self, model: ModelCall, batch: Batch) -> Tensor:
+        """Mean next-token loss of each sequence's scored tokens, (B,)."""
+        logits = self._logits(model, batch)
+        return -completion_log_prob(logits, batch["input_ids"], batch["loss_mask"], "mean")
 
 
 __all__ = [

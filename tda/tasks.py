@@ -31,6 +31,26 @@ class Task(ABC):
 
     #: Name recorded in store manifests so features of different tasks never mix.
     name: str = "task"
+    #: What the task is, so capabilities follow it (predictions, losses, retraining): ``"classification"``
+    #: (implements :meth:`logits`; labels in ``batch[label_key]``), ``"causal-lm"``, ``"diffusion"`` or ``"custom"``.
+    kind: str = "custom"
+    label_key: str | None = None
+
+    def logits(self, model: ModelCall, batch: Batch) -> Tensor:
+        """Class scores (B, C) of a classification task (others raise)."""
+        raise ShapeError(f"the task {self.name!r} ({type(self).__name__}) has no class scores; only a "
+                         "classification task (kind 'classification') does")
+
+    def example_loss(self, model: ModelCall, batch: Batch) -> Tensor:
+        """The training loss of each example, shape (B,), what a training recipe minimises:
+        cross-entropy of :meth:`logits` for classification; LM tasks override it (mean token
+        loss). Other tasks raise, naming what to implement."""
+        if self.kind != "classification":
+            raise ShapeError(f"the task {self.name!r} ({type(self).__name__}) defines no per-example training loss; "
+                             "implement example_loss(model, batch) -> (B,) on it, or set train.factory to your own "
+                             "training function")
+        logits = self.logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits, batch[self.label_key].long(), reduction="none")
 
     @abstractmethod
     def output(self, model: ModelCall, batch: Batch) -> Tensor:
@@ -96,10 +116,14 @@ class ClassificationTask(Task):
     """Margin output for a classifier taking ``batch[input_key]`` and labels ``batch[label_key]``."""
 
     name = "classification-margin"
+    kind = "classification"
 
     def __init__(self, input_key: str = "x", label_key: str = "y") -> None:
         self.input_key = input_key
         self.label_key = label_key
+
+    def logits(self, model: ModelCall, batch: Batch) -> Tensor:
+        return self._logits(model, batch)
 
     def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
         for key in (self.input_key, self.label_key):

@@ -355,19 +355,13 @@ RUN_CASES = [
          ("run.json was not written by `tda run`", "choose another folder")),
     Case("query-run-json-bad-config", _query("--example", "1", damage=_bad_recorded_config), E.StoreCorruptError,
          ("run.json", "featurize.k", "rerun")),
-    Case("validate-not-a-run", lambda ctx: ["validate", TINY, "--out", str(ctx.tmp), "--quiet"], E.ForeignStoreError,
+    Case("validate-not-a-run", lambda ctx: ["validate", TINY, "--out", str(write(ctx, "notes/todo.txt", "x").parent),
+                                            "--quiet"], E.ForeignStoreError,
          ("is not a tda run folder", f"tda run {TINY} --out")),
-    Case("validate-train-only-run", _validate(_keep("checkpoints")), E.StoreError,
-         ("unfinished run", "features-train/ (no features)", "scores/ (not scored)",
-          f"complete it with `tda run {TINY} --out")),
-    Case("validate-unscored-run", _validate(_keep("checkpoints", "features-train", "features-query")), E.StoreError,
-         ("unfinished run", "scores/ (not scored)", f"`tda run {TINY} --out")),
-    Case("validate-pending-shard", _validate(_pending_shard), E.StoreError,
-         ("features-train/ (1 unfinished shard job(s))", "complete it with")),
     Case("validate-run-json-truncated", _validate(_run_json('{"format": "tda-')), E.StoreCorruptError,
          ("run.json is not valid JSON", "restore it")),
     Case("validate-other-config", _validate(None, "featurize.k=32"), E.FingerprintMismatchError,
-         ("another configuration", "validate it with the config")),
+         ("another configuration", "featurize.k 32 here, 64 in the run", "use the config and --set options")),
 ]
 CASES = FS_CASES + RUN_CASES
 

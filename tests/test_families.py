@@ -82,12 +82,14 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         assert old["featurize"]["projection"] == "auto"  # the default since tensorsketch: hashed, features differ
         del old["featurize"]["k_in"], old["featurize"]["k_out"], old["featurize"]["nonzeros"]
         del old["data"]["query_path"], old["score"]["dense"], old["score"]["options"], old["code_dir"]
+        del old["score"]["text_chars"]
         for key in ("train_path", "collate", "text_column", "label_column", "image_column", "tokenizer", "max_length",
-                    "label_noise"):
+                    "label_noise", "image_layout", "image_scale", "class_names"):
             del old["data"][key]
-        for key in ("factory", "hf", "hf_class", "checkpoints", "task"):
+        for key in ("factory", "hf", "hf_class", "checkpoints", "task", "check_trained"):
             del old["model"][key]
-        del old["train"]["factory"]
+        for key in ("factory", "optimizer", "momentum", "weight_decay", "schedule", "warmup_steps", "init"):
+            del old["train"][key]
         for key in ("hnsw_m", "ef_construction", "ef_search", "recall_queries"):
             del old["index"][key]
         for sections in (FEATURE_SECTIONS, SCORE_SECTIONS):

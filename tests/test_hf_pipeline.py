@@ -37,7 +37,7 @@ def test_tiny_bert_classifier_runs_from_a_config(bert_folder, sst2, tmp_path, mo
     rows = {"text": [t for t, _ in sst2], "label": [y for _, y in sst2]}
     datasets.Dataset.from_dict({k: v[:30] for k, v in rows.items()}).save_to_disk(str(tmp_path / "train"))
     datasets.Dataset.from_dict({k: v[30:] for k, v in rows.items()}).to_parquet(str(tmp_path / "test.parquet"))
-    cfg = (f"model: {{hf: {bert_folder}}}\n"
+    cfg = (f"model: {{hf: {bert_folder}, check_trained: false}}\n"  # a random tiny BERT
            "data: {train_path: train, query_path: test.parquet, train_size: null, query_size: 6}\n"
            "featurize: {k: 32, batch_size: 8, shard_size: 16}\nscore: {topk: 3, show: 1}\n")
     scores, _ = _run_and_query(tmp_path, cfg, monkeypatch, capsys)
@@ -51,7 +51,7 @@ def test_tiny_gpt2_lm_runs_from_a_config(gpt2_lm_folder, stories, tmp_path, monk
     datasets.Dataset.from_dict({"text": texts * 2}).to_json(str(tmp_path / "train.jsonl"))
     datasets.Dataset.from_dict({"prompt": [p for p, _ in stories[:3]],
                                 "completion": [c for _, c in stories[:3]]}).to_parquet(str(tmp_path / "q.parquet"))
-    cfg = (f"model: {{hf: {gpt2_lm_folder}}}\n"
+    cfg = (f"model: {{hf: {gpt2_lm_folder}, check_trained: false}}\n"  # a random tiny GPT-2
            "data: {train_path: train.jsonl, query_path: q.parquet, train_size: null, max_length: 32}\n"
            "featurize: {k: 32, batch_size: 4, shard_size: 8, params: [transformer.h]}\nscore: {topk: 3, show: 1}\n")
     scores, _ = _run_and_query(tmp_path, cfg, monkeypatch, capsys)

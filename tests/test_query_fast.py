@@ -132,3 +132,20 @@ def test_query_prints_predictions_and_writes_json_and_html(tiny_run, tmp_path, c
     assert all(e["score"] > 0 for e in q["proponents"]) and q["opponents"][0]["score"] < 0
     html = page.read_text()
     assert html.count("<img src=\"data:image/png;base64,") == 1 + 3 + 3 and "predicted" in html
+
+
+def test_list_of_a_demo_run_without_names_or_texts(tiny_run, capsys):
+    """``--list``: the ids of ``scores/topk.npz`` with their labels and predictions; no names, no texts."""
+    from pipelines.query_fast import load_labels, load_predictions
+
+    with np.load(tiny_run / "scores" / "topk.npz") as z:
+        query_ids, train_ids = z["query_ids"].tolist(), z["train_ids"].tolist()
+    labels, preds = load_labels(RunPaths(tiny_run)), load_predictions(RunPaths(tiny_run))
+    assert main(["query", "--run", str(tiny_run), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["id", "label", "predicted"]
+    assert [ln.split()[:2] for ln in lines[2:]] == [[str(q), str(labels["query"][q])] for q in query_ids]
+    assert [ln.split(None, 2)[2] for ln in lines[2:]] == [f"{preds[q][0]} p {preds[q][1]:.2f}" for q in query_ids]
+    assert main(["query", "--run", str(tiny_run), "--list", "--split", "train", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed == [{"id": i, "label": labels["train"][i], "label_name": None} for i in train_ids]

@@ -397,7 +397,7 @@ def test_missing_data_path(tmp_path, capsys):
     out = tmp_path / "out"
     name, msg = cli_error(["run", str(TINY), "--out", str(out), "--set", f"data.root={tmp_path / 'nowhere'}"], capsys)
     assert name == "DataError" and "set data.root" in msg
-    assert sorted(p.name for p in out.iterdir()) == []  # refused before anything is written
+    assert not out.exists()  # refused before any work: no run folder is left behind
 
 
 # --------------------------------------------------------------------------------------------

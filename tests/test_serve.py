@@ -114,3 +114,12 @@ def test_new_input_matches_its_stored_query(server, tiny_run):
     for side in ("proponents", "opponents"):
         assert [p["id"] for p in got["results"][0][side]] == [p["id"] for p in stored["results"][0][side]]
     assert _call(server, "/health")[1]["model_loaded"]
+
+
+def test_unknown_id_names_the_ids_that_exist(server, tiny_run):
+    status, got = _call(server, "/query/999")
+    assert status == 404 and ("query ids that exist: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ... (20 in all, ids 0..19; "
+                              f"`tda query --run {tiny_run} --list` lists them)") in got["detail"]
+    status, got = _call(server, "/query/3?k=2")
+    assert status == 200 and got["results"][0]["label_name"] is None  # the demo data name no classes
+    assert "predicted" in got["results"][0] and "text" not in got["results"][0]

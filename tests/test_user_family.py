@@ -40,7 +40,7 @@ def _project(tmp_path: Path, labels: np.ndarray | None = None, width: int = 8) -
         net = nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3))
         torch.save(net.state_dict(), root / f"m{seed}.pt")
     (root / "cfg.yaml").write_text(
-        "model: {factory: code/model.py:build, options: {width: 8}, checkpoints: [m0.pt, m1.pt]}\n"
+        "model: {factory: code/model.py:build, options: {width: 8}, checkpoints: [m0.pt, m1.pt], check_trained: false}\n"
         "data: {train_path: train, query_path: q.parquet, image_column: x, train_size: 60, query_size: 10}\n"
         "featurize: {k: 16, shard_size: 32}\nscore: {topk: 3, show: 1}\n")
     return root
@@ -87,8 +87,8 @@ def test_missing_checkpoints_and_missing_retraining_recipe(tmp_path) -> None:
     with pytest.raises(ConfigError, match="trains nothing itself: name your trained checkpoints"):
         parse_config({"model": {"factory": "m:f"}, "data": {"train_path": "t", "query_path": "q"}})
     cfg = load_config(_project(tmp_path) / "cfg.yaml")
-    with pytest.raises(ConfigError, match="needs train.factory"):
-        family_for(cfg).subset_job(cfg)
+    job = family_for(cfg).subset_job(cfg)  # no train.factory: the generic recipe at its defaults
+    assert type(job).__name__ == "RecipeSubsetJob" and job.recipe.optimizer == "sgd" and job.recipe.epochs == 4
 
 
 def test_stratified_subset_keeps_every_class_of_a_sorted_set() -> None:

@@ -161,6 +161,14 @@ class Family:
                                   "rate of each checkpoint (train in the run, or use graddot / gradcos)")
         return [float(e["lr"]) for e in entries]
 
+    def check_metric_of(self, cfg: RunConfig) -> str:
+        """What curate's check averages over the queries (``accuracy`` or ``log_prob``)."""
+        return getattr(self, "check_metric", "accuracy")
+
+    def unlearning_hits_of(self, cfg: RunConfig) -> bool:
+        """Whether unlearning outputs carry top-1 hits after the outputs."""
+        return getattr(self, "unlearning_hits", True)
+
     def extra_results(self, cfg: RunConfig, paths: RunPaths, scorer: Any, kind: str) -> None:
         """Family-specific results the score stage writes after top-k (default: none)."""
 

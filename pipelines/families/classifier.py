@@ -4,7 +4,9 @@ CIFAR-2, attributed through the classification margin (METHODS.md section 1).
 Training: SGD with a linearly decaying rate (:func:`pipelines.families.training.train_classifier`), one model per
 seed. Features: projected gradients (dense or factored) or the last hidden layer's output.
 Retraining (validation, AirRep): the same recipe on subsets; AirRep's training queries are
-training images outside the training subset.
+training images outside the training subset. Per-example predictions and losses come from the
+task, through the same route as a user's model (:class:`.capabilities.TaskCapabilities`); the
+training recipe is the generic one (:class:`tda.recipe.TrainRecipe`) at the demo's settings.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import example_ids, mnist_collate
+from tda.data import mnist_collate
 from tda.errors import ConfigError
 from tda.featurize import load_checkpoint
 from tda.models import mlp
@@ -23,6 +25,7 @@ from tda.tasks import ClassificationTask, Task, classification_margin
 
 from ..layout import load_checkpoint_list
 from .base import Family, Reporting, Representations, Retraining, SaveFn, collated
+from .capabilities import TaskCapabilities
 from .images import IMAGE_DATA, ImageCollate, image_datasets, unused_train_rows
 from .jobs import SubsetJob
 from .registry import family_for, register_family
@@ -43,7 +46,7 @@ def small_cnn(shape: tuple[int, int, int], channels: list[int], classes: int) ->
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * size * size, classes))
 
 
-class ClassifierFamily(Representations, Retraining, Reporting, Family):
+class ClassifierFamily(TaskCapabilities, Representations, Retraining, Reporting, Family):
     """Image classifiers (MLP or small CNN) attributed through the classification margin."""
 
     name = "classifier"
@@ -112,25 +115,6 @@ class ClassifierFamily(Representations, Retraining, Reporting, Family):
 
     def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
         return ClassifierSubsetJob(cfg, queries, epochs=epochs)
-
-    def example_predictions(self, cfg: RunConfig, paths: RunPaths, split: str = "train") -> dict[str, np.ndarray]:
-        """Per example of ``split``, over every attributed checkpoint: the mean cross-entropy ``loss``
-        and ``confidence`` (1 - p(label)), the ``predicted`` class of the mean probabilities and its
-        probability ``p_predicted`` (the curation baselines and the report); ``labels`` and ``ids``."""
-        dataset = self.datasets(cfg, paths)[split]
-        batch = collated(dataset, self.collate(cfg))
-        model, probs = self.build_model(cfg).eval(), []
-        for entry in load_checkpoint_list(paths):
-            model.load_state_dict(load_checkpoint(paths.checkpoint_file(entry)))
-            with torch.no_grad():
-                probs.append(torch.cat([torch.softmax(model(batch["x"][lo: lo + 4096]).double(), dim=1)
-                                        for lo in range(0, len(batch["y"]), 4096)]))
-        p, y = torch.stack(probs), batch["y"].long()  # (C, n, classes), (n,)
-        p_label = p.gather(2, y.view(1, -1, 1).expand(p.shape[0], -1, 1)).squeeze(2)  # (C, n)
-        mean = p.mean(0)
-        return {"ids": np.asarray(example_ids(dataset)), "labels": y.numpy(), "predicted": mean.argmax(1).numpy(),
-                "p_predicted": mean.max(1).values.numpy(), "loss": (-torch.log(p_label.clamp(min=1e-300))).mean(0).numpy(),
-                "confidence": (1 - p_label).mean(0).numpy()}
 
     def accuracy_job(self, cfg: RunConfig) -> Any:
         """Trains the recipe on given rows; per query, 1.0 where the model's top class is its label."""

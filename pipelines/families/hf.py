@@ -14,8 +14,9 @@ tokenizer comes from the same folder or ``data.tokenizer`` (a ``save_pretrained`
 
 Padding is trimmed per example and models whose code cannot run under ``vmap`` fall back to a
 per-example autograd pass (:mod:`tda.hf`, :class:`tda.featurize.Featurizer`); the path taken is
-logged. Features are gradients (dense or factored projection); retraining for ``tda validate``
-uses ``train.factory`` as in the ``user`` family.
+logged. Features are gradients (dense or factored projection); retraining (``tda validate``,
+curate, unlearn) fine-tunes from the folder's weights with the generic recipe
+(``train.init: pretrained``, :mod:`.capabilities`) or runs ``train.factory``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ class HFFamily(UserFamily):
         from tda.hf import load_hf_model
 
         return load_hf_model(cfg.model.hf, cfg.model.hf_class)
+
+    def fresh_model(self, cfg: RunConfig) -> nn.Module:
+        """A retraining's start (``train.init``): the folder's weights (``pretrained``, the default:
+        fine-tuning) or a fresh seeded initialisation of the same config (``scratch``)."""
+        model = self.build_model(cfg)
+        if cfg.train.init == "scratch":
+            return type(model)(model.config)
+        return model
 
     def is_lm(self, cfg: RunConfig) -> bool:
         from transformers import AutoConfig

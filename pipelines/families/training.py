@@ -1,5 +1,5 @@
 """The training recipe of the ``classifier`` family's demo models (moved from ``tda/training.py``):
-a plain, seeded SGD loop (:func:`train_classifier`) and :func:`accuracy` (used by the demo, tests
+a seeded SGD run of the generic recipe (:func:`train_classifier`, :class:`tda.recipe.TrainRecipe`) and :func:`accuracy` (used by the demo, tests
 and validators).
 
 Deterministic given (seed, data order): the batch order comes from a ``torch.Generator`` seeded
@@ -13,7 +13,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from tda.errors import DataError, NonFiniteError
+from tda.errors import DataError
+from tda.recipe import TrainRecipe
+from tda.tasks import ClassificationTask
 
 #: the recipe's optimizer settings (also those of its MAGIC replay, ``ClassifierFamily.magic_recipe``)
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -59,33 +61,16 @@ def train_classifier(
     """
     if len(x) == 0 or len(x) != len(y):
         raise DataError(f"training needs equal, non-zero numbers of inputs and labels, got {len(x)} and {len(y)}")
-    torch.manual_seed(seed)
-    model = make_model()
-    _check_labels(model, x, y)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 - e / max(epochs, 1))
-    gen = torch.Generator().manual_seed(seed)
-    if weights is not None and tuple(weights.shape) != (len(x),):
-        raise DataError(f"weights must have one value per training example, shape ({len(x)},), got {tuple(weights.shape)}")
-    loss_fn = nn.CrossEntropyLoss(reduction="mean" if weights is None else "none")
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for lo in range(0, len(x), batch_size):
-            idx = order[lo: lo + batch_size]
-            loss = loss_fn(model(x[idx]), y[idx])
-            if weights is not None:
-                loss = (weights[idx].to(loss.dtype) * loss).sum() / len(idx)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"training diverged: the loss became {loss.item()} in epoch {epoch} (train.lr "
-                                     f"is {lr:g}); lower train.lr and rerun")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-        if on_epoch is not None:
-            on_epoch(epoch, model)
-    return model.eval()
+
+    def checked_model() -> nn.Module:
+        model = make_model()
+        _check_labels(model, x, y)
+        return model
+
+    # the generic recipe every model retrains with (tda.recipe), at the demo's settings: same route, same numbers
+    recipe = TrainRecipe(optimizer="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay, schedule="epoch-linear",
+                         epochs=epochs, batch_size=batch_size, seed=seed)
+    return recipe.train(checked_model, {"x": x, "y": y}, ClassificationTask(), weights=weights, on_epoch=on_epoch)
 
 
 @torch.no_grad()

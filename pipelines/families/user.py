@@ -14,7 +14,8 @@ stratified by ``data.label_column``.
 ``data.label_column`` as int64: ``{"x": ..., "y": ...}``, what ``ClassificationTask`` reads.
 ``model.task``: ``classification`` (the margin, default), ``causal-lm`` (``tda.lm.LMTask`` on
 ``input_ids`` / ``loss_mask``) or ``"module:Class"`` (your :class:`tda.tasks.Task`).
-``tda validate`` retrains with ``train.factory`` (``fn(model, dataset, seed) -> state_dict``).
+Retraining (``tda validate``, curate's and unlearn's checks, AirRep) uses the generic recipe
+(:mod:`.capabilities`, ``train:`` keys) or your ``train.factory`` (``fn(model, dataset, seed) -> state_dict``).
 """
 
 from __future__ import annotations
@@ -27,17 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import draw_subset, example_ids, iter_batches
+from tda.data import draw_subset, example_ids
 from tda.errors import ConfigError, DataError
-from tda.featurize import apply_checkpoint
 from tda.tasks import ClassificationTask, Task
 from tda.query_files import non_integers
 
 from ..imports import import_object
 from .base import Family, Representations, Retraining
+from .capabilities import TaskCapabilities, UserSubsetJob  # noqa: F401  (UserSubsetJob: re-exported)
 from .images import IMAGE_DATA, image_datasets, with_label_noise
-from .jobs import SubsetJob
-from .registry import family_for, register_family
+from .registry import register_family
 
 if TYPE_CHECKING:
     from ..layout import RunPaths
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class UserFamily(Representations, Retraining, Family):
+class UserFamily(TaskCapabilities, Representations, Retraining, Family):
     """A model built by the user's factory, with checkpoints and data from files."""
 
     name = "user"
@@ -100,7 +100,7 @@ class UserFamily(Representations, Retraining, Family):
         d = cfg.data
         if d.collate:
             return import_object(d.collate, cfg.code_dir, "data.collate")
-        return ColumnsCollate(d.image_column, d.label_column)
+        return ColumnsCollate(d.image_column, d.label_column, d.image_layout, d.image_scale)
 
     def representation_module(self, cfg: RunConfig) -> str:
         """The module before the last one that holds parameters (the last hidden layer)."""
@@ -109,12 +109,6 @@ class UserFamily(Representations, Retraining, Family):
         if not owners or owners[-1] == 0:
             raise ConfigError("cannot tell your model's last hidden layer; set score.options.module")
         return leaves[owners[-1] - 1][0]
-
-    def subset_job(self, cfg: RunConfig, queries: str = "query", epochs: int | None = None) -> Any:
-        if not cfg.train.factory:
-            raise ConfigError("retraining your model (tda validate, AirRep) needs train.factory: 'module:fn' with "
-                              "fn(model, dataset, seed) -> state_dict, training a fresh model on the given rows")
-        return UserSubsetJob(cfg, queries, epochs=epochs)
 
 
 def task_from_config(cfg: RunConfig, default: str = "classification") -> Task:
@@ -177,47 +171,29 @@ def _check_labels(table, column: str, where: str) -> None:
 
 
 class ColumnsCollate:
-    """Rows -> ``{"x": float32 inputs, "y": int64 labels}`` (picklable): the input column as an
-    array of its stored shape, integer pixels scaled by 1/255."""
+    """Rows -> ``{"x": float32 inputs, "y": int64 labels}`` (picklable): the input column in any
+    storage form (lists, nested lists, arrays, PIL images; :mod:`tda.images`), laid out by
+    ``layout`` (3-D images fed channels-first) and divided by ``scale`` -- the two transforms
+    ``data.image_layout`` and ``data.image_scale`` state, and no other."""
 
-    def __init__(self, input_column: str = "image", label_column: str = "label") -> None:
-        self.input_column, self.label_column = input_column, label_column
+    def __init__(self, input_column: str = "image", label_column: str = "label", layout: str = "auto",
+                 scale: float | str = "auto") -> None:
+        self.input_column, self.label_column, self.layout, self.scale = input_column, label_column, layout, scale
+
+    def __setstate__(self, state: dict) -> None:  # collates pickled before layout/scale existed
+        self.__dict__.update({"layout": "auto", "scale": "auto", **state})
 
     def __call__(self, rows: Any) -> dict[str, torch.Tensor]:
+        from tda.images import image_batch
+
         key = self.input_column if self.input_column in rows else "x"
         if key not in rows:
             raise DataError(f"the built-in collate reads column {self.input_column!r} (or 'x'), but the rows have "
                             f"{sorted(rows)}; set data.image_column, or data.collate to your own function")
-        x = np.asarray(list(rows[key]) if isinstance(rows[key], list) else rows[key])
-        if x.dtype == object:
-            x = np.stack([np.asarray(v) for v in rows[key]])
-        x = x.astype(np.float32) / 255.0 if x.dtype.kind in "iu" else np.array(x, dtype=np.float32)
-        out = {"x": torch.from_numpy(x)}
+        out = {"x": torch.from_numpy(image_batch(rows[key], self.layout, self.scale, key))}
         if self.label_column in rows:
             out["y"] = torch.from_numpy(np.array(rows[self.label_column], dtype=np.int64))
         return out
-
-
-class UserSubsetJob(SubsetJob):
-    """Retrain with ``train.factory`` on the rows; the task's output on every query."""
-
-    def __call__(self, task: tuple[np.ndarray, int]) -> np.ndarray:
-        rows, seed = task
-        torch.set_num_threads(1)
-        cfg, family = self.cfg, family_for(self.cfg)
-        data = family.datasets(cfg)
-        train = data["train"].select(np.asarray(rows, dtype=np.int64))
-        query = data["query"] if self.n_queries is None else data["query"].select(range(self.n_queries))
-        model = family.build_model(cfg)
-        state = import_object(cfg.train.factory, cfg.code_dir, "train.factory")(model, train, int(seed))
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
-        apply_checkpoint(model, state, "the state_dict train.factory returned")
-        out, fn = [], family.task(cfg)
-        with torch.no_grad():
-            for _, batch in iter_batches(query, family.collate(cfg), 256):
-                out.append(fn.output(model.eval(), batch))
-        return torch.cat(out).double().numpy()
 
 
 register_family(UserFamily())

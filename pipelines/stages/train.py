@@ -41,24 +41,54 @@ def stage_train(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list[
 
 def register_checkpoints(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]]:
     """Check each ``model.checkpoints`` file (default: the family's, e.g. a Hugging Face folder's
-    own weights) against the family's model and record it."""
+    own weights) against the family's model, measure it on a training sample
+    (:mod:`.input_check`) and record it, with what :class:`tda.CheckpointRecorder` recorded
+    beside it (learning rate, step, epoch, the training recipe)."""
+    from .input_check import check_inputs
+
     family = family_for(cfg)
     model = family.build_model(cfg)
-    entries = []
-    for i, file in enumerate(cfg.model.checkpoints or family.default_checkpoints(cfg)):
-        path = Path(file)
+    entries, files, recipes = [], [Path(f) for f in cfg.model.checkpoints or family.default_checkpoints(cfg)], []
+    for i, path in enumerate(files):
         state = load_checkpoint(path)
         apply_checkpoint(model, state, f"checkpoint {path}")
         bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise NonFiniteError(f"checkpoint {path} holds NaN or infinite weights in {bad[:5]}; a diverged training "
                                  "run gives these: retrain it (a lower learning rate) or drop it from model.checkpoints")
-        entries.append({"model": i, "epoch": 0, "file": str(path.resolve()), "sha256": checkpoint_digest(path), "id": i})
+        recorded, recipe = recorded_entry(path)
+        recipes.append(recipe)
+        entries.append({"model": i, "epoch": 0, "file": str(path.resolve()), "sha256": checkpoint_digest(path), "id": i,
+                        **recorded})
+    check_inputs(cfg, model, entries, files)
     listing = {"all": entries, "checkpoints": entries}
-    if json_field(paths.checkpoint_list, "checkpoints") != entries:
+    if recipes and all(r is not None and r == recipes[0] for r in recipes):
+        listing["recipe"] = recipes[0]
+    if json_field(paths.checkpoint_list, "checkpoints") != entries or json_field(paths.checkpoint_list, "recipe") != \
+            listing.get("recipe"):
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         save_json(paths.checkpoint_list, listing)
     return entries
+
+
+def recorded_entry(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``({"lr", "step", "recorded_epoch", "recorded_model"}, recipe)`` that a recorder's
+    ``tda-checkpoints.json`` in the checkpoint's folder (or the one above: runs recorded into
+    sub-folders) holds for it; empty and None without one."""
+    from tda.recording import read_manifest
+
+    target = path.resolve()
+    for folder in (path.parent, path.parent.parent):
+        manifest = read_manifest(folder)
+        if manifest is None:
+            continue
+        for entry in manifest.get("checkpoints", []):
+            if (folder / entry.get("file", "")).resolve() == target:
+                info = {"lr": entry.get("lr"), "step": entry.get("step"), "recorded_epoch": entry.get("epoch"),
+                        "recorded_model": entry.get("model")}
+                return {k: v for k, v in info.items() if v is not None}, manifest.get("recipe")
+        return {}, manifest.get("recipe")
+    return {}, None
 
 
 def train_models(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ fold (queries x subsets) only, and reported on the disjoint reporting fold.
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from stores import FeatureStore
 from stores._io import fingerprint, save_json
-from tda.errors import ConfigError
+from tda.errors import CheckpointError, ConfigError
 from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
 from tda.kernel import score_matrix
 from tda.scorers import TRAKScorer
@@ -37,6 +39,8 @@ class MNISTRetrainJob(ClassifierSubsetJob):
     def __init__(self, cfg: RunConfig, n_queries: int) -> None:
         super().__init__(cfg, "query", n_queries)
 
+
+logger = logging.getLogger(__name__)
 
 def retrain_job(cfg: RunConfig, n_queries: int):
     """The family's subset retraining job measuring its first ``n_queries`` queries."""
@@ -156,7 +160,14 @@ def measure_scorers(cfg: RunConfig, paths: RunPaths, names: list[str], train: Fe
     result["scorers"] = {}
     main = None
     for name in names:
-        s = scores_for(cfg, paths, name, train, query)
+        try:
+            s = scores_for(cfg, paths, name, train, query)
+        except CheckpointError as exc:  # e.g. TracIn without recorded learning rates: skip a scorer not asked for
+            if cfg.validate.scorers is not None or name == cfg.score.scorer:
+                raise
+            logger.warning("validate: %s skipped (%s)", name, exc)
+            result.setdefault("skipped", {})[name] = str(exc)
+            continue
         result["scorers"][name] = scorer_report(s, masks, outputs, full, folds)
         main = s if main is None else main
     if "trak" in names:
@@ -199,6 +210,11 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
                                  result)
         if v.removal_queries:
             result["removal"] = removal_curves(cfg, paths, scores, executor, progress)
+    from .recipe_check import recipe_check
+
+    check = recipe_check(cfg, paths, gt.full_outputs())
+    if check is not None:
+        result["recipe"] = check
     out = paths.root / "validation"
     save_json(out / "validation.json", result)
     if v.plots:
