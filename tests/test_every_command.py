@@ -176,3 +176,26 @@ def test_a_hugging_face_lm_through_every_command(lm_project: Path, monkeypatch, 
     assert "sum of the group's completion log-probabilities" in unlearning["output"]
     validation = json.loads((lm_project / "runs/lm/validation/validation.json").read_text())
     assert validation["n_train"] == 12 and "recipe" in validation
+
+
+def test_query_input_from_an_image_file_answers_as_the_stored_query(cnn_project: Path, monkeypatch, capsys) -> None:
+    """``tda query --input picture.png --label L`` (the CLI's new-input path) gives the stored
+    query's proponents and opponents for the same picture and label."""
+    from PIL import Image
+
+    monkeypatch.chdir(cnn_project)
+    run = cnn_project / "runs/cnn"
+    if not (run / "scores").is_dir():
+        assert main(["run", "cfg.yaml", "--quiet"]) == 0
+    row = datasets.load_from_disk(str(cnn_project / "test"))[4]
+    Image.fromarray(np.asarray(row["image"], np.uint8)).save(cnn_project / "q4.png")
+    capsys.readouterr()
+    assert main(["query", "--run", "runs/cnn", "--input", "q4.png", "--label", "cat" if row["label"] == 0 else "dog",
+                 "-k", "4", "--json"]) == 0
+    new = json.loads(capsys.readouterr().out)
+    assert main(["query", "--run", "runs/cnn", "--example", "4", "-k", "4", "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)
+    got, want = new["queries"][0], stored["queries"][0]
+    assert got["label"] == row["label"] and got["label_name"] == want["label_name"]
+    for side in ("proponents", "opponents"):
+        assert [p["id"] for p in got[side]] == [p["id"] for p in want[side]]
