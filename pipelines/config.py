@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from tda.errors import ConfigError, reading
 
+from .yaml_strict import load_yaml
 from .schema import (FEATURE_SECTIONS, IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS,  # noqa: F401
                      SCORE_SECTIONS, DataConfig, ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig,
                      ValidateConfig, _build, scorer_fingerprint, section_fingerprint, stable_dict)
@@ -78,13 +78,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file {path} is a folder; name a YAML file (e.g. configs/tiny.yaml)")
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; check the path (e.g. configs/tiny.yaml)")
-    try:
-        with reading(path, "config file", "it must be UTF-8 text holding YAML", ConfigError):
-            text = path.read_text(encoding="utf-8")
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    return parse_config(values or {}, overrides, base=path.resolve().parent)
+    with reading(path, "config file", "it must be UTF-8 text holding YAML", ConfigError):
+        text = path.read_text(encoding="utf-8")
+    values = load_yaml(text, str(path))
+    if values is None:
+        raise ConfigError(f"config file {path} is empty; write its sections (data:, model:, ...), e.g. copy "
+                          "configs/tiny.yaml")
+    return parse_config(values, overrides, base=path.resolve().parent)
 
 
 def _override(values: dict[str, Any], item: str) -> tuple[str, str, Any]:
@@ -93,8 +93,8 @@ def _override(values: dict[str, Any], item: str) -> tuple[str, str, Any]:
     if not eq or not path.strip(". "):
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. --set featurize.k=512")
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
+        value = load_yaml(raw, f"override {item!r}")
+    except ConfigError as exc:
         raise ConfigError(f"override {item!r}: {raw!r} is not a YAML value ({exc}); quote strings") from exc
     parts = path.split(".")
     node = values

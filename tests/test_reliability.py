@@ -368,7 +368,7 @@ def test_corrupt_manifest_and_run_file(run, capsys):
 @pytest.mark.parametrize("yaml_text, override, fix", [
     ("featurise:\n  k: 8\n", None, "did you mean 'featurize'"),
     ("featurize:\n  shard_szie: 8\n", None, "did you mean 'shard_size'"),
-    ("", "score.topK=3", "did you mean 'topk'"),
+    ("score: {}\n", "score.topK=3", "did you mean 'topk'"),
 ], ids=["section typo", "key typo", "override typo"])
 def test_unknown_config_keys_suggest_the_closest(tmp_path, capsys, yaml_text, override, fix):
     cfg = tmp_path / "cfg.yaml"

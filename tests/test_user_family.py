@@ -111,3 +111,22 @@ def test_training_label_outside_the_classes_is_a_clear_error() -> None:
     x, y = torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 7])
     with pytest.raises(DataError, match=r"2 training label\(s\) lie outside the model's 3 classes \(e.g. \[3, 7\]\)"):
         train_classifier(lambda: nn.Sequential(nn.Linear(6, 3)), x, y, epochs=1)
+
+
+def test_the_same_checkpoint_listed_twice_is_refused(tmp_path, capsys) -> None:
+    root = _project(tmp_path)
+    (root / "cfg.yaml").write_text((root / "cfg.yaml").read_text().replace("[m0.pt, m1.pt]", "[m0.pt, m1.pt, m0.pt]"))
+    assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "lists the same weights twice" in err and "m0.pt" in err and not (tmp_path / "run").exists()
+
+
+def test_negative_ids_in_a_data_file_are_refused(tmp_path, capsys) -> None:
+    root = _project(tmp_path)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(root / "q.parquet")
+    pq.write_table(table.append_column("id", __import__("pyarrow").array(np.arange(len(table)) - 3)), root / "q.parquet")
+    assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "negative ids" in err and "data.query_path" in err

@@ -273,6 +273,10 @@ def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task) -> Any:
     """Projected per-example gradients of ``task`` under ``featurize`` (dense, sparse, factored or
     tensorsketch; ``auto``: :func:`resolved_projection`)."""
     f, projection = cfg.featurize, resolved_projection(cfg)
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if projection != "factored" and f.k > d:
+        raise ConfigError(f"featurize.k is {f.k:,} but the model has only {d:,} trainable parameters to project; "
+                          f"choose featurize.k <= {d:,} (a few thousand at most is usual)")
     if projection in ("factored", "tensorsketch"):
         with featurize_params_named():
             return FactoredFeaturizer(model, task, k_in=f.k_in, k_out=f.k_out, seed=f.seed, kind=f.projector,

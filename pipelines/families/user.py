@@ -142,7 +142,11 @@ def _table_subset(path: str, size: int | None, seed: int, label_column: str, how
     table = load_table(path, None, key)
     if "id" not in table.column_names:
         table = table.add_column("id", np.arange(len(table), dtype=np.int64))
-    example_ids(table)  # integer and unique, or a clear error
+    ids = example_ids(table)  # integer and unique, or a clear error
+    if len(ids) and int(ids.min()) < 0:
+        raise DataError(f"{key} {path}: the 'id' column holds negative ids (e.g. {sorted(set(ids[ids < 0].tolist()))[:3]}); "
+                        "ids must be non-negative integers (new inputs are numbered -1, -2, ... in answers): renumber "
+                        "them, or drop the column to number rows by position")
     if size is not None and size > len(table):
         logger.warning("%s has %d rows, fewer than the %d asked for; using all of them", key, len(table), size)
     out = draw_subset(table, size, seed, label_column, how)

@@ -60,6 +60,12 @@ def register_checkpoints(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]
         recipes.append(recipe)
         entries.append({"model": i, "epoch": 0, "file": str(path.resolve()), "sha256": checkpoint_digest(path), "id": i,
                         **recorded})
+    seen: dict[str, str] = {}
+    for entry in entries:
+        if entry["sha256"] in seen:
+            raise CheckpointError(f"model.checkpoints lists the same weights twice ({seen[entry['sha256']]} and "
+                                  f"{entry['file']}): each would count as another checkpoint; list each once")
+        seen[entry["sha256"]] = entry["file"]
     check_inputs(cfg, model, entries, files)
     listing = {"all": entries, "checkpoints": entries}
     if recipes and all(r is not None and r == recipes[0] for r in recipes):
