@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from tda.errors import TDAError
@@ -33,6 +34,10 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 
     command.__name__ = name
     return command
+
+
+#: commands that read a run folder (not a config): code it names runs only with --trust-code
+RUN_FOLDER_COMMANDS = ("query", "serve", "report")
 
 
 def _version() -> str:
@@ -71,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_workflow_parsers(sub)
     q = sub.add_parser("query", help="top-k proponents/opponents of one example from a finished run")
     q.add_argument("--run", required=True, help="run folder written by `tda run`")
+    q.add_argument("--trust-code", action="store_true",
+                   help="let the run folder's recorded code (model.factory, data.collate, ...) run")
     q.add_argument("--example", type=int, nargs="+",
                    help="example id(s) (in the query split by default); several are answered in one search")
     q.add_argument("--list", action="store_true",
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="HTTP/JSON service answering top-k queries of a finished run (FastAPI + uvicorn)")
     s.add_argument("run", help="run folder written by `tda run`")
+    s.add_argument("--trust-code", action="store_true",
+                   help="let the run folder's recorded code (model.factory, data.collate, ...) run")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--threads", type=int, default=1, help="FAISS threads per search (default 1: a single query gains little from more, concurrent "
@@ -108,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         for var in QUERY_THREADS:  # before numpy and faiss load: see QUERY_THREADS
             os.environ.setdefault(var, "1")
     try:
+        root = getattr(args, "run", None)
+        if root is not None and args.command in RUN_FOLDER_COMMANDS:  # a folder's recorded code runs only if asked
+            from .imports import untrusted_run
+
+            with untrusted_run(Path(root).resolve(), getattr(args, "trust_code", False)):
+                return args.func(args)
         return args.func(args)
     except TDAError as exc:
         print(f"tda: error: {type(exc).__name__}: {exc}", file=sys.stderr)

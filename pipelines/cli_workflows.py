@@ -70,5 +70,7 @@ def add_workflow_parsers(sub: argparse._SubParsersAction) -> None:
         c.set_defaults(func=fn, command_name=name)
     r = sub.add_parser("report", help="write report.html (queries, attributions, curation, unlearning, validation) of a run")
     r.add_argument("run", help="run folder written by `tda run`")
+    r.add_argument("--trust-code", action="store_true",
+                   help="let the run folder's recorded code (model.factory, data.collate, ...) run")
     r.add_argument("--queries", type=int, help="queries shown (default: score.show, at least 6)")
     r.set_defaults(func=cmd_report)

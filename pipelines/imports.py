@@ -1,4 +1,13 @@
-"""Import a user's object from a ``"module:name"`` or ``"path/to/file.py:name"`` string."""
+"""Import a user's object from a ``"module:name"`` or ``"path/to/file.py:name"`` string.
+
+A run folder records the import strings of the config that made it (``model.factory``,
+``data.collate``, ...), so a folder someone hands you can name code. Commands that read a run
+folder rather than a config (``tda query``, ``tda serve``, ``tda report``) therefore import such
+code only when the user opts in with ``--trust-code`` (as ``transformers`` asks for
+``trust_remote_code``): :func:`untrusted_run` marks the process, and :func:`import_object`
+refuses while it is marked. Commands given a config (``tda run | validate | curate | unlearn``)
+run the code that config names: the user chose it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +15,31 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tda.errors import ConfigError
+
+
+class CodeTrustError(ConfigError):
+    """A run folder names code that the user has not agreed to run."""
+
+
+#: the run folder whose recorded code may not run in this process (None: no restriction)
+_UNTRUSTED: list[str] = []
+
+
+@contextmanager
+def untrusted_run(root: str | Path, trusted: bool) -> Iterator[None]:
+    """Within the block, code named by the run folder ``root`` is imported only if ``trusted``."""
+    if not trusted:
+        _UNTRUSTED.append(str(root))
+    try:
+        yield
+    finally:
+        if not trusted:
+            _UNTRUSTED.pop()
 
 
 def import_object(spec: str, code_dir: str | None = None, key: str = "import string") -> Any:
@@ -28,6 +58,10 @@ def import_object(spec: str, code_dir: str | None = None, key: str = "import str
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{key} {spec!r} must look like 'module:name' or 'path/file.py:name'")
+    if _UNTRUSTED:
+        raise CodeTrustError(f"the run folder {_UNTRUSTED[-1]} names code to run ({key} {spec}, from "
+                             f"{code_dir or 'its path'}); a run folder can carry code, so it runs only when you say "
+                             "so: pass --trust-code if you trust where the folder came from")
     if module_name.endswith(".py"):
         module = _load_file(Path(module_name), key)
     else:

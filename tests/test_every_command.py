@@ -122,6 +122,7 @@ def test_a_users_cnn_on_colour_images_through_every_command(cnn_project: Path, m
 
 
 def test_the_server_answers_a_new_input_as_the_stored_query(cnn_project: Path, monkeypatch) -> None:
+    from pipelines.imports import CodeTrustError, untrusted_run
     from pipelines.serve import answer_json
     from pipelines.serve_state import Service
 
@@ -132,7 +133,10 @@ def test_the_server_answers_a_new_input_as_the_stored_query(cnn_project: Path, m
     service = Service.load(RunPaths(run))
     qid = int(next(iter(service.rows)))
     row = datasets.load_from_disk(str(cnn_project / "test"))[qid]
-    new = answer_json(service.new_inputs([{"image": np.asarray(row["image"]).tolist(), "label": row["label"]}], 5))
+    rows = [{"image": np.asarray(row["image"]).tolist(), "label": row["label"]}]
+    with untrusted_run(run, trusted=False), pytest.raises(CodeTrustError, match="--trust-code"):
+        service.new_inputs(rows, 5)  # `tda serve RUN` without --trust-code: the folder's model code does not run
+    new = answer_json(service.new_inputs(rows, 5))
     stored = answer_json(service.run.answer([qid], "query", 5))
     for side in ("proponents", "opponents"):
         assert [p["id"] for p in new["results"][0][side]] == [p["id"] for p in stored["results"][0][side]]
@@ -189,9 +193,13 @@ def test_query_input_from_an_image_file_answers_as_the_stored_query(cnn_project:
         assert main(["run", "cfg.yaml", "--quiet"]) == 0
     row = datasets.load_from_disk(str(cnn_project / "test"))[4]
     Image.fromarray(np.asarray(row["image"], np.uint8)).save(cnn_project / "q4.png")
+    label = "cat" if row["label"] == 0 else "dog"
     capsys.readouterr()
-    assert main(["query", "--run", "runs/cnn", "--input", "q4.png", "--label", "cat" if row["label"] == 0 else "dog",
-                 "-k", "4", "--json"]) == 0
+    # the run folder names code (model.factory): it runs only when the user says so
+    assert main(["query", "--run", "runs/cnn", "--input", "q4.png", "--label", label]) == 2
+    assert "CodeTrustError" in capsys.readouterr().err
+    assert main(["query", "--run", "runs/cnn", "--input", "q4.png", "--label", label, "-k", "4", "--json",
+                 "--trust-code"]) == 0
     new = json.loads(capsys.readouterr().out)
     assert main(["query", "--run", "runs/cnn", "--example", "4", "-k", "4", "--json"]) == 0
     stored = json.loads(capsys.readouterr().out)
