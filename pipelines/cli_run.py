@@ -207,6 +207,21 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
                            min(5, cfg.score.topk), cfg.score.scorer, names=names))
 
 
+def scores_current(cfg: RunConfig, paths: RunPaths) -> bool:
+    """The stored scores were made by this config's scorer settings and are intact (their sha256)."""
+    from stores._io import sha256_file
+
+    from .layout import json_field
+    from .schema import SCORE_SECTIONS, section_fingerprint
+
+    record = paths.scores / "scores.json"
+    if json_field(record, "fingerprint") != section_fingerprint(cfg, *SCORE_SECTIONS):
+        return False
+    want, files = json_field(record, "sha256"), {"topk": "topk.npz", "scores": "scores.npy"}
+    return isinstance(want, dict) and all((paths.scores / files.get(k, k)).is_file()
+                                          and sha256_file(paths.scores / files.get(k, k)) == d for k, d in want.items())
+
+
 def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, command: str) -> None:
     """``tda validate | curate | unlearn``: where the folder holds no finished run of this config,
     run ``tda run``'s stages first (each resumes: nothing already done is redone). A folder holding
@@ -215,15 +230,16 @@ def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths
     if paths.run_file.is_file():
         try:
             _check_finished(cfg, paths, finish)
-            return
+            if scores_current(cfg, paths):
+                return
         except FingerprintMismatchError:
             raise
         except StoreError:
             read_run_file(paths, finish)  # a damaged or foreign run.json stays an error
     elif paths.root.is_dir() and any(paths.root.iterdir()):
         read_run_file(paths, finish)  # a folder of other files is not made a run folder
-    print(f"tda {command}: {paths.root} holds no finished run of this config; running its stages first (as {finish})",
-          file=sys.stderr)
+    print(f"tda {command}: {paths.root} holds no finished run of this config (or its scores are of other settings, "
+          f"or damaged); running the stages it needs first (as {finish})", file=sys.stderr)
     cmd_run(argparse.Namespace(config=args.config, set=args.set, out=str(paths.root), overwrite=False, repair=False,
                                from_stage=None, only=None, quiet=args.quiet))
 

@@ -7,6 +7,7 @@ without redoing or duplicating one; a change of configuration or of the flagged 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-from stores._io import fingerprint, remove_tree, save_json, save_npy
+from stores._io import fingerprint, remove_tree, save_json, save_npy, sha256_file
 
 from .executors import make_executor
 from .ground_truth import OnTask, job_fingerprint
 from .schema import RunConfig
+
+logger = logging.getLogger(__name__)
+
 
 def arm_rows(order: np.ndarray, fraction: float, seed: int) -> dict[str, np.ndarray]:
     """Kept row indices per arm: all but the top ``fraction`` of ``order`` (rows, most suspect
@@ -36,6 +40,35 @@ def interval(values: np.ndarray) -> dict[str, float]:
     mean = float(v.mean())
     half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
+#: sha256 of every saved retraining, beside them: a damaged file is retrained, never reused
+DIGEST_FILE = "sha256.json"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    try:
+        value = json.loads((folder / DIGEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _intact(folder: Path, name: str) -> bool:
+    """The retraining ``name`` exists and matches the sha256 recorded when it was saved."""
+    path, want = folder / name, _digests(folder).get(name)
+    if not path.is_file():
+        return False
+    if want is None or sha256_file(path) != want:
+        logger.warning("%s does not match its recorded sha256: retraining it", path)
+        return False
+    return True
+
+
+def _save_checked(folder: Path, name: str, values: np.ndarray) -> None:
+    """Save one retraining's outputs, then record its sha256 (a kill between leaves it unrecorded: redone)."""
+    save_npy(folder / name, values)
+    save_json(folder / DIGEST_FILE, {**_digests(folder), name: sha256_file(folder / name)})
 
 
 def _prepare(folder: Path, spec: dict[str, Any]) -> None:
@@ -59,14 +92,14 @@ def run_arms(cfg: RunConfig, job: Any, keep: dict[str, np.ndarray], seeds: list[
     spec = {**spec, "job": job_fingerprint(cfg), "seeds": seeds,
             "rows": {arm: fingerprint(rows.tolist()) for arm, rows in keep.items()}}
     _prepare(folder, spec)
-    todo = [(arm, s) for arm in keep for s in seeds if not (folder / f"{arm}-{s}.npy").is_file()]
+    todo = [(arm, s) for arm in keep for s in seeds if not _intact(folder, f"{arm}-{s}.npy")]
     if todo:
         e = cfg.executor
         bar = tqdm(total=len(todo), desc=desc, unit="model", disable=not progress)
         with make_executor(e.kind, e.address, e.workers) as executor:
             items = [((arm, s), (keep[arm], s)) for arm, s in todo]
             for ((arm, s), _), out in executor.map_unordered(OnTask(job), items):
-                save_npy(folder / f"{arm}-{s}.npy", np.asarray(out, dtype=np.float64))
+                _save_checked(folder, f"{arm}-{s}.npy", np.asarray(out, dtype=np.float64))
                 bar.update()
         bar.close()
     return {arm: np.stack([np.load(folder / f"{arm}-{s}.npy") for s in seeds]) for arm in keep}

@@ -18,6 +18,7 @@ Output: ``unlearning/unlearning.json``.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ from .curate_check import interval, run_arms
 from .families import family_for
 from .layout import RunPaths
 from .schema import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 def stored_scores(paths: RunPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,12 +86,25 @@ def forget_set(effect: np.ndarray, scores_g: np.ndarray, cfg: RunConfig) -> np.n
 
 
 def calibration_for(cfg: RunConfig, paths: RunPaths) -> dict[str, Any] | None:
-    """The validator's fitted line for the run's scorer, or None when ``tda validate`` has not run."""
+    """The validator's fitted line for the run's scorer, or None when ``tda validate`` has not run
+    on these scores (another scorer, ridge, feature or data setting: its line would be wrong), or
+    its ``validation.json`` cannot be read."""
+    from .schema import SCORE_SECTIONS, section_fingerprint
+
     path = paths.root / "validation" / "validation.json"
-    if not path.is_file():
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    entry = json.loads(path.read_text()).get("scorers", {}).get(cfg.score.scorer)
-    return (entry or {}).get("calibration", {}).get("fit")
+    if not isinstance(record, dict) or record.get("scores_fingerprint") != section_fingerprint(
+            cfg, *SCORE_SECTIONS, outputs=False):
+        if path.is_file():
+            logger.warning("%s was made for other scores (another scorer or setting): its calibration is not used; "
+                           "run `tda validate` with this config to calibrate", path)
+        return None
+    entry = record.get("scorers", {}).get(cfg.score.scorer)
+    fit = (entry or {}).get("calibration", {}).get("fit") if isinstance(entry, dict) else None
+    return fit if isinstance(fit, dict) and {"intercept", "slope"} <= set(fit) else None
 
 
 def predictions(scores_g: np.ndarray, rows: np.ndarray, cal: dict[str, Any] | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ..families import Retraining, family_for
 from ..families.classifier import ClassifierSubsetJob
 from ..ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
 from ..layout import RunPaths
-from ..schema import RunConfig
+from ..schema import SCORE_SECTIONS, RunConfig, section_fingerprint
 from .validate_scorers import scores_for, validation_scorers
 
 
@@ -194,7 +194,8 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     with make_executor(e.kind, e.address, e.workers) as executor:
         gt.compute(job, executor, progress)
         folds = split_folds(m, v.subsets, v.tune_fraction, v.seed)
-        result = {"protocol": v.protocol, "n_train": len(train), "n_queries": m, "subsets": v.subsets,
+        result = {"scores_fingerprint": section_fingerprint(cfg, *SCORE_SECTIONS, outputs=False),
+                  "protocol": v.protocol, "n_train": len(train), "n_queries": m, "subsets": v.subsets,
                   "alpha": gt.spec.alpha, "models_per_subset": gt.spec.models_per_subset,
                   "checkpoints": len(train.checkpoints), "folds": {k: len(x) for k, x in folds.items()},
                   "ground_truth": {"batch_order": job.batch_order,

@@ -1,0 +1,53 @@
+"""What tda curate and tda unlearn read is checked before use (issue: reliability beyond tda run):
+scores made by another scorer setting are recomputed, a calibration fitted for other scores is
+not applied, and a damaged retraining result is retrained, never reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.cli import main
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def test_unlearn_after_a_rescore_with_another_scorer_uses_its_own_scores(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    base = [str(TINY), "--out", str(run), "--set", "unlearn.retrain_seeds=0", "--set", "unlearn.approximate=false",
+            "--quiet"]
+    assert main(["run", str(TINY), "--out", str(run), "--quiet"]) == 0
+    assert main(["unlearn", *base]) == 0
+    first = json.loads((run / "unlearning" / "unlearning.json").read_text())
+    assert main(["run", str(TINY), "--out", str(run), "--set", "score.scorer=graddot", "--quiet"]) == 0  # a rescore
+    capsys.readouterr()
+    assert main(["unlearn", *base]) == 0  # the config says trak: trak's scores are made again, then used
+    assert "scores are of other settings" in capsys.readouterr().err
+    again = json.loads((run / "unlearning" / "unlearning.json").read_text())
+    assert again["scorer"] == "trak" and again["forget_ids"] == first["forget_ids"]
+    np.testing.assert_allclose(again["predicted"]["per_query"], first["predicted"]["per_query"], rtol=1e-5)
+
+
+def test_a_calibration_fitted_for_other_scores_is_not_applied(tmp_path) -> None:
+    run = tmp_path / "run"
+    sets = ["--set", "validate.subsets=4", "--set", "unlearn.retrain_seeds=0", "--set", "unlearn.approximate=false"]
+    assert main(["validate", str(TINY), "--out", str(run), *sets, "--quiet"]) == 0
+    assert main(["unlearn", str(TINY), "--out", str(run), *sets, "--quiet"]) == 0
+    assert "calibrated" in json.loads((run / "unlearning" / "unlearning.json").read_text())["predicted"]
+    assert main(["unlearn", str(TINY), "--out", str(run), *sets, "--set", "score.lambda_rel=100", "--quiet"]) == 0
+    other = json.loads((run / "unlearning" / "unlearning.json").read_text())
+    assert "calibrated" not in other["predicted"] and other["calibration"].startswith("uncalibrated")
+
+
+def test_a_damaged_curation_retraining_is_retrained(tmp_path) -> None:
+    run = tmp_path / "run"
+    args = ["curate", str(TINY), "--out", str(run), "--set", "curate.retrain_seeds=1", "--quiet"]
+    assert main(args) == 0
+    first = json.loads((run / "curation" / "curation.json").read_text())["check"]
+    saved = sorted((run / "curation" / "retrain").glob("*.npy"))
+    np.save(saved[0], np.full_like(np.load(saved[0]), 2.2))  # a plausible-looking but wrong result
+    assert main(args) == 0
+    again = json.loads((run / "curation" / "curation.json").read_text())["check"]
+    assert again == first and not np.all(np.load(saved[0]) == 2.2)
