@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from tda.errors import QueryError, TDAError
+from tda.errors import InputChangedError, QueryError, TDAError
 
 from .layout import RunPaths
 from .query_fast import Answer
@@ -76,7 +76,10 @@ def answer_json(ans: Answer) -> dict[str, Any]:
 
 
 def _status(exc: TDAError) -> int:
-    """404 for an id the run does not hold, 400 for another bad query (k), 422 for bad input data."""
+    """404 for an id the run does not hold, 400 for another bad query (k), 503 once an input of the
+    run changed under the server, 422 for bad input data."""
+    if isinstance(exc, InputChangedError):
+        return 503
     if isinstance(exc, QueryError):
         return 404 if "not in the" in str(exc) else 400
     return 422

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from stores import FeatureStore
-from tda.errors import DataError, QueryError, TDAError
+from tda.errors import DataError, InputChangedError, QueryError, TDAError
 from tda.features import FeatureBlock
 
 from .layout import RunPaths
@@ -81,6 +81,7 @@ class Service:
             vectors, rows = query_vectors(run)
             run.answer([next(iter(rows))], "query", 1, vectors[:1])
         service = cls(run, vectors, rows, loaded)
+        service.pin_inputs()  # the checkpoints as they are now; a later change stops new-input answers (503)
         service.load_s = time.time() - t0
         return service
 
@@ -113,6 +114,7 @@ class Service:
         self._set_threads()
         check_k(k, len(self.run.index))
         with self._lock:  # one featurization at a time (the model is shared)
+            self.check_pins()
             block = self._featurize(rows)
         vectors = self.run.scorer.transform_query(block)
         top, spent = search(self.run.index, vectors, k)
@@ -123,6 +125,32 @@ class Service:
         return Answer(ids, top, self.run.labels["train"], given, cfg.score.scorer, len(self.run.index),
                       self.run.index.kind, spent, spent, None, self.run.names, (self.run.texts or {}).get("train"),
                       texts, cfg.score.text_chars)
+
+    def pin_inputs(self) -> None:
+        """Pin the checkpoints new inputs are featurized with: their recorded sha256 (checked once
+        now against the files) and their size and mtime (checked before every featurization)."""
+        from .layout import checkpoint_digest, load_checkpoint_list
+
+        self.pins = []
+        for entry in load_checkpoint_list(self.run.paths):
+            path = self.run.paths.checkpoint_file(entry)
+            pin = (path, _stamp(path), entry.get("sha256"))
+            if pin[2] is not None and checkpoint_digest(path) != pin[2]:
+                raise InputChangedError(f"checkpoint {path} changed after `tda run` featurized this run; its answers "
+                                        f"would mix models: rerun `tda run CONFIG --out {self.run.paths.root} "
+                                        "--overwrite` (or put the original file back), then start tda serve again")
+            self.pins.append(pin)
+
+    def check_pins(self) -> None:
+        """:class:`InputChangedError` (HTTP 503) once a pinned checkpoint changed since the server started."""
+        from .layout import checkpoint_digest
+
+        if getattr(self, "pins", None) is None:
+            self.pin_inputs()
+        for path, stamp, digest in self.pins:
+            if _stamp(path) != stamp and (digest is None or not path.exists() or checkpoint_digest(path) != digest):
+                raise InputChangedError(f"checkpoint {path} changed after this server started; it no longer answers "
+                                        "new inputs: rerun `tda run` on the changed checkpoints and restart tda serve")
 
     def _set_threads(self) -> None:
         if self.threads is not None:
@@ -156,6 +184,15 @@ class Service:
             feats.append(f.astype(np.float32))
             qs.append(q.astype(np.float32))
         return FeatureBlock(ids=ids, feats=np.stack(feats), q=np.stack(qs))
+
+
+def _stamp(path: Any) -> tuple | None:
+    """(size, mtime_ns) of a file, or of every file of a folder (a save_pretrained checkpoint)."""
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except OSError:
+        return None
 
 
 def _text(row: dict[str, Any], column: str) -> str | None:

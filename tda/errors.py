@@ -70,6 +70,10 @@ class IndexMismatchError(FingerprintMismatchError):
     """A FAISS index was built for another scorer, store or configuration (dimension, size, fingerprint)."""
 
 
+class InputChangedError(StoreError):
+    """An input of a finished run (a checkpoint, a data file) changed after the run was made."""
+
+
 class StoreLockedError(StoreError):
     """Another process holds the write lock of a store."""
 

@@ -51,3 +51,37 @@ def test_a_damaged_curation_retraining_is_retrained(tmp_path) -> None:
     assert main(args) == 0
     again = json.loads((run / "curation" / "curation.json").read_text())["check"]
     assert again == first and not np.all(np.load(saved[0]) == 2.2)
+
+
+def test_a_server_stops_answering_new_inputs_once_a_checkpoint_changes(tmp_path) -> None:
+    """The server pins the checkpoints at start: a rewritten one gives 503 with the reason, never an
+    answer that mixes models; a freshly started server refuses the run naming the full rerun."""
+    import torch
+
+    from pipelines.layout import RunPaths, load_checkpoint_list
+    from pipelines.run import datasets_for
+    from pipelines.run_folder import recorded_config
+    from pipelines.serve import _status
+    from pipelines.serve_state import Service
+    from tda.errors import InputChangedError
+
+    run = tmp_path / "run"
+    assert main(["run", str(TINY), "--out", str(run), "--quiet"]) == 0
+    paths = RunPaths(run)
+    service = Service.load(paths)
+    row = datasets_for(recorded_config(paths), paths)["query"][2]
+    rows = [{"image": list(row["image"]), "label": row["label"]}]
+    service.new_inputs(rows, 3)  # answers while the inputs are as they were
+    ckpt = paths.checkpoint_file(load_checkpoint_list(paths)[1])
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({k: v * 2 for k, v in state.items()}, ckpt)
+    try:
+        service.new_inputs(rows, 3)
+        raise AssertionError("a changed checkpoint was used")
+    except InputChangedError as exc:
+        assert _status(exc) == 503 and "changed after this server started" in str(exc)
+    try:
+        Service.load(paths)
+        raise AssertionError("a run with a changed checkpoint was served")
+    except InputChangedError as exc:
+        assert "--overwrite" in str(exc) and "--from index" not in str(exc)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from stores import FeatureStore, FaissIndex, build_index
 from stores._io import save_json, save_npz, sha256_file
 from stores.index import RECALL_TARGET, exact_recall, index_space
-from tda.errors import IndexMismatchError, StoreCorruptError, StoreError
+from tda.errors import IndexMismatchError, InputChangedError, StoreCorruptError, StoreError, TDAError
 
 from ..layout import RunPaths, json_field
 from ..schema import RunConfig, scorer_fingerprint
@@ -107,6 +107,25 @@ def _warn_recall(index: FaissIndex) -> None:
                    rec["proponents"], rec["opponents"], rec["queries"], RECALL_TARGET, fix)
 
 
+def check_inputs_unchanged(cfg: RunConfig, paths: RunPaths) -> None:
+    """:class:`InputChangedError` naming the inputs whose content changed since ``tda run`` made
+    the run (recorded in run.json): its features are stale, so the fix is a full rerun."""
+    from ..run import describe_change, input_record
+    from ..run_folder import read_run_file
+
+    try:
+        old = read_run_file(paths)
+    except TDAError:
+        return
+    new = input_record(cfg)
+    changed = {k for k, v in new.items() if (old.get("inputs") or {}).get(k, {}).get("sha256") != v["sha256"]}
+    changed -= {"data.query_path"}  # queries are not the training side
+    if changed:
+        what = describe_change(old, {"inputs": new, "config": old.get("config", {})})
+        raise InputChangedError(f"{paths.root}: {what} since the run was made; its features are stale: rerun `tda run "
+                                f"CONFIG --out {paths.root} --overwrite` (or put the original files back)")
+
+
 def load_scorer(cfg: RunConfig, paths: RunPaths):
     """The fitted scorer saved by the index stage (no pickle)."""
     fp = scorer_fingerprint(cfg)
@@ -114,6 +133,7 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
     if not state_path.is_file():
         raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
     if json_field(paths.scorer / "scorer.json", "fingerprint") != fp:  # missing: a fit that never finished
+        check_inputs_unchanged(cfg, paths)  # a changed checkpoint or data file: refitting would not do
         raise IndexMismatchError(
             f"the scorer in {paths.scorer} was fitted for another score/index configuration; refit it with "
             "`tda run CONFIG --from index`"
