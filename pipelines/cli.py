@@ -104,6 +104,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="let the run folder's recorded code (model.factory, data.collate, ...) run")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--max-body-mb", type=float, default=16, help="largest request body in MiB (default 16); larger gets 413")
     s.add_argument("--threads", type=int, default=1, help="FAISS threads per search (default 1: a single query gains little from more, concurrent "
                         "requests each take a core, and OpenMP threads spin-waiting on a busy machine cost more "
                         "than they give)")

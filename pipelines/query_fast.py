@@ -98,10 +98,11 @@ class Answer:
                 **text_fields((self.texts or {}).get(example), self.chars)}
 
 
-def check_k(k: int, n: int) -> None:
-    """``-k`` must be between 1 and the number of indexed training examples."""
+def check_k(k: int, n: int, name: str = "-k") -> None:
+    """``k`` (``name``: the CLI flag ``-k``, or the HTTP field ``k``) must be between 1 and the
+    number of indexed training examples."""
     if not 1 <= k <= n:
-        raise QueryError(f"-k must be between 1 and the {n} indexed training examples, got {k}")
+        raise QueryError(f"{name} must be between 1 and the {n} indexed training examples, got {k}")
 
 
 def search(index: FaissIndex, vectors: np.ndarray, k: int) -> tuple[dict[str, np.ndarray], float]:

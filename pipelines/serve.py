@@ -21,6 +21,7 @@ inputs) is a 4xx JSON ``{"error": type, "detail": message}``, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from tda.errors import InputChangedError, QueryError, TDAError
 
@@ -43,18 +44,68 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 1024
 
 
-class Ids(BaseModel):
-    """Body of ``POST /query`` and ``POST /query/train``."""
+#: default largest request body (bytes); ``tda serve --max-body-mb`` sets it
+MAX_BODY = 16 << 20
 
-    ids: list[int] = Field(min_length=1, max_length=MAX_BATCH)
-    k: int = 10
+
+class Ids(BaseModel):
+    """Body of ``POST /query`` and ``POST /query/train``: integer ids (``5``, not ``"5"``, ``5.0`` or ``true``)."""
+
+    ids: list[StrictInt] = Field(min_length=1, max_length=MAX_BATCH)
+    k: StrictInt = 10
 
 
 class Rows(BaseModel):
     """Body of ``POST /query/input``: rows with the query data's columns."""
 
     rows: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH)
-    k: int = 10
+    k: StrictInt = 10
+
+
+class BodyTooLarge(Exception):
+    """A request body over the server's limit."""
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before it is parsed
+    (by its Content-Length, or as its chunks arrive), so a huge body never fills memory."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen, started = 0, False
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"error": "BodyTooLarge", "detail": f"the request body is over {self.limit:,} bytes; send "
+                           "fewer rows per request (or start tda serve with a larger --max-body-mb)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def answer_json(ans: Answer) -> dict[str, Any]:
@@ -89,9 +140,10 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI application answering from ``service``."""
+def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
+    """The FastAPI application answering from ``service`` (request bodies up to ``max_body`` bytes)."""
     app = FastAPI(title="tda serve", description=__doc__)
+    app.add_middleware(BodyLimit, limit=max_body)
 
     @app.exception_handler(TDAError)
     async def tda_error(request: Request, exc: TDAError) -> JSONResponse:
@@ -139,5 +191,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"tda serve: {health['run']} ({health['scorer']}, {health['index']} index over {health['n_train']} "
           f"training examples, {health['n_query']} stored queries; loaded in {health['load_s']:.2f}s) on "
           f"http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    max_body = int(getattr(args, "max_body_mb", MAX_BODY >> 20) * (1 << 20))
+    uvicorn.run(create_app(service, max_body), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -94,6 +94,7 @@ class Service:
     def stored(self, ids: list[int], k: int) -> Answer:
         """Top-k of stored queries, from the cached query vectors."""
         self._set_threads()
+        check_k(k, len(self.run.index), "k")
         missing = [i for i in ids if i not in self.rows]
         if missing:
             from .run_folder import missing_ids_error
@@ -106,13 +107,14 @@ class Service:
         """Top-k of training examples asked as queries (their stored features, transformed per request)."""
         self._set_threads()
         self._check_new_inputs("train")
+        check_k(k, len(self.run.index), "k")
         return self.run.answer(ids, "train", k)
 
     def new_inputs(self, rows: list[dict[str, Any]], k: int) -> Answer:
         """Top-k of new inputs: rows shaped like the run's query data (their ids: -1, -2, ...)."""
         self._check_new_inputs("new")
         self._set_threads()
-        check_k(k, len(self.run.index))
+        check_k(k, len(self.run.index), "k")
         with self._lock:  # one featurization at a time (the model is shared)
             self.check_pins()
             block = self._featurize(rows)

@@ -89,7 +89,12 @@ def test_training_ids_as_queries(server, tiny_run):
 
 @pytest.mark.parametrize("path, body, status, error", [
     ("/query/999", None, 404, "not in the query split"),
-    ("/query/1?k=0", None, 400, "-k must be between 1"),
+    ("/query/1?k=0", None, 400, "k must be between 1"),
+    ("/query", {"ids": [1], "k": 0}, 400, "k must be between 1"),
+    ("/query", {"ids": [True]}, 422, "ids"),
+    ("/query", {"ids": ["5"]}, 422, "ids"),
+    ("/query", {"ids": [5.0]}, 422, "ids"),
+    ("/query", {"ids": [1], "k": "3"}, 422, "k"),
     ("/query/abc", None, 422, "example"),
     ("/query", {"ids": "x"}, 422, "ids"),
     ("/query", {"ids": []}, 422, "ids"),
@@ -123,3 +128,38 @@ def test_unknown_id_names_the_ids_that_exist(server, tiny_run):
     status, got = _call(server, "/query/3?k=2")
     assert status == 200 and got["results"][0]["label_name"] is None  # the demo data name no classes
     assert "predicted" in got["results"][0] and "text" not in got["results"][0]
+
+
+def test_k_errors_over_http_name_the_field_not_the_cli_flag(server):
+    status, got = _call(server, "/query/1?k=0")
+    assert status == 400 and not got["detail"].startswith("-k")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_413_before_it_is_parsed(declared):
+    """The body limit answers 413 from the declared length, or as the chunks arrive, and never
+    passes the body on."""
+    import asyncio
+
+    from pipelines.serve import BodyLimit
+
+    reached = []
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        reached.append(True)
+
+    chunks = [{"type": "http.request", "body": b"x" * 600, "more_body": True} for _ in range(3)]
+    chunks.append({"type": "http.request", "body": b"", "more_body": False})
+    headers = [(b"content-length", b"1800")] if declared else []
+    sent = []
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(BodyLimit(app, limit=1000)({"type": "http", "headers": headers}, receive, send))
+    assert sent[0]["status"] == 413 and b"over 1,000 bytes" in sent[1]["body"] and not reached
