@@ -32,14 +32,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp_path, path)
     except OSError as exc:
         raise disk_error(exc, path) from exc
+    except RuntimeError as exc:  # a C++ writer (faiss.write_index) reports a failed write so
+        raise disk_error(OSError(None, str(exc).strip().splitlines()[-1] if str(exc).strip() else "write failed"),
+                         path) from exc
     finally:
         if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
 def disk_error(exc: OSError, path: Path) -> Exception:
-    """A :class:`~tda.errors.StoreError` naming the fix for a full disk or a refused write; other
-    errors are returned unchanged."""
+    """A :class:`~tda.errors.StoreError` naming the fix for a full disk (ENOSPC, EDQUOT, or a short
+    write without an errno, as numpy reports one), a refused write or a file-size limit (EFBIG);
+    other errors are returned unchanged."""
     from tda.errors import StoreError
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -48,6 +52,14 @@ def disk_error(exc: OSError, path: Path) -> Exception:
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return StoreError(f"cannot write {path} ({exc.strerror}): its folder is read-only or not yours; make it "
                           "writable, or choose a folder you can write to (--out / out_dir)")
+    if exc.errno == errno.EFBIG:
+        return StoreError(f"{path} would exceed the largest file this system allows ({exc.strerror}: a ulimit -f or "
+                          "the file system's limit); raise the limit or choose another out_dir, then rerun: finished "
+                          "work is kept and the file was not replaced")
+    if exc.errno is None:  # numpy's "8192 requested and 8160 written", faiss's failed fwrite: a short write
+        return StoreError(f"writing {path} failed ({exc.strerror or exc}): a short write is usually a full disk; free "
+                          "space or choose another out_dir, then rerun: finished work is kept and the file was not "
+                          "replaced")
     return exc
 
 
