@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except TDAError as exc:
         print(f"tda: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tda unlearn ... | head`: the reader left; what was asked is written
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

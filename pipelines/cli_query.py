@@ -199,7 +199,13 @@ def cmd_query(args: argparse.Namespace) -> int:
         from .html_report import answer_page
 
         out = Path(args.html)
-        out.write_text(answer_page(paths, ans, args.split))
+        if out.is_dir():
+            raise QueryError(f"--html {out} is a folder; name a file, e.g. {out / 'answer.html'}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(answer_page(paths, ans, args.split))
+        except OSError as exc:
+            raise QueryError(f"cannot write --html {out} ({exc.strerror or exc}); choose a writable file") from exc
         if not args.json:
             print(f"  written to {out}")
     return 0

@@ -17,13 +17,14 @@ import html
 import io
 import json
 import logging
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from stores._io import atomic_write
-from tda.errors import DataError, TDAError
+from tda.errors import DataError, StoreCorruptError, TDAError
 
 from .families import family_for
 from .layout import RunPaths, load_checkpoint_list
@@ -175,8 +176,7 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
                         for split in ("train", "query"))
     column, names = label_column(cfg), class_names(cfg, data)
     labels, qlabels = labels_of(data["train"], column), labels_of(data["query"], column)
-    with np.load(paths.scores / "topk.npz") as z:
-        top = {key: z[key] for key in z.files}
+    top = read_topk(paths)
     preds = query_predictions(cfg, paths) or {}  # recorded by `tda run`, else computed (classes only)
     rows = list(range(min(shown, len(top["query_ids"]))))
     qids = [int(top["query_ids"][r]) for r in rows]
@@ -197,6 +197,27 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
             grids.append(f"<p>{side}</p><div class='grid'>{''.join(cells)}</div>")
         parts.append(f"<h3>{head}</h3><div class='grid'>{_box(query_r(qid))}</div>{''.join(grids)}")
     return "<h2>Queries</h2>" + "".join(parts)
+
+
+def read_topk(paths: RunPaths) -> dict[str, np.ndarray]:
+    """``scores/topk.npz``; a damaged one is a :class:`StoreCorruptError` naming the rerun."""
+    try:
+        with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
+            return {key: z[key] for key in z.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise StoreCorruptError(f"{paths.scores / 'topk.npz'} cannot be read ({type(exc).__name__}: {exc}); rerun "
+                                f"`tda run CONFIG --out {paths.root}`: it recomputes damaged scores") from exc
+
+
+def guarded(section: Callable[..., str], title: str, fix: str, *args: Any) -> str:
+    """``section(*args)``, or a note saying its file cannot be read and ``fix`` (a damaged
+    curation, unlearning or validation record never stops the rest of the report)."""
+    try:
+        return section(*args)
+    except Exception as exc:  # noqa: BLE001 - any damage to a derived record: say so, draw the rest
+        logger.warning("report: the %s section is left out (%s: %s); %s", title, type(exc).__name__, exc, fix)
+        return (f"<h2>{html.escape(title)}</h2><p class='noise'>left out: its record cannot be read "
+                f"({html.escape(type(exc).__name__)}: {html.escape(str(exc)[:200])}); {html.escape(fix)}</p>")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -263,7 +284,9 @@ def write_report(cfg: RunConfig, paths: RunPaths, shown: int | None = None, k: i
             "example raises the query's measured output (the margin for classifiers, log p(completion) for "
             "language models)</p>")
     body = (query_section(cfg, paths, shown if shown is not None else max(cfg.score.show, 6), min(k, cfg.score.topk))
-            + curation_section(cfg, paths) + unlearning_section(paths) + validation_section(paths))
+            + guarded(curation_section, "Curation", "rerun `tda curate CONFIG` to rewrite it", cfg, paths)
+            + guarded(unlearning_section, "Unlearning", "rerun `tda unlearn CONFIG` to rewrite it", paths)
+            + guarded(validation_section, "Validation", "rerun `tda validate CONFIG` to rewrite it", paths))
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.name)}</title>" \
            f"<style>{STYLE}</style></head><body>{head}{body}</body></html>"
     target = paths.root / "report.html"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tda.errors import CheckpointError
+from tda.errors import CheckpointError, StoreCorruptError
 
 RUN_FILE = "run.json"
 #: The run folder's cache of input digests (see :mod:`stores.digests`).
@@ -77,7 +77,14 @@ def load_checkpoint_list(paths: RunPaths) -> list[dict[str, Any]]:
     """The attributed checkpoints recorded by the train stage (``checkpoints.json``)."""
     if not paths.checkpoint_list.is_file():
         raise CheckpointError(f"{paths.checkpoint_list} is missing; run the train stage first")
-    return json.loads(paths.checkpoint_list.read_text())["checkpoints"]
+    try:
+        entries = json.loads(paths.checkpoint_list.read_text())["checkpoints"]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "file" in e for e in entries):
+            raise ValueError("its 'checkpoints' is not a list of entries with a 'file'")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreCorruptError(f"{paths.checkpoint_list} is damaged ({type(exc).__name__}: {exc}); rerun "
+                                f"`tda run CONFIG --out {paths.root}`: the train stage rewrites it") from exc
+    return entries
 
 
 def json_field(path: Path, key: str) -> Any:

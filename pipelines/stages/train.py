@@ -11,7 +11,6 @@ A model whose training diverged (non-finite weights, or accuracy at chance) is r
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -155,9 +154,14 @@ def _classes(cfg: RunConfig) -> int:
 
 
 def _read_list(paths: RunPaths) -> list[dict[str, Any]]:
-    if not paths.checkpoint_list.is_file():
+    """Every checkpoint trained so far; none when the list is missing or damaged (its models are
+    then trained again, deterministically, and the list rewritten)."""
+    entries = json_field(paths.checkpoint_list, "all")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"model", "epoch"} <= set(e) for e in entries):
+        if paths.checkpoint_list.is_file():
+            logger.warning("%s is damaged: its models are trained again", paths.checkpoint_list)
         return []
-    return json.loads(paths.checkpoint_list.read_text())["all"]
+    return entries
 
 
 def _write_list(paths: RunPaths, done: dict) -> None:
