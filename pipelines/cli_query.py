@@ -157,17 +157,18 @@ def _named(label: Any, name: str | None) -> str:
 
 def new_input_answer(paths: RunPaths, value: str, label: str | None, k: int) -> Answer:
     """The answer for ``--input``: the rows through the run's featurizer (as ``tda serve`` does)."""
-    from .query_input import input_rows, with_labels
+    import sys
+
+    from .query_input import input_rows
     from .run import datasets_for
     from .serve_state import Service
 
     service = Service.load(paths)
     cfg = service.run.cfg
-    template = datasets_for(cfg, paths)["query"]
-    rows, how = with_labels(input_rows(value, cfg, template), paths, cfg, template, label, service.run.names)
-    if how:
-        print(f"  (no --label: each input is {how})")
-    return service.new_inputs(rows, k)
+    rows = input_rows(value, cfg, datasets_for(cfg, paths)["query"])
+    if label is None and cfg.data.label_column in datasets_for(cfg, paths)["query"].column_names:
+        print("  (no --label: each input is explained for its predicted class)", file=sys.stderr)
+    return service.new_inputs(rows, k, label)
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -143,7 +143,9 @@ def _make_run_folder(root: Path) -> None:
 
 def _preflight(cfg: RunConfig) -> None:
     """Checks that would otherwise fail only after all the work."""
-    n_train = len(datasets_for(cfg)["train"])
+    data = datasets_for(cfg)
+    n_train = len(data["train"])
+    class_names(cfg, data)  # data.class_names that miss a class: refused now, not after featurizing
     if cfg.score.topk > n_train:
         raise ConfigError(f"score.topk is {cfg.score.topk} but the training set has {n_train} examples; lower "
                           "score.topk or raise data.train_size")
@@ -226,7 +228,8 @@ def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths
     """``tda validate | curate | unlearn``: where the folder holds no finished run of this config,
     run ``tda run``'s stages first (each resumes: nothing already done is redone). A folder holding
     another configuration, or a damaged one, is refused as before."""
-    finish = f"`tda run {args.config} --out {paths.root}`"
+    sets = "".join(f" --set {item}" for item in args.set)
+    finish = f"`tda run {args.config}{sets} --out {paths.root}`"
     if paths.run_file.is_file():
         try:
             _check_finished(cfg, paths, finish)

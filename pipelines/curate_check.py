@@ -34,12 +34,17 @@ def arm_rows(order: np.ndarray, fraction: float, seed: int) -> dict[str, np.ndar
     return {arm: np.sort(rows) for arm, rows in keep.items()}
 
 
-def interval(values: np.ndarray) -> dict[str, float]:
-    """Mean and 95 % t-interval over seeds (the interval is the mean itself for one seed)."""
+def interval(values: np.ndarray, bounds: tuple[float, float] | None = None) -> dict[str, float]:
+    """Mean and 95 % t-interval over seeds (the interval is the mean itself for one seed), clipped
+    to ``bounds`` where the quantity has them (an accuracy lies in [0, 1]; two seeds' t-interval
+    can reach far outside)."""
     v = np.asarray(values, dtype=np.float64)
     mean = float(v.mean())
     half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "ci_low": low, "ci_high": high}
 
 
 #: sha256 of every saved retraining, beside them: a damaged file is retrained, never reused
@@ -119,8 +124,9 @@ def retrain_check(cfg: RunConfig, job: Any, order: np.ndarray, folder: Path, pro
     acc = {arm: h.mean(axis=1) for arm, h in hits.items()}
     return {"remove_fraction": c.remove_fraction, "removed": int(len(order) - len(keep["flagged"])),
             "seeds": len(seeds), "metric": metric,
-            metric: {arm: {**interval(a), "per_seed": a.tolist()} for arm, a in acc.items()},
-            "flagged_minus_random": interval(acc["flagged"] - acc["random"])}
+            metric: {arm: {**interval(a, (0.0, 1.0) if metric == "accuracy" else None), "per_seed": a.tolist()}
+                     for arm, a in acc.items()},
+            "flagged_minus_random": interval(acc["flagged"] - acc["random"], (-1.0, 1.0) if metric == "accuracy" else None)}
 
 
 __all__ = ["arm_rows", "interval", "retrain_check", "run_arms"]

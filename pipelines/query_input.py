@@ -7,8 +7,8 @@ column). The rows go through the run's collate and featurizer under every checkp
 ``tda serve``'s ``POST /query/input`` does (:meth:`pipelines.serve_state.Service.new_inputs`).
 
 A classifier's measured output needs a label: ``--label`` (an id or a class name); without it
-each input is explained for the class the model predicts (the mean probabilities over the
-checkpoints), and the answer says so.
+each input is explained for the class the model predicts (:meth:`Service.new_inputs` completes
+the rows: missing columns other than the label are left empty), and the answer says so.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import numpy as np
 
 from tda.errors import DataError
 
-from .layout import RunPaths
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -42,7 +41,7 @@ def _image_row(path: Path, template: Any, column: str) -> dict[str, Any]:
 
 
 def input_rows(value: str, cfg: Any, template: Any) -> list[dict[str, Any]]:
-    """Rows of the query data's columns (label column left out) for ``--input value``."""
+    """Rows for ``--input value`` (the columns it gives; the service completes the others)."""
     from tda.query_files import load_table
 
     d, path = cfg.data, Path(value)
@@ -56,46 +55,11 @@ def input_rows(value: str, cfg: Any, template: Any) -> list[dict[str, Any]]:
         image = d.image_column if d.image_column in columns else "x"
         if image not in columns:
             raise DataError(f"the run's query data has no image column ({columns}); give a rows file or a text")
-        return _complete([_image_row(path, template, image)], columns, d.label_column)
+        return [_image_row(path, template, image)]
     if d.text_column not in columns:
         raise DataError(f"--input {value!r} is not a file, and the run's query data has no text column "
                         f"{d.text_column!r} ({columns}); give a rows file or an image")
-    return _complete([{d.text_column: value}], columns, d.label_column)
+    return [{d.text_column: value}]
 
 
-def _complete(rows: list[dict[str, Any]], columns: list[str], label: str) -> list[dict[str, Any]]:
-    """Columns the input does not give (other than the label) set to None (missing)."""
-    return [{**{c: None for c in columns if c != label}, **r} for r in rows]
-
-
-def _label_id(label: str, names: list[str] | None) -> int:
-    if names and label in names:
-        return names.index(label)
-    try:
-        return int(label)
-    except ValueError:
-        raise DataError(f"--label {label!r} is neither a class id nor one of the class names {names}") from None
-
-
-def with_labels(rows: list[dict[str, Any]], paths: RunPaths, cfg: Any, template: Any, label: str | None,
-                names: list[str] | None) -> tuple[list[dict[str, Any]], str | None]:
-    """Rows completed with the label column: ``--label``, else each row's predicted class."""
-    column = cfg.data.label_column
-    if column not in template.column_names or all(column in r for r in rows):
-        return rows, None
-    if label is not None:
-        return [{**r, column: _label_id(label, names)} for r in rows], None
-    from tda.predictions import example_predictions
-
-    from .families import family_for
-    from .layout import load_checkpoint_list
-    from .serve_state import _as_dataset
-
-    family = family_for(cfg)
-    data = _as_dataset([{**r, column: 0} for r in rows], template)
-    files = [paths.checkpoint_file(e) for e in load_checkpoint_list(paths)]
-    preds = example_predictions(family.build_model(cfg), files, data, family.collate(cfg), family.task(cfg))
-    return [{**r, column: int(c)} for r, c in zip(rows, preds["predicted"])], "explained for its predicted class"
-
-
-__all__ = ["IMAGE_SUFFIXES", "input_rows", "with_labels"]
+__all__ = ["IMAGE_SUFFIXES", "input_rows"]

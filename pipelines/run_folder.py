@@ -57,7 +57,8 @@ def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
     if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train"):
         raise FingerprintMismatchError(
             f"{paths.root} holds a run of another configuration ({differing_keys(cfg, paths)}); use the config and "
-            f"--set options it was run with, or run {finish} into another --out first")
+            f"--set options it was run with, or pass --out a new folder (this command then runs {finish.replace(str(paths.root), 'NEW')} "
+            "there first)")
     check_complete(paths, {"scores": ("scores.json", "not scored")}, finish)
 
 
@@ -137,12 +138,24 @@ def class_names(cfg: RunConfig, data: Mapping[str, Any]) -> list[str] | None:
     default ``LABEL_0, LABEL_1, ...``); None without any. Names that only repeat the class ids
     (``"0", "1", ...``) are none."""
     if cfg.data.class_names:
-        return [str(n) for n in cfg.data.class_names]
+        names = [str(n) for n in cfg.data.class_names]
+        _check_names_cover(names, data.get("train"), label_column(cfg))
+        return names
     features = getattr(data.get("train"), "features", None) or {}
     names = getattr(features.get(label_column(cfg)), "names", None)
     if names and [str(n) for n in names] != [str(i) for i in range(len(names))]:
         return [str(n) for n in names]
     return _id2label(cfg)
+
+
+def _check_names_cover(names: list[str], train: Any, column: str) -> None:
+    """``data.class_names`` must name every class the training labels use."""
+    if train is None or column not in getattr(train, "column_names", []):
+        return
+    labels = np.asarray(train.with_format("numpy")[column])
+    if labels.size and labels.dtype.kind in "iu" and int(labels.max()) >= len(names):
+        raise ConfigError(f"data.class_names has {len(names)} names, but the training labels ({column!r}) go up to "
+                          f"{int(labels.max())}: give one name per class 0..{int(labels.max())}")
 
 
 def _id2label(cfg: RunConfig) -> list[str] | None:

@@ -37,7 +37,7 @@ class DataConfig:
     root: str | None = None  # folder of the demo data set's files (None: the copy shipped with tda, where there is one)
     train_size: int | None = 10000  # N training examples drawn at random, stratified by label (None: all)
     query_split: str = "test"  # split the queries come from
-    query_size: int = 500  # N examples of the query split drawn at random, stratified by label
+    query_size: int | None = 500  # N examples of the query split drawn at random, stratified by label (None: all)
     query_path: str | None = None  # queries from a file instead: .parquet, .arrow, .csv, .json/.jsonl or a save_to_disk folder
     train_path: str | None = None  # your training set: .parquet, .arrow, .csv, .json/.jsonl or a save_to_disk folder
     collate: str | None = None  # "module:fn" or "file.py:fn" turning a dict of columns into tensors (None: built in)

@@ -60,6 +60,7 @@ class Rows(BaseModel):
 
     rows: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH)
     k: StrictInt = 10
+    label: StrictInt | str | None = None  # the class explained for rows without a label (default: the predicted one)
 
 
 class BodyTooLarge(Exception):
@@ -177,7 +178,7 @@ def create_app(service: Service, max_body: int = MAX_BODY) -> FastAPI:
 
     @app.post("/query/input")
     def query_input(body: Rows) -> dict[str, Any]:
-        return answer_json(service.new_inputs(body.rows, body.k))
+        return answer_json(service.new_inputs(body.rows, body.k, body.label))
 
     return app
 

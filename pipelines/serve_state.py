@@ -65,6 +65,7 @@ class Service:
         self.load_s = 0.0
         self.threads: int | None = None  # FAISS threads per search, set in each request's thread (OpenMP's is per thread)
         self._featurizer: Any = None
+        self._template: Any = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -110,13 +111,17 @@ class Service:
         check_k(k, len(self.run.index), "k")
         return self.run.answer(ids, "train", k)
 
-    def new_inputs(self, rows: list[dict[str, Any]], k: int) -> Answer:
-        """Top-k of new inputs: rows shaped like the run's query data (their ids: -1, -2, ...)."""
+    def new_inputs(self, rows: list[dict[str, Any]], k: int, label: Any = None) -> Answer:
+        """Top-k of new inputs (their ids: -1, -2, ...): rows with the query data's columns; a column
+        a row leaves out is empty, and a classifier's row without a label is explained for ``label``
+        (an id or a class name) or else for its predicted class. Every answer carries the model's
+        predicted class and probability (the last checkpoint of each training run)."""
         self._check_new_inputs("new")
         self._set_threads()
         check_k(k, len(self.run.index), "k")
         with self._lock:  # one featurization at a time (the model is shared)
             self.check_pins()
+            rows, predicted = self._complete(rows, label)
             block = self._featurize(rows)
         vectors = self.run.scorer.transform_query(block)
         top, spent = search(self.run.index, vectors, k)
@@ -125,8 +130,43 @@ class Service:
         given = {i: row.get(cfg.data.label_column, row.get("label", "?")) for i, row in zip(ids, rows)}
         texts = {i: t for i, t in zip(ids, (_text(row, cfg.data.text_column) for row in rows)) if t is not None}
         return Answer(ids, top, self.run.labels["train"], given, cfg.score.scorer, len(self.run.index),
-                      self.run.index.kind, spent, spent, None, self.run.names, (self.run.texts or {}).get("train"),
-                      texts, cfg.score.text_chars)
+                      self.run.index.kind, spent, spent, dict(zip(ids, predicted)) if predicted else None,
+                      self.run.names, (self.run.texts or {}).get("train"), texts, cfg.score.text_chars)
+
+    def _complete(self, rows: list[dict[str, Any]], label: Any) -> tuple[list[dict[str, Any]], list | None]:
+        """Rows with every query column (missing ones empty, the label as asked or predicted) and the
+        model's ``(class, probability)`` per row (None for a task without classes)."""
+        from .run import datasets_for
+
+        cfg = self.run.cfg
+        if self._template is None:
+            self._template = datasets_for(cfg, self.run.paths)["query"]
+        columns, column = [c for c in self._template.column_names if c != "id"], cfg.data.label_column
+        if not rows or not all(isinstance(r, dict) for r in rows):
+            raise DataError("rows must be a non-empty list of objects with the query data's columns")
+        full = [{**{c: None for c in columns if c != column}, **r} for r in rows]
+        if column not in columns:
+            return full, None
+        if label is not None:
+            full = [{**r, column: r.get(column, _label_id(label, self.run.names))} for r in full]
+        preds = self._predict([{**r, column: r.get(column, 0)} for r in full])
+        full = [{**r, column: r.get(column, int(c))} for r, (c, _) in zip(full, preds)]
+        return full, preds
+
+    def _predict(self, rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
+        """``(predicted class, probability)`` of each row (mean over the runs' last checkpoints)."""
+        from tda.predictions import example_predictions
+
+        from .families import family_for
+        from .families.capabilities import final_checkpoints
+        from .layout import load_checkpoint_list
+
+        cfg, paths = self.run.cfg, self.run.paths
+        family = family_for(cfg)
+        files = [paths.checkpoint_file(e) for e in final_checkpoints(load_checkpoint_list(paths))]
+        out = example_predictions(family.build_model(cfg), files, _as_dataset(rows, self._template),
+                                  family.collate(cfg), family.task(cfg))
+        return [(int(c), float(p)) for c, p in zip(out["predicted"], out["p_predicted"])]
 
     def pin_inputs(self) -> None:
         """Pin the checkpoints new inputs are featurized with: their recorded sha256 (checked once
@@ -176,6 +216,7 @@ class Service:
         cfg, paths = self.run.cfg, self.run.paths
         if self._featurizer is None:
             self._featurizer = make_featurizer(cfg, "query", paths)
+        if self._template is None:
             self._template = datasets_for(cfg, paths)["query"]
         dataset = _as_dataset(rows, self._template)
         feats, qs, ids = [], [], None
@@ -195,6 +236,16 @@ def _stamp(path: Any) -> tuple | None:
         return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     except OSError:
         return None
+
+
+def _label_id(label: Any, names: list[str] | None) -> int:
+    """A class id from an id or a class name."""
+    if names and label in names:
+        return names.index(label)
+    try:
+        return int(label)
+    except (TypeError, ValueError):
+        raise DataError(f"label {label!r} is neither a class id nor one of the class names {names}") from None
 
 
 def _text(row: dict[str, Any], column: str) -> str | None:

@@ -104,7 +104,14 @@ def calibration_for(cfg: RunConfig, paths: RunPaths) -> dict[str, Any] | None:
         return None
     entry = record.get("scorers", {}).get(cfg.score.scorer)
     fit = (entry or {}).get("calibration", {}).get("fit") if isinstance(entry, dict) else None
-    return fit if isinstance(fit, dict) and {"intercept", "slope"} <= set(fit) else None
+    if not (isinstance(fit, dict) and {"intercept", "slope"} <= set(fit)):
+        return None
+    low = (fit.get("slope_ci") or [fit["slope"]])[0]
+    if not (fit["slope"] > 0 and low > 0):  # scores that do not predict the change: its line would flip signs
+        logger.warning("the validator's calibration of %s has slope %.3g (95%% interval from %.3g): the scores do not "
+                       "predict retraining there, so predictions stay uncalibrated", cfg.score.scorer, fit["slope"], low)
+        return None
+    return fit
 
 
 def predictions(scores_g: np.ndarray, rows: np.ndarray, cal: dict[str, Any] | None) -> dict[str, Any]:
@@ -178,9 +185,10 @@ def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray,
         change = margin[arm][:, group] - margin["full"][:, group]  # (R, |G|), paired seeds
         res[arm] = {"actual_per_query": change.mean(axis=0).tolist(), "actual_group": interval(change.sum(axis=1))}
     for arm in keep if with_hits else ():
-        res.setdefault(arm, {})["accuracy"] = {"all_queries": interval(hits[arm].mean(axis=1)),
-                                              "group": interval(hits[arm][:, group].mean(axis=1)),
-                                              "other_queries": interval(hits[arm][:, others].mean(axis=1))
+        unit = (0.0, 1.0)  # accuracies: their intervals stay in [0, 1]
+        res.setdefault(arm, {})["accuracy"] = {"all_queries": interval(hits[arm].mean(axis=1), unit),
+                                              "group": interval(hits[arm][:, group].mean(axis=1), unit),
+                                              "other_queries": interval(hits[arm][:, others].mean(axis=1), unit)
                                               if len(others) else None}
     return res, margin["forget"]
 

@@ -88,6 +88,11 @@ class DigestCache:
 
     def _folder_digest(self, path: Path) -> str:
         h = hashlib.sha256()
+        listed = saved_dataset_files(path)
+        if listed is not None:  # a datasets save_to_disk folder: its data, not the caches .map() leaves beside it
+            for name in listed:
+                h.update(f"{name}\0{self.file_digest(path / name)}\n".encode())
+            return h.hexdigest()
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _tda_made(Path(dirpath) / d))
             for name in sorted(f for f in filenames if not f.startswith(".")):
@@ -95,6 +100,21 @@ class DigestCache:
                 if full.is_file():
                     h.update(f"{full.relative_to(path).as_posix()}\0{self.file_digest(full)}\n".encode())
         return h.hexdigest()
+
+
+def saved_dataset_files(folder: Path) -> list[str] | None:
+    """The files a ``datasets`` ``save_to_disk`` folder consists of (``state.json``,
+    ``dataset_info.json`` and the Arrow files ``state.json`` lists), or None for another folder.
+    ``Dataset.map`` and friends write ``cache-*.arrow`` files into the folder; they are not the data."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        files = [f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (folder / "dataset_info.json").is_file() or not all(isinstance(f, str) and (folder / f).is_file()
+                                                                for f in files):
+        return None
+    return ["dataset_info.json", "state.json", *sorted(files)]
 
 
 #: The process's cache: a run loads its ``inputs.json`` into it (:func:`pipelines.run.claim_run_dir`).

@@ -51,8 +51,13 @@ def _folder_weights(folder: Path) -> list[Path]:
             return [folder / s for s in shards]
         if (folder / name).is_file():
             return [folder / name]
-    raise CheckpointError(f"checkpoint folder {folder} holds no {' or '.join(_WEIGHT_FILES)} (nor a sharded index); "
-                          "pass a save_pretrained folder, a .safetensors file or a torch.save state dict")
+    loose = sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".safetensors"))[:3] \
+        if folder.is_dir() else []
+    hint = f"; it holds checkpoint files ({', '.join(loose)}, ...): name them with a glob, e.g. {folder}/*{Path(loose[0]).suffix}" \
+        if loose else ""
+    raise CheckpointError(f"checkpoint folder {folder} holds no {' or '.join(_WEIGHT_FILES)} (nor a sharded index) and no "
+                          f"tda-checkpoints.json{hint}; pass a save_pretrained folder, a recorder's folder, a .safetensors "
+                          "file or a torch.save state dict")
 
 
 def load_checkpoint(source: StateDict | str | Path) -> dict[str, Tensor]:

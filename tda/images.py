@@ -9,7 +9,8 @@ changing a value; :func:`image_batch` then applies exactly the two transforms a 
 - **layout**: ``"auto"`` (a 3-D image whose last axis has 1, 3 or 4 entries and whose first has
   not is HWC, the reverse CHW; anything else ambiguous is an error naming the key), ``"HWC"``,
   ``"CHW"`` (both give channel-first ``(B, C, H, W)``, PyTorch's convention) or ``"stored"``
-  (the stored shape, untouched). 2-D images ``(H, W)`` and flat vectors stay as stored.
+  (the stored shape, untouched). 2-D images ``(H, W)`` stay as stored under ``auto``; ``HWC`` or
+  ``CHW`` gives them a channel axis, ``(B, 1, H, W)``, for a CNN. Flat vectors stay as stored.
 - **scale**: a number the values are divided by (``255``: uint8 pixels to [0, 1]), ``"auto"``
   (255 for integer dtypes, 1 for floats: the README's rule), or ``1``/``"none"``.
 
@@ -97,10 +98,12 @@ def to_channels_first(arr: np.ndarray, layout: str, column: str = "image") -> np
     """``(B, *shape)`` in ``layout`` (:data:`LAYOUTS`) -> ``(B, C, H, W)`` for 3-D images."""
     if layout not in LAYOUTS:
         raise DataError(f"data.image_layout is {layout!r}; choose one of {LAYOUTS}")
+    if layout in ("HWC", "CHW") and arr.ndim == 3:  # (B, H, W) grey images for a model that wants channels
+        return np.ascontiguousarray(arr[:, None])
     if layout == "stored" or arr.ndim != 4:
         if layout in ("HWC", "CHW") and arr.ndim != 4:
             raise DataError(f"data.image_layout is {layout!r} but the images of column {column!r} have shape "
-                            f"{tuple(arr.shape[1:])} (not 3-D); set data.image_layout to 'auto' or 'stored'")
+                            f"{tuple(arr.shape[1:])} (neither 2-D nor 3-D); set data.image_layout to 'auto' or 'stored'")
         return arr
     stored = infer_layout(arr.shape[1:], column) if layout == "auto" else layout
     return np.ascontiguousarray(arr.transpose(0, 3, 1, 2)) if stored == "HWC" else arr

@@ -119,7 +119,7 @@ def test_curate_refuses_bad_settings_and_unfinished_runs(tmp_path, capsys) -> No
     run = tmp_path / "run"
     # an unfinished (here: absent) run is run first, stage by stage, then curated
     assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.retrain_seeds=0", "--quiet"]) == 0
-    assert "holds no finished run of this config; running its stages first" in capsys.readouterr().err
+    assert "running the stages it needs first" in capsys.readouterr().err
     assert (run / "scores" / "scores.json").is_file() and (run / "curation" / "curation.json").is_file()
     assert main(["run", str(TINY), "--out", str(run), *NOISY, "--quiet"]) == 0
     assert main(["curate", str(TINY), "--out", str(run), *NOISY, "--set", "curate.method=trek"]) == 2

@@ -65,8 +65,9 @@ def test_layouts_scales_and_grey_images() -> None:
     np.testing.assert_array_equal(image_batch(grey.tolist(), "auto", "auto"), grey.astype(np.float32) / 255.0)
     with pytest.raises(DataError, match="data.image_layout"):
         infer_layout((3, 8, 3))  # channels first or last: ambiguous
+    np.testing.assert_array_equal(image_batch(grey, "CHW", "auto"), grey[:, None].astype(np.float32) / 255.0)
     with pytest.raises(DataError, match="data.image_layout is 'HWC'"):
-        image_batch(grey, "HWC", "auto")
+        image_batch(grey[:, 0], "HWC", "auto")  # flat rows: no channel to give
 
 
 def test_columns_collate_reads_what_the_config_states() -> None:

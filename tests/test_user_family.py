@@ -130,3 +130,18 @@ def test_negative_ids_in_a_data_file_are_refused(tmp_path, capsys) -> None:
     assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "negative ids" in err and "data.query_path" in err
+
+
+def test_a_training_row_with_an_extreme_value_is_named_not_scored(tmp_path, capsys) -> None:
+    """One row with a value of 1e30 would dominate the kernel and shrink every score to ~0: refused
+    naming its id."""
+    root = _project(tmp_path)
+    train = datasets.load_from_disk(str(root / "train"))
+    rows = train.to_dict()
+    rows["x"][5] = [1e30] + rows["x"][5][1:]
+    datasets.Dataset.from_dict(rows).save_to_disk(str(root / "train2"))
+    (root / "cfg.yaml").write_text((root / "cfg.yaml").read_text().replace("train_path: train", "train_path: train2")
+                                   .replace("train_size: 60", "train_size: null"))
+    assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "NonFiniteFeaturesError" in err and "ids [5]" in err and "Traceback" not in err

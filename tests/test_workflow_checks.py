@@ -30,15 +30,24 @@ def test_unlearn_after_a_rescore_with_another_scorer_uses_its_own_scores(tmp_pat
     np.testing.assert_allclose(again["predicted"]["per_query"], first["predicted"]["per_query"], rtol=1e-5)
 
 
-def test_a_calibration_fitted_for_other_scores_is_not_applied(tmp_path) -> None:
+def test_a_calibration_is_applied_only_to_its_own_scores_and_only_when_it_predicts(tmp_path) -> None:
+    from pipelines.config import load_config
+    from pipelines.layout import RunPaths
+    from pipelines.unlearn import calibration_for
+
     run = tmp_path / "run"
     sets = ["--set", "validate.subsets=4", "--set", "unlearn.retrain_seeds=0", "--set", "unlearn.approximate=false"]
     assert main(["validate", str(TINY), "--out", str(run), *sets, "--quiet"]) == 0
-    assert main(["unlearn", str(TINY), "--out", str(run), *sets, "--quiet"]) == 0
-    assert "calibrated" in json.loads((run / "unlearning" / "unlearning.json").read_text())["predicted"]
-    assert main(["unlearn", str(TINY), "--out", str(run), *sets, "--set", "score.lambda_rel=100", "--quiet"]) == 0
-    other = json.loads((run / "unlearning" / "unlearning.json").read_text())
-    assert "calibrated" not in other["predicted"] and other["calibration"].startswith("uncalibrated")
+    record_path = run / "validation" / "validation.json"
+    record = json.loads(record_path.read_text())
+    fit = record["scorers"]["trak"]["calibration"]["fit"]
+    for slope, low, applied in ((0.8, 0.2, True), (0.8, -0.1, False), (-1.2, -5.0, False)):
+        fit.update(slope=slope, slope_ci=[low, slope + 1])
+        record_path.write_text(json.dumps(record))
+        cfg = load_config(TINY)
+        assert (calibration_for(cfg, RunPaths(run)) is not None) == applied, (slope, low)
+        other = load_config(TINY, ["score.lambda_rel=100"])  # fitted for other scores: never applied
+        assert calibration_for(other, RunPaths(run)) is None
 
 
 def test_a_damaged_curation_retraining_is_retrained(tmp_path) -> None:

@@ -158,7 +158,9 @@ class Family:
         entries = load_checkpoint_list(paths)
         if any("lr" not in e for e in entries):
             raise CheckpointError(f"{paths.checkpoint_list} records no learning rates; TracIn needs the learning "
-                                  "rate of each checkpoint (train in the run, or use graddot / gradcos)")
+                                  "rate of each checkpoint: record your checkpoints while training with "
+                                  "tda.CheckpointRecorder or tda.integrations.hf.CheckpointCallback (they write "
+                                  "tda-checkpoints.json beside them), train in the run, or use graddot / gradcos")
         return [float(e["lr"]) for e in entries]
 
     def check_metric_of(self, cfg: RunConfig) -> str:

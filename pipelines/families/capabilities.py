@@ -141,6 +141,16 @@ class UserSubsetJob(SubsetJob):
         return torch.cat(out).double().numpy()
 
 
+def final_checkpoints(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last checkpoint of every training run (what "the model predicts" means): entries grouped
+    by the run a recorder noted (``recorded_model``), else by ``model`` (a run trained here, or a
+    listed file: each its own), in recorded order."""
+    last: dict[Any, dict[str, Any]] = {}
+    for entry in entries:
+        last[entry.get("recorded_model", entry.get("model", 0))] = entry
+    return list(last.values())
+
+
 class TaskCapabilities:
     """Mixin: predictions, accuracy and retraining from the task's kind (module docstring)."""
 
@@ -160,12 +170,13 @@ class TaskCapabilities:
         return self.build_model(cfg)  # type: ignore[attr-defined]
 
     def example_predictions(self, cfg: RunConfig, paths: RunPaths, split: str = "train") -> dict[str, np.ndarray]:
-        """Per example of ``split`` over every attributed checkpoint (:func:`tda.predictions.example_predictions`)."""
+        """Per example of ``split``, averaged over the last checkpoint of every training run
+        (:func:`final_checkpoints`; :func:`tda.predictions.example_predictions`)."""
         task = self.task(cfg)  # type: ignore[attr-defined]
         if task.kind not in PREDICTED_KINDS:
             raise ConfigError(f"per-example predictions need a classification or causal-LM task; model.task gives "
                               f"{type(task).__name__} of kind {task.kind!r}")
-        files = [paths.checkpoint_file(e) for e in load_checkpoint_list(paths)]
+        files = [paths.checkpoint_file(e) for e in final_checkpoints(load_checkpoint_list(paths))]
         return example_predictions(self.build_model(cfg), files, self.datasets(cfg, paths)[split],  # type: ignore[attr-defined]
                                    self.collate(cfg), task, cfg.featurize.batch_size)  # type: ignore[attr-defined]
 
@@ -185,7 +196,10 @@ class TaskCapabilities:
             raise ConfigError("retraining with the generic recipe needs a classification or causal-LM task; set "
                               "train.factory to your own training function")
         recipe, sources = resolve_recipe(cfg)
-        logger.info("retraining recipe: %s", ", ".join(f"{k} {v} ({sources[k]})" for k, v in recipe.to_dict().items()))
+        import sys
+
+        print("retraining recipe: " + ", ".join(f"{k} {v} ({sources[k]})" for k, v in recipe.to_dict().items()),
+              file=sys.stderr)
         return RecipeSubsetJob(cfg, recipe, queries, epochs=epochs, measure=measure)
 
     def accuracy_job(self, cfg: RunConfig) -> Any:
@@ -197,4 +211,4 @@ class TaskCapabilities:
         return self.subset_job(cfg, measure="both")
 
 
-__all__ = ["RecipeSubsetJob", "TaskCapabilities", "UserSubsetJob", "measure_queries", "recorded_recipe", "resolve_recipe"]
+__all__ = ["final_checkpoints", "RecipeSubsetJob", "TaskCapabilities", "UserSubsetJob", "measure_queries", "recorded_recipe", "resolve_recipe"]

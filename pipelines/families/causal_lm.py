@@ -128,7 +128,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         if d.label_noise:
             train = noisy_sequences(train, d.label_noise, d.seed)
         source = train if d.query_split == "train" else lm_sequences(text[split:], vocab, o.context)
-        n_held = min(d.query_size, len(source))
+        n_held = min(d.query_size or len(source), len(source))
         if d.query_path:  # queries from a file: its (prompt, completion) rows and ids
             from tda.query_files import load_table, text_queries
 

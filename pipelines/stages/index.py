@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from stores import FeatureStore, FaissIndex, build_index
 from stores._io import save_json, save_npz, sha256_file
 from stores.index import RECALL_TARGET, exact_recall, index_space
-from tda.errors import IndexMismatchError, InputChangedError, StoreCorruptError, StoreError, TDAError
+from tda.errors import (IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreCorruptError, StoreError,
+                        TDAError)
 
 from ..layout import RunPaths, json_field
 from ..schema import RunConfig, scorer_fingerprint
@@ -45,8 +46,9 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
         except StoreError as exc:
             logger.warning("rebuilding the index: %s", exc)  # derived data: recomputed, never trusted
     train = FeatureStore.open(paths.store("train"))
-    scorer = scorer_for(cfg, paths).fit(_View(train, desc="index: fit scorer" if progress else None),
-                                        progress=progress)
+    view = _View(train, desc="index: fit scorer" if progress else None, norms={})
+    scorer = scorer_for(cfg, paths).fit(view, progress=progress)
+    check_feature_scale(view.norms)
     for marker in (paths.scores / "scores.json", *markers):  # before any file changes: a kill from here on
         marker.unlink(missing_ok=True)                      # leaves nothing that looks valid
     state = scorer.state_dict()
@@ -162,13 +164,38 @@ def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> Faiss
                        space=index_space(scorer_for(cfg, paths)), fix="rebuild it with `tda run CONFIG --from index`")
 
 
+#: a training row whose features are this many times the median row's is broken input, not signal
+FEATURE_SCALE_LIMIT = 1e6
+
+
+def check_feature_scale(norms: dict[int, float]) -> None:
+    """:class:`NonFiniteFeaturesError` naming the training rows whose features are not finite or
+    exceed :data:`FEATURE_SCALE_LIMIT` times the median row's: such a row (a pixel of 1e30, say)
+    would dominate the kernel and shrink every score towards zero."""
+    if not norms:
+        return
+    ids, values = np.fromiter(norms.keys(), np.int64, len(norms)), np.fromiter(norms.values(), np.float64, len(norms))
+    finite = np.isfinite(values)
+    median = float(np.median(values[finite])) if finite.any() else 0.0
+    bad = ~finite | (values > FEATURE_SCALE_LIMIT * max(median, 1e-30))
+    if bad.any():
+        worst = ids[bad][np.argsort(-np.nan_to_num(values[bad], nan=np.inf))][:10].tolist()
+        raise NonFiniteFeaturesError(
+            f"{int(bad.sum())} training row(s) have gradient features that are not finite or over "
+            f"{FEATURE_SCALE_LIMIT:.0e} times the median row's (ids {worst}; largest norm {np.nanmax(values):.3g} "
+            f"against a median of {median:.3g}): their inputs are likely broken (an extreme or unscaled value); fix or "
+            "drop those rows in the data, then rerun with --overwrite (or into another --out)")
+
+
 class _View:
     """A feature store seen from row ``start`` on (resuming a scoring pass), optionally with a
     progress bar (rows/s and ETA) over its blocks."""
 
-    def __init__(self, source: FeatureStore, start: int = 0, desc: str | None = None) -> None:
+    def __init__(self, source: FeatureStore, start: int = 0, desc: str | None = None,
+                 norms: dict[int, float] | None = None) -> None:
         self.source, self.start, self.desc = source, start, desc
         self.checkpoints = source.checkpoints
+        self.norms = norms  # id -> largest feature norm over checkpoints, gathered as blocks pass (None: not)
 
     def __len__(self) -> int:
         return len(self.source) - self.start
@@ -185,5 +212,8 @@ class _View:
                 if col > self.start:
                     if col - len(blk) < self.start:  # cannot happen with the same block_rows and shard_size
                         raise StoreError("scoring progress does not fall on a block boundary; delete scores/ and rerun")
+                    if self.norms is not None:
+                        norms = np.sqrt(np.square(blk.feats, dtype=np.float64).sum(axis=2)).max(axis=0)  # (b,)
+                        self.norms.update(zip(np.asarray(blk.ids).tolist(), norms.tolist()))
                     yield blk
                     bar.update(len(blk))

@@ -21,6 +21,7 @@ from tda.data import iter_batches
 from tda.featurize import apply_checkpoint, load_checkpoint
 
 from ..families import family_for
+from ..families.capabilities import final_checkpoints
 from ..layout import RunPaths, load_checkpoint_list
 from ..schema import RunConfig
 
@@ -28,12 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def checkpoint_outputs(cfg: RunConfig, paths: RunPaths, m: int) -> np.ndarray:
-    """(m,) measured output of the first ``m`` queries, averaged over the attributed checkpoints."""
+    """(m,) measured output of the first ``m`` queries, averaged over the last checkpoint of every run."""
     family = family_for(cfg)
     task, model = family.task(cfg), family.build_model(cfg)
     query = family.datasets(cfg, paths)["query"].select(range(m))
     outs = []
-    for entry in load_checkpoint_list(paths):
+    for entry in final_checkpoints(load_checkpoint_list(paths)):  # the trained models, not their early epochs
         apply_checkpoint(model, load_checkpoint(paths.checkpoint_file(entry)), f"checkpoint {entry['file']}")
         model.eval()
         with torch.no_grad():
