@@ -185,3 +185,49 @@ def test_readme_byo_features_equal_those_of_an_explicit_collate(byo_run) -> None
         ids, want = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
         stored = block.feats[c][[rows[int(i)] for i in ids]]
         np.testing.assert_allclose(stored, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_predictions_are_those_of_each_runs_last_checkpoint(byo_run, capsys) -> None:
+    """`tda query --list` predicts with the last checkpoint of each recorded run (seed), not an
+    average that includes their first epochs: checked against softmax means computed here."""
+    import datasets
+
+    from tda.predictions import example_predictions
+    from tda.tasks import ClassificationTask
+
+    project, _ = byo_run
+    run = project / "runs" / "my-mlp"
+    manifest = json.loads((project / "ckpts" / "tda-checkpoints.json").read_text())
+    last = {}
+    for entry in manifest["checkpoints"]:
+        last[entry["model"]] = project / "ckpts" / entry["file"]
+    sys.path.insert(0, str(project))
+    try:
+        from mymodels import build
+    finally:
+        sys.path.remove(str(project))
+
+    def collate(rows):
+        x = np.stack([np.asarray(v, np.float32) for v in rows["image"]]) / 255.0
+        return {"x": torch.from_numpy(x), "y": torch.from_numpy(np.asarray(rows["label"], np.int64))}
+
+    test = datasets.load_from_disk(str(project / "data" / "test"))
+    want = example_predictions(build(64), list(last.values()), test, collate, ClassificationTask())
+    capsys.readouterr()
+    assert main(["query", "--run", str(run), "--list", "--json"]) == 0
+    listed = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    for i, c, p in zip(want["ids"], want["predicted"], want["p_predicted"]):
+        assert listed[int(i)]["predicted"] == int(c) and abs(listed[int(i)]["p_predicted"] - p) < 1e-4
+
+
+def test_a_datasets_map_cache_beside_the_data_does_not_invalidate_the_run(byo_run, capsys) -> None:
+    """``Dataset.map`` writes cache-*.arrow files into a save_to_disk folder; the run hashes only
+    the files the folder's state.json lists, so its answers stay available."""
+    import datasets
+
+    project, _ = byo_run
+    datasets.load_from_disk(str(project / "data" / "train")).map(lambda r: {"n": 1})
+    assert list((project / "data" / "train").glob("cache-*.arrow"))
+    capsys.readouterr()
+    assert main(["query", "--run", str(project / "runs" / "my-mlp"), "--example", "3", "-k", "2", "--trust-code"]) == 0
+    assert "query id 3" in capsys.readouterr().out

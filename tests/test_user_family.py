@@ -145,3 +145,34 @@ def test_a_training_row_with_an_extreme_value_is_named_not_scored(tmp_path, caps
     assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "NonFiniteFeaturesError" in err and "ids [5]" in err and "Traceback" not in err
+
+
+def test_a_weak_first_epoch_of_a_recorded_run_only_warns(tmp_path, caplog) -> None:
+    """The input check judges each recorded run by its last checkpoint: an untrained first save
+    before a trained last one is a warning, not a refusal; a run whose last save is untrained is
+    refused."""
+    import tda
+
+    root = _project(tmp_path)
+    train = datasets.load_from_disk(str(root / "train")).with_format("numpy")
+    x, y = torch.tensor(np.stack(train["x"])), torch.tensor(train["label"]).long()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    rec = tda.CheckpointRecorder(root / "ckpts", {"optimizer": "adam", "lr": 0.05, "epochs": 1, "batch_size": 70})
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    rec.save(net, optimizer=opt, step=0)  # untrained
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    rec.save(net, optimizer=opt, step=200)
+    cfg = (root / "cfg.yaml").read_text().replace("checkpoints: [m0.pt, m1.pt], check_trained: false", "checkpoints: ckpts")
+    (root / "cfg.yaml").write_text(cfg)
+    with caplog.at_level("WARNING"):
+        assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "an earlier checkpoint of a run whose last one looks trained" in caplog.text
+    bad = tda.CheckpointRecorder(root / "bad", {"optimizer": "adam", "lr": 0.05})
+    torch.manual_seed(1)
+    bad.save(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), lr=0.05, step=1)
+    (root / "cfg.yaml").write_text(cfg.replace("checkpoints: ckpts", "checkpoints: bad"))
+    assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run2"), "--quiet"]) == 2
