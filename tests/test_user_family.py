@@ -176,3 +176,24 @@ def test_a_weak_first_epoch_of_a_recorded_run_only_warns(tmp_path, caplog) -> No
     bad.save(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), lr=0.05, step=1)
     (root / "cfg.yaml").write_text(cfg.replace("checkpoints: ckpts", "checkpoints: bad"))
     assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run2"), "--quiet"]) == 2
+
+
+def test_airrep_on_a_users_model_takes_queries_outside_the_training_rows(tmp_path) -> None:
+    """AirRep retrains your model with the generic recipe on subsets, measured on training-file rows
+    the run never trains on."""
+    import json
+
+    root = _project(tmp_path)
+    cfg = load_config(root / "cfg.yaml", ["data.train_size=40", "score.scorer=airrep",
+                                          "score.options={queries: 16, subsets: 4, subset_epochs: 1, width: 8, "
+                                          "hidden: 0, steps: 10}"])
+    family = family_for(cfg)
+    used = set(np.asarray(family.datasets(cfg)["train"]["id"]).tolist())
+    extra = np.asarray(family.airrep_queries(cfg)["id"]).tolist()
+    assert len(extra) == 16 and not used & set(extra)
+    assert main(["run", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet", "--set", "data.train_size=40",
+                 "--set", "score.scorer=airrep", "--set", "score.options={queries: 16, subsets: 4, subset_epochs: 1, "
+                 "width: 8, hidden: 0, steps: 10}"]) == 0
+    scores = np.load(tmp_path / "run" / "scores" / "scores.npy")
+    assert scores.shape == (10, 40) and np.isfinite(scores).all()
+    assert json.loads((tmp_path / "run" / "scorer" / "scorer.json").read_text())["scorer"] == "airrep"

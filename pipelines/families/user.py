@@ -111,6 +111,25 @@ class UserFamily(TaskCapabilities, Representations, Retraining, Family):
         return leaves[owners[-1] - 1][0]
 
 
+    def airrep_queries(self, cfg: RunConfig) -> Any:
+        """AirRep's training queries: rows of ``data.train_path`` outside the ``data.train_size``
+        subset (never trained on), in file order; ``score.options.queries`` of them."""
+        from ..score_options import score_options
+
+        d, count = cfg.data, score_options(cfg, self).queries
+        if d.train_path is None:
+            from .images import unused_train_rows
+
+            return unused_train_rows(cfg, count)
+        full = table_subset(d.train_path, None, d.seed, d.label_column, d.subset, "data.train_path")
+        used = set(example_ids(self.datasets(cfg)["train"]).tolist())
+        free = [r for r, i in enumerate(example_ids(full).tolist()) if i not in used][:count]
+        if len(free) < count:
+            raise DataError(f"AirRep needs {count} training queries from data.train_path rows outside the training "
+                            f"set, but only {len(free)} are left; lower data.train_size or score.options.queries")
+        return full.select(free)
+
+
 def task_from_config(cfg: RunConfig, default: str = "classification") -> Task:
     """``model.task``: a built-in name or ``"module:Class"`` (instantiated without arguments)."""
     name = cfg.model.task or default
