@@ -93,9 +93,19 @@ def _drop_empty_claim(root: Path) -> None:
         pass
 
 
+def _check_no_links(root: Path) -> None:
+    """A run folder's parts must be inside it: a symbolic link would make a rerun (or --overwrite)
+    write or delete outside the run."""
+    links = sorted(p.name for p in root.iterdir() if p.is_symlink())
+    if links:
+        raise StoreError(f"{root} holds symbolic links ({', '.join(links)}): a rerun would write or delete where they "
+                         "point, outside the run; replace each link with a real folder (or choose another --out)")
+
+
 def _run_in(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, t0: float) -> int:
     """``tda run``'s work in the (created) run folder ``paths.root``."""
     root = paths.root
+    _check_no_links(root)
     _preflight(cfg)
     todo = _stages(args)
     progress = not args.quiet

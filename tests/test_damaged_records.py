@@ -81,3 +81,17 @@ def test_a_closed_pipe_ends_quietly(finished) -> None:
     out = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr
+
+
+@pytest.mark.parametrize("part", ["scores", "features-train"])
+def test_a_symlinked_part_of_a_run_is_refused_and_its_target_untouched(finished, tmp_path, capsys, part) -> None:
+    run = _copy(finished, tmp_path)
+    outside = tmp_path / "elsewhere"
+    shutil.move(str(run / part), outside)
+    (run / part).symlink_to(outside, target_is_directory=True)
+    before = sorted((p.name, p.stat().st_size) for p in outside.rglob("*") if p.is_file())
+    for extra in ([], ["--overwrite"], ["--set", "score.topk=5"]):
+        assert main(["run", str(TINY), "--out", str(run), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "symbolic links" in err and part in err and "Traceback" not in err
+    assert sorted((p.name, p.stat().st_size) for p in outside.rglob("*") if p.is_file()) == before
