@@ -17,6 +17,7 @@ Output: ``unlearning/unlearning.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -158,9 +159,7 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
         res["check"]["spearman_predicted_actual"] = agreement(res["predicted"]["per_query"],
                                                               res["check"]["forget"]["actual_per_query"])
     if cfg.unlearn.approximate:
-        from .unlearn_approx import approximate_unlearning
-
-        res["approximate"] = approximate_unlearning(cfg, family, paths, forget, retrained)
+        res["approximate"] = approximate_cached(cfg, family, paths, forget, retrained)
     (paths.root / "unlearning").mkdir(exist_ok=True)
     save_json(paths.root / "unlearning" / "unlearning.json", res)
     return res
@@ -191,6 +190,31 @@ def exact_check(cfg: RunConfig, family: Any, paths: RunPaths, group: np.ndarray,
                                               "other_queries": interval(hits[arm][:, others].mean(axis=1), unit)
                                               if len(others) else None}
     return res, margin["forget"]
+
+
+def approximate_cached(cfg: RunConfig, family: Any, paths: RunPaths, forget: np.ndarray,
+                       retrained: np.ndarray | None) -> dict[str, Any]:
+    """:func:`~pipelines.unlearn_approx.approximate_unlearning`, reused when nothing it depends on
+    changed (the run's model and data, the unlearn settings, the forget set, the retrained outputs),
+    so a rerun of a finished ``tda unlearn`` reproduces its figures exactly instead of to float rounding."""
+    from stores._io import fingerprint
+
+    from .ground_truth import job_fingerprint
+    from .unlearn_approx import approximate_unlearning
+
+    key = fingerprint({"job": job_fingerprint(cfg), "unlearn": dataclasses.asdict(cfg.unlearn),
+                       "forget": np.asarray(forget).tolist(),
+                       "retrained": None if retrained is None else np.round(np.asarray(retrained), 12).tolist()})
+    cache = paths.root / "unlearning" / "approximate.json"
+    try:
+        saved = json.loads(cache.read_text())
+        if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("result"), dict):
+            return saved["result"]
+    except (OSError, ValueError):
+        pass
+    result = approximate_unlearning(cfg, family, paths, forget, retrained)
+    save_json(cache, {"key": key, "result": result})
+    return result
 
 
 def agreement(predicted: list[float], actual: list[float]) -> float | None:

@@ -94,3 +94,14 @@ def test_a_server_stops_answering_new_inputs_once_a_checkpoint_changes(tmp_path)
         raise AssertionError("a run with a changed checkpoint was served")
     except InputChangedError as exc:
         assert "--overwrite" in str(exc) and "--from index" not in str(exc)
+
+
+def test_a_rerun_of_a_finished_unlearn_reproduces_it_byte_for_byte(tmp_path) -> None:
+    run = tmp_path / "run"
+    args = ["unlearn", str(TINY), "--out", str(run), "--set", "unlearn.retrain_seeds=1", "--quiet"]
+    assert main(args) == 0
+    first = (run / "unlearning" / "unlearning.json").read_bytes()
+    assert main(args) == 0
+    assert (run / "unlearning" / "unlearning.json").read_bytes() == first
+    assert main([*args, "--set", "unlearn.approx_steps=3"]) == 0  # another setting: computed again
+    assert json.loads((run / "unlearning" / "unlearning.json").read_text())["approximate"]["steps"] == 3
