@@ -21,6 +21,11 @@ Scenarios (tiny runs with small shards and scoring blocks, so that there are man
   subset models, AirRep's head); finish with R.
 - ``validate``: ``tda validate`` on finished A (V: ground-truth retrainings, removal retrainings,
   LDS); finish with V.
+- ``curate`` / ``unlearn``: ``tda curate`` (C: rankings, the retraining check) and ``tda unlearn``
+  (U: the exact check's retrainings, approximate unlearning) on finished A; finish with C / U.
+- ``curate-fresh``: ``tda curate`` on an empty folder (it runs ``tda run``'s stages first); finish with C.
+- ``unlearn-rescored``: a rescore of A with ``score.lambda_rel=0.1`` is killed, then ``tda unlearn``
+  with A's settings finishes (it must rescore with its own settings first).
 
     python benchmarks/kills.py --kills 200                  # both executors (~30 min on 2 cores)
     python benchmarks/kills.py --kills 20 --executors local
@@ -51,9 +56,11 @@ BASE = ["featurize.shard_size=32", "featurize.batch_size=32", "score.block_rows=
 CONFIGS = {"A": [], "B": ["score.lambda_rel=0.1"], "Q": ["data.query_size=10"], "F": ["featurize.seed=1"],
            "R": ["score.scorer=airrep", "score.options={queries: 20, subsets: 4, steps: 30}"],
            "V": ["validate.subsets=6", "validate.plots=false", "validate.removal_queries=2",
-                 "validate.removal_ks=[5]"]}
-#: configs whose command is ``tda validate`` on a finished run of A (every other one is ``tda run``)
-VALIDATES = {"V"}
+                 "validate.removal_ks=[5]"],
+           "C": ["curate.retrain_seeds=2"], "U": ["unlearn.retrain_seeds=2"]}
+#: configs whose command is a workflow on a finished run of A (every other one is ``tda run``)
+COMMANDS = {"V": "validate", "C": "curate", "U": "unlearn"}
+VALIDATES = set(COMMANDS)
 EXECUTORS = {"local": [], "dask": ["executor.kind=dask", "executor.workers=2"]}
 #: scenario -> (start state, attempted command, finishing commands: config name and extra flags)
 SCENARIOS = {
@@ -64,17 +71,25 @@ SCENARIOS = {
     "overwrite": ("A", ("F", ("--overwrite",)), [("A", ("--overwrite",)), ("F", ("--overwrite",))]),
     "airrep": (None, ("R", ()), [("R", ())]),
     "validate": ("A", ("V", ()), [("V", ())]),
+    "curate": ("A", ("C", ()), [("C", ())]),
+    "unlearn": ("A", ("U", ()), [("U", ())]),
+    "curate-fresh": (None, ("C", ()), [("C", ())]),  # curate on an empty folder runs tda run's stages first
+    "unlearn-rescored": ("A", ("B", ()), [("U", ())]),  # a killed rescore (lambda 0.1), then unlearn (lambda auto)
 }
+#: scenarios whose reference is their own command sequence run without kills (a workflow that runs
+#: ``tda run``'s stages records its own config in run.json; the finished run of A records A's)
+SEQUENCE_REFS = {"curate-fresh", "unlearn-rescored"}
 #: the scenarios of configuration changes, query changes and overwrites (the CI test's)
 RUN_SCENARIOS = ("fresh", "from", "rescore", "requery", "overwrite")
-STAGE_BARS = ("train", "featurize train", "featurize query", "retrain", "index", "score", "validate")
+STAGE_BARS = ("train", "featurize train", "featurize query", "retrain", "index", "score", "validate", "ground truth",
+              "curate: retrain", "unlearn: retrain")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 VOLATILE = ("finished",)
 
 
 def argv(out: Path, config: str, executor: str, extra: tuple[str, ...] = ()) -> list[str]:
     sets = [x for s in BASE + CONFIGS[config] + EXECUTORS[executor] for x in ("--set", s)]
-    command = "validate" if config in VALIDATES else "run"
+    command = COMMANDS.get(config, "run")
     return [sys.executable, "-m", "pipelines.cli", command, TINY, "--out", str(out), *sets, *extra]
 
 
@@ -97,10 +112,21 @@ def snapshot(folder: Path) -> dict[str, str]:
             if p.is_file() and p.name not in (".lock", "inputs.json")}
 
 
-def differences(folder: Path, reference: dict[str, str]) -> list[str]:
+def differences(folder: Path, reference: dict[str, str], identity: str | None = None) -> list[str]:
+    """What differs from ``reference``; with ``identity``, run.json is compared by the run it
+    identifies (format and feature fingerprint), not by which command's config last wrote it."""
     got = snapshot(folder)
     diff = [f"missing {k}" for k in reference if k not in got] + [f"extra {k}" for k in got if k not in reference]
-    return diff + [f"differs {k}" for k in reference if k in got and got[k] != reference[k]]
+    loose = {"run.json"} if identity is not None else set()
+    diff += [f"differs {k}" for k in reference if k in got and got[k] != reference[k] and k not in loose]
+    if identity is not None and "run.json" in got and _run_identity(folder) != identity:
+        diff.append("differs run.json (feature fingerprint)")
+    return diff
+
+
+def _run_identity(folder: Path) -> str:
+    record = json.loads((folder / "run.json").read_text())
+    return json.dumps([record.get("format"), record.get("feature_fingerprint")])
 
 
 def run_to_end(cmd: list[str], in_process: bool = False) -> float:
@@ -187,6 +213,14 @@ class Campaign:
                 run_to_end(argv(out, name, ex), self.in_process)
                 self.refs[name, ex] = snapshot(out)
             self.finished[ex] = self.work / f"ref-A-{ex}"
+            for scenario in set(self.scenarios) & SEQUENCE_REFS:  # their reference: the same commands, unkilled
+                start, (config, extra), finishes = SCENARIOS[scenario]
+                for finish, flags in finishes:
+                    out = self._start(scenario, ex, start)
+                    run_to_end(argv(out, config, ex, extra), self.in_process)
+                    run_to_end(argv(out, finish, ex, flags), self.in_process)
+                    self.refs[scenario, finish, ex] = (snapshot(out), _run_identity(out))
+                    shutil.rmtree(out)
             for scenario in self.scenarios:
                 start, (config, extra), _ = SCENARIOS[scenario]
                 out = self._start(scenario, ex, start)
@@ -222,7 +256,8 @@ class Campaign:
         self.trials += 1
         try:
             run_to_end(argv(out, finish, ex, flags), self.in_process)
-            diff = differences(out, self.refs[finish, ex])
+            own = self.refs.get((scenario, finish, ex))
+            diff = differences(out, *own) if own else differences(out, self.refs[finish, ex])
         except RuntimeError as exc:
             diff = [str(exc)]
         if diff:

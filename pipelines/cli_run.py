@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stores import FeatureStore, StoreLock
-from stores._io import remove_tree, sweep_removed
+from stores._io import remove_tree, sweep_removed, sweep_temporaries
 from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError, StoreError, TDAError
 
 from .config import load_config
@@ -264,6 +264,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     run_missing_stages(args, cfg, paths, "validate")
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         _check_finished(cfg, paths, finish)  # before any retraining; run.json is not rewritten
+        sweep_temporaries(paths.root / "validation")  # what a killed earlier validate left half-written
         _validate(cfg, paths, progress=not args.quiet)
         from .html_report import refresh_report
 

@@ -24,6 +24,10 @@ def _on_finished_run(args: argparse.Namespace, stage: Callable, printer: Callabl
     run_missing_stages(args, cfg, paths, args.command_name)
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         check_finished(cfg, paths, f"`tda run {args.config} --out {paths.root}`")  # before any retraining
+        from stores._io import sweep_temporaries
+
+        for folder in ("curation", "unlearning"):  # what a killed earlier run of these commands left half-written
+            sweep_temporaries(paths.root / folder)
         printer(stage(cfg, paths, progress=not args.quiet), paths)
         from .html_report import refresh_report
 

@@ -157,6 +157,15 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+def sweep_temporaries(folder: Path) -> None:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder`` (and below):
+    ``.NAME.XXXX.tmp``, never a finished file."""
+    if folder.is_dir():
+        for tmp in folder.rglob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+
 def sweep_removed(root: Path) -> None:
     """Delete what a killed :func:`remove_tree` left in ``root``."""
     for trash in root.glob(f".*{REMOVING}"):
