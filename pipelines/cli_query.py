@@ -165,8 +165,9 @@ def new_input_answer(paths: RunPaths, value: str, label: str | None, k: int) -> 
 
     service = Service.load(paths)
     cfg = service.run.cfg
-    rows = input_rows(value, cfg, datasets_for(cfg, paths)["query"])
-    if label is None and cfg.data.label_column in datasets_for(cfg, paths)["query"].column_names:
+    template = datasets_for(cfg, paths)["query"]
+    rows = input_rows(value, cfg, template)
+    if label is None and cfg.data.label_column in template.column_names:
         print("  (no --label: each input is explained for its predicted class)", file=sys.stderr)
     return service.new_inputs(rows, k, label)
 

@@ -219,21 +219,6 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
                            min(5, cfg.score.topk), cfg.score.scorer, names=names))
 
 
-def scores_current(cfg: RunConfig, paths: RunPaths) -> bool:
-    """The stored scores were made by this config's scorer settings and are intact (their sha256)."""
-    from stores._io import sha256_file
-
-    from .layout import json_field
-    from .schema import SCORE_SECTIONS, section_fingerprint
-
-    record = paths.scores / "scores.json"
-    if json_field(record, "fingerprint") != section_fingerprint(cfg, *SCORE_SECTIONS):
-        return False
-    want, files = json_field(record, "sha256"), {"topk": "topk.npz", "scores": "scores.npy"}
-    return isinstance(want, dict) and all((paths.scores / files.get(k, k)).is_file()
-                                          and sha256_file(paths.scores / files.get(k, k)) == d for k, d in want.items())
-
-
 def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, command: str) -> None:
     """``tda validate | curate | unlearn``: where the folder holds no finished run of this config,
     run ``tda run``'s stages first (each resumes: nothing already done is redone). A folder holding
@@ -243,6 +228,8 @@ def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths
     if paths.run_file.is_file():
         try:
             _check_finished(cfg, paths, finish)
+            from .stages.score import scores_current
+
             if scores_current(cfg, paths):
                 return
         except FingerprintMismatchError:

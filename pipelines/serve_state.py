@@ -66,6 +66,7 @@ class Service:
         self.threads: int | None = None  # FAISS threads per search, set in each request's thread (OpenMP's is per thread)
         self._featurizer: Any = None
         self._template: Any = None
+        self._model: Any = None  # the model new inputs' predictions run on (built on the first one)
         self._lock = threading.Lock()
 
     @classmethod
@@ -163,8 +164,10 @@ class Service:
 
         cfg, paths = self.run.cfg, self.run.paths
         family = family_for(cfg)
+        if self._model is None:  # built once, like the featurizer: a request only loads the checkpoints
+            self._model = family.build_model(cfg)
         files = [paths.checkpoint_file(e) for e in final_checkpoints(load_checkpoint_list(paths))]
-        out = example_predictions(family.build_model(cfg), files, _as_dataset(rows, self._template),
+        out = example_predictions(self._model, files, _as_dataset(rows, self._template),
                                   family.collate(cfg), family.task(cfg))
         return [(int(c), float(p)) for c, p in zip(out["predicted"], out["p_predicted"])]
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -37,10 +36,8 @@ def _bomb(levels: int = 9) -> str:
 def test_bad_yaml_is_a_config_error_at_once(tmp_path, capsys, text: str, match: str) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
-    t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match):  # the bomb's message comes from the check made before expansion
         load_config(path)
-    assert time.perf_counter() - t0 < 5  # the alias bomb is refused before anything expands it
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "run").exists()
 

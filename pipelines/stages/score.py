@@ -78,14 +78,26 @@ def _write_scores(cfg: RunConfig, paths: RunPaths, fp: str, qv: np.ndarray, scor
     return final
 
 
-def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
-    """Dense scores (written block by block into a memmap, resumable; skipped with
-    ``score.dense: false``) and top-k per query from the index."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+def score_outputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Path]:
+    """The score stage's files: top-k, and the dense matrix unless ``score.dense`` is false."""
     outputs = {"topk": paths.scores / "topk.npz"}
     if cfg.score.dense:
         outputs["scores"] = paths.scores / "scores.npy"
-    if json_field(paths.scores / "scores.json", "fingerprint") == fp and _outputs_intact(paths, outputs):
+    return outputs
+
+
+def scores_current(cfg: RunConfig, paths: RunPaths) -> bool:
+    """The stored scores were made with this config's settings and match their recorded sha256."""
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    recorded = json_field(paths.scores / "scores.json", "fingerprint")
+    return recorded == fp and _outputs_intact(paths, score_outputs(cfg, paths))
+
+
+def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
+    """Dense scores (written block by block into a memmap, resumable; skipped with
+    ``score.dense: false``) and top-k per query from the index."""
+    fp, outputs = section_fingerprint(cfg, *SCORE_SECTIONS), score_outputs(cfg, paths)
+    if scores_current(cfg, paths):
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     scorer = load_scorer(cfg, paths)
