@@ -26,9 +26,19 @@ Scenarios (tiny runs with small shards and scoring blocks, so that there are man
 - ``curate-fresh``: ``tda curate`` on an empty folder (it runs ``tda run``'s stages first); finish with C.
 - ``unlearn-rescored``: a rescore of A with ``score.lambda_rel=0.1`` is killed, then ``tda unlearn``
   with A's settings finishes (it must rescore with its own settings first).
+- config changes between workflows, finished by a sequence of commands and compared with the same
+  sequence run without kills: ``curate-changed`` (a killed curate, then curate with another ridge
+  and another retraining count, C2), ``curate-unlearn`` (a killed curate, resumed, then unlearn with
+  another ridge, U2), ``unlearn-validate`` (a killed unlearn, resumed, then validate),
+  ``validate-curate`` (a killed validate, resumed, then C2).
+
+Kills are aimed at the stages: the duration measurement of each scenario records when each progress
+bar first shows; most kills pick one of those stages at random and land at a random point of it
+(counted from the moment its bar shows), the rest at any instant after the imports.
 
     python benchmarks/kills.py --kills 200                  # both executors (~30 min on 2 cores)
     python benchmarks/kills.py --kills 20 --executors local
+    python benchmarks/kills.py --kills 200 --scenarios workflows    # curate, unlearn, validate, changes
 
 :func:`campaign` is also the CI test's (``tests/test_kill_campaign.py``).
 """
@@ -57,12 +67,15 @@ CONFIGS = {"A": [], "B": ["score.lambda_rel=0.1"], "Q": ["data.query_size=10"], 
            "R": ["score.scorer=airrep", "score.options={queries: 20, subsets: 4, steps: 30}"],
            "V": ["validate.subsets=6", "validate.plots=false", "validate.removal_queries=2",
                  "validate.removal_ks=[5]"],
-           "C": ["curate.retrain_seeds=2"], "U": ["unlearn.retrain_seeds=2"]}
+           "C": ["curate.retrain_seeds=2"], "U": ["unlearn.retrain_seeds=2"],
+           "C2": ["curate.retrain_seeds=3", "score.lambda_rel=0.1"],
+           "U2": ["unlearn.retrain_seeds=2", "score.lambda_rel=0.1"]}
 #: configs whose command is a workflow on a finished run of A (every other one is ``tda run``)
-COMMANDS = {"V": "validate", "C": "curate", "U": "unlearn"}
+COMMANDS = {"V": "validate", "C": "curate", "U": "unlearn", "C2": "curate", "U2": "unlearn"}
 VALIDATES = set(COMMANDS)
 EXECUTORS = {"local": [], "dask": ["executor.kind=dask", "executor.workers=2"]}
-#: scenario -> (start state, attempted command, finishing commands: config name and extra flags)
+#: scenario -> (start state, attempted command, finishing commands: config name and extra flags, or
+#: a list of such steps run in order)
 SCENARIOS = {
     "fresh": (None, ("A", ()), [("A", ())]),
     "from": ("A", ("A", ("--from", "featurize")), [("A", ())]),
@@ -75,10 +88,17 @@ SCENARIOS = {
     "unlearn": ("A", ("U", ()), [("U", ())]),
     "curate-fresh": (None, ("C", ()), [("C", ())]),  # curate on an empty folder runs tda run's stages first
     "unlearn-rescored": ("A", ("B", ()), [("U", ())]),  # a killed rescore (lambda 0.1), then unlearn (lambda auto)
+    "curate-changed": ("A", ("C", ()), [("C2", ())]),
+    "curate-unlearn": ("A", ("C", ()), [[("C", ()), ("U2", ())]]),
+    "unlearn-validate": ("A", ("U", ()), [[("U", ()), ("V", ())]]),
+    "validate-curate": ("A", ("V", ()), [[("V", ()), ("C2", ())]]),
 }
 #: scenarios whose reference is their own command sequence run without kills (a workflow that runs
 #: ``tda run``'s stages records its own config in run.json; the finished run of A records A's)
-SEQUENCE_REFS = {"curate-fresh", "unlearn-rescored"}
+SEQUENCE_REFS = {"curate-fresh", "unlearn-rescored", "curate-changed", "curate-unlearn", "unlearn-validate",
+                 "validate-curate"}
+WORKFLOW_SCENARIOS = ("curate", "unlearn", "validate", "curate-fresh", "unlearn-rescored", *sorted(SEQUENCE_REFS - {
+    "curate-fresh", "unlearn-rescored"}))
 #: the scenarios of configuration changes, query changes and overwrites (the CI test's)
 RUN_SCENARIOS = ("fresh", "from", "rescore", "requery", "overwrite")
 STAGE_BARS = ("train", "featurize train", "featurize query", "retrain", "index", "score", "validate", "ground truth",
@@ -164,16 +184,21 @@ def last_stage(stderr: Path) -> str:
     return stage
 
 
-def attempt(cmd: list[str], delay: float, log: Path, from_first_stage: bool = False) -> str | None:
+def _wait_for(proc: subprocess.Popen, log: Path, stages: tuple[str, ...]) -> None:
+    """Wait until the process shows one of ``stages``' bars (or ends)."""
+    while proc.poll() is None and last_stage(log) not in stages:
+        time.sleep(0.01)
+
+
+def attempt(cmd: list[str], delay: float, log: Path, aim: tuple[str, ...] = ()) -> str | None:
     """Run ``cmd``, SIGKILL its process group after ``delay`` s; the stage it was in, or None if it
-    finished first (a failure is raised). ``from_first_stage``: the delay counts from the moment the
-    first stage's progress bar shows, not from the start, so that the kill lands inside the stages
-    whatever the machine's import time."""
+    finished first (a failure is raised). ``aim``: the delay counts from the moment one of these
+    stages' progress bars shows (the target stage, then the ones after it), not from the start, so
+    that the kill lands inside that stage whatever the machine's import time."""
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        if from_first_stage:
-            while proc.poll() is None and last_stage(log) == "startup":
-                time.sleep(0.01)
+        if aim:
+            _wait_for(proc, log, aim)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -186,6 +211,34 @@ def attempt(cmd: list[str], delay: float, log: Path, from_first_stage: bool = Fa
     return None
 
 
+def timeline(cmd: list[str], log: Path) -> tuple[float, list[tuple[str, float]]]:
+    """Run ``cmd`` to its end, polling its progress bars: its wall time and each stage it showed
+    with the time it lasted (from its bar's first showing to the next stage's or the end)."""
+    t0 = time.time()
+    seen: list[tuple[str, float]] = []
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        while proc.poll() is None:
+            stage = last_stage(log)
+            if stage != "startup" and (not seen or seen[-1][0] != stage):
+                seen.append((stage, time.time() - t0))
+            time.sleep(0.02)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed (rc {proc.returncode}):\n{log.read_text()[-3000:]}")
+    total = time.time() - t0
+    ends = [t for _, t in seen[1:]] + [total]
+    return total, [(name, max(0.05, end - start)) for (name, start), end in zip(seen, ends)]
+
+
+def _steps(finish: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """A finishing entry as a list of (config, flags) steps."""
+    return list(finish) if isinstance(finish, list) else [finish]
+
+
+def _name(finish: Any) -> str:
+    return "+".join(c for c, _ in _steps(finish))
+
+
 class Campaign:
     """References per (config, executor), durations per (scenario, executor), then trials."""
 
@@ -196,6 +249,7 @@ class Campaign:
         self.refs: dict[tuple[str, str], dict[str, str]] = {}
         self.finished: dict[str, Path] = {}
         self.duration: dict[tuple[str, str], float] = {}
+        self.stages: dict[tuple[str, str], list[tuple[str, float]]] = {}
         self.kills: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self.trials = 0
@@ -205,7 +259,8 @@ class Campaign:
         """References of every config (in empty folders) and each scenario's attempt duration."""
         self.startup = run_to_end([sys.executable, "-m", "pipelines.cli", "--help"])  # imports only
         for ex in self.executors:
-            needed = {"A"} | {c for s in self.scenarios for c in [SCENARIOS[s][1][0]] + [f for f, _ in SCENARIOS[s][2]]}
+            needed = {"A"} | {c for s in self.scenarios for c in [SCENARIOS[s][1][0]]
+                              + [c for f in SCENARIOS[s][2] for c, _ in _steps(f)]}
             for name in sorted(needed, key=lambda c: c in VALIDATES):  # validations after A
                 out = self.work / f"ref-{name}-{ex}"
                 if name in VALIDATES:
@@ -215,17 +270,21 @@ class Campaign:
             self.finished[ex] = self.work / f"ref-A-{ex}"
             for scenario in set(self.scenarios) & SEQUENCE_REFS:  # their reference: the same commands, unkilled
                 start, (config, extra), finishes = SCENARIOS[scenario]
-                for finish, flags in finishes:
+                for finish in finishes:
                     out = self._start(scenario, ex, start)
                     run_to_end(argv(out, config, ex, extra), self.in_process)
-                    run_to_end(argv(out, finish, ex, flags), self.in_process)
-                    self.refs[scenario, finish, ex] = (snapshot(out), _run_identity(out))
+                    for step, flags in _steps(finish):
+                        run_to_end(argv(out, step, ex, flags), self.in_process)
+                    self.refs[scenario, _name(finish), ex] = (snapshot(out), _run_identity(out))
                     shutil.rmtree(out)
             for scenario in self.scenarios:
                 start, (config, extra), _ = SCENARIOS[scenario]
                 out = self._start(scenario, ex, start)
-                t = run_to_end(argv(out, config, ex, extra), self.in_process)
-                self.duration[scenario, ex] = t + (self.startup if self.in_process else 0.0)
+                if self.in_process:
+                    self.duration[scenario, ex] = run_to_end(argv(out, config, ex, extra), True) + self.startup
+                else:
+                    self.duration[scenario, ex], self.stages[scenario, ex] = timeline(
+                        argv(out, config, ex, extra), self.work / "timeline.log")
                 shutil.rmtree(out)
 
     def _start(self, scenario: str, ex: str, start: str | None) -> Path:
@@ -236,32 +295,42 @@ class Campaign:
             shutil.copytree(self.finished[ex], out)
         return out
 
+    def _aim(self, scenario: str, ex: str) -> tuple[float, tuple[str, ...]]:
+        """A kill's delay and the stages it counts from: mostly a random point of a random stage of
+        the measured timeline (from the first stage's bar when none was measured: in-process runs),
+        else any instant after 0.8 x the imports (a kill during the imports tests nothing)."""
+        stages = self.stages.get((scenario, ex))
+        if self.rng.random() < 0.2:
+            return self.rng.uniform(0.8 * self.startup, self.duration[scenario, ex]), ()
+        if not stages:
+            return self.rng.uniform(0.0, max(0.1, self.duration[scenario, ex] - self.startup)), STAGE_BARS
+        i = self.rng.randrange(len(stages))
+        return self.rng.uniform(0.0, stages[i][1]), tuple(name for name, _ in stages[i:])
+
     def trial(self, scenario: str, ex: str, kills: int) -> int:
         """One trial; returns the kills made."""
         start, (config, extra), finishes = SCENARIOS[scenario]
         out = self._start(scenario, ex, start)
         made = 0
         for _ in range(kills):
-            # most kills counted from the first stage's bar (a kill during the imports tests nothing;
-            # import times differ between machines), a few at any instant after 0.8 x the imports
-            inside = self.rng.random() < 0.8
-            delay = (self.rng.uniform(0.0, max(0.1, self.duration[scenario, ex] - self.startup)) if inside
-                     else self.rng.uniform(0.8 * self.startup, self.duration[scenario, ex]))
-            stage = attempt(argv(out, config, ex, extra), delay, self.work / "attempt.log", inside)
+            delay, aim = self._aim(scenario, ex)
+            stage = attempt(argv(out, config, ex, extra), delay, self.work / "attempt.log", aim)
             if stage is None:
                 break
             made += 1
-            self.kills.append({"scenario": scenario, "executor": ex, "stage": stage, "delay": round(delay, 2)})
-        finish, flags = self.rng.choice(finishes)
+            self.kills.append({"scenario": scenario, "executor": ex, "stage": stage, "delay": round(delay, 2),
+                               "aimed": aim[0] if aim and aim != STAGE_BARS else None})
+        finish = self.rng.choice(finishes)
         self.trials += 1
         try:
-            run_to_end(argv(out, finish, ex, flags), self.in_process)
-            own = self.refs.get((scenario, finish, ex))
-            diff = differences(out, *own) if own else differences(out, self.refs[finish, ex])
+            for step, flags in _steps(finish):
+                run_to_end(argv(out, step, ex, flags), self.in_process)
+            own = self.refs.get((scenario, _name(finish), ex))
+            diff = differences(out, *own) if own else differences(out, self.refs[_name(finish), ex])
         except RuntimeError as exc:
             diff = [str(exc)]
         if diff:
-            self.failures.append({"scenario": scenario, "executor": ex, "finish": finish, "kills": made,
+            self.failures.append({"scenario": scenario, "executor": ex, "finish": _name(finish), "kills": made,
                                   "differences": diff[:10]})
         shutil.rmtree(out)
         return made
@@ -281,9 +350,11 @@ class Campaign:
     def summary(self) -> dict[str, Any]:
         by = Counter((k["executor"], k["scenario"]) for k in self.kills)
         stages = Counter((k["executor"], k["stage"]) for k in self.kills)
+        aimed = Counter(k["aimed"] for k in self.kills if k.get("aimed"))
         return {"kills": len(self.kills), "trials": self.trials, "failures": self.failures,
                 "by_scenario": {f"{e}/{s}": n for (e, s), n in sorted(by.items())},
-                "by_stage": {f"{e}/{s}": n for (e, s), n in sorted(stages.items())}}
+                "by_stage": {f"{e}/{s}": n for (e, s), n in sorted(stages.items())},
+                "aimed_at": dict(sorted(aimed.items()))}
 
 
 def campaign(kills: int, executors: list[str], seed: int = 0, work: Path | None = None,
@@ -302,11 +373,14 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=200)
     p.add_argument("--executors", default="local,dask")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of the scenarios")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help="comma-separated subset of the scenarios, or 'workflows' (curate, unlearn, validate and "
+                        "the config changes between them)")
     p.add_argument("--json", type=Path, help="also write the summary here")
     a = p.parse_args()
     t = time.time()
-    result = campaign(a.kills, a.executors.split(","), a.seed, scenarios=a.scenarios.split(","))
+    scenarios = list(WORKFLOW_SCENARIOS) if a.scenarios == "workflows" else a.scenarios.split(",")
+    result = campaign(a.kills, a.executors.split(","), a.seed, scenarios=scenarios)
     result["seconds"] = round(time.time() - t)
     print(json.dumps(result, indent=1))
     if a.json:
