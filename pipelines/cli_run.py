@@ -171,9 +171,12 @@ def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> s
     if stage == "featurize":
         stats: dict = {}
         stage_featurize(cfg, paths, progress, stats=stats)
+        choice = stats.pop("projection", None)
         parts = [f"{split} {s['examples']} examples x {s['checkpoints']} checkpoint(s), "
                  f"{s['jobs']} shard job(s) run" + (f" ({s['rows']} rows)" if s["jobs"] else ", all reused")
                  for split, s in stats.items()]
+        if choice is not None:  # featurize.projection: auto, and what it meant
+            parts.append(f"projection {choice['projection']} (auto: {choice['reason']})")
         return "featurize: " + "; ".join(parts)
     if stage == "retrain":
         subsets = stage_retrain(cfg, paths, progress)

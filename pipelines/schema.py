@@ -127,10 +127,11 @@ class TrainConfig:
 class FeaturizeConfig:
     """Per-example gradients and their random projection.
 
-    ``projection: auto`` (the default) is ``tensorsketch`` for the built-in models (LDS within
-    0.011 of dense at equal k on the MNIST MLP, CIFAR-2 CNN and char LM, and the fastest;
-    ``benchmarks/projections.py``) and ``sparse`` for every other model or a ``params``
-    selection (pipelines.families.base.resolved_projection). ``sparse`` projects the flat
+    ``projection: auto`` (the default) is ``tensorsketch`` for any model it covers whose captures
+    match autograd on a training batch (LDS within 0.011 of dense at equal k on the MNIST MLP,
+    CIFAR-2 CNN and char LM, and the fastest; ``benchmarks/projections.py``), else ``sparse``
+    (tda.projection_choice; pipelines.families.base.decide_projection; a ``params`` selection
+    and the diffusion family keep ``sparse``). ``sparse`` projects the flat
     per-example gradient with an SJLT of ``nonzeros`` entries per coordinate (tda.sparse);
     ``dense`` with a d x k matrix;
     ``tensorsketch`` sketches each covered layer's gradient (nn.Linear, Conv1D, Conv2d with
@@ -156,7 +157,7 @@ class FeaturizeConfig:
     params: list[str] | None = None  # parameter (dense, sparse) / module (factored, tensorsketch) names or prefixes (None: all)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     backend: str = "auto"  # projector backend: auto/dense/fast_jl
-    projection: str = "auto"  # "auto" (tensorsketch for the built-in models, sparse otherwise; README), "sparse" (SJLT, s nonzeros per coordinate), "dense" (P^T g), "tensorsketch" (per-layer TensorSketch into k) or "factored" (per-layer Kronecker)
+    projection: str = "auto"  # "auto" (tensorsketch where it covers the model, checked on a batch, else sparse; README), "sparse" (SJLT, s nonzeros per coordinate), "dense" (P^T g), "tensorsketch" (per-layer TensorSketch into k) or "factored" (per-layer Kronecker)
     nonzeros: int = 1  # sparse: nonzeros per gradient coordinate (s; k must be a multiple of it)
     k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
     k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)

@@ -15,8 +15,9 @@ Example::
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,29 +25,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import Collate, iter_batches
-from .errors import CheckpointError, TDAError
+from .data_sources import num_rows
+from .errors import CheckpointError, ConfigError, TDAError
 from .features import ArrayFeatures, FeatureBlock, concat_blocks
 from .factored import FactoredFeaturizer
 from .featurize import Featurizer
 from .kernel import TopK, score_matrix, top_k
-from .scorers import Scorer, TRAKScorer
-from .tasks import ClassificationTask, Task
+from .projection_choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
+from .api_methods import EKFACMethod, MagicMethod
+from .scorers import Scorer, TRAKScorer, make_scorer
+from .api_support import default_task, snapshot
+from .tasks import Task
 
-
-def _default_task(model: nn.Module) -> Task:
-    """:class:`ClassificationTask`, or the task for a transformers model's head."""
-    if type(model).__module__.startswith("transformers."):
-        from .hf import hf_task_for
-
-        return hf_task_for(model)
-    return ClassificationTask()
-
-
-def _snapshot(source):
-    """A private copy of a state dict (paths are loaded when used)."""
-    if isinstance(source, Mapping):
-        return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in source.items()}
-    return source
+logger = logging.getLogger(__name__)
 
 
 class Attributor:
@@ -65,9 +56,13 @@ class Attributor:
         precision: projection precision, ``"fp32"`` (default) or ``"bf16"`` (faster, ~3e-3
             relative feature error; see :class:`~tda.projectors.Projector`).
         grad_method: per-example gradient path (see :class:`~tda.featurize.Featurizer`).
-        projection: ``"sparse"`` (the default: SJLT with ``nonzeros`` entries per gradient
-            coordinate, :class:`~tda.sparse.SparseProjector`; the same LDS as dense at equal k,
-            faster), ``"dense"`` (d x k matrix, as traker), ``"tensorsketch"`` (each supported
+        projection: ``"auto"`` (the default: ``"tensorsketch"`` where it covers every trainable
+            parameter and its captures reproduce autograd's per-example gradient norms on the
+            first training batch, else ``"sparse"`` with the reason logged;
+            :mod:`tda.projection_choice`; the choice is :attr:`projection`, its reason
+            :attr:`projection_reason`), ``"sparse"`` (SJLT with ``nonzeros`` entries per gradient
+            coordinate, :class:`~tda.sparse.SparseProjector`; the same LDS as dense at equal k),
+            ``"dense"`` (d x k matrix, as traker), ``"tensorsketch"`` (each supported
             layer's gradient TensorSketched into the same ``k`` outputs from its inputs and
             output gradients, never forming the gradient; embeddings, a tied LM head and affine
             norms included, other parameters refused; ``param_names`` then names modules;
@@ -84,9 +79,9 @@ class Attributor:
         self,
         model: nn.Module,
         checkpoints: Sequence[Mapping[str, Tensor] | str | Path],
-        collate: Collate,
+        collate: Collate | None = None,
         task: Task | None = None,
-        scorer: Scorer | None = None,
+        scorer: Scorer | str | None = None,
         k: int = 1024,
         seed: int = 0,
         kind: str = "rademacher",
@@ -96,39 +91,77 @@ class Attributor:
         progress: bool = False,
         precision: str = "fp32",
         grad_method: str = "auto",
-        projection: str = "sparse",
+        projection: str = "auto",
         nonzeros: int = 1,
         k_in: int | None = 16,
         k_out: int | None = 16,
+        scorer_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not checkpoints:
+        if not checkpoints and scorer != "magic":
             raise CheckpointError("at least one checkpoint is needed; pass model.state_dict() for one")
         # Snapshots: a live model.state_dict() shares the model's tensors, and featurizing loads
         # each checkpoint into the model; neither the user's model nor their state dicts change.
-        self.checkpoints = [_snapshot(c) for c in checkpoints]
+        self.checkpoints = [snapshot(c) for c in checkpoints]
         model = copy.deepcopy(model)
         self.collate = collate
-        self.scorer = scorer if scorer is not None else TRAKScorer()
-        task = task or _default_task(model)
-        if projection in ("factored", "tensorsketch"):
-            self.featurizer: Featurizer | FactoredFeaturizer = FactoredFeaturizer(
-                model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind, layers=param_names, device=device,
-                projection=projection, k=k)
-        else:
-            self.featurizer = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names,
-                                         device=device, precision=precision, grad_method=grad_method,
-                                         projection=projection, nonzeros=nonzeros)
+        task = task or default_task(model)
+        self.method = _method(scorer, model, self.checkpoints, collate, task, dict(scorer_options or {}),
+                              k_in=k_in, k_out=k_out, seed=seed, kind=kind, layers=param_names,
+                              batch_size=batch_size, device=device)
+        self.scorer = (scorer_by_name(scorer, len(self.checkpoints), scorer_options) if self.method is None
+                       else self.method)
+        self._settings = dict(model=model, task=task, k=k, seed=seed, kind=kind, param_names=param_names,
+                              device=device, precision=precision, grad_method=grad_method, nonzeros=nonzeros,
+                              k_in=k_in, k_out=k_out)
+        self._auto = projection == "auto" and self.method is None  # checked on the first batch (choose_projection)
+        choice = (structural_choice(model, param_names) if self._auto else
+                  ProjectionChoice(projection, "requested") if self.method is None else
+                  ProjectionChoice("factored" if scorer == "ekfac" else "none", f"scorer {scorer!r}"))
+        self.projection, self.projection_reason = choice.projection, choice.reason
+        # EK-FAC and MAGIC featurize (or replay) themselves
+        self.featurizer = self._featurizer(choice.projection) if self.method is None else None
         self.batch_size = batch_size
         self.progress = progress
         self.train_features: ArrayFeatures | None = None
+        self._fitted = False
+
+    def _featurizer(self, projection: str) -> Featurizer | FactoredFeaturizer:
+        o = self._settings
+        if projection in ("factored", "tensorsketch"):
+            return FactoredFeaturizer(o["model"], o["task"], k_in=o["k_in"], k_out=o["k_out"], seed=o["seed"],
+                                      kind=o["kind"], layers=o["param_names"], device=o["device"],
+                                      projection=projection, k=o["k"])
+        return Featurizer(o["model"], o["task"], k=o["k"], seed=o["seed"], kind=o["kind"],
+                          param_names=o["param_names"], device=o["device"], precision=o["precision"],
+                          grad_method=o["grad_method"], projection=projection, nonzeros=o["nonzeros"])
+
+    def _settle_projection(self, data) -> None:
+        """``projection="auto"``: check the structural choice on the first batch, once."""
+        if not self._auto:
+            return
+        self._auto = False
+        if self.projection == FALLBACK:
+            logger.warning("projection auto: %s, because %s", FALLBACK, self.projection_reason)
+            return
+        _, batch = next(iter_batches(data, self.collate, 2))
+        choice = choose_projection(self._settings["model"], self._settings["task"], batch,
+                                   self._settings["param_names"], self.checkpoints[-1], self._settings["device"])
+        self.projection, self.projection_reason = choice.projection, choice.reason
+        if choice.projection != "tensorsketch":
+            self.featurizer = self._featurizer(choice.projection)
 
     def featurize(self, data) -> FeatureBlock:
-        """Features of every example of ``data`` (a ``datasets.Dataset``) under every checkpoint."""
+        """Features of every example of ``data`` (a ``datasets.Dataset``, tensors, a PyTorch
+        ``Dataset`` or ``DataLoader``: :mod:`tda.data_sources`) under every checkpoint."""
+        if self.featurizer is None:
+            raise TDAError(f"scorer {self.projection_reason.split(' ', 1)[1]} featurizes its own way; call fit, "
+                           "scores, top_k or self_influence")
+        self._settle_projection(data)
         per_ckpt = []
         for c, state in enumerate(self.checkpoints):
             batches = iter_batches(data, self.collate, self.batch_size)
             rows = []
-            bar = tqdm(total=len(data), desc=f"featurize ckpt {c}", disable=not self.progress, unit="ex")
+            bar = tqdm(total=num_rows(data), desc=f"featurize ckpt {c}", disable=not self.progress, unit="ex")
             for ids, phi, q in self.featurizer.featurize(state, c, batches):
                 rows.append(FeatureBlock(ids, phi[None], q[None]))
                 bar.update(len(ids))
@@ -139,8 +172,14 @@ class Attributor:
 
     def fit(self, train_data) -> "Attributor":
         """Featurize the training set and fit the scorer."""
+        if self.method is not None:
+            self.method.fit(train_data)
+            self.train_features = self.method.train_features if hasattr(self.method, "train_features") else None
+            self._fitted = True
+            return self
         self.train_features = ArrayFeatures(self.featurize(train_data), range(len(self.checkpoints)))
         self.scorer.fit(self.train_features)
+        self._fitted = True
         return self
 
     def _train(self) -> ArrayFeatures:
@@ -150,8 +189,80 @@ class Attributor:
 
     def scores(self, query_data) -> np.ndarray:
         """Dense scores (n_query, n_train); > 0 means the training example raises f(query)."""
+        if self.method is not None:
+            self._need_fit()
+            return self.method.scores(query_data)
         return score_matrix(self.featurize(query_data), self.scorer, self._train())
 
     def top_k(self, query_data, k: int = 10) -> TopK:
         """Top-k proponents (raise f) and opponents (lower f) per query, by training id."""
+        if self.method is not None:
+            self._need_fit()
+            return self.method.top_k(query_data, k)
         return top_k(self.featurize(query_data), self.scorer, self._train(), k)
+
+    def self_influence(self, target: str = "output") -> tuple[np.ndarray, np.ndarray]:
+        """``(train_ids, scores)`` in the order of the training data given to :meth:`fit`: each
+        training example's score against itself, the curation signal (large: the example is
+        unusual for the model, e.g. mislabelled).
+
+        ``target="output"``: of the measured output f (the scorer's own query side); ``"loss"``:
+        of the training loss, whose per-example gradient is ``Q grad f`` (``Q = |dLoss/df|``,
+        :meth:`tda.tasks.Task.loss_weight`), i.e. the features scaled by Q with Q = 1 after
+        (gradient scorers: TracIn, Grad-Dot, Grad-Cos, TRAK). For TracIn this is Captum's and
+        the original paper's self-influence; ``benchmarks/self_influence.py`` measures both for
+        mislabel detection.
+        """
+        from .curation import self_influence
+
+        if target not in ("output", "loss"):
+            raise ConfigError(f"target must be 'output' or 'loss', got {target!r}")
+        if self.method is not None:
+            self._need_fit()
+            return self.method.self_influence(target)
+        train = self._train()
+        if target == "output":
+            return self_influence(self.scorer, train)
+        block = train.block
+        scaled = FeatureBlock(block.ids, block.feats * block.q[..., None], np.ones_like(block.q))
+        loss_train = ArrayFeatures(scaled, train.checkpoints)
+        scorer = copy.deepcopy(self.scorer)
+        scorer.fit(loss_train)
+        return self_influence(scorer, loss_train)
+
+    def _need_fit(self) -> None:
+        if not getattr(self, "_fitted", False):
+            raise TDAError("call fit(train_data) before scoring")
+
+
+#: scorers over the Attributor's gradient features, by name (tda.scorers.make_scorer)
+GRADIENT_SCORERS = ("trak", "tracin", "graddot", "gradcos")
+
+
+def scorer_by_name(scorer: Scorer | str | None, checkpoints: int, options: Mapping[str, Any] | None) -> Scorer:
+    """The scorer over gradient features that ``scorer`` names (``None``: TRAK at its defaults);
+    TracIn weighs checkpoints equally unless ``learning_rates`` is among ``options``."""
+    if scorer is None or not isinstance(scorer, str):
+        if options:
+            raise ConfigError("scorer_options apply to a scorer given by name; configure a Scorer object directly")
+        return scorer if scorer is not None else TRAKScorer()
+    if scorer in ("repsim", "airrep"):
+        raise ConfigError(f"scorer {scorer!r} reads representations, not gradients: use "
+                          "tda.RepresentationFeaturizer with tda.RepSimScorer / tda.AirRepScorer, or tda run")
+    if scorer not in GRADIENT_SCORERS:
+        raise ConfigError(f"unknown scorer {scorer!r}; choose one of {[*GRADIENT_SCORERS, 'ekfac', 'magic']} or "
+                          "pass a tda.Scorer")
+    opts = dict(options or {})
+    if scorer == "tracin":
+        opts.setdefault("learning_rates", [1.0] * checkpoints)
+    return make_scorer(scorer, **opts)
+
+
+def _method(scorer: Any, model: nn.Module, checkpoints: list, collate: Collate | None, task: Task,
+            options: dict[str, Any], **kw: Any) -> Any:
+    """The EK-FAC or MAGIC method ``scorer`` names, else None (a scorer over gradient features)."""
+    if scorer == "ekfac":
+        return EKFACMethod(model, checkpoints, collate, task, options, **kw)
+    if scorer == "magic":
+        return MagicMethod(collate, task, options)
+    return None

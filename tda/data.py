@@ -134,13 +134,22 @@ def example_ids(dataset) -> np.ndarray:
 def iter_batches(
     dataset, collate: Collate, batch_size: int = 256, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[np.ndarray, dict[str, Tensor]]]:
-    """Yield ``(ids, batch)`` over rows ``[start, stop)`` of a ``datasets.Dataset``."""
-    n = len(dataset)
+    """Yield ``(ids, batch)`` over rows ``[start, stop)`` of a ``datasets.Dataset`` (or of tensors,
+    a PyTorch ``Dataset`` or ``DataLoader``: :mod:`tda.data_sources`, ids by position)."""
+    from .data_sources import is_hf_dataset, iter_source_batches, num_rows
+
+    n = num_rows(dataset)
     if n == 0:
         raise DataError("the data set is empty (0 rows); nothing to featurize: pass at least one example "
                         "(check the split, its size limit and any filtering)")
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if not is_hf_dataset(dataset):
+        yield from iter_source_batches(dataset, collate, batch_size, start, stop)
+        return
+    if collate is None:
+        raise DataError("a datasets.Dataset needs a collate turning its rows (a dict of numpy columns) into the "
+                        "tensors the task reads; pass collate=... (tensors, a PyTorch Dataset or DataLoader need none)")
     stop = n if stop is None else min(stop, n)
     ids = example_ids(dataset)
     view = dataset.with_format("arrow")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .api import _default_task, _snapshot
+from .api_support import default_task, snapshot
 from .data import Collate, iter_batches
 from .ekfac import EKFACFactors
 from .ekfac_fit import CHUNK_ELEMENTS, DEFAULT_DAMPING_REL, joined_matrices, project_matrices
@@ -222,9 +222,9 @@ class EKFACAttributor:
                  device: str | torch.device | None = None) -> None:
         if not checkpoints:
             raise CheckpointError("at least one checkpoint is needed; pass [model.state_dict()] for one")
-        self.checkpoints = [_snapshot(c) for c in checkpoints]
+        self.checkpoints = [snapshot(c) for c in checkpoints]
         self.model = copy.deepcopy(model)
-        self.task = task or _default_task(self.model)
+        self.task = task or default_task(self.model)
         self.collate, self.batch_size, self.device = collate, batch_size, device
         self.projection = dict(k_in=k_in, k_out=k_out, seed=seed, kind=kind)
         self.fit_args = dict(layers=layers, fisher=fisher, samples=samples, seed=fisher_seed, damping=damping,

@@ -68,10 +68,10 @@ def test_attributor_scores_and_top_k(api_setup) -> None:
     np.testing.assert_array_equal(top.opponent_ids, train_ids[np.argsort(scores, axis=1)[:, :3]])
 
 
-@pytest.mark.parametrize("projection", ["sparse", "dense"])  # sparse: the default
+@pytest.mark.parametrize("projection", ["sparse", "dense"])
 def test_attributor_features_equal_manual_pipeline(api_setup, projection: str) -> None:
     train, _, ckpts = api_setup
-    attr = (_attributor(ckpts) if projection == "sparse" else _attributor(ckpts, projection="dense")).fit(train)
+    attr = _attributor(ckpts, projection=projection).fit(train)
     batch = mnist_collate(train.with_format("numpy")[:])
     model = mlp(784, HIDDEN, 10)
     names = [n for n, _ in model.named_parameters()]

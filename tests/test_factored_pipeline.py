@@ -32,20 +32,19 @@ NEW_KEYS = ("projection", "k_in", "k_out", "nonzeros")
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST idx files not found in {MNIST}")
 
 
-def test_auto_projection_is_tensorsketch_for_built_in_models_and_sparse_for_others() -> None:
+def test_auto_projection_follows_the_model_not_its_name() -> None:
     from pipelines.families.base import resolved_projection
+    from pipelines.run import build_model
 
     def resolved(**values):
-        return resolved_projection(parse_config(values))
+        cfg = parse_config(values)
+        return resolved_projection(cfg, model=build_model(cfg))
 
     assert resolved() == "tensorsketch"  # classifier MLP
     assert resolved(model={"arch": "cnn", "hidden": [8, 8]}) == "tensorsketch"
     assert resolved(model={"family": "causal-lm", "arch": "gpt2"}, data={"name": "tinyshakespeare"}) == "tensorsketch"
     assert resolved(featurize={"params": ["0.weight"]}) == "sparse"  # parameter names: the sparse projection's
-    yours = parse_config({})
-    yours.model.family, yours.model.factory = "user", "mymodel.py:build"  # your model: unknown layers
-    assert resolved_projection(yours) == "sparse"
-    assert resolved(model={"family": "diffusion", "arch": "unet", "hidden": [8, 16]}) == "sparse"
+    assert resolved_projection(parse_config({})) == "auto"  # neither a model nor stored features: undecided
     for explicit in ("dense", "sparse", "factored", "tensorsketch"):
         assert resolved(featurize={"projection": explicit}) == explicit
 

@@ -312,9 +312,17 @@ def test_attributor_end_to_end_on_tiny_bert(bert_folder, sst2, tmp_path) -> None
     save_file(moved, tmp_path / "step.safetensors")
     data = datasets.Dataset.from_dict({"text": [t for t, _ in sst2[:20]], "label": [y for _, y in sst2[:20]]})
     train, query = data.select(range(16)), data.select(range(16, 20))
-    attr = tda.Attributor(model, [bert_folder, tmp_path / "step.safetensors"], collate=HFTextCollate(bert_folder),
-                          k=32, batch_size=8)  # task=None: the HF classification task for this model
+    def attributor(**kw):
+        return tda.Attributor(model, [bert_folder, tmp_path / "step.safetensors"], collate=HFTextCollate(bert_folder),
+                              k=32, batch_size=8, **kw)  # task=None: the HF classification task for this model
+
+    attr = attributor()
     assert attr.featurizer.task.name == "hf-classification-margin"
     scores = attr.fit(train).scores(query)
     assert scores.shape == (4, 16) and np.isfinite(scores).all() and np.abs(scores).max() > 0
-    assert attr.featurizer.grad_method == "vmap"
+    # the default: tensorsketch covers BERT (linear layers, embeddings, LayerNorms), checked on a batch
+    assert attr.projection == "tensorsketch", attr.projection_reason
+    explicit = attributor(projection="tensorsketch").fit(train).scores(query)
+    np.testing.assert_allclose(scores, explicit, rtol=1e-4, atol=1e-5 * np.abs(explicit).max())
+    sparse = attributor(projection="sparse")
+    assert sparse.fit(train).scores(query).shape == (4, 16) and sparse.featurizer.grad_method == "vmap"

@@ -159,7 +159,7 @@ def test_readme_byo_features_equal_those_of_an_explicit_collate(byo_run) -> None
 
     from stores import FeatureStore
     from tda.data import iter_batches
-    from tda.featurize import Featurizer
+    from tda.factored import FactoredFeaturizer
     from tda.features import concat_blocks
     from tda.tasks import ClassificationTask
 
@@ -179,7 +179,9 @@ def test_readme_byo_features_equal_those_of_an_explicit_collate(byo_run) -> None
     rows = {int(i): r for r, i in enumerate(block.ids)}
     entries = json.loads((run / "checkpoints" / "checkpoints.json").read_text())["checkpoints"]
     train = datasets.load_from_disk(str(project / "data" / "train")).select(range(64))
-    feat = Featurizer(build(64), ClassificationTask(), k=256, seed=0, projection="sparse")
+    # featurize.projection auto: tensorsketch covers this user MLP (linear layers only), checked on a batch
+    assert FeatureStore.open(run / "features-train").manifest["spec"]["projection"] == "tensorsketch"
+    feat = FactoredFeaturizer(build(64), ClassificationTask(), k=256, seed=0, projection="tensorsketch")
     for c, entry in enumerate(entries):
         got = [(ids, f) for ids, f, _ in feat.featurize(entry["file"], entry["id"], iter_batches(train, explicit, 32))]
         ids, want = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])

@@ -34,14 +34,15 @@ import torch
 from torch import nn
 
 from stores._io import fingerprint
-from tda.data import arrow_columns, example_ids
+from tda.data import arrow_columns, example_ids, iter_batches
 from tda.errors import CheckpointError, ConfigError
 from tda.factored import FactoredFeaturizer, FactoredProjector, factored_layers
 from tda.featurize import Featurizer
+from tda.projection_choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
 from tda.representations import RepresentationFeaturizer
 from tda.tasks import Task
 
-from ..layout import RunPaths, load_checkpoint_list
+from ..layout import RunPaths, json_field, load_checkpoint_list
 from ..schema import _build
 from ..score_options import score_options
 
@@ -136,7 +137,16 @@ class Family:
         factored (per-layer Kronecker) projection of gradients."""
         if kind == "representations":
             return self._representations().representation_featurizer(cfg, split)
-        return gradient_featurizer(cfg, self.build_model(cfg), self.task(cfg))
+        return gradient_featurizer(cfg, self.build_model(cfg), self.task(cfg), paths)
+
+    def auto_projection(self, cfg: RunConfig, paths: RunPaths, train: Any) -> ProjectionChoice:
+        """What ``featurize.projection: auto`` means for this run's model: the measured default
+        where it covers the model, checked on the first training rows under the last checkpoint
+        (:func:`tda.projection_choice.choose_projection`)."""
+        _, batch = next(iter_batches(train, self.collate(cfg), 2))
+        last = paths.checkpoint_file(load_checkpoint_list(paths)[-1])
+        return choose_projection(self.build_model(cfg), self.task(cfg), batch, cfg.featurize.params, last,
+                                 resolve_device(cfg.featurize.device))
 
     def feature_tag(self, cfg: RunConfig, kind: str) -> str:
         """Appended to the feature fingerprint when settings outside data/model/train/featurize
@@ -254,27 +264,52 @@ def featurize_params_named() -> Iterator[None]:
         raise ConfigError(f"featurize.params: {exc}") from exc
 
 
-#: (model.family, model.arch) of the built-in models: every parameter is one tensorsketch covers
-#: (linear, conv, embedding, affine norm) and no layer output is modified in place, so
-#: ``featurize.projection: auto`` sketches them with tensorsketch (README, "Default projection").
-TENSORSKETCH_BUILTINS = frozenset({("classifier", "mlp"), ("classifier", "cnn"), ("causal-lm", "gpt2")})
+def projection_of_spec(spec: Any) -> str | None:
+    """The projection a featurizer spec (a feature manifest's ``spec``) was made with, if it says."""
+    if not isinstance(spec, dict):
+        return None
+    if spec.get("projection") in ("factored", "tensorsketch"):
+        return spec["projection"]
+    backend = spec.get("backend")
+    return None if not isinstance(backend, str) else "sparse" if backend == "sparse" else "dense"
 
 
-def resolved_projection(cfg: RunConfig) -> str:
-    """``featurize.projection`` with ``auto`` resolved: ``tensorsketch`` for a built-in model
-    (:data:`TENSORSKETCH_BUILTINS`) with every parameter selected, else ``sparse`` (any model:
-    yours, Hugging Face ones, the UNet, or a ``featurize.params`` selection by parameter name)."""
-    f, m = cfg.featurize, cfg.model
+def recorded_projection(paths: RunPaths | None) -> str | None:
+    """The projection of a run's stored training features (old runs keep theirs), if any."""
+    return None if paths is None else projection_of_spec(json_field(paths.store("train") / "manifest.json", "spec"))
+
+
+def resolved_projection(cfg: RunConfig, paths: RunPaths | None = None, model: nn.Module | None = None) -> str:
+    """``featurize.projection`` with ``auto`` resolved: what the run's training features were made
+    with when they exist, else :func:`tda.projection_choice.structural_choice` of ``model`` (the
+    featurize stage decides first with :meth:`Family.auto_projection`, which also checks the
+    captures on a batch); ``"auto"`` when neither is known."""
+    f = cfg.featurize
     if f.projection != "auto":
         return f.projection
-    builtin = (m.family, m.arch) in TENSORSKETCH_BUILTINS and not (m.factory or m.hf)
-    return "tensorsketch" if builtin and f.params is None else "sparse"
+    if f.params is not None:
+        return FALLBACK
+    recorded = recorded_projection(paths)
+    if recorded is not None:
+        return recorded
+    return structural_choice(model).projection if model is not None else "auto"
 
 
-def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task) -> Any:
+def decide_projection(cfg: RunConfig, paths: RunPaths, family: Family, train: Any) -> ProjectionChoice:
+    """The projection the featurize stage uses, and why (``auto``: recorded, else decided now)."""
+    f = cfg.featurize
+    if f.projection != "auto":
+        return ProjectionChoice(f.projection, "featurize.projection")
+    recorded = recorded_projection(paths)
+    if recorded is not None:
+        return ProjectionChoice(recorded, "the projection of the stored training features")
+    return family.auto_projection(cfg, paths, train)
+
+
+def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task, paths: RunPaths | None = None) -> Any:
     """Projected per-example gradients of ``task`` under ``featurize`` (dense, sparse, factored or
     tensorsketch; ``auto``: :func:`resolved_projection`)."""
-    f, projection = cfg.featurize, resolved_projection(cfg)
+    f, projection = cfg.featurize, resolved_projection(cfg, paths, model)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if projection != "factored" and f.k > d:
         raise ConfigError(f"featurize.k is {f.k:,} but the model has only {d:,} trainable parameters to project; "
@@ -293,7 +328,7 @@ def projection_width(cfg: RunConfig, model: nn.Module) -> int:
     """Width of one projected gradient: ``featurize.k`` (dense, sparse, tensorsketch) or the
     factored projection's ``sum over layers of k_out * k_in`` for ``model``."""
     f = cfg.featurize
-    if resolved_projection(cfg) != "factored":
+    if f.projection != "factored":  # auto never resolves to factored
         return f.k
     with featurize_params_named():
         layers = factored_layers(model, f.params)

@@ -313,7 +313,7 @@ def report(family: CausalLMFamily, cfg: RunConfig, paths: RunPaths) -> str:
     held = [c["heldout_loss"] for c in ckpts if "heldout_loss" in c]
     lines = [f"\n{cfg.name}: char GPT-2 ({o.n_layer} layers, {o.n_embd} wide, context {o.context}), "
              f"{len(train_text)} training sequences, {len(top['query_ids'])} queries, {len(ckpts)} checkpoints, "
-             f"scorer {cfg.score.scorer}, {resolved_projection(cfg)} projection"
+             f"scorer {cfg.score.scorer}, {resolved_projection(cfg, paths)} projection"
              + (f", held-out loss {np.mean(held):.3f} nats/char" if held else ""),
              f"f = log p(completion | prompt) ({o.reduction} over completion tokens); score > 0: training on the "
              "sequence raises f (lowers the completion's loss)"]

@@ -44,6 +44,7 @@ from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraw
                            RecordedDraws, SeededDraws, TrainLog, noise_from_seeds)
 from tda.errors import CheckpointError, ConfigError, DataError
 from tda.features import concat_blocks
+from tda.projection_choice import FALLBACK, ProjectionChoice
 from tda.scorers.diffusion import DiffusionReTracScorer, DiffusionTracInScorer, influence_counts
 from tda.tasks import Task
 
@@ -246,8 +247,19 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
             return DiffusionFeaturizer(self.build_model(cfg), DiffusionTask(sched, output), draws, mode, k=f.k,
                                        seed=f.seed, kind=f.projector, param_names=f.params,
                                        device=resolve_device(f.device), backend=f.backend,
-                                       projection=resolved_projection(cfg), k_in=f.k_in, k_out=f.k_out,
+                                       projection=self._projection(cfg, paths), k_in=f.k_in, k_out=f.k_out,
                                        nonzeros=f.nonzeros)
+
+    def auto_projection(self, cfg: RunConfig, paths: RunPaths, train: Any) -> ProjectionChoice:
+        """``auto`` is sparse here: the UNet's small-drop LDS is near zero under every projection
+        (README), so none is measured better than the one that covers every parameter."""
+        return ProjectionChoice(FALLBACK, "the diffusion family's default: no projection is measured better "
+                                          "for the UNet (its LDS is near zero under each)")
+
+    @staticmethod
+    def _projection(cfg: RunConfig, paths: RunPaths | None) -> str:
+        resolved = resolved_projection(cfg, paths)
+        return FALLBACK if resolved == "auto" else resolved
 
     def _train_draws(self, cfg: RunConfig, paths: RunPaths | None) -> Any:
         o = self.options(cfg)

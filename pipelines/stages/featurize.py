@@ -8,6 +8,7 @@ manifest as it arrives, so an interrupted run redoes only the jobs in flight.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from tda.data import iter_batches
 from tda.errors import CheckpointError, StoreError
 
 from ..executors import make_executor
+from ..families.base import decide_projection
+from ..families.registry import family_for
 from ..layout import RunPaths, checkpoint_digest, json_field, load_checkpoint_list
 from ..run import collate_for, datasets_for, feature_fingerprint, make_featurizer
 from ..schema import RunConfig
@@ -71,11 +74,12 @@ def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor:
                       stats: dict[str, Any]) -> dict[str, FeatureStore]:
     data = datasets_for(cfg, paths)
     entries = {c["id"]: c for c in load_checkpoint_list(paths)}
+    fcfg = _with_projection(cfg, paths, data["train"], stats)
     stores = {}
     verified: set[int] = set()
     local = getattr(executor, "name", "") == "local"
     for split in ("train", "query"):
-        featurizer = make_featurizer(cfg, split, paths)  # the family may featurize splits differently
+        featurizer = make_featurizer(fcfg, split, paths)  # the family may featurize splits differently
         store = open_store(cfg, paths, split, len(data[split]), featurizer.spec(),
                            getattr(featurizer, "feature_dim", None))
         store.remove_orphans()  # temporary files of a writer that was killed (we hold the run lock)
@@ -102,6 +106,17 @@ def _featurize_splits(cfg: RunConfig, paths: RunPaths, progress: bool, executor:
             bar.close()
             featurizer.projector.clear_cache()
     return stores
+
+
+def _with_projection(cfg: RunConfig, paths: RunPaths, train: Any, stats: dict[str, Any]) -> RunConfig:
+    """``cfg`` with ``featurize.projection: auto`` replaced by what it means for this run's model
+    (decided once, before the first store exists: afterwards the stored spec says it, so the
+    fingerprint keeps ``auto`` and workers read the choice from the train store's manifest)."""
+    if cfg.featurize.projection != "auto":
+        return cfg
+    choice = decide_projection(cfg, paths, family_for(cfg), train)
+    stats["projection"] = {"projection": choice.projection, "reason": choice.reason}
+    return replace(cfg, featurize=replace(cfg.featurize, projection=choice.projection))
 
 
 class FeaturizeJob:
