@@ -2,7 +2,7 @@
 
 For each data set (configs in benchmarks/curation/) it runs ``tda run`` and ``tda curate`` (both
 resume; outputs under --cache) and prints one table: per method (self-influence under TRAK,
-TracInCP and Grad-Dot; the training-loss and 1 - p(label) baselines; the trak+loss rank ensemble)
+TracInCP and Grad-Dot, of the training loss (the default) and of the output f; the training-loss and 1 - p(label) baselines; the trak+loss rank ensemble)
 the ROC-AUC, average precision and the share of flipped labels found in the top 5 / 10 / 20 %,
 then the retraining check of the default method (query accuracy without the top 10 % flagged
 against without a random 10 %, 3 paired seeds; for the LM the queries' completion log-probability).
@@ -22,25 +22,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: rankings that are (or contain) a self-influence, computed of the loss and of the output
+SELF = ("trak", "tracin", "graddot", "trak+loss", "trak+loss+confidence")
+
+
+def tda(cmd: str, config: Path, out: Path, *sets: str) -> None:
+    subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(config), "--out", str(out), "--quiet", *sets],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tda" / "curation")
     p.add_argument("--sets", default="mnist,cifar2")
     a = p.parse_args()
-    print("| data set | method | ROC-AUC | AP | found in top 5% | 10% | 20% |")
-    print("|---|---|---|---|---|---|---|")
+    print("| data set | method | self-influence of | ROC-AUC | AP | found in top 5% | 10% | 20% |")
+    print("|---|---|---|---|---|---|---|---|")
     checks = []
     for name in a.sets.split(","):
         config, out = ROOT / "benchmarks" / "curation" / f"{name}.yaml", a.cache / name
-        for cmd in ("run", "curate"):
-            subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(config), "--out", str(out), "--quiet"],
-                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        tda("run", config, out)
+        tda("curate", config, out, "--set", "curate.self_influence=output", "--set", "curate.retrain_seeds=0")
+        output = json.loads((out / "curation" / "curation.json").read_text())
+        tda("curate", config, out)  # the default: of the loss, with the retraining check
         res = json.loads((out / "curation" / "curation.json").read_text())
         for method, m in res["methods"].items():
-            f = m["found_at"]
-            lead = " (default)" if method == res["method"] else ""
-            print(f"| {name} | {method}{lead} | {m['auc']:.3f} | {m['ap']:.3f} | {f['5%']:.2f} | {f['10%']:.2f} | "
-                  f"{f['20%']:.2f} |", flush=True)
+            rows = [("loss", m)] if method not in SELF else [("loss", m), ("output", output["methods"][method])]
+            for target, r in rows:
+                f, lead = r["found_at"], " (default)" if method == res["method"] and target == "loss" else ""
+                of = target if method in SELF else ""
+                print(f"| {name} | {method}{lead} | {of} | {r['auc']:.3f} | {r['ap']:.3f} | {f['5%']:.2f} | "
+                      f"{f['10%']:.2f} | {f['20%']:.2f} |", flush=True)
         checks.append((name, res))
     print("\n| data set | removed | query metric | without flagged | without random | flagged - random |")
     print("|---|---|---|---|---|---|")

@@ -1,7 +1,9 @@
 """``tda curate CONFIG``: rank training examples as suspected mislabelled or outlying.
 
 On a finished run it computes, per training example, the self-influence under every gradient
-scorer that reads the run's features (TRAK, TracInCP, Grad-Dot; :func:`tda.curation.self_influence`),
+scorer that reads the run's features (TRAK, TracInCP, Grad-Dot), of the training loss by default
+(``curate.self_influence: loss``, :func:`tda.curation.loss_self_influence`; ``output``: of the
+measured output f, :func:`tda.curation.self_influence`; EK-FAC's is of f),
 the baselines a user compares against (training loss and ``1 - p(label)`` averaged over every
 attributed checkpoint), and rank ensembles (the mean of normalised ranks): ``trak+loss`` and
 ``trak+loss+confidence``, the default (on MNIST MLP and CIFAR-2 CNN at 10 % noise the only ranking
@@ -23,7 +25,7 @@ import numpy as np
 
 from stores import FeatureStore
 from stores._io import atomic_write, save_json
-from tda.curation import detection_metrics, rank_average, self_influence
+from tda.curation import detection_metrics, loss_self_influence, rank_average, self_influence
 from tda.errors import CheckpointError, ConfigError
 
 from .families import family_for
@@ -50,6 +52,8 @@ def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: di
             continue
         if name == "ekfac":
             ids, values = ekfac_self_influence(cfg, paths, scorer, train)
+        elif cfg.curate.self_influence == "loss":  # the loss gradient Q grad f (benchmarks/self_influence.py)
+            ids, values = loss_self_influence(scorer, train)
         else:
             ids, values = self_influence(scorer, train)
         col = np.full(len(rows), np.nan)

@@ -9,19 +9,22 @@ query gradients with them (:class:`tda.ekfac_features.EKFACQueryFeaturizer`); wi
 ``k_in = k_out = null`` this is exact EK-FAC.
 :class:`tda.scorers.EKFACScorer` takes the inner products, and the index serves them.
 
-The factors are fitted once per process that featurizes queries (one for the local executor).
-They are not stored: a new query set refits them (two passes over the training set per
-checkpoint).
+The factors are fitted once per run and stored in ``ekfac/factors.npz`` beside a record
+(``ekfac/factors.json``: what they were fitted from, the file's sha256). A new query set,
+``tda query --input``, ``tda serve`` and ``tda curate`` load them; a record of other settings or
+checkpoints, or a file whose digest differs, means they are refitted and replaced (derived data).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stores._io import fingerprint, save_json, sha256_file
 from tda.errors import ConfigError
 
 from .families import family_for, resolve_device
-from .layout import load_checkpoint_list
+from .layout import json_field, load_checkpoint_list
 
 if TYPE_CHECKING:
     from .layout import RunPaths
@@ -45,8 +48,48 @@ def ekfac_query_featurizer(cfg: RunConfig, paths: RunPaths | None) -> Any:
     family, f = family_for(cfg), cfg.featurize
     model, task, device = family.build_model(cfg), family.task(cfg), resolve_device(f.device)
     entries = load_checkpoint_list(paths)
-    factors = EKFACFactors.fit(model, task, family.datasets(cfg, paths)["train"], family.collate(cfg),
-                               [paths.checkpoint_file(e) for e in entries], f.batch_size, layers=f.params,
-                               checkpoint_ids=[int(e["id"]) for e in entries], device=device,
-                               projection={"k_in": f.k_in, "k_out": f.k_out, "seed": f.seed, "kind": f.projector})
+    key = _factors_key(cfg, entries)
+    factors = _stored_factors(paths, key)
+    if factors is None:
+        factors = EKFACFactors.fit(model, task, family.datasets(cfg, paths)["train"], family.collate(cfg),
+                                   [paths.checkpoint_file(e) for e in entries], f.batch_size, layers=f.params,
+                                   checkpoint_ids=[int(e["id"]) for e in entries], device=device,
+                                   projection={"k_in": f.k_in, "k_out": f.k_out, "seed": f.seed, "kind": f.projector})
+        _store_factors(paths, key, factors)
     return EKFACQueryFeaturizer(model, task, factors, f.k_in, f.k_out, f.seed, f.projector, device)
+
+
+def factors_file(paths: RunPaths) -> Path:
+    return paths.root / "ekfac" / "factors.npz"
+
+
+def _factors_key(cfg: RunConfig, entries: list[dict[str, Any]]) -> str:
+    """What the factors depend on: the training features' settings and the checkpoints' bytes."""
+    from .run import feature_fingerprint
+
+    return fingerprint({"features": feature_fingerprint(cfg, "train"),
+                        "checkpoints": [[int(e["id"]), e.get("sha256") or e.get("file")] for e in entries]})
+
+
+def _stored_factors(paths: RunPaths, key: str) -> Any:
+    """The run's stored factors when fitted from ``key`` and intact, else None (then refitted)."""
+    from tda.ekfac import EKFACFactors
+    from tda.errors import TDAError
+
+    path = factors_file(paths)
+    record = path.with_suffix(".json")
+    if json_field(record, "key") != key or not path.is_file() or json_field(record, "sha256") != sha256_file(path):
+        return None
+    try:
+        return EKFACFactors.load(path)
+    except TDAError:
+        return None
+
+
+def _store_factors(paths: RunPaths, key: str, factors: Any) -> None:
+    """Save the factors, then their record (a kill between the two leaves no record: refitted)."""
+    path = factors_file(paths)
+    path.parent.mkdir(exist_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+    factors.save(path)
+    save_json(path.with_suffix(".json"), {"key": key, "sha256": sha256_file(path)})

@@ -67,8 +67,12 @@ class CurateConfig:
     remove_fraction: float = 0.1  # the check: retrain without the top share flagged, and without a random share
     retrain_seeds: int = 3  # R retrainings per arm of the check (0: no check)
     seed: int = 0  # the random arm's draw and the retraining seeds derive from it
+    self_influence: str = "loss"  # of the training loss's gradient Q grad f ("loss") or of the output f ("output")
 
     def __post_init__(self) -> None:
+        if self.self_influence not in ("loss", "output"):
+            raise ConfigError(f"curate.self_influence is {self.self_influence!r}; choose 'loss' (the gradient of "
+                              "the training loss, the default) or 'output' (of the measured output f)")
         known = CURATION_METHODS
         if self.method not in known:
             raise ConfigError(f"curate.method is {self.method!r}; choose one of {known}")

@@ -213,7 +213,7 @@ class Attributor:
         the original paper's self-influence; ``benchmarks/self_influence.py`` measures both for
         mislabel detection.
         """
-        from .curation import self_influence
+        from .curation import loss_self_influence, self_influence
 
         if target not in ("output", "loss"):
             raise ConfigError(f"target must be 'output' or 'loss', got {target!r}")
@@ -223,12 +223,7 @@ class Attributor:
         train = self._train()
         if target == "output":
             return self_influence(self.scorer, train)
-        block = train.block
-        scaled = FeatureBlock(block.ids, block.feats * block.q[..., None], np.ones_like(block.q))
-        loss_train = ArrayFeatures(scaled, train.checkpoints)
-        scorer = copy.deepcopy(self.scorer)
-        scorer.fit(loss_train)
-        return self_influence(scorer, loss_train)
+        return loss_self_influence(self.scorer, train)
 
     def _need_fit(self) -> None:
         if not getattr(self, "_fitted", False):

@@ -6,6 +6,13 @@ Self-influence of a training example is its score against itself under a scorer,
 ``sum_c eta_c ||g_c,i||^2``, for Grad-Dot ``||g_i||^2`` averaged. Examples that the model can only
 fit by memorising them (mislabelled or atypical ones) score high (Koh & Liang 2017; Pruthi et al. 2020).
 
+Of the output or of the loss: the features are gradients of the measured output f; the training
+loss's per-example gradient is ``Q grad f`` (``Q = |dLoss/df|``, the task's loss weight), so
+:class:`LossGradients` scales each stored feature row by its Q (and sets Q to 1), and
+:func:`loss_self_influence` refits a copy of the scorer on those and takes the same diagonal.
+For TracInCP that is ``sum_c eta_c Q_c,i^2 ||g_c,i||^2``, the self-influence of the TracIn paper
+and Captum; ``benchmarks/self_influence.py`` measures both for mislabel detection.
+
 Detection metrics follow kronfluence's convention: ROC-AUC, average precision, and the share of the
 flipped labels found when a person inspects the top 5 %, 10 % and 20 % of the ranking.
 """
@@ -13,6 +20,9 @@ flipped labels found when a person inspects the top 5 %, 10 % and 20 % of the ra
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import copy
+from typing import Iterator
 
 import numpy as np
 from scipy.stats import rankdata
@@ -97,6 +107,38 @@ def self_influence(scorer: Scorer, train: FeatureSource, block_rows: int = 4096,
     return np.concatenate(ids), np.concatenate(out)
 
 
+class LossGradients:
+    """A feature source's rows as gradients of the training loss: ``Q phi`` with Q then 1 (streamed)."""
+
+    def __init__(self, source: FeatureSource) -> None:
+        self.source = source
+        self.checkpoints = source.checkpoints
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def k(self) -> int:
+        return self.source.k
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.source.ids
+
+    def iter_blocks(self, block_rows: int = 4096) -> Iterator[FeatureBlock]:
+        for blk in self.source.iter_blocks(block_rows):
+            yield FeatureBlock(blk.ids, blk.feats * blk.q[..., None].astype(blk.feats.dtype), np.ones_like(blk.q))
+
+
+def loss_self_influence(scorer: Scorer, train: FeatureSource, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, scores)``: self-influence of the training loss (see the module docstring): a copy of
+    ``scorer`` (fitted or not) refitted on :class:`LossGradients` of ``train``."""
+    loss = LossGradients(train)
+    fresh = copy.deepcopy(scorer)
+    fresh.fit(loss)
+    return self_influence(fresh, loss, block_rows)
+
+
 def rank_average(columns: Sequence[np.ndarray]) -> np.ndarray:
     """An ensemble of rankings: the mean of each column's normalised rank (ties averaged), in [0, 1]."""
     cols = [np.asarray(c, dtype=np.float64) for c in columns]
@@ -147,4 +189,4 @@ def detection_metrics(scores: np.ndarray, positive: np.ndarray) -> dict[str, Any
 
 
 __all__ = ["INSPECTED", "average_precision", "detection_metrics", "flip_labels", "found_at", "rank_average",
-           "roc_auc", "self_influence"]
+           "roc_auc", "self_influence", "LossGradients", "loss_self_influence"]

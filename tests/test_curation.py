@@ -73,6 +73,28 @@ def test_self_influence_equals_the_explicit_formulas() -> None:
     assert np.corrcoef(dot, (phi ** 2).sum(2).mean(0))[0, 1] > 0.9999
 
 
+def test_loss_self_influence_equals_the_explicit_formulas() -> None:
+    """Of the loss: features Q phi (Q then 1); TracIn sum_c eta_c Q_c^2 ||phi_c||^2, TRAK refitted on
+    the Q-scaled features with Q = 1 (an explicit inverse), the fitted scorer left as it was."""
+    from tda.curation import loss_self_influence
+
+    block, src = _features()
+    phi, q = block.feats.astype(np.float64), block.q.astype(np.float64)
+    _, tracin = loss_self_influence(TracInCPScorer([0.5, 0.25]).fit(src), src, block_rows=7)
+    want = 0.5 * q[0] ** 2 * (phi[0] ** 2).sum(1) + 0.25 * q[1] ** 2 * (phi[1] ** 2).sum(1)
+    np.testing.assert_allclose(tracin, want, rtol=1e-4)
+    trak = TRAKScorer(lambda_rel=0.1).fit(src)
+    before = trak.lambdas.copy()
+    _, got = loss_self_influence(trak, src)
+    np.testing.assert_array_equal(trak.lambdas, before)  # the caller's scorer is not refitted
+    want = np.zeros(40)
+    for m in range(2):
+        g = phi[m] * q[m][:, None]
+        lam = 0.1 * np.trace(g.T @ g) / g.shape[1]  # lambda_rel x the mean diagonal of G^T G
+        want += np.einsum("ik,kl,il->i", g, np.linalg.inv(g.T @ g + lam * np.eye(8)), g) / 2
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
 def test_curate_finds_flipped_labels_writes_outputs_and_resumes(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     args = [str(TINY), "--out", str(run), *NOISY]
@@ -88,6 +110,22 @@ def test_curate_finds_flipped_labels_writes_outputs_and_resumes(tmp_path, capsys
         assert 0.5 < m["auc"] <= 1.0, name  # every method beats chance on a 2-epoch tiny run
         assert set(m["found_at"]) == {"5%", "10%", "20%"}
     assert res["methods"]["confidence"]["auc"] > 0.8
+    # the default self-influence is of the loss: TracIn's column is sum_c eta_c Q_c,i^2 ||phi_c,i||^2
+    from stores import FeatureStore
+    from tda.features import concat_blocks
+
+    block = concat_blocks(list(FeatureStore.open(run / "features-train").iter_blocks()))
+    from pipelines.config import parse_config
+    from pipelines.families import family_for
+    from pipelines.layout import RunPaths
+
+    cfg = parse_config(json.loads((run / "run.json").read_text())["config"])
+    etas = family_for(cfg).learning_rates(cfg, RunPaths(run))
+    phi, q = block.feats.astype(np.float64), block.q.astype(np.float64)
+    want = dict(zip(block.ids.tolist(), sum(e * q[c] ** 2 * (phi[c] ** 2).sum(1) for c, e in enumerate(etas))))
+    with open(run / "curation" / "ranking.csv") as fh:
+        got = {int(r["id"]): float(r["tracin"]) for r in csv.DictReader(fh)}
+    np.testing.assert_allclose([got[i] for i in want], list(want.values()), rtol=1e-3)
     assert res["check"]["removed"] == 30 and len(res["check"]["accuracy"]["flagged"]["per_seed"]) == 2
     with open(run / "curation" / "ranking.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -168,10 +206,16 @@ def test_curate_a_language_model_finds_shuffled_sequences(tmp_path, capsys) -> N
     assert "Curation" in page and "label -1" not in page
 
 
-def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path) -> None:
+def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path, monkeypatch) -> None:
     """With ``score.scorer: ekfac`` the ranking holds EK-FAC self-influence, the diagonal of
-    EKFACAttributor's scores of the training set against itself on the same checkpoints."""
+    EKFACAttributor's scores of the training set against itself on the same checkpoints; the
+    factors the run fitted are stored and reused by curate (not refitted), and a damaged factor
+    file is refitted."""
     import torch
+
+    from pipelines.ekfac import _factors_key, _stored_factors, factors_file
+    from pipelines.layout import RunPaths
+    from tda.ekfac import EKFACFactors
 
     from pipelines.config import parse_config
     from pipelines.families import family_for
@@ -183,7 +227,14 @@ def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path) -> 
             "--set", "curate.method=ekfac",
             "--set", "data.train_size=120", "--quiet"]
     assert main(["run", str(TINY), "--out", str(run), *sets]) == 0
-    assert main(["curate", str(TINY), "--out", str(run), *sets]) == 0
+    assert factors_file(RunPaths(run)).is_file()
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the stored EK-FAC factors were refitted")
+
+    with monkeypatch.context() as m:
+        m.setattr(EKFACFactors, "fit", classmethod(refit))
+        assert main(["curate", str(TINY), "--out", str(run), *sets]) == 0
     res = json.loads((run / "curation" / "curation.json").read_text())
     assert {"ekfac", "loss", "confidence"} <= set(res["methods"]) and 0 <= res["methods"]["ekfac"]["auc"] <= 1
     cfg = parse_config(json.loads((run / "run.json").read_text())["config"])
@@ -199,3 +250,11 @@ def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path) -> 
     ids = np.asarray(train["id"]) if "id" in train.column_names else np.arange(len(train))
     np.testing.assert_allclose([got[int(i)] for i in ids], want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
     assert (want > 0).mean() > 0.9  # H is positive definite: self-influence is positive
+    key = _factors_key(cfg, entries)
+    assert _stored_factors(RunPaths(run), key) is not None and _stored_factors(RunPaths(run), "other") is None
+    with open(factors_file(RunPaths(run)), "r+b") as fh:  # one byte flipped: the digest no longer matches
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 1]))
+    assert _stored_factors(RunPaths(run), key) is None
