@@ -37,8 +37,9 @@ def check_ekfac(cfg: RunConfig) -> None:
                           f"factored (it is {cfg.featurize.projection!r}); set featurize.projection=factored")
 
 
-def ekfac_query_featurizer(cfg: RunConfig, paths: RunPaths | None) -> Any:
-    """Fit the run's EK-FAC factors and return the preconditioned query featurizer."""
+def ekfac_query_featurizer(cfg: RunConfig, paths: RunPaths | None, train_fingerprint: str) -> Any:
+    """The preconditioned query featurizer, with the run's stored EK-FAC factors when they were
+    fitted from these training features (``train_fingerprint``) and checkpoints, else fitted now."""
     from tda.ekfac import EKFACFactors
     from tda.ekfac_features import EKFACQueryFeaturizer
 
@@ -48,7 +49,7 @@ def ekfac_query_featurizer(cfg: RunConfig, paths: RunPaths | None) -> Any:
     family, f = family_for(cfg), cfg.featurize
     model, task, device = family.build_model(cfg), family.task(cfg), resolve_device(f.device)
     entries = load_checkpoint_list(paths)
-    key = _factors_key(cfg, entries)
+    key = factors_key(train_fingerprint, entries)
     factors = _stored_factors(paths, key)
     if factors is None:
         factors = EKFACFactors.fit(model, task, family.datasets(cfg, paths)["train"], family.collate(cfg),
@@ -63,11 +64,9 @@ def factors_file(paths: RunPaths) -> Path:
     return paths.root / "ekfac" / "factors.npz"
 
 
-def _factors_key(cfg: RunConfig, entries: list[dict[str, Any]]) -> str:
+def factors_key(train_fingerprint: str, entries: list[dict[str, Any]]) -> str:
     """What the factors depend on: the training features' settings and the checkpoints' bytes."""
-    from .run import feature_fingerprint
-
-    return fingerprint({"features": feature_fingerprint(cfg, "train"),
+    return fingerprint({"features": train_fingerprint,
                         "checkpoints": [[int(e["id"]), e.get("sha256") or e.get("file")] for e in entries]})
 
 

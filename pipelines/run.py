@@ -131,7 +131,7 @@ def make_featurizer(cfg: RunConfig, split: str = "train", paths: RunPaths | None
     if split == "query" and cfg.score.scorer == "ekfac":
         from .ekfac import ekfac_query_featurizer
 
-        return ekfac_query_featurizer(cfg, paths)
+        return ekfac_query_featurizer(cfg, paths, feature_fingerprint(cfg, "train"))
     return family.featurizer(cfg, split, feature_kind(cfg, family), paths)
 
 

@@ -213,7 +213,8 @@ def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path, mon
     file is refitted."""
     import torch
 
-    from pipelines.ekfac import _factors_key, _stored_factors, factors_file
+    from pipelines.ekfac import _stored_factors, factors_file, factors_key
+    from pipelines.run import feature_fingerprint
     from pipelines.layout import RunPaths
     from tda.ekfac import EKFACFactors
 
@@ -250,7 +251,7 @@ def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path, mon
     ids = np.asarray(train["id"]) if "id" in train.column_names else np.arange(len(train))
     np.testing.assert_allclose([got[int(i)] for i in ids], want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
     assert (want > 0).mean() > 0.9  # H is positive definite: self-influence is positive
-    key = _factors_key(cfg, entries)
+    key = factors_key(feature_fingerprint(cfg, "train"), entries)
     assert _stored_factors(RunPaths(run), key) is not None and _stored_factors(RunPaths(run), "other") is None
     with open(factors_file(RunPaths(run)), "r+b") as fh:  # one byte flipped: the digest no longer matches
         fh.seek(100)
