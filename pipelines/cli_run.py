@@ -16,7 +16,7 @@ from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError,
 
 from .config import load_config
 from .families import Reporting, family_for
-from .layout import RunPaths, load_checkpoint_list
+from .layout import RunPaths, json_field, load_checkpoint_list
 from .query_fast import LABELS_DIR, load_predictions, write_labels
 from .report import format_query, predicted_text
 from .run import claim_run_dir, datasets_for
@@ -183,7 +183,7 @@ def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> s
         return f"retrain: {subsets} subset model(s)" if subsets else "retrain: not needed by " + cfg.score.scorer
     if stage == "index":
         index = stage_index(cfg, paths, progress)
-        return f"index: {index.meta.get('kind', cfg.index.kind)} over {len(index)} training examples"
+        return f"index: {index.meta.get('kind', cfg.index.kind)} over {len(index)} training examples" + _ridge(paths)
     if stage == "score":
         outputs = stage_score(cfg, paths, progress)
         with np.load(outputs["topk"], allow_pickle=False) as z:
@@ -195,6 +195,19 @@ def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> s
         _validate(cfg, paths, progress)
         return f"validate: results in {paths.root / 'validation'}/"
     raise ConfigError(f"unknown stage {stage!r}; choose one of {RUN_STAGES}")
+
+
+def _ridge(paths: RunPaths) -> str:
+    """Which TRAK ridge the scorer used and why (from its manifest), or nothing for other scorers."""
+    hyper = json_field(paths.scorer / "scorer.json", "hyperparameters")
+    if not isinstance(hyper, dict) or not hyper.get("chosen_lambda_rel"):
+        return ""
+    chosen = ", ".join(f"{x:.3g}" for x in hyper["chosen_lambda_rel"])
+    if hyper.get("lambda_rel") != "auto":
+        return f"; TRAK ridge lambda_rel {chosen} (score.lambda_rel)"
+    dfs = ", ".join(f"{x:.1f}" for x in hyper.get("target_df") or [])
+    return (f"; TRAK ridge lambda_rel {chosen} per checkpoint (auto: {hyper.get('lambda_rule', '')}; "
+            f"here df {dfs})")
 
 
 def print_report(cfg: RunConfig, paths: RunPaths) -> None:

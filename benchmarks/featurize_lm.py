@@ -1,0 +1,190 @@
+"""Featurization of transformers against the floor: tokens (or rows) per second and peak memory of
+each tda projection, and of one plain batched forward + backward of the same output (the floor:
+parameter ``.grad`` only, no per-example anything), on the CPU (issue 26).
+
+Models (random init, eager attention, ``transformers`` configs; nothing downloaded):
+
+- ``char``: GPT-2, 4 layers, 256 wide, 4 heads, a character vocabulary of TinyStories (~75
+  symbols), 128-token sequences; f = mean next-token log-probability (``HFCausalLMTask``);
+- ``gpt2``: the same with GPT-2's 50,257-token vocabulary (``../shared/data/gpt2-tokenizer``),
+  the embedding 80% of the parameters;
+- ``bert``: a BERT classifier, 2 layers, 64 wide, a 30,522-row vocabulary (AG News words hashed
+  into it), 4 classes, rows padded to their batch's longest (<= 64 tokens), ``pad_token_id`` 0;
+  f = the classification margin (``HFClassificationTask``).
+
+Each (model, variant, k) runs in its own process (peak RSS is per process); one batch is run
+first, untimed (first-call costs of torch and transformers, ``auto``'s check on a batch), then
+every row is timed. ``auto`` is the
+default (:mod:`tda.projection_choice`); its row names what it chose. Coverage is the share of
+trainable parameters the projection differentiates.
+
+    python benchmarks/featurize_lm.py                              # every model, k = 1024 and 4096
+    python benchmarks/featurize_lm.py --models char --k 1024 --variants floor auto sparse
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+MODELS = ("char", "gpt2", "bert")
+VARIANTS = ("floor", "auto", "sparse", "tensorsketch", "factored", "dense")
+
+
+def _stories(chars: int = 400_000) -> str:
+    return (DATA / "tinystories-sample" / "tinystories_train_head_944KB.txt").read_text(encoding="utf-8")[:chars]
+
+
+def lm_batches(kind: str, n: int, seq: int = 128):
+    """The causal LM, its task, and n sequences of ``seq`` tokens as a mapping of tensors."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tda.hf import HFCausalLMTask
+
+    text = _stories()
+    if kind == "char":
+        vocab = sorted(set(text))
+        ids = torch.tensor([vocab.index(c) for c in text[: n * seq + 1]])
+        size = len(vocab)
+    else:
+        from tda.hf import load_gpt2_tokenizer
+
+        tok = load_gpt2_tokenizer(DATA / "gpt2-tokenizer")
+        ids = torch.tensor(tok(text)["input_ids"][: n * seq])
+        size = 50257
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=size, n_positions=seq, n_embd=256, n_layer=4, n_head=4, attn_implementation="eager")
+    model = GPT2LMHeadModel(cfg).eval()
+    rows = ids[: n * seq].reshape(n, seq)
+    data = {"input_ids": rows, "attention_mask": torch.ones_like(rows), "loss_mask": torch.ones_like(rows)}
+    return model, HFCausalLMTask(reduction="mean"), data, n * seq
+
+
+def bert_batches(n: int, width: int = 30522, longest: int = 64):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tda.hf import HFClassificationTask
+
+    lines = (DATA / "agnews-subset" / "train_subset_10001.tsv").read_text(encoding="utf-8").splitlines()[:n]
+    names = sorted({line.rsplit("\t", 1)[1] for line in lines})
+    toks = [[101] + [1000 + zlib.crc32(w.encode()) % (width - 1000) for w in line.rsplit("\t", 1)[0].lower().split()]
+            [: longest - 2] + [102] for line in lines]
+    ids = torch.zeros(n, longest, dtype=torch.long)
+    for i, t in enumerate(toks):
+        ids[i, : len(t)] = torch.tensor(t)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=width, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=256, max_position_embeddings=longest, num_labels=len(names), pad_token_id=0,
+                     attn_implementation="eager")
+    model = BertForSequenceClassification(cfg).eval()
+    labels = torch.tensor([names.index(line.rsplit("\t", 1)[1]) for line in lines])
+    data = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+    return model, HFClassificationTask(), data, n
+
+
+def floor(model, task, data, batch: int) -> None:
+    """One batched forward + backward of the summed output per batch (``.grad`` only)."""
+    n = len(data["input_ids"])
+    for lo in range(0, n, batch):
+        rows = {k: v[lo: lo + batch] for k, v in data.items()}
+        if "attention_mask" in rows and rows["input_ids"].ndim == 2 and "loss_mask" not in rows:
+            width = int(rows["attention_mask"].sum(1).max())  # the batch padded to its longest, as a collate does
+            rows = {k: v[:, :width] if v.ndim == 2 else v for k, v in rows.items()}
+        model.zero_grad(set_to_none=True)
+        task.output(model, rows).sum().backward()
+
+
+def worker(a: argparse.Namespace) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import tda
+
+    torch.set_num_threads(a.threads)
+    model, task, data, units = bert_batches(a.n) if a.model == "bert" else lm_batches(a.model, a.n)
+    if a.model == "bert":  # rows padded to their batch's longest, as a collate does
+        def collate(b):
+            width = int(b["attention_mask"].sum(1).max())
+            return {k: v[:, :width] if v.ndim == 2 else v for k, v in b.items()}
+    else:
+        collate = None
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    total = sum(p.numel() for p in model.parameters())
+    first = {k: v[: a.batch] for k, v in data.items()}  # warm-up (untimed): first-call costs, auto's check
+    if a.variant == "floor":
+        floor(model, task, first, a.batch)
+        start = time.perf_counter()
+        floor(model, task, data, a.batch)
+        chose, covered = "floor", total
+    else:
+        attr = tda.Attributor(model, [model.state_dict()], collate, task=task, k=a.k, batch_size=a.batch,
+                              projection=a.variant, k_in=32, k_out=32)
+        attr.featurize(first)
+        start = time.perf_counter()
+        attr.featurize(data)
+        chose = attr.projection
+        names = getattr(attr.featurizer, "names", None)
+        params = dict(model.named_parameters())
+        covered = sum(params[p].numel() for p in names) if names else total
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": a.model, "variant": a.variant, "chose": chose, "k": a.k, "per_s": units / seconds,
+            "unit": "rows" if a.model == "bert" else "tokens", "peak_mb": peak, "growth_mb": peak - rss0,
+            "coverage": covered / total, "params": total}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--k", nargs="*", type=int, default=[1024, 4096])
+    p.add_argument("--n", type=int, default=64, help="sequences (LM) or rows (BERT)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="char", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="floor", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        a.k = a.k[0]
+        print(json.dumps(worker(a)))
+        return 0
+    rows = []
+    print("| model | k | variant (chose) | per s | x floor | coverage | peak MB | x floor peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in a.models:
+        base = None
+        for k in a.k:
+            for variant in a.variants:
+                if variant == "floor" and base is not None:
+                    continue
+                cmd = [sys.executable, __file__, "--worker", "--model", model, "--variant", variant, "--k", str(k),
+                       "--n", str(a.n), "--batch", str(a.batch), "--threads", str(a.threads)]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode != 0:
+                    print(f"| {model} | {k} | {variant} | failed: {done.stderr.strip().splitlines()[-1][:120]} |")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                base = r if variant == "floor" else base
+                rows.append(r)
+                ratio = f"{r['per_s'] / base['per_s']:.2f}" if base else ""
+                mem = f"{r['peak_mb'] / base['peak_mb']:.2f}" if base else ""
+                name = variant if variant != "auto" else f"auto ({r['chose']})"
+                print(f"| {model} | {k} | {name} | {r['per_s']:.0f} {r['unit']} | {ratio} | {r['coverage']:.0%} | "
+                      f"{r['peak_mb']:.0f} | {mem} |", flush=True)
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
