@@ -26,7 +26,7 @@ from ..executors import make_executor
 from ..families.base import decide_projection
 from ..families.registry import family_for
 from ..layout import RunPaths, checkpoint_digest, json_field, load_checkpoint_list
-from ..run import collate_for, datasets_for, feature_fingerprint, make_featurizer
+from ..run import collate_for, datasets_for, feature_fingerprint, feature_kind, make_featurizer
 from ..schema import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -112,9 +112,10 @@ def _with_projection(cfg: RunConfig, paths: RunPaths, train: Any, stats: dict[st
     """``cfg`` with ``featurize.projection: auto`` replaced by what it means for this run's model
     (decided once, before the first store exists: afterwards the stored spec says it, so the
     fingerprint keeps ``auto`` and workers read the choice from the train store's manifest)."""
-    if cfg.featurize.projection != "auto":
+    family = family_for(cfg)
+    if cfg.featurize.projection != "auto" or feature_kind(cfg, family) == "representations":
         return cfg
-    choice = decide_projection(cfg, paths, family_for(cfg), train)
+    choice = decide_projection(cfg, paths, family, train)
     stats["projection"] = {"projection": choice.projection, "reason": choice.reason}
     return replace(cfg, featurize=replace(cfg.featurize, projection=choice.projection))
 
