@@ -274,7 +274,8 @@ def _hook(layer: LayerSpec, seen: list[tuple[Tensor, Tensor, int]], rows: int):
     return fn
 
 
-def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[LayerSpec]) -> Captures:
+def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[LayerSpec],
+                   q_out: list | None = None) -> Captures:
     """Per-example inputs and output gradients of each layer, one entry per call.
 
     Runs ``task.output`` on the whole batch in eval mode with forward hooks, then one backward
@@ -283,6 +284,9 @@ def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[
     embedding called on one row of ids for the whole batch (GPT-2's position ids, ``(1, T)``)
     has its output expanded to the batch inside the forward pass (the same values wherever the
     model broadcasts it against the batch), so each example's copy has its own gradient.
+
+    ``q_out``: a list that receives ``Q`` (B,) float32 from the same forward pass when the task
+    gives it there (:meth:`tda.tasks.Task.output_and_loss_weight`), else ``None``.
 
     Returns:
         Per layer the list of its calls' ``(input, output gradient)``, detached, as the layer
@@ -300,7 +304,9 @@ def capture_layers(model: nn.Module, task: Task, batch: Batch, layers: Sequence[
     weights = [modules[s.name].weight for s in layers]
     try:
         with eval_mode(model), torch.enable_grad(), _grad_enabled_on(weights):
-            f = task.output(model, batch)  # (B,)
+            f, q = task.output_and_loss_weight(model, batch)  # (B,), (B,) or None
+            if q_out is not None:
+                q_out.append(None if q is None else q.detach().float())
             if f.ndim != 1:
                 raise ShapeError(f"task output must be (B,), got {tuple(f.shape)}")
             for s in layers:

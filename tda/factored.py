@@ -310,13 +310,15 @@ class FactoredFeaturizer:
         return {"task": self.task.name, "params": list(self.names), "skipped": list(self.skipped),
                 **self.projector.spec_dict()}
 
-    def captures(self, batch: Batch, multiple: int = 1) -> Iterator[Captures]:
+    def captures(self, batch: Batch, multiple: int = 1, q_out: list | None = None) -> Iterator[Captures]:
         """Captures of a device batch, ``chunk_size`` rows at a time (rounded to a multiple of
-        ``multiple``, so that groups of rows, e.g. one example's draws, stay together)."""
+        ``multiple``, so that groups of rows, e.g. one example's draws, stay together); ``q_out``
+        receives each chunk's Q where its forward pass gives it (:func:`capture_layers`)."""
         n = next(iter(batch.values())).shape[0]
         step = max(multiple, (self.chunk_size or n) // multiple * multiple)
         for lo in range(0, n, step):
-            yield capture_layers(self.model, self.task, {k: v[lo: lo + step] for k, v in batch.items()}, self.layers)
+            yield capture_layers(self.model, self.task, {k: v[lo: lo + step] for k, v in batch.items()}, self.layers,
+                                 q_out)
 
     #: what a non-finite feature error calls the features
     what = "factored gradient features"
@@ -334,9 +336,11 @@ class FactoredFeaturizer:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if not self.verified:
             self.verify_captures(batch)
-        phi = torch.cat([self.project(c, checkpoint) for c in self.captures(batch)])
+        qs: list = []
+        phi = torch.cat([self.project(c, checkpoint) for c in self.captures(batch, q_out=qs)])
         check_finite(phi, ids, self.what)
-        q = loss_weights(self.model, self.task, batch)
+        # Q from the captures' forward passes (classifiers), else its own pass
+        q = torch.cat(qs) if qs and all(x is not None for x in qs) else loss_weights(self.model, self.task, batch)
         check_finite(q, ids, "loss weights Q")
         return phi.float().cpu().numpy(), q.cpu().numpy()
 

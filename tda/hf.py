@@ -158,6 +158,14 @@ class HFClassificationTask(Task):
     def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
         return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
 
+    def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        if type(self).output is not HFClassificationTask.output or \
+                type(self).loss_weight is not HFClassificationTask.loss_weight:
+            return super().output_and_loss_weight(model, batch)
+        logits = self._logits(model, batch)
+        y = batch[self.label_key]
+        return classification_margin(logits, y), classification_loss_weight(logits.detach(), y)
+
     def example_groups(self, batch: Batch) -> list[tuple[Tensor, Batch]]:
         return trim_padding(batch)
 

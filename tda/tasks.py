@@ -69,6 +69,11 @@ class Task(ABC):
         first = next(iter(batch.values()))
         return torch.ones(first.shape[0], dtype=torch.float32, device=first.device)
 
+    def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """``f`` (B,) and, where one forward pass gives both, ``Q`` (B,) detached, else ``None``
+        (then :meth:`loss_weight` is called). Classifiers override it to share the logits."""
+        return self.output(model, batch), None
+
     def example_groups(self, batch: Batch) -> list[tuple[Tensor, Batch]]:
         """Split ``batch`` into groups whose examples can be run together, each as it would run alone.
 
@@ -145,3 +150,10 @@ class ClassificationTask(Task):
 
     def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
         return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
+
+    def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        if type(self).output is not ClassificationTask.output or type(self).loss_weight is not ClassificationTask.loss_weight:
+            return super().output_and_loss_weight(model, batch)  # a subclass's own f or Q
+        logits = self._logits(model, batch)
+        y = batch[self.label_key]
+        return classification_margin(logits, y), classification_loss_weight(logits.detach(), y)

@@ -99,3 +99,29 @@ def test_bad_shapes_raise(logits: torch.Tensor, y: torch.Tensor, match: str) -> 
         classification_margin(logits, y)
     with pytest.raises(ShapeError, match=match):
         classification_loss_weight(logits, y)
+
+
+def test_q_from_the_capture_forward_equals_the_task_loss_weight() -> None:
+    """Tensorsketch / factored features take Q from the captures' forward pass (one pass for f
+    and Q); it equals the task's own loss_weight, and a subclass's own Q is still used."""
+    import numpy as np
+    from torch import nn
+
+    from tda.factored import FactoredFeaturizer
+    from tda.tasks import ClassificationTask
+
+    class Halved(ClassificationTask):
+        def loss_weight(self, model, batch):
+            return 0.5 * super().loss_weight(model, batch)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batch = {"x": torch.randn(9, 4), "y": torch.randint(0, 3, (9,))}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for task in (ClassificationTask(), Halved()):
+        for projection in ("tensorsketch", "factored"):
+            feat = FactoredFeaturizer(model, task, projection=projection, k=16, k_in=4, k_out=4)
+            (_, _, q), = list(feat.featurize(state, 0, [(np.arange(9), batch)]))
+            with torch.no_grad():
+                want = task.loss_weight(model.eval(), batch).numpy()
+            np.testing.assert_allclose(q, want, rtol=1e-6, atol=1e-7)
