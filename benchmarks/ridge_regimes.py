@@ -1,0 +1,212 @@
+"""The automatic ridge where the project's own sets do not go: fewer training examples than k,
+two classes, text, a recipe of momentum SGD (issue 25, item 1). Everything in one process,
+through the Python API (`tda.Attributor`, its defaults), nothing cached.
+
+Per set: ``M`` models trained on the full training set (seeds 0..M-1) are attributed; the
+ground truth is ``S`` random halves, each trained with ``R`` seeds, and the queries' margins
+averaged over them (the classic protocol). Queries and subsets are split into a tuning and a
+reporting fold (``tda.validation.split_folds``); the best fixed ``lambda_rel`` of the grid is
+chosen on the tuning fold and both it and ``auto`` are reported on the reporting fold (LDS,
+mean Spearman over queries, with its bootstrap interval). Recipe: a ReLU MLP (one hidden layer
+of 128), SGD with momentum 0.9, lr 0.05, weight decay 1e-3, batch 32, ``epochs`` epochs.
+
+Sets (``../shared/data``): MNIST (10 classes) and MNIST 3-vs-8 (binary), CIFAR-2 (binary,
+pixels / 255), SST-2 (binary) and AG News (4 classes), the texts as 2,048 hashed word counts
+(log1p); ``n`` training rows each.
+
+    python benchmarks/ridge_regimes.py                          # every set at n = 400 and 1500
+    python benchmarks/ridge_regimes.py --sets cifar2 --n 400 --subsets 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+
+import tda  # noqa: E402
+from tda.kernel import score_matrix  # noqa: E402
+from tda.scorers import TRAKScorer  # noqa: E402
+from tda.validation import lds, split_folds  # noqa: E402
+
+GRID = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 1e4]
+
+
+def _mnist(n: int, m: int, digits: tuple[int, ...] | None, seed: int):
+    from tda.data import load_mnist
+
+    out = []
+    for split, size in (("train", n), ("test", m)):
+        ds = load_mnist(DATA / "mnist", split)
+        x = np.asarray(ds.with_format("numpy")["image"], np.float32).reshape(len(ds), -1) / 255.0
+        y = np.asarray(ds["label"], np.int64)
+        keep = np.isin(y, digits) if digits else np.ones(len(y), bool)
+        x, y = x[keep], y[keep]
+        if digits:
+            y = np.searchsorted(np.asarray(digits), y)
+        pick = np.random.default_rng(seed).choice(len(y), size, replace=False)
+        out += [x[pick], y[pick]]
+    return (*out, 2 if digits else 10)
+
+
+def _cifar2(n: int, m: int, seed: int):
+    z = np.load(DATA / "cifar10" / "cifar2_cat_dog_from_jpeg_uint8.npz")
+    rng = np.random.default_rng(seed)
+    tr, te = rng.choice(len(z["y_train"]), n, replace=False), rng.choice(len(z["y_test"]), m, replace=False)
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0  # noqa: E731
+    return flat(z["x_train"][tr]), z["y_train"][tr].astype(np.int64), flat(z["x_test"][te]), \
+        z["y_test"][te].astype(np.int64), 2
+
+
+def _hashed(texts: list[str], width: int = 2048) -> np.ndarray:
+    x = np.zeros((len(texts), width), np.float32)
+    for i, t in enumerate(texts):
+        for w in t.lower().split():
+            x[i, zlib.crc32(w.encode()) % width] += 1.0
+    return np.log1p(x)
+
+
+def _text(rows: list[tuple[str, str]], n: int, m: int, seed: int):
+    names = sorted({label for _, label in rows})
+    pick = np.random.default_rng(seed).choice(len(rows), n + m, replace=False)
+    x = _hashed([rows[i][0] for i in pick])
+    y = np.asarray([names.index(rows[i][1]) for i in pick], np.int64)
+    return x[:n], y[:n], x[n:], y[n:], len(names)
+
+
+def _sst2(n: int, m: int, seed: int):
+    lines = (DATA / "sst2-glue" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]  # label<TAB>sentence
+    return _text([(ln.split("\t", 1)[1], ln.split("\t", 1)[0]) for ln in lines if "\t" in ln], n, m, seed)
+
+
+def _agnews(n: int, m: int, seed: int):
+    lines = (DATA / "agnews-subset" / "train_subset_10001.tsv").read_text(encoding="utf-8").splitlines()
+    return _text([tuple(ln.rsplit("\t", 1)) for ln in lines], n, m, seed)
+
+
+SETS = {"mnist": lambda n, m, s: _mnist(n, m, None, s), "mnist38": lambda n, m, s: _mnist(n, m, (3, 8), s),
+        "cifar2": _cifar2, "sst2": _sst2, "agnews": _agnews}
+
+
+def train(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int, epochs: int) -> dict:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, classes))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.state_dict()
+
+
+def margins(state: dict, x: torch.Tensor, y: torch.Tensor, classes: int) -> np.ndarray:
+    model = nn.Sequential(nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, classes))
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return tda.ClassificationTask().output(model.eval(), {"x": x, "y": y}).numpy()
+
+
+def ground_truth(name: str, n: int, a: argparse.Namespace):
+    """Train and query features of the M attributed models, subset masks and outputs (cached)."""
+    from tda.features import ArrayFeatures, FeatureBlock
+
+    path = a.cache / f"{name}-n{n}-k{a.k}-M{a.models}-S{a.subsets}x{a.seeds}-e{a.epochs}-s{a.seed}.npz"
+    if path.is_file():
+        z = np.load(path)
+        feats = ArrayFeatures(FeatureBlock(z["train_ids"], z["train_feats"], z["train_q"]), range(a.models))
+        return (feats, FeatureBlock(z["query_ids"], z["query_feats"], z["query_q"]), z["masks"], z["outputs"],
+                int(z["classes"]), float(z["acc"]), str(z["projection"]))
+    xtr, ytr, xq, yq, classes = SETS[name](n, a.queries, a.seed)
+    xt, yt, xqt, yqt = (torch.from_numpy(v) for v in (xtr, ytr, xq, yq))
+    ckpts = [train(xt, yt, classes, s, a.epochs) for s in range(a.models)]
+    acc = float(np.mean([(margins(c, xqt, yqt, classes) > 0).mean() for c in ckpts]))
+    rng = np.random.default_rng(a.seed + 1)
+    masks = np.zeros((a.subsets, n), bool)
+    outputs = np.zeros((a.subsets, len(yq)))
+    for j in range(a.subsets):
+        masks[j, rng.choice(n, n // 2, replace=False)] = True
+        keep = torch.from_numpy(np.flatnonzero(masks[j]))
+        outputs[j] = np.mean([margins(train(xt[keep], yt[keep], classes, 1000 + 10 * j + r, a.epochs), xqt, yqt,
+                                      classes) for r in range(a.seeds)], axis=0)
+    model = nn.Sequential(nn.Linear(xtr.shape[1], 128), nn.ReLU(), nn.Linear(128, classes))
+    attr = tda.Attributor(model, ckpts, k=a.k, batch_size=128).fit((xt, yt))
+    query, tb = attr.featurize((xqt, yqt)), attr.train_features.block
+    a.cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, train_ids=tb.ids, train_feats=tb.feats, train_q=tb.q, query_ids=query.ids, query_feats=query.feats,
+             query_q=query.q, masks=masks, outputs=outputs, classes=classes, acc=acc, projection=attr.projection)
+    return attr.train_features, query, masks, outputs, classes, acc, attr.projection
+
+
+def run_set(name: str, n: int, a: argparse.Namespace) -> dict:
+    t0 = time.time()
+    train_features, query, masks, outputs, classes, acc, projection = ground_truth(name, n, a)
+    yq = query.ids
+    folds = split_folds(len(yq), a.subsets, seed=a.seed)
+    tq, rq, tj, rj = (folds[k] for k in ("tune_queries", "report_queries", "tune_subsets", "report_subsets"))
+
+    def fold_lds(lam, q, j):
+        scores = score_matrix(query.select(q), TRAKScorer(lam).fit(train_features), train_features)
+        return lds(scores, masks[j], outputs[np.ix_(j, q)])
+
+    tuning = {lam: fold_lds(lam, tq, tj).mean for lam in GRID}
+    best = max(tuning, key=lambda k: -np.inf if np.isnan(tuning[k]) else tuning[k])
+    auto_scorer = TRAKScorer("auto").fit(train_features)
+    auto, fixed = fold_lds("auto", rq, rj), fold_lds(best, rq, rj)
+    report_grid = {lam: fold_lds(lam, rq, rj).mean for lam in GRID}
+    return {"set": name, "n": n, "classes": classes, "k": a.k, "M": a.models, "query_accuracy": acc,
+            "auto": auto.mean, "auto_ci": [auto.ci_low, auto.ci_high],
+            "auto_lambda_rel": [float(v) for v in auto_scorer.chosen_lambda_rel],
+            "auto_df": [float(v) for v in auto_scorer.target_df],
+            "best_fixed": fixed.mean, "best_lambda_rel": best, "gap": auto.mean - fixed.mean,
+            "tuning": {str(k): v for k, v in tuning.items()}, "report_grid": {str(k): v for k, v in report_grid.items()},
+            "projection": projection, "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
+    p.add_argument("--n", nargs="*", type=int, default=[400, 1500])
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--subsets", type=int, default=100)
+    p.add_argument("--seeds", type=int, default=2, help="models per subset")
+    p.add_argument("--models", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tda" / "ridge-regimes",
+                   help="features and ground truth per set (reused)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    print("| set | n | classes | acc | auto LDS | auto lambda_rel (df) | best fixed (lambda_rel) | gap |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in a.sets:
+        for n in a.n:
+            r = run_set(name, n, a)
+            rows.append(r)
+            lam = np.exp(np.mean(np.log(r["auto_lambda_rel"])))
+            print(f"| {name} | {n} | {r['classes']} | {r['query_accuracy']:.2f} | {r['auto']:.3f} | {lam:.3g} "
+                  f"({np.mean(r['auto_df']):.0f}) | {r['best_fixed']:.3f} ({r['best_lambda_rel']:g}) | "
+                  f"{r['gap']:+.3f} |", flush=True)
+            if a.json:
+                a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
