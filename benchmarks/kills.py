@@ -314,7 +314,14 @@ class Campaign:
         made = 0
         for _ in range(kills):
             delay, aim = self._aim(scenario, ex)
-            stage = attempt(argv(out, config, ex, extra), delay, self.work / "attempt.log", aim)
+            try:
+                stage = attempt(argv(out, config, ex, extra), delay, self.work / "attempt.log", aim)
+            except RuntimeError as exc:  # a rerun that cannot resume what a kill left: a failed trial
+                self.trials += 1
+                self.failures.append({"scenario": scenario, "executor": ex, "finish": "(attempt)", "kills": made,
+                                      "differences": [str(exc)[-600:]]})
+                shutil.rmtree(out)
+                return made
             if stage is None:
                 break
             made += 1
@@ -335,14 +342,17 @@ class Campaign:
         shutil.rmtree(out)
         return made
 
-    def run(self, total: int) -> None:
-        """Trials round-robin over (scenario, executor) until ``total`` kills, each pair killed at least once."""
+    def run(self, total: int, progress: Path | None = None) -> None:
+        """Trials round-robin over (scenario, executor) until ``total`` kills, each pair killed at least
+        once; ``progress``: the summary so far is rewritten there after every trial."""
         pairs = [(s, ex) for ex in self.executors for s in self.scenarios]
         i = 0
         while (len(self.kills) < total or self._unkilled(pairs)) and i < 20 * max(total, len(pairs)):
             scenario, ex = pairs[i % len(pairs)]
             self.trial(scenario, ex, self.rng.randint(1, 3))
             i += 1
+            if progress is not None:
+                progress.write_text(json.dumps({**self.summary(), "finished": False}, indent=1))
 
     def _unkilled(self, pairs: list[tuple[str, str]]) -> bool:
         return bool(set(pairs) - {(k["scenario"], k["executor"]) for k in self.kills})
@@ -358,13 +368,15 @@ class Campaign:
 
 
 def campaign(kills: int, executors: list[str], seed: int = 0, work: Path | None = None,
-             in_process: bool = False, scenarios: list[str] | None = None) -> dict[str, Any]:
+             in_process: bool = False, scenarios: list[str] | None = None,
+             progress: Path | None = None) -> dict[str, Any]:
     """Run a campaign of at least ``kills`` kills; its :meth:`Campaign.summary`. ``in_process``: the
-    uninterrupted runs go through ``pipelines.cli.main`` here (faster; the killed ones never do)."""
+    uninterrupted runs go through ``pipelines.cli.main`` here (faster; the killed ones never do);
+    ``progress``: a file the summary so far is written to after every trial."""
     with tempfile.TemporaryDirectory(prefix="tda-kills-") as tmp:
         c = Campaign(Path(work or tmp), executors, seed, in_process, scenarios)
         c.prepare()
-        c.run(kills)
+        c.run(kills, progress)
         return c.summary()
 
 
@@ -380,7 +392,7 @@ def main() -> int:
     a = p.parse_args()
     t = time.time()
     scenarios = list(WORKFLOW_SCENARIOS) if a.scenarios == "workflows" else a.scenarios.split(",")
-    result = campaign(a.kills, a.executors.split(","), a.seed, scenarios=scenarios)
+    result = campaign(a.kills, a.executors.split(","), a.seed, scenarios=scenarios, progress=a.json)
     result["seconds"] = round(time.time() - t)
     print(json.dumps(result, indent=1))
     if a.json:

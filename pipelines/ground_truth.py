@@ -50,6 +50,12 @@ class OnTask:
         return self.job(item[1])
 
 
+def _own_temporary(entry: Path, name: str) -> bool:
+    """Whether ``entry`` is a temporary file that :func:`stores._io.atomic_write` made for ``name``."""
+    return entry.is_file() and not entry.is_symlink() and entry.name.startswith(f".{name}.") and \
+        entry.name.endswith(".tmp")
+
+
 class ResultStore:
     """Folder of finished retrainings keyed by strings, bound to a spec it refuses to mix."""
 
@@ -67,8 +73,12 @@ class ResultStore:
                 raise FingerprintMismatchError(
                     f"{self.root} holds results for {self.manifest['spec']}, not {spec}; use another folder")
         else:
-            if self.root.exists() and any(self.root.iterdir()):
-                raise ForeignStoreError(f"{self.root} is not empty and has no manifest; choose an empty folder")
+            if self.root.exists():
+                # a kill while the first manifest was being written leaves only its temporary file
+                for left in [e for e in self.root.iterdir() if _own_temporary(e, "manifest.json")]:
+                    left.unlink()
+                if any(self.root.iterdir()):
+                    raise ForeignStoreError(f"{self.root} is not empty and has no manifest; choose an empty folder")
             self.manifest = {"format": FORMAT, "spec": spec, "complete": {}}
             save_json(path, self.manifest)
 

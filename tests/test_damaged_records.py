@@ -95,3 +95,26 @@ def test_a_symlinked_part_of_a_run_is_refused_and_its_target_untouched(finished,
         err = capsys.readouterr().err
         assert "symbolic links" in err and part in err and "Traceback" not in err
     assert sorted((p.name, p.stat().st_size) for p in outside.rglob("*") if p.is_file()) == before
+
+
+def test_a_results_folder_killed_while_writing_its_first_manifest_is_resumed(tmp_path) -> None:
+    """Found by the kill campaign (benchmarks/kills.py, validate-curate): a kill inside the first
+    manifest's atomic write leaves only its temporary file; the next run takes the folder over.
+    Anything else in a folder without a manifest is still refused."""
+    import pytest
+
+    from pipelines.ground_truth import ResultStore
+    from tda.errors import ForeignStoreError
+
+    folder = tmp_path / "removal"
+    folder.mkdir()
+    (folder / ".manifest.json.k3j2x9.tmp").write_text("{")
+    store = ResultStore(folder, {"a": 1}, 2)
+    assert store.manifest["complete"] == {} and sorted(p.name for p in folder.iterdir()) == ["manifest.json"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".manifest.json.k3j2x9.tmp").write_text("{")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ForeignStoreError, match="not empty and has no manifest"):
+        ResultStore(other, {"a": 1}, 2)
+    assert (other / "notes.txt").read_text() == "mine"

@@ -107,8 +107,7 @@ def test_auto_ridge_reaches_the_target_effective_dimension_and_is_recorded() -> 
         nuclear, frob = np.linalg.norm(feats[c], "nuc"), np.linalg.norm(feats[c], "fro")
         spread_rule = 0.95 * m ** 0.43 * k ** 0.25 * nuclear / frob  # sqrt(spread) = ||Phi||_* / ||Phi||_F
         outside_top = 1 - s.max() / s.sum()  # the trace outside the top direction
-        rank = min(n, k)  # full rank here: n > k
-        target = min(max(spread_rule * outside_top * np.sqrt(min(1, rank / k)), 1.0), 0.6 * k)
+        target = min(max(spread_rule * outside_top, 1.0), 0.6 * k)
         assert scorer.target_df[c] == pytest.approx(target, rel=1e-6)
         assert abs(np.sum(s / (s + scorer.lambdas[c])) - target) < 1e-6 * k
         np.testing.assert_allclose(scorer.chosen_lambda_rel[c], scorer.lambdas[c] / np.mean(s), rtol=1e-6)
@@ -303,9 +302,9 @@ def test_agrees_with_traker_given_the_same_projection(tiny_data, spearman_rows, 
                                atol=2e-3 * np.abs(ours1).max())
 
 
-def test_auto_ridge_shrinks_with_a_dominant_direction_and_with_fewer_examples_than_k() -> None:
-    """The two factors of the target (benchmarks/ridge_regimes.py): the trace outside the top
-    direction, and sqrt(rank / k) when n < k; the target is at least 1."""
+def test_auto_ridge_shrinks_with_a_dominant_direction() -> None:
+    """The target's factor of benchmarks/ridge_regimes.py, the trace outside the top direction
+    (the same whether n > k or n < k); the target is at least 1."""
     from tda.scorers.trak import auto_df
 
     rng = np.random.default_rng(1)
@@ -317,10 +316,10 @@ def test_auto_ridge_shrinks_with_a_dominant_direction_and_with_fewer_examples_th
         for feats in (g, dominant):
             s = np.linalg.eigvalsh(feats.T @ feats)[::-1].copy()
             eig = torch.from_numpy(s)[None]
-            rank = int((s > s[0] * 1e-9).sum())
             spread = np.sqrt(s.clip(min=0)).sum() ** 2 / s.sum()
-            want = 0.95 * k ** 0.25 * np.sqrt(spread) * (1 - s[0] / s.sum()) * np.sqrt(min(1.0, rank / k))
+            want = 0.95 * k ** 0.25 * np.sqrt(spread) * (1 - s[0] / s.sum())
             assert float(auto_df(eig, 1)[0]) == pytest.approx(min(max(want, 1.0), 0.6 * k), rel=1e-9)
-            assert rank == min(n, k)
+        assert float(auto_df(torch.from_numpy(np.linalg.eigvalsh(dominant.T @ dominant))[None], 1)) < \
+            float(auto_df(torch.from_numpy(np.linalg.eigvalsh(g.T @ g))[None], 1))
     tiny = torch.tensor([[1.0, 1e-6, 1e-6, 1e-6]])
     assert float(auto_df(tiny, 1)[0]) == 1.0  # one direction: the floor

@@ -39,7 +39,7 @@ AUTO_DF_BASE, AUTO_DF_POWER, AUTO_DF_CAP = 0.95, 0.43, 0.6
 #: the most of a rank-deficient kernel's rank the automatic ridge may target (:func:`auto_lambdas`)
 RANK_CAP = 0.9
 #: how the automatic ridge is described in manifests (``scorer.json``'s ``lambda_rule``)
-AUTO_RULE = (f"df = {AUTO_DF_BASE} M^{AUTO_DF_POWER} k^0.25 sqrt(spread) (1 - s_1 / trace) sqrt(min(1, rank / k)), "
+AUTO_RULE = (f"df = {AUTO_DF_BASE} M^{AUTO_DF_POWER} k^0.25 sqrt(spread) (1 - s_1 / trace), "
              f"spread = ||Phi||_*^2 / ||Phi||_F^2, between 1 and {AUTO_DF_CAP} k")
 
 
@@ -85,15 +85,15 @@ def numerical_rank(eigenvalues: "torch.Tensor") -> "torch.Tensor":
 
 def auto_df(eigenvalues: "torch.Tensor", models: int) -> "torch.Tensor":
     """Target effective dimension of each kernel of an ensemble of ``models``:
-    ``0.95 M^0.43 k^0.25 sqrt(spread) x (1 - s_1 / trace) x sqrt(min(1, rank / k))``, between 1 and ``0.6 k``.
+    ``0.95 M^0.43 k^0.25 sqrt(spread) x (1 - s_1 / trace)``, between 1 and ``0.6 k``.
 
     More models average more checkpoint-specific noise away and bear a weaker ridge (``M^0.43``).
     The LDS-optimal df tracks how many directions the gradients actually spread over
-    (:func:`spread_rule_df`, fitted on seven data set / model pairs). Two factors extend it to
-    regimes those pairs did not cover (``benchmarks/ridge_regimes.py``): when one direction holds
-    most of the kernel's trace (two classes: the class direction) the scores must keep it, so the
-    target shrinks with :func:`concentration`; with fewer training examples than k the kernel's
-    rank is n and the target shrinks with ``sqrt(rank / k)`` (:func:`numerical_rank`).
+    (:func:`spread_rule_df`, fitted on seven data set / model pairs, mostly 10 classes). When one
+    direction holds much of the kernel's trace (two classes: the class direction) the scores must
+    keep it, so the target shrinks with :func:`concentration` (``benchmarks/ridge_regimes.py``: two
+    classes, fewer examples than k, text; a further ``sqrt(rank / k)`` factor for n < k helped
+    there but cost the char LM 0.02-0.04, so it is not used).
 
     Args:
         eigenvalues: (M, k) eigenvalues of each ``Phi_m^T Phi_m``.
@@ -104,7 +104,6 @@ def auto_df(eigenvalues: "torch.Tensor", models: int) -> "torch.Tensor":
     """
     k = eigenvalues.shape[1]
     df = _spread_target(eigenvalues, models) * concentration(eigenvalues)
-    df = df * (numerical_rank(eigenvalues) / k).clamp(max=1.0).sqrt()
     return df.clamp(min=1.0, max=AUTO_DF_CAP * k)  # at least the top direction (a ridge near s_1, not 1e6 s_1)
 
 
