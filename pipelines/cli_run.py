@@ -235,6 +235,16 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
                            min(5, cfg.score.topk), cfg.score.scorer, names=names))
 
 
+def _record_labels(cfg: RunConfig, paths: RunPaths) -> None:
+    """A run killed after its score stage but before its labels were recorded gets them now
+    (found by benchmarks/kills.py: curate on an empty folder, killed three times)."""
+    from .query_fast import labels_current
+
+    if not labels_current(paths):
+        with StoreLock(paths.root):
+            write_labels(cfg, paths)
+
+
 def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, command: str) -> None:
     """``tda validate | curate | unlearn``: where the folder holds no finished run of this config,
     run ``tda run``'s stages first (each resumes: nothing already done is redone). A folder holding
@@ -247,6 +257,7 @@ def run_missing_stages(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths
             from .stages.score import scores_current
 
             if scores_current(cfg, paths):
+                _record_labels(cfg, paths)
                 return
         except FingerprintMismatchError:
             raise

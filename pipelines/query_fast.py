@@ -28,7 +28,7 @@ import numpy as np
 from stores import FaissIndex, FeatureStore
 from stores._io import save_json, save_npz, sha256_file
 from stores.index import index_space
-from tda.errors import QueryError, TDAError
+from tda.errors import QueryError, StoreError, TDAError
 from tda.features import FeatureBlock
 
 from .layout import RunPaths, json_field
@@ -270,6 +270,15 @@ def _recorded(paths: RunPaths) -> dict[str, np.ndarray]:
         raise NotLean("the labels were recorded for other features")
     with np.load(npz, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def labels_current(paths: RunPaths) -> bool:
+    """Whether :func:`write_labels` recorded labels for the run's current feature stores, intact."""
+    try:
+        _recorded(paths)
+    except (NotLean, StoreError):
+        return False
+    return True
 
 
 def load_predictions(paths: RunPaths) -> dict[int, tuple[int, float]] | None:

@@ -105,3 +105,23 @@ def test_a_rerun_of_a_finished_unlearn_reproduces_it_byte_for_byte(tmp_path) -> 
     assert (run / "unlearning" / "unlearning.json").read_bytes() == first
     assert main([*args, "--set", "unlearn.approx_steps=3"]) == 0  # another setting: computed again
     assert json.loads((run / "unlearning" / "unlearning.json").read_text())["approximate"]["steps"] == 3
+
+
+def test_a_workflow_records_the_labels_a_killed_run_did_not(tmp_path) -> None:
+    """Found by benchmarks/kills.py (curate on an empty folder, killed three times): a run killed
+    after its scores but before its labels were recorded is finished for curate; curate records
+    them (as the uninterrupted `tda run` does), not leaving the folder short of them."""
+    from pathlib import Path
+
+    from pipelines.cli import main
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    run = tmp_path / "run"
+    sets = ["--set", "curate.retrain_seeds=0"]
+    assert main(["run", str(tiny), "--out", str(run), "--quiet", *sets]) == 0
+    want = {p.name: p.read_bytes() for p in (run / "labels").iterdir()}
+    for p in (run / "labels").iterdir():
+        p.unlink()
+    assert main(["curate", str(tiny), "--out", str(run), "--quiet", *sets]) == 0
+    got = {p.name: p.read_bytes() for p in (run / "labels").iterdir()}
+    assert got.keys() == want.keys() and got["labels.npz"] == want["labels.npz"]
