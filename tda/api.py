@@ -154,7 +154,7 @@ class Attributor:
         """Features of every example of ``data`` (a ``datasets.Dataset``, tensors, a PyTorch
         ``Dataset`` or ``DataLoader``: :mod:`tda.data_sources`) under every checkpoint."""
         if self.featurizer is None:
-            raise TDAError(f"scorer {self.projection_reason.split(' ', 1)[1]} featurizes its own way; call fit, "
+            raise TDAError(f"{self.projection_reason} featurizes its own way; call fit, "
                            "scores, top_k or self_influence")
         self._settle_projection(data)
         per_ckpt = []
@@ -174,7 +174,7 @@ class Attributor:
         """Featurize the training set and fit the scorer."""
         if self.method is not None:
             self.method.fit(train_data)
-            self.train_features = self.method.train_features if hasattr(self.method, "train_features") else None
+            self.train_features = getattr(self.method, "train_features", None)  # MAGIC keeps none
             self._fitted = True
             return self
         self.train_features = ArrayFeatures(self.featurize(train_data), range(len(self.checkpoints)))
@@ -226,7 +226,7 @@ class Attributor:
         return loss_self_influence(self.scorer, train)
 
     def _need_fit(self) -> None:
-        if not getattr(self, "_fitted", False):
+        if not self._fitted:
             raise TDAError("call fit(train_data) before scoring")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data_sources import is_hf_dataset, num_rows
+from .data_sources import is_hf_dataset, num_rows, pair_batch
 from .errors import ConfigError, QueryError, TDAError
 from .kernel import TopK
 from .tasks import Task
@@ -125,8 +125,8 @@ def _rows(data: Any) -> Any:
     """MAGIC's data: a ``datasets.Dataset`` as is, tensors as a mapping (a pair is ``x``, ``y``)."""
     if is_hf_dataset(data) or isinstance(data, Mapping):
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return {"x": data[0], "y": data[1]}
+    if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+        return pair_batch(data)
     raise ConfigError("scorer='magic' takes a datasets.Dataset or tensors ({'x': X, 'y': Y} or (X, Y)); collate "
                       "a PyTorch Dataset into tensors first")
 

@@ -43,13 +43,14 @@ def num_rows(data: Any) -> int:
     if isinstance(data, Mapping):
         return _mapping_rows(data)
     if isinstance(data, (tuple, list)):
-        return _mapping_rows(_pair(data))
+        return _mapping_rows(pair_batch(data))
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         return len(data)  # type: ignore[arg-type]
     raise DataError(f"cannot read {type(data).__name__} as data; pass {ACCEPTED}")
 
 
-def _pair(data: tuple | list) -> dict[str, Any]:
+def pair_batch(data: tuple | list) -> dict[str, Any]:
+    """A pair ``(X, Y)`` as ``{"x": X, "y": Y}``; any other length is an error naming the fix."""
     if len(data) != 2:
         raise DataError(f"a sequence of {len(data)} tensors is ambiguous as data; pass a pair (X, Y), read as "
                         "{'x': X, 'y': Y}, or a mapping naming each tensor as your task reads it")
@@ -77,7 +78,7 @@ def _as_batch(batch: Any) -> dict[str, Tensor]:
     if isinstance(batch, Mapping):
         return {k: torch.as_tensor(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return {k: torch.as_tensor(v) for k, v in _pair(batch).items()}
+        return {k: torch.as_tensor(v) for k, v in pair_batch(batch).items()}
     raise DataError(f"a batch of the data is a {type(batch).__name__}; items must be mappings of tensors or "
                     "(x, y) pairs")
 
@@ -93,7 +94,7 @@ def iter_source_batches(data: Any, collate: Callable | None, batch_size: int, st
         yield from _loader_batches(data, finish, start, stop)
         return
     if isinstance(data, (Mapping, tuple, list)):
-        table = dict(data) if isinstance(data, Mapping) else _pair(data)
+        table = dict(data) if isinstance(data, Mapping) else pair_batch(data)
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             yield np.arange(lo, hi, dtype=np.int64), finish({k: torch.as_tensor(v[lo:hi]) for k, v in table.items()})
@@ -121,4 +122,4 @@ def _loader_batches(loader: torch.utils.data.DataLoader, finish: Callable, start
             break
 
 
-__all__ = ["ACCEPTED", "is_hf_dataset", "iter_source_batches", "num_rows"]
+__all__ = ["ACCEPTED", "is_hf_dataset", "iter_source_batches", "num_rows", "pair_batch"]

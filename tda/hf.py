@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, DataError, MissingDependencyError, ShapeError
 from .lm import completion_log_prob
-from .tasks import Batch, ModelCall, Task, classification_loss_weight, classification_margin
+from .tasks import Batch, ModelCall, Task, classification_loss_weight, classification_margin, margin_and_loss_weight
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +159,7 @@ class HFClassificationTask(Task):
         return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
 
     def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        if type(self).output is not HFClassificationTask.output or \
-                type(self).loss_weight is not HFClassificationTask.loss_weight:
-            return super().output_and_loss_weight(model, batch)
-        logits = self._logits(model, batch)
-        y = batch[self.label_key]
-        return classification_margin(logits, y), classification_loss_weight(logits.detach(), y)
+        return margin_and_loss_weight(self, HFClassificationTask, model, batch)
 
     def example_groups(self, batch: Batch) -> list[tuple[Tensor, Batch]]:
         return trim_padding(batch)

@@ -117,6 +117,17 @@ def classification_loss_weight(logits: Tensor, y: Tensor) -> Tensor:
     return 1.0 - probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
 
 
+def margin_and_loss_weight(task: Task, owner: type, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
+    """A margin classifier's f and Q from one logits call (``task._logits``, labels at
+    ``task.label_key``); a subclass of ``owner`` with its own ``output`` or ``loss_weight`` gets
+    ``(output, None)``, so its own Q is computed by :meth:`Task.loss_weight`."""
+    if type(task).output is not owner.output or type(task).loss_weight is not owner.loss_weight:
+        return task.output(model, batch), None
+    logits = task._logits(model, batch)  # type: ignore[attr-defined]
+    y = batch[task.label_key]  # type: ignore[attr-defined]
+    return classification_margin(logits, y), classification_loss_weight(logits.detach(), y)
+
+
 class ClassificationTask(Task):
     """Margin output for a classifier taking ``batch[input_key]`` and labels ``batch[label_key]``."""
 
@@ -152,8 +163,4 @@ class ClassificationTask(Task):
         return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
 
     def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        if type(self).output is not ClassificationTask.output or type(self).loss_weight is not ClassificationTask.loss_weight:
-            return super().output_and_loss_weight(model, batch)  # a subclass's own f or Q
-        logits = self._logits(model, batch)
-        y = batch[self.label_key]
-        return classification_margin(logits, y), classification_loss_weight(logits.detach(), y)
+        return margin_and_loss_weight(self, ClassificationTask, model, batch)
