@@ -1,4 +1,4 @@
-"""AirRep vs RepSim vs TRAK-1 on MNIST, on the LDS benchmark's ground truth (METHODS.md 5, 6).
+"""AirRep vs RepSim vs TRAK-1 on MNIST, on the LDS benchmark's ground truth (docs/methods.md 5, 6).
 
 Setting of benchmarks/lds.py: MLP 784-128-10, 5,000 training / 500 test images, 10 epochs SGD,
 its cached ground truth (100 subsets at alpha 0.5, one retraining each) and its cached model

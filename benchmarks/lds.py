@@ -1,4 +1,4 @@
-"""LDS benchmark on MNIST (METHODS.md section 6; dattri's MNIST-MLP size).
+"""LDS benchmark on MNIST (docs/methods.md section 6; dattri's MNIST-MLP size).
 
 MLP 784-128-10, 5,000 training / 500 test examples, ground truth of J subsets at alpha 0.5
 x R retrainings each (--gt-models, default 4; the measured output is their mean, and with

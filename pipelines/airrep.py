@@ -1,6 +1,6 @@
 """AirRep in the pipeline: subset-retraining supervision for the learned representation scorer.
 
-When the index stage fits ``score.scorer: airrep`` (METHODS.md section 5, :mod:`tda.airrep`):
+When the index stage fits ``score.scorer: airrep`` (docs/methods.md section 5, :mod:`tda.airrep`):
 
 1. the family's AirRep training queries (:meth:`~pipelines.families.Family.airrep_queries`) are
    checked disjoint from the training set and the run's evaluation queries (by provenance keys;

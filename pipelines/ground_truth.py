@@ -6,7 +6,7 @@ in ``manifest.json`` at once) so an interrupted validation resumes where it stop
 checked against a hash) x R seeds, each giving the measured outputs of every query, and (with
 ``references``) R models trained on the whole set, the reference for group effects and calibration.
 
-Two protocols (METHODS.md section 6): ``classic`` (random alpha-subsets, fresh seeds per
+Two protocols (docs/methods.md section 6): ``classic`` (random alpha-subsets, fresh seeds per
 retraining) and ``small-drop`` (MAGIC / bergson: every retraining uses the attributed run's own
 seed, each subset drops a random ``1 - alpha`` share; with a job that takes data weights the
 dropped rows get weight 0 and the batch order is the run's).

@@ -1,4 +1,4 @@
-"""Append-only, chunked feature store with a JSON manifest (ARCHITECTURE.md seam 3).
+"""Append-only, chunked feature store with a JSON manifest.
 
 Layout of a store folder::
 

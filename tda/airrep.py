@@ -1,4 +1,4 @@
-"""Learned representations for attribution, in the spirit of AirRep (METHODS.md section 5).
+"""Learned representations for attribution, in the spirit of AirRep (docs/methods.md section 5).
 
 A small encoder head E (linear, or a two-layer MLP) maps frozen representations h(z) (a named
 module's output, concatenated over checkpoints and standardised with the training set's

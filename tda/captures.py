@@ -1,5 +1,5 @@
 """Captured layers: per-example inputs and output gradients of linear and convolutional layers,
-and the per-position matrices both projections of captured layers read (METHODS.md section 2;
+and the per-position matrices both projections of captured layers read (docs/methods.md section 2;
 :mod:`tda.factored`, :mod:`tda.tensorsketch`).
 
 For a linear layer ``y_t = W a_t + b`` applied at positions t (tokens, or one position for a

@@ -1,4 +1,4 @@
-"""DDPM output functions, draws and featurizer (METHODS.md sections 1 and 4).
+"""DDPM output functions, draws and featurizer (docs/methods.md sections 1 and 4).
 
 DDPM with epsilon prediction (Ho et al. 2020): a linear beta schedule ``beta_1..beta_T``,
 ``alpha_bar_t = prod_{s<=t} (1 - beta_s)``, noisy input ``x_t = sqrt(alpha_bar_t) x +
@@ -9,10 +9,10 @@ Output functions of :class:`DiffusionTask` (what is attributed, selectable as in
 per example at one ``(t, eps)`` draw, ``e = eps_theta(x_t, t)`` flattened to D values:
 
 - ``loss``: ``mean((e - eps)^2)`` (``L_simple``, the training loss),
-- ``square``: ``mean(e^2)``, ``avg``: ``mean(e)`` (METHODS.md: means, not sums),
+- ``square``: ``mean(e^2)``, ``avg``: ``mean(e)`` (docs/methods.md: means, not sums),
 - ``l1``: ``||e||_1``, ``l2``: ``||e||_2`` (D-TRAK's norms).
 
-Sign (METHODS.md: ``tau(z)_i > 0`` means training on i raises ``f(z)``): the score is the effect
+Sign (docs/methods.md: ``tau(z)_i > 0`` means training on i raises ``f(z)``): the score is the effect
 on the selected output. For ``loss`` a positive score means training on i *raises* the query's
 loss (it makes the image less likely); helpful examples have negative scores. TRAK's train-side
 weight must then be ``Q = -dLoss/df`` (as for classification, where ``Q = 1 - p_y`` is minus

@@ -1,4 +1,4 @@
-"""EK-FAC influence functions: fitting the factors (METHODS.md section 8; George et al. 2018,
+"""EK-FAC influence functions: fitting the factors (docs/methods.md section 8; George et al. 2018,
 Grosse et al. 2023, as in kronfluence).
 
 Influence of training example i on the measured output f(z) of a query (sign: > 0 means that
@@ -41,7 +41,7 @@ Label draws need a task with labels: a task's own ``sample_targets(model, batch,
 batch`` method, else tda's classification tasks (``_logits`` and ``label_key``).
 
 Each checkpoint's factors record a digest of the covered weights; preconditioning under other
-weights is refused (ARCHITECTURE.md: an artifact records what it was made from).
+weights is refused (an artifact records what it was made from).
 
 Modules: the passes are :mod:`tda.ekfac_fit`; the query featurizer, the train/query featurizer
 pair and the in-memory :class:`~tda.ekfac_features.EKFACAttributor` are :mod:`tda.ekfac_features`;

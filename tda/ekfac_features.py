@@ -1,4 +1,4 @@
-"""EK-FAC query and train features through the factored projection (METHODS.md sections 2, 8).
+"""EK-FAC query and train features through the factored projection (docs/methods.md sections 2, 8).
 
 The influence ``tau(z)_i = grad f(z)^T H^-1 (Q_i grad f_i)`` (:mod:`tda.ekfac`) is an inner
 product of two per-example vectors projected by the SAME factored matrices

@@ -1,4 +1,4 @@
-"""Per-layer factored (Kronecker, LoGra-style) gradient projection (METHODS.md section 2).
+"""Per-layer factored (Kronecker, LoGra-style) gradient projection (docs/methods.md section 2).
 
 For a linear layer ``y_t = W a_t + b`` applied at positions t (tokens, or one position for a
 plain MLP), the per-example gradient of the output ``f`` is ``G = sum_t delta_t [a_t; 1]^T``

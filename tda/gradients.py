@@ -1,4 +1,4 @@
-"""Per-example gradients of a task's output with ``torch.func`` (METHODS.md section 1).
+"""Per-example gradients of a task's output with ``torch.func`` (docs/methods.md section 1).
 
 ``vmap(grad(f))`` over ``functional_call``: each example is run as a batch of one, so the
 model must not mix examples (BatchNorm in train mode, for instance); the model is put in eval

@@ -1,7 +1,7 @@
 """The one inner-product kernel every scorer goes through.
 
-Scores are ``T_query @ T_train^T`` (ARCHITECTURE.md seam 1), computed block by block over the
-training set so that memory holds one (m, block) slab at a time. Top-k proponents (largest
+Scores are ``T_query @ T_train^T`` (the scorer seam, :mod:`tda.scorers.base`), computed block
+by block over the training set so that memory holds one (m, block) slab at a time. Top-k proponents (largest
 scores: training on them raises f(z)) and opponents (most negative: they lower f(z)) are kept
 with a streaming merge.
 """

@@ -1,4 +1,4 @@
-"""Causal language models: the output function and batch helpers (METHODS.md section 1).
+"""Causal language models: the output function and batch helpers (docs/methods.md section 1).
 
 Output function (what is attributed). For a token sequence ``x_0 .. x_{T-1}`` with a 0/1 loss
 mask ``m_t`` marking the *completion* tokens,
@@ -7,7 +7,7 @@ mask ``m_t`` marking the *completion* tokens,
 
 that is minus the summed token cross-entropy of the completion given its prompt (the
 completion's log-probability), or the same divided by ``sum_t m_t`` (reduction "mean"). The
-reduction is recorded in the task name. ``Q = 1`` (METHODS.md: Q is 1 for causal LMs). A
+reduction is recorded in the task name. ``Q = 1`` (docs/methods.md: Q is 1 for causal LMs). A
 training sequence is a "completion" with an empty prompt: every position but the first (which
 nothing predicts) is scored, so ``f`` of a training example is minus its training loss (times
 its length). Sign: a score > 0 means training on that sequence *raises* the completion's

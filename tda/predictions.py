@@ -1,4 +1,4 @@
-"""Per-example predictions of any model, from its task's kind (METHODS.md section 1).
+"""Per-example predictions of any model, from its task's kind (docs/methods.md section 1).
 
 What a person reads next to an attribution (the predicted class and its probability) and what
 curation ranks by (the training loss and ``1 - p(label)``) follow from the task, not from the

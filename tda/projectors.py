@@ -1,4 +1,4 @@
-"""Random projections of per-example gradients (METHODS.md section 2).
+"""Random projections of per-example gradients (docs/methods.md section 2).
 
 ``phi = P^T g / sqrt(d)`` with ``P`` of shape (d, k), entries +-1 (Rademacher) or N(0, 1).
 ``P`` is the vertical stack of row blocks ``P_b`` (``block_rows`` x k), each generated from a

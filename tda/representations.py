@@ -1,4 +1,4 @@
-"""Hidden representations of a named module, for RepSim (METHODS.md sections 1 and 5).
+"""Hidden representations of a named module, for RepSim (docs/methods.md sections 1 and 5).
 
 The representation output ``h(z)`` is the output of one named submodule, captured with a
 forward hook and flattened per example to a vector: (B, H) stays as is, (B, T, H) sequences are
@@ -206,7 +206,7 @@ class RepresentationFeaturizer:
     """Hidden representations of a named module under given checkpoints.
 
     A drop-in for :class:`tda.featurize.Featurizer` where scorers need representations
-    instead of gradients (RepSim, METHODS.md section 5).
+    instead of gradients (RepSim, docs/methods.md section 5).
 
     Args:
         model: the network (its weights are replaced by each checkpoint in turn).

@@ -1,5 +1,5 @@
 """What the TensorSketch projection covers beyond the factored projection's layers, and the
-per-example gradients of those parameters (METHODS.md section 2; :mod:`tda.tensorsketch`).
+per-example gradients of those parameters (docs/methods.md section 2; :mod:`tda.tensorsketch`).
 
 Coverage (:func:`tensorsketch_selection`), for every trainable parameter under the selection:
 

@@ -1,4 +1,4 @@
-"""Sparse Johnson-Lindenstrauss projection (SJLT, the CountSketch family; METHODS.md section 2).
+"""Sparse Johnson-Lindenstrauss projection (SJLT, the CountSketch family; docs/methods.md section 2).
 
 Each gradient coordinate ``j`` is sent to ``s`` of the ``k`` outputs with random signs: the
 outputs are split into ``s`` segments of ``k / s``, and in segment ``t`` coordinate ``j`` lands

@@ -1,4 +1,4 @@
-"""Output functions: what is attributed (METHODS.md section 1).
+"""Output functions: what is attributed (docs/methods.md section 1).
 
 A task turns a model call and a batch into the scalar measured output ``f(theta, z)`` per
 example (differentiated to build features) and, for TRAK, the loss weight ``Q(theta, z)``.
@@ -25,7 +25,7 @@ ModelCall = Callable[..., Tensor]
 class Task(ABC):
     """An output function ``f`` (and optionally ``Q``) over batches of examples.
 
-    Subclasses implement :meth:`output`; :meth:`loss_weight` defaults to 1 (METHODS.md: "Q is 1
+    Subclasses implement :meth:`output`; :meth:`loss_weight` defaults to 1 (docs/methods.md: "Q is 1
     when undefined").
     """
 

@@ -1,5 +1,5 @@
 """TensorSketch projection of per-layer gradients from captured layers (Pham & Pagh 2013;
-METHODS.md section 2).
+docs/methods.md section 2).
 
 For a layer applied at positions t (tokens, output pixels of a convolution, one position for a
 plain MLP) the per-example gradient is ``G = sum_t delta_t a_t^T`` (``d_out x d_in``, ``a_t``

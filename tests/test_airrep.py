@@ -1,4 +1,4 @@
-"""AirRep-style learned representations (METHODS.md section 5): head training on a synthetic
+"""AirRep-style learned representations (docs/methods.md section 5): head training on a synthetic
 problem with a known answer, group scores against explicit loops, the scorer seam (state round
 trip, FAISS top-k), disjointness, and the pipeline end to end on a tiny classifier config."""
 

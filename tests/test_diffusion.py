@@ -1,4 +1,4 @@
-"""DDPM output functions, draws and the diffusion scorers (METHODS.md sections 1, 3, 4) against
+"""DDPM output functions, draws and the diffusion scorers (docs/methods.md sections 1, 3, 4) against
 float64 references with explicit loops over examples and timesteps."""
 
 from __future__ import annotations

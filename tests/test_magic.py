@@ -1,4 +1,4 @@
-"""MAGIC (METHODS.md section 8): exact metagradients through deterministic training.
+"""MAGIC (docs/methods.md section 8): exact metagradients through deterministic training.
 
 References, all float64 on a Linear(4, 8)-tanh-Linear(8, 3) model and 24 random examples:
 ``torch.optim`` runs (the recipes' forward semantics), central finite differences of

@@ -1,4 +1,4 @@
-"""The seeded blocked projector (METHODS.md section 2): determinism, exactness, statistics."""
+"""The seeded blocked projector (docs/methods.md section 2): determinism, exactness, statistics."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def byo_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def reference_scores(project: Path, run: Path) -> np.ndarray:
     """TracIn scores from float64 per-example loop gradients on inputs scaled by hand (/255):
-    ``sum_c lr_c <grad f(query), grad f(train)>`` (METHODS.md section 4), unprojected."""
+    ``sum_c lr_c <grad f(query), grad f(train)>`` (docs/methods.md section 4), unprojected."""
     import datasets
 
     sys.path.insert(0, str(project))

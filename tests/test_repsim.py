@@ -1,4 +1,4 @@
-"""RepSim and hidden representations (METHODS.md sections 1 and 5) against manual forwards."""
+"""RepSim and hidden representations (docs/methods.md sections 1 and 5) against manual forwards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TracInCP, Grad-Dot and Grad-Cos (METHODS.md section 4) against float64 references."""
+"""TracInCP, Grad-Dot and Grad-Cos (docs/methods.md section 4) against float64 references."""
 
 from __future__ import annotations
 

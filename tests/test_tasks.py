@@ -1,4 +1,4 @@
-"""Output functions (METHODS.md section 1): the classification margin and Q."""
+"""Output functions (docs/methods.md section 1): the classification margin and Q."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TRAK (METHODS.md section 3) against the explicit float64 formula and against `traker`."""
+"""TRAK (docs/methods.md section 3) against the explicit float64 formula and against `traker`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _random_features(rng: np.random.Generator, m_count: int, n: int, k: int) -> 
 
 
 def _trak_reference(train: FeatureBlock, query: FeatureBlock, lambda_rel: float) -> np.ndarray:
-    """METHODS.md section 3 in float64 with an explicit inverse: (m, n) scores."""
+    """docs/methods.md section 3 in float64 with an explicit inverse: (m, n) scores."""
     m_count, _, k = train.feats.shape
     num = 0.0
     for m in range(m_count):

@@ -3,7 +3,7 @@
 Data: the corpus file (``data.root``: the file, or a folder holding ``input.txt``; default Tiny
 Shakespeare, shipped with tda) is split at ``model.options.test_start`` (a fraction of its characters). Training
 examples are the first ``data.train_size`` non-overlapping ``context``-character sequences of the
-first part (ids 0..n-1). Queries ("completion given prompt", METHODS.md section 1: f = log p of
+first part (ids 0..n-1). Queries ("completion given prompt", docs/methods.md section 1: f = log p of
 the completion, i.e. minus its summed token loss; Q = 1) are the ``model.options.queries``
 pairs, then ``data.query_size`` sequences of the held-out part (``query_split: test``) or of the
 training set itself (``query_split: train``: each should be its own top proponent), each split

@@ -1,5 +1,5 @@
 """The ``classifier`` family: image classifiers (MLP or small CNN) on MNIST, Fashion-MNIST or
-CIFAR-2, attributed through the classification margin (METHODS.md section 1).
+CIFAR-2, attributed through the classification margin (docs/methods.md section 1).
 
 Training: SGD with a linearly decaying rate (:func:`pipelines.families.training.train_classifier`), one model per
 seed. Features: projected gradients (dense or factored) or the last hidden layer's output.

@@ -21,7 +21,7 @@ the training subset; its subset models report the output averaged over a seeded 
 Queries are the configured query split followed by ``model.options.generate`` images sampled
 from model 0 after training (ids from :data:`GENERATED_ID0`, label -1). The report prints the
 proponents/opponents of a few test and generated queries and the "generally influential"
-counts of TracIn and ReTrac (METHODS.md section 4), which the score stage saves to
+counts of TracIn and ReTrac (docs/methods.md section 4), which the score stage saves to
 ``scores/influential.json`` (:meth:`DiffusionFamily.extra_results`).
 """
 
@@ -67,7 +67,7 @@ GENERATED_ID0 = 1_000_000  # ids of generated query images: GENERATED_ID0 + j
 
 @dataclass
 class DiffusionOptions:
-    """``model.options`` of the diffusion family (METHODS.md sections 1 and 4)."""
+    """``model.options`` of the diffusion family (docs/methods.md sections 1 and 4)."""
 
     T: int = 1000  # diffusion timesteps
     beta_start: float = 1e-4  # linear beta schedule from beta_start to beta_end
@@ -337,7 +337,7 @@ def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
     lines = [f"\n{cfg.name}: DDPM (T={o.T}), {len(top['train_ids'])} training images, {len(qids)} queries "
              f"({int((~gen).sum())} test, {int(gen.sum())} generated), {len(ckpts)} checkpoints, scorer "
              f"{cfg.score.scorer}, f = {o.output}" + (f", held-out loss {np.mean(losses):.4f}" if losses else ""),
-             "score > 0: training on the example raises f(query) (METHODS.md sign convention)"
+             "score > 0: training on the example raises f(query) (docs/methods.md sign convention)"
              + ("; RepSim scores are similarities, not signed effects" if cfg.score.scorer == "repsim" else "")]
     low, high = _titles(o.output, cfg.score.scorer)
     shown = min(5, cfg.score.topk)

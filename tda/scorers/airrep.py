@@ -1,4 +1,4 @@
-"""AirRep-style scorer: a learned encoder head on frozen representations (METHODS.md section 5).
+"""AirRep-style scorer: a learned encoder head on frozen representations (docs/methods.md section 5).
 
 ``tau(z)_i = <E(h(z)), E(h(z_i))>`` with ``h`` the representations of the FeatureBlock's M
 checkpoints concatenated (M*H values, from :class:`tda.representations.RepresentationFeaturizer`)

@@ -1,6 +1,6 @@
 """The scorer seam: every scorer is two transforms and an inner product.
 
-``score(z, z_i) = <T_query(z), T_train(z_i)>`` (ARCHITECTURE.md, seam 1). A scorer defines
+``score(z, z_i) = <T_query(z), T_train(z_i)>``. A scorer defines
 :meth:`Scorer.fit` (optional) and the two transforms; :mod:`tda.kernel` owns the blocked matmul
 loops, and the FAISS index stores ``T_train`` of every training example so that any scorer is
 served by maximum inner product search.

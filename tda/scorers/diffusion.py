@@ -1,4 +1,4 @@
-"""Scorers for diffusion models: D-TRAK, Diffusion-TracIn, Diffusion-ReTrac (METHODS.md 3, 4).
+"""Scorers for diffusion models: D-TRAK, Diffusion-TracIn, Diffusion-ReTrac (docs/methods.md 3, 4).
 
 - D-TRAK is TRAK (:class:`~tda.scorers.trak.TRAKScorer`, unchanged) on features from
   :class:`tda.diffusion.DiffusionFeaturizer` in ``mode="mean"``: gradients of the selected
@@ -14,7 +14,7 @@
       TracIn:  tau(z)_i = -sum_c eta_c < (1/S) sum_s phi_c,s(z),           phi_c,i >
       ReTrac:  tau(z)_i = -sum_c eta_c < (1/S) sum_s phi_c,s(z) / n_c,s(z), phi_c,i / n_c,i >
 
-  The minus sign is the sign convention (METHODS.md): a gradient step on the training loss of
+  The minus sign is the sign convention (docs/methods.md): a gradient step on the training loss of
   z_i, ``theta -= eta grad L(z_i)``, changes ``f(z)`` by ``-eta <grad f(z), grad L(z_i)>``, so a
   positive score means training on z_i raises f(z); with ``f = loss``, helpful examples (that
   lower the query's loss) have negative scores. Dividing projected gradients by the exact full

@@ -1,4 +1,4 @@
-"""EK-FAC influence as two transforms (METHODS.md section 8; :mod:`tda.ekfac`).
+"""EK-FAC influence as two transforms (docs/methods.md section 8; :mod:`tda.ekfac`).
 
 Per checkpoint m the influence of train example i on query z is
 ``tau_m(z)_i = <psi_m(z), Q_m,i phi_m,i>`` where ``phi`` are the factored features of

@@ -1,4 +1,4 @@
-"""RepSim: similarity of hidden representations (METHODS.md section 5).
+"""RepSim: similarity of hidden representations (docs/methods.md section 5).
 
 Features are representations ``h_c(z)`` of a named module under each checkpoint c (the
 FeatureBlock's M axis), produced by :class:`tda.representations.RepresentationFeaturizer`.

@@ -1,4 +1,4 @@
-"""The TracIn family as transforms (METHODS.md section 4).
+"""The TracIn family as transforms (docs/methods.md section 4).
 
 All three scorers are inner products of per-checkpoint features ``phi_c`` (the FeatureBlock's
 M axis is the checkpoints), so each is a pair of concatenations over checkpoints:
@@ -11,12 +11,12 @@ M axis is the checkpoints), so each is a pair of concatenations over checkpoints
   normalised to unit L2 norm per checkpoint first (zero rows stay zero).
 
 Which gradients: the features are gradients of the task's *measured output* ``f`` (for
-classification the margin ``log(p/(1-p))``, METHODS.md section 1), not of the training loss.
+classification the margin ``log(p/(1-p))``, docs/methods.md section 1), not of the training loss.
 With the margin this is the "output-gradient" TracIn variant: since
 ``dLoss/dtheta = -Q * df/dtheta`` with ``Q = 1 - p_y`` for cross-entropy, the loss-gradient
 TracIn score of a pair equals this one times ``Q(z) * Q(z_i)`` per checkpoint. The loss weights
 ``q`` carried by the :class:`~tda.features.FeatureBlock` are ignored by these scorers. Random
-projection (METHODS.md section 2) preserves inner products in expectation, and the cosine of
+projection (docs/methods.md section 2) preserves inner products in expectation, and the cosine of
 projected gradients approximates the cosine of full gradients.
 
 Sign convention: a positive score means the training example raises ``f(z)`` (a gradient step
@@ -82,7 +82,7 @@ def check_finite_rows(vectors: np.ndarray, ids: np.ndarray, what: str) -> np.nda
 class TracInCPScorer(Scorer):
     """TracInCP: learning-rate-weighted gradient dot products summed over checkpoints.
 
-    ``tau(z)_i = sum_c eta_c <phi_c(z), phi_c,i>`` (METHODS.md section 4), as the inner product of
+    ``tau(z)_i = sum_c eta_c <phi_c(z), phi_c,i>`` (docs/methods.md section 4), as the inner product of
     ``concat_c(sqrt(eta_c) phi_c,i)`` and ``concat_c(sqrt(eta_c) phi_c(z))``. The features are
     gradients of the measured output ``f`` (see the module docstring); ``Q`` is ignored.
 
@@ -166,7 +166,7 @@ class TracInCPScorer(Scorer):
 class GradDotScorer(Scorer):
     """Grad-Dot: gradient dot products averaged over checkpoints.
 
-    ``tau(z)_i = (1/M) sum_c <phi_c(z), phi_c,i>`` (METHODS.md section 4; with one checkpoint
+    ``tau(z)_i = (1/M) sum_c <phi_c(z), phi_c,i>`` (docs/methods.md section 4; with one checkpoint
     the plain ``<phi(z), phi_i>``). Train side ``concat_c(phi_c,i) / M``, query side
     ``concat_c(phi_c(z))``. ``Q`` is ignored.
     """
@@ -188,7 +188,7 @@ class GradCosScorer(Scorer):
     """Grad-Cos: cosine similarity of gradients, averaged over checkpoints.
 
     ``tau(z)_i = (1/M) sum_c <u_c(z), u_c,i>`` with ``u = phi / ||phi||_2`` per checkpoint and
-    example (METHODS.md section 4); zero gradients give ``u = 0`` and score 0. Scores lie in
+    example (docs/methods.md section 4); zero gradients give ``u = 0`` and score 0. Scores lie in
     [-1, 1] and a training example's similarity with itself is 1 (for a nonzero gradient).
     Train side ``concat_c(u_c,i) / M``, query side ``concat_c(u_c(z))``. ``Q`` is ignored.
     """

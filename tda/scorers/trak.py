@@ -1,4 +1,4 @@
-"""TRAK (METHODS.md section 3).
+"""TRAK (docs/methods.md section 3).
 
 For each checkpoint m: ``K_m = Phi_m^T Phi_m + lambda_m I`` with
 ``lambda_m = lambda_rel * mean(diag(Phi_m^T Phi_m))``, factored by Cholesky in float64. By default

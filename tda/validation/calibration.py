@@ -1,4 +1,4 @@
-"""Magnitude calibration of attributed group effects (METHODS.md section 6).
+"""Magnitude calibration of attributed group effects (docs/methods.md section 6).
 
 LDS checks ranks only. The unlearning workflow also needs the size of an effect. Removing the
 group ``D \\ S_j`` changes the output by ``actual[j, q] = f_{S_j}(z_q) - f_D(z_q)``. The scores

@@ -1,4 +1,4 @@
-"""Counterfactual validation metrics (METHODS.md section 6), as pure functions.
+"""Counterfactual validation metrics (docs/methods.md section 6), as pure functions.
 
 Shapes: m queries, n training examples, J subsets, R retrained models per subset.
 Sign: ``scores[q, i] > 0`` means training on i raises f(z_q); the group prediction of subset
