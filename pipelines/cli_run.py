@@ -303,6 +303,10 @@ def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
         lds_ = res["lds"]
         print(f"  TRAK ridge: configured {lds_['configured']['label']}, tuning fold chose "
               f"{lds_['chosen_lambda_rel']:g}")
+    if "linearity" in res:
+        from .stages.validate_linearity import linearity_line
+
+        print(linearity_line(res["linearity"]))
     gt_noise = res.get("ground_truth", {}).get("noise")
     if gt_noise:
         print(f"  ground truth: {res['models_per_subset']} models per subset agree at "

@@ -15,7 +15,7 @@ PROTOCOLS = ("classic", "small-drop")
 
 @dataclass
 class ValidateConfig:
-    """Counterfactual validation (METHODS.md section 6)."""
+    """Counterfactual validation (docs/methods.md section 6)."""
 
     protocol: str = "classic"  # "classic" (random alpha-subsets, fresh seeds) or "small-drop" (the run's seed, drop a few)
     subsets: int = 100  # J random training subsets
@@ -31,6 +31,7 @@ class ValidateConfig:
     removal_queries: int = 0  # queries with removal curves (0: off)
     removal_ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     removal_seeds: int = 1  # retrainings per removal set
+    linearity_subsets: int = 5  # MAGIC validated under small-drop: subsets retrained again at half weight (0: off)
     plots: bool = True  # write PNG plots next to the JSON/CSV
 
     def __post_init__(self) -> None:
@@ -45,6 +46,8 @@ class ValidateConfig:
             raise ConfigError("validate.scorers must name at least one scorer, or be left out (every scorer)")
         if not self.lambda_grid or any(not x > 0 for x in self.lambda_grid):
             raise ConfigError(f"validate.lambda_grid must hold positive values, got {self.lambda_grid}")
+        if not isinstance(self.linearity_subsets, int) or self.linearity_subsets < 0:
+            raise ConfigError(f"validate.linearity_subsets must be an integer >= 0, got {self.linearity_subsets!r}")
         if self.removal_queries < 0 or any(k < 1 for k in self.removal_ks):
             raise ConfigError("validate.removal_queries must be >= 0 and removal_ks positive")
 

@@ -2,7 +2,7 @@
 
 A job is a picklable :class:`~pipelines.ground_truth.RetrainJob`, ``(training rows, seed) ->
 (m,) outputs``: it trains the family's recipe from scratch on the given rows of the run's
-training set and returns the measured output f (METHODS.md section 1) of every query. Each
+training set and returns the measured output f (docs/methods.md section 1) of every query. Each
 family's job lives in the family's own file (``ClassifierSubsetJob`` in :mod:`.classifier`,
 ``LMSubsetJob`` in :mod:`.causal_lm`, ``DiffusionSubsetJob`` in :mod:`.diffusion`,
 ``UserSubsetJob`` in :mod:`.user`).
@@ -18,7 +18,9 @@ executor's task graph.
 on the given rows and 0 on the rest, so the batches, their order and the initialisation stay the
 full run's. Jobs whose recipe takes weights say so (``supports_weights``, :meth:`SubsetJob.run_weighted`);
 the others train on the given rows with the same seed (the batch order then differs), and
-:attr:`SubsetJob.batch_order` records which of the two happened.
+:attr:`SubsetJob.batch_order` records which of the two happened. ``dropped_weight`` (default 0)
+is the weight the rows left out get in a weighted job: ``tda validate``'s linearity check
+retrains a few subsets with it at 0.5 (:mod:`pipelines.stages.validate_linearity`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class SubsetJob:
         self.weighted = False
 
     supports_weights = False
+    dropped_weight = 0.0  # weight of the rows left out under the fixed batch order (0: dropped)
 
     @property
     def batch_order(self) -> str:
@@ -97,8 +100,12 @@ class SubsetJob:
         keep = slice(0, self.n_queries)
         rows = np.asarray(rows, dtype=np.int64)
         query, query_ids = take_rows(query, keep), query_ids[keep]
+        if self.dropped_weight and self.batch_order != "fixed":
+            raise ConfigError(f"a dropped-row weight of {self.dropped_weight:g} needs a job that trains with data "
+                              f"weights under the small-drop protocol; the {self.cfg.model.family!r} family's job "
+                              "does not")
         if self.batch_order == "fixed":
-            weights = torch.zeros(len(train_ids))
+            weights = torch.full((len(train_ids),), float(self.dropped_weight))
             weights[torch.from_numpy(rows)] = 1.0
             if bool((weights == 1.0).all()):  # the full-set reference: the attributed run's own path, bit for bit
                 weights = None

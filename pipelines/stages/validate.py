@@ -209,6 +209,10 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
             result["ground_truth"]["noise"] = ground_truth_reliability(runs).as_dict()
         scores = measure_scorers(cfg, paths, names, train, query, (gt.masks, outputs, gt.full_outputs()), folds,
                                  result)
+        if "magic" in names:  # is the retrained outcome linear enough for a first-order prediction?
+            from .validate_linearity import linearity_check
+
+            result["linearity"] = linearity_check(cfg, paths, job, gt, executor, progress)
         if v.removal_queries:
             result["removal"] = removal_curves(cfg, paths, scores, executor, progress)
     from .recipe_check import recipe_check
