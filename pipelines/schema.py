@@ -187,7 +187,7 @@ class ScoreConfig:
     block_rows: int = 8192  # training rows per scoring block
     influential_fraction: float = 0.2  # report: "generally influential" = in the top-k of more than this share of queries
     dense: bool = True  # write the dense (n_query x n_train) scores.npy; false: top-k from the index only (large n)
-    options: dict[str, Any] = field(default_factory=dict)  # repsim / airrep settings (pipelines/score_options.py)
+    options: dict[str, Any] = field(default_factory=dict)  # repsim / airrep / trak settings (pipelines/score_options.py)
     text_chars: int | None = None  # texts shown in full (CLI, JSON, HTML) unless cut to this many characters
 
     def __post_init__(self) -> None:

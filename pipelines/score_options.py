@@ -1,6 +1,7 @@
-"""``score.options``: the settings of the representation scorers, checked like the rest.
+"""``score.options``: the settings of the representation scorers and TRAK's answer options,
+checked like the rest.
 
-Only ``repsim`` and ``airrep`` take options; any other scorer with a non-empty
+Only ``repsim``, ``airrep`` and ``trak`` take options; any other scorer with a non-empty
 ``score.options`` is an error, and unknown keys raise :class:`ConfigError` with a "did you
 mean". Options change scores only, so they are hashed with the score section (index and scores
 are refitted when they change); the representation module also changes the stored features and
@@ -82,8 +83,29 @@ class AirRepOptions:
                        subset_epochs=self.subset_epochs or max(1, math.ceil(share * cfg.train.epochs)))
 
 
-OPTION_TYPES: dict[str, type] = {"repsim": RepSimOptions, "airrep": AirRepOptions}
-REPRESENTATION_SCORERS = tuple(OPTION_TYPES)
+@dataclass
+class TRAKOptions:
+    """``score.options`` of ``trak`` (:class:`tda.scorers.trak_variants.TRAKVariantScorer`):
+    ``normalize: true`` scores by the cosine of the whitened gradients (TrackStar's unit
+    normalisation; proponents that differ per query and include well-fitted odd examples, at some
+    LDS, ``benchmarks/quanda.py``); ``q_weight: false`` drops the ``1 - p`` weight only."""
+
+    normalize: bool = False
+    q_weight: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("normalize", "q_weight"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"score.options.{name} must be true or false, got {getattr(self, name)!r}")
+
+    def scorer_options(self) -> dict[str, bool]:
+        """The :class:`TRAKVariantScorer` keywords (empty at the defaults: plain TRAK)."""
+        same = self.normalize is False and self.q_weight is True
+        return {} if same else {"normalize": self.normalize, "q_weight": self.q_weight}
+
+
+REPRESENTATION_SCORERS = ("repsim", "airrep")
+OPTION_TYPES: dict[str, type] = {"repsim": RepSimOptions, "airrep": AirRepOptions, "trak": TRAKOptions}
 
 
 def score_options(cfg: RunConfig, family: Any) -> Any:
@@ -103,4 +125,5 @@ def score_options(cfg: RunConfig, family: Any) -> Any:
     return options.resolved(cfg, family) if isinstance(options, AirRepOptions) else options
 
 
-__all__ = ["AirRepOptions", "OPTION_TYPES", "REPRESENTATION_SCORERS", "RepSimOptions", "score_options"]
+__all__ = ["AirRepOptions", "OPTION_TYPES", "REPRESENTATION_SCORERS", "RepSimOptions", "TRAKOptions",
+           "score_options"]

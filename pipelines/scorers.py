@@ -6,7 +6,8 @@ them here is which stored features they read and how they are built from a run:
 =================== =================================== ==========================================
 name                feature kinds (preferred first)     built from
 =================== =================================== ==========================================
-trak                gradients, grid                     ``score.lambda_rel``
+trak                gradients, grid                     ``score.lambda_rel``, ``score.options``
+                                                        (``normalize``, ``q_weight``)
 dtrak               grid                                ``score.lambda_rel`` (D-TRAK: Q = 1)
 tracin              slots, gradients                    the checkpoints' learning rates
 graddot, gradcos    slots, gradients                    nothing
@@ -112,8 +113,17 @@ def _diffusion(cls: type) -> Builder:
                                                 projection_width(cfg, family.build_model(cfg)))
 
 
-register_scorer("trak", ("gradients", "grid"), lambda cfg, paths, family, kind: make_scorer(
-    "trak", lambda_rel=cfg.score.lambda_rel))
+def _trak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+    """TRAK; with ``score.options`` (``normalize`` / ``q_weight``) its variant scorer."""
+    from tda.scorers.trak_variants import TRAKVariantScorer
+
+    options = score_options(cfg, family).scorer_options()
+    if options:
+        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
+    return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
+
+
+register_scorer("trak", ("gradients", "grid"), _trak)
 register_scorer("dtrak", ("grid",), lambda cfg, paths, family, kind: make_dtrak_scorer(cfg.score.lambda_rel))
 register_scorer("tracin", ("slots", "gradients"), lambda cfg, paths, family, kind: _per_slot(
     cfg, family, kind, make_scorer("tracin", learning_rates=family.learning_rates(cfg, paths))))

@@ -34,6 +34,7 @@ from .kernel import TopK, score_matrix, top_k
 from .projection_choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
 from .api_methods import EKFACMethod, MagicMethod
 from .scorers import Scorer, TRAKScorer, make_scorer
+from .scorers.trak_variants import VARIANT_KEYS, TRAKVariantScorer
 from .api_support import default_task, snapshot
 from .tasks import Task
 
@@ -236,7 +237,8 @@ GRADIENT_SCORERS = ("trak", "tracin", "graddot", "gradcos")
 
 def scorer_by_name(scorer: Scorer | str | None, checkpoints: int, options: Mapping[str, Any] | None) -> Scorer:
     """The scorer over gradient features that ``scorer`` names (``None``: TRAK at its defaults);
-    TracIn weighs checkpoints equally unless ``learning_rates`` is among ``options``."""
+    TracIn weighs checkpoints equally unless ``learning_rates`` is among ``options``; TRAK with
+    ``normalize`` or ``q_weight`` among them is :class:`~tda.scorers.trak_variants.TRAKVariantScorer`."""
     if scorer is None or not isinstance(scorer, str):
         if options:
             raise ConfigError("scorer_options apply to a scorer given by name; configure a Scorer object directly")
@@ -250,6 +252,8 @@ def scorer_by_name(scorer: Scorer | str | None, checkpoints: int, options: Mappi
     opts = dict(options or {})
     if scorer == "tracin":
         opts.setdefault("learning_rates", [1.0] * checkpoints)
+    if scorer == "trak" and any(key in opts for key in VARIANT_KEYS):
+        return TRAKVariantScorer(**opts)  # normalize / q_weight (tda.scorers.trak_variants)
     return make_scorer(scorer, **opts)
 
 
