@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class RepSimOptions:
-    """``score.options`` of ``repsim`` (METHODS.md section 5)."""
+    """``score.options`` of ``repsim`` (docs/methods.md section 5)."""
 
     module: str | None = None  # module whose output is h(z) (None: the family's default)
     label_aware: bool = False  # classifier: features (onehot(y) - softmax(logits)) x h instead of h

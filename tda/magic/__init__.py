@@ -1,4 +1,4 @@
-"""MAGIC: near-optimal data attribution by exact metagradients through training (METHODS.md 8).
+"""MAGIC: near-optimal data attribution by exact metagradients through training (docs/methods.md 8).
 
 Example::
 

@@ -1,6 +1,6 @@
 """Training as a pure function: a model's parameters as a tuple, the training data collated once.
 
-MAGIC (METHODS.md section 8) differentiates a whole training run, so every step must be a pure,
+MAGIC (docs/methods.md section 8) differentiates a whole training run, so every step must be a pure,
 deterministic function of (parameters, optimizer state, data weights). This module provides the
 pieces the recipes and the reverse pass share:
 

@@ -1,6 +1,6 @@
 """MAGIC scores: exact metagradients of query outputs through a whole training run.
 
-METHODS.md section 8 (Ilyas & Engstrom 2025). With per-example data weights w and the recipe's
+docs/methods.md section 8 (Ilyas & Engstrom 2025). With per-example data weights w and the recipe's
 deterministic run ``s_{t+1} = step_t(s_t, w_{B_t})`` (s = parameters and optimizer state, T
 steps), the score of training example i for query j is
 

@@ -1,6 +1,6 @@
 """Deterministic training recipes whose every step is a pure, differentiable function.
 
-A recipe fixes everything about a training run (METHODS.md section 8, MAGIC): the model's
+A recipe fixes everything about a training run (docs/methods.md section 8, MAGIC): the model's
 initialisation (``torch.manual_seed(seed)`` before ``model_fn()``), the batch order (one
 ``torch.randperm`` per epoch from a generator seeded with ``seed``), the learning-rate schedule and
 the optimizer. Step t on batch B_t with per-example data weights w minimises
