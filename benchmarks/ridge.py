@@ -13,8 +13,14 @@ rule (df = 3.6 M^0.43 sqrt(k)) and the old default 0.01.
 Each kernel is diagonalised once, so every ridge costs one GEMM: ``phi_q U diag(1/(s+lambda))
 U^T phi_i``; a self-check first compares that with tda's TRAKScorer on the first set.
 
-    python benchmarks/ridge.py                   # ~25 min on 2 cores the first time, ~2 min after
-    python benchmarks/ridge.py --sets mnist,cifar2-small
+Then the pairs of ``benchmarks/ridge_regimes.py`` (MLPs, CNNs and a transformer on MNIST,
+MNIST 3-vs-8, Fashion-MNIST, CIFAR-2, CIFAR-10, SST-2, QNLI and AG News, n from 400 to 5,000, through
+the Python API), and one summary table of every pair at k = 1024 and all models: the automatic
+ridge against the best fixed one chosen on the tuning fold, the pairs that chose the rule's constants
+apart from the held-out ones.
+
+    python benchmarks/ridge.py                   # ~25 min + ~2 h on 2 cores the first time, minutes after
+    python benchmarks/ridge.py --sets mnist,cifar2-small --pairs
 """
 
 from __future__ import annotations
@@ -134,6 +140,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tda" / "ridge")
     p.add_argument("--sets", default=",".join(SETS))
+    p.add_argument("--pairs", nargs="*", default=None, help="benchmarks/ridge_regimes.py pairs set:model:n "
+                   "(default: all of them; none: --pairs with nothing after it)")
     a = p.parse_args()
     print("| data set | k | M | best fixed lambda_rel (tuning) | LDS, best fixed | LDS, auto (df) | auto - best "
           "| previous (spread rule) - best | LDS, width rule | width - best | LDS, 0.01 |\n"
@@ -149,6 +157,44 @@ def main() -> None:
         gaps = np.array([r[rule] - r["best"] for r in rows])
         print(f"{rule:>6}: mean gap to the best fixed {gaps.mean():+.4f}, worst {gaps.min():+.3f}, "
               f"cells below -0.02: {(gaps < -0.02).sum()} of {len(gaps)}")
+    summary(rows, a.pairs)
+
+
+# Sets of this file that chose the rule's constants; cifar2-small-e20 was added after, as a check.
+HELD_OUT_SETS = {"cifar2-small-e20"}
+MODELS = {"mnist": ("MLP", "MNIST", 2000, 10), "fashion": ("MLP", "Fashion-MNIST", 2000, 10),
+          "cifar2": ("CNN", "CIFAR-2", 2000, 2), "mnist-small": ("MLP", "MNIST (4 epochs)", 2000, 10),
+          "cifar2-small": ("CNN", "CIFAR-2 (6 epochs)", 1000, 2), "cifar2-small-e20": ("CNN", "CIFAR-2 (20 epochs)", 1000, 2),
+          "char-lm": ("transformer", "char LM", 400, "-")}
+
+
+def summary(rows: list[dict], pairs: list[str] | None) -> None:
+    """One table: every pair at its full k and all models, this file's sets and ridge_regimes' pairs."""
+    import ridge_regimes
+
+    table = []
+    for r in rows:
+        if r["k"] == max(x["k"] for x in rows if x["set"] == r["set"]) and \
+                r["m"] == max(x["m"] for x in rows if x["set"] == r["set"]):
+            arch, label, n, classes = MODELS[r["set"]]
+            table.append((label, arch, n, classes, r["best_lambda"], r["best"], r["auto"], r["set"] in HELD_OUT_SETS))
+    args = ridge_regimes.parser().parse_args([])
+    for pair in ridge_regimes.PAIRS if pairs is None else pairs:
+        name, arch, n = pair.split(":")
+        r = ridge_regimes.run_set(name, arch, int(n), args)
+        table.append((name, arch, int(n), r["classes"], r["best_lambda_rel"], r["best_fixed"], r["auto"],
+                      pair in ridge_regimes.HELD_OUT))
+    print("\n| data set | model | n | classes | best fixed lambda_rel (tuning fold) | LDS, best fixed | LDS, auto "
+          "| auto - best | held out |\n|---|---|---|---|---|---|---|---|---|")
+    for label, arch, n, classes, lam, best, auto, held in table:
+        print(f"| {label} | {arch} | {n} | {classes} | {lam:g} | {best:.3f} | {auto:.3f} | {auto - best:+.3f} "
+              f"| {'yes' if held else ''} |")
+    gaps = np.array([t[6] - t[5] for t in table])
+    held = np.array([t[7] for t in table])
+    for what, sel in (("all", np.ones(len(table), bool)), ("held out", held)):
+        if sel.any():
+            print(f"{what}: {sel.sum()} pairs, mean gap {gaps[sel].mean():+.3f}, worst {gaps[sel].min():+.3f}, "
+                  f"within 0.02: {(gaps[sel] >= -0.02).sum()}")
 
 
 if __name__ == "__main__":
