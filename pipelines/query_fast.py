@@ -31,7 +31,7 @@ from stores.index import index_space
 from tda.errors import QueryError, StoreError, TDAError
 from tda.features import FeatureBlock
 
-from .layout import RunPaths, json_field
+from .layout import LABELS_DIR, RunPaths, json_field
 from .report import label_fields, label_name, text_fields
 from .run_folder import QUERY_NEEDS, RunLabels, check_complete, dataset_labels, recorded_config, stored_features
 from .schema import RunConfig, scorer_fingerprint
@@ -40,9 +40,6 @@ from .schema import RunConfig, scorer_fingerprint
 LEAN_SCORERS = ("trak", "tracin", "graddot", "gradcos")
 #: families whose gradient scorers run per draw (``SlotScorer``, whose width needs the model): TRAK only
 SLOT_FAMILIES = ("diffusion",)
-#: the labels ``tda run`` records for the lean path: ``labels/labels.npz`` and its marker ``labels/labels.json``
-#: (which also holds the class names), and the texts of text data in ``labels/texts.npz``
-LABELS_DIR = "labels"
 #: texts are recorded for the lean path up to this many UTF-8 bytes in all; longer ones are read
 #: from the data set by the full path
 TEXT_BYTES_MAX = 16 * 2**20
@@ -127,11 +124,11 @@ def lean_scorer(cfg: RunConfig, paths: RunPaths) -> Any:
         raise NotLean("the fitted scorer is missing, stale or damaged")
     with np.load(state_path, allow_pickle=False) as z:
         state = {k: z[k] for k in z.files}
-    from tda.scorers import GradCosScorer, GradDotScorer, TracInCPScorer, TRAKScorer
+    from tda.scorers import GradCosScorer, GradDotScorer, TracInCPScorer
 
     try:
         if name == "trak":
-            return TRAKScorer(lambda_rel=cfg.score.lambda_rel).load_state_dict(state)
+            return _trak(cfg).load_state_dict(state)
         if name == "tracin":
             if "learning_rates" not in state:
                 raise NotLean("the TracIn state records no learning rates")
@@ -139,6 +136,17 @@ def lean_scorer(cfg: RunConfig, paths: RunPaths) -> Any:
         return (GradDotScorer() if name == "graddot" else GradCosScorer()).load_state_dict(state)
     except TDAError as exc:
         raise NotLean(str(exc)) from exc
+
+
+def _trak(cfg: RunConfig) -> Any:
+    """TRAK as the run's ``score.options`` configure it (``normalize`` changes the query side)."""
+    from tda.scorers import TRAKScorer
+    from tda.scorers.trak_variants import VARIANT_KEYS, TRAKVariantScorer
+
+    options = {key: bool(cfg.score.options[key]) for key in VARIANT_KEYS if key in cfg.score.options}
+    if options.get("normalize", False) or not options.get("q_weight", True):
+        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
+    return TRAKScorer(lambda_rel=cfg.score.lambda_rel)
 
 
 def lean_index(cfg: RunConfig, paths: RunPaths, scorer: Any, dim: int) -> FaissIndex:

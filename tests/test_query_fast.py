@@ -149,3 +149,19 @@ def test_list_of_a_demo_run_without_names_or_texts(tiny_run, capsys):
     assert main(["query", "--run", str(tiny_run), "--list", "--split", "train", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed == [{"id": i, "label": labels["train"][i], "label_name": None} for i in train_ids]
+
+
+@pytest.mark.parametrize("options", ["{normalize: true}", "{q_weight: false}"])
+def test_lean_answer_of_a_trak_variant_equals_its_dense_scores(tmp_path, options):
+    """``score.options`` of TRAK shape the query side too: the lean path's top-k is the dense
+    ``scores.npy`` row the full scorer wrote (reference: argsort of that matrix)."""
+    run = tmp_path / "run"
+    assert main(["run", str(ROOT / "configs" / "tiny.yaml"), "--out", str(run), "--quiet",
+                 "--set", f"score.options={options}"]) == 0
+    paths = RunPaths(run)
+    dense = np.load(run / "scores" / "scores.npy")
+    query_ids = np.load(run / "scores" / "topk.npz")["query_ids"]
+    lean = lean_answer(paths, [int(query_ids[0]), int(query_ids[3])], "query", 5)
+    for row, qrow in enumerate((0, 3)):
+        want = np.sort(dense[qrow])[::-1][:5]
+        np.testing.assert_allclose(lean.top["proponent_scores"][row], want, rtol=1e-4, atol=1e-7)
