@@ -213,7 +213,10 @@ def test_score_options_are_checked_and_change_the_right_fingerprints() -> None:
     with pytest.raises(ConfigError, match="did you mean 'subsets'"):
         load_config(tiny, ["score.scorer=airrep", "score.options={subset: 3}"])
     with pytest.raises(ConfigError, match="takes none"):
-        load_config(tiny, ["score.options={metric: dot}"])
+        load_config(tiny, ["score.scorer=tracin", "score.options={metric: dot}"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'score.options.metric'; known keys: \['normalize', "
+                                          r"'q_weight'\]"):
+        load_config(tiny, ["score.options={metric: dot}"])  # TRAK's options are its answer options
     with pytest.raises(ConfigError, match="metric"):
         load_config(tiny, ["score.scorer=repsim", "score.options={metric: l2}"])
     with pytest.raises(ConfigError, match="label_aware needs class labels; the 'diffusion' family has none"):

@@ -23,9 +23,14 @@ from tda.scorers.trak_variants import TRAKVariantScorer
 
 
 def _quanda():
+    import importlib.util
+
+    spec = importlib.util.find_spec("quanda")
+    if spec is None or spec.submodule_search_locations is None:  # absent, or benchmarks/quanda.py on the path
+        pytest.skip("quanda is not installed (pip install quanda; see pyproject.toml)")
     try:
         import quanda  # noqa: F401
-    except Exception as exc:  # ImportError, or a torchvision that cannot load on this torch
+    except Exception as exc:  # a torchvision that cannot load on this torch
         pytest.skip(f"quanda is not importable here: {type(exc).__name__}")
     return quanda
 
