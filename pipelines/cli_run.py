@@ -16,39 +16,22 @@ from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError,
 
 from .config import load_config
 from .families import Reporting, family_for
-from .layout import RunPaths, json_field, load_checkpoint_list
-from .query_fast import LABELS_DIR, load_predictions, write_labels
+from .layout import RunPaths, load_checkpoint_list
+from .query_fast import load_predictions, write_labels
 from .report import format_query, predicted_text
 from .run import claim_run_dir, datasets_for
 from .run_folder import check_finished as _check_finished, class_names, labels_of as _labels, read_run_file
 from .schema import RunConfig
-from .stages import RUN_STAGES, STAGES, stage_featurize, stage_index, stage_retrain, stage_score, stage_train
+from .stages import Stage, selected
+from .stages.summary import print_validation
 
 
-
-
-def _stages(args: argparse.Namespace) -> list[str]:
-    if args.only:
-        return [args.only]
-    if args.from_stage == "validate":
-        return ["validate"]
-    start = STAGES.index(args.from_stage) if args.from_stage else 0
-    return list(STAGES[start:])
-
-
-#: What each stage made in the run folder; ``--from STAGE`` deletes it for that stage and every
-#: later one, so they are redone (derived data only: checkpoints named by model.checkpoints and
-#: shared retraining folders are never touched).
-STAGE_OUTPUTS = {"train": ("checkpoints",), "featurize": ("features-train", "features-query"),
-                 "retrain": ("airrep",), "index": ("scorer", "index"), "score": ("scores", LABELS_DIR)}
-
-
-def _forget(paths: RunPaths, stages: list[str]) -> None:
+def _forget(paths: RunPaths, stages: list[Stage]) -> None:
     """Under the run lock: delete the outputs of ``stages`` so that they run again. The last stage's
     go first and each folder goes whole (:func:`remove_tree`), so a kill never leaves a later stage's
     outputs beside a half-deleted earlier one."""
     for stage in reversed(stages):
-        for name in STAGE_OUTPUTS.get(stage, ()):
+        for name in stage.outputs:
             if (paths.root / name).is_dir():
                 remove_tree(paths.root / name)
 
@@ -107,7 +90,7 @@ def _run_in(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, t0: float
     root = paths.root
     _check_no_links(root)
     _preflight(cfg)
-    todo = _stages(args)
+    todo = selected(args.only, args.from_stage)  # the stages asked for (pipelines.stages.STAGE_TABLE)
     progress = not args.quiet
     done: list[str] = []
     with StoreLock(root):
@@ -121,13 +104,14 @@ def _run_in(args: argparse.Namespace, cfg: RunConfig, paths: RunPaths, t0: float
         claim_run_dir(cfg, root, args.overwrite)
         _cleanup_interrupted(paths, args.repair)
         if args.from_stage:
-            _forget(paths, _stages(args))
+            _forget(paths, todo)
         for stage in todo:
             t = time.time()
-            done.append(_run_stage(stage, cfg, paths, progress) + f" ({time.time() - t:.1f}s)")
-        if "score" in todo:
+            done.append(stage.run(cfg, paths, progress) + f" ({time.time() - t:.1f}s)")
+        scored = any(stage.name == "score" for stage in todo)
+        if scored:
             write_labels(cfg, paths)  # what `tda query` prints, for its numpy-only path
-    if "score" in todo:
+    if scored:
         print_report(cfg, paths)
         from .html_report import refresh_report
 
@@ -159,55 +143,6 @@ def _preflight(cfg: RunConfig) -> None:
     if cfg.score.topk > n_train:
         raise ConfigError(f"score.topk is {cfg.score.topk} but the training set has {n_train} examples; lower "
                           "score.topk or raise data.train_size")
-
-
-def _run_stage(stage: str, cfg: RunConfig, paths: RunPaths, progress: bool) -> str:
-    """Run one stage; a line saying what it did (for the final summary)."""
-    if stage == "train":
-        ckpts = stage_train(cfg, paths, progress)
-        if cfg.model.checkpoints or family_for(cfg).default_checkpoints(cfg):
-            return f"train: none (model.checkpoints), {len(ckpts)} checkpoint(s) checked against the model"
-        return f"train: {cfg.train.models} model(s), {len(ckpts)} attributed checkpoint(s)"
-    if stage == "featurize":
-        stats: dict = {}
-        stage_featurize(cfg, paths, progress, stats=stats)
-        choice = stats.pop("projection", None)
-        parts = [f"{split} {s['examples']} examples x {s['checkpoints']} checkpoint(s), "
-                 f"{s['jobs']} shard job(s) run" + (f" ({s['rows']} rows)" if s["jobs"] else ", all reused")
-                 for split, s in stats.items()]
-        if choice is not None:  # featurize.projection: auto, and what it meant
-            parts.append(f"projection {choice['projection']} (auto: {choice['reason']})")
-        return "featurize: " + "; ".join(parts)
-    if stage == "retrain":
-        subsets = stage_retrain(cfg, paths, progress)
-        return f"retrain: {subsets} subset model(s)" if subsets else "retrain: not needed by " + cfg.score.scorer
-    if stage == "index":
-        index = stage_index(cfg, paths, progress)
-        return f"index: {index.meta.get('kind', cfg.index.kind)} over {len(index)} training examples" + _ridge(paths)
-    if stage == "score":
-        outputs = stage_score(cfg, paths, progress)
-        with np.load(outputs["topk"], allow_pickle=False) as z:
-            shape = (len(z["query_ids"]), len(z["train_ids"]))
-        dense = "dense scores and " if "scores" in outputs else ""
-        return (f"score: {cfg.score.scorer}, {shape[0]} queries x {shape[1]} training examples, "
-                f"{dense}top-{cfg.score.topk}")
-    if stage == "validate":
-        _validate(cfg, paths, progress)
-        return f"validate: results in {paths.root / 'validation'}/"
-    raise ConfigError(f"unknown stage {stage!r}; choose one of {RUN_STAGES}")
-
-
-def _ridge(paths: RunPaths) -> str:
-    """Which TRAK ridge the scorer used and why (from its manifest), or nothing for other scorers."""
-    hyper = json_field(paths.scorer / "scorer.json", "hyperparameters")
-    if not isinstance(hyper, dict) or not hyper.get("chosen_lambda_rel"):
-        return ""
-    chosen = ", ".join(f"{x:.3g}" for x in hyper["chosen_lambda_rel"])
-    if hyper.get("lambda_rel") != "auto":
-        return f"; TRAK ridge lambda_rel {chosen} (score.lambda_rel)"
-    dfs = ", ".join(f"{x:.1f}" for x in hyper.get("target_df") or [])
-    return (f"; TRAK ridge lambda_rel {chosen} per checkpoint (auto: {hyper.get('lambda_rule', '')}; "
-            f"here df {dfs})")
 
 
 def print_report(cfg: RunConfig, paths: RunPaths) -> None:
@@ -279,53 +214,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         _check_finished(cfg, paths, finish)  # before any retraining; run.json is not rewritten
         sweep_temporaries(paths.root / "validation")  # what a killed earlier validate left half-written
-        _validate(cfg, paths, progress=not args.quiet)
+        from .stages.validate import stage_validate
+
+        print_validation(stage_validate(cfg, paths, progress=not args.quiet), paths)
         from .html_report import refresh_report
 
         refresh_report(cfg, paths)
     return 0
-
-
-def _validate(cfg: RunConfig, paths: RunPaths, progress: bool) -> None:
-    """The validate stage (under the run lock) and its printed summary."""
-    from .stages.validate import stage_validate
-
-    res = stage_validate(cfg, paths, progress=progress)
-    gt = res["ground_truth"]
-    order = f", batch order {gt['batch_order']}, seed {gt['fixed_seed']}" if res["protocol"] == "small-drop" else ""
-    print(f"LDS ({res['protocol']} protocol{order}) over {res['subsets']} subsets (alpha {res['alpha']:g}), "
-          f"{res['n_queries']} queries, {res['checkpoints']} checkpoints; report fold")
-    for name, r in res["scorers"].items():
-        rep, cal = r["report"], r["calibration"]["fit"]
-        print(f"  {name:<18} LDS {rep['mean']:.3f} [{rep['ci_low']:.3f}, {rep['ci_high']:.3f}] "
-              f"({rep['n_undefined']} undefined); actual change = {cal['intercept']:+.3g} + {cal['slope']:.3g} x predicted")
-    if "lds" in res:
-        lds_ = res["lds"]
-        print(f"  TRAK ridge: configured {lds_['configured']['label']}, tuning fold chose "
-              f"{lds_['chosen_lambda_rel']:g}")
-    if "linearity" in res:
-        from .stages.validate_linearity import linearity_line
-
-        print(linearity_line(res["linearity"]))
-    gt_noise = res.get("ground_truth", {}).get("noise")
-    if gt_noise:
-        print(f"  ground truth: {res['models_per_subset']} models per subset agree at "
-              f"{gt_noise['single_model_agreement']:.2f} (Spearman); no scorer can exceed LDS about "
-              f"{gt_noise['lds_ceiling']:.2f} against it")
-    if res.get("noise"):
-        print(f"  score noise: {res['noise']['share_distinguishable']:.1%} of train-query pairs distinguishable "
-              f"from zero across checkpoints (median |mean|/std {res['noise']['median_snr']:.2f})")
-    if res.get("recipe"):
-        r = res["recipe"]
-        share = (f", queries right {r['correct_retrained']:.2f} vs {r['correct_checkpoints']:.2f}"
-                 if "correct_retrained" in r else "")
-        print(f"  recipe: a model retrained on the full set scores mean output {r['mean_output_retrained']:.3g} vs "
-              f"{r['mean_output_checkpoints']:.3g} for the attributed checkpoints{share}"
-              f"{'' if r['reproduces'] else ' -- the recipe does not reproduce them (see the warning)'}")
-    if "removal" in res:
-        rm = res["removal"]
-        for mode, r in rm["modes"].items():
-            print(f"  remove {mode:<6} k={rm['ks']}: mean change {np.round(r['mean_change'], 3).tolist()}, "
-                  f"flip rate {np.round(r['flip_rate'], 2).tolist()}")
-        print(f"  brittleness (smallest k flipping, -1 none): {rm['brittleness']}")
-    print(f"written to {paths.root / 'validation'}/")

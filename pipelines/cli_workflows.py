@@ -1,4 +1,5 @@
-"""``tda curate`` and ``tda unlearn``: the data-curation and unlearning commands on a finished run."""
+"""``tda curate``, ``tda unlearn`` and ``tda report``: the data-curation and unlearning commands on a finished
+run, and its HTML report."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _on_finished_run(args: argparse.Namespace, stage: Callable, printer: Callabl
 
     cfg = load_config(args.config, args.set)
     paths = RunPaths(Path(args.out or cfg.out_dir).resolve())
-    run_missing_stages(args, cfg, paths, args.command_name)
+    run_missing_stages(args, cfg, paths, args.command)
     with StoreLock(paths.root) if paths.root.is_dir() else nullcontext():
         check_finished(cfg, paths, f"`tda run {args.config} --out {paths.root}`")  # before any retraining
         from stores._io import sweep_temporaries
@@ -58,23 +59,3 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_complete(paths, {**QUERY_NEEDS, "scores": ("scores.json", "not scored")}, f"`tda run CONFIG --out {paths.root}`")
     print(f"wrote {write_report(cfg, paths, shown=args.queries)}")
     return 0
-
-
-COMMANDS = {"curate": ("rank suspected mislabelled training examples of a finished run; check by retraining", cmd_curate),
-            "unlearn": ("forget set of a group of queries, its predicted and retrained change", cmd_unlearn)}
-
-
-def add_workflow_parsers(sub: argparse._SubParsersAction) -> None:
-    for name, (text, fn) in COMMANDS.items():
-        c = sub.add_parser(name, help=text)
-        c.add_argument("config", help="the YAML config of the run")
-        c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-        c.add_argument("--out", help="run folder (default: out_dir from the config)")
-        c.add_argument("--quiet", action="store_true", help="no progress bars")
-        c.set_defaults(func=fn, command_name=name)
-    r = sub.add_parser("report", help="write report.html (queries, attributions, curation, unlearning, validation) of a run")
-    r.add_argument("run", help="run folder written by `tda run`")
-    r.add_argument("--trust-code", action="store_true",
-                   help="let the run folder's recorded code (model.factory, data.collate, ...) run")
-    r.add_argument("--queries", type=int, help="queries shown (default: score.show, at least 6)")
-    r.set_defaults(func=cmd_report)
