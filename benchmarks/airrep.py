@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--gt", default=str(Path.home() / ".cache" / "tda" / "lds-mnist-mlp" / "e10"),
                    help="benchmarks/lds.py's cache (read only)")
     p.add_argument("--gt-models", type=int, default=1,
-                   help="models per subset of that ground truth (the README's figures: 1; lds.py's default: 4)")
+                   help="models per subset of that ground truth (the figures in docs/benchmarks/lds.md: 1; lds.py's default: 4)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "tda" / "airrep-mnist"))
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--queries", type=int, default=1000)

@@ -1,4 +1,4 @@
-"""Every LDS table of the README in one run: each family with every scorer, and the anchors.
+"""Every LDS table of the docs (docs/benchmarks/) in one run: each family with every scorer, and the anchors.
 
 Runs, in order and each in its own process (every step caches its runs and ground truth under
 ~/.cache/tda/, outside the repository, so a rerun only re-reads what is done, and an interrupted

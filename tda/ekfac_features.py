@@ -208,9 +208,18 @@ class EKFACAttributor:
         model: the network (copied; neither it nor the state dicts change).
         checkpoints: state dicts or paths. collate: rows -> the task's tensors.
         task: default as :class:`tda.Attributor`'s.
-        k_in, k_out, seed, kind: factored projection (``None``: exact, unprojected).
-        layers, fisher, samples, fisher_seed, damping, damping_rel, strict: see
+        k_in: factored projection of each layer's input side (``None``: exact, unprojected).
+        k_out: factored projection of each layer's output-gradient side (``None``: exact).
+        seed: seed of the factored projection.
+        kind: its random matrices, ``"rademacher"`` or ``"gaussian"``.
+        layers: the layers fitted; this and the next five are those of
             :meth:`tda.ekfac.EKFACFactors.fit_batches` (``fisher_seed`` is its ``seed``).
+        fisher: as in :meth:`tda.ekfac.EKFACFactors.fit_batches`.
+        samples: as in :meth:`tda.ekfac.EKFACFactors.fit_batches`.
+        fisher_seed: its ``seed``.
+        damping: as in :meth:`tda.ekfac.EKFACFactors.fit_batches`.
+        damping_rel: as in :meth:`tda.ekfac.EKFACFactors.fit_batches`.
+        strict: as in :meth:`tda.ekfac.EKFACFactors.fit_batches`.
         batch_size: examples per batch. device: default the model's.
     """
 

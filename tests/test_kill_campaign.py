@@ -1,7 +1,7 @@
 """A seeded kill campaign (issue 11): tiny runs SIGKILLed at random instants, some during a
 configuration-changing rerun, a query change or an ``--overwrite``, each finished by a plain
 rerun of either configuration, must equal an uninterrupted run byte for byte. The larger
-campaign is ``python benchmarks/kills.py`` (figures in the README)."""
+campaign is ``python benchmarks/kills.py`` (figures in docs/reliability.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The README's bring-your-own example, run exactly as written: its file blocks are read from the
-README and its command block runs line by line in the example's folder; the scores are then
+"""The bring-your-own example of docs/own-model.md, run exactly as written: its file blocks are read
+from the page and its command block runs line by line in the example's folder; the scores are then
 compared with a reference computed on explicitly preprocessed inputs (float64 loop gradients)."""
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import torch
 
 from pipelines.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "own-model.md"
 
 
 def readme_blocks() -> dict[str, str]:
-    """``{file name: code}`` of every block marked ``<!-- byo:NAME -->`` in the README."""
-    found = re.findall(r"<!-- byo:(\S+) -->\n```\w*\n(.*?)```", README.read_text(), flags=re.S)
+    """``{file name: code}`` of every block marked ``<!-- byo:NAME -->`` in docs/own-model.md."""
+    found = re.findall(r"<!-- byo:(\S+) -->\n```\w*\n(.*?)```", PAGE.read_text(), flags=re.S)
     return dict(found)
 
 
 def run_line(line: str, project: Path) -> int:
-    """One line of the README's command block (comments stripped), run in ``project``."""
+    """One line of the page's command block (comments stripped), run in ``project``."""
     argv = shlex.split(line.split(" #")[0])
     if argv[0] == "python":
         subprocess.run([sys.executable, *argv[1:]], cwd=project, check=True, capture_output=True, timeout=600)
@@ -36,13 +36,13 @@ def run_line(line: str, project: Path) -> int:
     return main(argv[1:])
 
 
-def run_readme_example(prefix: str, project: Path) -> dict[str, str]:
-    """Write the README's ``<!-- PREFIX:NAME -->`` blocks into ``project`` and run its
+def run_readme_example(prefix: str, project: Path, page: Path = PAGE) -> dict[str, str]:
+    """Write the ``<!-- PREFIX:NAME -->`` blocks of ``page`` (a docs page) into ``project`` and run its
     ``commands.sh`` block line by line there; ``{command: what it printed}``."""
     from contextlib import redirect_stdout
     from io import StringIO
 
-    blocks = dict(re.findall(rf"<!-- {prefix}:(\S+) -->\n```\w*\n(.*?)```", README.read_text(), flags=re.S))
+    blocks = dict(re.findall(rf"<!-- {prefix}:(\S+) -->\n```\w*\n(.*?)```", page.read_text(), flags=re.S))
     project.mkdir(parents=True)
     for name, text in blocks.items():
         (project / name).write_text(text)
@@ -62,7 +62,7 @@ def run_readme_example(prefix: str, project: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def byo_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The README's project, every command of its block run; ``(project, printed output per command)``."""
+    """The page's project, every command of its block run; ``(project, printed output per command)``."""
     assert set(readme_blocks()) == {"mymodels.py", "prepare.py", "attribute.yaml", "commands.sh"}
     project = tmp_path_factory.mktemp("byo") / "project"
     return project, run_readme_example("byo", project)
@@ -129,7 +129,7 @@ def test_every_command_of_the_readme_byo_example_runs(byo_run) -> None:
 
 
 def test_readme_byo_tracin_scores_equal_the_float64_loop_reference(byo_run, monkeypatch) -> None:
-    """``score.scorer=tracin`` on the README's config ranks training images as exact TracIn with the
+    """``score.scorer=tracin`` on the page's config ranks training images as exact TracIn with the
     recorded learning rates on hand-scaled inputs does (k = 256 keeps inner products up to its JL error)."""
     project, _ = byo_run
     monkeypatch.chdir(project)

@@ -1,4 +1,4 @@
-"""The README's Hugging Face example, run exactly as written: a tiny BERT fine-tuned with a real
+"""The Hugging Face example of docs/huggingface.md, run exactly as written: a tiny BERT fine-tuned with a real
 ``transformers.Trainer`` and ``CheckpointCallback``, then every command of its block. Checks: the
 recorded learning rates reach the run, class names from ``ClassLabel`` reach the answers, the
 curation ranking finds the rows the data set mislabelled, and the recipe retrains models like
@@ -15,17 +15,18 @@ import pytest
 
 pytest.importorskip("accelerate")
 
+from test_docs import run_page_python  # noqa: E402
 from test_readme_byo import run_readme_example  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "huggingface.md"
 
 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    blocks = dict(re.findall(r"<!-- hf:(\S+) -->\n```\w*\n(.*?)```", README.read_text(), flags=re.S))
+    blocks = dict(re.findall(r"<!-- hf:(\S+) -->\n```\w*\n(.*?)```", PAGE.read_text(), flags=re.S))
     assert set(blocks) == {"prepare.py", "attribute.yaml", "commands.sh"}
     project = tmp_path_factory.mktemp("hf") / "project"
-    return project, run_readme_example("hf", project)
+    return project, run_readme_example("hf", project, PAGE)
 
 
 def test_readme_hf_commands_run_and_read_as_a_person_would(hf_run) -> None:
@@ -58,3 +59,10 @@ def test_readme_hf_curation_finds_the_mislabelled_rows(hf_run) -> None:
     assert len(wrong & set(top)) >= 0.7 * len(wrong)  # 10 % of 400 rows mislabelled; a random ranking finds 10 %
     unlearning = json.loads((project / "runs" / "my-bert" / "unlearning" / "unlearning.json").read_text())
     assert len(unlearning["forget_ids"]) == unlearning["k"] and np.isfinite(unlearning["predicted"]["group"])
+
+
+def test_the_pages_python_runs_in_the_project(hf_run) -> None:
+    """The "From Python" block of docs/huggingface.md, on the folders the example made."""
+    project, _ = hf_run
+    namespace = run_page_python("docs/huggingface.md", project)
+    assert namespace["scores"].shape == (len(namespace["test"]), len(namespace["train"]))
