@@ -56,7 +56,7 @@ from .tasks import Batch, Task
 logger = logging.getLogger(__name__)
 
 #: logged when full-space factors meet a projection: the preconditioned query is projected after
-#: H^-1, and the projection's error then dominates (measured on the MNIST MLP; README, EK-FAC)
+#: H^-1, and the projection's error then dominates (measured on the MNIST MLP; docs/benchmarks/peers.md, EK-FAC)
 PROJECTED_WARNING = ("EK-FAC factors fitted in the full layer space with a projection (k_in=%s, k_out=%s): the "
                      "query is preconditioned before projecting, and the projection's error then dominates the "
                      "scores (small-drop LDS 0.01 at 32 x 32 on an MNIST MLP). Fit the factors in the projection's "

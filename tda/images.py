@@ -12,7 +12,7 @@ changing a value; :func:`image_batch` then applies exactly the two transforms a 
   (the stored shape, untouched). 2-D images ``(H, W)`` stay as stored under ``auto``; ``HWC`` or
   ``CHW`` gives them a channel axis, ``(B, 1, H, W)``, for a CNN. Flat vectors stay as stored.
 - **scale**: a number the values are divided by (``255``: uint8 pixels to [0, 1]), ``"auto"``
-  (255 for integer dtypes, 1 for floats: the README's rule), or ``1``/``"none"``.
+  (255 for integer dtypes, 1 for floats: ``data.image_scale: auto``, docs/configs.md), or ``1``/``"none"``.
 
 :func:`display_image` is the same reading for a picture: one stored image as ``(H, W)`` or
 ``(H, W, C)`` uint8, whatever its layout, so a report never shows a CHW buffer as HWC stripes.

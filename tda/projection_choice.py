@@ -1,6 +1,6 @@
 """The default projection, ``"auto"``, for any model: chosen by what the model is, not by its name.
 
-The measured rule (README, "Default projection": ``benchmarks/projections.py`` on an MNIST MLP,
+The measured rule (docs/benchmarks/projections.md, "Default projection": ``benchmarks/projections.py`` on an MNIST MLP,
 a CIFAR-2 CNN and a character-level GPT-2) is the fastest projection whose LDS is within 0.02
 of the dense projection's at equal width: TensorSketch, which never forms a per-example
 gradient. It applies wherever it covers the whole gradient, so ``auto`` is
