@@ -32,6 +32,7 @@ from .factored import FactoredFeaturizer
 from .featurize import Featurizer
 from .kernel import TopK, score_matrix, top_k
 from .projection_choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
+from .projection_spec import make_featurizer, projection_spec
 from .api_methods import EKFACMethod, MagicMethod
 from .scorers import Scorer, TRAKScorer, make_scorer
 from .scorers.trak_variants import VARIANT_KEYS, TRAKVariantScorer
@@ -128,13 +129,10 @@ class Attributor:
 
     def _featurizer(self, projection: str) -> Featurizer | FactoredFeaturizer:
         o = self._settings
-        if projection in ("factored", "tensorsketch"):
-            return FactoredFeaturizer(o["model"], o["task"], k_in=o["k_in"], k_out=o["k_out"], seed=o["seed"],
-                                      kind=o["kind"], layers=o["param_names"], device=o["device"],
-                                      projection=projection, k=o["k"])
-        return Featurizer(o["model"], o["task"], k=o["k"], seed=o["seed"], kind=o["kind"],
-                          param_names=o["param_names"], device=o["device"], precision=o["precision"],
-                          grad_method=o["grad_method"], projection=projection, nonzeros=o["nonzeros"])
+        spec = projection_spec(projection, k=o["k"], seed=o["seed"], kind=o["kind"], precision=o["precision"],
+                               nonzeros=o["nonzeros"], k_in=o["k_in"], k_out=o["k_out"])
+        return make_featurizer(spec, o["model"], o["task"], param_names=o["param_names"], device=o["device"],
+                               grad_method=o["grad_method"])
 
     def _settle_projection(self, data) -> None:
         """``projection="auto"``: check the structural choice on the first batch, once."""

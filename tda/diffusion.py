@@ -51,7 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, DataError, ShapeError
-from .featurize import Featurizer, StateDict, featurize_loop
+from .featurize import StateDict, featurize_loop
+from .projection_spec import make_featurizer, projection_spec
 from .gradients import check_finite, flatten_grads, per_example_grads
 from .tasks import Batch, ModelCall, Task
 
@@ -338,17 +339,10 @@ class DiffusionFeaturizer:
                  k_out: int | None = 16, nonzeros: int = 1) -> None:
         if mode not in ("mean", "slots", "pooled"):
             raise ConfigError(f"diffusion featurizer mode {mode!r} is unknown; use 'mean', 'slots' or 'pooled'")
-        if projection in ("factored", "tensorsketch"):
-            from .factored import FactoredFeaturizer  # tda.factored imports tda.featurize, as this module does
-
-            self.inner: Any = FactoredFeaturizer(model, task, k_in=k_in, k_out=k_out, seed=seed, kind=kind,
-                                                 layers=param_names, device=device, chunk_size=chunk_size,
-                                                 projection=projection, k=k)
-        elif projection in ("dense", "sparse"):
-            self.inner = Featurizer(model, task, k=k, seed=seed, kind=kind, param_names=param_names, device=device,
-                                    backend=backend, chunk_size=chunk_size, projection=projection, nonzeros=nonzeros)
-        else:
-            raise ConfigError(f"projection {projection!r} is unknown; use 'dense', 'sparse', 'factored' or 'tensorsketch'")
+        spec = projection_spec(projection, k=k, seed=seed, kind=kind, backend=backend, k_in=k_in, k_out=k_out,
+                               nonzeros=nonzeros)
+        self.inner: Any = make_featurizer(spec, model, task, param_names=param_names, device=device,
+                                          chunk_size=chunk_size)
         self.task, self.draws, self.mode, self.projection = task, draws, mode, projection
         self.projector = self.inner.projector
 

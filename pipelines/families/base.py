@@ -36,9 +36,9 @@ from torch import nn
 from stores._io import fingerprint
 from tda.data import arrow_columns, example_ids, iter_batches
 from tda.errors import CheckpointError, ConfigError
-from tda.factored import FactoredFeaturizer, FactoredProjector, factored_layers
-from tda.featurize import Featurizer
+from tda.factored import FactoredProjector, factored_layers
 from tda.projection_choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
+from tda.projection_spec import make_featurizer, projection_spec
 from tda.representations import RepresentationFeaturizer
 from tda.tasks import Task
 
@@ -314,14 +314,17 @@ def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task, paths: Run
     if projection != "factored" and f.k > d:
         raise ConfigError(f"featurize.k is {f.k:,} but the model has only {d:,} trainable parameters to project; "
                           f"choose featurize.k <= {d:,} (a few thousand at most is usual)")
-    if projection in ("factored", "tensorsketch"):
-        with featurize_params_named():
-            return FactoredFeaturizer(model, task, k_in=f.k_in, k_out=f.k_out, seed=f.seed, kind=f.projector,
-                                      layers=f.params, device=resolve_device(f.device), projection=projection,
-                                      k=f.k)
-    return Featurizer(model, task, k=f.k, seed=f.seed, kind=f.projector, param_names=f.params,
-                      device=resolve_device(f.device), backend=f.backend, projection=projection,
-                      nonzeros=f.nonzeros)
+    spec = projection_spec(projection, **featurize_settings(cfg))
+    with featurize_params_named():
+        return make_featurizer(spec, model, task, param_names=f.params, device=resolve_device(f.device))
+
+
+def featurize_settings(cfg: RunConfig) -> dict[str, Any]:
+    """``featurize``'s projection settings under the names :func:`tda.projection_spec.projection_spec`
+    takes (each projection keeps its own)."""
+    f = cfg.featurize
+    return {"k": f.k, "seed": f.seed, "kind": f.projector, "backend": f.backend, "nonzeros": f.nonzeros,
+            "k_in": f.k_in, "k_out": f.k_out}
 
 
 def projection_width(cfg: RunConfig, model: nn.Module) -> int:
