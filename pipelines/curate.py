@@ -31,7 +31,8 @@ from tda.errors import CheckpointError, ConfigError
 from .families import family_for
 from .layout import RunPaths
 from .schema import RunConfig
-from .schema_workflows import CURATION_BASELINES as BASELINES, CURATION_ENSEMBLES as ENSEMBLES, SELF_INFLUENCE
+from .method import method_for, self_influence_methods
+from .schema_workflows import CURATION_BASELINES as BASELINES, CURATION_ENSEMBLES as ENSEMBLES
 from .stages.validate_scorers import scorer_for, usable_scorers
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: dict[int, int]) -> dict[str, np.ndarray]:
     """Self-influence of every wanted gradient scorer that scores the run's stored features, in row order."""
     train, usable, out = FeatureStore.open(paths.store("train")), usable_scorers(cfg), {}
-    for name in SELF_INFLUENCE:
+    for name in self_influence_methods():
         if name not in wanted or name not in usable:
             continue
         try:
@@ -50,7 +51,7 @@ def _self_influences(cfg: RunConfig, paths: RunPaths, wanted: set[str], rows: di
                 raise
             logger.warning("curate: %s self-influence skipped (%s)", name, exc)
             continue
-        if name == "ekfac":
+        if method_for(name).preconditioned_queries:  # the training set through the query featurizer
             ids, values = ekfac_self_influence(cfg, paths, scorer, train)
         elif cfg.curate.self_influence == "loss":  # the loss gradient Q grad f (benchmarks/self_influence.py)
             ids, values = loss_self_influence(scorer, train)
@@ -86,7 +87,7 @@ def rankings(cfg: RunConfig, paths: RunPaths) -> tuple[dict[str, np.ndarray], di
         raise ConfigError(f"tda curate needs per-example predictions and losses; the {family.name!r} family has "
                           "none (its task is neither a classifier nor a causal LM)")
     preds = family.example_predictions(cfg, paths)
-    wanted = set(cfg.curate.methods or (*SELF_INFLUENCE, *BASELINES, *ENSEMBLES))
+    wanted = set(cfg.curate.methods or (*self_influence_methods(), *BASELINES, *ENSEMBLES))
     for parts in (ENSEMBLES[m] for m in wanted & set(ENSEMBLES)):
         wanted |= set(parts)
     ids = preds["ids"]
@@ -164,4 +165,4 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
     return result
 
 
-__all__ = ["BASELINES", "ENSEMBLES", "SELF_INFLUENCE", "ekfac_self_influence", "flipped_rows", "rankings", "stage_curate", "write_ranking"]
+__all__ = ["BASELINES", "ENSEMBLES", "ekfac_self_influence", "flipped_rows", "rankings", "stage_curate", "write_ranking"]

@@ -1,9 +1,10 @@
 """``tda query`` without torch: the answer from stored features, the fitted scorer state and the index.
 
 The common question, the top-k proponents and opponents of a run's own query (or training)
-examples, needs no model when the scorer's query transform is numpy: TRAK (whitening by the
-kernel's Cholesky factor, :mod:`tda.scorers.trak`), TracIn (the ``sqrt(eta)``-weighted
-concatenation; its learning rates are in the fitted state), Grad-Dot and Grad-Cos. This module
+examples, needs no model when the scorer's query transform is numpy (the methods declaring
+``lean``, :class:`pipelines.method.Method`): TRAK (whitening by the kernel's Cholesky factor,
+:mod:`tda.scorers.trak`), TracIn (the ``sqrt(eta)``-weighted concatenation; its learning rates
+are in the fitted state), Grad-Dot and Grad-Cos. This module
 reads the recorded config (without the family's checks, so without importing the family), the
 scorer state, the stored features, the FAISS index and the labels, class names and texts ``tda
 run`` recorded (``labels/``), with numpy and faiss only: it starts in a fraction of ``import torch``.
@@ -32,13 +33,13 @@ from tda.errors import QueryError, StoreError, TDAError
 from tda.features import FeatureBlock
 
 from .layout import LABELS_DIR, RunPaths, json_field
+from .method import find_method
 from .report import label_fields, label_name, text_fields
 from .run_folder import QUERY_NEEDS, RunLabels, check_complete, dataset_labels, recorded_config, stored_features
 from .schema import RunConfig, scorer_fingerprint
 
-#: scorers whose query transform is numpy and whose fitted state holds all it needs
-LEAN_SCORERS = ("trak", "tracin", "graddot", "gradcos")
-#: families whose gradient scorers run per draw (``SlotScorer``, whose width needs the model): TRAK only
+#: families whose gradient scorers run per draw (``SlotScorer``, whose width needs the model): a
+#: method that may score ``slots`` features is not lean on them (TRAK, scoring the grid, is)
 SLOT_FAMILIES = ("diffusion",)
 #: texts are recorded for the lean path up to this many UTF-8 bytes in all; longer ones are read
 #: from the data set by the full path
@@ -113,8 +114,8 @@ def search(index: FaissIndex, vectors: np.ndarray, k: int) -> tuple[dict[str, np
 def lean_scorer(cfg: RunConfig, paths: RunPaths) -> Any:
     """The fitted scorer from its saved state, with the checks of the full path's ``load_scorer``;
     :class:`NotLean` when that needs the model or a check fails (the full path then names the fix)."""
-    name = cfg.score.scorer
-    if name not in LEAN_SCORERS or (name != "trak" and cfg.model.family in SLOT_FAMILIES):
+    name, method = cfg.score.scorer, find_method(cfg.score.scorer)  # lean: its query transform is numpy
+    if method is None or method.lean is None or ("slots" in method.kinds and cfg.model.family in SLOT_FAMILIES):
         raise NotLean(f"the {name} scorer of a {cfg.model.family} run needs the full path")
     state_path = paths.scorer / "state.npz"
     marker = paths.scorer / "scorer.json"
@@ -124,29 +125,10 @@ def lean_scorer(cfg: RunConfig, paths: RunPaths) -> Any:
         raise NotLean("the fitted scorer is missing, stale or damaged")
     with np.load(state_path, allow_pickle=False) as z:
         state = {k: z[k] for k in z.files}
-    from tda.scorers import GradCosScorer, GradDotScorer, TracInCPScorer
-
     try:
-        if name == "trak":
-            return _trak(cfg).load_state_dict(state)
-        if name == "tracin":
-            if "learning_rates" not in state:
-                raise NotLean("the TracIn state records no learning rates")
-            return TracInCPScorer([float(x) for x in state["learning_rates"]]).load_state_dict(state)
-        return (GradDotScorer() if name == "graddot" else GradCosScorer()).load_state_dict(state)
+        return method.lean(cfg, state)
     except TDAError as exc:
         raise NotLean(str(exc)) from exc
-
-
-def _trak(cfg: RunConfig) -> Any:
-    """TRAK as the run's ``score.options`` configure it (``normalize`` changes the query side)."""
-    from tda.scorers import TRAKScorer
-    from tda.scorers.trak_variants import VARIANT_KEYS, TRAKVariantScorer
-
-    options = {key: bool(cfg.score.options[key]) for key in VARIANT_KEYS if key in cfg.score.options}
-    if options.get("normalize", False) or not options.get("q_weight", True):
-        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
-    return TRAKScorer(lambda_rel=cfg.score.lambda_rel)
 
 
 def lean_index(cfg: RunConfig, paths: RunPaths, scorer: Any, dim: int) -> FaissIndex:

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .method import find_method
+
 #: width of wrapped texts, indentation included
 WRAP_WIDTH = 100
 
@@ -90,10 +92,18 @@ def format_examples(title: str, ids: Sequence[int], scores: Sequence[float], lab
 
 
 def titles(scorer: str, proponents: str, opponents: str) -> tuple[str, str]:
-    """Headings of the two lists: RepSim's scores are similarities, not signed effects."""
-    if scorer == "repsim":
-        return "most similar training examples (RepSim)", "least similar training examples (RepSim)"
+    """Headings of the two lists: a similarity method's (RepSim's) scores are not signed effects."""
+    method = find_method(scorer)
+    if method is not None and method.similarity:
+        return (f"most similar training examples ({method.title})",
+                f"least similar training examples ({method.title})")
     return proponents, opponents
+
+
+def similarity_note(scorer: str) -> str:
+    """``"; RepSim scores are similarities, not signed effects"`` for a similarity method, else ``""``."""
+    method = find_method(scorer)
+    return f"; {method.title} scores are similarities, not signed effects" if method and method.similarity else ""
 
 
 def format_query(query_id: int, query_label: Any, predicted: int | str | None, top: dict[str, np.ndarray], row: int,

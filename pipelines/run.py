@@ -23,6 +23,7 @@ from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorrupt
 
 from .families import family_for, resolve_device  # noqa: F401
 from .layout import INPUTS_FILE, RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
+from .method import method_for
 from .schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, input_digests, section_fingerprint  # noqa: F401
 from .scorers import feature_kind
 
@@ -111,7 +112,8 @@ def feature_fingerprint(cfg: RunConfig, split: str = "query") -> str:
     """Hash of everything the stored features of ``split`` depend on (config sections plus the
     family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`)."""
     family = family_for(cfg)
-    preconditioned = "-ekfac" if split != "train" and cfg.score.scorer == "ekfac" else ""  # EK-FAC query features
+    method = method_for(cfg.score.scorer)  # a preconditioned query featurizer (EK-FAC) tags its features
+    preconditioned = f"-{method.name}" if split != "train" and method.preconditioned_queries else ""
     return (section_fingerprint(cfg, *FEATURE_SECTIONS, queries=split != "train")
             + family.feature_tag(cfg, feature_kind(cfg, family)) + preconditioned)
 
@@ -128,10 +130,9 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
 def make_featurizer(cfg: RunConfig, split: str = "train", paths: RunPaths | None = None):
     """The featurizer of ``split`` for the run's feature kind (most families use one for both splits)."""
     family = family_for(cfg)
-    if split == "query" and cfg.score.scorer == "ekfac":
-        from .ekfac import ekfac_query_featurizer
-
-        return ekfac_query_featurizer(cfg, paths, feature_fingerprint(cfg, "train"))
+    method = method_for(cfg.score.scorer)
+    if split == "query" and method.preconditioned_queries:
+        return method.query_featurizer(cfg, paths, feature_fingerprint(cfg, "train"))
     return family.featurizer(cfg, split, feature_kind(cfg, family), paths)
 
 

@@ -23,6 +23,7 @@ from tda.errors import ConfigError
 from tda.scorers.trak import check_lambda_rel
 
 
+from .method import find_method
 from .schema_checks import _choice, _key, _positive  # noqa: F401  (re-exported)
 from .schema_workflows import PROTOCOLS, CurateConfig, UnlearnConfig, ValidateConfig  # noqa: F401
 
@@ -397,15 +398,12 @@ def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, ou
     return fingerprint({s: d[s] for s in sections})
 
 
-#: scorers whose fitted state holds scores of the run's queries (MAGIC): their fit depends on the queries
-QUERY_BOUND_SCORERS = ("magic",)
-
-
 def scorer_fingerprint(cfg: RunConfig) -> str:
     """Hash of what the fitted scorer and the index depend on: the training side of the feature
     sections, the scorer's settings and the index settings (not the output keys, and not the
-    queries unless the scorer is one of :data:`QUERY_BOUND_SCORERS`)."""
-    bound = cfg.score.scorer in QUERY_BOUND_SCORERS
+    queries unless the scorer is query-bound: its fitted state holds scores of the run's queries, MAGIC)."""
+    method = find_method(cfg.score.scorer)
+    bound = method is not None and method.query_bound
     return section_fingerprint(cfg, *SCORE_SECTIONS, queries=bound, outputs=False)
 
 

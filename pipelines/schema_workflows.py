@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from tda.errors import ConfigError
 
+from .method import self_influence_methods
 from .schema_checks import _positive
 
 
@@ -53,12 +54,16 @@ class ValidateConfig:
 
 
 #: suspect rankings ``tda curate`` can compute (:mod:`pipelines.curate`): self-influence under a
-#: gradient scorer, training loss, 1 - p(label) (``confidence``), and a rank ensemble
-SELF_INFLUENCE = ("trak", "tracin", "graddot", "ekfac")
+#: gradient scorer (the methods declaring ``self_influence``), training loss, 1 - p(label)
+#: (``confidence``), and a rank ensemble
 CURATION_BASELINES = ("loss", "confidence")
 #: rank ensembles and the rankings they average
 CURATION_ENSEMBLES = {"trak+loss": ("trak", "loss"), "trak+loss+confidence": ("trak", "loss", "confidence")}
-CURATION_METHODS = (*SELF_INFLUENCE, *CURATION_BASELINES, *CURATION_ENSEMBLES)
+
+
+def curation_methods() -> tuple[str, ...]:
+    """Every ranking ``curate.method(s)`` may name: self-influence methods, baselines, ensembles."""
+    return (*self_influence_methods(), *CURATION_BASELINES, *CURATION_ENSEMBLES)
 
 
 @dataclass
@@ -76,7 +81,7 @@ class CurateConfig:
         if self.self_influence not in ("loss", "output"):
             raise ConfigError(f"curate.self_influence is {self.self_influence!r}; choose 'loss' (the gradient of "
                               "the training loss, the default) or 'output' (of the measured output f)")
-        known = CURATION_METHODS
+        known = curation_methods()
         if self.method not in known:
             raise ConfigError(f"curate.method is {self.method!r}; choose one of {known}")
         bad = [m for m in self.methods or [] if m not in known]

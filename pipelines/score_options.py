@@ -18,6 +18,7 @@ from tda.airrep import HeadConfig
 from tda.errors import ConfigError
 from tda.scorers.repsim import METRICS
 
+from .method import find_method, option_types
 from .schema import _build
 
 if TYPE_CHECKING:
@@ -104,8 +105,11 @@ class TRAKOptions:
         return {} if same else {"normalize": self.normalize, "q_weight": self.q_weight}
 
 
-REPRESENTATION_SCORERS = ("repsim", "airrep")
-OPTION_TYPES: dict[str, type] = {"repsim": RepSimOptions, "airrep": AirRepOptions, "trak": TRAKOptions}
+def __getattr__(name: str) -> Any:
+    """``OPTION_TYPES``: scorer -> its options type, as the methods declare them (``Method.options``)."""
+    if name == "OPTION_TYPES":
+        return option_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def score_options(cfg: RunConfig, family: Any) -> Any:
@@ -115,15 +119,15 @@ def score_options(cfg: RunConfig, family: Any) -> Any:
     Raises:
         ConfigError: options given to a scorer that takes none, or an unknown / bad key.
     """
-    kind = OPTION_TYPES.get(cfg.score.scorer)
+    method = find_method(cfg.score.scorer)
+    kind = method.options_type if method is not None else None
     if kind is None:
         if cfg.score.options:
-            raise ConfigError(f"score.options are settings of {sorted(OPTION_TYPES)}; score.scorer "
+            raise ConfigError(f"score.options are settings of {sorted(option_types())}; score.scorer "
                               f"{cfg.score.scorer!r} takes none, got {sorted(cfg.score.options)}")
         return None
     options = _build(kind, cfg.score.options, "score.options")
     return options.resolved(cfg, family) if isinstance(options, AirRepOptions) else options
 
 
-__all__ = ["AirRepOptions", "OPTION_TYPES", "REPRESENTATION_SCORERS", "RepSimOptions", "TRAKOptions",
-           "score_options"]
+__all__ = ["AirRepOptions", "OPTION_TYPES", "RepSimOptions", "TRAKOptions", "score_options"]

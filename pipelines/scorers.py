@@ -1,7 +1,8 @@
-"""The scorer registry: ``score.scorer`` name -> options, the feature kinds it scores, a builder.
+"""The built-in methods (``score.scorer`` names) and how a run builds its scorer.
 
 Every scorer is two transforms and an inner product (:mod:`tda.scorers`); what differs between
-them here is which stored features they read and how they are built from a run:
+them here is which stored features they read, how they are built from a run, and the traits
+the pipeline asks of them (:class:`pipelines.method.Method`):
 
 =================== =================================== ==========================================
 name                feature kinds (preferred first)     built from
@@ -24,82 +25,127 @@ A family declares the kinds it produces (``Family.feature_kinds``); the run uses
 of the scorer's list that the family produces, and a scorer none of whose kinds the family
 produces is a config error. ``slots`` are per-draw features (diffusion): the generic gradient
 scorers then run per slot (:class:`tda.scorers.SlotScorer`). Adding a scorer is one
-:func:`register_scorer` call.
+:func:`pipelines.method.register_method` call. This module imports neither torch nor the
+families at import time: the torch-free query path reads the methods' traits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from tda.errors import ConfigError
-from tda.scorers import RepSimScorer, make_scorer
-from tda.scorers.diffusion import DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, make_dtrak_scorer
+from tda.errors import CheckpointError, ConfigError
 
-from .families import family_for
-from .families.base import Family, projection_width
-from .score_options import OPTION_TYPES, score_options
+from .method import METHODS, Builder, Method, method_for, register_method
 
 if TYPE_CHECKING:
+    from .families.base import Family
     from .layout import RunPaths
     from .schema import RunConfig
 
-Builder = Callable[["RunConfig", "RunPaths | None", Family, str], Any]
-
-
-@dataclass(frozen=True)
-class ScorerEntry:
-    """One registered scorer: its feature kinds (preferred first), builder and options type."""
-
-    name: str
-    kinds: tuple[str, ...]
-    build: Builder
-    options: type | None = None
-
-
-SCORERS: dict[str, ScorerEntry] = {}
-
-
-def register_scorer(name: str, kinds: tuple[str, ...], build: Builder, replace: bool = False) -> ScorerEntry:
-    """Make ``score.scorer: <name>`` available; ``build(cfg, paths, family, kind)`` returns the scorer."""
-    if name in SCORERS and not replace:
-        raise ConfigError(f"scorer {name!r} is already registered; pass replace=True")
-    SCORERS[name] = ScorerEntry(name, tuple(kinds), build, OPTION_TYPES.get(name))
-    return SCORERS[name]
-
-
-def scorer_entry(name: str) -> ScorerEntry:
-    if name not in SCORERS:
-        raise ConfigError(f"score.scorer is {name!r}; choose one of {tuple(SCORERS)}")
-    return SCORERS[name]
+#: every registered method by name (the registry of :mod:`pipelines.method`)
+SCORERS = METHODS
 
 
 def feature_kind(cfg: RunConfig, family: Family | None = None) -> str:
     """The kind of features the run stores: the scorer's first kind the family produces."""
+    from .families import family_for
+
     family = family or family_for(cfg)
-    entry = scorer_entry(cfg.score.scorer)
-    for kind in entry.kinds:
+    method = method_for(cfg.score.scorer)
+    for kind in method.kinds:
         if kind in family.feature_kinds:
             return kind
-    usable = [n for n, e in SCORERS.items() if set(e.kinds) & set(family.feature_kinds)]
-    raise ConfigError(f"score.scorer {cfg.score.scorer!r} scores {' or '.join(entry.kinds)} features, which the "
+    usable = [n for n, m in METHODS.items() if set(m.kinds) & set(family.feature_kinds)]
+    raise ConfigError(f"score.scorer {cfg.score.scorer!r} scores {' or '.join(method.kinds)} features, which the "
                       f"{family.name!r} family does not produce; choose one of {usable}")
 
 
 def check_scorer(cfg: RunConfig, family: Family) -> None:
     """Raise :class:`ConfigError` unless the family can feed the scorer and its options parse."""
+    from .score_options import score_options
+
     feature_kind(cfg, family)
     score_options(cfg, family)
 
 
 def build_scorer(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
     """The (unfitted) scorer ``score.scorer`` names, for the run's family and feature kind."""
+    from .families import family_for
+
     family = family_for(cfg)
-    return scorer_entry(cfg.score.scorer).build(cfg, paths, family, feature_kind(cfg, family))
+    return method_for(cfg.score.scorer).build(cfg, paths, family, feature_kind(cfg, family))
 
 
 def _per_slot(cfg: RunConfig, family: Family, kind: str, scorer: Any) -> Any:
+    from tda.scorers import SlotScorer
+
+    from .families.base import projection_width
+
     return SlotScorer(scorer, projection_width(cfg, family.build_model(cfg))) if kind == "slots" else scorer
+
+
+def _trak_scorer(cfg: RunConfig) -> Any:
+    """TRAK as the run's ``score.options`` configure it (``normalize`` / ``q_weight``: its variant)."""
+    from tda.scorers import TRAKScorer
+    from tda.scorers.trak_variants import VARIANT_KEYS, TRAKVariantScorer
+
+    options = {key: bool(cfg.score.options[key]) for key in VARIANT_KEYS if key in cfg.score.options}
+    if options.get("normalize", False) or not options.get("q_weight", True):
+        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
+    return TRAKScorer(lambda_rel=cfg.score.lambda_rel)
+
+
+def _trak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+    """TRAK; with ``score.options`` (``normalize`` / ``q_weight``) its variant scorer."""
+    from tda.scorers import make_scorer
+    from tda.scorers.trak_variants import TRAKVariantScorer
+
+    from .score_options import score_options
+
+    options = score_options(cfg, family).scorer_options()
+    if options:
+        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
+    return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
+
+
+def _dtrak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+    from tda.scorers.diffusion import make_dtrak_scorer
+
+    return make_dtrak_scorer(cfg.score.lambda_rel)
+
+
+def _tracin(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+    from tda.scorers import make_scorer
+
+    return _per_slot(cfg, family, kind, make_scorer("tracin", learning_rates=family.learning_rates(cfg, paths)))
+
+
+def _plain(name: str) -> Builder:
+    """A gradient scorer built from nothing (Grad-Dot, Grad-Cos), per slot on slot features."""
+    def build(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+        from tda.scorers import make_scorer
+
+        return _per_slot(cfg, family, kind, make_scorer(name))
+    return build
+
+
+def _diffusion(cls_name: str) -> Builder:
+    def build(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+        from tda.scorers import diffusion
+
+        from .families.base import projection_width
+
+        return getattr(diffusion, cls_name)(family.learning_rates(cfg, paths),
+                                            projection_width(cfg, family.build_model(cfg)))
+    return build
+
+
+def _repsim(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
+    from tda.scorers import RepSimScorer
+
+    from .score_options import score_options
+
+    return RepSimScorer(score_options(cfg, family).metric)
 
 
 def _airrep(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
@@ -108,42 +154,17 @@ def _airrep(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -
     return airrep_scorer(cfg, paths)
 
 
-def _diffusion(cls: type) -> Builder:
-    return lambda cfg, paths, family, kind: cls(family.learning_rates(cfg, paths),
-                                                projection_width(cfg, family.build_model(cfg)))
+def _airrep_retrain(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> int:
+    from .airrep import airrep_retrain
 
-
-def _trak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
-    """TRAK; with ``score.options`` (``normalize`` / ``q_weight``) its variant scorer."""
-    from tda.scorers.trak_variants import TRAKVariantScorer
-
-    options = score_options(cfg, family).scorer_options()
-    if options:
-        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
-    return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
-
-
-register_scorer("trak", ("gradients", "grid"), _trak)
-register_scorer("dtrak", ("grid",), lambda cfg, paths, family, kind: make_dtrak_scorer(cfg.score.lambda_rel))
-register_scorer("tracin", ("slots", "gradients"), lambda cfg, paths, family, kind: _per_slot(
-    cfg, family, kind, make_scorer("tracin", learning_rates=family.learning_rates(cfg, paths))))
-for _name in ("graddot", "gradcos"):
-    register_scorer(_name, ("slots", "gradients"), lambda cfg, paths, family, kind, _n=_name: _per_slot(
-        cfg, family, kind, make_scorer(_n)))
-register_scorer("diffusion-tracin", ("slots",), _diffusion(DiffusionTracInScorer))
-register_scorer("diffusion-retrac", ("slots",), _diffusion(DiffusionReTracScorer))
-register_scorer("repsim", ("representations",), lambda cfg, paths, family, kind: RepSimScorer(
-    score_options(cfg, family).metric))
-register_scorer("airrep", ("representations",), _airrep)
+    gt, _, _, _ = airrep_retrain(cfg, paths, progress)
+    return gt.spec.n_subsets
 
 
 def _magic(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
     from .magic import magic_scorer
 
     return magic_scorer(cfg, paths, family, kind)
-
-
-register_scorer("magic", ("gradients",), _magic)
 
 
 def _ekfac(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
@@ -155,4 +176,47 @@ def _ekfac(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) ->
     return EKFACScorer()
 
 
-register_scorer("ekfac", ("gradients",), _ekfac)
+def _ekfac_queries(cfg: RunConfig, paths: RunPaths | None, train_fingerprint: str) -> Any:
+    from .ekfac import ekfac_query_featurizer
+
+    return ekfac_query_featurizer(cfg, paths, train_fingerprint)
+
+
+def _lean_trak(cfg: RunConfig, state: dict[str, Any]) -> Any:
+    return _trak_scorer(cfg).load_state_dict(state)
+
+
+def _lean_tracin(cfg: RunConfig, state: dict[str, Any]) -> Any:
+    from tda.scorers import TracInCPScorer
+
+    if "learning_rates" not in state:
+        raise CheckpointError("the TracIn state records no learning rates")
+    return TracInCPScorer([float(x) for x in state["learning_rates"]]).load_state_dict(state)
+
+
+def _lean_plain(cls_name: str) -> Any:
+    def lean(cfg: RunConfig, state: dict[str, Any]) -> Any:
+        import tda.scorers
+
+        return getattr(tda.scorers, cls_name)().load_state_dict(state)
+    return lean
+
+
+_OPTIONS = "pipelines.score_options:"
+_SLOTS_FIRST = ("slots", "gradients")
+register_method(Method("trak", ("gradients", "grid"), _trak, options=_OPTIONS + "TRAKOptions", self_influence=True,
+                       lean=_lean_trak, tuned_ridge=True))
+register_method(Method("dtrak", ("grid",), _dtrak))
+register_method(Method("tracin", _SLOTS_FIRST, _tracin, self_influence=True, lean=_lean_tracin))
+register_method(Method("graddot", _SLOTS_FIRST, _plain("graddot"), self_influence=True,
+                       lean=_lean_plain("GradDotScorer")))
+register_method(Method("gradcos", _SLOTS_FIRST, _plain("gradcos"), lean=_lean_plain("GradCosScorer")))
+register_method(Method("diffusion-tracin", ("slots",), _diffusion("DiffusionTracInScorer")))
+register_method(Method("diffusion-retrac", ("slots",), _diffusion("DiffusionReTracScorer")))
+register_method(Method("repsim", ("representations",), _repsim, options=_OPTIONS + "RepSimOptions",
+                       title="RepSim", similarity=True))
+register_method(Method("airrep", ("representations",), _airrep, options=_OPTIONS + "AirRepOptions",
+                       retrain=_airrep_retrain, validation="own-only"))
+register_method(Method("magic", ("gradients",), _magic, validation="opt-in", linearity_check=True,
+                       query_bound=True))
+register_method(Method("ekfac", ("gradients",), _ekfac, query_featurizer=_ekfac_queries, self_influence=True))

@@ -45,14 +45,15 @@ from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraw
 from tda.errors import CheckpointError, ConfigError, DataError
 from tda.features import concat_blocks
 from tda.projection_choice import FALLBACK, ProjectionChoice
-from tda.scorers.diffusion import DiffusionReTracScorer, DiffusionTracInScorer, influence_counts
+from tda.scorers.diffusion import influence_counts
 from tda.tasks import Task
 
 from ..layout import load_checkpoint_list
-from ..report import format_examples
+from ..method import find_method, methods
+from ..report import format_examples, similarity_note
 from ..score_options import score_options
 from .base import (Family, Reporting, Representations, Retraining, SaveFn, collated, featurize_params_named,
-                   projection_width, resolve_device, resolved_projection)
+                   resolve_device, resolved_projection)
 from .images import image_query_file, image_split, unused_train_rows
 from .jobs import SubsetJob
 from .registry import family_for, register_family
@@ -298,9 +299,8 @@ def influence(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths, scorer: 
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
     qblk = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     scorers: dict[str, Any] = {}
-    if kind == "slots":
-        etas, k = family.learning_rates(cfg, paths), projection_width(cfg, family.build_model(cfg))
-        scorers = {"diffusion-tracin": DiffusionTracInScorer(etas, k), "diffusion-retrac": DiffusionReTracScorer(etas, k)}
+    if kind == "slots":  # every method of per-draw features alone (Diffusion-TracIn, Diffusion-ReTrac)
+        scorers = {name: m.build(cfg, paths, family, kind) for name, m in methods().items() if m.kinds == ("slots",)}
     if cfg.score.scorer not in scorers:
         scorers[cfg.score.scorer] = scorer
     return influence_counts(qblk, train, scorers, min(cfg.score.topk, len(train)), cfg.score.influential_fraction)
@@ -312,8 +312,9 @@ def _labels(dataset: Any) -> dict[int, int]:
 
 
 def _titles(output: str, scorer: str) -> tuple[str, str]:
-    if scorer == "repsim":
-        return "least similar training images (RepSim)", "most similar training images (RepSim)"
+    method = find_method(scorer)
+    if method is not None and method.similarity:
+        return f"least similar training images ({method.title})", f"most similar training images ({method.title})"
     if output == "loss":
         return ("opponents, score < 0: training on them lowers the image's loss (makes it more likely)",
                 "proponents, score > 0: training on them raises the image's loss")
@@ -338,7 +339,7 @@ def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
              f"({int((~gen).sum())} test, {int(gen.sum())} generated), {len(ckpts)} checkpoints, scorer "
              f"{cfg.score.scorer}, f = {o.output}" + (f", held-out loss {np.mean(losses):.4f}" if losses else ""),
              "score > 0: training on the example raises f(query) (docs/methods.md sign convention)"
-             + ("; RepSim scores are similarities, not signed effects" if cfg.score.scorer == "repsim" else "")]
+             + similarity_note(cfg.score.scorer)]
     low, high = _titles(o.output, cfg.score.scorer)
     shown = min(5, cfg.score.topk)
     for row in [*np.nonzero(~gen)[0][: cfg.score.show], *np.nonzero(gen)[0][: cfg.score.show]]:

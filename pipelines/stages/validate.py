@@ -28,6 +28,7 @@ from ..families import Retraining, family_for
 from ..families.classifier import ClassifierSubsetJob
 from ..ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
 from ..layout import RunPaths
+from ..method import method_for
 from ..schema import SCORE_SECTIONS, RunConfig, section_fingerprint
 from .validate_scorers import scores_for, validation_scorers
 
@@ -170,7 +171,7 @@ def measure_scorers(cfg: RunConfig, paths: RunPaths, names: list[str], train: Fe
             continue
         result["scorers"][name] = scorer_report(s, masks, outputs, full, folds)
         main = s if main is None else main
-    if "trak" in names:
+    if any(method_for(name).tuned_ridge for name in names):
         v = cfg.validate
         result["lds"] = tune_and_report(train, query, masks, outputs, v.lambda_grid, cfg.score.lambda_rel, folds)
         result["noise"] = noise_report(train, query, cfg.score.lambda_rel)
@@ -209,7 +210,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
             result["ground_truth"]["noise"] = ground_truth_reliability(runs).as_dict()
         scores = measure_scorers(cfg, paths, names, train, query, (gt.masks, outputs, gt.full_outputs()), folds,
                                  result)
-        if "magic" in names:  # is the retrained outcome linear enough for a first-order prediction?
+        if any(method_for(name).linearity_check for name in names):  # linear enough for a first-order prediction?
             from .validate_linearity import linearity_check
 
             result["linearity"] = linearity_check(cfg, paths, job, gt, executor, progress)

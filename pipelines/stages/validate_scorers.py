@@ -23,14 +23,9 @@ from tda.kernel import score_matrix
 
 from ..layout import RunPaths
 from ..schema import RunConfig
-from ..scorers import SCORERS, build_scorer, feature_kind
+from ..method import methods
+from ..scorers import build_scorer, feature_kind
 from .index import load_scorer
-
-#: scorers measured only as the run's own (they need stages of their own before they can score)
-OWN_ONLY = ("airrep",)
-#: measured when they are the run's own or named in ``validate.scorers`` (a reverse pass through
-#: training per chunk of queries: worth asking for, too slow to add to every validation)
-OPT_IN = ("magic",)
 
 
 def as_scorer(cfg: RunConfig, name: str) -> RunConfig:
@@ -57,11 +52,12 @@ def _reads(cfg: RunConfig, name: str, own: dict[str, str]) -> bool:
 
 
 def usable_scorers(cfg: RunConfig) -> list[str]:
-    """The run's own scorer, then every registered one (but :data:`OWN_ONLY`) that reads exactly
-    the run's stored features."""
+    """The run's own scorer, then every registered one (but those measured only as the run's own,
+    ``validation="own-only"``: they need stages of their own before they can score) that reads
+    exactly the run's stored features."""
     own = _fingerprints(cfg)
-    return [cfg.score.scorer] + [n for n in SCORERS if n != cfg.score.scorer and n not in OWN_ONLY
-                                 and _reads(cfg, n, own)]
+    return [cfg.score.scorer] + [n for n, m in methods().items() if n != cfg.score.scorer
+                                 and m.validation != "own-only" and _reads(cfg, n, own)]
 
 
 def validation_scorers(cfg: RunConfig) -> list[str]:
@@ -70,7 +66,8 @@ def validation_scorers(cfg: RunConfig) -> list[str]:
     kind, usable = feature_kind(cfg), usable_scorers(cfg)
     wanted = cfg.validate.scorers
     if wanted is None:
-        return [n for n in usable if n == cfg.score.scorer or n not in OPT_IN]
+        # opt-in methods are measured when they are the run's own or named in validate.scorers
+        return [n for n in usable if n == cfg.score.scorer or methods()[n].validation != "opt-in"]
     bad = [n for n in wanted if n not in usable]
     if bad:
         raise ConfigError(f"validate.scorers names {bad}, which cannot score this run's {kind!r} features; choose "

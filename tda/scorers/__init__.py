@@ -20,14 +20,12 @@ _EXPORTS = {
     "generally_influential": "diffusion", "influence_counts": "diffusion",
 }
 
-#: ``make_scorer`` name -> class name
+#: ``make_scorer`` name -> class name (the Python API's names; ``tda run`` declares its methods,
+#: with their traits, in pipelines/scorers.py)
 _REGISTRY = {"trak": "TRAKScorer", "tracin": "TracInCPScorer", "graddot": "GradDotScorer",
              "gradcos": "GradCosScorer", "repsim": "RepSimScorer", "airrep": "AirRepScorer", "ekfac": "EKFACScorer"}
 
-__all__ = ["Scorer", "TRAKScorer", "DEFAULT_LAMBDA_REL", "make_scorer", "TracInCPScorer",
-           "GradDotScorer", "GradCosScorer", "RepSimScorer", "AirRepScorer", "EKFACScorer", "PrecomputedScorer",
-           "DiffusionTracInScorer", "DiffusionReTracScorer", "SlotScorer", "make_dtrak_scorer",
-           "generally_influential", "influence_counts"]
+__all__ = [*_EXPORTS, "make_scorer"]
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())
