@@ -69,7 +69,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Model: its family (pipelines/families.py), architecture and family-specific options."""
+    """Model: its family (pipelines/families/), architecture and family-specific options."""
 
     family: str = "classifier"  # classifier, diffusion, causal-lm, user (model.factory), hf (model.hf)
     arch: str = "mlp"  # classifier: "mlp" or "cnn"; diffusion: "unet"; causal-lm: "gpt2"
@@ -158,7 +158,7 @@ class FeaturizeConfig:
     params: list[str] | None = None  # parameter (dense, sparse) / module (factored, tensorsketch) names or prefixes (None: all)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     backend: str = "auto"  # projector backend: auto/dense/fast_jl
-    projection: str = "auto"  # "auto" (tensorsketch where it covers the model, checked on a batch, else sparse; README), "sparse" (SJLT, s nonzeros per coordinate), "dense" (P^T g), "tensorsketch" (per-layer TensorSketch into k) or "factored" (per-layer Kronecker)
+    projection: str = "auto"  # "auto" (tensorsketch where it covers the model, checked on a batch, else sparse; docs/projections.md), "sparse" (SJLT, s nonzeros per coordinate), "dense" (P^T g), "tensorsketch" (per-layer TensorSketch into k) or "factored" (per-layer Kronecker)
     nonzeros: int = 1  # sparse: nonzeros per gradient coordinate (s; k must be a multiple of it)
     k_in: int | None = 16  # factored: projected layer-input dimension per layer (None: identity)
     k_out: int | None = 16  # factored: projected output-gradient dimension per layer (None: identity)

@@ -82,7 +82,7 @@ class DiffusionOptions:
     saved_checkpoints: int = 3  # evenly spaced checkpoints (last epoch included) when train.checkpoints=all
     generate: int = 8  # images sampled from model 0, appended to the queries
     sample_seed: int = 0  # seed of the sampler
-    optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: the step TracIn and ReTrac assume; README, DDPM)
+    optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: the step TracIn and ReTrac assume; docs/benchmarks/lds.md, DDPM)
 
     def __post_init__(self) -> None:
         NoiseSchedule(self.T, self.beta_start, self.beta_end)  # checks the schedule
@@ -253,7 +253,7 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
 
     def auto_projection(self, cfg: RunConfig, paths: RunPaths, train: Any) -> ProjectionChoice:
         """``auto`` is sparse here: the UNet's small-drop LDS is near zero under every projection
-        (README), so none is measured better than the one that covers every parameter."""
+        (docs/benchmarks/lds.md), so none is measured better than the one that covers every parameter."""
         return ProjectionChoice(FALLBACK, "the diffusion family's default: no projection is measured better "
                                           "for the UNet (its LDS is near zero under each)")
 
