@@ -65,10 +65,12 @@ from .captures import (CHUNK_ELEMENTS, MATRIX_LAYOUTS, NORM_LAYOUTS, SIDES, Capt
 from .sketch_layers import covered_sizes, embedding_sketch, norm_grads, shared_sq_norm, term_sq_norm
 
 #: Relative costs per element against one multiply-add of forming ``G`` by batched matmul,
-#: measured on the CPU (one thread, torch 2.13): writing and scattering an element, and one
-#: ``log2 k`` step of a length-k real FFT plus its share of the product.
+#: measured on the CPU (torch 2.13; ``benchmarks/tensorsketch_paths.py`` times both ways per
+#: layer shape and prints the implied constants): writing and scattering an element, and one
+#: ``log2 k`` step of a length-k real FFT plus its share of the product (FFT_COST was 5 until the
+#: transformer shapes were measured: FFTs cost 4-6x the formed path at k = 4096).
 SCATTER_COST = 60.0
-FFT_COST = 5.0
+FFT_COST = 25.0
 _METHODS = ("auto", "fft", "form")
 #: Seed-stream side of a CountSketched vector parameter (a norm's weight or bias, a tied layer's bias).
 VECTOR = 2

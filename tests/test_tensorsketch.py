@@ -257,6 +257,16 @@ def test_auto_picks_fft_for_wide_single_position_layers_and_form_for_small_many_
     assert proj.path(LayerSpec("c", 28, 16, True, "conv2d"), 1024) == "form"
 
 
+@pytest.mark.parametrize("k, d_in, d_out, want", [
+    (1024, 257, 256, "form"), (1024, 257, 1024, "fft"), (1024, 1025, 256, "fft"),
+    (4096, 257, 1024, "form"), (4096, 1025, 256, "form")])
+def test_auto_path_of_transformer_layers_follows_the_measured_winner(k, d_in, d_out, want) -> None:
+    """128-token sequences, the char LM's layer shapes: the way ``benchmarks/tensorsketch_paths.py``
+    measured faster (per batch of 16) is the one the cost model picks."""
+    proj = TensorSketchProjector([LayerSpec("w", d_in, d_out, True, "linear")], k=k)
+    assert proj.path(proj.layers[0], 128) == want
+
+
 def _synthetic() -> tuple[list[LayerSpec], list, np.ndarray]:
     """Two layers, 3 positions, two correlated examples; returns layers, captures and the flat (2, d)
     gradients G = sum_t delta_t a_t^T."""
