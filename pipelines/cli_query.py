@@ -23,7 +23,7 @@ from typing import Any
 from tda.errors import QueryError
 
 from .layout import RunPaths
-from .query_fast import Answer, NotLean, check_k, lean_answer, load_predictions, recorded_labels, search
+from .query_fast import Answer, NotLean, lean_answer, load_predictions, recorded_labels
 from .report import format_query, format_table, label_fields, label_name, label_text, predicted_text, text_fields
 from .run_folder import RunLabels
 
@@ -34,29 +34,15 @@ logger = logging.getLogger(__name__)
 
 
 def full_answer(paths: RunPaths, examples: list[int], split: str, k: int) -> Answer:
-    """The answer through the scorer registry and the family (imports torch and the model code)."""
-    from stores import FeatureStore
+    """The answer through the scorer registry and the family (imports torch and the model code):
+    the run loaded as ``tda serve`` loads it (:func:`pipelines.serve_state.load_full`)."""
+    from .serve_state import load_full
 
-    from .run_folder import QUERY_NEEDS, check_complete, dataset_labels, recorded_config, stored_features
-    from .stages import load_index, load_scorer
-
-    cfg = recorded_config(paths)
-    check_complete(paths, QUERY_NEEDS, f"`tda run CONFIG --out {paths.root}`")
     t0 = time.time()
-    scorer = load_scorer(cfg, paths)
-    if split != "query" and not scorer.scores_new_inputs:
-        raise QueryError(f"the {scorer.name} scorer holds scores of the run's own queries only and cannot score a "
-                         f"{split} example; ask with --split query")
-    block = stored_features(paths, examples, split)
-    vectors = scorer.transform_query(block)  # (m, D)
-    index = load_index(cfg, paths, dim=vectors.shape[1], n_train=FeatureStore.open(paths.store("train")).n)
-    check_k(k, len(index))
-    top, spent = search(index, vectors, k)  # every example in one search: the index is loaded once
-    elapsed = time.time() - t0
-    meta = dataset_labels(cfg, paths)
-    return Answer([int(i) for i in block.ids], top, meta.labels["train"], meta.labels[split], cfg.score.scorer,
-                  len(index), index.meta["kind"], elapsed, spent, load_predictions(paths) if split == "query" else None,
-                  meta.names, meta.texts.get("train"), meta.texts.get(split), cfg.score.text_chars)
+    run, ids, vectors = load_full(paths, examples, split)
+    ans = run.answer(ids, split, k, vectors)  # every example in one search: the index is loaded once
+    ans.elapsed = time.time() - t0
+    return ans
 
 
 def answer(paths: RunPaths, examples: list[int], split: str, k: int) -> Answer:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from stores import FeatureStore
-from stores._io import atomic_write, save_json
+from stores import FeatureStore, workflow_results
+from stores._io import atomic_write
 from tda.curation import detection_metrics, loss_self_influence, rank_average, self_influence
 from tda.errors import CheckpointError, ConfigError
 
@@ -161,7 +161,7 @@ def stage_curate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict
             raise ConfigError(f"the {family.name!r} family has no accuracy retraining yet; set curate.retrain_seeds: 0")
         result["check"] = retrain_check(cfg, family.accuracy_job(cfg), order, folder / "retrain", progress,
                                         family.check_metric_of(cfg))
-    save_json(folder / "curation.json", result)
+    workflow_results.save(paths.root, "curation", result)
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stores import workflow_results
 from stores._io import atomic_write
 from tda.errors import DataError, StoreCorruptError, TDAError
 
@@ -227,12 +227,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def curation_section(cfg: RunConfig, paths: RunPaths) -> str:
-    path = paths.root / "curation" / "curation.json"
-    if not path.is_file():
+    if not workflow_results.exists(paths.root, "curation"):
         return ""
     import pyarrow.parquet as pq
 
-    res = json.loads(path.read_text())
+    res = workflow_results.load(paths.root, "curation")
     rows = [[name, *(f"{m[x]:.3f}" for x in ("auc", "ap")), *(f"{v:.2f}" for v in m["found_at"].values())]
             for name, m in res["methods"].items() if m]
     out = f"<h2>Curation (ranked by {html.escape(res['method'])})</h2>"
@@ -249,10 +248,9 @@ def curation_section(cfg: RunConfig, paths: RunPaths) -> str:
 
 
 def unlearning_section(paths: RunPaths) -> str:
-    path = paths.root / "unlearning" / "unlearning.json"
-    if not path.is_file():
+    if not workflow_results.exists(paths.root, "unlearning"):
         return ""
-    res = json.loads(path.read_text())
+    res = workflow_results.load(paths.root, "unlearning")
     rows = []
     for arm, pred in (("forget", res["predicted"]), ("control", res["control_predicted"])):
         actual = res.get("check", {}).get(arm, {}).get("actual_group")
@@ -265,9 +263,9 @@ def unlearning_section(paths: RunPaths) -> str:
 
 def validation_section(paths: RunPaths) -> str:
     folder = paths.root / "validation"
-    if not (folder / "validation.json").is_file():
+    if not workflow_results.exists(paths.root, "validation"):
         return ""
-    res = json.loads((folder / "validation.json").read_text())
+    res = workflow_results.load(paths.root, "validation")
     rows = [[name, f"{r['report']['mean']:.3f} [{r['report']['ci_low']:.3f}, {r['report']['ci_high']:.3f}]",
              f"{r['calibration']['fit']['slope']:.3g}"] for name, r in res.get("scorers", {}).items()]
     plots = "".join(f'<img style="max-width:45%" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'

@@ -15,9 +15,9 @@ from tda.errors import CheckpointError, StoreCorruptError
 RUN_FILE = "run.json"
 #: The run folder's cache of input digests (see :mod:`stores.digests`).
 INPUTS_FILE = "inputs.json"
-#: the labels ``tda run`` records for the lean path (:mod:`pipelines.query_fast`): ``labels/labels.npz``
-#: and its marker ``labels/labels.json`` (which also holds the class names), and the texts of text
-#: data in ``labels/texts.npz``
+#: the labels ``tda run`` records for the lean path (:mod:`pipelines.query_fast`, files: :mod:`stores.labels`):
+#: ``labels/labels.npz`` and its marker ``labels/labels.json`` (which also holds the class names), and the
+#: texts of text data in ``labels/texts.npz``
 LABELS_DIR = "labels"
 
 
@@ -61,6 +61,11 @@ class RunPaths:
     @property
     def scores(self) -> Path:
         return self.root / "scores"
+
+    @property
+    def labels(self) -> Path:
+        """The labels recorded for the lean ``tda query`` path (files: :mod:`stores.labels`)."""
+        return self.root / LABELS_DIR
 
     @property
     def airrep(self) -> Path:

@@ -18,21 +18,20 @@ recorded, stale, recorded by an older version, or texts too long to record), it 
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from stores import FaissIndex, FeatureStore
-from stores._io import save_json, save_npz, sha256_file
+from stores import FaissIndex, FeatureStore, index_files, scorer_state
+from stores import labels as label_files
 from stores.index import index_space
 from tda.errors import QueryError, StoreError, TDAError
 from tda.features import FeatureBlock
 
-from .layout import LABELS_DIR, RunPaths, json_field
+from .layout import RunPaths
 from .method import find_method
 from .report import label_fields, label_name, text_fields
 from .run_folder import QUERY_NEEDS, RunLabels, check_complete, dataset_labels, recorded_config, stored_features
@@ -42,8 +41,8 @@ from .schema import RunConfig, scorer_fingerprint
 #: method that may score ``slots`` features is not lean on them (TRAK, scoring the grid, is)
 SLOT_FAMILIES = ("diffusion",)
 #: texts are recorded for the lean path up to this many UTF-8 bytes in all; longer ones are read
-#: from the data set by the full path
-TEXT_BYTES_MAX = 16 * 2**20
+#: from the data set by the full path (read when labels are written, so a test may lower it)
+TEXT_BYTES_MAX = label_files.TEXT_BYTES_MAX
 
 
 class NotLean(Exception):
@@ -112,19 +111,16 @@ def search(index: FaissIndex, vectors: np.ndarray, k: int) -> tuple[dict[str, np
 
 
 def lean_scorer(cfg: RunConfig, paths: RunPaths) -> Any:
-    """The fitted scorer from its saved state, with the checks of the full path's ``load_scorer``;
-    :class:`NotLean` when that needs the model or a check fails (the full path then names the fix)."""
+    """The fitted scorer from its saved state, read and checked by :func:`stores.scorer_state.load` as
+    the full path's ``load_scorer`` reads it; :class:`NotLean` when that needs the model or a check
+    fails (the full path then names the fix)."""
     name, method = cfg.score.scorer, find_method(cfg.score.scorer)  # lean: its query transform is numpy
     if method is None or method.lean is None or ("slots" in method.kinds and cfg.model.family in SLOT_FAMILIES):
         raise NotLean(f"the {name} scorer of a {cfg.model.family} run needs the full path")
-    state_path = paths.scorer / "state.npz"
-    marker = paths.scorer / "scorer.json"
-    want = json_field(marker, "sha256")
-    if (not state_path.is_file() or json_field(marker, "fingerprint") != scorer_fingerprint(cfg)
-            or (want is not None and sha256_file(state_path) != want)):
-        raise NotLean("the fitted scorer is missing, stale or damaged")
-    with np.load(state_path, allow_pickle=False) as z:
-        state = {k: z[k] for k in z.files}
+    try:
+        state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg))  # the full path's reader and checks
+    except StoreError as exc:
+        raise NotLean("the fitted scorer is missing, stale or damaged") from exc
     try:
         return method.lean(cfg, state)
     except TDAError as exc:
@@ -132,13 +128,13 @@ def lean_scorer(cfg: RunConfig, paths: RunPaths) -> Any:
 
 
 def lean_index(cfg: RunConfig, paths: RunPaths, scorer: Any, dim: int) -> FaissIndex:
-    """The run's index, checked as the full path's ``load_index`` checks it; :class:`NotLean` if not."""
-    if not (paths.index / "index.json").is_file():
+    """The run's index, read and checked by :func:`stores.index_files.load` as the full path's
+    ``load_index`` reads it; :class:`NotLean` if not."""
+    if not index_files.exists(paths.index):
         raise NotLean("no finished index")
     try:
-        index = FaissIndex.load(paths.index)  # checked against its sha256
-        return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=FeatureStore.open(paths.store("train")).n,
-                           space=index_space(scorer))
+        return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg), dim=dim,
+                                n=FeatureStore.open(paths.store("train")).n, space=index_space(scorer))
     except TDAError as exc:
         raise NotLean(str(exc)) from exc
 
@@ -148,77 +144,20 @@ def _store_fingerprints(paths: RunPaths) -> dict[str, str]:
 
 
 def write_labels(cfg: RunConfig, paths: RunPaths) -> bool:
-    """Record what ``tda query`` prints for the lean path, keyed by the feature stores' fingerprints;
-    under the run lock, after the score stage: the labels of both splits (``data.label_column``) and
-    the queries' predictions (``labels.npz``), the class names (``labels.json``) and the texts of text
-    data (``texts.npz``, up to :data:`TEXT_BYTES_MAX`). Labels numpy cannot store without pickle are
-    not recorded (the full path then reads the data)."""
+    """Record what ``tda query`` prints for the lean path (:mod:`stores.labels`), keyed by the
+    feature stores' fingerprints; under the run lock, after the score stage: the labels of both
+    splits (``data.label_column``) and the queries' predictions (``labels.npz``), the class names
+    (``labels.json``) and the texts of text data (``texts.npz``, up to :data:`TEXT_BYTES_MAX`).
+    Labels numpy cannot store without pickle are not recorded (the full path then reads the data)."""
     meta = dataset_labels(cfg, paths)  # the data sets (and the family) only here
-    marker, npz = paths.root / LABELS_DIR / "labels.json", paths.root / LABELS_DIR / "labels.npz"
-    arrays = {}
-    for split in ("train", "query"):
-        labels = meta.labels[split]
-        values = np.asarray(list(labels.values()))
-        if values.dtype.kind not in "biufU":
-            npz.unlink(missing_ok=True)
-            return False
-        arrays[f"{split}_ids"], arrays[f"{split}_labels"] = np.asarray(list(labels), dtype=np.int64), values
-    arrays.update(_predictions(cfg, paths))
-    if not _same_arrays(npz, arrays):  # a rerun rewrites nothing
-        save_npz(npz, **arrays)
-    record = {**_store_fingerprints(paths), "sha256": sha256_file(npz), "class_names": meta.names,
-              **_write_texts(paths, meta.texts)}
-    if _marker(paths) != record:
-        save_json(marker, record)
-    return True
-
-
-def _write_texts(paths: RunPaths, texts: dict[str, Mapping[int, str]]) -> dict[str, Any]:
-    """Write ``texts.npz`` (per split: ids, UTF-8 offsets and bytes); the marker's ``texts`` entry:
-    ``recorded`` (with ``texts_sha256``), ``none`` (no text data) or ``too large``."""
-    path = paths.root / LABELS_DIR / "texts.npz"
-    arrays: dict[str, np.ndarray] = {}
-    chars = sum(len(t) for table in texts.values() for t in table.values())  # at most the UTF-8 bytes
-    for split, table in texts.items() if chars <= TEXT_BYTES_MAX else ():
-        encoded = [t.encode("utf-8") for t in table.values()]
-        arrays[f"{split}_ids"] = np.fromiter(table, dtype=np.int64, count=len(table))
-        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
-        arrays[f"{split}_bytes"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    size = sum(a.size for k, a in arrays.items() if k.endswith("_bytes"))
-    state = ("none" if not any(texts.values()) else "too large" if max(chars, size) > TEXT_BYTES_MAX
-             else "recorded")
-    if state != "recorded":
-        path.unlink(missing_ok=True)
-        return {"texts": state, "texts_sha256": None}
-    if not _same_arrays(path, arrays):
-        save_npz(path, **arrays)
-    return {"texts": state, "texts_sha256": sha256_file(path)}
-
-
-class StoredTexts(Mapping):
-    """``id -> text`` of one split read from ``texts.npz``; each text decoded when asked for."""
-
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray, blob: np.ndarray) -> None:
-        self.rows = {int(i): r for r, i in enumerate(ids.tolist())}
-        self.offsets, self.blob = offsets, blob
-
-    def __getitem__(self, example: int) -> str:
-        r = self.rows[int(example)]
-        return self.blob[self.offsets[r]: self.offsets[r + 1]].tobytes().decode("utf-8")
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def _same_arrays(npz, arrays: dict[str, np.ndarray]) -> bool:
-    try:
-        with np.load(npz, allow_pickle=False) as z:
-            return set(z.files) == set(arrays) and all(np.array_equal(z[k], v) for k, v in arrays.items())
-    except (OSError, ValueError):
+    folder = paths.labels
+    arrays = label_files.label_arrays(meta.labels)
+    if arrays is None:
+        label_files.discard(folder)
         return False
+    label_files.save(folder, {**arrays, **_predictions(cfg, paths)}, fingerprints=_store_fingerprints(paths),
+                     class_names=meta.names, texts=meta.texts, text_bytes_max=TEXT_BYTES_MAX)
+    return True
 
 
 def _predictions(cfg: RunConfig, paths: RunPaths) -> dict[str, np.ndarray]:
@@ -233,33 +172,13 @@ def _predictions(cfg: RunConfig, paths: RunPaths) -> dict[str, np.ndarray]:
             "query_p_predicted": preds["p_predicted"]}
 
 
-def _prediction_map(arrays) -> dict[int, tuple[int, float]] | None:
-    if "query_predicted" not in arrays:
-        return None
-    return {int(i): (int(c), float(p)) for i, c, p in
-            zip(arrays["query_pred_ids"], arrays["query_predicted"], arrays["query_p_predicted"])}
-
-
-def _marker(paths: RunPaths) -> dict[str, Any]:
-    """``labels/labels.json`` (empty when missing or unreadable)."""
-    try:
-        record = json.loads((paths.root / LABELS_DIR / "labels.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _recorded(paths: RunPaths) -> dict[str, np.ndarray]:
     """The arrays :func:`write_labels` recorded; :class:`NotLean` when missing, damaged or
     recorded for other feature stores."""
-    npz, record = paths.root / LABELS_DIR / "labels.npz", _marker(paths)
-    want = record.get("sha256")
-    if want is None or not npz.is_file() or sha256_file(npz) != want:
-        raise NotLean("no recorded labels")
-    if any(record.get(split) != fp for split, fp in _store_fingerprints(paths).items()):
-        raise NotLean("the labels were recorded for other features")
-    with np.load(npz, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        return label_files.load_arrays(paths.labels, _store_fingerprints(paths))
+    except label_files.NotRecorded as exc:
+        raise NotLean(str(exc)) from exc
 
 
 def labels_current(paths: RunPaths) -> bool:
@@ -275,7 +194,7 @@ def load_predictions(paths: RunPaths) -> dict[int, tuple[int, float]] | None:
     """``query id -> (predicted, probability)`` recorded by :func:`write_labels` (None: not
     recorded, or recorded for other features)."""
     try:
-        return _prediction_map(_recorded(paths))
+        return label_files.prediction_map(_recorded(paths))
     except NotLean:
         return None
 
@@ -283,41 +202,31 @@ def load_predictions(paths: RunPaths) -> dict[int, tuple[int, float]] | None:
 def query_predictions(cfg: RunConfig, paths: RunPaths) -> dict[int, tuple[int, float]] | None:
     """The recorded predictions, else computed from the checkpoints (None: the family has no classes)."""
     recorded = load_predictions(paths)
-    return recorded if recorded is not None else _prediction_map(_predictions(cfg, paths))
+    return recorded if recorded is not None else label_files.prediction_map(_predictions(cfg, paths))
 
 
 def load_labels(paths: RunPaths) -> dict[str, dict[int, Any]]:
     """``split -> {id: label}`` that :func:`write_labels` recorded; :class:`NotLean` when missing,
     damaged or recorded for other feature stores."""
-    arrays = _recorded(paths)
-    return {split: dict(zip(arrays[f"{split}_ids"].tolist(), arrays[f"{split}_labels"].tolist()))
-            for split in ("train", "query")}
+    return label_files.labels_of(_recorded(paths))
 
 
 def recorded_labels(paths: RunPaths) -> RunLabels:
-    """Labels, class names and texts :func:`write_labels` recorded; :class:`NotLean` when missing,
-    damaged, recorded for other feature stores or by a version without names and texts, or when
-    the texts were too long to record."""
-    labels, record = load_labels(paths), _marker(paths)
-    if "texts" not in record:
-        raise NotLean("the labels were recorded without class names and texts")
-    if record["texts"] == "too large":
-        raise NotLean("the texts are too long to be recorded")
-    texts: dict[str, Mapping[int, str]] = {}
-    if record["texts"] == "recorded":
-        path = paths.root / LABELS_DIR / "texts.npz"
-        if not path.is_file() or sha256_file(path) != record.get("texts_sha256"):
-            raise NotLean("the recorded texts are missing or damaged")
-        with np.load(path, allow_pickle=False) as z:
-            texts = {split: StoredTexts(z[f"{split}_ids"], z[f"{split}_offsets"], z[f"{split}_bytes"])
-                     for split in ("train", "query") if f"{split}_ids" in z.files}
-    return RunLabels(labels, record.get("class_names"), texts)
+    """Labels, class names and texts :func:`write_labels` recorded (:func:`stores.labels.load`);
+    :class:`NotLean` when missing, damaged, recorded for other feature stores or by a version
+    without names and texts, or when the texts were too long to record."""
+    try:
+        got = label_files.load(paths.labels, _store_fingerprints(paths))
+    except label_files.NotRecorded as exc:
+        raise NotLean(str(exc)) from exc
+    return RunLabels(got.labels, got.names, got.texts)
 
 
 @dataclass
 class LoadedRun:
     """A finished run loaded for answering stored examples: the config, the fitted scorer, the
-    index, the labels, the class names and the texts (:func:`load_lean`)."""
+    index, the labels, the class names and the texts (:func:`load_lean`, or
+    :func:`pipelines.serve_state.load_full` for the full path)."""
 
     cfg: RunConfig
     paths: RunPaths
@@ -326,6 +235,8 @@ class LoadedRun:
     labels: dict[str, dict[int, Any]] | None
     names: list[str] | None = None
     texts: dict[str, Mapping[int, str]] | None = None
+    #: where the labels, names and texts come from on the first answer (None: :func:`recorded_labels`)
+    labels_from: Callable[[], RunLabels] | None = None
 
     def set_labels(self, meta: RunLabels) -> "LoadedRun":
         """Take the labels, class names and texts of ``meta``; the run itself."""
@@ -345,7 +256,7 @@ class LoadedRun:
             self.index = lean_index(self.cfg, self.paths, self.scorer, vectors.shape[1])
         check_k(k, len(self.index))
         if self.labels is None:
-            self.set_labels(recorded_labels(self.paths))
+            self.set_labels(self.labels_from() if self.labels_from is not None else recorded_labels(self.paths))
         top, spent = search(self.index, vectors, k)
         texts = self.texts or {}
         return Answer(list(examples), top, self.labels["train"], self.labels[split], self.cfg.score.scorer,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stores import FeatureStore
+from stores import FeatureStore, index_files, scorer_state
 from stores.digests import DIGESTS
 from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
                         StoreError, TDAError)
@@ -85,7 +85,7 @@ def differing_keys(cfg: RunConfig, paths: RunPaths, shown: int = 5) -> str:
 
 
 #: What ``tda query`` reads besides the feature stores: folder -> (completion marker, what is missing).
-QUERY_NEEDS = {"scorer": ("scorer.json", "no fitted scorer"), "index": ("index.json", "no index")}
+QUERY_NEEDS = {"scorer": (scorer_state.MARKER_FILE, "no fitted scorer"), "index": (index_files.META_FILE, "no index")}
 
 
 def check_complete(paths: RunPaths, needs: dict[str, tuple[str, str]], finish: str) -> None:

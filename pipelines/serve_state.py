@@ -30,18 +30,29 @@ from .query_fast import Answer, LoadedRun, NotLean, check_k, load_lean, search
 logger = logging.getLogger(__name__)
 
 
-def load_full(paths: RunPaths) -> LoadedRun:
-    """The run loaded as the full ``tda query`` path loads it (torch, the family, the data sets)."""
+def load_full(paths: RunPaths, examples: list[int] | None = None,
+              split: str = "query") -> tuple[LoadedRun, list[int], np.ndarray]:
+    """The run loaded as the full ``tda query`` path loads it (torch, the family, the data sets):
+    the recorded config (checked), the fitted scorer and the index (:func:`pipelines.stages.load_scorer`,
+    :func:`pipelines.stages.load_index`); the labels, names and texts are read from the data sets
+    with the first answer. The index is checked against the dimension of the query vectors of
+    ``examples`` of ``split`` (default: the first stored query), returned with their ids."""
     from .run_folder import QUERY_NEEDS, check_complete, dataset_labels, recorded_config, stored_features
     from .stages import load_index, load_scorer
 
     cfg = recorded_config(paths)
     check_complete(paths, QUERY_NEEDS, f"`tda run CONFIG --out {paths.root}`")
     scorer = load_scorer(cfg, paths)
-    first = int(FeatureStore.open(paths.store("query")).ids()[0])
-    dim = scorer.transform_query(stored_features(paths, [first], "query")).shape[1]
-    index = load_index(cfg, paths, dim=dim, n_train=FeatureStore.open(paths.store("train")).n)
-    return LoadedRun(cfg, paths, scorer, index, None).set_labels(dataset_labels(cfg, paths))
+    if split != "query" and not scorer.scores_new_inputs:
+        raise QueryError(f"the {scorer.name} scorer holds scores of the run's own queries only and cannot score a "
+                         f"{split} example; ask with --split query")
+    if examples is None:
+        examples = [int(FeatureStore.open(paths.store("query")).ids()[0])]
+    block = stored_features(paths, examples, split)
+    vectors = scorer.transform_query(block)  # (m, D)
+    index = load_index(cfg, paths, dim=vectors.shape[1], n_train=FeatureStore.open(paths.store("train")).n)
+    run = LoadedRun(cfg, paths, scorer, index, None, labels_from=lambda: dataset_labels(cfg, paths))
+    return run, [int(i) for i in block.ids], vectors
 
 
 def query_vectors(run: LoadedRun, block_rows: int = 4096) -> tuple[np.ndarray, dict[int, int]]:
@@ -79,7 +90,7 @@ class Service:
             run.answer([next(iter(rows))], "query", 1, vectors[:1])  # loads (and checks) the index and labels
         except NotLean as exc:  # no lean state, or no recorded labels (a run made before they were recorded)
             logger.info("tda serve: loading through the family (%s)", exc)
-            run, loaded = load_full(paths), "full"
+            (run, _, _), loaded = load_full(paths), "full"
             vectors, rows = query_vectors(run)
             run.answer([next(iter(rows))], "query", 1, vectors[:1])
         service = cls(run, vectors, rows, loaded)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from stores import workflow_results
 from stores._io import save_json
 from tda.errors import ConfigError, StoreError
 
@@ -92,9 +93,9 @@ def calibration_for(cfg: RunConfig, paths: RunPaths) -> dict[str, Any] | None:
     its ``validation.json`` cannot be read."""
     from .schema import SCORE_SECTIONS, section_fingerprint
 
-    path = paths.root / "validation" / "validation.json"
+    path = workflow_results.path(paths.root, "validation")
     try:
-        record = json.loads(path.read_text())
+        record = workflow_results.load(paths.root, "validation")
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("scores_fingerprint") != section_fingerprint(
@@ -160,8 +161,7 @@ def stage_unlearn(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dic
                                                               res["check"]["forget"]["actual_per_query"])
     if cfg.unlearn.approximate:
         res["approximate"] = approximate_cached(cfg, family, paths, forget, retrained)
-    (paths.root / "unlearning").mkdir(exist_ok=True)
-    save_json(paths.root / "unlearning" / "unlearning.json", res)
+    workflow_results.save(paths.root, "unlearning", res)
     return res
 
 

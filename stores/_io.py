@@ -109,6 +109,15 @@ def save_json(path: Path, obj: Any) -> None:
     atomic_write(path, write)
 
 
+def json_field(path: Path, key: str) -> Any:
+    """``key`` of a JSON object file, or None when the file is missing, unreadable or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file's bytes; a file the OS refuses to read is a ``StoreError`` naming the fix."""
     h = hashlib.sha256()

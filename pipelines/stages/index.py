@@ -16,13 +16,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stores import FeatureStore, FaissIndex, build_index
-from stores._io import save_json, save_npz, sha256_file
+from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_state
 from stores.index import RECALL_TARGET, exact_recall, index_space
-from tda.errors import (IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreCorruptError, StoreError,
-                        TDAError)
+from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreError, TDAError
 
-from ..layout import RunPaths, json_field
+from ..layout import RunPaths
 from ..schema import RunConfig, scorer_fingerprint
 from ..scorers import build_scorer
 
@@ -37,10 +35,10 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
     fp = scorer_fingerprint(cfg)
-    markers = (paths.scorer / "scorer.json", paths.index / "index.json")
-    space = json_field(markers[1], "space") or "plain"  # an older tda indexed TRAK unwhitened
-    if all(json_field(m, "fingerprint") == fp for m in markers) and _state_intact(paths) \
-            and space == index_space(scorer_for(cfg, paths)):
+    markers = (scorer_state.marker_path(paths.scorer), index_files.marker_path(paths.index))
+    space = index_files.marker_field(paths.index, "space") or "plain"  # an older tda indexed TRAK unwhitened
+    if scorer_state.fitted_for(paths.scorer, fp) and index_files.marker_field(paths.index, "fingerprint") == fp \
+            and scorer_state.intact(paths.scorer) and space == index_space(scorer_for(cfg, paths)):
         try:
             return FaissIndex.load(paths.index)  # checked against its sha256
         except StoreError as exc:
@@ -51,11 +49,8 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     check_feature_scale(view.norms)
     for marker in (paths.scores / "scores.json", *markers):  # before any file changes: a kill from here on
         marker.unlink(missing_ok=True)                      # leaves nothing that looks valid
-    state = scorer.state_dict()
-    save_npz(paths.scorer / "state.npz", **state)
-    save_json(paths.scorer / "scorer.json", {"scorer": scorer.name, "fingerprint": fp,
-                                             "hyperparameters": scorer.hyperparameters(),
-                                             "sha256": sha256_file(paths.scorer / "state.npz")})
+    scorer_state.save(paths.scorer, scorer.state_dict(), scorer=scorer.name, fingerprint=fp,
+                      hyperparameters=scorer.hyperparameters())
     ic = cfg.index
     exact = ic.kind in ("flat", "pruned")
     queries = None if exact else _recall_queries(cfg, paths, scorer)
@@ -67,7 +62,7 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     if exact:
         index.meta["recall"] = exact_recall(k)
     _warn_recall(index)
-    index.save(paths.index)
+    index_files.save(paths.index, index)
     return index
 
 
@@ -129,39 +124,20 @@ def check_inputs_unchanged(cfg: RunConfig, paths: RunPaths) -> None:
 
 
 def load_scorer(cfg: RunConfig, paths: RunPaths):
-    """The fitted scorer saved by the index stage (no pickle)."""
-    fp = scorer_fingerprint(cfg)
-    state_path = paths.scorer / "state.npz"
-    if not state_path.is_file():
-        raise StoreError(f"{state_path} is missing; run the index stage first (`tda run CONFIG --from index`)")
-    if json_field(paths.scorer / "scorer.json", "fingerprint") != fp:  # missing: a fit that never finished
+    """The fitted scorer saved by the index stage (no pickle), read by :func:`stores.scorer_state.load`."""
+    try:
+        state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg))
+    except IndexMismatchError:  # fitted for another configuration, or a fit that never finished
         check_inputs_unchanged(cfg, paths)  # a changed checkpoint or data file: refitting would not do
-        raise IndexMismatchError(
-            f"the scorer in {paths.scorer} was fitted for another score/index configuration; refit it with "
-            "`tda run CONFIG --from index`"
-        )
-    if not _state_intact(paths):
-        raise StoreCorruptError(f"{state_path} does not match the sha256 in scorer.json (damaged or truncated); "
-                                "refit it with `tda run CONFIG --from index`")
-    with np.load(state_path, allow_pickle=False) as z:
-        state = {k: z[k] for k in z.files}
+        raise
     return scorer_for(cfg, paths).load_state_dict(state)
 
 
-def _state_intact(paths: RunPaths) -> bool:
-    """The fitted scorer's state matches the sha256 its marker recorded (markers without one: yes)."""
-    want = json_field(paths.scorer / "scorer.json", "sha256")
-    state = paths.scorer / "state.npz"
-    return state.is_file() and (want is None or sha256_file(state) == want)
-
-
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
-    """The run's FAISS index, checked against the configuration, the scorer's dimension and the store."""
-    if not (paths.index / "index.json").is_file():  # never built, or its stage did not finish
-        raise StoreError(f"{paths.index} holds no finished index; build it with `tda run CONFIG --from index`")
-    index = FaissIndex.load(paths.index)
-    return index.check(fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
-                       space=index_space(scorer_for(cfg, paths)), fix="rebuild it with `tda run CONFIG --from index`")
+    """The run's FAISS index, checked against the configuration, the scorer's dimension and the store
+    (:func:`stores.index_files.load`)."""
+    return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
+                            space=index_space(scorer_for(cfg, paths)))
 
 
 #: a training row whose features are this many times the median row's is broken input, not signal

@@ -11,8 +11,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stores import scorer_state
+
 from ..families import family_for
-from ..layout import RunPaths, json_field
+from ..layout import RunPaths
 from ..schema import RunConfig
 
 Run = Callable[..., Any]
@@ -63,7 +65,7 @@ def validate_line(cfg: RunConfig, paths: RunPaths, run: Run) -> str:
 
 def _ridge(paths: RunPaths) -> str:
     """Which TRAK ridge the scorer used and why (from its manifest), or nothing for other scorers."""
-    hyper = json_field(paths.scorer / "scorer.json", "hyperparameters")
+    hyper = scorer_state.marker_field(paths.scorer, "hyperparameters")
     if not isinstance(hyper, dict) or not hyper.get("chosen_lambda_rel"):
         return ""
     chosen = ", ".join(f"{x:.3g}" for x in hyper["chosen_lambda_rel"])

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from stores import FeatureStore
-from stores._io import fingerprint, save_json
+from stores import FeatureStore, workflow_results
+from stores._io import fingerprint
 from tda.errors import CheckpointError, ConfigError
 from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
 from tda.kernel import score_matrix
@@ -222,7 +222,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     if check is not None:
         result["recipe"] = check
     out = paths.root / "validation"
-    save_json(out / "validation.json", result)
+    workflow_results.save(paths.root, "validation", result)
     if v.plots:
         from ..plots import plot_validation
 
