@@ -16,6 +16,7 @@ asked for; a new method is one :func:`register_method` call, from any module.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -124,7 +125,9 @@ def method_for(name: str) -> Method:
     """The method ``score.scorer`` names; :class:`ConfigError` naming the registered ones if none."""
     registry = _builtins()
     if name not in registry:
-        raise ConfigError(f"score.scorer is {name!r}; choose one of {tuple(registry)}")
+        close = difflib.get_close_matches(str(name), list(registry), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"score.scorer is {name!r}; choose one of {tuple(registry)}{hint}")
     return registry[name]
 
 

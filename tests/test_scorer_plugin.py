@@ -103,3 +103,5 @@ def test_registering_twice_needs_replace(negdot) -> None:
     assert register_method(negdot, replace=True) is negdot
     with pytest.raises(ConfigError, match="score.scorer is 'no-such'"):
         method_for("no-such")
+    with pytest.raises(ConfigError, match=r"score.scorer is 'trk'; choose one of .* \(did you mean 'trak'\?\)"):
+        method_for("trk")
