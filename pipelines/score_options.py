@@ -99,11 +99,6 @@ class TRAKOptions:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"score.options.{name} must be true or false, got {getattr(self, name)!r}")
 
-    def scorer_options(self) -> dict[str, bool]:
-        """The :class:`TRAKVariantScorer` keywords (empty at the defaults: plain TRAK)."""
-        same = self.normalize is False and self.q_weight is True
-        return {} if same else {"normalize": self.normalize, "q_weight": self.q_weight}
-
 
 def __getattr__(name: str) -> Any:
     """``OPTION_TYPES``: scorer -> its options type, as the methods declare them (``Method.options``)."""

@@ -97,15 +97,10 @@ def _trak_scorer(cfg: RunConfig) -> Any:
 
 def _trak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
     """TRAK; with ``score.options`` (``normalize`` / ``q_weight``) its variant scorer."""
-    from tda.scorers import make_scorer
-    from tda.scorers.trak_variants import TRAKVariantScorer
-
     from .score_options import score_options
 
-    options = score_options(cfg, family).scorer_options()
-    if options:
-        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
-    return make_scorer("trak", lambda_rel=cfg.score.lambda_rel)
+    score_options(cfg, family)  # the options checked (a typo or a non-boolean is a ConfigError)
+    return _trak_scorer(cfg)
 
 
 def _dtrak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
