@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.layout import RunPaths
-from pipelines.method import Method, method_for, methods, register_method, unregister_method
-from pipelines.query_fast import lean_answer
+from pipelines.spec.method import Method, method_for, methods, register_method, unregister_method
+from pipelines.query.lean import lean_answer
 from stores import FeatureStore
 from tda.errors import ConfigError
-from tda.features import FeatureBlock, concat_blocks
+from tda.core.features import FeatureBlock, concat_blocks
 from tda.scorers.base import Scorer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..features import FeatureBlock
-from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
+from tda.core.features import FeatureBlock
+from tda.scorers.trak import DEFAULT_LAMBDA_REL, TRAKScorer
 
 
 class TRAKVariantScorer(TRAKScorer):
