@@ -85,14 +85,12 @@ def _per_slot(cfg: RunConfig, family: Family, kind: str, scorer: Any) -> Any:
 
 
 def _trak_scorer(cfg: RunConfig) -> Any:
-    """TRAK as the run's ``score.options`` configure it (``normalize`` / ``q_weight``: its variant)."""
-    from tda.scorers import TRAKScorer
-    from tda.scorers.trak_variants import VARIANT_KEYS, TRAKVariantScorer
+    """TRAK as the run's ``score.options`` configure it (``normalize`` / ``q_weight``: its variant;
+    the rule of :func:`tda.scorers.trak_variants.trak_scorer`, the Python API's too)."""
+    from tda.scorers.trak_variants import VARIANT_KEYS, trak_scorer
 
-    options = {key: bool(cfg.score.options[key]) for key in VARIANT_KEYS if key in cfg.score.options}
-    if options.get("normalize", False) or not options.get("q_weight", True):
-        return TRAKVariantScorer(lambda_rel=cfg.score.lambda_rel, **options)
-    return TRAKScorer(lambda_rel=cfg.score.lambda_rel)
+    options = {key: cfg.score.options[key] for key in VARIANT_KEYS if key in cfg.score.options}
+    return trak_scorer(lambda_rel=cfg.score.lambda_rel, **options)
 
 
 def _trak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:

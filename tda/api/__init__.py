@@ -33,9 +33,9 @@ from tda.featurizers.gradient import Featurizer
 from tda.core.kernel import TopK, score_matrix, top_k
 from tda.featurizers.choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
 from tda.featurizers.spec import make_featurizer, projection_spec
-from tda.api.methods import EKFACMethod, MagicMethod
-from tda.scorers import Scorer, TRAKScorer, make_scorer
-from tda.scorers.trak_variants import VARIANT_KEYS, TRAKVariantScorer
+from tda.api.methods import API_METHODS
+from tda.scorers import Scorer, TRAKScorer
+from tda.scorers.registry import scorer_entry
 from tda.models.defaults import default_task, snapshot
 from tda.models.tasks import Task
 
@@ -99,7 +99,8 @@ class Attributor:
         k_out: int | None = 16,
         scorer_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not checkpoints and scorer != "magic":
+        method_type = _method_type(scorer)
+        if not checkpoints and (method_type is None or method_type.needs_checkpoints):
             raise CheckpointError("at least one checkpoint is needed; pass model.state_dict() for one")
         # Snapshots: a live model.state_dict() shares the model's tensors, and featurizing loads
         # each checkpoint into the model; neither the user's model nor their state dicts change.
@@ -107,9 +108,9 @@ class Attributor:
         model = copy.deepcopy(model)
         self.collate = collate
         task = task or default_task(model)
-        self.method = _method(scorer, model, self.checkpoints, collate, task, dict(scorer_options or {}),
-                              k_in=k_in, k_out=k_out, seed=seed, kind=kind, layers=param_names,
-                              batch_size=batch_size, device=device)
+        self.method = None if method_type is None else method_type(
+            model, self.checkpoints, collate, task, dict(scorer_options or {}), k_in=k_in, k_out=k_out, seed=seed,
+            kind=kind, layers=param_names, batch_size=batch_size, device=device)
         self.scorer = (scorer_by_name(scorer, len(self.checkpoints), scorer_options) if self.method is None
                        else self.method)
         self._settings = dict(model=model, task=task, k=k, seed=seed, kind=kind, param_names=param_names,
@@ -118,7 +119,7 @@ class Attributor:
         self._auto = projection == "auto" and self.method is None  # checked on the first batch (choose_projection)
         choice = (structural_choice(model, param_names) if self._auto else
                   ProjectionChoice(projection, "requested") if self.method is None else
-                  ProjectionChoice("factored" if scorer == "ekfac" else "none", f"scorer {scorer!r}"))
+                  ProjectionChoice(method_type.projection, f"scorer {scorer!r}"))
         self.projection, self.projection_reason = choice.projection, choice.reason
         # EK-FAC and MAGIC featurize (or replay) themselves
         self.featurizer = self._featurizer(choice.projection) if self.method is None else None
@@ -229,37 +230,27 @@ class Attributor:
             raise TDAError("call fit(train_data) before scoring")
 
 
-#: scorers over the Attributor's gradient features, by name (tda.scorers.make_scorer)
-GRADIENT_SCORERS = ("trak", "tracin", "graddot", "gradcos")
-
-
 def scorer_by_name(scorer: Scorer | str | None, checkpoints: int, options: Mapping[str, Any] | None) -> Scorer:
-    """The scorer over gradient features that ``scorer`` names (``None``: TRAK at its defaults);
-    TracIn weighs checkpoints equally unless ``learning_rates`` is among ``options``; TRAK with
-    ``normalize`` or ``q_weight`` among them is :class:`~tda.scorers.trak_variants.TRAKVariantScorer`."""
+    """The scorer over gradient features that ``scorer`` names in :mod:`tda.scorers.registry`
+    (``None``: TRAK at its defaults), built with ``options`` over the entry's defaults for
+    ``checkpoints`` checkpoints (TracIn weighs them equally unless ``learning_rates`` is given)."""
     if scorer is None or not isinstance(scorer, str):
         if options:
             raise ConfigError("scorer_options apply to a scorer given by name; configure a Scorer object directly")
         return scorer if scorer is not None else TRAKScorer()
-    if scorer in ("repsim", "airrep"):
+    entry = scorer_entry(scorer)
+    if entry.features == "representations":
         raise ConfigError(f"scorer {scorer!r} reads representations, not gradients: use "
                           "tda.RepresentationFeaturizer with tda.RepSimScorer / tda.AirRepScorer, or tda run")
-    if scorer not in GRADIENT_SCORERS:
-        raise ConfigError(f"unknown scorer {scorer!r}; choose one of {[*GRADIENT_SCORERS, 'ekfac', 'magic']} or "
-                          "pass a tda.Scorer")
-    opts = dict(options or {})
-    if scorer == "tracin":
-        opts.setdefault("learning_rates", [1.0] * checkpoints)
-    if scorer == "trak" and any(key in opts for key in VARIANT_KEYS):
-        return TRAKVariantScorer(**opts)  # normalize / q_weight (tda.scorers.trak_variants)
-    return make_scorer(scorer, **opts)
+    if entry.features != "gradients":
+        raise ConfigError(f"scorer {scorer!r} fits its own {entry.features} features; the Attributor has no "
+                          "method for them")
+    return entry.build(checkpoints, **dict(options or {}))
 
 
-def _method(scorer: Any, model: nn.Module, checkpoints: list, collate: Collate | None, task: Task,
-            options: dict[str, Any], **kw: Any) -> Any:
-    """The EK-FAC or MAGIC method ``scorer`` names, else None (a scorer over gradient features)."""
-    if scorer == "ekfac":
-        return EKFACMethod(model, checkpoints, collate, task, options, **kw)
-    if scorer == "magic":
-        return MagicMethod(collate, task, options)
-    return None
+def _method_type(scorer: Any) -> Any:
+    """The Attributor's own method (EK-FAC, MAGIC: :data:`tda.api.methods.API_METHODS`) for the
+    scorer ``scorer`` names, else None (a scorer over the Attributor's gradient features)."""
+    if not isinstance(scorer, str):
+        return None
+    return API_METHODS.get(scorer_entry(scorer).features)

@@ -39,6 +39,10 @@ def row_ids(data: Any) -> np.ndarray:
 class EKFACMethod:
     """EK-FAC influence (:class:`tda.scorers.ekfac.features.EKFACAttributor`) behind the Attributor's API."""
 
+    #: the scorers it serves (:data:`tda.scorers.registry.FEATURES`), the projection it reports,
+    #: whether it reads the checkpoints
+    features, projection, needs_checkpoints = "preconditioned", "factored", True
+
     def __init__(self, model: nn.Module, checkpoints: Sequence[Any], collate: Callable | None, task: Task,
                  options: Mapping[str, Any], k_in: int | None, k_out: int | None, seed: int, kind: str,
                  layers: Sequence[str] | None, batch_size: int, device: Any) -> None:
@@ -79,7 +83,10 @@ class MagicMethod:
     """MAGIC (:func:`tda.scorers.magic.magic_scores`): exact metagradients through ``recipe``'s training
     run from ``model_fn``'s initialisation; checkpoints are not read (the recipe replays them)."""
 
-    def __init__(self, collate: Callable | None, task: Task, options: Mapping[str, Any]) -> None:
+    features, projection, needs_checkpoints = "metagradients", "none", False
+
+    def __init__(self, model: nn.Module, checkpoints: Sequence[Any], collate: Callable | None, task: Task,
+                 options: Mapping[str, Any], **_: Any) -> None:
         from tda.scorers.magic import Recipe
 
         opts = dict(options)
@@ -131,4 +138,7 @@ def _rows(data: Any) -> Any:
                       "a PyTorch Dataset into tensors first")
 
 
-__all__ = ["EKFACMethod", "MagicMethod", "dense_top_k", "row_ids"]
+#: the Attributor's methods that fit their own features or scores, by what they score
+API_METHODS = {cls.features: cls for cls in (EKFACMethod, MagicMethod)}
+
+__all__ = ["API_METHODS", "EKFACMethod", "MagicMethod", "dense_top_k", "row_ids"]

@@ -7,7 +7,7 @@ Grad-Dot / Grad-Cos and RepSim are numpy).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tda.lazy import lazy_exports
 
@@ -18,27 +18,14 @@ _EXPORTS = {
     "DEFAULT_LAMBDA_REL": "trak", "TRAKScorer": "trak", "DiffusionTracInScorer": "diffusion",
     "DiffusionReTracScorer": "diffusion", "SlotScorer": "diffusion", "make_dtrak_scorer": "diffusion",
     "generally_influential": "diffusion", "influence_counts": "diffusion",
+    "ScorerEntry": "registry", "make_scorer": "registry", "register_scorer": "registry",
+    "scorer_entry": "registry", "scorer_names": "registry",
 }
 
-#: ``make_scorer`` name -> class name (the Python API's names; ``tda run`` declares its methods,
-#: with their traits, in pipelines/methods/scorers.py)
-_REGISTRY = {"trak": "TRAKScorer", "tracin": "TracInCPScorer", "graddot": "GradDotScorer",
-             "gradcos": "GradCosScorer", "repsim": "RepSimScorer", "airrep": "AirRepScorer", "ekfac": "EKFACScorer"}
-
-__all__ = [*_EXPORTS, "make_scorer"]
+__all__ = [*_EXPORTS]
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())
-
-
-def make_scorer(name: str, **kwargs: object) -> Any:
-    """Build a scorer by name (``"trak"``, ``"tracin"``, ``"graddot"``, ``"gradcos"``,
-    ``"repsim"``, ``"airrep"``, ``"ekfac"``); ``kwargs`` go to its constructor."""
-    from tda.errors import ConfigError
-
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown scorer {name!r}; choose one of {sorted(_REGISTRY)}")
-    return __getattr__(_REGISTRY[name])(**kwargs)
 
 
 if TYPE_CHECKING:
@@ -50,4 +37,5 @@ if TYPE_CHECKING:
     from tda.scorers.magic.precomputed import PrecomputedScorer
     from tda.scorers.repsim import RepSimScorer
     from tda.scorers.tracin import GradCosScorer, GradDotScorer, TracInCPScorer
+    from tda.scorers.registry import ScorerEntry, make_scorer, register_scorer, scorer_entry, scorer_names
     from tda.scorers.trak import DEFAULT_LAMBDA_REL, TRAKScorer
