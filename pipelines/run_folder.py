@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stores import FeatureStore, index_files, scorer_state
+from stores import FeatureStore, index_files, scorer_state, scores_files
 from stores.digests import DIGESTS
 from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
                         StoreError, TDAError)
@@ -59,7 +59,7 @@ def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
             f"{paths.root} holds a run of another configuration ({differing_keys(cfg, paths)}); use the config and "
             f"--set options it was run with, or pass --out a new folder (this command then runs {finish.replace(str(paths.root), 'NEW')} "
             "there first)")
-    check_complete(paths, {"scores": ("scores.json", "not scored")}, finish)
+    check_complete(paths, {"scores": (scores_files.MARKER_FILE, "not scored")}, finish)
 
 
 def differing_keys(cfg: RunConfig, paths: RunPaths, shown: int = 5) -> str:

@@ -16,15 +16,14 @@ import base64
 import html
 import io
 import logging
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from stores import workflow_results
+from stores import scores_files, workflow_results
 from stores._io import atomic_write
-from tda.errors import DataError, StoreCorruptError, TDAError
+from tda.errors import DataError, TDAError
 
 from pipelines.families import family_for
 from pipelines.layout import RunPaths, load_checkpoint_list
@@ -200,13 +199,9 @@ def query_section(cfg: RunConfig, paths: RunPaths, shown: int, k: int) -> str:
 
 
 def read_topk(paths: RunPaths) -> dict[str, np.ndarray]:
-    """``scores/topk.npz``; a damaged one is a :class:`StoreCorruptError` naming the rerun."""
-    try:
-        with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
-            return {key: z[key] for key in z.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise StoreCorruptError(f"{paths.scores / 'topk.npz'} cannot be read ({type(exc).__name__}: {exc}); rerun "
-                                f"`tda run CONFIG --out {paths.root}`: it recomputes damaged scores") from exc
+    """``scores/topk.npz`` (:func:`stores.scores_files.load_topk`); a damaged one is a
+    :class:`StoreCorruptError` naming the rerun."""
+    return scores_files.load_topk(paths.scores)
 
 
 def guarded(section: Callable[..., str], title: str, fix: str, *args: Any) -> str:

@@ -8,9 +8,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 
-from stores import FeatureStore, StoreLock
+from stores import FeatureStore, StoreLock, scores_files
 from stores._io import remove_tree, sweep_removed, sweep_temporaries
 from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError, StoreError, TDAError
 
@@ -154,8 +153,7 @@ def print_report(cfg: RunConfig, paths: RunPaths) -> None:
     data = datasets_for(cfg, paths)
     column = cfg.data.label_column if cfg.model.family in ("user", "hf") else "label"
     labels, qlabels = _labels(data["train"], column), _labels(data["query"], column)
-    with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
-        top = {k: z[k] for k in z.files}
+    top = scores_files.load_topk(paths.scores)
     ckpts = load_checkpoint_list(paths)
     acc = family.query_accuracy(cfg, paths) if hasattr(family, "query_accuracy") else None
     print(f"\n{cfg.name}: {len(top['train_ids'])} training examples, {len(top['query_ids'])} queries, "

@@ -51,11 +51,13 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from stores import scores_files
+
     from pipelines.cli.html_report import write_report
     from pipelines.run_folder import QUERY_NEEDS, check_complete, recorded_config
 
     paths = RunPaths(Path(args.run).resolve())
     cfg = recorded_config(paths)
-    check_complete(paths, {**QUERY_NEEDS, "scores": ("scores.json", "not scored")}, f"`tda run CONFIG --out {paths.root}`")
+    check_complete(paths, {**QUERY_NEEDS, "scores": (scores_files.MARKER_FILE, "not scored")}, f"`tda run CONFIG --out {paths.root}`")
     print(f"wrote {write_report(cfg, paths, shown=args.queries)}")
     return 0

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stores import scores_files
 from tda.data.loading import DEMO_DATA, arrow_columns, example_ids
 from tda.errors import ConfigError, DataError
 from tda.featurizers.gradient import load_checkpoint
@@ -304,8 +305,7 @@ def report(family: CausalLMFamily, cfg: RunConfig, paths: RunPaths) -> str:
     """Proponent / opponent training sequences (as text) of the first ``score.show`` queries."""
     o, data = family.options(cfg), family.datasets(cfg, paths)
     _, vocab = load_corpus(family.corpus_root(cfg))
-    with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
-        top = {k: z[k] for k in z.files}
+    top = scores_files.load_topk(paths.scores)
     cols = arrow_columns(data["train"].with_format("arrow")[:])
     train_text = {int(i): vocab.decode(s) for i, s in zip(cols["id"], cols["input_ids"])}
     qcols = arrow_columns(data["query"].with_format("arrow")[:])

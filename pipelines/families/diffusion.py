@@ -37,8 +37,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from stores import FeatureStore
-from stores._io import save_json, save_npz
+from stores import FeatureStore, scores_files
+from stores._io import save_npz
 from tda.data.loading import example_ids
 from tda.featurizers.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, NoisedInputs,
                            RecordedDraws, SeededDraws, TrainLog, noise_from_seeds)
@@ -284,9 +284,7 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
         """The generally influential training images of every applicable scorer (exact top-k),
         saved to ``scores/influential.json`` for the report."""
         counts = influence(self, cfg, paths, scorer, kind)
-        save_json(paths.scores / "influential.json", {name: {**{s: c[s].tolist() for s in ("proponents", "opponents")},
-                                                             "k": c["k"], "fraction": c["fraction"]}
-                                                      for name, c in counts.items()})
+        scores_files.save_influential(paths.scores, counts)
 
     def report(self, cfg: RunConfig, paths: RunPaths) -> str | None:
         return report(self, cfg, paths)
@@ -329,8 +327,7 @@ def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
     """Proponents/opponents of ``score.show`` test and generated queries, and influence counts."""
     o, data = family.options(cfg), family.datasets(cfg, paths)
     labels, qlabels = _labels(data["train"]), _labels(data["query"])
-    with np.load(paths.scores / "topk.npz", allow_pickle=False) as z:
-        top = {k: z[k] for k in z.files}
+    top = scores_files.load_topk(paths.scores)
     ckpts = load_checkpoint_list(paths)
     qids = top["query_ids"]
     gen = qids >= GENERATED_ID0
@@ -359,11 +356,7 @@ def report(family: DiffusionFamily, cfg: RunConfig, paths: RunPaths) -> str:
 
 def read_influential(paths: RunPaths) -> dict[str, dict[str, Any]]:
     """The counts :meth:`DiffusionFamily.extra_results` saved (ids as arrays)."""
-    import json
-
-    saved = json.loads((paths.scores / "influential.json").read_text())
-    return {name: {**c, **{s: np.asarray(c[s], dtype=np.int64) for s in ("proponents", "opponents")}}
-            for name, c in saved.items()}
+    return scores_files.load_influential(paths.scores)
 
 
 TAGS = {"grid": "-dtrak", "slots": "-tracin"}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_state
+from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_state, scores_files
 from stores.index import RECALL_TARGET, exact_recall, index_space
 from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreError, TDAError
 
@@ -47,7 +47,7 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     view = _View(train, desc="index: fit scorer" if progress else None, norms={})
     scorer = scorer_for(cfg, paths).fit(view, progress=progress)
     check_feature_scale(view.norms)
-    for marker in (paths.scores / "scores.json", *markers):  # before any file changes: a kill from here on
+    for marker in (scores_files.marker_path(paths.scores), *markers):  # before any file changes: a kill from here on
         marker.unlink(missing_ok=True)                      # leaves nothing that looks valid
     scorer_state.save(paths.scorer, scorer.state_dict(), scorer=scorer.name, fingerprint=fp,
                       hyperparameters=scorer.hyperparameters())

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from stores import scorer_state
+from stores import scorer_state, scores_files
 
 from pipelines.families import family_for
 from pipelines.layout import RunPaths
@@ -51,8 +51,8 @@ def index_line(cfg: RunConfig, paths: RunPaths, run: Run) -> str:
 
 def score_line(cfg: RunConfig, paths: RunPaths, run: Run) -> str:
     outputs = run()
-    with np.load(outputs["topk"], allow_pickle=False) as z:
-        shape = (len(z["query_ids"]), len(z["train_ids"]))
+    top = scores_files.load_topk(outputs["topk"].parent)
+    shape = (len(top["query_ids"]), len(top["train_ids"]))
     dense = "dense scores and " if "scores" in outputs else ""
     return (f"score: {cfg.score.scorer}, {shape[0]} queries x {shape[1]} training examples, "
             f"{dense}top-{cfg.score.topk}")

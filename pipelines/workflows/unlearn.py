@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from stores import workflow_results
+from stores import scores_files, workflow_results
 from stores._io import save_json
 from tda.errors import ConfigError, StoreError
 
@@ -39,11 +39,10 @@ logger = logging.getLogger(__name__)
 
 def stored_scores(paths: RunPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(scores (m, n), query ids, train ids)`` of the run's score stage."""
-    if not (paths.scores / "scores.npy").is_file():
-        raise StoreError(f"{paths.scores / 'scores.npy'} is missing: tda unlearn reads the dense scores; "
+    if not scores_files.has_dense(paths.scores):
+        raise StoreError(f"{scores_files.scores_path(paths.scores)} is missing: tda unlearn reads the dense scores; "
                          "rerun with score.dense: true (`tda run CONFIG --from score --set score.dense=true`)")
-    with np.load(paths.scores / "topk.npz") as z:
-        return np.load(paths.scores / "scores.npy"), z["query_ids"], z["train_ids"]
+    return scores_files.load_dense(paths.scores)
 
 
 def behaviour(cfg: RunConfig, query_ids: np.ndarray, query_labels: dict[int, int]) -> tuple[np.ndarray, str]:
