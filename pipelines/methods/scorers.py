@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tda.errors import CheckpointError, ConfigError
+from tda.errors import CheckpointError, ConfigError, StoreError, TDAError
 
 from pipelines.spec.method import METHODS, Builder, Method, method_for, register_method
 
@@ -76,12 +76,29 @@ def build_scorer(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
     return method_for(cfg.score.scorer).build(cfg, paths, family, feature_kind(cfg, family))
 
 
-def _per_slot(cfg: RunConfig, family: Family, kind: str, scorer: Any) -> Any:
+def slot_width(cfg: RunConfig, paths: RunPaths | None) -> int:
+    """Width of one projected gradient in the run's slot features, as the train feature store's
+    manifest records it (``spec.k``, the projector's width; a manifest without it: ``k - 1``, the
+    training side holding one slot ``[phi, norm]``): no model is built to learn it."""
+    from stores import FeatureStore
+
+    if paths is None:
+        raise ConfigError(f"the {cfg.score.scorer} scorer on slot features reads their projection width from the run "
+                          "folder's train feature store; build it with the run folder")
+    try:
+        store = FeatureStore.open(paths.store("train"))
+    except TDAError as exc:
+        raise StoreError(f"the {cfg.score.scorer} scorer reads the projection width of its slot features from the "
+                         f"train feature store's manifest, which cannot be read ({exc}); featurize first: `tda run "
+                         f"CONFIG --out {paths.root}`") from exc
+    width = (store.manifest.get("spec") or {}).get("k")
+    return int(width) if isinstance(width, int) and width >= 1 else store.k - 1
+
+
+def _per_slot(cfg: RunConfig, paths: RunPaths | None, kind: str, scorer: Any) -> Any:
     from tda.scorers import SlotScorer
 
-    from pipelines.families.base import projection_width
-
-    return SlotScorer(scorer, projection_width(cfg, family.build_model(cfg))) if kind == "slots" else scorer
+    return SlotScorer(scorer, slot_width(cfg, paths)) if kind == "slots" else scorer
 
 
 def _trak_scorer(cfg: RunConfig) -> Any:
@@ -110,7 +127,7 @@ def _dtrak(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) ->
 def _tracin(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
     from tda.scorers import make_scorer
 
-    return _per_slot(cfg, family, kind, make_scorer("tracin", learning_rates=family.learning_rates(cfg, paths)))
+    return _per_slot(cfg, paths, kind, make_scorer("tracin", learning_rates=family.learning_rates(cfg, paths)))
 
 
 def _plain(name: str) -> Builder:
@@ -118,7 +135,7 @@ def _plain(name: str) -> Builder:
     def build(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
         from tda.scorers import make_scorer
 
-        return _per_slot(cfg, family, kind, make_scorer(name))
+        return _per_slot(cfg, paths, kind, make_scorer(name))
     return build
 
 
@@ -126,10 +143,7 @@ def _diffusion(cls_name: str) -> Builder:
     def build(cfg: RunConfig, paths: RunPaths | None, family: Family, kind: str) -> Any:
         from tda.scorers import diffusion
 
-        from pipelines.families.base import projection_width
-
-        return getattr(diffusion, cls_name)(family.learning_rates(cfg, paths),
-                                            projection_width(cfg, family.build_model(cfg)))
+        return getattr(diffusion, cls_name)(family.learning_rates(cfg, paths), slot_width(cfg, paths))
     return build
 
 

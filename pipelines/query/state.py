@@ -50,7 +50,8 @@ def load_full(paths: RunPaths, examples: list[int] | None = None,
         examples = [int(FeatureStore.open(paths.store("query")).ids()[0])]
     block = stored_features(paths, examples, split)
     vectors = scorer.transform_query(block)  # (m, D)
-    index = load_index(cfg, paths, dim=vectors.shape[1], n_train=FeatureStore.open(paths.store("train")).n)
+    index = load_index(cfg, paths, dim=vectors.shape[1], n_train=FeatureStore.open(paths.store("train")).n,
+                       scorer=scorer)
     run = LoadedRun(cfg, paths, scorer, index, None, labels_from=lambda: dataset_labels(cfg, paths))
     return run, [int(i) for i in block.ids], vectors
 

@@ -34,18 +34,18 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
-    fp = scorer_fingerprint(cfg)
+    fp, scorer = scorer_fingerprint(cfg), scorer_for(cfg, paths)  # built once: checked, then fitted
     markers = (scorer_state.marker_path(paths.scorer), index_files.marker_path(paths.index))
     space = index_files.marker_field(paths.index, "space") or "plain"  # an older tda indexed TRAK unwhitened
     if scorer_state.fitted_for(paths.scorer, fp) and index_files.marker_field(paths.index, "fingerprint") == fp \
-            and scorer_state.intact(paths.scorer) and space == index_space(scorer_for(cfg, paths)):
+            and scorer_state.intact(paths.scorer) and space == index_space(scorer):
         try:
             return FaissIndex.load(paths.index)  # checked against its sha256
         except StoreError as exc:
             logger.warning("rebuilding the index: %s", exc)  # derived data: recomputed, never trusted
     train = FeatureStore.open(paths.store("train"))
     view = _View(train, desc="index: fit scorer" if progress else None, norms={})
-    scorer = scorer_for(cfg, paths).fit(view, progress=progress)
+    scorer = scorer.fit(view, progress=progress)
     check_feature_scale(view.norms)
     for marker in (scores_files.marker_path(paths.scores), *markers):  # before any file changes: a kill from here on
         marker.unlink(missing_ok=True)                      # leaves nothing that looks valid
@@ -133,11 +133,12 @@ def load_scorer(cfg: RunConfig, paths: RunPaths):
     return scorer_for(cfg, paths).load_state_dict(state)
 
 
-def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int) -> FaissIndex:
-    """The run's FAISS index, checked against the configuration, the scorer's dimension and the store
-    (:func:`stores.index_files.load`)."""
-    return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train,
-                            space=index_space(scorer_for(cfg, paths)))
+def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int, scorer: Any = None) -> FaissIndex:
+    """The run's FAISS index, checked against the configuration, the scorer's dimension and vector
+    space and the store (:func:`stores.index_files.load`); ``scorer``: the run's, when the caller
+    has it (else it is built to learn its space)."""
+    space = index_space(scorer if scorer is not None else scorer_for(cfg, paths))
+    return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train, space=space)
 
 
 #: a training row whose features are this many times the median row's is broken input, not signal

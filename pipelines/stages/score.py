@@ -77,7 +77,7 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
     scorer = load_scorer(cfg, paths)
     qblk: FeatureBlock = concat_blocks(list(query.iter_blocks()))  # every shard (iter_blocks yields per shard)
     qv = scorer.transform_query(qblk)  # (n_query, D)
-    index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train))
+    index = load_index(cfg, paths, dim=qv.shape[1], n_train=len(train), scorer=scorer)
     scores_files.discard_marker(paths.scores)  # written last: until then no score file is trusted
     if cfg.score.dense:
         _write_scores(cfg, paths, fp, qv, scorer, train, progress)
