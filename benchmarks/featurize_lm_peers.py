@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -111,7 +112,8 @@ def bergson_featurizer(model: nn.Module, task, k: int, target: str, probe: Rows)
     flat = _flat_inputs(model, base, GradientCollector.discover_targets(base), task, probe)
     found = GradientCollector.discover_targets(base, filter_modules=",".join(flat) or None)
     p = k if target == "global" else math.isqrt(k // max(1, len(found)))
-    cfg = IndexConfig(run_path=tempfile.mkdtemp(prefix="bergson-bench-"), projection_dim=p,
+    unused = str(Path(tempfile.gettempdir()) / "bergson-bench-unused")  # no index: nothing is written
+    cfg = IndexConfig(run_path=unused, projection_dim=p,
                       projection_target=target, filter_modules=",".join(flat) or None)
     rows_max = len(next(iter(probe.values())))
     data = Dataset.from_dict({"input_ids": [[0]] * rows_max})  # sizes the collector's loss buffer only
