@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from stores import FaissIndex, index_files, scorer_state, workflow_results
+from stores import FaissIndex, index_files, scorer_state, scores_files, workflow_results
 from stores import labels as label_files
 from tda.errors import IndexMismatchError, StoreCorruptError, StoreError
 
@@ -175,3 +175,108 @@ def test_workflow_results_round_trip(tmp_path, workflow):
     assert workflow_results.load_or_none(tmp_path, workflow) is None
     with pytest.raises(ValueError):
         workflow_results.load(tmp_path, workflow)
+
+
+# --- scores/topk.npz + scores.npy + influential.json + scores.json ------------------------------------------------
+
+TOP = {"query_ids": np.array([7, 9]), "train_ids": np.arange(4),
+       "proponent_ids": np.array([[2, 0], [1, 3]]), "proponent_scores": np.array([[0.5, 0.25], [0.75, 0.125]]),
+       "opponent_ids": np.array([[1, 3], [0, 2]]), "opponent_scores": np.array([[-0.5, -0.25], [-0.75, -0.125]])}
+DENSE = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def _save_scores(folder, dense=True, fingerprint="fp1"):
+    scores_files.save_topk(folder, **TOP)
+    if dense:
+        writer = scores_files.DenseWriter(folder, DENSE.shape, {"fingerprint": fingerprint, "block_rows": 3})
+        col = writer.write(writer.done, DENSE[:, :3])
+        writer.finish(writer.write(col, DENSE[:, 3:]))
+    scores_files.save_marker(folder, fingerprint=fingerprint, n_query=2, n_train=4, dense=dense, finished="now")
+
+
+def test_scores_round_trip(tmp_path):
+    folder = tmp_path / "scores"
+    assert not scores_files.exists(folder) and not scores_files.current(folder, "fp1", dense=True)
+    _save_scores(folder)
+    assert scores_files.exists(folder) and scores_files.current(folder, "fp1", dense=True)
+    assert not scores_files.current(folder, "fp2", dense=True) and not scores_files.current(folder, "fp1", dense=False)
+    top = scores_files.load_topk(folder, "fp1")
+    assert set(top) == set(TOP)
+    for key, value in TOP.items():
+        np.testing.assert_array_equal(top[key], value)
+    scores, query_ids, train_ids = scores_files.load_dense(folder)
+    np.testing.assert_array_equal(scores, DENSE)
+    assert scores.dtype == np.float32 and query_ids.tolist() == [7, 9] and train_ids.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(scores_files.load_dense(folder, mmap=True)[0], DENSE)
+    assert not (folder / scores_files.PARTIAL_FILE).exists() and not (folder / scores_files.PROGRESS_FILE).exists()
+    marker = json.loads(scores_files.marker_path(folder).read_text())
+    assert set(marker["sha256"]) == {"topk", "scores"} and (marker["n_query"], marker["n_train"]) == (2, 4)
+    counts = {"trak": {"proponents": np.array([1, 2]), "opponents": np.array([], dtype=np.int64), "k": 2,
+                       "fraction": 0.5}}
+    scores_files.save_influential(folder, counts)
+    got = scores_files.load_influential(folder)["trak"]
+    assert got["proponents"].tolist() == [1, 2] and got["opponents"].dtype == np.int64 and got["k"] == 2
+
+
+def test_dense_scores_resume_where_a_killed_pass_stopped(tmp_path):
+    folder, key = tmp_path / "scores", {"fingerprint": "fp1", "block_rows": 3}
+    first = scores_files.DenseWriter(folder, DENSE.shape, key)
+    assert first.done == 0
+    first.write(0, DENSE[:, :3])
+    del first  # killed here
+    again = scores_files.DenseWriter(folder, DENSE.shape, key)
+    assert again.done == 3
+    again.finish(again.write(3, DENSE[:, 3:]))
+    np.testing.assert_array_equal(np.load(scores_files.scores_path(folder)), DENSE)
+    other = scores_files.DenseWriter(folder, DENSE.shape, {**key, "block_rows": 2})  # another pass: from the start
+    assert other.done == 0
+    with pytest.raises(StoreError, match="scored 2 of 4 training examples; delete .*scores and rerun"):
+        other.finish(other.write(0, DENSE[:, :2]))
+
+
+def test_scores_missing_stale_and_damaged(tmp_path):
+    folder = tmp_path / "run" / "scores"
+    with pytest.raises(StoreError, match=r"holds no finished scores \(scores.json is missing\)"):
+        scores_files.load_topk(folder)
+    _save_scores(folder, dense=False)
+    with pytest.raises(IndexMismatchError, match="were made for another score configuration .*`tda run CONFIG --from "
+                                                 "score`"):
+        scores_files.load_topk(folder, "fp2")
+    with pytest.raises(StoreError, match=r"scores.npy is missing: the run was scored with score.dense: false"):
+        scores_files.load_dense(folder)
+    data = scores_files.topk_path(folder).read_bytes()
+    scores_files.topk_path(folder).write_bytes(data[:100])
+    fix = f"rerun `tda run CONFIG --out {tmp_path / 'run'}`: it recomputes damaged scores"
+    with pytest.raises(StoreCorruptError, match=r"topk.npz cannot be read \(BadZipFile: .*\); " + fix):
+        scores_files.load_topk(folder)
+    scores_files.save_topk(folder, **{**TOP, "proponent_scores": TOP["proponent_scores"] * 2})  # another run's
+    with pytest.raises(StoreCorruptError, match=r"topk.npz cannot be read \(it does not match the sha256 in "
+                                                r"scores.json: damaged, or another run's\); " + fix):
+        scores_files.load_topk(folder)
+
+
+def test_foreign_or_inconsistent_score_files_are_refused(tmp_path):
+    folder = tmp_path / "run" / "scores"
+    _save_scores(folder)
+    scores_files.save_topk(folder, **{**TOP, "proponent_ids": TOP["proponent_ids"][:1]})
+    marker = json.loads(scores_files.marker_path(folder).read_text())
+    del marker["sha256"]  # an older marker: the shapes are still checked
+    scores_files.marker_path(folder).write_text(json.dumps(marker))
+    with pytest.raises(StoreCorruptError, match=r"proponent/opponent arrays are not all \(2, k\)"):
+        scores_files.load_topk(folder)
+    from stores._io import save_npz
+
+    save_npz(scores_files.topk_path(folder), ids=np.arange(3))
+    with pytest.raises(StoreCorruptError, match="lacks .*'query_ids'.*: not a tda top-k file"):
+        scores_files.load_topk(folder)
+    scores_files.save_topk(folder, **TOP)
+    np.save(scores_files.scores_path(folder), DENSE[:, :3])
+    with pytest.raises(StoreCorruptError, match=r"scores.npy cannot be read \(its shape is \(2, 3\), topk.npz holds "
+                                                r"2 queries x 4 training examples\)"):
+        scores_files.load_dense(folder)
+    scores_files.save_topk(folder, **{**TOP, "train_ids": np.arange(5)})
+    with pytest.raises(StoreCorruptError, match="holds 2 queries x 5 training examples, scores.json records 2 x 4"):
+        scores_files.load_topk(folder)
+    scores_files.influential_path(folder).write_text("{not json")
+    with pytest.raises(StoreCorruptError, match="influential.json cannot be read"):
+        scores_files.load_influential(folder)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config
 from pipelines.families import family_for
 
@@ -120,7 +120,7 @@ def test_kill_while_from_deletes_leaves_no_half_deleted_store(tmp_path, monkeypa
 def test_kill_during_a_config_changing_rerun_leaves_no_stale_scores(tmp_path, monkeypatch) -> None:
     """Killed after scores.npy is replaced with lambda 0.1 scores, before scores.json: a rerun of the
     original config must not reuse them (issue: it reported success with the wrong scores)."""
-    import pipelines.stages.score as score_stage
+    from stores import scores_files
 
     run = tmp_path / "run"
     assert main(["run", TINY, "--out", str(run), "--quiet"]) == 0
@@ -129,7 +129,7 @@ def test_kill_during_a_config_changing_rerun_leaves_no_stale_scores(tmp_path, mo
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies here
 
-    monkeypatch.setattr(score_stage, "save_npz", killed)
+    monkeypatch.setattr(scores_files, "save_topk", killed)  # the score stage writes topk.npz through it
     try:
         main(["run", TINY, "--out", str(run), "--set", "score.lambda_rel=0.1", "--quiet"])
     except KeyboardInterrupt:
@@ -209,7 +209,7 @@ def test_query_store_left_half_deleted_is_rebuilt(tmp_path) -> None:
 def test_corrupt_gzip_is_a_data_error(tmp_path, capsys) -> None:
     import shutil
 
-    from tda.data import DEMO_DATA
+    from tda.data.loading import DEMO_DATA
 
     shutil.copytree(DEMO_DATA / "mnist", tmp_path / "mnist")
     path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"

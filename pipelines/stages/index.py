@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_state
+from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_state, scores_files
 from stores.index import RECALL_TARGET, exact_recall, index_space
 from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreError, TDAError
 
-from ..layout import RunPaths
-from ..schema import RunConfig, scorer_fingerprint
-from ..scorers import build_scorer
+from pipelines.layout import RunPaths
+from pipelines.spec.schema import RunConfig, scorer_fingerprint
+from pipelines.methods.scorers import build_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> Faiss
     view = _View(train, desc="index: fit scorer" if progress else None, norms={})
     scorer = scorer_for(cfg, paths).fit(view, progress=progress)
     check_feature_scale(view.norms)
-    for marker in (paths.scores / "scores.json", *markers):  # before any file changes: a kill from here on
+    for marker in (scores_files.marker_path(paths.scores), *markers):  # before any file changes: a kill from here on
         marker.unlink(missing_ok=True)                      # leaves nothing that looks valid
     scorer_state.save(paths.scorer, scorer.state_dict(), scorer=scorer.name, fingerprint=fp,
                       hyperparameters=scorer.hyperparameters())
@@ -107,8 +107,8 @@ def _warn_recall(index: FaissIndex) -> None:
 def check_inputs_unchanged(cfg: RunConfig, paths: RunPaths) -> None:
     """:class:`InputChangedError` naming the inputs whose content changed since ``tda run`` made
     the run (recorded in run.json): its features are stale, so the fix is a full rerun."""
-    from ..run import describe_change, input_record
-    from ..run_folder import read_run_file
+    from pipelines.run import describe_change, input_record
+    from pipelines.run_folder import read_run_file
 
     try:
         old = read_run_file(paths)

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from stores import scorer_state
+from stores import scorer_state, scores_files
 
-from ..families import family_for
-from ..layout import RunPaths
-from ..schema import RunConfig
+from pipelines.families import family_for
+from pipelines.layout import RunPaths
+from pipelines.spec.schema import RunConfig
 
 Run = Callable[..., Any]
 
@@ -51,8 +51,8 @@ def index_line(cfg: RunConfig, paths: RunPaths, run: Run) -> str:
 
 def score_line(cfg: RunConfig, paths: RunPaths, run: Run) -> str:
     outputs = run()
-    with np.load(outputs["topk"], allow_pickle=False) as z:
-        shape = (len(z["query_ids"]), len(z["train_ids"]))
+    top = scores_files.load_topk(outputs["topk"].parent)
+    shape = (len(top["query_ids"]), len(top["train_ids"]))
     dense = "dense scores and " if "scores" in outputs else ""
     return (f"score: {cfg.score.scorer}, {shape[0]} queries x {shape[1]} training examples, "
             f"{dense}top-{cfg.score.topk}")
@@ -91,7 +91,7 @@ def print_validation(res: dict[str, Any], paths: RunPaths) -> None:
         print(f"  TRAK ridge: configured {lds_['configured']['label']}, tuning fold chose "
               f"{lds_['chosen_lambda_rel']:g}")
     if "linearity" in res:
-        from .validate_linearity import linearity_line
+        from pipelines.stages.validate_linearity import linearity_line
 
         print(linearity_line(res["linearity"]))
     gt_noise = res.get("ground_truth", {}).get("noise")
