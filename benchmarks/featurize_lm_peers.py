@@ -44,7 +44,7 @@ def traker_featurizer(model: nn.Module, task, k: int, seed: int = 0) -> tuple[Ca
     from trak.projectors import BasicProjector, ProjectionType
     from trak.utils import get_num_params, vectorize
 
-    from tda.gradients import vmap_incompatible
+    from tda.gradients.per_example import vmap_incompatible
 
     class TaskOutput(AbstractModelOutput):  # f = task.output, one example (vmap) or a batch
         def __init__(self, keys):
@@ -145,7 +145,7 @@ def check(model: nn.Module, task, rows: Rows, feats: Tensor, names: list[str], s
     gradients (one autograd pass per example, over ``names``): the root mean square of
     ``(<phi_i, phi_j> - <g_i, g_j>) / (|g_i| |g_j|)`` over pairs i <= j, beside the JL figure
     ``sqrt(2 / d)`` for a d-dim Gaussian sketch (its error lies between sqrt(1/d) and that)."""
-    from tda.gradients import loop_per_example_grads
+    from tda.gradients.per_example import loop_per_example_grads
 
     grads = loop_per_example_grads(model, task, dict(rows), names)
     g = torch.cat([grads[n].flatten(1) for n in names], dim=1).double()
