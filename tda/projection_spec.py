@@ -20,7 +20,7 @@ factored        k_in, k_out, seed, kind          :class:`tda.factored.FactoredFe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
 
 from .errors import ConfigError
@@ -79,6 +79,8 @@ ProjectionSpec = Union[DenseProjection, SparseProjection, TensorSketchProjection
 #: projection name -> its spec class
 SPECS: dict[str, type] = {cls.name: cls for cls in (DenseProjection, SparseProjection, TensorSketchProjection,
                                                      FactoredProjection)}
+#: what ``auto`` may resolve to (:mod:`tda.projection_choice`, which decides with the model in hand)
+AUTO_CHOICES = ("tensorsketch", "sparse")
 
 
 def projection_spec(name: str, **settings: Any) -> ProjectionSpec:
@@ -92,6 +94,16 @@ def projection_spec(name: str, **settings: Any) -> ProjectionSpec:
         raise ConfigError(f"projection {name!r} is unknown; use one of {sorted(SPECS)}")
     own = {f.name for f in fields(cls)}
     return cls(**{key: value for key, value in settings.items() if key in own})
+
+
+def spec_settings(name: str, **settings: Any) -> dict[str, Any]:
+    """``{"name": name, **its settings}``: what the features of projection ``name`` depend on, for
+    fingerprints. ``auto``, which resolves only once the model is known, keeps the settings of every
+    projection in :data:`AUTO_CHOICES` (so a setting neither of them uses still never counts)."""
+    out: dict[str, Any] = {"name": name}
+    for choice in AUTO_CHOICES if name == "auto" else (name,):
+        out.update(asdict(projection_spec(choice, **settings)))
+    return out
 
 
 def make_featurizer(spec: ProjectionSpec, model: "nn.Module", task: "Task", *,
@@ -118,5 +130,5 @@ def make_featurizer(spec: ProjectionSpec, model: "nn.Module", task: "Task", *,
                       projection=spec.name, **extra)
 
 
-__all__ = ["DenseProjection", "FactoredProjection", "ProjectionSpec", "SPECS", "SparseProjection",
-           "TensorSketchProjection", "make_featurizer", "projection_spec"]
+__all__ = ["AUTO_CHOICES", "DenseProjection", "FactoredProjection", "ProjectionSpec", "SPECS", "SparseProjection",
+           "TensorSketchProjection", "make_featurizer", "projection_spec", "spec_settings"]

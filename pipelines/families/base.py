@@ -43,7 +43,7 @@ from tda.representations import RepresentationFeaturizer
 from tda.tasks import Task
 
 from ..layout import RunPaths, json_field, load_checkpoint_list
-from ..schema import _build
+from ..schema import _build, projection_settings
 from ..score_options import score_options
 
 if TYPE_CHECKING:
@@ -322,9 +322,7 @@ def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task, paths: Run
 def featurize_settings(cfg: RunConfig) -> dict[str, Any]:
     """``featurize``'s projection settings under the names :func:`tda.projection_spec.projection_spec`
     takes (each projection keeps its own)."""
-    f = cfg.featurize
-    return {"k": f.k, "seed": f.seed, "kind": f.projector, "backend": f.backend, "nonzeros": f.nonzeros,
-            "k_in": f.k_in, "k_out": f.k_out}
+    return projection_settings(cfg.featurize)
 
 
 def projection_width(cfg: RunConfig, model: nn.Module) -> int:

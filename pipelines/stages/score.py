@@ -23,7 +23,7 @@ from tda.features import FeatureBlock, concat_blocks
 from tda.kernel import iter_score_blocks
 
 from ..families import family_for
-from ..layout import RunPaths, json_field
+from ..layout import RunPaths, fingerprint_version, json_field
 from ..schema import SCORE_SECTIONS, RunConfig, section_fingerprint
 from ..scorers import feature_kind
 from .index import _View, load_index, load_scorer
@@ -88,7 +88,7 @@ def score_outputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Path]:
 
 def scores_current(cfg: RunConfig, paths: RunPaths) -> bool:
     """The stored scores were made with this config's settings and match their recorded sha256."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS, version=fingerprint_version(paths))
     recorded = json_field(paths.scores / "scores.json", "fingerprint")
     return recorded == fp and _outputs_intact(paths, score_outputs(cfg, paths))
 
@@ -96,7 +96,8 @@ def scores_current(cfg: RunConfig, paths: RunPaths) -> bool:
 def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
     """Dense scores (written block by block into a memmap, resumable; skipped with
     ``score.dense: false``) and top-k per query from the index."""
-    fp, outputs = section_fingerprint(cfg, *SCORE_SECTIONS), score_outputs(cfg, paths)
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS, version=fingerprint_version(paths))
+    outputs = score_outputs(cfg, paths)
     if scores_current(cfg, paths):
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))
