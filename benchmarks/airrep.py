@@ -37,18 +37,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lds import evaluate, featurize, first, gt_folder, recipe, train_models  # noqa: E402  (sibling benchmark script)
 
-from pipelines.airrep import airrep_ground_truth  # noqa: E402
+from pipelines.methods.airrep import airrep_ground_truth  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
 from pipelines.executors import make_executor  # noqa: E402
 from pipelines.families import family_for  # noqa: E402
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec  # noqa: E402
 from pipelines.run import as_numpy_batch, build_model, datasets_for  # noqa: E402
-from pipelines.score_options import score_options  # noqa: E402
+from pipelines.spec.options import score_options  # noqa: E402
 from pipelines.stages.validate import job_fingerprint  # noqa: E402
-from tda.airrep import AirRepData  # noqa: E402
-from tda.features import ArrayFeatures, FeatureBlock  # noqa: E402
-from tda.kernel import score_matrix  # noqa: E402
-from tda.representations import RepresentationFeaturizer  # noqa: E402
+from tda.scorers.airrep.head import AirRepData  # noqa: E402
+from tda.core.features import ArrayFeatures, FeatureBlock  # noqa: E402
+from tda.core.kernel import score_matrix  # noqa: E402
+from tda.featurizers.representations import RepresentationFeaturizer  # noqa: E402
 from tda.scorers import AirRepScorer, RepSimScorer, TRAKScorer  # noqa: E402
 from tda.validation import split_folds  # noqa: E402
 

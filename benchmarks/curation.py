@@ -27,7 +27,7 @@ SELF = ("trak", "tracin", "graddot", "trak+loss", "trak+loss+confidence")
 
 
 def tda(cmd: str, config: Path, out: Path, *sets: str) -> None:
-    subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(config), "--out", str(out), "--quiet", *sets],
+    subprocess.run([sys.executable, "-m", "pipelines.cli.main", cmd, str(config), "--out", str(out), "--quiet", *sets],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 

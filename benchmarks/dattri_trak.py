@@ -7,7 +7,7 @@ parameter divided by sqrt(d), `regularization` 0.0 added to X^T X, Q = 1 - p ave
 checkpoints, scores (n_train, n_test). What is set: proj_dim = featurize.k, and the function f
 (dattri's `loss_func`, its `target_func` by default, so train and query gradients are of the same
 f) is TRAK's margin log(p/(1-p)), the f of tda and of traker's image_classification task, written
-as logit_y - logsumexp_{j != y} logit_j (`tda.tasks.classification_margin`); dattri's TRAK
+as logit_y - logsumexp_{j != y} logit_j (`tda.models.tasks.classification_margin`); dattri's TRAK
 example writes it logp - log(1 - exp(logp)), the same function, which turns infinite once p
 rounds to 1 in float32.
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tda.tasks import classification_loss_weight, classification_margin
+from tda.models.tasks import classification_loss_weight, classification_margin
 
 
 def dattri_version() -> str:

@@ -32,7 +32,7 @@ from pipelines.families.diffusion import drawn_output  # noqa: E402
 from pipelines.families.jobs import job_data  # noqa: E402
 from pipelines.families.registry import family_for  # noqa: E402
 from pipelines.families.unet import train_ddpm  # noqa: E402
-from tda.diffusion import DiffusionTask, noise_from_seeds  # noqa: E402
+from tda.featurizers.diffusion import DiffusionTask, noise_from_seeds  # noqa: E402
 
 
 def flat_grad(model, value: torch.Tensor) -> torch.Tensor:

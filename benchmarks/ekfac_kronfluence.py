@@ -115,7 +115,7 @@ def tensors(cfg: Any, paths: Any, split: str) -> tuple[Any, Any]:
     import torch
 
     from pipelines.families import family_for
-    from tda.data import iter_batches
+    from tda.data.loading import iter_batches
 
     family = family_for(cfg)
     batches = [b for _, b in iter_batches(family.datasets(cfg, paths)[split], family.collate(cfg), 512)]
@@ -128,7 +128,7 @@ def margin_task(kronfluence: Any, seed: int) -> Any:
     import torch
     import torch.nn.functional as F
 
-    from tda.tasks import classification_margin
+    from tda.models.tasks import classification_margin
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -155,7 +155,7 @@ def kron_checkpoint(run: dict, entry: dict, data: dict, work: Path, fisher: str,
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
     from pipelines.families import family_for
-    from tda.featurize import load_checkpoint
+    from tda.featurizers.gradient import load_checkpoint
 
     kf = require_kronfluence()
     warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # torch.cuda.amp names

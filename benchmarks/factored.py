@@ -60,7 +60,7 @@ def featurize(cfg, paths, sets: list[str]) -> tuple[dict[str, np.ndarray], float
     """``({split: (n, k) features}, train seconds, k)`` with featurize overrides ``sets``."""
     from pipelines.config import parse_config
     from pipelines.run import collate_for, datasets_for, load_checkpoint_list, make_featurizer
-    from tda.data import iter_batches
+    from tda.data.loading import iter_batches
 
     cfg = parse_config(cfg.to_dict(), sets)
     ckpt = paths.checkpoints / load_checkpoint_list(paths)[-1]["file"]
@@ -76,8 +76,8 @@ def featurize(cfg, paths, sets: list[str]) -> tuple[dict[str, np.ndarray], float
 
 
 def scores(f: dict[str, np.ndarray], scorer) -> np.ndarray:
-    from tda.features import ArrayFeatures, FeatureBlock
-    from tda.kernel import score_matrix
+    from tda.core.features import ArrayFeatures, FeatureBlock
+    from tda.core.kernel import score_matrix
 
     tr, q = f["train"], f["query"]
     source = ArrayFeatures(FeatureBlock(np.arange(len(tr)), tr[None], np.ones((1, len(tr)), np.float32)), [0])

@@ -27,7 +27,7 @@ PROTOCOLS = ("classic", "small-drop")
 
 
 def tda(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pipelines.cli", *args], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "pipelines.cli.main", *args], check=True, cwd=ROOT)
 
 
 def validate(cfg: Path, cache: Path, protocol: str) -> dict:

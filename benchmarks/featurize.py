@@ -50,8 +50,8 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tda.data import arrow_columns, load_mnist, mnist_collate
-    from tda.models import mlp
+    from tda.data.loading import arrow_columns, load_mnist, mnist_collate
+    from tda.models.reference import mlp
 
     args.k = args.k[0]
     torch.set_num_threads(args.threads)
@@ -92,9 +92,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 def make_featurizer(variant: str, model, k: int):
     """tda's featurizer of a benchmark variant at projection width (about) k."""
-    from tda.factored import FactoredFeaturizer
-    from tda.featurize import Featurizer
-    from tda.tasks import ClassificationTask
+    from tda.featurizers.factored import FactoredFeaturizer
+    from tda.featurizers.gradient import Featurizer
+    from tda.models.tasks import ClassificationTask
 
     task = ClassificationTask()
     if variant == "tda-factored":  # three linear layers: k_in = k_out = sqrt(k / 3), width ~ k

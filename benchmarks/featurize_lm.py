@@ -16,7 +16,7 @@ Each (model, variant, k) runs in its own process (peak RSS is per process); one 
 first, untimed (first-call costs of torch and transformers, ``auto``'s check on a batch), then
 every row is timed, ``--repeats`` times (the fastest pass is reported: other processes only ever
 slow a pass down). ``auto`` is the
-default (:mod:`tda.projection_choice`); its row names what it chose. Coverage is the share of
+default (:mod:`tda.featurizers.choice`); its row names what it chose. Coverage is the share of
 trainable parameters the projection differentiates.
 
     python benchmarks/featurize_lm.py                              # every model, k = 1024 and 4096
@@ -49,7 +49,7 @@ def lm_batches(kind: str, n: int, seq: int = 128):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tda.hf import HFCausalLMTask
+    from tda.models.hf import HFCausalLMTask
 
     text = _stories()
     if kind == "char":
@@ -57,7 +57,7 @@ def lm_batches(kind: str, n: int, seq: int = 128):
         ids = torch.tensor([vocab.index(c) for c in text[: n * seq + 1]])
         size = len(vocab)
     else:
-        from tda.hf import load_gpt2_tokenizer
+        from tda.models.hf import load_gpt2_tokenizer
 
         tok = load_gpt2_tokenizer(DATA / "gpt2-tokenizer")
         ids = torch.tensor(tok(text)["input_ids"][: n * seq])
@@ -74,7 +74,7 @@ def bert_batches(n: int, width: int = 30522, longest: int = 64):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tda.hf import HFClassificationTask
+    from tda.models.hf import HFClassificationTask
 
     lines = (DATA / "agnews-subset" / "train_subset_10001.tsv").read_text(encoding="utf-8").splitlines()[:n]
     names = sorted({line.rsplit("\t", 1)[1] for line in lines})

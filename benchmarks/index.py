@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 CACHE = Path.home() / ".cache" / "tda" / "index"
 
 from stores.index import FaissIndex, default_nlist, default_nprobe, recall_at_k  # noqa: E402
-from tda.features import ArrayFeatures, FeatureBlock  # noqa: E402
+from tda.core.features import ArrayFeatures, FeatureBlock  # noqa: E402
 from tda.scorers import TRAKScorer  # noqa: E402
 
 

@@ -110,7 +110,7 @@ VOLATILE = ("finished",)
 def argv(out: Path, config: str, executor: str, extra: tuple[str, ...] = ()) -> list[str]:
     sets = [x for s in BASE + CONFIGS[config] + EXECUTORS[executor] for x in ("--set", s)]
     command = COMMANDS.get(config, "run")
-    return [sys.executable, "-m", "pipelines.cli", command, TINY, "--out", str(out), *sets, *extra]
+    return [sys.executable, "-m", "pipelines.cli.main", command, TINY, "--out", str(out), *sets, *extra]
 
 
 def _digest(path: Path) -> str:
@@ -150,13 +150,13 @@ def _run_identity(folder: Path) -> str:
 
 
 def run_to_end(cmd: list[str], in_process: bool = False) -> float:
-    """Run a ``tda`` command to its end; its wall time. ``in_process``: through ``pipelines.cli.main``
+    """Run a ``tda`` command to its end; its wall time. ``in_process``: through ``pipelines.cli.main.main``
     on one torch thread, as the subprocesses run (no import time: the caller adds it)."""
     t = time.time()
     if in_process:
         import torch
 
-        from pipelines.cli import main as tda_main
+        from pipelines.cli.main import main as tda_main
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -257,7 +257,7 @@ class Campaign:
 
     def prepare(self) -> None:
         """References of every config (in empty folders) and each scenario's attempt duration."""
-        self.startup = run_to_end([sys.executable, "-m", "pipelines.cli", "--help"])  # imports only
+        self.startup = run_to_end([sys.executable, "-m", "pipelines.cli.main", "--help"])  # imports only
         for ex in self.executors:
             needed = {"A"} | {c for s in self.scenarios for c in [SCENARIOS[s][1][0]]
                               + [c for f in SCENARIOS[s][2] for c, _ in _steps(f)]}
@@ -371,7 +371,7 @@ def campaign(kills: int, executors: list[str], seed: int = 0, work: Path | None 
              in_process: bool = False, scenarios: list[str] | None = None,
              progress: Path | None = None) -> dict[str, Any]:
     """Run a campaign of at least ``kills`` kills; its :meth:`Campaign.summary`. ``in_process``: the
-    uninterrupted runs go through ``pipelines.cli.main`` here (faster; the killed ones never do);
+    uninterrupted runs go through ``pipelines.cli.main.main`` here (faster; the killed ones never do);
     ``progress``: a file the summary so far is written to after every trial."""
     with tempfile.TemporaryDirectory(prefix="tda-kills-") as tmp:
         c = Campaign(Path(work or tmp), executors, seed, in_process, scenarios)

@@ -34,11 +34,11 @@ from pipelines.families.training import train_classifier
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec
 from pipelines.run import as_numpy_batch, build_model, datasets_for
 from pipelines.stages.validate import MNISTRetrainJob, job_fingerprint
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.featurize import Featurizer
-from tda.kernel import score_matrix
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.featurizers.gradient import Featurizer
+from tda.core.kernel import score_matrix
 from tda.scorers import TRAKScorer
-from tda.tasks import ClassificationTask
+from tda.models.tasks import ClassificationTask
 from tda.validation import ground_truth_reliability, lds, score_noise, split_folds
 
 LAMBDA_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0, 100.0, 1000.0]
@@ -242,7 +242,7 @@ def main() -> None:
 def other_methods(cfg, cache: Path, k: int, masks, outputs, folds) -> dict[str, dict]:
     """TracInCP over 4 checkpoints of one run, Grad-Cos and RepSim on its final model."""
     try:
-        from tda.representations import RepresentationFeaturizer
+        from tda.featurizers.representations import RepresentationFeaturizer
         from tda.scorers import GradCosScorer, RepSimScorer, TracInCPScorer
     except ImportError as exc:
         print(f"(TracIn/Grad-Cos/RepSim skipped: {exc})")

@@ -44,7 +44,7 @@ def ekfac_steps(config: str, cache: Path) -> list[list[str]]:
     """tda run + small-drop validate of the 32 x 32 and exact EK-FAC runs on one ground truth,
     then the kronfluence comparison on them."""
     cfg = str(BENCH / "families" / config)
-    cli = [sys.executable, "-m", "pipelines.cli"]
+    cli = [sys.executable, "-m", "pipelines.cli.main"]
     exact = ["--set", "featurize.k_in=null", "--set", "featurize.k_out=null"]
     small = ["--set", "validate.protocol=small-drop", "--set", f"validate.ground_truth_dir={cache / 'gt'}"]
     steps = []

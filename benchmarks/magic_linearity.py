@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tda.data import load_mnist, mnist_collate  # noqa: E402
-from tda.magic import SGDRecipe, magic_scores  # noqa: E402
-from tda.magic.functional import TrainData, build_model  # noqa: E402
-from tda.tasks import ClassificationTask  # noqa: E402
+from tda.data.loading import load_mnist, mnist_collate  # noqa: E402
+from tda.scorers.magic import SGDRecipe, magic_scores  # noqa: E402
+from tda.scorers.magic.functional import TrainData, build_model  # noqa: E402
+from tda.models.tasks import ClassificationTask  # noqa: E402
 from tda.validation import half_weight_linearity, lds, sample_subsets, spearman_columns  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "tda" / "magic-linearity"

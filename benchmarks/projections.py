@@ -31,7 +31,7 @@ PROJECTIONS = ("dense", "sparse", "factored", "tensorsketch")
 
 def tda(*args: str) -> float:
     start = time.time()
-    subprocess.run([sys.executable, "-m", "pipelines.cli", *args], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "pipelines.cli.main", *args], check=True, cwd=ROOT)
     return time.time() - start
 
 

@@ -38,9 +38,9 @@ import quanda_setups as S  # noqa: E402
 from quanda_peers import import_quanda, peer_explanations  # noqa: E402
 
 import tda  # noqa: E402
-from tda.curation import loss_self_influence  # noqa: E402
-from tda.features import ArrayFeatures, FeatureBlock  # noqa: E402
-from tda.kernel import score_matrix  # noqa: E402
+from tda.workflows.curation import loss_self_influence  # noqa: E402
+from tda.core.features import ArrayFeatures, FeatureBlock  # noqa: E402
+from tda.core.kernel import score_matrix  # noqa: E402
 
 #: name -> (Attributor scorer name, scorer_options, checkpoints used)
 VARIANTS = {

@@ -48,7 +48,7 @@ class Setup:
 
 
 def mnist_source(n: int, n_test: int) -> Source:
-    from tda.data import load_mnist
+    from tda.data.loading import load_mnist
 
     def images(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
         ds = load_mnist(DATA / "mnist", split, limit).with_format("numpy")
@@ -145,7 +145,7 @@ def subclass(src: Source, queries: int, groups: int = 2, seed: int = 0) -> Setup
 
 
 def mislabel(src: Source, share: float = 0.1, seed: int = 0) -> Setup:
-    from tda.curation import flip_labels
+    from tda.workflows.curation import flip_labels
 
     noisy, flipped = flip_labels(src.y.numpy(), share, seed, src.classes)
     return Setup("mislabel", src.x, torch.from_numpy(np.asarray(noisy, np.int64)), src.x_test[:1], src.y_test[:1],

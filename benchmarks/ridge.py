@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 from pipelines.config import load_config  # noqa: E402
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec, job_fingerprint  # noqa: E402
 from stores import FeatureStore  # noqa: E402
-from tda.features import ArrayFeatures, FeatureBlock, concat_blocks  # noqa: E402
-from tda.kernel import score_matrix  # noqa: E402
+from tda.core.features import ArrayFeatures, FeatureBlock, concat_blocks  # noqa: E402
+from tda.core.kernel import score_matrix  # noqa: E402
 from tda.scorers import TRAKScorer  # noqa: E402
 from tda.scorers.trak import auto_df, auto_lambdas, spread_rule_df  # noqa: E402
 from tda.validation import lds, split_folds  # noqa: E402
@@ -60,7 +60,7 @@ def prepare(name: str, cache: Path) -> tuple[FeatureBlock, FeatureBlock, np.ndar
     config, sets = SETS[name]
     out, args = cache / name, [a for s in sets for a in ("--set", s)]
     for cmd, extra in (("run", []), ("validate", ["--set", "validate.scorers=[trak]", "--set", "validate.protocol=classic"])):
-        subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(ROOT / "benchmarks" / config), "--out", str(out),
+        subprocess.run([sys.executable, "-m", "pipelines.cli.main", cmd, str(ROOT / "benchmarks" / config), "--out", str(out),
                         "--quiet", *args, *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     cfg = load_config(ROOT / "benchmarks" / config, sets)
     v = cfg.validate

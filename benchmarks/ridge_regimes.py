@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
 import tda  # noqa: E402
-from tda.kernel import score_matrix  # noqa: E402
+from tda.core.kernel import score_matrix  # noqa: E402
 from tda.scorers import TRAKScorer  # noqa: E402
 from tda.validation import lds, split_folds  # noqa: E402
 
@@ -52,7 +52,7 @@ GRID = [1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 1e4]
 
 
 def _mnist(n: int, m: int, digits: tuple[int, ...] | None, seed: int, root: Path = DATA / "mnist"):
-    from tda.data import load_mnist
+    from tda.data.loading import load_mnist
 
     out = []
     for split, size in (("train", n), ("test", m)):
@@ -206,7 +206,7 @@ def margins(arch: str, state: dict, x: torch.Tensor, y: torch.Tensor, classes: i
 
 def ground_truth(name: str, arch: str, n: int, a: argparse.Namespace):
     """Train and query features of the M attributed models, subset masks and outputs (cached)."""
-    from tda.features import ArrayFeatures, FeatureBlock
+    from tda.core.features import ArrayFeatures, FeatureBlock
 
     tag = "" if arch == "mlp" else f"-{arch}"
     path = a.cache / f"{name}{tag}-n{n}-k{a.k}-M{a.models}-S{a.subsets}x{a.seeds}-e{a.epochs}-s{a.seed}.npz"

@@ -368,7 +368,7 @@ def real_ivf_recall(cfg: Any, root: Path, nprobes: list[int]) -> dict[str, Any]:
     from pipelines.run import RunPaths
     from pipelines.stages import load_scorer
     from stores import FeatureStore, build_index
-    from tda.features import concat_blocks
+    from tda.core.features import concat_blocks
 
     paths = RunPaths(root)
     scorer = load_scorer(cfg, paths)

@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
 import tda  # noqa: E402
-from tda.curation import roc_auc  # noqa: E402
+from tda.workflows.curation import roc_auc  # noqa: E402
 
 
 def mnist(n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    from tda.data import load_mnist
+    from tda.data.loading import load_mnist
 
     ds = load_mnist(DATA / "mnist", "train", n)
     x = np.asarray(ds.with_format("numpy")["image"], np.float32) / 255.0

@@ -4,7 +4,7 @@ A synthetic store of ``n`` training vectors of dimension ``D`` (low-rank Gaussia
 generated block by block with a seed) is indexed through :func:`stores.build_index` with the
 Grad-Dot scorer (``T_train`` = the features) and the index ``--kind`` (flat, ivf, hnsw: whatever
 :mod:`stores.index` offers); ``--queries`` stored queries are transformed once at start-up, as
-``tda serve`` does. A server process (uvicorn, the app of :mod:`pipelines.serve`) listens on a
+``tda serve`` does. A server process (uvicorn, the app of :mod:`pipelines.query.serve`) listens on a
 free loopback port; this process sends ``--requests`` ``GET /query/{id}?k=K`` requests for random
 stored ids, first one by one, then from ``--concurrency`` keep-alive clients at once, and prints
 p50 / p95 / p99 latency and requests per second of each.
@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stores import build_index  # noqa: E402
-from tda.features import FeatureBlock  # noqa: E402
+from tda.core.features import FeatureBlock  # noqa: E402
 from tda.scorers import GradDotScorer  # noqa: E402
 
 RANK = 64  # the synthetic vectors' low-rank part (gradients are far from isotropic)
@@ -78,9 +78,9 @@ def serve(args: argparse.Namespace) -> None:
     """The server process: build the index, load the service, run uvicorn."""
     import uvicorn
 
-    from pipelines.query_fast import LoadedRun
-    from pipelines.serve import create_app
-    from pipelines.serve_state import Service
+    from pipelines.query.lean import LoadedRun
+    from pipelines.query.serve import create_app
+    from pipelines.query.state import Service
 
     store, scorer = SyntheticStore(args.n, args.dim, args.seed), GradDotScorer()
     t0 = time.time()

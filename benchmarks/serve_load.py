@@ -118,11 +118,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     run = Path(args.out).resolve()
-    subprocess.run([sys.executable, "-m", "pipelines.cli", "run", args.config, "--out", str(run), "--quiet"],
+    subprocess.run([sys.executable, "-m", "pipelines.cli.main", "run", args.config, "--out", str(run), "--quiet"],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     plan = make_plan(run, args.requests, args.new_share, args.seed)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(run), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli.main", "serve", str(run), "--port", str(port),
                              "--trust-code"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import tda  # noqa: E402
-import tda.tensorsketch as ts  # noqa: E402
+import tda.projections.tensorsketch as ts  # noqa: E402
 from featurize_lm import bert_batches, floor, lm_batches  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """The two ways tensorsketch sketches a layer, timed, and the cost model's constants fitted to them.
 
-:class:`tda.tensorsketch.TensorSketchProjector` sketches ``G = sum_t delta_t a_t^T`` of a layer
+:class:`tda.projections.tensorsketch.TensorSketchProjector` sketches ``G = sum_t delta_t a_t^T`` of a layer
 either by forming ``G`` (a batched matmul, then one scatter of its ``d_in d_out`` entries:
 ``sketch_formed``) or by one real FFT of each side's CountSketch per position (``spectrum``). Its
 cost model (``SCATTER_COST``, ``FFT_COST``, in units of one multiply-add of the matmul) picks the
@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tda.captures import LayerSpec  # noqa: E402
-from tda.tensorsketch import FFT_COST, SCATTER_COST, TensorSketchProjector, sketch_formed, spectrum  # noqa: E402
+from tda.gradients.captures import LayerSpec  # noqa: E402
+from tda.projections.tensorsketch import FFT_COST, SCATTER_COST, TensorSketchProjector, sketch_formed, spectrum  # noqa: E402
 
 SHAPES = ((257, 256), (257, 768), (257, 1024), (1025, 256), (65, 74))
 

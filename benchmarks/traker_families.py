@@ -49,7 +49,7 @@ from pipelines.families.base import collated  # noqa: E402
 from pipelines.layout import RunPaths, load_checkpoint_list  # noqa: E402
 from pipelines.run_folder import recorded_config  # noqa: E402
 from pipelines.stages.validate import ground_truth_for, retrain_job  # noqa: E402
-from tda.featurize import load_checkpoint  # noqa: E402
+from tda.featurizers.gradient import load_checkpoint  # noqa: E402
 from tda.validation import lds, split_folds  # noqa: E402
 from tda.validation.metrics import spearman_columns  # noqa: E402
 

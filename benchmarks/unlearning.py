@@ -35,7 +35,7 @@ def main() -> None:
     for name in a.sets.split(","):
         config, out = ROOT / "benchmarks" / "unlearning" / f"{name}.yaml", a.cache / name
         for cmd in ("run", "validate", "unlearn"):
-            subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(config), "--out", str(out), "--quiet"],
+            subprocess.run([sys.executable, "-m", "pipelines.cli.main", cmd, str(config), "--out", str(out), "--quiet"],
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         res = json.loads((out / "unlearning" / "unlearning.json").read_text())
         ch = res["check"]

@@ -1,11 +1,11 @@
 """MkDocs hook: the generated parts of the docs, rendered from the code so they cannot drift.
 
 - ``<!-- generated: config-reference -->`` (docs/configs.md) becomes a table per config section
-  with every field of the config dataclasses (``pipelines/schema.py``,
-  ``pipelines/schema_workflows.py``, ``pipelines/score_options.py`` and each model family's
+  with every field of the config dataclasses (``pipelines/spec/schema.py``,
+  ``pipelines/spec/workflows.py``, ``pipelines/spec/options.py`` and each model family's
   ``model.options``): its type, default and the ``# comment`` that follows it in the source.
 - ``<!-- generated: commands-reference -->`` (docs/commands.md) becomes every ``tda``
-  subcommand with its usage and arguments, read from ``pipelines.cli.build_parser()``.
+  subcommand with its usage and arguments, read from ``pipelines.cli.main.build_parser()``.
 
 ``tests/test_docs.py`` imports this file and checks that every field and every option appears.
 """
@@ -112,8 +112,8 @@ def _yaml(value: Any) -> str:
 def config_sections() -> list[tuple[str, str, type, str]]:
     """``(title, key prefix, dataclass, when)`` of every config section, in page order."""
     from pipelines.families import registered
-    from pipelines.schema import RunConfig
-    from pipelines.score_options import OPTION_TYPES
+    from pipelines.spec.schema import RunConfig
+    from pipelines.spec.options import OPTION_TYPES
 
     sections: list[tuple[str, str, type, str]] = [("Top level", "", RunConfig, "")]
     for f in dataclasses.fields(RunConfig):
@@ -187,10 +187,10 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Arg
 
 def render_commands() -> str:
     """Every ``tda`` subcommand: usage and a table of its arguments (markdown)."""
-    from pipelines.cli import build_parser
+    from pipelines.cli.main import build_parser
 
     parser = build_parser()
-    out = [f"`tda --version` prints the installed version; `tda COMMAND --help` prints what follows for one command.", ""]
+    out = ["`tda --version` prints the installed version; `tda COMMAND --help` prints what follows for one command.", ""]
     for name, (sub, help_text) in subcommands(parser).items():
         out += [f"## `tda {name}`", "", help_text[:1].upper() + help_text[1:] + ".", "", "```text", _usage(sub), "```", ""]
         out += ["| argument | meaning |", "|---|---|"]

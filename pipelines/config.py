@@ -9,7 +9,7 @@ The resolved config holds absolute paths; the folder is also recorded as ``code_
 workers alike). After the sections are built, the model family checks what only it knows
 (:func:`pipelines.families.check_config`): architecture, data set, scorer, ``model.options``.
 
-The sections themselves (dataclasses and fingerprints) live in :mod:`pipelines.schema`, which
+The sections themselves (dataclasses and fingerprints) live in :mod:`pipelines.spec.schema`, which
 imports no family; their names are re-exported here.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 from tda.errors import ConfigError, reading
 
-from .yaml_strict import load_yaml
-from .schema import (FEATURE_SECTIONS, IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS,  # noqa: F401
+from pipelines.spec.yaml_strict import load_yaml
+from pipelines.spec.schema import (FEATURE_SECTIONS, IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS,  # noqa: F401
                      SCORE_SECTIONS, DataConfig, ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig,
                      ValidateConfig, _build, scorer_fingerprint, section_fingerprint, stable_dict)
 
@@ -63,8 +63,8 @@ def parse_config(values: dict[str, Any], overrides: list[str] | None = None, bas
 
 def check_config(cfg: RunConfig) -> None:
     """The checks that need the family: arch, data set, options, and that it feeds the scorer."""
-    from .families import family_for  # here: the families import torch and their model code
-    from .scorers import check_scorer
+    from pipelines.families import family_for  # here: the families import torch and their model code
+    from pipelines.methods.scorers import check_scorer
 
     family = family_for(cfg)
     family.check(cfg)
@@ -154,7 +154,7 @@ def _checkpoint_files(value: Any, base: Path) -> list[str]:
 
 def recorded_files(folder: Path) -> list[str]:
     """The checkpoints a recorder listed in ``folder/tda-checkpoints.json``, in recorded order."""
-    from tda.recording import read_manifest
+    from tda.models.recording import read_manifest
 
     manifest = read_manifest(folder) or {}
     files = [str(folder / e["file"]) for e in manifest.get("checkpoints", [])]

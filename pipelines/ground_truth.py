@@ -28,7 +28,7 @@ from stores._io import fingerprint, save_json, save_npy, sha256_file
 from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 from tda.validation import sample_subsets
 
-from .schema import PROTOCOLS, RunConfig, stable_dict
+from pipelines.spec.schema import PROTOCOLS, RunConfig, stable_dict
 
 FORMAT = "tda-retraining-results"
 logger = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class GroundTruth:
 def job_fingerprint(cfg: RunConfig) -> str:
     """Hash of the retraining recipe and the data it is measured on (keys added later and left at
     their defaults are not hashed, so cached ground truth stays valid across versions)."""
-    from .families.registry import family_for  # families import this module
+    from pipelines.families.registry import family_for  # families import this module
 
     d = stable_dict(cfg)
     train = {k: v for k, v in d["train"].items() if k not in ("models", "checkpoints", "seed")}

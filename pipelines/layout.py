@@ -15,7 +15,7 @@ from tda.errors import CheckpointError, StoreCorruptError
 RUN_FILE = "run.json"
 #: The run folder's cache of input digests (see :mod:`stores.digests`).
 INPUTS_FILE = "inputs.json"
-#: the labels ``tda run`` records for the lean path (:mod:`pipelines.query_fast`, files: :mod:`stores.labels`):
+#: the labels ``tda run`` records for the lean path (:mod:`pipelines.query.lean`, files: :mod:`stores.labels`):
 #: ``labels/labels.npz`` and its marker ``labels/labels.json`` (which also holds the class names), and the
 #: texts of text data in ``labels/texts.npz``
 LABELS_DIR = "labels"

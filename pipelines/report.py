@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .method import find_method
+from pipelines.spec.method import find_method
 
 #: width of wrapped texts, indentation included
 WRAP_WIDTH = 100

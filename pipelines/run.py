@@ -2,7 +2,7 @@
 
 What depends on the kind of model (data, model, task, collate, featurizer) comes from the run's
 model family (:mod:`pipelines.families`) and the kind of features from its scorer
-(:mod:`pipelines.scorers`); the functions here dispatch to them. Paths of the run folder are
+(:mod:`pipelines.methods.scorers`); the functions here dispatch to them. Paths of the run folder are
 in :mod:`pipelines.layout` (re-exported here).
 """
 
@@ -18,16 +18,14 @@ import torch
 
 from stores._io import save_json
 from stores.digests import DIGESTS
-from tda.data import arrow_columns, example_ids, mnist_collate
-from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError, TDAError
+from tda.data.loading import arrow_columns, example_ids, mnist_collate
+from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 
-from .families import family_for, resolve_device  # noqa: F401
-from .layout import (FINGERPRINT_VERSION, INPUTS_FILE, RUN_FILE, RunPaths, fingerprint_version,  # noqa: F401
-                     load_checkpoint_list)
-from .method import method_for
-from .schema import (FEATURE_SECTIONS, QUERY_KEYS, RunConfig, _build, input_digests,  # noqa: F401
-                     section_fingerprint)
-from .scorers import feature_kind
+from pipelines.families import family_for, resolve_device  # noqa: F401
+from pipelines.layout import INPUTS_FILE, RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
+from pipelines.spec.method import method_for
+from pipelines.spec.schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, input_digests, section_fingerprint  # noqa: F401
+from pipelines.methods.scorers import feature_kind
 
 
 def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:

@@ -19,11 +19,11 @@ from stores import FeatureStore, index_files, scorer_state
 from stores.digests import DIGESTS
 from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError, QueryError, StoreCorruptError,
                         StoreError, TDAError)
-from tda.features import FeatureBlock, concat_blocks
+from tda.core.features import FeatureBlock, concat_blocks
 
-from .config import _build, parse_config
-from .layout import INPUTS_FILE, RunPaths, fingerprint_version
-from .schema import RunConfig
+from pipelines.config import _build, parse_config
+from pipelines.layout import INPUTS_FILE, RunPaths
+from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
     """``tda validate``: the folder must hold a finished run of this configuration; otherwise an
     error naming what differs (the first differing keys) or is missing and ``finish``, the command
     that completes the run."""
-    from .run import feature_fingerprint
+    from pipelines.run import feature_fingerprint
 
     if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train",
                                                                                       fingerprint_version(paths)):
@@ -66,7 +66,7 @@ def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
 def differing_keys(cfg: RunConfig, paths: RunPaths, shown: int = 5) -> str:
     """``data.train_size 2000 here, 1000 in the run; ...``: the feature-side keys where ``cfg`` and
     the folder's recorded run differ (as hashed: inputs by content digest)."""
-    from .schema import FEATURE_SECTIONS, QUERY_KEYS, stable_dict
+    from pipelines.spec.schema import FEATURE_SECTIONS, QUERY_KEYS, stable_dict
 
     try:
         theirs = stable_dict(recorded_config(paths, check=False))
@@ -119,7 +119,7 @@ def recorded_config(paths: RunPaths, check: bool = True) -> RunConfig:
 
 def labels_of(dataset, column: str = "label") -> dict[int, int]:
     """``id -> label`` of a data set with a label column; empty without one (text, for example)."""
-    from tda.data import example_ids
+    from tda.data.loading import example_ids
 
     if column not in dataset.column_names:
         return {}
@@ -177,9 +177,9 @@ def _id2label(cfg: RunConfig) -> list[str] | None:
 def texts_of(cfg: RunConfig, paths: RunPaths | None, data: Mapping[str, Any], split: str) -> dict[int, str]:
     """``id -> text`` of a split: the family's decoded texts (a language model's token ids), else the
     string column ``data.text_column`` (or ``text``); empty when the data hold no text."""
-    from tda.data import example_ids
+    from tda.data.loading import example_ids
 
-    from .families import family_for
+    from pipelines.families import family_for
 
     decode = getattr(family_for(cfg), "example_texts", None)
     if decode is not None:
@@ -205,7 +205,7 @@ class RunLabels:
 
 def dataset_labels(cfg: RunConfig, paths: RunPaths | None) -> RunLabels:
     """Labels, class names and texts of both splits read from the data sets (imports the family)."""
-    from .run import datasets_for
+    from pipelines.run import datasets_for
 
     data = datasets_for(cfg, paths)
     labels = {split: labels_of(data[split], label_column(cfg)) for split in ("train", "query")}

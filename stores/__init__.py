@@ -1,7 +1,7 @@
 """Feature stores on disk and the FAISS index built from them."""
 
-from .feature_store import FeatureStore, shard_path, write_shard_files
-from .index import FaissIndex, build_index
-from .lock import StoreLock
+from stores.feature_store import FeatureStore, shard_path, write_shard_files
+from stores.index import FaissIndex, build_index
+from stores.lock import StoreLock
 
 __all__ = ["FaissIndex", "FeatureStore", "StoreLock", "build_index", "shard_path", "write_shard_files"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tda.errors import StoreError
 
-from ._io import save_json, sha256_file
+from stores._io import save_json, sha256_file
 
 CACHE_FORMAT = "tda-input-digests"
 

@@ -25,10 +25,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from tda.errors import FingerprintMismatchError, ForeignStoreError, ShapeError, StoreCorruptError, StoreError
-from tda.features import FeatureBlock
+from tda.core.features import FeatureBlock
 
-from ._io import save_json, sha256_file
-from .shards import _refuse_duplicates, shard_key, shard_path, write_shard_files
+from stores._io import save_json, sha256_file
+from stores.shards import _refuse_duplicates, shard_key, shard_path, write_shard_files
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ import numpy as np
 
 from tda.errors import (ForeignStoreError, IndexMismatchError, QueryError, ShapeError, StoreCorruptError,
                         StoreError)
-from tda.features import FeatureSource
-from tda.kernel import TopK
+from tda.core.features import FeatureSource
+from tda.core.kernel import TopK
 from tda.scorers.base import Scorer
 
-from ._io import atomic_write, save_json, sha256_file
-from .pruned import norm_order, pruned_search
+from stores._io import atomic_write, save_json, sha256_file
+from stores.pruned import norm_order, pruned_search
 
 INDEX_FILE, META_FILE = "index.faiss", "index.json"
 FORMAT = "tda-faiss-index"

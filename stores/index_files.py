@@ -2,7 +2,7 @@
 (written last, with the index's sha256, fingerprint, kind, vector space and recall).
 
 :func:`load` is the one reader of a run's index: the index and score stages, the full ``tda
-query`` path, ``tda serve`` and the torch-free path (:mod:`pipelines.query_fast`) all check the
+query`` path, ``tda serve`` and the torch-free path (:mod:`pipelines.query.lean`) all check the
 sha256 (:meth:`stores.index.FaissIndex.load`) and the fingerprint, dimension, size and vector
 space (:meth:`stores.index.FaissIndex.check`) here.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 from tda.errors import StoreError
 
-from ._io import json_field
-from .index import INDEX_FILE, META_FILE, FaissIndex
+from stores._io import json_field
+from stores.index import INDEX_FILE, META_FILE, FaissIndex
 
 #: the fix named by a failed check of a run's index
 FIX = "rebuild it with `tda run CONFIG --from index`"

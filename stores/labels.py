@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import save_json, save_npz, sha256_file
+from stores._io import save_json, save_npz, sha256_file
 
 LABELS_FILE, TEXTS_FILE, MARKER_FILE = "labels.npz", "texts.npz", "labels.json"
 #: texts are recorded up to this many UTF-8 bytes in all; longer ones are read from the data set

@@ -17,7 +17,7 @@ from types import TracebackType
 
 from tda.errors import StoreLockedError
 
-from ._io import disk_error
+from stores._io import disk_error
 
 try:
     import fcntl

@@ -3,7 +3,7 @@ marker ``scorer/scorer.json`` (scorer name, fingerprint, hyperparameters, the st
 
 The marker is written last, so a fit killed half-way leaves no marker and reads as not fitted.
 :func:`load` is the one reader: the index stage, the full ``tda query`` path, ``tda serve`` and
-the torch-free path (:mod:`pipelines.query_fast`) all check the fingerprint and the sha256 here.
+the torch-free path (:mod:`pipelines.query.lean`) all check the fingerprint and the sha256 here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from tda.errors import IndexMismatchError, StoreCorruptError, StoreError
 
-from ._io import json_field, save_json, save_npz, sha256_file
+from stores._io import json_field, save_json, save_npz, sha256_file
 
 STATE_FILE, MARKER_FILE = "state.npz", "scorer.json"
 

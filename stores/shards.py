@@ -12,7 +12,7 @@ import numpy as np
 
 from tda.errors import DTypeError, DuplicateIdError, NonFiniteFeaturesError, ShapeError, StoreCorruptError, StoreError
 
-from ._io import save_npy, sha256_file
+from stores._io import save_npy, sha256_file
 
 
 def shard_path(root: Path, kind: str, checkpoint: int | None, shard: int) -> Path:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._io import save_json
+from stores._io import save_json
 
 #: workflow -> its result file in the run folder
 FILES = {"curation": "curation/curation.json", "unlearning": "unlearning/unlearning.json",

@@ -4,7 +4,7 @@ Public API: :class:`Attributor` (featurize, fit, score in memory), tasks
 (:class:`ClassificationTask`), :class:`Projector`, scorers (:class:`TRAKScorer`, TracIn, RepSim,
 :class:`AirRepScorer`), the scoring
 kernel (:func:`score_matrix`, :func:`top_k`) and the error hierarchy. Hugging Face transformers
-models: :mod:`tda.hf` (:class:`HFClassificationTask`, :class:`HFCausalLMTask`, :func:`load_hf_model`).
+models: :mod:`tda.models.hf` (:class:`HFClassificationTask`, :class:`HFCausalLMTask`, :func:`load_hf_model`).
 
 The names are imported lazily (PEP 562): ``import tda`` or ``import tda.errors`` loads neither
 torch nor the scorers, so numpy-only readers of a run (``tda query`` on stored features) start
@@ -15,20 +15,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .lazy import lazy_exports
+from tda.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
-    "Attributor": "api", "TDAError": "errors", "ArrayFeatures": "features", "FeatureBlock": "features",
-    "Featurizer": "featurize", "HFCausalLMTask": "hf", "HFClassificationTask": "hf", "load_hf_model": "hf",
-    "TopK": "kernel", "score_matrix": "kernel", "top_k": "kernel", "Projector": "projectors",
-    "RepresentationFeaturizer": "representations", "hidden_states": "representations",
+    "Attributor": "api", "TDAError": "errors", "ArrayFeatures": "core.features", "FeatureBlock": "core.features",
+    "Featurizer": "featurizers.gradient", "HFCausalLMTask": "models.hf", "HFClassificationTask": "models.hf", "load_hf_model": "models.hf",
+    "TopK": "core.kernel", "score_matrix": "core.kernel", "top_k": "core.kernel", "Projector": "projections.projectors",
+    "RepresentationFeaturizer": "featurizers.representations", "hidden_states": "featurizers.representations",
     "AirRepScorer": "scorers", "GradCosScorer": "scorers", "GradDotScorer": "scorers", "RepSimScorer": "scorers",
     "Scorer": "scorers", "TracInCPScorer": "scorers", "TRAKScorer": "scorers", "make_scorer": "scorers",
-    "ClassificationTask": "tasks", "Task": "tasks",
-    "CheckpointRecorder": "recording",
+    "ClassificationTask": "models.tasks", "Task": "models.tasks",
+    "CheckpointRecorder": "models.recording",
 }
 
 __all__ = [
@@ -48,15 +48,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports the lazy table stands for
-    from .api import Attributor
-    from .errors import TDAError
-    from .features import ArrayFeatures, FeatureBlock
-    from .featurize import Featurizer
-    from .hf import HFCausalLMTask, HFClassificationTask, load_hf_model
-    from .kernel import TopK, score_matrix, top_k
-    from .projectors import Projector
-    from .representations import RepresentationFeaturizer, hidden_states
-    from .scorers import (AirRepScorer, GradCosScorer, GradDotScorer, RepSimScorer, Scorer, TracInCPScorer,
+    from tda.api import Attributor
+    from tda.errors import TDAError
+    from tda.core.features import ArrayFeatures, FeatureBlock
+    from tda.featurizers.gradient import Featurizer
+    from tda.models.hf import HFCausalLMTask, HFClassificationTask, load_hf_model
+    from tda.core.kernel import TopK, score_matrix, top_k
+    from tda.projections.projectors import Projector
+    from tda.featurizers.representations import RepresentationFeaturizer, hidden_states
+    from tda.scorers import (AirRepScorer, GradCosScorer, GradDotScorer, RepSimScorer, Scorer, TracInCPScorer,
                           TRAKScorer, make_scorer)
-    from .tasks import ClassificationTask, Task
-    from .recording import CheckpointRecorder
+    from tda.models.tasks import ClassificationTask, Task
+    from tda.models.recording import CheckpointRecorder

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tda.models import mlp
+from tda.models.reference import mlp
 
 # Tiny matmuls are much slower with several intra-op threads on a small, shared CPU.
 torch.set_num_threads(1)
@@ -85,7 +85,7 @@ def spearman_rows() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
 def default_tiny_run(tmp_path_factory) -> Path:
     """``tda run configs/tiny.yaml`` with its defaults, made once per session; tests only read it
     (copy it with shutil.copytree to change anything)."""
-    from pipelines.cli import main
+    from pipelines.cli.main import main
 
     out = tmp_path_factory.mktemp("default-tiny") / "tiny"
     assert main(["run", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"), "--out", str(out),

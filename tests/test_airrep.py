@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import FEATURE_SECTIONS, load_config, section_fingerprint
 from pipelines.run import RunPaths, feature_fingerprint
 from stores import FeatureStore
 from stores.index import build_index
-from tda.airrep import (AirRepData, HeadConfig, check_disjoint, group_scores, held_out_spearman, ranking_loss,
+from tda.scorers.airrep.head import (AirRepData, HeadConfig, check_disjoint, group_scores, held_out_spearman, ranking_loss,
                         train_head)
 from tda.errors import ConfigError, DataError, LeakageError, ShapeError, TDAError
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.kernel import score_matrix, top_k
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.core.kernel import score_matrix, top_k
 from tda.scorers import AirRepScorer, make_scorer
 from tda.validation import sample_subsets
 
@@ -197,7 +197,7 @@ def test_overlapping_training_queries_are_refused() -> None:
 
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST idx files not found in {MNIST}")
 def test_pipeline_refuses_training_queries_that_are_evaluation_queries(tmp_path) -> None:
-    from pipelines.airrep import airrep_supervision
+    from pipelines.methods.airrep import airrep_supervision
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"data.root={MNIST}", "data.train_size=100", "data.query_split=train", "data.query_size=150", "data.subset=first",

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import tda
-from tda.data import example_ids, iter_batches, load_mnist, mnist_collate, read_idx
+from tda.data.loading import example_ids, iter_batches, load_mnist, mnist_collate, read_idx
 from tda.errors import CheckpointError, DataError, NonFiniteError, TDAError
-from tda.gradients import flatten_grads, per_example_grads
-from tda.kernel import score_matrix
-from tda.models import mlp
-from tda.projectors import Projector
-from tda.sparse import SparseProjector
+from tda.gradients.per_example import flatten_grads, per_example_grads
+from tda.core.kernel import score_matrix
+from tda.models.reference import mlp
+from tda.projections.projectors import Projector
+from tda.projections.sparse import SparseProjector
 
 HIDDEN, K = (8,), 64
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import tda
 from tda.errors import ConfigError, DataError, TDAError
-from tda.projectors import Projector
+from tda.projections.projectors import Projector
 
 N, D, C, K = 24, 5, 3, 16
 
@@ -124,7 +124,7 @@ def test_tracin_self_influence_of_the_loss_equals_a_float64_loop(setup) -> None:
 
 
 def test_ekfac_through_the_attributor_equals_ekfac_attributor(setup) -> None:
-    from tda.ekfac_features import EKFACAttributor
+    from tda.scorers.ekfac.features import EKFACAttributor
 
     x, y, ckpts, _ = setup
     train, query = {"x": x[:N], "y": y[:N]}, {"x": x[N:], "y": y[N:]}
@@ -144,7 +144,7 @@ def test_ekfac_through_the_attributor_equals_ekfac_attributor(setup) -> None:
 
 
 def test_magic_through_the_attributor_equals_magic_scores(setup) -> None:
-    from tda.magic import SGDRecipe, magic_scores
+    from tda.scorers.magic import SGDRecipe, magic_scores
 
     x, y, _, _ = setup
     recipe = SGDRecipe(epochs=2, lr=0.1, momentum=0.9, batch_size=8, seed=0)

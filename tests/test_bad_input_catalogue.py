@@ -375,7 +375,7 @@ assert len({c.id for c in CONFIG_CASES + CASES}) == len(CONFIG_CASES + CASES), "
 def finished(tmp_path_factory) -> Path:
     """One finished tiny run (configs/tiny.yaml, shipped MNIST), shared by the cases of this module."""
     out = tmp_path_factory.mktemp("catalogue") / "tiny"
-    from pipelines.cli import main
+    from pipelines.cli.main import main
 
     assert main(["run", TINY, "--out", str(out), "--quiet"]) == 0
     return out

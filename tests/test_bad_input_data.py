@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from tda import errors as E
-from tda.data import DEMO_DATA
-from tda.models import mlp
+from tda.data.loading import DEMO_DATA
+from tda.models.reference import mlp
 from test_bad_input_catalogue import Case, check_case, make_ctx, new_run, os_refuses, write
 
 PIXELS = [[0] * 784, [255] * 784, [7] * 784]
@@ -318,7 +318,7 @@ def test_bad_data_and_weights(case, ctx, capsys):
 def test_the_tda_command_exits_2_without_a_traceback(case, ctx):
     """The same cases through the installed entry point, in a process of their own."""
     argv = case.setup(ctx)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli.main", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and f"tda: error: {case.error.__name__}: " in proc.stderr
     assert all(w in proc.stderr for w in case.words), proc.stderr

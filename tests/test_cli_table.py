@@ -1,4 +1,4 @@
-"""The command table (:data:`pipelines.cli.COMMANDS`) and the stage table
+"""The command table (:data:`pipelines.cli.main.COMMANDS`) and the stage table
 (:data:`pipelines.stages.STAGE_TABLE`): the parser built from the first has every command and flag
 the hand-written parser had, imports no command module, and the second drives ``--from`` /
 ``--only``, what ``--from`` deletes and the summary lines."""
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cli
-from pipelines.cli import COMMANDS, build_parser, main
+from pipelines.cli import main as cli
+from pipelines.cli.main import COMMANDS, build_parser, main
 from pipelines.config import load_config
 from pipelines.layout import RunPaths
 from pipelines.stages import RUN_STAGES, STAGE_OUTPUTS, STAGE_TABLE, STAGES, selected, stage_named
@@ -60,8 +60,10 @@ OLD = {
 }
 #: the commands that read a run folder (their recorded code runs only with --trust-code)
 OLD_RUN_FOLDER_COMMANDS = {"query", "serve", "report"}
-OLD_MODULES = {"run": "cli_run", "validate": "cli_run", "curate": "cli_workflows", "unlearn": "cli_workflows",
-               "report": "cli_workflows", "query": "cli_query", "serve": "serve"}
+#: the module (under pipelines/) of each command's function: the old flat modules moved into packages
+#: (cli_run -> cli/run.py, cli_workflows -> cli/workflows.py, cli_query -> cli/query.py, serve -> query/serve.py)
+MODULES = {"run": "cli.run", "validate": "cli.run", "curate": "cli.workflows", "unlearn": "cli.workflows",
+           "report": "cli.workflows", "query": "cli.query", "serve": "query.serve"}
 ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true", argparse._AppendAction: "append"}
 
 
@@ -88,7 +90,7 @@ def test_parser_has_every_old_command_and_flag():
 def test_table_names_each_command_once():
     assert {name for name, c in COMMANDS.items() if c.run_folder is not None} == OLD_RUN_FOLDER_COMMANDS
     for name, command in COMMANDS.items():
-        assert command.name == name and command.module == OLD_MODULES[name]
+        assert command.name == name and command.module == MODULES[name]
         fn = command.load()
         assert callable(fn) and fn.__name__ == command.function
     assert [name for name, c in COMMANDS.items() if c.one_thread] == ["query"]
@@ -113,19 +115,19 @@ def test_build_parser_imports_no_command_module():
     argv = {"run": "'c.yaml', '--from', 'index'", "validate": "'c.yaml'", "curate": "'c.yaml'", "unlearn": "'c.yaml'",
             "report": "'r'", "query": "'--run', 'r', '--example', '1'", "serve": "'r'"}
     parses = "\n".join(f"p.parse_args([{name!r}, {args}])" for name, args in argv.items())
-    loaded = _fresh(f"from pipelines.cli import build_parser\np = build_parser()\n{parses}")
-    commands = {f"pipelines.{m}" for m in OLD_MODULES.values()}
+    loaded = _fresh(f"from pipelines.cli.main import build_parser\np = build_parser()\n{parses}")
+    commands = {f"pipelines.{m}" for m in MODULES.values()}
     stages = {f"pipelines.stages.{s.module}" for s in STAGE_TABLE} | {"pipelines.stages.summary"}
     assert not loaded & (commands | stages | {"torch", "numpy"}), loaded
 
 
-@pytest.mark.parametrize("argv, module", [(["report", "{missing}"], "cli_workflows"),
-                                          (["query", "--run", "{missing}", "--list"], "cli_query")])
+@pytest.mark.parametrize("argv, module", [(["report", "{missing}"], "cli.workflows"),
+                                          (["query", "--run", "{missing}", "--list"], "cli.query")])
 def test_a_command_imports_its_module_only(tmp_path, argv, module):
     argv = [a.format(missing=tmp_path / "missing") for a in argv]
-    loaded = _fresh(f"from pipelines.cli import main\nassert main({argv!r}) == 2")  # no such run folder
+    loaded = _fresh(f"from pipelines.cli.main import main\nassert main({argv!r}) == 2")  # no such run folder
     assert f"pipelines.{module}" in loaded
-    assert not loaded & {f"pipelines.{m}" for m in set(OLD_MODULES.values()) - {module}}, loaded
+    assert not loaded & {f"pipelines.{m}" for m in set(MODULES.values()) - {module}}, loaded
 
 
 def test_stage_table():
@@ -197,8 +199,8 @@ def test_run_follows_the_stage_table(default_tiny_run, tmp_path, monkeypatch, ca
     for stage in STAGE_TABLE:
         monkeypatch.setattr(summary, stage.summary, recorder(stage.name))
     for name in ("write_labels", "print_report"):
-        monkeypatch.setattr(f"pipelines.cli_run.{name}", lambda *a: None)
-    monkeypatch.setattr("pipelines.html_report.refresh_report", lambda *a: None)
+        monkeypatch.setattr(f"pipelines.cli.run.{name}", lambda *a: None)
+    monkeypatch.setattr("pipelines.cli.html_report.refresh_report", lambda *a: None)
     assert main(["run", str(TINY), "--out", str(out), "--quiet", *flags]) == 0
     assert order == ran
     assert before - {p.name for p in out.iterdir()} == set(deleted)

@@ -1,5 +1,5 @@
 """Config files a typo or a hostile file produces are refused at once with the fix named
-(pipelines/yaml_strict.py): empty, duplicate keys, alias bombs, oversized documents, absurd k."""
+(pipelines/spec/yaml_strict.py): empty, duplicate keys, alias bombs, oversized documents, absurd k."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config
-from pipelines.yaml_strict import MAX_BYTES, expanded_size, load_yaml
+from pipelines.spec.yaml_strict import MAX_BYTES, expanded_size, load_yaml
 from tda.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

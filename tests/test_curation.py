@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
-from tda.curation import (average_precision, detection_metrics, flip_labels, found_at, rank_average, roc_auc,
+from pipelines.cli.main import main
+from tda.workflows.curation import (average_precision, detection_metrics, flip_labels, found_at, rank_average, roc_auc,
                           self_influence, shuffle_sequences)
-from tda.features import ArrayFeatures, FeatureBlock
+from tda.core.features import ArrayFeatures, FeatureBlock
 from tda.scorers import GradDotScorer, TracInCPScorer, TRAKScorer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -76,7 +76,7 @@ def test_self_influence_equals_the_explicit_formulas() -> None:
 def test_loss_self_influence_equals_the_explicit_formulas() -> None:
     """Of the loss: features Q phi (Q then 1); TracIn sum_c eta_c Q_c^2 ||phi_c||^2, TRAK refitted on
     the Q-scaled features with Q = 1 (an explicit inverse), the fitted scorer left as it was."""
-    from tda.curation import loss_self_influence
+    from tda.workflows.curation import loss_self_influence
 
     block, src = _features()
     phi, q = block.feats.astype(np.float64), block.q.astype(np.float64)
@@ -112,7 +112,7 @@ def test_curate_finds_flipped_labels_writes_outputs_and_resumes(tmp_path, capsys
     assert res["methods"]["confidence"]["auc"] > 0.8
     # the default self-influence is of the loss: TracIn's column is sum_c eta_c Q_c,i^2 ||phi_c,i||^2
     from stores import FeatureStore
-    from tda.features import concat_blocks
+    from tda.core.features import concat_blocks
 
     block = concat_blocks(list(FeatureStore.open(run / "features-train").iter_blocks()))
     from pipelines.config import parse_config
@@ -213,14 +213,14 @@ def test_curate_takes_ekfac_self_influence_equal_to_the_python_api(tmp_path, mon
     file is refitted."""
     import torch
 
-    from pipelines.ekfac import _stored_factors, factors_file, factors_key
+    from pipelines.methods.ekfac import _stored_factors, factors_file, factors_key
     from pipelines.run import feature_fingerprint
     from pipelines.layout import RunPaths
-    from tda.ekfac import EKFACFactors
+    from tda.scorers.ekfac.factors import EKFACFactors
 
     from pipelines.config import parse_config
     from pipelines.families import family_for
-    from tda.ekfac_features import EKFACAttributor
+    from tda.scorers.ekfac.features import EKFACAttributor
 
     run = tmp_path / "run"
     sets = [*NOISY, "--set", "score.scorer=ekfac", "--set", "featurize.projection=factored", "--set",

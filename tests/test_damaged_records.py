@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -77,7 +77,7 @@ def test_html_into_a_folder_is_refused_and_a_missing_folder_is_made(finished, tm
 
 def test_a_closed_pipe_ends_quietly(finished) -> None:
     ids = " ".join(str(i) for i in range(20))  # ~1 MB of JSON: far more than a pipe buffer holds
-    cmd = f"{sys.executable} -m pipelines.cli query --run {finished} --example {ids} -k 300 --json | head -1"
+    cmd = f"{sys.executable} -m pipelines.cli.main query --run {finished} --example {ids} -k 300 --json | head -1"
     out = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
-from tda.data import DEMO_DATA
+from pipelines.cli.main import main
+from tda.data.loading import DEMO_DATA
 
 MNIST = DEMO_DATA / "mnist"  # the copy shipped with tda (the first 10,000 train / 2,000 test images)
 pytestmark = [pytest.mark.dask,

@@ -12,12 +12,12 @@ from torch import nn
 
 from pipelines.families.unet import TinyUNet, sample_ddpm, train_ddpm
 from stores.index import build_index
-from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, RecordedDraws,
+from tda.featurizers.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, RecordedDraws,
                            SeededDraws, TrainLog, noise_from_seeds, seed_from)
 from tda.errors import ConfigError, DataError, ShapeError
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.gradients import flatten_grads, per_example_grads
-from tda.kernel import score_matrix, top_k
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.gradients.per_example import flatten_grads, per_example_grads
+from tda.core.kernel import score_matrix, top_k
 from tda.scorers import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, generally_influential,
                          influence_counts, make_dtrak_scorer, make_scorer)
 

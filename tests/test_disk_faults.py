@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

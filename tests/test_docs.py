@@ -5,7 +5,7 @@
   when MODULE is not installed. Blocks after ``<!-- byo:FILE -->`` / ``<!-- hf:FILE -->`` are the
   files of an example project, which ``tests/test_readme_byo.py`` / ``tests/test_readme_hf.py``
   write out and run with every command of the page (:data:`PROJECT_TESTS`).
-- ```` ```bash ```` blocks: every ``tda ...`` command is parsed by ``pipelines.cli.build_parser()``
+- ```` ```bash ```` blocks: every ``tda ...`` command is parsed by ``pipelines.cli.main.build_parser()``
   and the config it names loads with its ``--set`` overrides (``pipelines.config.load_config``);
   the commands on ``configs/tiny.yaml`` run (:func:`test_tiny_commands_run`). ``python
   benchmarks/X.py`` lines name an existing script whose ``--help`` parses; other lines (pip, curl,
@@ -176,7 +176,7 @@ def bash_commands(page: str) -> list[tuple[Block, list[str]]]:
 
 def parse_tda(argv: list[str]):
     """``build_parser().parse_args`` of a ``tda ...`` line; ``None`` for ``--help`` / ``--version``."""
-    from pipelines.cli import build_parser
+    from pipelines.cli.main import build_parser
 
     with contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -264,7 +264,7 @@ def tiny_lines(page: str) -> list[list[str]]:
 @pytest.mark.parametrize("page", [p for p in PAGES if tiny_lines(p)])
 def test_tiny_commands_run(page: str, tmp_path: Path, capsys) -> None:
     """The commands on the tiny config run as written, in a fresh folder (``configs/`` beside it)."""
-    from pipelines.cli import main
+    from pipelines.cli.main import main
 
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     with inside(tmp_path):
@@ -309,14 +309,14 @@ def test_config_reference_has_every_field_of_every_config_dataclass() -> None:
     import dataclasses
     import inspect
 
-    import pipelines.schema
-    import pipelines.schema_workflows
-    import pipelines.score_options
+    import pipelines.spec.schema
+    import pipelines.spec.workflows
+    import pipelines.spec.options
 
     hooks = _hooks()
     page = hooks.on_page_markdown(hooks.CONFIG_MARKER)
     rendered = {cls for _, _, cls, _ in hooks.config_sections()}
-    for module in (pipelines.schema, pipelines.schema_workflows, pipelines.score_options):
+    for module in (pipelines.spec.schema, pipelines.spec.workflows, pipelines.spec.options):
         for _, cls in inspect.getmembers(module, dataclasses.is_dataclass):
             if cls.__module__ == module.__name__:
                 assert cls in rendered, f"{cls.__name__} ({module.__name__}) is not in docs/configs.md"
@@ -328,7 +328,7 @@ def test_config_reference_has_every_field_of_every_config_dataclass() -> None:
 
 
 def test_commands_reference_has_every_subcommand_and_option() -> None:
-    from pipelines.cli import build_parser
+    from pipelines.cli.main import build_parser
 
     hooks = _hooks()
     page = hooks.on_page_markdown(hooks.COMMANDS_MARKER)

@@ -1,4 +1,4 @@
-"""EK-FAC influence (tda.ekfac): float64 checks against explicit per-layer matrices built from
+"""EK-FAC influence (tda.scorers.ekfac.factors): float64 checks against explicit per-layer matrices built from
 looped (vmap) per-example cross-entropy gradients, the factored projection against the exact
 features, kronfluence on the same model and data, and bad input."""
 
@@ -14,18 +14,18 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from tda.ekfac import EKFACFactors
-from tda.ekfac_features import EKFACAttributor, EKFACQueryFeaturizer, ekfac_featurizers
+from tda.scorers.ekfac.factors import EKFACFactors
+from tda.scorers.ekfac.features import EKFACAttributor, EKFACQueryFeaturizer, ekfac_featurizers
 from tda.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError, TDAError
-from tda.factored import capture_layers
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.kernel import score_matrix
+from tda.featurizers.factored import capture_layers
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.core.kernel import score_matrix
 from tda.scorers import EKFACScorer, make_scorer
-from tda.tasks import ClassificationTask, classification_margin
+from tda.models.tasks import ClassificationTask, classification_margin
 
 
 #: The task's loss weight Q = 1 - p_y (which turns f-gradients into loss gradients) is computed in
-#: float32 by tda.tasks, so float64 factors match the looped CE references to ~1e-7, not 1e-12.
+#: float32 by tda.models.tasks, so float64 factors match the looped CE references to ~1e-7, not 1e-12.
 _Q_RTOL = 1e-6
 
 
@@ -307,7 +307,7 @@ def test_factored_projection_approximates_the_exact_scores() -> None:
     projection seeds at k_in = k_out = 16 the mean has slope in (0.85, 1.15) on the exact scores
     and Pearson > 0.85 (measured 1.07 / 0.92 Gaussian, 0.94 / 0.92 Rademacher); one projection's
     Pearson grows with k (measured 0.43 at k = 8, 0.82 at 40; asserted > 0.7 at 40). Kronecker
-    projections are noisier than dense ones at equal width (tda.factored)."""
+    projections are noisier than dense ones at equal width (tda.featurizers.factored)."""
     model = _tiny(0, (48, 64, 10), torch.float32)
     x, y = _data(64, (48,), 10, dtype=torch.float32)
     task = ClassificationTask()

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.layout import RunPaths
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -123,8 +123,8 @@ def test_a_users_cnn_on_colour_images_through_every_command(cnn_project: Path, m
 
 def test_the_server_answers_a_new_input_as_the_stored_query(cnn_project: Path, monkeypatch) -> None:
     from pipelines.imports import CodeTrustError, untrusted_run
-    from pipelines.serve import answer_json
-    from pipelines.serve_state import Service
+    from pipelines.query.serve import answer_json
+    from pipelines.query.state import Service
 
     monkeypatch.chdir(cnn_project)
     run = cnn_project / "runs/cnn"
@@ -145,7 +145,7 @@ def test_the_server_answers_a_new_input_as_the_stored_query(cnn_project: Path, m
 @pytest.fixture(scope="module")
 def lm_project(tmp_path_factory) -> Path:
     transformers = pytest.importorskip("transformers")
-    from tda.hf import load_gpt2_tokenizer
+    from tda.models.hf import load_gpt2_tokenizer
 
     lines = [ln for ln in _need(STORIES).read_text(encoding="utf-8").splitlines() if len(ln.split()) > 12][:16]
     root = tmp_path_factory.mktemp("lm")

@@ -13,20 +13,20 @@ import pytest
 import torch
 
 from tda.api import Attributor
-from tda.data import iter_batches
+from tda.data.loading import iter_batches
 from tda.errors import ConfigError, ShapeError
-from tda.factored import (FactoredFeaturizer, FactoredProjector, capture_layers, factored_layers,
+from tda.featurizers.factored import (FactoredFeaturizer, FactoredProjector, capture_layers, factored_layers,
                           factored_selection)
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.featurize import Featurizer
-from tda.gradients import per_example_grads
-from tda.kernel import score_matrix
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.featurizers.gradient import Featurizer
+from tda.gradients.per_example import per_example_grads
+from tda.core.kernel import score_matrix
 from tda.scorers import GradDotScorer, TRAKScorer
-from tda.tasks import ClassificationTask
+from tda.models.tasks import ClassificationTask
 
 
 def _dense_reference(model, task, batch, layers) -> torch.Tensor:
-    """(B, d) per-example gradients from tda.gradients, laid out like the factored features."""
+    """(B, d) per-example gradients from tda.gradients.per_example, laid out like the factored features."""
     grads = per_example_grads(model, task, batch, [p for s in layers for p in s.params])
     parts = []
     for s in layers:
@@ -56,7 +56,7 @@ def test_identity_factors_equal_dense_gradients_mlp_float64(make_mlp, tiny_data)
 def test_identity_factors_equal_dense_gradients_gpt2_float64() -> None:
     pytest.importorskip("transformers")
     from pipelines.families.chargpt import GPTSpec, build_gpt2
-    from tda.lm import LMTask
+    from tda.models.lm import LMTask
 
     model = build_gpt2(GPTSpec(vocab_size=11, seq_len=12, n_layer=2, n_head=2, n_embd=8), seed=0).double()
     gen = torch.Generator().manual_seed(0)
@@ -106,7 +106,7 @@ def test_identity_factors_equal_dense_gradients_cnn_float64(tiny_data) -> None:
 def test_identity_factors_equal_dense_gradients_unet_float64() -> None:
     """Every convolution and linear layer of the diffusion UNet; its GroupNorms are skipped."""
     from pipelines.families.unet import TinyUNet
-    from tda.diffusion import DiffusionTask, NoiseSchedule
+    from tda.featurizers.diffusion import DiffusionTask, NoiseSchedule
 
     torch.manual_seed(0)
     model = TinyUNet((4, 8), in_channels=1, time_dim=4, head=2).double().eval()
@@ -128,7 +128,7 @@ def test_diffusion_featurizer_factored_identity_equals_dense_gradients() -> None
     gradient (D-TRAK layout), per-draw [gradient, exact norm] slots (TracIn layout) and the
     pooled [mean gradient, its exact norm] (train_draws: grid); chunks keep an example's draws."""
     from pipelines.families.unet import TinyUNet
-    from tda.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, noise_from_seeds
+    from tda.featurizers.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, noise_from_seeds
 
     torch.manual_seed(1)
     model = TinyUNet((4, 8), in_channels=1, time_dim=4, head=2).eval()
@@ -268,7 +268,7 @@ def _scores(tr: np.ndarray, q: np.ndarray, scorer) -> np.ndarray:
 
 
 def test_rank_correlation_with_dense_at_equal_k(lm_setup, spearman_rows) -> None:
-    from tda.lm import LMTask, lm_collate
+    from tda.models.lm import LMTask, lm_collate
 
     model, train, query = lm_setup
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import FEATURE_SECTIONS, LATER_KEYS, SCORE_SECTIONS, load_config, parse_config, section_fingerprint
 from pipelines.families import family_for
 from pipelines.families.base import projection_width as _width
@@ -21,7 +21,7 @@ def projection_width(cfg):
     return _width(cfg, family_for(cfg).build_model(cfg))
 
 from pipelines.run import feature_fingerprint, make_featurizer
-from pipelines.schema import UNHASHED_SECTION_KEYS, input_digests
+from pipelines.spec.schema import UNHASHED_SECTION_KEYS, input_digests
 from stores import FeatureStore
 from stores._io import fingerprint
 from tda.errors import ConfigError

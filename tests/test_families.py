@@ -13,20 +13,20 @@ import pytest
 import torch
 
 from pipelines.families import registry as families
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import FEATURE_SECTIONS, SCORE_SECTIONS, load_config, parse_config, section_fingerprint
 from pipelines.families import Family, get_family, register_family
-from pipelines.scorers import SCORERS
+from pipelines.methods.scorers import SCORERS
 from pipelines.families.classifier import ClassifierFamily
 from pipelines.families.images import CIFAR2_FILE, data_root
 from pipelines.families.training import train_classifier
 from pipelines.run import datasets_for, feature_fingerprint, make_featurizer
 from stores import FeatureStore
 from stores._io import fingerprint
-from tda.data import as_dataset
+from tda.data.loading import as_dataset
 from tda.errors import ConfigError, DataError
-from tda.models import mlp
-from tda.tasks import ClassificationTask
+from tda.models.reference import mlp
+from tda.models.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -129,7 +129,7 @@ def test_diffusion_ground_truth_measures_the_attributed_output(monkeypatch) -> N
     attributed), and its cache key changed with it."""
     from pipelines.families import diffusion as dfam
     from pipelines.ground_truth import job_fingerprint
-    from tda.diffusion import DiffusionTask, noise_from_seeds
+    from tda.featurizers.diffusion import DiffusionTask, noise_from_seeds
 
     cfg = load_config(ROOT / "configs" / "mnist_ddpm.yaml")
     family = get_family("diffusion")

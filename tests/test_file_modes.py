@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from stores._io import save_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from tda.errors import ConfigError, NonFiniteError
-from tda.gradients import (check_finite, flatten_grads, loss_weights, parameter_count,
+from tda.gradients.per_example import (check_finite, flatten_grads, loss_weights, parameter_count,
                            per_example_grads, select_parameters)
-from tda.tasks import ClassificationTask, classification_loss_weight, classification_margin
+from tda.models.tasks import ClassificationTask, classification_loss_weight, classification_margin
 
 
 def _loop_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -154,7 +154,7 @@ def test_check_finite_names_bad_examples() -> None:
 
 def test_linear_path_matches_float64_loop(setup) -> None:
     """The batched outer-product path equals the float64 single-example loop."""
-    from tda.gradients import linear_per_example_grads
+    from tda.gradients.per_example import linear_per_example_grads
 
     model, batch = setup
     names = select_parameters(model, None)
@@ -181,7 +181,7 @@ class _TokenModel(nn.Module):
 
 
 def test_linear_path_sums_over_tokens_and_equals_vmap() -> None:
-    from tda.gradients import linear_per_example_grads
+    from tda.gradients.per_example import linear_per_example_grads
 
     torch.manual_seed(0)
     model = _TokenModel().double()
@@ -193,7 +193,7 @@ def test_linear_path_sums_over_tokens_and_equals_vmap() -> None:
 
 
 def test_linear_path_declines_other_layers_and_reused_layers(make_mlp) -> None:
-    from tda.gradients import linear_per_example_grads
+    from tda.gradients.per_example import linear_per_example_grads
 
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3))
     batch = {"x": torch.randn(4, 1, 5), "y": torch.randint(0, 3, (4,))}
@@ -206,7 +206,7 @@ def test_linear_path_declines_other_layers_and_reused_layers(make_mlp) -> None:
 
 
 def test_featurizer_gradient_methods_agree(make_mlp, tiny_data) -> None:
-    from tda.featurize import Featurizer
+    from tda.featurizers.gradient import Featurizer
 
     model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
     x, y = tiny_data(6, in_dim=5, classes=3, seed=1)
@@ -226,7 +226,7 @@ def test_grouped_projection_equals_per_batch(make_mlp, tiny_data) -> None:
     """When P does not fit the cache, batches are projected in groups: same features and Q."""
     import numpy as np
 
-    from tda.featurize import Featurizer
+    from tda.featurizers.gradient import Featurizer
 
     model = make_mlp(seed=0, in_dim=5, hidden=(7,), out_dim=3)
     x, y = tiny_data(10, in_dim=5, classes=3, seed=1)

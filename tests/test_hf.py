@@ -21,13 +21,13 @@ transformers = pytest.importorskip("transformers")
 
 import tda  # noqa: E402
 from tda.errors import CheckpointError, ConfigError, ShapeError  # noqa: E402
-from tda.factored import FactoredFeaturizer  # noqa: E402
-from tda.featurize import Featurizer, apply_checkpoint, load_checkpoint  # noqa: E402
-from tda.gradients import loss_weights  # noqa: E402
-from tda.hf import (HFCausalLMCollate, HFCausalLMTask, HFClassificationTask, HFTextCollate,  # noqa: E402
+from tda.featurizers.factored import FactoredFeaturizer  # noqa: E402
+from tda.featurizers.gradient import Featurizer, apply_checkpoint, load_checkpoint  # noqa: E402
+from tda.gradients.per_example import loss_weights  # noqa: E402
+from tda.models.hf import (HFCausalLMCollate, HFCausalLMTask, HFClassificationTask, HFTextCollate,  # noqa: E402
                     load_gpt2_tokenizer, load_hf_model, load_hf_tokenizer, trim_padding)
-from tda.lm import completion_log_prob  # noqa: E402
-from tda.tasks import ClassificationTask, classification_margin  # noqa: E402
+from tda.models.lm import completion_log_prob  # noqa: E402
+from tda.models.tasks import ClassificationTask, classification_margin  # noqa: E402
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 GPT2_TOKENIZER = DATA / "gpt2-tokenizer"
@@ -131,7 +131,7 @@ def test_bert_vmap_matches_float64_loop(bert_folder, sst2, caplog) -> None:
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert all(v.dtype == torch.int64 for v in batch.values()) and not bool(batch["attention_mask"].all())
     fz = Featurizer(model, HFClassificationTask(), k=8)
-    with caplog.at_level(logging.INFO, logger="tda.featurize"):
+    with caplog.at_level(logging.INFO, logger="tda.featurizers.gradient"):
         flat = fz.gradients(batch)
     assert fz.grad_method == "vmap" and "grad_method 'vmap'" in caplog.text
     _close(flat, _reference(model, collate, rows, ("text", "label"), fz.names))
@@ -146,7 +146,7 @@ def test_gpt2_classifier_falls_back_to_loop_and_logs_it(gpt2_cls_folder, sst2, c
     ref = _reference(model, collate, rows, ("text", "label"), Featurizer(model, HFClassificationTask(), k=8,
                                                                           param_names=params).names)
     fz = Featurizer(model, HFClassificationTask(), k=8, param_names=params)
-    with caplog.at_level(logging.INFO, logger="tda.featurize"):
+    with caplog.at_level(logging.INFO, logger="tda.featurizers.gradient"):
         flat = fz.gradients(batch)
     assert fz.grad_method == "loop" and "cannot run under vmap" in caplog.text and "grad_method 'loop'" in caplog.text
     _close(flat, ref)
@@ -224,7 +224,7 @@ def test_vmap_refusal_falls_back_while_wrong_shapes_keep_their_hint(make_mlp, ti
     torch.manual_seed(0)
     net = _ItemNet().eval()
     fz = Featurizer(net, ClassificationTask(), k=8)
-    with caplog.at_level(logging.WARNING, logger="tda.featurize"):
+    with caplog.at_level(logging.WARNING, logger="tda.featurizers.gradient"):
         flat = fz.gradients({"x": x, "y": y})
     assert fz.grad_method == "loop" and "using one autograd pass per example" in caplog.text
     n64 = copy.deepcopy(net).double()
@@ -241,7 +241,7 @@ def test_vmap_refusal_falls_back_while_wrong_shapes_keep_their_hint(make_mlp, ti
 
 def test_plain_classification_task_on_hf_model_names_the_fix(bert_folder, sst2) -> None:
     batch = HFTextCollate(bert_folder)(_cols(sst2[:2], ("text", "label")))
-    with pytest.raises(ShapeError, match="use tda.hf.HFClassificationTask"):
+    with pytest.raises(ShapeError, match="use tda.models.hf.HFClassificationTask"):
         ClassificationTask(input_key="input_ids", label_key="labels").output(load_hf_model(bert_folder), batch)
 
 

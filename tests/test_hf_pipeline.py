@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from test_hf import bert_folder, gpt2_lm_folder, sst2, stories  # noqa: E402,F401  (fixtures)
 
-from pipelines.cli import main  # noqa: E402
+from pipelines.cli.main import main  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.families import family_for  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Image columns in every storage form reach the model through exactly the stated transforms
-(tda/images.py, the user family's ColumnsCollate), compared with an explicit reference; a
+(tda/data/images.py, the user family's ColumnsCollate), compared with an explicit reference; a
 mis-scaled input and a wrong layout are refused before featurizing with the key that fixes them."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.families.user import ColumnsCollate
-from tda.data import arrow_columns
+from tda.data.loading import arrow_columns
 from tda.errors import DataError
-from tda.images import display_image, image_batch, infer_layout
+from tda.data.images import display_image, image_batch, infer_layout
 
 GEN = np.random.default_rng(0)
 HWC = GEN.integers(0, 256, size=(4, 6, 5, 3), dtype=np.uint8)  # 4 images, H 6, W 5, RGB

@@ -5,8 +5,8 @@ import numpy as np
 
 from stores import FaissIndex
 from stores.index import build_index
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.kernel import score_matrix
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.core.kernel import score_matrix
 from tda.scorers import make_scorer
 
 

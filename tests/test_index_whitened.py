@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config, parse_config
 from pipelines.layout import RunPaths
 from pipelines.stages.index import _warn_recall, load_index
 from stores import FaissIndex
 from stores.index import ExactTopK, build_index, recall_at_k
 from tda.errors import ConfigError, ForeignStoreError, IndexMismatchError, StoreCorruptError, StoreError
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.kernel import score_matrix
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.core.kernel import score_matrix
 from tda.scorers import TRAKScorer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from stores.digests import DigestCache
-from tda.data import DEMO_DATA
+from tda.data.loading import DEMO_DATA
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tda.errors import QueryError, ShapeError
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.kernel import iter_score_blocks, score_matrix, top_k
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.core.kernel import iter_score_blocks, score_matrix, top_k
 from tda.scorers import Scorer, TRAKScorer
 
 

@@ -27,7 +27,7 @@ import pytest
 
 import pipelines.stages as stages
 import pipelines.stages.score as score_stage
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import parse_config
 from pipelines.run import RunPaths
 from stores import FeatureStore
@@ -81,7 +81,7 @@ def kill_when(argv: list[str], progress, target: int, delay: float, timeout: flo
     anywhere in the next unit of work, often inside a file write). Return the progress at the kill,
     or None when the process finished first (the caller retries with an earlier point)."""
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli.main", *argv], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + timeout
     try:
@@ -117,7 +117,7 @@ def killed_then_resumed(out: Path, argv: list[str], progress, total: int, target
     lock = json.loads((out / ".lock").read_text())  # left behind by the killed writer
     with pytest.raises(ProcessLookupError):
         os.kill(lock["pid"], 0)
-    resumed = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], cwd=ROOT, env=ENV,
+    resumed = subprocess.run([sys.executable, "-m", "pipelines.cli.main", *argv], cwd=ROOT, env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (out / ".lock").exists() and not list(out.rglob(".*.tmp"))

@@ -14,10 +14,10 @@ pytest.importorskip("transformers")
 from pipelines.families.chargpt import (CharVocab, GPTSpec, build_gpt2, completion_examples,  # noqa: E402
                                         dataset_tokens, lm_loss, lm_sequences, load_text, train_lm)
 from tda.api import Attributor  # noqa: E402
-from tda.data import arrow_columns, iter_batches  # noqa: E402
+from tda.data.loading import arrow_columns, iter_batches  # noqa: E402
 from tda.errors import ConfigError, DataError, ShapeError  # noqa: E402
-from tda.gradients import flatten_grads, per_example_grads  # noqa: E402
-from tda.lm import LMTask, completion_log_prob, lm_collate  # noqa: E402
+from tda.gradients.per_example import flatten_grads, per_example_grads  # noqa: E402
+from tda.models.lm import LMTask, completion_log_prob, lm_collate  # noqa: E402
 from tda.scorers import TracInCPScorer, TRAKScorer  # noqa: E402
 
 TEXT = (
@@ -198,7 +198,7 @@ def test_pipeline_run_on_a_tiny_corpus(tmp_path, capsys, projection) -> None:
     """`tda run` with the causal-lm family: self-queries find their own training sequence."""
     import yaml
 
-    from pipelines.cli import main
+    from pipelines.cli.main import main
 
     words = TEXT.replace(".", "").replace("!", "").replace("?", "").replace(";", "").replace(",", "").split()
     corpus = " ".join(np.random.default_rng(0).choice(sorted(set(words)), size=300)) + "."

@@ -17,8 +17,8 @@ from torch import nn
 from torch.func import functional_call
 
 from tda.errors import ConfigError, DataError, NonFiniteError, ShapeError, TDAError
-from tda.magic import AdamRecipe, SGDRecipe, magic_scores
-from tda.tasks import ClassificationTask
+from tda.scorers.magic import AdamRecipe, SGDRecipe, magic_scores
+from tda.models.tasks import ClassificationTask
 
 N, M = 24, 4
 
@@ -187,7 +187,7 @@ def test_segment_length_and_query_batching_do_not_change_scores(name: str) -> No
 
 
 def test_dataset_input_and_float32() -> None:
-    from tda.data import as_dataset
+    from tda.data.loading import as_dataset
 
     recipe = RECIPES["sgd-momentum-wd-cosine"]
     cols = {"x": np.stack([r["x"].numpy() for r in TRAIN]), "y": np.array([int(r["y"]) for r in TRAIN])}

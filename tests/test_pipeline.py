@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config
 from stores import FaissIndex, FeatureStore
 
@@ -111,9 +111,9 @@ def test_config_typo_is_reported(tmp_path, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli.main", "run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--overwrite" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "query", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli.main", "query", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--example" in out.stdout
 
 

@@ -12,9 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import tda
-from tda.data import arrow_columns
+from tda.data.loading import arrow_columns
 from pipelines.families.base import projection_of_spec
-from tda.projection_choice import choose_projection, structural_choice
+from tda.featurizers.choice import choose_projection, structural_choice
 
 
 class Scaled(nn.Module):
@@ -74,7 +74,7 @@ def test_batch_check_catches_a_weight_used_outside_its_module(caplog) -> None:
     torch.manual_seed(0)
     model = Reused()
     assert structural_choice(model).projection == "tensorsketch"  # every parameter is in a covered layer
-    with caplog.at_level(logging.WARNING, logger="tda.projection_choice"):
+    with caplog.at_level(logging.WARNING, logger="tda.featurizers.choice"):
         choice = choose_projection(model, tda.ClassificationTask(), batch)
     assert choice.projection == "sparse" and "gradient" in choice.reason
     assert any("sparse" in r.getMessage() for r in caplog.records)
@@ -136,9 +136,9 @@ def _manifest_projection(run) -> str | None:
 
 
 def test_tda_run_decides_once_says_why_and_keeps_a_runs_recorded_projection(tmp_path, monkeypatch, capsys) -> None:
-    from pipelines.cli import main
+    from pipelines.cli.main import main
     from pipelines.families.base import Family
-    from tda.projection_choice import ProjectionChoice
+    from tda.featurizers.choice import ProjectionChoice
     from test_user_family import _project
 
     root = _project(tmp_path)

@@ -1,4 +1,4 @@
-"""One factory for every projection (tda.projection_spec): typed specs keep only their own keys,
+"""One factory for every projection (tda.featurizers.spec): typed specs keep only their own keys,
 and the featurizer built from a spec is the one the projection's class gives directly (reference:
 the features of that class, constructed by hand)."""
 
@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from tda.errors import ConfigError
-from tda.factored import FactoredFeaturizer
-from tda.featurize import Featurizer
-from tda.projection_spec import (DenseProjection, FactoredProjection, SparseProjection, TensorSketchProjection,
+from tda.featurizers.factored import FactoredFeaturizer
+from tda.featurizers.gradient import Featurizer
+from tda.featurizers.spec import (DenseProjection, FactoredProjection, SparseProjection, TensorSketchProjection,
                                  make_featurizer, projection_spec)
-from tda.tasks import ClassificationTask
+from tda.models.tasks import ClassificationTask
 
 SETTINGS = {"k": 64, "seed": 3, "kind": "gaussian", "backend": "dense", "nonzeros": 2, "k_in": 4, "k_out": 5,
             "precision": "fp32"}

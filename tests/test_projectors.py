@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tda.errors import ConfigError, MissingDependencyError, ShapeError
-from tda.projectors import Projector, default_block_rows
+from tda.projections.projectors import Projector, default_block_rows
 
 REPO = Path(__file__).parents[1]
 DIM, K, BLOCK_ROWS = 1000, 64, 300  # 4 blocks, the last one holding 100 rows
@@ -52,7 +52,7 @@ def test_blocks_are_pure_functions_of_seed_checkpoint_block(kind: str) -> None:
 
 def test_same_blocks_in_a_fresh_process() -> None:
     code = (
-        "import hashlib; from tda.projectors import Projector\n"
+        "import hashlib; from tda.projections.projectors import Projector\n"
         "for kind in ('rademacher', 'gaussian'):\n"
         f"    b = Projector({DIM}, {K}, seed=3, kind=kind, block_rows={BLOCK_ROWS}).block(1, 2)\n"
         "    print(hashlib.sha256(b.contiguous().numpy().tobytes()).hexdigest())\n"
@@ -224,7 +224,7 @@ def test_bf16_uses_the_same_matrix_and_stays_close() -> None:
 
 def test_panels_group_blocks_without_changing_the_product(monkeypatch) -> None:
     """Grouping generation blocks into GEMM panels leaves the result unchanged."""
-    import tda.projectors as projectors
+    import tda.projections.projectors as projectors
 
     g = torch.randn(5, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     one = _projector()

@@ -15,9 +15,9 @@ from torch import nn
 
 import tda
 from tda.errors import DataError, MissingDependencyError
-from tda.features import ArrayFeatures, FeatureBlock
+from tda.core.features import ArrayFeatures, FeatureBlock
 from tda.integrations.quanda import AttributorExplainer, checkpoint_states, dataset_tensors
-from tda.kernel import score_matrix
+from tda.core.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.scorers.trak_variants import TRAKVariantScorer
 
@@ -173,7 +173,7 @@ def test_config_score_options_build_the_trak_variant():
     from pathlib import Path
 
     from pipelines.config import load_config
-    from pipelines.scorers import build_scorer
+    from pipelines.methods.scorers import build_scorer
     from tda.errors import ConfigError
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
-from pipelines.cli_query import full_answer
+from pipelines.cli.main import main
+from pipelines.cli.query import full_answer
 from pipelines.layout import RunPaths
-from pipelines.query_fast import NotLean, lean_answer
+from pipelines.query.lean import NotLean, lean_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,14 +33,14 @@ def _modules_after(code: str) -> dict:
 
 
 def test_lean_query_imports_no_torch(tiny_run):
-    got = _modules_after(f"from pipelines.cli import main\nassert main(['query', '--run', {str(tiny_run)!r}, "
+    got = _modules_after(f"from pipelines.cli.main import main\nassert main(['query', '--run', {str(tiny_run)!r}, "
                          "'--example', '0', '3', '-k', '3']) == 0")
     assert got["modules"] == {"torch": False, "datasets": False, "scipy": False}
     assert "query id 0" in got["stdout"] and "query id 3" in got["stdout"]
 
 
 def test_import_tda_is_lazy():
-    assert not _modules_after("import tda, tda.errors, stores, pipelines.cli")["modules"]["torch"]
+    assert not _modules_after("import tda, tda.errors, stores, pipelines.cli.main")["modules"]["torch"]
     got = _modules_after("import tda\nfrom tda import TRAKScorer\nassert tda.Attributor.__name__ == 'Attributor'")
     assert got["modules"]["torch"]  # the API loads what it needs on first use
     with pytest.raises(AttributeError, match="no attribute"):
@@ -67,7 +67,7 @@ def test_cli_output_equals_full_path(tiny_run, capsys, monkeypatch):
     argv = ["query", "--run", str(tiny_run), "--example", "4", "1", "-k", "3"]
     assert main(argv) == 0
     lean = capsys.readouterr().out
-    monkeypatch.setattr("pipelines.cli_query.lean_answer", _refuse)
+    monkeypatch.setattr("pipelines.cli.query.lean_answer", _refuse)
     assert main(argv) == 0
     full = capsys.readouterr().out
     assert lean.splitlines()[:-1] == full.splitlines()[:-1]  # all but the timing line
@@ -136,7 +136,7 @@ def test_query_prints_predictions_and_writes_json_and_html(tiny_run, tmp_path, c
 
 def test_list_of_a_demo_run_without_names_or_texts(tiny_run, capsys):
     """``--list``: the ids of ``scores/topk.npz`` with their labels and predictions; no names, no texts."""
-    from pipelines.query_fast import load_labels, load_predictions
+    from pipelines.query.lean import load_labels, load_predictions
 
     with np.load(tiny_run / "scores" / "topk.npz") as z:
         query_ids, train_ids = z["query_ids"].tolist(), z["train_ids"].tolist()

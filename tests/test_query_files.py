@@ -9,10 +9,10 @@ import datasets
 import numpy as np
 import pytest
 
-from pipelines.cli import main
-from tda.data import load_mnist
+from pipelines.cli.main import main
+from tda.data.loading import load_mnist
 from tda.errors import DataError, DuplicateIdError, ShapeError
-from tda.query_files import image_queries, load_table, text_queries
+from tda.data.query_files import image_queries, load_table, text_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"

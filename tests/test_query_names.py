@@ -22,9 +22,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.layout import RunPaths
-from pipelines.query_fast import NotLean, lean_answer, write_labels
+from pipelines.query.lean import NotLean, lean_answer, write_labels
 from pipelines.report import WRAP_WIDTH, label_text, predicted_text, text_fields
 from pipelines.run_folder import class_names, recorded_config
 from tda.errors import QueryError
@@ -145,7 +145,7 @@ def test_cli_text_shows_names_predictions_and_whole_texts(text_run, capsys, monk
     for (_, body), want in zip(blocks, texts):  # whole, wrapped: the same words in the same order
         assert " ".join(" ".join(ln.split("| ", 1)[1] for ln in body).split()) == " ".join(want.split())
     assert max(len(ln) for ln in lines) <= WRAP_WIDTH and any(len(t) > 1000 for t in texts)
-    monkeypatch.setattr("pipelines.cli_query.lean_answer", _refuse)
+    monkeypatch.setattr("pipelines.cli.query.lean_answer", _refuse)
     assert main(argv) == 0
     assert capsys.readouterr().out.splitlines()[:-1] == lines[:-1]  # the full path prints the same
 
@@ -249,7 +249,7 @@ def test_config_class_names_and_text_chars_override(text_run, tmp_path, capsys, 
     y, text = src["query"]["label"][q], src["query"]["text"][q]
     for path in ("lean", "full"):
         if path == "full":
-            monkeypatch.setattr("pipelines.cli_query.lean_answer", _refuse)
+            monkeypatch.setattr("pipelines.cli.query.lean_answer", _refuse)
         got = _query_json(capsys, copy, "--example", str(q), "-k", "1")["queries"][0]
         assert (got["label_name"], got["text"], got["text_omitted"]) == (new[y], text[:40] + "\u2026", len(text) - 40)
         assert got["proponents"][0]["label_name"] == new[got["proponents"][0]["label"]]
@@ -259,8 +259,8 @@ def test_config_class_names_and_text_chars_override(text_run, tmp_path, capsys, 
 
 
 def test_serve_json_has_names_texts_and_the_ids_in_errors(text_run, capsys) -> None:
-    from pipelines.serve import answer_json
-    from pipelines.serve_state import Service
+    from pipelines.query.serve import answer_json
+    from pipelines.query.state import Service
 
     run, _ = text_run
     qids = _topk(run)["query_ids"].tolist()
@@ -283,7 +283,7 @@ def test_texts_too_long_to_record_and_old_records_take_the_full_path(text_run, t
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     paths, q = RunPaths(copy), int(_topk(run)["query_ids"][0])
-    monkeypatch.setattr("pipelines.query_fast.TEXT_BYTES_MAX", 100)
+    monkeypatch.setattr("pipelines.query.lean.TEXT_BYTES_MAX", 100)
     assert write_labels(recorded_config(paths), paths)
     marker = json.loads((copy / "labels" / "labels.json").read_text())
     assert marker["texts"] == "too large" and not (copy / "labels" / "texts.npz").exists()
@@ -299,7 +299,7 @@ def test_texts_too_long_to_record_and_old_records_take_the_full_path(text_run, t
 
 def test_lean_text_query_imports_neither_torch_nor_datasets(text_run) -> None:
     run, _ = text_run
-    code = (f"import sys\nfrom pipelines.cli import main\nassert main(['query', '--run', {str(run)!r}, '--example', "
+    code = (f"import sys\nfrom pipelines.cli.main import main\nassert main(['query', '--run', {str(run)!r}, '--example', "
             f"'{int(_topk(run)['query_ids'][0])}', '-k', '2', '--json']) == 0\n"
             "print('MODULES', sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

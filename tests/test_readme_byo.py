@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "own-model.md"
 
@@ -78,7 +78,7 @@ def reference_scores(project: Path, run: Path) -> np.ndarray:
         from mymodels import build
     finally:
         sys.path.remove(str(project))
-    from tda.tasks import classification_margin
+    from tda.models.tasks import classification_margin
 
     manifest = json.loads((project / "ckpts" / "tda-checkpoints.json").read_text())
     train = datasets.load_from_disk(str(project / "data" / "train")).with_format("numpy")
@@ -158,10 +158,10 @@ def test_readme_byo_features_equal_those_of_an_explicit_collate(byo_run) -> None
     import datasets
 
     from stores import FeatureStore
-    from tda.data import iter_batches
-    from tda.factored import FactoredFeaturizer
-    from tda.features import concat_blocks
-    from tda.tasks import ClassificationTask
+    from tda.data.loading import iter_batches
+    from tda.featurizers.factored import FactoredFeaturizer
+    from tda.core.features import concat_blocks
+    from tda.models.tasks import ClassificationTask
 
     project, _ = byo_run
     run = project / "runs" / "my-mlp"
@@ -194,8 +194,8 @@ def test_predictions_are_those_of_each_runs_last_checkpoint(byo_run, capsys) -> 
     average that includes their first epochs: checked against softmax means computed here."""
     import datasets
 
-    from tda.predictions import example_predictions
-    from tda.tasks import ClassificationTask
+    from tda.featurizers.predictions import example_predictions
+    from tda.models.tasks import ClassificationTask
 
     project, _ = byo_run
     run = project / "runs" / "my-mlp"

@@ -15,7 +15,7 @@ from torch import nn
 
 import tda
 from tda.errors import CheckpointError, ConfigError, MissingDependencyError
-from tda.recording import MANIFEST_NAME, CheckpointRecorder, read_manifest, update_manifest
+from tda.models.recording import MANIFEST_NAME, CheckpointRecorder, read_manifest, update_manifest
 
 LR, EPOCHS, BATCHES = 0.1, 3, 2
 

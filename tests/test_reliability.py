@@ -22,17 +22,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config, scorer_fingerprint
 from pipelines.families.base import gradient_featurizer
 from pipelines.run import RunPaths
 from pipelines.stages import open_store
 from stores import FaissIndex, FeatureStore, StoreLock, shard_path
 from tda import errors as E
-from tda.data import iter_batches
-from tda.featurize import Featurizer, load_checkpoint
-from tda.models import mlp
-from tda.tasks import ClassificationTask
+from tda.data.loading import iter_batches
+from tda.featurizers.gradient import Featurizer, load_checkpoint
+from tda.models.reference import mlp
+from tda.models.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"

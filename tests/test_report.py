@@ -11,9 +11,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import parse_config
-from pipelines.html_report import Renderer, per_checkpoint_terms
+from pipelines.cli.html_report import Renderer, per_checkpoint_terms
 from pipelines.layout import RunPaths
 from pipelines.stages import load_scorer
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipelines.config import parse_config
-from pipelines.html_report import STYLE, Renderer
+from pipelines.cli.html_report import STYLE, Renderer
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 BROWSER = next((path for path in map(shutil.which, BROWSERS) if path), None)

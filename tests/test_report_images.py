@@ -1,4 +1,4 @@
-"""The report's pictures and texts (``pipelines/html_report.py``'s ``Renderer``): every stored image
+"""The report's pictures and texts (``pipelines/cli/html_report.py``'s ``Renderer``): every stored image
 form (HWC nested lists, CHW floats, PIL images, ``{"bytes", "path"}`` dicts, flat channel-major
 vectors) decodes from its inline PNG to exactly the stored pixels in (H, W, C) order, an ambiguous
 layout shows nothing unless ``data.image_layout`` names it, and texts appear whole or cut at
@@ -19,8 +19,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.html_report import STYLE, Renderer, answer_page
-from pipelines.schema import RunConfig
+from pipelines.cli.html_report import STYLE, Renderer, answer_page
+from pipelines.spec.schema import RunConfig
 
 PNG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
@@ -150,7 +150,7 @@ class _Answer:
 
 
 def test_answer_page_shows_colour_images_and_wide_text_cells(tmp_path, monkeypatch) -> None:
-    import pipelines.html_report as report
+    import pipelines.cli.html_report as report
     import pipelines.run_folder as run_folder
 
     pics = [gradient(), gradient()[::-1], gradient()[:, ::-1]]

@@ -12,15 +12,15 @@ import pytest
 import torch
 import yaml
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config, parse_config
 from pipelines.families import get_family
 from pipelines.run import datasets_for
 from stores import FeatureStore
-from tda.airrep import check_disjoint
-from tda.data import mnist_collate
+from tda.scorers.airrep.head import check_disjoint
+from tda.data.loading import mnist_collate
 from tda.errors import ConfigError, DataError
-from tda.representations import hidden_states
+from tda.featurizers.representations import hidden_states
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -179,7 +179,7 @@ def test_diffusion_runs_tracin_graddot_gradcos_on_shared_slot_features(tmp_path,
 
 def test_diffusion_trak_is_dtrak_on_the_same_features(tmp_path) -> None:
     from pipelines.run import feature_fingerprint
-    from pipelines.scorers import build_scorer
+    from pipelines.methods.scorers import build_scorer
     from tda.scorers import TRAKScorer
 
     trak, dtrak = (load_config(_ddpm(tmp_path, name)) for name in ("trak", "dtrak"))

@@ -9,12 +9,12 @@ from torch import Tensor, nn
 
 from stores.index import build_index
 from tda.api import Attributor
-from tda.data import mnist_collate
+from tda.data.loading import mnist_collate
 from tda.errors import ConfigError, DataError, ShapeError
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.kernel import score_matrix
-from tda.models import mlp
-from tda.representations import RepresentationFeaturizer, hidden_states
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.core.kernel import score_matrix
+from tda.models.reference import mlp
+from tda.featurizers.representations import RepresentationFeaturizer, hidden_states
 from tda.scorers import RepSimScorer, make_scorer
 
 

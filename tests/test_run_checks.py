@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config
 from pipelines.families import family_for
 
@@ -209,7 +209,7 @@ def test_query_store_left_half_deleted_is_rebuilt(tmp_path) -> None:
 def test_corrupt_gzip_is_a_data_error(tmp_path, capsys) -> None:
     import shutil
 
-    from tda.data import DEMO_DATA
+    from tda.data.loading import DEMO_DATA
 
     shutil.copytree(DEMO_DATA / "mnist", tmp_path / "mnist")
     path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"

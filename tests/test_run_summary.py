@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

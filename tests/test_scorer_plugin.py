@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.layout import RunPaths
-from pipelines.method import Method, method_for, methods, register_method, unregister_method
-from pipelines.query_fast import lean_answer
+from pipelines.spec.method import Method, method_for, methods, register_method, unregister_method
+from pipelines.query.lean import lean_answer
 from stores import FeatureStore
 from tda.errors import ConfigError
-from tda.features import FeatureBlock, concat_blocks
+from tda.core.features import FeatureBlock, concat_blocks
 from tda.scorers.base import Scorer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -105,3 +105,49 @@ def test_registering_twice_needs_replace(negdot) -> None:
         method_for("no-such")
     with pytest.raises(ConfigError, match=r"score.scorer is 'trk'; choose one of .* \(did you mean 'trak'\?\)"):
         method_for("trk")
+
+
+@pytest.fixture
+def negdot_api():
+    """The toy scorer registered for the Python API (tda.scorers.register_scorer) for one test."""
+    from tda.scorers import ScorerEntry, register_scorer, scorer_names
+    from tda.scorers.registry import unregister_scorer
+
+    entry = register_scorer(ScorerEntry(NAME, NegDotScorer))
+    yield entry
+    unregister_scorer(NAME)
+    assert NAME not in scorer_names()
+
+
+def test_a_toy_scorer_runs_through_the_python_api(negdot_api) -> None:
+    """``tda.Attributor(scorer="negdot")`` with no other edit; its scores equal the numpy formula
+    on the Attributor's own features."""
+    import torch
+
+    import tda
+    from tda.models.reference import mlp
+
+    torch.manual_seed(0)
+    model = mlp(784, (16,), 10)
+    checkpoints = [{k: v + 0.01 * c for k, v in model.state_dict().items()} for c in range(2)]
+    rng = np.random.default_rng(0)
+    train = (torch.as_tensor(rng.normal(size=(24, 784)), dtype=torch.float32), torch.as_tensor(rng.integers(0, 10, 24)))
+    query = (torch.as_tensor(rng.normal(size=(5, 784)), dtype=torch.float32), torch.as_tensor(rng.integers(0, 10, 5)))
+    attr = tda.Attributor(model, checkpoints, scorer=NAME, k=64, batch_size=8, projection="sparse").fit(train)
+    phi = attr.train_features.block.feats.astype(np.float64)  # (M, n, k)
+    psi = attr.featurize(query).feats.astype(np.float64)  # (M, m, k)
+    reference = -np.einsum("cmk,cnk->mn", psi, phi) / phi.shape[0]
+    np.testing.assert_allclose(attr.scores(query), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_api_scorer_names_the_closest() -> None:
+    import tda
+
+    with pytest.raises(ConfigError, match="did you mean 'trak'"):
+        tda.Attributor(torch_mlp(), [torch_mlp().state_dict()], scorer="trk")
+
+
+def torch_mlp():
+    from tda.models.reference import mlp
+
+    return mlp(4, (3,), 2)

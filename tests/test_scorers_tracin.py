@@ -11,13 +11,13 @@ from torch import nn
 
 from stores.index import build_index
 from tda.api import Attributor
-from tda.data import mnist_collate
+from tda.data.loading import mnist_collate
 from tda.errors import ConfigError, NonFiniteError
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.kernel import score_matrix, top_k
-from tda.models import mlp
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.core.kernel import score_matrix, top_k
+from tda.models.reference import mlp
 from tda.scorers import GradCosScorer, GradDotScorer, Scorer, TracInCPScorer, make_scorer
-from tda.tasks import ClassificationTask
+from tda.models.tasks import ClassificationTask
 
 
 def _looped_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
-from pipelines.cli_query import full_answer
+from pipelines.cli.main import main
+from pipelines.cli.query import full_answer
 from pipelines.layout import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _call(base: str, path: str, body: dict | None = None) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def server(tiny_run):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(tiny_run), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli.main", "serve", str(tiny_run), "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -141,7 +141,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_parsed(declared):
     passes the body on."""
     import asyncio
 
-    from pipelines.serve import BodyLimit
+    from pipelines.query.serve import BodyLimit
 
     reached = []
 

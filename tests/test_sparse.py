@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import parse_config
 from stores import FeatureStore
 from tda import Attributor
 from tda.errors import ConfigError, ShapeError
-from tda.featurize import Featurizer
-from tda.sparse import SparseProjector
-from tda.tasks import ClassificationTask
+from tda.featurizers.gradient import Featurizer
+from tda.projections.sparse import SparseProjector
+from tda.models.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

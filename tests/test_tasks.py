@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tda.errors import ShapeError
-from tda.tasks import ClassificationTask, Task, classification_loss_weight, classification_margin
+from tda.models.tasks import ClassificationTask, Task, classification_loss_weight, classification_margin
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
@@ -107,8 +107,8 @@ def test_q_from_the_capture_forward_equals_the_task_loss_weight() -> None:
     import numpy as np
     from torch import nn
 
-    from tda.factored import FactoredFeaturizer
-    from tda.tasks import ClassificationTask
+    from tda.featurizers.factored import FactoredFeaturizer
+    from tda.models.tasks import ClassificationTask
 
     class Halved(ClassificationTask):
         def loss_weight(self, model, batch):

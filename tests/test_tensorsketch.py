@@ -1,4 +1,4 @@
-"""TensorSketch projection (tda.tensorsketch): both ways of computing it (FFT of the two
+"""TensorSketch projection (tda.projections.tensorsketch): both ways of computing it (FFT of the two
 CountSketches, and the formed gradient scattered by the combined hash) equal ``S^T g`` for the
 explicit sketch matrix built entry by entry from the projector's hashes, against float64
 per-example gradients from a loop of autograd (MLP, CNN, a linear layer over a sequence and a
@@ -19,17 +19,17 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config
 from pipelines.run import feature_fingerprint
 from stores import FeatureStore
 from tda.api import Attributor
 from tda.errors import ConfigError, ShapeError
-from tda.factored import FactoredFeaturizer, LayerSpec, capture_layers, factored_selection
-from tda.lm import LMTask
-from tda.sketch_layers import tensorsketch_selection
-from tda.tasks import ClassificationTask
-from tda.tensorsketch import TensorSketchProjector
+from tda.featurizers.factored import FactoredFeaturizer, LayerSpec, capture_layers, factored_selection
+from tda.models.lm import LMTask
+from tda.projections.sketch_layers import tensorsketch_selection
+from tda.models.tasks import ClassificationTask
+from tda.projections.tensorsketch import TensorSketchProjector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,7 +307,7 @@ def test_hashes_are_a_pure_function_of_seed_checkpoint_layer_and_side() -> None:
     h = proj.hashes(1, layers[0], "in")[0]
     assert not np.array_equal(h, proj.hashes(1, layers[0], "out")[0][: len(h)])
     assert not np.array_equal(h[:4], proj.hashes(1, layers[1], "in")[0][:4])
-    code = ("from tda.factored import LayerSpec; from tda.tensorsketch import TensorSketchProjector as T; "
+    code = ("from tda.featurizers.factored import LayerSpec; from tda.projections.tensorsketch import TensorSketchProjector as T; "
             "print(T([LayerSpec('a', 6, 4, False, 'linear')], 64, seed=3).hashes(1, LayerSpec('a', 6, 4, False, "
             "'linear'), 'in')[0].tolist())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -387,7 +387,7 @@ def test_a_config_run_with_the_tensorsketch_projection(tmp_path, capsys) -> None
 def test_diffusion_featurizer_takes_tensorsketch() -> None:
     """D-TRAK's draw-averaged features are the mean of the per-draw slots' sketches (linearity)."""
     from pipelines.families.unet import TinyUNet
-    from tda.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule
+    from tda.featurizers.diffusion import DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule
 
     torch.manual_seed(1)
     model = TinyUNet((4, 8), in_channels=1, time_dim=4, head=2).eval()

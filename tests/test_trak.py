@@ -10,12 +10,12 @@ import torch
 
 from pipelines.families.training import train_classifier
 from tda.errors import ConfigError, ShapeError, TDAError
-from tda.features import ArrayFeatures, FeatureBlock
-from tda.featurize import Featurizer
-from tda.kernel import score_matrix
-from tda.models import mlp
+from tda.core.features import ArrayFeatures, FeatureBlock
+from tda.featurizers.gradient import Featurizer
+from tda.core.kernel import score_matrix
+from tda.models.reference import mlp
 from tda.scorers import TRAKScorer, make_scorer
-from tda.tasks import ClassificationTask
+from tda.models.tasks import ClassificationTask
 
 
 def _random_features(rng: np.random.Generator, m_count: int, n: int, k: int) -> FeatureBlock:

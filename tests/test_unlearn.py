@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import parse_config
-from pipelines.unlearn import forget_set, predictions
+from pipelines.workflows.unlearn import forget_set, predictions
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SETS = ["--set", "featurize.shard_size=64"]
@@ -107,7 +107,7 @@ def test_masked_gradient_difference_moves_only_masked_weights_and_stops_at_the_b
 
     import torch
 
-    from tda.unlearning import gradient_difference, membership_auc, weight_mask
+    from tda.workflows.unlearning import gradient_difference, membership_auc, weight_mask
 
     model, forget, retain, ce, each = _toy()
     mask = weight_mask(model, ce, forget, retain, 0.2)

@@ -1,5 +1,5 @@
 """The user family: a model by import string, checkpoints trained elsewhere, data files; its errors.
-Also the seeded, stratified subsets every family draws (tda.data.subset_rows)."""
+Also the seeded, stratified subsets every family draws (tda.data.loading.subset_rows)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config, parse_config
 from pipelines.families import family_for
-from tda.data import draw_subset, subset_rows
+from tda.data.loading import draw_subset, subset_rows
 from tda.errors import ConfigError, DataError
 
 MODEL = '''

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.families.classifier import ClassifierSubsetJob
 from pipelines.families.training import train_classifier
-from tda.data import DEMO_DATA
+from tda.data.loading import DEMO_DATA
 from tda.errors import ShapeError
-from tda.tasks import classification_margin
+from tda.models.tasks import classification_margin
 from tda.validation import half_weight_linearity, sample_subsets
 
 ROOT = Path(__file__).resolve().parents[1]

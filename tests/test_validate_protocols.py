@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.families.training import train_classifier
-from tda.data import DEMO_DATA
+from tda.data.loading import DEMO_DATA
 from tda.errors import ConfigError
-from tda.features import FeatureBlock
-from tda.magic import SGDRecipe
+from tda.core.features import FeatureBlock
+from tda.scorers.magic import SGDRecipe
 from tda.scorers import PrecomputedScorer
 from tda.scorers.trak import auto_lambdas
-from tda.tasks import classification_margin
+from tda.models.tasks import classification_margin
 from tda.validation import calibration_report, removal_effects, sample_subsets, split_folds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_ekfac_scorer_from_a_config_equals_the_python_api(tmp_path) -> None:
     same checkpoints, data and projection; a dense projection is refused with the fix."""
     from pipelines.config import parse_config
     from pipelines.families import family_for
-    from tda.ekfac_features import EKFACAttributor
+    from tda.scorers.ekfac.features import EKFACAttributor
 
     run = tmp_path / "run"
     sets = [*SETS, "--set", "score.scorer=ekfac", "--set", "featurize.projection=factored", "--set",

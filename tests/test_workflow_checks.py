@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -33,7 +33,7 @@ def test_unlearn_after_a_rescore_with_another_scorer_uses_its_own_scores(tmp_pat
 def test_a_calibration_is_applied_only_to_its_own_scores_and_only_when_it_predicts(tmp_path) -> None:
     from pipelines.config import load_config
     from pipelines.layout import RunPaths
-    from pipelines.unlearn import calibration_for
+    from pipelines.workflows.unlearn import calibration_for
 
     run = tmp_path / "run"
     sets = ["--set", "validate.subsets=4", "--set", "unlearn.retrain_seeds=0", "--set", "unlearn.approximate=false"]
@@ -70,8 +70,8 @@ def test_a_server_stops_answering_new_inputs_once_a_checkpoint_changes(tmp_path)
     from pipelines.layout import RunPaths, load_checkpoint_list
     from pipelines.run import datasets_for
     from pipelines.run_folder import recorded_config
-    from pipelines.serve import _status
-    from pipelines.serve_state import Service
+    from pipelines.query.serve import _status
+    from pipelines.query.state import Service
     from tda.errors import InputChangedError
 
     run = tmp_path / "run"
@@ -113,7 +113,7 @@ def test_a_workflow_records_the_labels_a_killed_run_did_not(tmp_path) -> None:
     them (as the uninterrupted `tda run` does), not leaving the folder short of them."""
     from pathlib import Path
 
-    from pipelines.cli import main
+    from pipelines.cli.main import main
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     run = tmp_path / "run"

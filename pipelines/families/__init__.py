@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Family, Reporting, Representations, Retraining, SaveFn, collated, resolve_device  # noqa: F401
-from .registry import family_for, get_family, register_family, registered  # noqa: F401
+from pipelines.families.base import Family, Reporting, Representations, Retraining, SaveFn, collated, resolve_device  # noqa: F401
+from pipelines.families.registry import family_for, get_family, register_family, registered  # noqa: F401
 
 _HELPERS = {"base", "registry"}
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):

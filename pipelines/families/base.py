@@ -5,14 +5,14 @@ A :class:`Family` provides five things (the narrow protocol):
 - ``datasets(cfg, paths)``: train and query ``datasets.Dataset`` s, each with a unique integer
   ``id`` column (``paths`` is the run folder, ``None`` outside a run);
 - ``build_model(cfg)``: a fresh ``nn.Module``; ``task(cfg)``: the output function
-  (:class:`tda.tasks.Task`); ``collate(cfg)``: dataset rows -> dict of tensors;
+  (:class:`tda.models.tasks.Task`); ``collate(cfg)``: dataset rows -> dict of tensors;
 - optionally ``train(cfg, paths, model_index, save)``: train model ``model_index`` (seed
   ``train.seed + model_index``), calling ``save(epoch, model, **info)`` at every epoch of
   :meth:`Family.checkpoint_epochs`; families without it need ``model.checkpoints``.
 
 It says which kinds of features it produces (:attr:`Family.feature_kinds`: ``"gradients"``,
 ``"representations"``, or the diffusion family's ``"grid"`` and ``"slots"``); the scorer registry
-(:mod:`pipelines.scorers`) matches scorers to kinds, so a family never lists scorer names.
+(:mod:`pipelines.methods.scorers`) matches scorers to kinds, so a family never lists scorer names.
 
 Optional capabilities are mixins a family inherits when it has them:
 
@@ -34,20 +34,20 @@ import torch
 from torch import nn
 
 from stores._io import fingerprint
-from tda.data import arrow_columns, example_ids, iter_batches
+from tda.data.loading import arrow_columns, example_ids, iter_batches
 from tda.errors import CheckpointError, ConfigError
-from tda.factored import FactoredProjector, factored_layers
-from tda.projection_choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
-from tda.projection_spec import make_featurizer, projection_spec
-from tda.representations import RepresentationFeaturizer
-from tda.tasks import Task
+from tda.featurizers.factored import FactoredProjector, factored_layers
+from tda.featurizers.choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
+from tda.featurizers.spec import make_featurizer, projection_spec
+from tda.featurizers.representations import RepresentationFeaturizer
+from tda.models.tasks import Task
 
-from ..layout import RunPaths, json_field, load_checkpoint_list
-from ..schema import _build, projection_settings
-from ..score_options import score_options
+from pipelines.layout import RunPaths, json_field, load_checkpoint_list
+from pipelines.spec.schema import _build
+from pipelines.spec.options import score_options
 
 if TYPE_CHECKING:
-    from ..schema import RunConfig
+    from pipelines.spec.schema import RunConfig
 
 SaveFn = Callable[..., None]
 FEATURE_KINDS = ("gradients", "representations", "grid", "slots")
@@ -142,7 +142,7 @@ class Family:
     def auto_projection(self, cfg: RunConfig, paths: RunPaths, train: Any) -> ProjectionChoice:
         """What ``featurize.projection: auto`` means for this run's model: the measured default
         where it covers the model, checked on the first training rows under the last checkpoint
-        (:func:`tda.projection_choice.choose_projection`)."""
+        (:func:`tda.featurizers.choice.choose_projection`)."""
         _, batch = next(iter_batches(train, self.collate(cfg), 2))
         last = paths.checkpoint_file(load_checkpoint_list(paths)[-1])
         return choose_projection(self.build_model(cfg), self.task(cfg), batch, cfg.featurize.params, last,
@@ -199,7 +199,7 @@ class Representations:
         return score_options(cfg, self).module or self.representation_module(cfg)
 
     def representation_inputs(self, cfg: RunConfig, split: str) -> Callable | None:
-        """``inputs(batch, ids)`` of :class:`~tda.representations.RepresentationFeaturizer`
+        """``inputs(batch, ids)`` of :class:`~tda.featurizers.representations.RepresentationFeaturizer`
         (``None``: the model is called as ``model(batch["x"])``)."""
         return None
 
@@ -236,7 +236,7 @@ class Retraining:
 
     def provenance(self, cfg: RunConfig, role: str, paths: RunPaths | None = None) -> list[str]:
         """Keys naming where each example of ``role`` (``"train"``, ``"query"``, ``"airrep"``) comes
-        from; equal keys are the same underlying example (:func:`tda.airrep.check_disjoint`).
+        from; equal keys are the same underlying example (:func:`tda.scorers.airrep.head.check_disjoint`).
         Default: ``<data.name>/<split>/<id>`` with ids as positions in the split."""
         d = cfg.data
         if role not in ("train", "query", "airrep"):
@@ -281,7 +281,7 @@ def recorded_projection(paths: RunPaths | None) -> str | None:
 
 def resolved_projection(cfg: RunConfig, paths: RunPaths | None = None, model: nn.Module | None = None) -> str:
     """``featurize.projection`` with ``auto`` resolved: what the run's training features were made
-    with when they exist, else :func:`tda.projection_choice.structural_choice` of ``model`` (the
+    with when they exist, else :func:`tda.featurizers.choice.structural_choice` of ``model`` (the
     featurize stage decides first with :meth:`Family.auto_projection`, which also checks the
     captures on a batch); ``"auto"`` when neither is known."""
     f = cfg.featurize
@@ -320,7 +320,7 @@ def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task, paths: Run
 
 
 def featurize_settings(cfg: RunConfig) -> dict[str, Any]:
-    """``featurize``'s projection settings under the names :func:`tda.projection_spec.projection_spec`
+    """``featurize``'s projection settings under the names :func:`tda.featurizers.spec.projection_spec`
     takes (each projection keeps its own)."""
     return projection_settings(cfg.featurize)
 

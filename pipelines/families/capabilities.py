@@ -3,7 +3,7 @@
 :class:`TaskCapabilities` gives any family whose task is a classifier or a causal LM (a user's
 ``nn.Module``, a Hugging Face model) what the demo families have: per-example predictions and
 losses (``tda curate``, the report, ``tda query``), query accuracy, and retraining on subsets with
-the generic recipe (:class:`tda.recipe.TrainRecipe`: ``tda validate``, curate's and unlearn's
+the generic recipe (:class:`tda.workflows.recipe.TrainRecipe`: ``tda validate``, curate's and unlearn's
 checks, AirRep) -- or with the user's own ``train.factory`` when it is set.
 
 The recipe's settings come from the ``train`` section; a key left unset (``None``, or ``lr`` /
@@ -24,21 +24,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import iter_batches
+from tda.data.loading import iter_batches
 from tda.errors import ConfigError
-from tda.featurize import apply_checkpoint
-from tda.predictions import PREDICTED_KINDS, example_predictions
-from tda.recipe import TrainRecipe
-from tda.tasks import Task
+from tda.featurizers.gradient import apply_checkpoint
+from tda.featurizers.predictions import PREDICTED_KINDS, example_predictions
+from tda.workflows.recipe import TrainRecipe
+from tda.models.tasks import Task
 
-from ..imports import import_object
-from ..layout import load_checkpoint_list
-from .jobs import SubsetJob
-from .registry import family_for
+from pipelines.imports import import_object
+from pipelines.layout import load_checkpoint_list
+from pipelines.families.jobs import SubsetJob
+from pipelines.families.registry import family_for
 
 if TYPE_CHECKING:
-    from ..layout import RunPaths
-    from ..schema import RunConfig
+    from pipelines.layout import RunPaths
+    from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _DEFAULTED = {"lr": 0.05, "epochs": 4, "batch_size": 128}
 
 def recorded_recipe(cfg: RunConfig) -> dict[str, Any]:
     """The recipe a recorder wrote beside the first of ``model.checkpoints`` (empty without one)."""
-    from tda.recording import read_manifest
+    from tda.models.recording import read_manifest
 
     if not cfg.model.checkpoints:
         return {}
@@ -171,7 +171,7 @@ class TaskCapabilities:
 
     def example_predictions(self, cfg: RunConfig, paths: RunPaths, split: str = "train") -> dict[str, np.ndarray]:
         """Per example of ``split``, averaged over the last checkpoint of every training run
-        (:func:`final_checkpoints`; :func:`tda.predictions.example_predictions`)."""
+        (:func:`final_checkpoints`; :func:`tda.featurizers.predictions.example_predictions`)."""
         task = self.task(cfg)  # type: ignore[attr-defined]
         if task.kind not in PREDICTED_KINDS:
             raise ConfigError(f"per-example predictions need a classification or causal-LM task; model.task gives "

@@ -15,7 +15,7 @@ Training: AdamW with warm-up and cosine decay (:func:`pipelines.families.chargpt
 learning rate since the previous one (TracIn's eta_c).
 
 Features: the dense projected per-example gradients (``vmap`` over ``functional_call``), or with
-``featurize.projection: factored`` the per-layer Kronecker projection of :mod:`tda.factored`
+``featurize.projection: factored`` the per-layer Kronecker projection of :mod:`tda.featurizers.factored`
 (``featurize.k_in`` x ``featurize.k_out`` per linear layer; the token and position embeddings,
 layer norms and a tied LM head are not covered). Scorers: ``trak``, ``tracin`` (learning rates
 from the checkpoints), ``graddot``, ``gradcos``, and on representations (mean over the real
@@ -37,21 +37,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import DEMO_DATA, arrow_columns, example_ids
+from tda.data.loading import DEMO_DATA, arrow_columns, example_ids
 from tda.errors import ConfigError, DataError
-from tda.featurize import load_checkpoint
-from tda.tasks import Task
+from tda.featurizers.gradient import load_checkpoint
+from tda.models.tasks import Task
 
-from ..layout import load_checkpoint_list
-from ..report import titles
-from ..score_options import score_options
-from .base import Family, Reporting, Representations, Retraining, SaveFn, resolved_projection
-from .jobs import SubsetJob, take_rows
-from .registry import family_for, register_family
+from pipelines.layout import load_checkpoint_list
+from pipelines.report import titles
+from pipelines.spec.options import score_options
+from pipelines.families.base import Family, Reporting, Representations, Retraining, SaveFn, resolved_projection
+from pipelines.families.jobs import SubsetJob, take_rows
+from pipelines.families.registry import family_for, register_family
 
 if TYPE_CHECKING:
-    from ..layout import RunPaths
-    from ..schema import RunConfig
+    from pipelines.layout import RunPaths
+    from pipelines.spec.schema import RunConfig
 
 DEFAULT_CORPUS = str(DEMO_DATA / "tinyshakespeare.txt.gz")  # shipped with tda
 
@@ -71,7 +71,7 @@ class LMOptions:
     saved_checkpoints: int = 4  # evenly spaced checkpoints when train.checkpoints = all
 
     def __post_init__(self) -> None:
-        from .chargpt import GPTSpec
+        from pipelines.families.chargpt import GPTSpec
 
         GPTSpec(seq_len=self.context, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
         if self.reduction not in ("sum", "mean"):
@@ -87,7 +87,7 @@ class LMOptions:
 @functools.lru_cache(maxsize=2)
 def load_corpus(root: str):
     """``(text, vocab)`` of a corpus file or of ``<folder>/input.txt``."""
-    from .chargpt import CharVocab, load_text
+    from pipelines.families.chargpt import CharVocab, load_text
 
     path = Path(root)
     text = load_text(path / "input.txt" if path.is_dir() else path)
@@ -119,7 +119,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         return cfg.data.root or DEFAULT_CORPUS
 
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
-        from .chargpt import completion_examples, lm_sequences
+        from pipelines.families.chargpt import completion_examples, lm_sequences
 
         o, d = self.options(cfg), cfg.data
         text, vocab = load_corpus(self.corpus_root(cfg))
@@ -130,7 +130,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         source = train if d.query_split == "train" else lm_sequences(text[split:], vocab, o.context)
         n_held = min(d.query_size or len(source), len(source))
         if d.query_path:  # queries from a file: its (prompt, completion) rows and ids
-            from tda.query_files import load_table, text_queries
+            from tda.data.query_files import load_table, text_queries
 
             ids, pairs = text_queries(load_table(d.query_path, d.query_size))
             return {"train": train, "query": completion_examples(vocab, pairs, o.context, ids)}
@@ -139,24 +139,24 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         return {"train": train, "query": completion_examples(vocab, pairs, o.context)}
 
     def spec(self, cfg: RunConfig):
-        from .chargpt import GPTSpec
+        from pipelines.families.chargpt import GPTSpec
 
         o = self.options(cfg)
         _, vocab = load_corpus(self.corpus_root(cfg))
         return GPTSpec(vocab.size, o.context, o.n_layer, o.n_head, o.n_embd)
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from .chargpt import build_gpt2
+        from pipelines.families.chargpt import build_gpt2
 
         return build_gpt2(self.spec(cfg))
 
     def task(self, cfg: RunConfig) -> Task:
-        from tda.lm import LMTask
+        from tda.models.lm import LMTask
 
         return LMTask(self.options(cfg).reduction)
 
     def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
-        from tda.lm import lm_collate
+        from tda.models.lm import lm_collate
 
         return lm_collate
 
@@ -164,7 +164,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         return self.spread_epochs(cfg, self.options(cfg).saved_checkpoints)
 
     def train(self, cfg: RunConfig, paths: RunPaths, model_index: int, save: SaveFn) -> dict[str, Any]:
-        from .chargpt import build_gpt2, dataset_tokens, lm_loss, lm_sequences, train_lm
+        from pipelines.families.chargpt import build_gpt2, dataset_tokens, lm_loss, lm_sequences, train_lm
 
         t, o = cfg.train, self.options(cfg)
         tokens = dataset_tokens(self.datasets(cfg, paths)["train"])  # (n, T)
@@ -192,13 +192,13 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         return "transformer.ln_f"
 
     def representation_inputs(self, cfg: RunConfig, split: str) -> Callable:
-        from tda.lm import lm_representation_inputs
+        from tda.models.lm import lm_representation_inputs
 
         return lm_representation_inputs
 
     def airrep_queries(self, cfg: RunConfig) -> Any:
         """The sequences of the first part after the training ones, as "completion given prompt"."""
-        from .chargpt import completion_examples, lm_sequences
+        from pipelines.families.chargpt import completion_examples, lm_sequences
 
         o, n, q = self.options(cfg), cfg.data.train_size, score_options(cfg, self).queries
         text, vocab = load_corpus(self.corpus_root(cfg))
@@ -252,7 +252,7 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
         """Per sequence of ``split``, over every attributed checkpoint: mean next-token ``loss``
         and ``confidence`` (1 - mean p(next token)), the curation baselines; an LM has no class,
         so ``labels`` and ``predicted`` are -1 and ``p_predicted`` is the mean p(next token)."""
-        from .chargpt import dataset_tokens, sequence_losses
+        from pipelines.families.chargpt import dataset_tokens, sequence_losses
 
         dataset = self.datasets(cfg, paths)[split]
         tokens, model, losses, probs = dataset_tokens(dataset), self.build_model(cfg), [], []
@@ -286,10 +286,10 @@ class CausalLMFamily(Representations, Retraining, Reporting, Family):
 
 def noisy_sequences(train: Any, fraction: float, seed: int) -> Any:
     """``data.label_noise`` for an LM: a seeded share of training sequences shuffled
-    (:func:`tda.curation.shuffle_sequences`); ids and loss masks unchanged."""
-    from tda.curation import shuffle_sequences
+    (:func:`tda.workflows.curation.shuffle_sequences`); ids and loss masks unchanged."""
+    from tda.workflows.curation import shuffle_sequences
 
-    from .chargpt import _sequence_table
+    from pipelines.families.chargpt import _sequence_table
 
     cols = arrow_columns(train.with_format("arrow")[:])
     tokens, _ = shuffle_sequences(np.stack([np.asarray(r) for r in cols["input_ids"]]), fraction, seed)
@@ -342,9 +342,9 @@ class LMSubsetJob(SubsetJob):
 
     def run_weighted(self, train: dict, train_ids: np.ndarray, query: dict, query_ids: np.ndarray, seed: int,
                      weights: torch.Tensor | None) -> torch.Tensor:
-        from tda.lm import LMTask
+        from tda.models.lm import LMTask
 
-        from .chargpt import build_gpt2, train_lm
+        from pipelines.families.chargpt import build_gpt2, train_lm
 
         t, family = self.cfg.train, family_for(self.cfg)
         tokens = train["input_ids"]  # (|S|, T)

@@ -1,11 +1,11 @@
 """The demo character-level GPT-2 of the ``causal-lm`` family and its training recipe (moved
-from ``tda/lm.py``; the output function and batch helpers stay in :mod:`tda.lm`).
+from ``tda/models/lm.py``; the output function and batch helpers stay in :mod:`tda.models.lm`).
 
 Corpus helpers: :func:`load_text`, :class:`CharVocab`, fixed-length training sequences
 (:func:`lm_sequences`), "completion given prompt" queries (:func:`completion_examples`) and
 :func:`dataset_tokens`. The model: :class:`GPTSpec` and :func:`build_gpt2` (a ``GPT2LMHeadModel``
 with eager attention, no dropout, no KV cache: a pure function of the weights under
-``functional_call``, see :mod:`tda.lm`). The recipe: :func:`train_lm` (AdamW, warm-up and cosine
+``functional_call``, see :mod:`tda.models.lm`). The recipe: :func:`train_lm` (AdamW, warm-up and cosine
 decay, :class:`LMTrainResult`), :func:`lm_loss` and :func:`generate`.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tda.errors import ConfigError, DataError, MissingDependencyError, NonFiniteError
-from tda.lm import _logits, lm_collate
+from tda.models.lm import _logits, lm_collate
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def generate(model: nn.Module, vocab: CharVocab, prompt: str, length: int, seq_l
 
 def dataset_tokens(dataset) -> Tensor:
     """The ``input_ids`` column of an LM dataset as an (n, T) int64 tensor."""
-    from tda.data import arrow_columns
+    from tda.data.loading import arrow_columns
 
     return lm_collate(arrow_columns(dataset.with_format("arrow")[:]))["input_ids"]
 

@@ -6,7 +6,7 @@ seed. Features: projected gradients (dense or factored) or the last hidden layer
 Retraining (validation, AirRep): the same recipe on subsets; AirRep's training queries are
 training images outside the training subset. Per-example predictions and losses come from the
 task, through the same route as a user's model (:class:`.capabilities.TaskCapabilities`); the
-training recipe is the generic one (:class:`tda.recipe.TrainRecipe`) at the demo's settings.
+training recipe is the generic one (:class:`tda.workflows.recipe.TrainRecipe`) at the demo's settings.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import mnist_collate
+from tda.data.loading import mnist_collate
 from tda.errors import ConfigError
-from tda.featurize import load_checkpoint
-from tda.models import mlp
-from tda.tasks import ClassificationTask, Task, classification_margin
+from tda.featurizers.gradient import load_checkpoint
+from tda.models.reference import mlp
+from tda.models.tasks import ClassificationTask, Task, classification_margin
 
-from ..layout import load_checkpoint_list
-from .base import Family, Reporting, Representations, Retraining, SaveFn, collated
-from .capabilities import TaskCapabilities
-from .images import IMAGE_DATA, ImageCollate, image_datasets, unused_train_rows
-from .jobs import SubsetJob
-from .registry import family_for, register_family
-from .training import MOMENTUM, WEIGHT_DECAY, accuracy, train_classifier
+from pipelines.layout import load_checkpoint_list
+from pipelines.families.base import Family, Reporting, Representations, Retraining, SaveFn, collated
+from pipelines.families.capabilities import TaskCapabilities
+from pipelines.families.images import IMAGE_DATA, ImageCollate, image_datasets, unused_train_rows
+from pipelines.families.jobs import SubsetJob
+from pipelines.families.registry import family_for, register_family
+from pipelines.families.training import MOMENTUM, WEIGHT_DECAY, accuracy, train_classifier
 
 if TYPE_CHECKING:
-    from ..layout import RunPaths
-    from ..schema import RunConfig
+    from pipelines.layout import RunPaths
+    from pipelines.spec.schema import RunConfig
 
 
 def small_cnn(shape: tuple[int, int, int], channels: list[int], classes: int) -> nn.Sequential:
@@ -60,7 +60,7 @@ class ClassifierFamily(TaskCapabilities, Representations, Retraining, Reporting,
         :func:`pipelines.families.training.train_classifier`."""
         if paths is None:
             raise ConfigError("tracin takes its checkpoints' epochs from the run folder; pass paths")
-        from ..layout import load_checkpoint_list
+        from pipelines.layout import load_checkpoint_list
 
         return [cfg.train.lr * (1.0 - entry["epoch"] / cfg.train.epochs) for entry in load_checkpoint_list(paths)]
 
@@ -109,7 +109,7 @@ class ClassifierFamily(TaskCapabilities, Representations, Retraining, Reporting,
 
     def airrep_queries(self, cfg: RunConfig) -> Any:
         """Training-split images outside the training subset (never trained on, never queried)."""
-        from ..score_options import score_options
+        from pipelines.spec.options import score_options
 
         return unused_train_rows(cfg, score_options(cfg, self).queries)
 
@@ -125,8 +125,8 @@ class ClassifierFamily(TaskCapabilities, Representations, Retraining, Reporting,
         return ClassifierSubsetJob(cfg, "query", measure="both")
 
     def magic_recipe(self, cfg: RunConfig) -> Any:
-        """The run's first model as a :class:`tda.magic.SGDRecipe` (:func:`train_classifier`'s defaults)."""
-        from tda.magic import SGDRecipe
+        """The run's first model as a :class:`tda.scorers.magic.SGDRecipe` (:func:`train_classifier`'s defaults)."""
+        from tda.scorers.magic import SGDRecipe
 
         t = cfg.train
         return SGDRecipe(epochs=t.epochs, lr=t.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,

@@ -1,5 +1,5 @@
 """The ``diffusion`` model family: a small DDPM on 28x28 images (the UNet, its training and
-sampling: :mod:`pipelines.families.unet`; output functions and featurizer: :mod:`tda.diffusion`).
+sampling: :mod:`pipelines.families.unet`; output functions and featurizer: :mod:`tda.featurizers.diffusion`).
 
 Scorers: ``dtrak`` (TRAK on features averaged over a timestep grid, both sides the selected
 output ``model.options.output``; ``trak`` is the same), ``diffusion-tracin`` and ``diffusion-retrac``
@@ -9,12 +9,12 @@ over a timestep grid (one pooled slot); query side: one slot per grid draw), the
 ``tracin``, ``graddot`` and ``gradcos`` on those same slot features
 (:class:`tda.scorers.SlotScorer`; ``tracin`` gives Diffusion-TracIn's scores), and the
 representation scorers ``repsim`` and ``airrep`` on the UNet bottleneck (``mid``) averaged over
-the query grid's draws (:class:`tda.diffusion.NoisedInputs`). The feature layouts differ, so
+the query grid's draws (:class:`tda.featurizers.diffusion.NoisedInputs`). The feature layouts differ, so
 their kind is part of the feature fingerprint (:meth:`DiffusionFamily.feature_tag`). Gradient
 layouts take the dense or sparse or, with ``featurize.projection: factored`` / ``tensorsketch``,
 the per-layer Kronecker projection of the UNet's convolutions and linear layers (GroupNorm
-parameters are not covered; :mod:`tda.factored`) or their TensorSketch, which also covers the
-GroupNorms (:mod:`tda.tensorsketch`). AirRep's training queries are training-split images outside
+parameters are not covered; :mod:`tda.featurizers.factored`) or their TensorSketch, which also covers the
+GroupNorms (:mod:`tda.projections.tensorsketch`). AirRep's training queries are training-split images outside
 the training subset; its subset models report the output averaged over a seeded grid
 (:class:`DiffusionSubsetJob`).
 
@@ -39,29 +39,29 @@ from torch import nn
 
 from stores import FeatureStore
 from stores._io import save_json, save_npz
-from tda.data import example_ids
-from tda.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, NoisedInputs,
+from tda.data.loading import example_ids
+from tda.featurizers.diffusion import (OUTPUTS, DiffusionFeaturizer, DiffusionTask, GridDraws, NoiseSchedule, NoisedInputs,
                            RecordedDraws, SeededDraws, TrainLog, noise_from_seeds)
 from tda.errors import CheckpointError, ConfigError, DataError
-from tda.features import concat_blocks
-from tda.projection_choice import FALLBACK, ProjectionChoice
+from tda.core.features import concat_blocks
+from tda.featurizers.choice import FALLBACK, ProjectionChoice
 from tda.scorers.diffusion import influence_counts
-from tda.tasks import Task
+from tda.models.tasks import Task
 
-from ..layout import load_checkpoint_list
-from ..method import find_method, methods
-from ..report import format_examples, similarity_note
-from ..score_options import score_options
-from .base import (Family, Reporting, Representations, Retraining, SaveFn, collated, featurize_params_named,
+from pipelines.layout import load_checkpoint_list
+from pipelines.spec.method import find_method, methods
+from pipelines.report import format_examples, similarity_note
+from pipelines.spec.options import score_options
+from pipelines.families.base import (Family, Reporting, Representations, Retraining, SaveFn, collated, featurize_params_named,
                    resolve_device, resolved_projection)
-from .images import image_query_file, image_split, unused_train_rows
-from .jobs import SubsetJob
-from .registry import family_for, register_family
-from .unet import OPTIMIZERS, TinyUNet, sample_ddpm, train_ddpm
+from pipelines.families.images import image_query_file, image_split, unused_train_rows
+from pipelines.families.jobs import SubsetJob
+from pipelines.families.registry import family_for, register_family
+from pipelines.families.unet import OPTIMIZERS, TinyUNet, sample_ddpm, train_ddpm
 
 if TYPE_CHECKING:
-    from ..layout import RunPaths
-    from ..schema import RunConfig
+    from pipelines.layout import RunPaths
+    from pipelines.spec.schema import RunConfig
 
 GENERATED_ID0 = 1_000_000  # ids of generated query images: GENERATED_ID0 + j
 
@@ -107,7 +107,7 @@ def ddpm_collate(rows: Any) -> dict[str, torch.Tensor]:
 
 
 def _image_table(images: np.ndarray, ids: np.ndarray, labels: np.ndarray):
-    """Arrow table with the columns and types of :func:`tda.data.load_mnist`."""
+    """Arrow table with the columns and types of :func:`tda.data.loading.load_mnist`."""
     return pa.table({
         "id": pa.array(ids.astype(np.int64)),
         "image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1).astype(np.uint8)), 784),
@@ -116,7 +116,7 @@ def _image_table(images: np.ndarray, ids: np.ndarray, labels: np.ndarray):
 
 
 class DiffusionFamily(Representations, Retraining, Reporting, Family):
-    """DDPM on 28x28 images; D-TRAK, Diffusion-TracIn and Diffusion-ReTrac (tda.diffusion)."""
+    """DDPM on 28x28 images; D-TRAK, Diffusion-TracIn and Diffusion-ReTrac (tda.featurizers.diffusion)."""
 
     name = "diffusion"
     archs = ("unet",)

@@ -7,13 +7,13 @@ tokenizer comes from the same folder or ``data.tokenizer`` (a ``save_pretrained`
 ``vocab.json`` + ``merges.txt`` of GPT-2). Data are files, as in the ``user`` family.
 
 - ``*ForSequenceClassification``: f = the margin of the true label (``data.label_column``) on
-  ``data.text_column`` (:class:`tda.hf.HFClassificationTask`, :class:`tda.hf.HFTextCollate`);
+  ``data.text_column`` (:class:`tda.models.hf.HFClassificationTask`, :class:`tda.models.hf.HFTextCollate`);
 - ``*ForCausalLM`` / ``*LMHeadModel``: f = log p(completion | prompt), rows with ``prompt`` and
   ``completion`` columns, or whole texts in ``data.text_column`` (every token but the first
-  scored; training stories, say): :class:`tda.hf.HFCausalLMTask`.
+  scored; training stories, say): :class:`tda.models.hf.HFCausalLMTask`.
 
 Padding is trimmed per example and models whose code cannot run under ``vmap`` fall back to a
-per-example autograd pass (:mod:`tda.hf`, :class:`tda.featurize.Featurizer`); the path taken is
+per-example autograd pass (:mod:`tda.models.hf`, :class:`tda.featurizers.gradient.Featurizer`); the path taken is
 logged. Features are gradients (dense or factored projection); retraining (``tda validate``,
 curate, unlearn) fine-tunes from the folder's weights with the generic recipe
 (``train.init: pretrained``, :mod:`.capabilities`) or runs ``train.factory``.
@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from tda.errors import ConfigError
-from tda.tasks import Task
+from tda.models.tasks import Task
 
-from .registry import register_family
-from .user import UserFamily, task_from_config
+from pipelines.families.registry import register_family
+from pipelines.families.user import UserFamily, task_from_config
 
 if TYPE_CHECKING:
-    from ..schema import RunConfig
+    from pipelines.spec.schema import RunConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -59,7 +59,7 @@ class HFFamily(UserFamily):
         return [str(folder / f) for f in WEIGHT_FILES if (folder / f).is_file()][:1] or [str(folder)]
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        from tda.hf import load_hf_model
+        from tda.models.hf import load_hf_model
 
         return load_hf_model(cfg.model.hf, cfg.model.hf_class)
 
@@ -79,7 +79,7 @@ class HFFamily(UserFamily):
         return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
 
     def task(self, cfg: RunConfig) -> Task:
-        from tda.hf import HFCausalLMTask, HFClassificationTask
+        from tda.models.hf import HFCausalLMTask, HFClassificationTask
 
         if cfg.model.task in (None, "classification", "causal-lm"):
             lm = cfg.model.task == "causal-lm" or (cfg.model.task is None and self.is_lm(cfg))
@@ -87,7 +87,7 @@ class HFFamily(UserFamily):
         return task_from_config(cfg)
 
     def collate(self, cfg: RunConfig) -> Callable[[Any], dict[str, torch.Tensor]]:
-        from tda.hf import HFCausalLMCollate, HFTextCollate
+        from tda.models.hf import HFCausalLMCollate, HFTextCollate
 
         d = cfg.data
         if d.collate:

@@ -1,10 +1,10 @@
 """Image data sets of the demo families: MNIST, Fashion-MNIST (idx files) and CIFAR-2 (npz).
 
 ``data.root`` names the folder of a data set's files; unset, MNIST comes from the compact copy
-shipped with tda (``tda/demo_data/mnist``: the first 10,000 training and 2,000 test
+shipped with tda (``tda/data/demo_data/mnist``: the first 10,000 training and 2,000 test
 images of MNIST), and the other sets from their usual places (``../shared/data`` beside the
 repository, Debian's ``dataset-fashion-mnist`` package). ``data.train_size`` /
-``data.query_size`` draw seeded random subsets stratified by label (:func:`tda.data.draw_subset`;
+``data.query_size`` draw seeded random subsets stratified by label (:func:`tda.data.loading.draw_subset`;
 ``data.subset: first`` keeps the first N rows instead); ids are the rows' positions in the full
 split, so provenance keys stay meaningful.
 """
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tda.data import DEMO_DATA, MNIST_MEAN, MNIST_STD, draw_subset, example_ids, load_mnist
+from tda.data.loading import DEMO_DATA, MNIST_MEAN, MNIST_STD, draw_subset, example_ids, load_mnist
 from tda.errors import ConfigError, DataError, ShapeError, reading
 
 if TYPE_CHECKING:
-    from ..schema import RunConfig
+    from pipelines.spec.schema import RunConfig
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # beside a checkout of the repository
 CIFAR2_FILE = "cifar2_cat_dog_from_jpeg_uint8.npz"
@@ -80,14 +80,14 @@ def image_datasets(cfg: RunConfig) -> dict[str, Any]:
 
 def with_label_noise(table: Any, cfg: RunConfig, n_classes: int | None = None, column: str = "label") -> Any:
     """``table`` with a seeded ``data.label_noise`` share of its ``column`` moved to another class
-    (:func:`tda.curation.flip_labels`; ``n_classes`` None: the largest label + 1)."""
+    (:func:`tda.workflows.curation.flip_labels`; ``n_classes`` None: the largest label + 1)."""
     fraction = cfg.data.label_noise
     if not fraction:
         return table
     if column not in table.column_names:
         raise ConfigError(f"data.label_noise needs class labels, and the training set has no {column!r} column "
                           f"(it has {table.column_names}); set data.label_column or drop data.label_noise")
-    from tda.curation import flip_labels
+    from tda.workflows.curation import flip_labels
 
     labels = np.asarray(table[column])
     if not np.issubdtype(labels.dtype, np.integer):
@@ -137,14 +137,14 @@ class ImageCollate:
 
 
 def image_query_file(cfg: RunConfig):
-    """Image queries from ``data.query_path`` (parquet/arrow/csv/json, see :mod:`tda.query_files`),
+    """Image queries from ``data.query_path`` (parquet/arrow/csv/json, see :mod:`tda.data.query_files`),
     checked against the data set's image shape and classes; cached per process."""
     return _image_query_file(cfg.data.query_path, cfg.data.query_size, cfg.data.name)
 
 
 @functools.lru_cache(maxsize=4)
 def _image_query_file(path: str, limit: int, name: str):
-    from tda.query_files import image_queries, load_table
+    from tda.data.query_files import image_queries, load_table
 
     shape, classes, _ = IMAGE_DATA[name]
     return image_queries(load_table(path, limit), shape, classes)

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from stores._io import fingerprint
-from tda.data import example_ids
+from tda.data.loading import example_ids
 from tda.errors import ConfigError
 
-from .base import collated
-from .registry import family_for
+from pipelines.families.base import collated
+from pipelines.families.registry import family_for
 
 if TYPE_CHECKING:
-    from ..schema import RunConfig
+    from pipelines.spec.schema import RunConfig
 
 QUERY_SETS = ("query", "airrep")
 _DATA: dict[str, tuple[dict, np.ndarray, dict, np.ndarray]] = {}

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from tda.errors import ConfigError
 
-from .base import Family
+from pipelines.families.base import Family
 
 if TYPE_CHECKING:
-    from ..schema import RunConfig
+    from pipelines.spec.schema import RunConfig
 
 _FAMILIES: dict[str, Family] = {}
 

@@ -1,5 +1,5 @@
 """The training recipe of the ``classifier`` family's demo models (moved from ``tda/training.py``):
-a seeded SGD run of the generic recipe (:func:`train_classifier`, :class:`tda.recipe.TrainRecipe`) and :func:`accuracy` (used by the demo, tests
+a seeded SGD run of the generic recipe (:func:`train_classifier`, :class:`tda.workflows.recipe.TrainRecipe`) and :func:`accuracy` (used by the demo, tests
 and validators).
 
 Deterministic given (seed, data order): the batch order comes from a ``torch.Generator`` seeded
@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from tda.errors import DataError
-from tda.recipe import TrainRecipe
-from tda.tasks import ClassificationTask
+from tda.workflows.recipe import TrainRecipe
+from tda.models.tasks import ClassificationTask
 
 #: the recipe's optimizer settings (also those of its MAGIC replay, ``ClassifierFamily.magic_recipe``)
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -53,7 +53,7 @@ def train_classifier(
         weights: (n,) per-example data weights (None: ones). Step t minimises
             ``sum_{i in B_t} w_i loss_i / |B_t|``, so a zero weight drops an example while every
             batch, the batch order and the initialisation stay those of the full run (the
-            fixed-seed small-drop protocol; :class:`tda.magic.SGDRecipe` with ``schedule="epoch-linear"``
+            fixed-seed small-drop protocol; :class:`tda.scorers.magic.SGDRecipe` with ``schedule="epoch-linear"``
             trains the same run).
 
     Returns:
@@ -67,7 +67,7 @@ def train_classifier(
         _check_labels(model, x, y)
         return model
 
-    # the generic recipe every model retrains with (tda.recipe), at the demo's settings: same route, same numbers
+    # the generic recipe every model retrains with (tda.workflows.recipe), at the demo's settings: same route, same numbers
     recipe = TrainRecipe(optimizer="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay, schedule="epoch-linear",
                          epochs=epochs, batch_size=batch_size, seed=seed)
     return recipe.train(checked_model, {"x": x, "y": y}, ClassificationTask(), weights=weights, on_epoch=on_epoch)

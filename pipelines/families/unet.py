@@ -1,10 +1,10 @@
 """The demo UNet of the ``diffusion`` family, its training recipe and its sampler (moved from
-``tda/diffusion.py``; the noise schedule, output functions, draws and featurizer stay in
-:mod:`tda.diffusion`).
+``tda/featurizers/diffusion.py``; the noise schedule, output functions, draws and featurizer stay in
+:mod:`tda.featurizers.diffusion`).
 
 :class:`TinyUNet` (with :class:`ResBlock` and :func:`timestep_embedding`) predicts the noise
 ``eps_theta(x_t, t)`` of 28x28 images; :func:`train_ddpm` trains an epsilon-prediction model on
-``L_simple`` recording every ``(t, noise seed)`` draw in a :class:`tda.diffusion.TrainLog`, and
+``L_simple`` recording every ``(t, noise seed)`` draw in a :class:`tda.featurizers.diffusion.TrainLog`, and
 :func:`sample_ddpm` draws images by ancestral DDPM sampling.
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tda.diffusion import _SEED_MAX, NoiseSchedule, TrainLog, noise_from_seeds, noisy
+from tda.featurizers.diffusion import _SEED_MAX, NoiseSchedule, TrainLog, noise_from_seeds, noisy
 from tda.errors import ConfigError, DataError, NonFiniteError
 
 OPTIMIZERS = ("adam", "sgd")  # train_ddpm's optimizers (model.options.optimizer)

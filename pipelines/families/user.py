@@ -12,8 +12,8 @@ stratified by ``data.label_column``.
 ``data.collate`` turns a dict of columns into the task's tensors; the built-in collate reads
 ``data.image_column`` (or an ``x`` column) as float32 (integer pixels scaled to [0, 1]) and
 ``data.label_column`` as int64: ``{"x": ..., "y": ...}``, what ``ClassificationTask`` reads.
-``model.task``: ``classification`` (the margin, default), ``causal-lm`` (``tda.lm.LMTask`` on
-``input_ids`` / ``loss_mask``) or ``"module:Class"`` (your :class:`tda.tasks.Task`).
+``model.task``: ``classification`` (the margin, default), ``causal-lm`` (``tda.models.lm.LMTask`` on
+``input_ids`` / ``loss_mask``) or ``"module:Class"`` (your :class:`tda.models.tasks.Task`).
 Retraining (``tda validate``, curate's and unlearn's checks, AirRep) uses the generic recipe
 (:mod:`.capabilities`, ``train:`` keys) or your ``train.factory`` (``fn(model, dataset, seed) -> state_dict``).
 """
@@ -28,20 +28,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from tda.data import draw_subset, example_ids
+from tda.data.loading import draw_subset, example_ids
 from tda.errors import ConfigError, DataError
-from tda.tasks import ClassificationTask, Task
-from tda.query_files import non_integers
+from tda.models.tasks import ClassificationTask, Task
+from tda.data.query_files import non_integers
 
-from ..imports import import_object
-from .base import Family, Representations, Retraining
-from .capabilities import TaskCapabilities, UserSubsetJob  # noqa: F401  (UserSubsetJob: re-exported)
-from .images import IMAGE_DATA, image_datasets, with_label_noise
-from .registry import register_family
+from pipelines.imports import import_object
+from pipelines.families.base import Family, Representations, Retraining
+from pipelines.families.capabilities import TaskCapabilities, UserSubsetJob  # noqa: F401  (UserSubsetJob: re-exported)
+from pipelines.families.images import IMAGE_DATA, image_datasets, with_label_noise
+from pipelines.families.registry import register_family
 
 if TYPE_CHECKING:
-    from ..layout import RunPaths
-    from ..schema import RunConfig
+    from pipelines.layout import RunPaths
+    from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,11 @@ class UserFamily(TaskCapabilities, Representations, Retraining, Family):
     def airrep_queries(self, cfg: RunConfig) -> Any:
         """AirRep's training queries: rows of ``data.train_path`` outside the ``data.train_size``
         subset (never trained on), in file order; ``score.options.queries`` of them."""
-        from ..score_options import score_options
+        from pipelines.spec.options import score_options
 
         d, count = cfg.data, score_options(cfg, self).queries
         if d.train_path is None:
-            from .images import unused_train_rows
+            from pipelines.families.images import unused_train_rows
 
             return unused_train_rows(cfg, count)
         full = table_subset(d.train_path, None, d.seed, d.label_column, d.subset, "data.train_path")
@@ -136,16 +136,16 @@ def task_from_config(cfg: RunConfig, default: str = "classification") -> Task:
     if name == "classification":
         return ClassificationTask()
     if name == "causal-lm":
-        from tda.lm import LMTask
+        from tda.models.lm import LMTask
 
         return LMTask()
     if ":" not in name:
         raise ConfigError(f"model.task is {name!r}; choose classification, causal-lm or 'module:Class' (your "
-                          "tda.tasks.Task); diffusion needs the diffusion family")
+                          "tda.models.tasks.Task); diffusion needs the diffusion family")
     obj = import_object(name, cfg.code_dir, "model.task")
     task = obj() if isinstance(obj, type) else obj
     if not isinstance(task, Task):
-        raise ConfigError(f"model.task {name} is a {type(task).__name__}, not a tda.tasks.Task")
+        raise ConfigError(f"model.task {name} is a {type(task).__name__}, not a tda.models.tasks.Task")
     return task
 
 
@@ -156,7 +156,7 @@ def table_subset(path: str, size: int | None, seed: int, label_column: str, how:
 
 @functools.lru_cache(maxsize=8)
 def _table_subset(path: str, size: int | None, seed: int, label_column: str, how: str, key: str):
-    from tda.query_files import load_table
+    from tda.data.query_files import load_table
 
     table = load_table(path, None, key)
     if "id" not in table.column_names:
@@ -195,7 +195,7 @@ def _check_labels(table, column: str, where: str) -> None:
 
 class ColumnsCollate:
     """Rows -> ``{"x": float32 inputs, "y": int64 labels}`` (picklable): the input column in any
-    storage form (lists, nested lists, arrays, PIL images; :mod:`tda.images`), laid out by
+    storage form (lists, nested lists, arrays, PIL images; :mod:`tda.data.images`), laid out by
     ``layout`` (3-D images fed channels-first) and divided by ``scale`` -- the two transforms
     ``data.image_layout`` and ``data.image_scale`` state, and no other."""
 
@@ -207,7 +207,7 @@ class ColumnsCollate:
         self.__dict__.update({"layout": "auto", "scale": "auto", **state})
 
     def __call__(self, rows: Any) -> dict[str, torch.Tensor]:
-        from tda.images import image_batch
+        from tda.data.images import image_batch
 
         key = self.input_column if self.input_column in rows else "x"
         if key not in rows:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable
 from tda.errors import ConfigError
 from tda.lazy import lazy_exports
 
-from ..layout import LABELS_DIR
+from pipelines.layout import LABELS_DIR
 
 if TYPE_CHECKING:
-    from ..layout import RunPaths
-    from ..schema import RunConfig
+    from pipelines.layout import RunPaths
+    from pipelines.spec.schema import RunConfig
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ __getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # the lazy names, for type checkers
-    from .featurize import FeaturizeJob, open_store, stage_featurize  # noqa: F401
-    from .index import load_index, load_scorer, scorer_for, stage_index  # noqa: F401
-    from .retrain import stage_retrain  # noqa: F401
-    from .score import stage_score  # noqa: F401
-    from .train import stage_train  # noqa: F401
-    from .validate import stage_validate  # noqa: F401
+    from pipelines.stages.featurize import FeaturizeJob, open_store, stage_featurize  # noqa: F401
+    from pipelines.stages.index import load_index, load_scorer, scorer_for, stage_index  # noqa: F401
+    from pipelines.stages.retrain import stage_retrain  # noqa: F401
+    from pipelines.stages.score import stage_score  # noqa: F401
+    from pipelines.stages.train import stage_train  # noqa: F401
+    from pipelines.stages.validate import stage_validate  # noqa: F401

@@ -19,15 +19,15 @@ from tqdm.auto import tqdm
 from stores import FeatureStore
 from stores._io import remove_tree
 from stores.feature_store import write_shard_files
-from tda.data import iter_batches
+from tda.data.loading import iter_batches
 from tda.errors import CheckpointError, StoreError
 
-from ..executors import make_executor
-from ..families.base import decide_projection
-from ..families.registry import family_for
-from ..layout import RunPaths, checkpoint_digest, fingerprint_version, json_field, load_checkpoint_list
-from ..run import collate_for, datasets_for, feature_fingerprint, feature_kind, make_featurizer
-from ..schema import RunConfig
+from pipelines.executors import make_executor
+from pipelines.families.base import decide_projection
+from pipelines.families.registry import family_for
+from pipelines.layout import RunPaths, checkpoint_digest, json_field, load_checkpoint_list
+from pipelines.run import collate_for, datasets_for, feature_fingerprint, feature_kind, make_featurizer
+from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class FeaturizeJob:
         checkpoint, shard = item
         paths = RunPaths(Path(self.root))
         if self._bound is None:  # first job of this worker process for this job object
-            from ..config import parse_config
+            from pipelines.config import parse_config
 
             torch.set_num_threads(1)  # one job per worker thread; no oversubscription
             cfg = parse_config(self.config)

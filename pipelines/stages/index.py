@@ -20,9 +20,9 @@ from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_st
 from stores.index import RECALL_TARGET, exact_recall, index_space
 from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreError, TDAError
 
-from ..layout import RunPaths, fingerprint_version
-from ..schema import RunConfig, scorer_fingerprint
-from ..scorers import build_scorer
+from pipelines.layout import RunPaths
+from pipelines.spec.schema import RunConfig, scorer_fingerprint
+from pipelines.methods.scorers import build_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def _warn_recall(index: FaissIndex) -> None:
 def check_inputs_unchanged(cfg: RunConfig, paths: RunPaths) -> None:
     """:class:`InputChangedError` naming the inputs whose content changed since ``tda run`` made
     the run (recorded in run.json): its features are stale, so the fix is a full rerun."""
-    from ..run import describe_change, input_record
-    from ..run_folder import read_run_file
+    from pipelines.run import describe_change, input_record
+    from pipelines.run_folder import read_run_file
 
     try:
         old = read_run_file(paths)

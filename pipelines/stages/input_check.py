@@ -1,7 +1,7 @@
 """Before featurizing: do the data reach the checkpoints the way they were trained?
 
 Each attributed checkpoint is run on a sample of the training set through the configured collate
-(:func:`tda.predictions.checkpoint_quality`); its accuracy and mean loss are recorded in
+(:func:`tda.featurizers.predictions.checkpoint_quality`); its accuracy and mean loss are recorded in
 ``checkpoints/checkpoints.json``. A checkpoint that is supposed to be trained
 (``model.check_trained``, the default) but scores no better than a guess -- a mean loss above a
 uniform guess's ``log C`` (``log V`` for a language model: confidently wrong, as inputs scaled
@@ -21,13 +21,13 @@ from typing import Any
 
 from torch import nn
 
-from tda.data import iter_batches
+from tda.data.loading import iter_batches
 from tda.errors import DataError
-from tda.featurize import apply_checkpoint, batch_error, load_checkpoint
-from tda.predictions import PREDICTED_KINDS, checkpoint_quality
+from tda.featurizers.gradient import apply_checkpoint, batch_error, load_checkpoint
+from tda.featurizers.predictions import PREDICTED_KINDS, checkpoint_quality
 
-from ..families import family_for
-from ..schema import RunConfig
+from pipelines.families import family_for
+from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def check_inputs(cfg: RunConfig, model: nn.Module, entries: list[dict[str, Any]]
     train = family.datasets(cfg)["train"]
     rows = min(SAMPLE_ROWS, len(train))
     batches = [b for _, b in iter_batches(train.select(range(rows)), family.collate(cfg), 64)]
-    from ..families.capabilities import final_checkpoints
+    from pipelines.families.capabilities import final_checkpoints
 
     finals = {id(e) for e in final_checkpoints(entries)}  # early epochs of a recorded run may be weak by design
     for entry, file in zip(entries, files):

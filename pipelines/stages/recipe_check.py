@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tda.data import iter_batches
-from tda.featurize import apply_checkpoint, load_checkpoint
+from tda.data.loading import iter_batches
+from tda.featurizers.gradient import apply_checkpoint, load_checkpoint
 
-from ..families import family_for
-from ..families.capabilities import final_checkpoints
-from ..layout import RunPaths, load_checkpoint_list
-from ..schema import RunConfig
+from pipelines.families import family_for
+from pipelines.families.capabilities import final_checkpoints
+from pipelines.layout import RunPaths, load_checkpoint_list
+from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 

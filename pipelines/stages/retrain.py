@@ -1,16 +1,16 @@
 """The retrain stage: subset retrainings a scorer learns from, run before it is fitted.
 
 A method that needs retraining (``Method.retrain``; AirRep, ``score.scorer: airrep``) learns its encoder from the outputs of models retrained on
-random training subsets (:func:`pipelines.airrep.airrep_retrain`: resumable, stored as they
+random training subsets (:func:`pipelines.methods.airrep.airrep_retrain`: resumable, stored as they
 finish, shareable through ``score.options.data_dir``). Other scorers need no retraining, and
 the stage does nothing for them; the validator's own retrainings run in the validate stage.
 """
 
 from __future__ import annotations
 
-from ..layout import RunPaths
-from ..method import method_for
-from ..schema import RunConfig
+from pipelines.layout import RunPaths
+from pipelines.spec.method import method_for
+from pipelines.spec.schema import RunConfig
 
 
 def stage_retrain(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> int:

@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from stores import FeatureStore
 from stores._io import reserve, save_json, save_npz, sha256_file
 from tda.errors import StoreError
-from tda.features import FeatureBlock, concat_blocks
-from tda.kernel import iter_score_blocks
+from tda.core.features import FeatureBlock, concat_blocks
+from tda.core.kernel import iter_score_blocks
 
-from ..families import family_for
-from ..layout import RunPaths, fingerprint_version, json_field
-from ..schema import SCORE_SECTIONS, RunConfig, section_fingerprint
-from ..scorers import feature_kind
-from .index import _View, load_index, load_scorer
+from pipelines.families import family_for
+from pipelines.layout import RunPaths, json_field
+from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
+from pipelines.methods.scorers import feature_kind
+from pipelines.stages.index import _View, load_index, load_scorer
 
 logger = logging.getLogger(__name__)
 

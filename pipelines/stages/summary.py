@@ -13,9 +13,9 @@ import numpy as np
 
 from stores import scorer_state
 
-from ..families import family_for
-from ..layout import RunPaths
-from ..schema import RunConfig
+from pipelines.families import family_for
+from pipelines.layout import RunPaths
+from pipelines.spec.schema import RunConfig
 
 Run = Callable[..., Any]
 
@@ -91,7 +91,7 @@ def print_validation(res: dict[str, Any], paths: RunPaths) -> None:
         print(f"  TRAK ridge: configured {lds_['configured']['label']}, tuning fold chose "
               f"{lds_['chosen_lambda_rel']:g}")
     if "linearity" in res:
-        from .validate_linearity import linearity_line
+        from pipelines.stages.validate_linearity import linearity_line
 
         print(linearity_line(res["linearity"]))
     gt_noise = res.get("ground_truth", {}).get("noise")

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from stores._io import atomic_write, save_json, sha256_file
 from tda.errors import CheckpointError, NonFiniteError
-from tda.featurize import apply_checkpoint, load_checkpoint
+from tda.featurizers.gradient import apply_checkpoint, load_checkpoint
 
-from ..families import family_for
-from ..layout import RunPaths, checkpoint_digest, json_field
-from ..schema import RunConfig
+from pipelines.families import family_for
+from pipelines.layout import RunPaths, checkpoint_digest, json_field
+from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def register_checkpoints(cfg: RunConfig, paths: RunPaths) -> list[dict[str, Any]
     own weights) against the family's model, measure it on a training sample
     (:mod:`.input_check`) and record it, with what :class:`tda.CheckpointRecorder` recorded
     beside it (learning rate, step, epoch, the training recipe)."""
-    from .input_check import check_inputs
+    from pipelines.stages.input_check import check_inputs
 
     family = family_for(cfg)
     model = family.build_model(cfg)
@@ -80,7 +80,7 @@ def recorded_entry(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``({"lr", "step", "recorded_epoch", "recorded_model"}, recipe)`` that a recorder's
     ``tda-checkpoints.json`` in the checkpoint's folder (or the one above: runs recorded into
     sub-folders) holds for it; empty and None without one."""
-    from tda.recording import read_manifest
+    from tda.models.recording import read_manifest
 
     target = path.resolve()
     for folder in (path.parent, path.parent.parent):
@@ -148,7 +148,7 @@ def check_trained(cfg: RunConfig, path: Path, summary: dict[str, Any]) -> None:
 
 
 def _classes(cfg: RunConfig) -> int:
-    from ..families.images import IMAGE_DATA
+    from pipelines.families.images import IMAGE_DATA
 
     return IMAGE_DATA.get(cfg.data.name, (None, 10))[1]
 

@@ -18,19 +18,19 @@ import numpy as np
 from stores import FeatureStore, workflow_results
 from stores._io import fingerprint
 from tda.errors import CheckpointError, ConfigError
-from tda.features import ArrayFeatures, FeatureBlock, concat_blocks
-from tda.kernel import score_matrix
+from tda.core.features import ArrayFeatures, FeatureBlock, concat_blocks
+from tda.core.kernel import score_matrix
 from tda.scorers import TRAKScorer
 from tda.validation import brittleness, calibration_report, ground_truth_reliability, lds, removal_sets, score_noise, split_folds
 
-from ..executors import make_executor
-from ..families import Retraining, family_for
-from ..families.classifier import ClassifierSubsetJob
-from ..ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
-from ..layout import RunPaths, fingerprint_version
-from ..method import method_for
-from ..schema import SCORE_SECTIONS, RunConfig, section_fingerprint
-from .validate_scorers import scores_for, validation_scorers
+from pipelines.executors import make_executor
+from pipelines.families import Retraining, family_for
+from pipelines.families.classifier import ClassifierSubsetJob
+from pipelines.ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
+from pipelines.layout import RunPaths
+from pipelines.spec.method import method_for
+from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
+from pipelines.stages.validate_scorers import scores_for, validation_scorers
 
 
 class MNISTRetrainJob(ClassifierSubsetJob):
@@ -212,12 +212,12 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
         scores = measure_scorers(cfg, paths, names, train, query, (gt.masks, outputs, gt.full_outputs()), folds,
                                  result)
         if any(method_for(name).linearity_check for name in names):  # linear enough for a first-order prediction?
-            from .validate_linearity import linearity_check
+            from pipelines.stages.validate_linearity import linearity_check
 
             result["linearity"] = linearity_check(cfg, paths, job, gt, executor, progress)
         if v.removal_queries:
             result["removal"] = removal_curves(cfg, paths, scores, executor, progress)
-    from .recipe_check import recipe_check
+    from pipelines.stages.recipe_check import recipe_check
 
     check = recipe_check(cfg, paths, gt.full_outputs())
     if check is not None:
@@ -225,7 +225,7 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     out = paths.root / "validation"
     workflow_results.save(paths.root, "validation", result)
     if v.plots:
-        from ..plots import plot_validation
+        from pipelines.plots import plot_validation
 
         plot_validation(out, result, scores, gt.masks, outputs)
     return result

@@ -22,9 +22,9 @@ import numpy as np
 from stores._io import fingerprint
 from tda.validation import half_weight_linearity
 
-from ..ground_truth import GroundTruth, ResultStore, job_fingerprint
-from ..layout import RunPaths
-from ..schema import RunConfig
+from pipelines.ground_truth import GroundTruth, ResultStore, job_fingerprint
+from pipelines.layout import RunPaths
+from pipelines.spec.schema import RunConfig
 
 HALF = 0.5  # the dropped rows' weight in the check's retrainings
 

@@ -18,14 +18,14 @@ import numpy as np
 
 from stores import FeatureStore
 from tda.errors import ConfigError
-from tda.features import FeatureBlock
-from tda.kernel import score_matrix
+from tda.core.features import FeatureBlock
+from tda.core.kernel import score_matrix
 
-from ..layout import RunPaths
-from ..schema import RunConfig
-from ..method import methods
-from ..scorers import build_scorer, feature_kind
-from .index import load_scorer
+from pipelines.layout import RunPaths
+from pipelines.spec.schema import RunConfig
+from pipelines.spec.method import methods
+from pipelines.methods.scorers import build_scorer, feature_kind
+from pipelines.stages.index import load_scorer
 
 
 def as_scorer(cfg: RunConfig, name: str) -> RunConfig:
@@ -36,7 +36,7 @@ def as_scorer(cfg: RunConfig, name: str) -> RunConfig:
 
 
 def _fingerprints(cfg: RunConfig) -> dict[str, str]:
-    from ..run import feature_fingerprint
+    from pipelines.run import feature_fingerprint
 
     return {split: feature_fingerprint(cfg, split) for split in ("train", "query")}
 

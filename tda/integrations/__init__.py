@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..lazy import lazy_exports
+from tda.lazy import lazy_exports
 
 _EXPORTS = {"CheckpointCallback": "hf", "recipe_from_args": "hf"}
 
@@ -17,4 +17,4 @@ __all__ = ["CheckpointCallback", "recipe_from_args"]
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:
-    from .hf import CheckpointCallback, recipe_from_args
+    from tda.integrations.hf import CheckpointCallback, recipe_from_args

@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, MissingDependencyError
-from ..recording import optimizer_recipe, update_manifest
+from tda.errors import ConfigError, MissingDependencyError
+from tda.models.recording import optimizer_recipe, update_manifest
 
 if TYPE_CHECKING:
     import transformers

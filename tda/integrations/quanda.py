@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DataError, MissingDependencyError
+from tda.errors import DataError, MissingDependencyError
 
 INSTALL = "pip install quanda (or pip install -e '.[benchmark]'; see pyproject.toml)"
 
@@ -94,7 +94,7 @@ class AttributorExplainer:
                  checkpoints_load_func: Callable | None = None, scorer: Any = "trak",
                  scorer_options: Mapping[str, Any] | None = None, self_influence_target: str = "loss",
                  **attributor_options: Any) -> None:
-        from ..api import Attributor
+        from tda.api import Attributor
 
         self.tda_model = model
         self.train_tensors = dataset_tensors(train_dataset)

@@ -7,47 +7,35 @@ Grad-Dot / Grad-Cos and RepSim are numpy).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..lazy import lazy_exports
+from tda.lazy import lazy_exports
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
-    "AirRepScorer": "airrep", "Scorer": "base", "EKFACScorer": "ekfac", "PrecomputedScorer": "magic",
+    "AirRepScorer": "airrep.scorer", "Scorer": "base", "EKFACScorer": "ekfac.scorer", "PrecomputedScorer": "magic.precomputed",
     "RepSimScorer": "repsim", "GradCosScorer": "tracin", "GradDotScorer": "tracin", "TracInCPScorer": "tracin",
     "DEFAULT_LAMBDA_REL": "trak", "TRAKScorer": "trak", "DiffusionTracInScorer": "diffusion",
     "DiffusionReTracScorer": "diffusion", "SlotScorer": "diffusion", "make_dtrak_scorer": "diffusion",
     "generally_influential": "diffusion", "influence_counts": "diffusion",
+    "ScorerEntry": "registry", "make_scorer": "registry", "register_scorer": "registry",
+    "scorer_entry": "registry", "scorer_names": "registry",
 }
 
-#: ``make_scorer`` name -> class name (the Python API's names; ``tda run`` declares its methods,
-#: with their traits, in pipelines/scorers.py)
-_REGISTRY = {"trak": "TRAKScorer", "tracin": "TracInCPScorer", "graddot": "GradDotScorer",
-             "gradcos": "GradCosScorer", "repsim": "RepSimScorer", "airrep": "AirRepScorer", "ekfac": "EKFACScorer"}
-
-__all__ = [*_EXPORTS, "make_scorer"]
+__all__ = [*_EXPORTS]
 
 
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
-def make_scorer(name: str, **kwargs: object) -> Any:
-    """Build a scorer by name (``"trak"``, ``"tracin"``, ``"graddot"``, ``"gradcos"``,
-    ``"repsim"``, ``"airrep"``, ``"ekfac"``); ``kwargs`` go to its constructor."""
-    from ..errors import ConfigError
-
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown scorer {name!r}; choose one of {sorted(_REGISTRY)}")
-    return __getattr__(_REGISTRY[name])(**kwargs)
-
-
 if TYPE_CHECKING:
-    from .airrep import AirRepScorer
-    from .base import Scorer
-    from .diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, generally_influential,
+    from tda.scorers.airrep.scorer import AirRepScorer
+    from tda.scorers.base import Scorer
+    from tda.scorers.diffusion import (DiffusionReTracScorer, DiffusionTracInScorer, SlotScorer, generally_influential,
                             influence_counts, make_dtrak_scorer)
-    from .ekfac import EKFACScorer
-    from .magic import PrecomputedScorer
-    from .repsim import RepSimScorer
-    from .tracin import GradCosScorer, GradDotScorer, TracInCPScorer
-    from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
+    from tda.scorers.ekfac.scorer import EKFACScorer
+    from tda.scorers.magic.precomputed import PrecomputedScorer
+    from tda.scorers.repsim import RepSimScorer
+    from tda.scorers.tracin import GradCosScorer, GradDotScorer, TracInCPScorer
+    from tda.scorers.registry import ScorerEntry, make_scorer, register_scorer, scorer_entry, scorer_names
+    from tda.scorers.trak import DEFAULT_LAMBDA_REL, TRAKScorer

@@ -1,7 +1,7 @@
 """The scorer seam: every scorer is two transforms and an inner product.
 
 ``score(z, z_i) = <T_query(z), T_train(z_i)>``. A scorer defines
-:meth:`Scorer.fit` (optional) and the two transforms; :mod:`tda.kernel` owns the blocked matmul
+:meth:`Scorer.fit` (optional) and the two transforms; :mod:`tda.core.kernel` owns the blocked matmul
 loops, and the FAISS index stores ``T_train`` of every training example so that any scorer is
 served by maximum inner product search.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..features import FeatureBlock, FeatureSource
+from tda.core.features import FeatureBlock, FeatureSource
 
 
 class Scorer(ABC):

@@ -1,7 +1,7 @@
 """Scorers for diffusion models: D-TRAK, Diffusion-TracIn, Diffusion-ReTrac (docs/methods.md 3, 4).
 
 - D-TRAK is TRAK (:class:`~tda.scorers.trak.TRAKScorer`, unchanged) on features from
-  :class:`tda.diffusion.DiffusionFeaturizer` in ``mode="mean"``: gradients of the selected
+  :class:`tda.featurizers.diffusion.DiffusionFeaturizer` in ``mode="mean"``: gradients of the selected
   output averaged over a seeded timestep grid on both sides, ``Q = -1`` for ``loss`` (so a
   positive score means training on i raises the query's loss) and 1 otherwise.
   :func:`make_dtrak_scorer` only names it.
@@ -21,7 +21,7 @@
   norm equals projecting unit gradients (projection is linear). Zero gradients give zeros.
 
 As transforms: train ``concat_c(-sqrt(eta_c) u_c,i)``, query ``concat_c(sqrt(eta_c) mean_s
-u_c,s(z))`` with ``u = phi`` (TracIn) or ``phi / n`` (ReTrac): scored by :mod:`tda.kernel` and
+u_c,s(z))`` with ``u = phi`` (TracIn) or ``phi / n`` (ReTrac): scored by :mod:`tda.core.kernel` and
 served by the FAISS index like every scorer.
 
 The generic TracInCP, Grad-Dot and Grad-Cos run on the same slot features through
@@ -38,11 +38,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, ShapeError
-from ..features import FeatureBlock, FeatureSource
-from .base import Scorer
-from .tracin import TracInCPScorer, check_finite_rows, concat_checkpoints
-from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
+from tda.errors import ConfigError, ShapeError
+from tda.core.features import FeatureBlock, FeatureSource
+from tda.scorers.base import Scorer
+from tda.scorers.tracin import TracInCPScorer, check_finite_rows, concat_checkpoints
+from tda.scorers.trak import DEFAULT_LAMBDA_REL, TRAKScorer
 
 
 def make_dtrak_scorer(lambda_rel: float = DEFAULT_LAMBDA_REL, block_rows: int = 8192) -> TRAKScorer:
@@ -230,7 +230,7 @@ def influence_counts(query: FeatureBlock, train: FeatureSource, scorers: Mapping
         ``{name: {"proponents": ids, "opponents": ids, "k": k, "fraction": fraction}}`` where
         proponents are the largest scores (raise f) and opponents the most negative (lower f).
     """
-    from ..kernel import top_k
+    from tda.core.kernel import top_k
 
     out = {}
     for name, scorer in scorers.items():

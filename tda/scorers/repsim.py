@@ -1,7 +1,7 @@
 """RepSim: similarity of hidden representations (docs/methods.md section 5).
 
 Features are representations ``h_c(z)`` of a named module under each checkpoint c (the
-FeatureBlock's M axis), produced by :class:`tda.representations.RepresentationFeaturizer`.
+FeatureBlock's M axis), produced by :class:`tda.featurizers.representations.RepresentationFeaturizer`.
 The score is averaged over checkpoints like Grad-Dot:
 
 - ``metric="cosine"``: ``tau(z)_i = (1/M) sum_c cos(h_c(z), h_c(z_i))``: rows normalised to unit
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..features import FeatureBlock
-from .base import Scorer
-from .tracin import check_finite_rows, concat_checkpoints, unit_rows
+from tda.errors import ConfigError
+from tda.core.features import FeatureBlock
+from tda.scorers.base import Scorer
+from tda.scorers.tracin import check_finite_rows, concat_checkpoints, unit_rows
 
 METRICS = ("cosine", "dot")
 

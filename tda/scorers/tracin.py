@@ -15,7 +15,7 @@ classification the margin ``log(p/(1-p))``, docs/methods.md section 1), not of t
 With the margin this is the "output-gradient" TracIn variant: since
 ``dLoss/dtheta = -Q * df/dtheta`` with ``Q = 1 - p_y`` for cross-entropy, the loss-gradient
 TracIn score of a pair equals this one times ``Q(z) * Q(z_i)`` per checkpoint. The loss weights
-``q`` carried by the :class:`~tda.features.FeatureBlock` are ignored by these scorers. Random
+``q`` carried by the :class:`~tda.core.features.FeatureBlock` are ignored by these scorers. Random
 projection (docs/methods.md section 2) preserves inner products in expectation, and the cosine of
 projected gradients approximates the cosine of full gradients.
 
@@ -29,9 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, NonFiniteError
-from ..features import FeatureBlock, FeatureSource
-from .base import Scorer
+from tda.errors import ConfigError, NonFiniteError
+from tda.core.features import FeatureBlock, FeatureSource
+from tda.scorers.base import Scorer
 
 
 def concat_checkpoints(feats: np.ndarray, weights: Sequence[float] | np.ndarray | None = None) -> np.ndarray:

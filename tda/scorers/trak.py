@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError, NonFiniteError, ShapeError, TDAError
-from ..features import FeatureBlock, FeatureSource
-from .base import Scorer
+from tda.errors import ConfigError, NonFiniteError, ShapeError, TDAError
+from tda.core.features import FeatureBlock, FeatureSource
+from tda.scorers.base import Scorer
 
 if TYPE_CHECKING:
     import torch

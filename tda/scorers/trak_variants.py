@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..features import FeatureBlock
-from .trak import DEFAULT_LAMBDA_REL, TRAKScorer
+from tda.core.features import FeatureBlock
+from tda.scorers.trak import DEFAULT_LAMBDA_REL, TRAKScorer
 
 
 class TRAKVariantScorer(TRAKScorer):
@@ -84,4 +84,14 @@ class TRAKVariantScorer(TRAKScorer):
 #: the keys of ``scorer_options`` / ``score.options`` that select :class:`TRAKVariantScorer`
 VARIANT_KEYS = ("normalize", "q_weight")
 
-__all__ = ["TRAKVariantScorer", "VARIANT_KEYS"]
+
+def trak_scorer(normalize: bool = False, q_weight: bool = True, **options: Any) -> TRAKScorer:
+    """TRAK as its options ask: :class:`TRAKVariantScorer` when they change its answer
+    (``normalize``, or no ``q_weight``), else plain :class:`TRAKScorer` (the defaults are TRAK's).
+    The one rule of both the Python API and ``score.options``."""
+    if bool(normalize) or not bool(q_weight):
+        return TRAKVariantScorer(normalize=bool(normalize), q_weight=bool(q_weight), **options)
+    return TRAKScorer(**options)
+
+
+__all__ = ["TRAKVariantScorer", "VARIANT_KEYS", "trak_scorer"]

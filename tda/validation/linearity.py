@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ShapeError
+from tda.errors import ShapeError
 
 #: Pearson and slope bounds within which the outcome counts as linear (the verdict's wording)
 LINEAR_PEARSON = 0.9

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-from ..errors import ShapeError
+from tda.errors import ShapeError
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ConfigError
+from tda.errors import ConfigError
 
 
 def sample_subsets(n: int, n_subsets: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The config's schema: sections, their checks, score options and the method registry."""

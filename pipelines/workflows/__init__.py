@@ -1,0 +1,1 @@
+"""``tda curate`` and ``tda unlearn``: curation, its retraining check, unlearning and their reports."""

@@ -1,0 +1,2 @@
+"""Data: the shipped MNIST subset, the forms the Python API takes (tensors, datasets, loaders),
+image columns and query files."""

@@ -1,0 +1,1 @@
+"""Per-example gradients (``torch.func``) and captured layer inputs / output gradients."""

@@ -1,0 +1,1 @@
+"""Random projections of per-example gradients: dense, sparse (SJLT) and TensorSketch."""

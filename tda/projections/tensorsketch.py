@@ -1,0 +1,326 @@
+"""TensorSketch projection of per-layer gradients from captured layers (Pham & Pagh 2013;
+docs/methods.md section 2).
+
+For a layer applied at positions t (tokens, output pixels of a convolution, one position for a
+plain MLP) the per-example gradient is ``G = sum_t delta_t a_t^T`` (``d_out x d_in``, ``a_t``
+with the bias ones column, exactly as :func:`tda.gradients.captures.layer_matrices` returns it). Its
+sketch is the CountSketch of ``vec(G)`` under the hash and sign
+
+    h(i, j) = (h_out(i) + h_in(j)) mod k,    s(i, j) = s_out(i) s_in(j),
+
+    phi_c = sqrt(k / d) * sum_{i, j: h(i, j) = c} s(i, j) G_ij,
+
+with ``h_in, s_in`` (``d_in``) and ``h_out, s_out`` (``d_out``) uniform buckets in ``[0, k)``
+and random signs. It is computed without forming ``G``: the CountSketch of an outer product
+``delta a^T`` is the circular convolution of the CountSketches of ``a`` and ``delta``, so
+
+    TS(G) = irfft( sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t)) )          (length k)
+
+at ``O(T (d_in + d_out + k log k))`` per example and layer; when cheaper (few positions and a
+small ``d_in d_out``, e.g. a convolution's many pixels against a small kernel) ``G`` is formed
+(``O(T d_in d_out)``) and scattered with the combined hash instead: the same sketch, up to
+rounding. Every selected layer sketches into the SAME ``k`` outputs with its own independent
+hashes (the sum over layers), so the width is ``k`` whatever the model, as for the dense and
+sparse projections.
+
+Moments: for two distinct coordinates the combined bucket collides with probability ``1 / k``
+and the product of signs has mean zero, so ``E <phi, phi'> = (k / d) <g, g'>`` with ``d`` the
+number of covered gradient coordinates: the dense projector's ``P^T g / sqrt(d)`` scale, so
+ridges and TracIn scales mean the same thing. The signs are only pairwise independent across
+coordinates sharing a row or column of ``G``, so the variance is somewhat above CountSketch's
+(Pham & Pagh bound it by a constant factor); unlike the factored projection its error shrinks
+with the full ``k``, not with per-layer factors of ``sqrt(k)``.
+
+Coverage (:func:`tda.projections.sketch_layers.tensorsketch_selection`): the factored projection's layers
+(nn.Linear, transformers' Conv1D, nn.Conv2d with groups=1), embeddings and per-channel affine
+norms; any other trainable parameter under the selection is refused. An embedding's gradient
+``sum_t onehot(id_t) delta_t^T`` is the term with ``a_t = onehot(id_t)``, whose CountSketch is
+the single bucket ``h_out(id_t)`` (rows = ids): entry ``(id_t, j)`` is scattered straight to
+``(h_out(id_t) + h_in(j)) mod k`` with sign ``s_out(id_t) s_in(j)``, no FFT. A weight shared by an
+embedding and linear layers (a tied LM head) is hashed by the parameter's name in every use, so
+its sketch is that of the sum of the uses' gradients and ``d`` counts it once. A norm's weight
+(``sum_t delta_t * xhat_t``) and bias (``sum_t delta_t``) are formed per example and
+CountSketched with hashes of their own. ``d`` is the total covered dimension.
+
+Buckets and signs of one layer side come from a numpy PCG64 stream seeded by ``(seed,
+checkpoint, crc32(layer name), side)`` (the parameter's name for embeddings and shared
+weights; side 2 for a vector), so any process regenerates them; they are cached per device and
+dtype. Sums run in fp32 (fp64 for fp64 captures) with ``torch.fft`` on the CPU or on CUDA alike.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tda.errors import ConfigError, ShapeError
+from tda.gradients.captures import (CHUNK_ELEMENTS, MATRIX_LAYOUTS, NORM_LAYOUTS, SIDES, CapturedLayers, Captures, LayerSpec,
+                       regroup)
+from tda.projections.sketch_layers import covered_sizes, embedding_sketch, norm_grads, shared_sq_norm, term_sq_norm
+
+#: Relative costs per element against one multiply-add of forming ``G`` by batched matmul,
+#: measured on the CPU (torch 2.13; ``benchmarks/tensorsketch_paths.py`` times both ways per
+#: layer shape and prints the implied constants): writing and scattering an element, and one
+#: ``log2 k`` step of a length-k real FFT plus its share of the product (FFT_COST was 5 until the
+#: transformer shapes were measured: FFTs cost 4-6x the formed path at k = 4096).
+SCATTER_COST = 60.0
+FFT_COST = 25.0
+_METHODS = ("auto", "fft", "form")
+#: Seed-stream side of a CountSketched vector parameter (a norm's weight or bias, a tied layer's bias).
+VECTOR = 2
+
+
+@dataclass(frozen=True)
+class TensorSketchSpec:
+    """Everything that determines the tensorsketch features; stored in manifests and compared."""
+
+    projection: str
+    layers: tuple[str, ...]
+    seed: int
+    k: int
+    dim: int
+    params: tuple[str, ...]
+
+
+def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, k: int) -> Tensor:
+    """CountSketch of each row: ``out[r, buckets[j]] += signs[j] x[r, j]``; x (R, d) -> (R, k)."""
+    return x.new_zeros(x.shape[0], k).scatter_add_(1, buckets.expand(x.shape[0], -1), x * signs)
+
+
+def spectrum(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
+             k: int) -> Tensor:
+    """``sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t))``: a (B, N, d_in), delta (B, N, d_out) ->
+    (B, k // 2 + 1) complex, the spectrum of the unscaled sketch."""
+    b, n = a.shape[:2]
+    fa = torch.fft.rfft(count_sketch(a.reshape(b * n, -1), *side_in, k), dim=1)  # (B N, k/2 + 1)
+    fd = torch.fft.rfft(count_sketch(delta.reshape(b * n, -1), *side_out, k), dim=1)
+    return fa.mul_(fd).reshape(b, n, -1).sum(dim=1) if n > 1 else fa.mul_(fd)  # (B, k/2 + 1)
+
+
+def sketch_fft(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
+               k: int) -> Tensor:
+    """``irfft(sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t)))``: (B, k), unscaled."""
+    return torch.fft.irfft(spectrum(a, delta, side_in, side_out, k), n=k, dim=1)
+
+
+def sketch_formed(a: Tensor, delta: Tensor, cols: Tensor, signs: Tensor, k: int) -> Tensor:
+    """``G = sum_t delta_t a_t^T`` formed, then scattered by the combined hash: (B, k), unscaled.
+    ``cols`` / ``signs``: (d_out d_in,) row-major over ``(i, j)``."""
+    g = (delta.transpose(1, 2) @ a).reshape(a.shape[0], -1)  # (B, d_out d_in)
+    return count_sketch(g, cols, signs, k)
+
+
+class TensorSketchProjector(CapturedLayers):
+    """TensorSketch of the selected layers' gradients into ``k`` shared outputs.
+
+    The interface of :class:`tda.featurizers.factored.FactoredProjector` (``project(captures, checkpoint)``,
+    ``grad_norms``, ``spec``, ``spec_dict``, ``clear_cache``), so
+    :class:`tda.featurizers.factored.FactoredFeaturizer` takes either (``projection="tensorsketch"``).
+
+    Args:
+        layers: the layers (see :func:`tda.featurizers.factored.factored_selection`).
+        k: projection dimension (the feature width). seed: base seed.
+        method: ``"auto"`` (per layer and batch the cheaper of the two ways), ``"fft"`` or
+            ``"form"`` (force one; same features up to rounding, for tests and benchmarks).
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], k: int = 1024, seed: int = 0, method: str = "auto") -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"tensorsketch k must be an integer >= 1, got {k!r}")
+        if isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"projection seed must be >= 0, got {seed}")
+        if method not in _METHODS:
+            raise ConfigError(f"tensorsketch method {method!r} is unknown; use one of {_METHODS}")
+        if not layers:
+            raise ConfigError("the tensorsketch projection needs at least one layer")
+        self.layers, self.k, self.seed, self.method = list(layers), int(k), int(seed), method
+        self.sizes = covered_sizes(self.layers)  # covered parameter -> entries, a shared weight once
+        self.dim = sum(self.sizes.values())
+        self.scale = math.sqrt(self.k / self.dim)
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def spec(self) -> TensorSketchSpec:
+        return TensorSketchSpec("tensorsketch", tuple(s.name for s in self.layers), self.seed, self.k, self.dim,
+                                tuple(self.sizes))
+
+    def spec_dict(self) -> dict[str, Any]:
+        d = asdict(self.spec)
+        d["layers"], d["params"] = list(d["layers"]), list(d["params"])
+        return d
+
+    def _stream(self, checkpoint: int, label: str, side: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+        if checkpoint < 0:
+            raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
+        seq = np.random.SeedSequence([self.seed, checkpoint, zlib.crc32(label.encode()), side])
+        rng = np.random.Generator(np.random.PCG64(seq))
+        buckets = rng.integers(0, self.k, size=d, dtype=np.int64)
+        signs = rng.integers(0, 2, size=d, dtype=np.int8) * 2 - 1
+        return buckets, signs
+
+    def hashes(self, checkpoint: int, layer: LayerSpec, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(buckets, signs)`` of one layer side: (d,) int64 in ``[0, k)`` and (d,) +-1 int8,
+        ``d = d_in`` (bias column last) or ``d_out``. Pure function of (seed, checkpoint, layer name, side);
+        a layer with a ``key`` (embeddings, shared weights) is hashed by the parameter's name instead,
+        ``in`` = the weight's columns, ``out`` = its rows (ids), and a bias column of its own."""
+        d = layer.d_in if side == "in" else layer.d_out
+        key = getattr(layer, "key", None)
+        if key is None:
+            return self._stream(checkpoint, layer.name, SIDES[side], d)
+        extra = side == "in" and layer.bias
+        buckets, signs = self._stream(checkpoint, key, SIDES[side], d - int(extra))
+        if extra:
+            hb, sb = self.vector_hashes(checkpoint, f"{layer.name}.bias", 1)
+            buckets, signs = np.concatenate([buckets, hb]), np.concatenate([signs, sb])
+        return buckets, signs
+
+    def vector_hashes(self, checkpoint: int, param: str, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """CountSketch ``(buckets, signs)`` of a vector parameter (a norm's weight or bias): (d,) each,
+        a pure function of (seed, checkpoint, parameter name)."""
+        return self._stream(checkpoint, param, VECTOR, d)
+
+    def _vector(self, checkpoint: int, param: str, d: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        key = (checkpoint, param, "vector", str(like.device), like.dtype)
+        if key not in self._cache:
+            buckets, signs = self.vector_hashes(checkpoint, param, d)
+            self._cache[key] = (torch.from_numpy(buckets).to(like.device),
+                                torch.from_numpy(signs).to(like.device, like.dtype))
+        return self._cache[key]
+
+    def _side(self, checkpoint: int, layer: LayerSpec, side: str, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Buckets and signs of ``side`` ("in", "out", or "formed": the combined (d_out d_in,)
+        hash of :func:`sketch_formed`) on ``like``'s device and dtype, cached."""
+        key = (checkpoint, layer.name, side, str(like.device), like.dtype)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if side == "formed":
+            (h_in, s_in), (h_out, s_out) = (self._side(checkpoint, layer, s, like) for s in ("in", "out"))
+            cols = (h_out[:, None] + h_in[None, :]) % self.k  # (d_out, d_in), row-major as G
+            pair = (cols.reshape(-1), (s_out[:, None] * s_in[None, :]).reshape(-1))
+        else:
+            buckets, signs = self.hashes(checkpoint, layer, side)
+            pair = (torch.from_numpy(buckets).to(like.device), torch.from_numpy(signs).to(like.device, like.dtype))
+        self._cache[key] = pair
+        return pair
+
+    def clear_cache(self) -> None:
+        """Drop cached hashes (e.g. after the last batch of a checkpoint)."""
+        self._cache.clear()
+
+    def path(self, layer: LayerSpec, positions: int) -> str:
+        """``"fft"`` or ``"form"``: the cheaper way to sketch ``layer`` seen at ``positions``
+        positions per example (or the forced :attr:`method`)."""
+        if self.method != "auto":
+            return self.method
+        d_in, d_out = layer.d_in, layer.d_out
+        form = d_in * d_out * (positions + SCATTER_COST)
+        fft = positions * (SCATTER_COST * (d_in + d_out) + FFT_COST * self.k * max(1.0, math.log2(self.k)))
+        return "form" if form <= fft else "fft"
+
+    def _sketch_layer(self, layer: LayerSpec, a: Tensor, delta: Tensor, checkpoint: int,
+                      acc: dict[str, Tensor]) -> None:
+        """Add one layer's unscaled sketch of ``sum_t delta_t a_t^T`` to ``acc``, in chunks of
+        examples: formed ones to ``acc["real"]`` (B, k), FFT ones to their spectrum
+        ``acc["spectrum"]`` (B, k // 2 + 1), so all FFT layers share one inverse transform."""
+        b, n = a.shape[:2]
+        method = self.path(layer, n)
+        per_example = layer.d_in * layer.d_out if method == "form" else n * (self.k + 2)
+        step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
+        key = "real" if method == "form" else "spectrum"
+        if key not in acc:
+            acc[key] = (a.new_zeros(b, self.k) if method == "form" else
+                        torch.zeros(b, self.k // 2 + 1, dtype=torch.complex128 if a.dtype == torch.float64
+                                    else torch.complex64, device=a.device))
+        if method == "form":
+            sides: tuple = self._side(checkpoint, layer, "formed", a)
+        else:
+            sides = (self._side(checkpoint, layer, "in", a), self._side(checkpoint, layer, "out", a))
+        fn = sketch_formed if method == "form" else spectrum
+        for lo in range(0, b, step):
+            acc[key][lo: lo + step] += fn(a[lo: lo + step], delta[lo: lo + step], *sides, self.k)
+
+    def _sketch_term(self, layer: LayerSpec, a: Tensor, delta: Tensor, checkpoint: int,
+                     acc: dict[str, Tensor]) -> None:
+        """Add an embedding's or a norm's unscaled sketch to ``acc["real"]`` (B, k), in chunks of examples."""
+        if "real" not in acc:
+            acc["real"] = delta.new_zeros(delta.shape[0], self.k)
+        if layer.layout in NORM_LAYOUTS:
+            for param, g in zip(layer.params, norm_grads(layer, a, delta)):
+                acc["real"] += count_sketch(g, *self._vector(checkpoint, param, layer.d_out, g), self.k)
+            return
+        rows, cols = self._side(checkpoint, layer, "out", delta), self._side(checkpoint, layer, "in", delta)
+        step = max(1, CHUNK_ELEMENTS // max(a.shape[1] * layer.d_in, 1))
+        for lo in range(0, a.shape[0], step):
+            acc["real"][lo: lo + step] += embedding_sketch(a[lo: lo + step], delta[lo: lo + step], rows, cols,
+                                                           self.k, layer.padding_idx)
+
+    def grad_norms(self, captures: Captures, group: int = 1) -> Tensor:
+        """Exact L2 norm of each example's gradient over the covered parameters, (B,) (see
+        :meth:`CapturedLayers.grad_norms`), a shared weight's as the norm of the sum of its uses."""
+        total, shared = None, {}
+        for layer, mats in self._calls(captures):
+            if not mats:
+                continue
+            a, delta = regroup(*(torch.cat([m[i] for m in mats], dim=1) for i in (0, 1)), group)
+            key = getattr(layer, "key", None)
+            if key is not None:  # an embedding or a shared weight: the norm of the sum of its uses
+                shared.setdefault(key, []).append((layer, a, delta))
+                continue
+            sq = term_sq_norm(layer, a, delta)
+            total = sq if total is None else total + sq
+        for uses in shared.values():
+            sq = shared_sq_norm(uses)
+            total = sq if total is None else total + sq
+        if total is None:
+            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+        return total.clamp_min(0).sqrt()
+
+    def project(self, captures: Captures, checkpoint: int) -> Tensor:
+        """Features from per-layer captures.
+
+        Args:
+            captures: per layer (in :attr:`layers` order) the list of its calls' ``(input,
+                output gradient)`` (see :func:`tda.gradients.captures.capture_layers`); a layer never
+                called has none, several calls of a layer are its positions together.
+            checkpoint: checkpoint id selecting the hashes.
+
+        Returns:
+            (B, k) features, fp32 (fp64 for fp64 inputs).
+
+        Raises:
+            ShapeError: captures that do not match the layers, or no layer ran.
+        """
+        if checkpoint < 0:
+            raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
+        acc: dict[str, Tensor] = {}
+        rows: int | None = None
+        for layer, mats in self._calls(captures):
+            if not mats:
+                continue
+            for a, _ in mats:
+                if rows is not None and a.shape[0] != rows:
+                    raise ShapeError(f"layer {layer.name} was captured for {a.shape[0]} examples, the layers "
+                                     f"before it for {rows}; capture all layers from one batch")
+                rows = a.shape[0]
+            a, delta = mats[0] if len(mats) == 1 else (torch.cat([m[i] for m in mats], dim=1) for i in (0, 1))
+            if layer.layout in MATRIX_LAYOUTS:  # calls as extra positions: (B, N, d)
+                self._sketch_layer(layer, a, delta, checkpoint, acc)
+            else:
+                self._sketch_term(layer, a, delta, checkpoint, acc)
+        if rows is None:
+            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+        out = acc.get("real")
+        if "spectrum" in acc:
+            waves = torch.fft.irfft(acc["spectrum"], n=self.k, dim=1)
+            out = waves if out is None else out.add_(waves)
+        return out.mul_(self.scale)
+
+
+__all__ = ["TensorSketchProjector", "TensorSketchSpec", "count_sketch", "sketch_fft", "sketch_formed", "spectrum"]

@@ -1,0 +1,1 @@
+"""AirRep-style attribution: the learned encoder head and its scorer."""

@@ -1,0 +1,1 @@
+"""Workflows on top of the scorers: curation, approximate unlearning and the retraining recipe."""
