@@ -19,12 +19,14 @@ import torch
 from stores._io import save_json
 from stores.digests import DIGESTS
 from tda.data.loading import arrow_columns, example_ids, mnist_collate
-from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
+from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError, TDAError
 
 from pipelines.families import family_for, resolve_device  # noqa: F401
-from pipelines.layout import INPUTS_FILE, RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
+from pipelines.layout import (FINGERPRINT_VERSION, INPUTS_FILE, RUN_FILE, RunPaths, fingerprint_version,  # noqa: F401
+                              load_checkpoint_list)
 from pipelines.spec.method import method_for
-from pipelines.spec.schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, input_digests, section_fingerprint  # noqa: F401
+from pipelines.spec.schema import (FEATURE_SECTIONS, QUERY_KEYS, RunConfig, _build, input_digests,  # noqa: F401
+                                   section_fingerprint)
 from pipelines.methods.scorers import feature_kind
 
 
@@ -135,7 +137,7 @@ def describe_change(old: Any, new: dict[str, Any]) -> str:
 def feature_fingerprint(cfg: RunConfig, split: str = "query", version: int = FINGERPRINT_VERSION) -> str:
     """Hash of everything the stored features of ``split`` depend on (config sections plus the
     family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`);
-    ``version``: the fingerprint scheme (:func:`pipelines.schema.section_fingerprint`)."""
+    ``version``: the fingerprint scheme (:func:`pipelines.spec.schema.section_fingerprint`)."""
     family = family_for(cfg)
     method = method_for(cfg.score.scorer)  # a preconditioned query featurizer (EK-FAC) tags its features
     preconditioned = f"-{method.name}" if split != "train" and method.preconditioned_queries else ""

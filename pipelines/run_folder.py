@@ -22,7 +22,7 @@ from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError
 from tda.core.features import FeatureBlock, concat_blocks
 
 from pipelines.config import _build, parse_config
-from pipelines.layout import INPUTS_FILE, RunPaths
+from pipelines.layout import INPUTS_FILE, RunPaths, fingerprint_version
 from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)

@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 
 import pipelines.layout as layout
-from pipelines.cli import main
+from pipelines.cli.main import main
 from pipelines.config import load_config
 from pipelines.families import family_for
 from pipelines.run import claim_run_dir, feature_fingerprint, run_record
 from pipelines.run_folder import recorded_config
-from pipelines.schema import FEATURE_SECTIONS, QUERY_KEYS, SCORE_SECTIONS, scorer_fingerprint, section_fingerprint, \
+from pipelines.spec.schema import FEATURE_SECTIONS, QUERY_KEYS, SCORE_SECTIONS, scorer_fingerprint, section_fingerprint, \
     stable_dict
-from pipelines.scorers import feature_kind
+from pipelines.methods.scorers import feature_kind
 from stores._io import fingerprint
 from tda.errors import FingerprintMismatchError
-from tda.projection_choice import FALLBACK
-from tda.projection_spec import AUTO_CHOICES
+from tda.featurizers.choice import FALLBACK
+from tda.featurizers.spec import AUTO_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -139,8 +139,8 @@ def test_a_run_folder_of_scheme_1_is_resumed_and_queried(tmp_path: Path, monkeyp
     """A folder written under scheme 1 (as tda wrote them before: every fingerprint of scheme 1, no
     ``fingerprint_version``) is reused as it is: no stage recomputes, a lost shard is redone into the same
     store, and ``tda query`` answers from it (lean and full path)."""
-    from pipelines.cli_query import full_answer
-    from pipelines.query_fast import lean_answer
+    from pipelines.cli.query import full_answer
+    from pipelines.query.lean import lean_answer
 
     out, sets = tmp_path / "old", ["--set", "featurize.projection=sparse"]
     with monkeypatch.context() as patch:

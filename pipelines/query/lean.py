@@ -31,7 +31,7 @@ from stores.index import index_space
 from tda.errors import QueryError, StoreError, TDAError
 from tda.core.features import FeatureBlock
 
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.method import find_method
 from pipelines.report import label_fields, label_name, text_fields
 from pipelines.run_folder import QUERY_NEEDS, RunLabels, check_complete, dataset_labels, recorded_config, stored_features

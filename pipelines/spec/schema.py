@@ -20,10 +20,11 @@ from typing import Any
 from stores._io import fingerprint
 from stores.digests import content_digest
 from tda.errors import ConfigError
-from tda.projection_spec import spec_settings
+from tda.featurizers.spec import spec_settings
 from tda.scorers.trak import check_lambda_rel
 
 
+from pipelines.layout import FINGERPRINT_VERSION
 from pipelines.spec.method import find_method
 from pipelines.spec.checks import _choice, _key, _positive  # noqa: F401  (re-exported)
 from pipelines.spec.workflows import PROTOCOLS, CurateConfig, UnlearnConfig, ValidateConfig  # noqa: F401
@@ -410,7 +411,7 @@ PROJECTION_KEYS = ("projection", "k", "projector", "seed", "backend", "nonzeros"
 
 
 def projection_settings(f: FeaturizeConfig) -> dict[str, Any]:
-    """``featurize``'s projection settings under the names :func:`tda.projection_spec.projection_spec`
+    """``featurize``'s projection settings under the names :func:`tda.featurizers.spec.projection_spec`
     takes (each projection keeps its own)."""
     return {"k": f.k, "seed": f.seed, "kind": f.projector, "backend": f.backend, "nonzeros": f.nonzeros,
             "k_in": f.k_in, "k_out": f.k_out}
@@ -418,7 +419,7 @@ def projection_settings(f: FeaturizeConfig) -> dict[str, Any]:
 
 def featurize_entry(f: FeaturizeConfig) -> dict[str, Any]:
     """``featurize`` as fingerprint scheme 2 hashes it: the keys every projection reads, and under
-    ``projection`` the chosen projection's typed spec (:func:`tda.projection_spec.spec_settings`:
+    ``projection`` the chosen projection's typed spec (:func:`tda.featurizers.spec.spec_settings`:
     only its own keys; ``auto`` those of what it may resolve to)."""
     entry = {key: value for key, value in dataclasses.asdict(f).items() if key not in PROJECTION_KEYS}
     return {**entry, "projection": spec_settings(f.projection, **projection_settings(f))}

@@ -25,7 +25,7 @@ from tda.errors import CheckpointError, StoreError
 from pipelines.executors import make_executor
 from pipelines.families.base import decide_projection
 from pipelines.families.registry import family_for
-from pipelines.layout import RunPaths, checkpoint_digest, json_field, load_checkpoint_list
+from pipelines.layout import RunPaths, checkpoint_digest, fingerprint_version, json_field, load_checkpoint_list
 from pipelines.run import collate_for, datasets_for, feature_fingerprint, feature_kind, make_featurizer
 from pipelines.spec.schema import RunConfig
 

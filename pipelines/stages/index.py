@@ -20,7 +20,7 @@ from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_st
 from stores.index import RECALL_TARGET, exact_recall, index_space
 from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreError, TDAError
 
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.schema import RunConfig, scorer_fingerprint
 from pipelines.methods.scorers import build_scorer
 

@@ -23,7 +23,7 @@ from tda.core.features import FeatureBlock, concat_blocks
 from tda.core.kernel import iter_score_blocks
 
 from pipelines.families import family_for
-from pipelines.layout import RunPaths, json_field
+from pipelines.layout import RunPaths, fingerprint_version, json_field
 from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
 from pipelines.methods.scorers import feature_kind
 from pipelines.stages.index import _View, load_index, load_scorer

@@ -27,7 +27,7 @@ from pipelines.executors import make_executor
 from pipelines.families import Retraining, family_for
 from pipelines.families.classifier import ClassifierSubsetJob
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.method import method_for
 from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
 from pipelines.stages.validate_scorers import scores_for, validation_scorers

@@ -31,7 +31,7 @@ from tda.errors import ConfigError, StoreError
 
 from pipelines.workflows.curate_check import interval, run_arms
 from pipelines.families import family_for
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)

@@ -79,7 +79,7 @@ ProjectionSpec = Union[DenseProjection, SparseProjection, TensorSketchProjection
 #: projection name -> its spec class
 SPECS: dict[str, type] = {cls.name: cls for cls in (DenseProjection, SparseProjection, TensorSketchProjection,
                                                      FactoredProjection)}
-#: what ``auto`` may resolve to (:mod:`tda.projection_choice`, which decides with the model in hand)
+#: what ``auto`` may resolve to (:mod:`tda.featurizers.choice`, which decides with the model in hand)
 AUTO_CHOICES = ("tensorsketch", "sparse")
 
 
