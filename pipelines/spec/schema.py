@@ -20,9 +20,8 @@ from typing import Any
 from stores._io import fingerprint
 from stores.digests import content_digest
 from tda.errors import ConfigError
-from tda.featurizers.spec import spec_settings
+from tda.featurizers.spec import SPECS, spec_settings
 from tda.scorers.trak import check_lambda_rel
-
 
 from pipelines.layout import FINGERPRINT_VERSION
 from pipelines.spec.method import find_method
@@ -172,7 +171,7 @@ class FeaturizeConfig:
         _choice(self, "dtype", ("float32", "float16"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "dense", "fast_jl"))
-        _choice(self, "projection", ("auto", "dense", "sparse", "factored", "tensorsketch"))
+        _choice(self, "projection", ("auto", *SPECS))  # the registered projections (tda.featurizers.spec)
         if self.projection in ("sparse", "auto") and self.k % self.nonzeros:
             raise ConfigError(f"featurize.k ({self.k}) must be a multiple of featurize.nonzeros ({self.nonzeros}) "
                               "for the sparse projection; change one of them")
