@@ -19,6 +19,10 @@ INPUTS_FILE = "inputs.json"
 #: ``labels/labels.npz`` and its marker ``labels/labels.json`` (which also holds the class names), and the
 #: texts of text data in ``labels/texts.npz``
 LABELS_DIR = "labels"
+#: The fingerprint scheme of the run folders made now, recorded in ``run.json`` as ``fingerprint_version``:
+#: 2 hashes ``featurize`` as the chosen projection's typed spec (:func:`pipelines.spec.schema.section_fingerprint`);
+#: 1 (a ``run.json`` without the field) hashed every ``featurize`` key, used or not.
+FINGERPRINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,16 @@ class RunPaths:
     @property
     def airrep(self) -> Path:
         return self.root / "airrep"
+
+
+def fingerprint_version(paths: "RunPaths | None") -> int:
+    """The fingerprint scheme a run folder's records were written under, which every check and
+    every new record of the folder keeps: the ``fingerprint_version`` of its ``run.json``; 1 for a
+    ``run.json`` written before schemes were recorded; :data:`FINGERPRINT_VERSION` without one."""
+    if paths is None or not paths.run_file.is_file():
+        return FINGERPRINT_VERSION
+    version = json_field(paths.run_file, "fingerprint_version")
+    return version if isinstance(version, int) and not isinstance(version, bool) else 1
 
 
 def checkpoint_digest(path: Path) -> str:

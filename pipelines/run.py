@@ -19,12 +19,14 @@ import torch
 from stores._io import save_json
 from stores.digests import DIGESTS
 from tda.data.loading import arrow_columns, example_ids, mnist_collate
-from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError
+from tda.errors import FingerprintMismatchError, ForeignStoreError, StoreCorruptError, TDAError
 
 from pipelines.families import family_for, resolve_device  # noqa: F401
-from pipelines.layout import INPUTS_FILE, RUN_FILE, RunPaths, load_checkpoint_list  # noqa: F401
+from pipelines.layout import (FINGERPRINT_VERSION, INPUTS_FILE, RUN_FILE, RunPaths, fingerprint_version,  # noqa: F401
+                              load_checkpoint_list)
 from pipelines.spec.method import method_for
-from pipelines.spec.schema import FEATURE_SECTIONS, QUERY_KEYS, RunConfig, input_digests, section_fingerprint  # noqa: F401
+from pipelines.spec.schema import (FEATURE_SECTIONS, QUERY_KEYS, RunConfig, _build, input_digests,  # noqa: F401
+                                   section_fingerprint)
 from pipelines.methods.scorers import feature_kind
 
 
@@ -34,15 +36,15 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
     The run belongs to the training side of the configuration (data, model, train, featurize,
     without the choice of queries): a run with other queries reuses its checkpoints and train
     features. Inputs count by content (:mod:`stores.digests`): moved data is accepted, data
-    changed in place is refused naming the key. ``run.json`` is rewritten only when it changed.
+    changed in place is refused naming the key. A folder keeps the fingerprint scheme it was made
+    under (:func:`pipelines.layout.fingerprint_version`). ``run.json`` is rewritten only when it changed.
     """
     paths = RunPaths(root)
     DIGESTS.load(paths.root / INPUTS_FILE)
-    fp = feature_fingerprint(cfg, "train")
-    record = {"format": "tda-run", "feature_fingerprint": fp, "config": cfg.to_dict(), "inputs": input_record(cfg)}
     old = None
     if paths.run_file.is_file() and not any(p.name not in CLAIM_FILES for p in root.iterdir()):
         paths.run_file.unlink()  # a claim without work (a run that failed before any stage): claim anew
+    version = fingerprint_version(paths)
     if paths.run_file.is_file():
         try:
             old = json.loads(paths.run_file.read_text())
@@ -50,23 +52,47 @@ def claim_run_dir(cfg: RunConfig, root: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise StoreCorruptError(f"{paths.run_file} is not valid JSON ({exc}); restore it, or pass "
                                         "--overwrite to replace the run folder") from exc
-        if not isinstance(old, dict) or old.get("feature_fingerprint") != fp:
+        if not isinstance(old, dict) or old.get("feature_fingerprint") != feature_fingerprint(cfg, "train", version):
             if not overwrite:
+                what = describe_change(old, run_record(cfg, version)) + legacy_note(old, cfg, version)
                 raise FingerprintMismatchError(
-                    f"{root} holds outputs of a different configuration ({describe_change(old, record)}); "
-                    "pass --overwrite to recompute them, put the old value or files back, or choose another out_dir")
+                    f"{root} holds outputs of a different configuration ({what}); pass --overwrite to recompute them, "
+                    "put the old value or files back, or choose another out_dir")
             for child in root.iterdir():
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
-            old = None
+            old, version = None, fingerprint_version(paths)  # a new folder: the current scheme
     elif root.exists() and any(p.name not in CLAIM_FILES for p in root.iterdir()):
         if not overwrite:
             raise ForeignStoreError(f"{root} is not empty and is not a tda run folder; choose an empty out_dir, or "
                                     "pass --overwrite to replace its contents (also after an interrupted --overwrite)")
     root.mkdir(parents=True, exist_ok=True)
+    record = run_record(cfg, version)
     if old != json.loads(json.dumps(record)):
         save_json(paths.run_file, record)
     DIGESTS.save(paths.root / INPUTS_FILE)
+
+
+def run_record(cfg: RunConfig, version: int) -> dict[str, Any]:
+    """``run.json`` of a run of ``cfg`` under fingerprint scheme ``version`` (scheme 1 as it was
+    written before schemes were recorded: without ``fingerprint_version``)."""
+    scheme = {"fingerprint_version": version} if version >= 2 else {}
+    return {"format": "tda-run", "feature_fingerprint": feature_fingerprint(cfg, "train", version), **scheme,
+            "config": cfg.to_dict(), "inputs": input_record(cfg)}
+
+
+def legacy_note(old: Any, cfg: RunConfig, version: int) -> str:
+    """For a folder of fingerprint scheme 1 whose run differs from ``cfg`` only in settings the
+    projection ignores (the current scheme would reuse it): why it is refused all the same."""
+    if version >= 2 or not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return ""
+    try:
+        recorded = _build(RunConfig, old["config"], "")
+        same = feature_fingerprint(recorded, "train") == feature_fingerprint(cfg, "train")
+    except (TDAError, KeyError, TypeError, ValueError):
+        return ""
+    return ("; only settings the projection ignores differ, but an older tda made this folder, under fingerprint "
+            "scheme 1, where they still count" if same else "")
 
 
 #: What claiming a run folder writes before any stage runs (the record, the input-digest cache, the lock).
@@ -108,13 +134,14 @@ def describe_change(old: Any, new: dict[str, Any]) -> str:
     return "; ".join(changes) or "data/model/train/featurize differ: the run was made by another tda version"
 
 
-def feature_fingerprint(cfg: RunConfig, split: str = "query") -> str:
+def feature_fingerprint(cfg: RunConfig, split: str = "query", version: int = FINGERPRINT_VERSION) -> str:
     """Hash of everything the stored features of ``split`` depend on (config sections plus the
-    family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`)."""
+    family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`);
+    ``version``: the fingerprint scheme (:func:`pipelines.spec.schema.section_fingerprint`)."""
     family = family_for(cfg)
     method = method_for(cfg.score.scorer)  # a preconditioned query featurizer (EK-FAC) tags its features
     preconditioned = f"-{method.name}" if split != "train" and method.preconditioned_queries else ""
-    return (section_fingerprint(cfg, *FEATURE_SECTIONS, queries=split != "train")
+    return (section_fingerprint(cfg, *FEATURE_SECTIONS, queries=split != "train", version=version)
             + family.feature_tag(cfg, feature_kind(cfg, family)) + preconditioned)
 
 
@@ -132,7 +159,7 @@ def make_featurizer(cfg: RunConfig, split: str = "train", paths: RunPaths | None
     family = family_for(cfg)
     method = method_for(cfg.score.scorer)
     if split == "query" and method.preconditioned_queries:
-        return method.query_featurizer(cfg, paths, feature_fingerprint(cfg, "train"))
+        return method.query_featurizer(cfg, paths, feature_fingerprint(cfg, "train", fingerprint_version(paths)))
     return family.featurizer(cfg, split, feature_kind(cfg, family), paths)
 
 

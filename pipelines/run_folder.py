@@ -22,7 +22,7 @@ from tda.errors import (ConfigError, FingerprintMismatchError, ForeignStoreError
 from tda.core.features import FeatureBlock, concat_blocks
 
 from pipelines.config import _build, parse_config
-from pipelines.layout import INPUTS_FILE, RunPaths
+from pipelines.layout import INPUTS_FILE, RunPaths, fingerprint_version
 from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
     that completes the run."""
     from pipelines.run import feature_fingerprint
 
-    if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train"):
+    if read_run_file(paths, finish).get("feature_fingerprint") != feature_fingerprint(cfg, "train",
+                                                                                      fingerprint_version(paths)):
         raise FingerprintMismatchError(
             f"{paths.root} holds a run of another configuration ({differing_keys(cfg, paths)}); use the config and "
             f"--set options it was run with, or pass --out a new folder (this command then runs {finish.replace(str(paths.root), 'NEW')} "

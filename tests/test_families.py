@@ -74,7 +74,7 @@ def test_config_is_checked_against_the_family(values: dict, fix: str) -> None:
 
 
 def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None:
-    """Configs written before families existed keep their fingerprints (and run folders)."""
+    """Configs written before families existed keep their fingerprints of scheme 1 (and run folders)."""
     for name in ("tiny.yaml", "mnist_trak.yaml"):
         cfg = load_config(ROOT / "configs" / name)
         old = cfg.to_dict()
@@ -93,11 +93,12 @@ def test_classifier_fingerprints_ignore_the_new_keys_at_their_defaults() -> None
         for key in ("hnsw_m", "ef_construction", "ef_search", "recall_queries"):
             del old["index"][key]
         for sections in (FEATURE_SECTIONS, SCORE_SECTIONS):
-            assert section_fingerprint(cfg, *sections) == fingerprint({s: old[s] for s in sections})
+            assert section_fingerprint(cfg, *sections, version=1) == fingerprint({s: old[s] for s in sections})
         assert feature_fingerprint(cfg) == section_fingerprint(cfg, *FEATURE_SECTIONS)
         dense = load_config(ROOT / "configs" / name, ["featurize.projection=dense"])  # the former default
         del old["featurize"]["projection"]
-        assert section_fingerprint(dense, *FEATURE_SECTIONS) == fingerprint({s: old[s] for s in FEATURE_SECTIONS})
+        assert section_fingerprint(dense, *FEATURE_SECTIONS, version=1) == fingerprint({s: old[s] for s in
+                                                                                        FEATURE_SECTIONS})
 
 
 def test_diffusion_feature_fingerprint_follows_the_feature_layout() -> None:

@@ -36,14 +36,13 @@ from torch import nn
 from stores._io import fingerprint
 from tda.data.loading import arrow_columns, example_ids, iter_batches
 from tda.errors import CheckpointError, ConfigError
-from tda.featurizers.factored import FactoredProjector, factored_layers
 from tda.featurizers.choice import FALLBACK, ProjectionChoice, choose_projection, structural_choice
-from tda.featurizers.spec import make_featurizer, projection_spec
+from tda.featurizers.spec import SPECS, make_featurizer, projection_spec
 from tda.featurizers.representations import RepresentationFeaturizer
 from tda.models.tasks import Task
 
 from pipelines.layout import RunPaths, json_field, load_checkpoint_list
-from pipelines.spec.schema import _build
+from pipelines.spec.schema import _build, projection_settings
 from pipelines.spec.options import score_options
 
 if TYPE_CHECKING:
@@ -268,7 +267,7 @@ def projection_of_spec(spec: Any) -> str | None:
     """The projection a featurizer spec (a feature manifest's ``spec``) was made with, if it says."""
     if not isinstance(spec, dict):
         return None
-    if spec.get("projection") in ("factored", "tensorsketch"):
+    if spec.get("projection") in SPECS:  # the featurizers of captured layers (and plug-ins) record it
         return spec["projection"]
     backend = spec.get("backend")
     return None if not isinstance(backend, str) else "sparse" if backend == "sparse" else "dense"
@@ -311,7 +310,7 @@ def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task, paths: Run
     tensorsketch; ``auto``: :func:`resolved_projection`)."""
     f, projection = cfg.featurize, resolved_projection(cfg, paths, model)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if projection != "factored" and f.k > d:
+    if _width_is_k(projection) and f.k > d:
         raise ConfigError(f"featurize.k is {f.k:,} but the model has only {d:,} trainable parameters to project; "
                           f"choose featurize.k <= {d:,} (a few thousand at most is usual)")
     spec = projection_spec(projection, **featurize_settings(cfg))
@@ -319,23 +318,25 @@ def gradient_featurizer(cfg: RunConfig, model: nn.Module, task: Task, paths: Run
         return make_featurizer(spec, model, task, param_names=f.params, device=resolve_device(f.device))
 
 
+def _width_is_k(projection: str) -> bool:
+    """Is a projection's feature width ``featurize.k`` (``auto``: yes, it resolves to one that is)?"""
+    return projection == "auto" or SPECS[projection].width_is_k
+
+
 def featurize_settings(cfg: RunConfig) -> dict[str, Any]:
     """``featurize``'s projection settings under the names :func:`tda.featurizers.spec.projection_spec`
     takes (each projection keeps its own)."""
-    f = cfg.featurize
-    return {"k": f.k, "seed": f.seed, "kind": f.projector, "backend": f.backend, "nonzeros": f.nonzeros,
-            "k_in": f.k_in, "k_out": f.k_out}
+    return projection_settings(cfg.featurize)
 
 
 def projection_width(cfg: RunConfig, model: nn.Module) -> int:
     """Width of one projected gradient: ``featurize.k`` (dense, sparse, tensorsketch) or the
     factored projection's ``sum over layers of k_out * k_in`` for ``model``."""
     f = cfg.featurize
-    if f.projection != "factored":  # auto never resolves to factored
+    if _width_is_k(f.projection):  # auto resolves to a projection of width k
         return f.k
     with featurize_params_named():
-        layers = factored_layers(model, f.params)
-    return FactoredProjector(layers, f.k_in, f.k_out).k
+        return projection_spec(f.projection, **featurize_settings(cfg)).width(model, f.params)
 
 
 def resolve_device(name: str) -> torch.device:

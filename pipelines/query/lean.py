@@ -31,7 +31,7 @@ from stores.index import index_space
 from tda.errors import QueryError, StoreError, TDAError
 from tda.core.features import FeatureBlock
 
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.method import find_method
 from pipelines.report import label_fields, label_name, text_fields
 from pipelines.run_folder import QUERY_NEEDS, RunLabels, check_complete, dataset_labels, recorded_config, stored_features
@@ -118,7 +118,7 @@ def lean_scorer(cfg: RunConfig, paths: RunPaths) -> Any:
     if method is None or method.lean is None or ("slots" in method.kinds and cfg.model.family in SLOT_FAMILIES):
         raise NotLean(f"the {name} scorer of a {cfg.model.family} run needs the full path")
     try:
-        state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg))  # the full path's reader and checks
+        state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg, fingerprint_version(paths)))  # as the full path
     except StoreError as exc:
         raise NotLean("the fitted scorer is missing, stale or damaged") from exc
     try:
@@ -133,7 +133,7 @@ def lean_index(cfg: RunConfig, paths: RunPaths, scorer: Any, dim: int) -> FaissI
     if not index_files.exists(paths.index):
         raise NotLean("no finished index")
     try:
-        return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg), dim=dim,
+        return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg, fingerprint_version(paths)), dim=dim,
                                 n=FeatureStore.open(paths.store("train")).n, space=index_space(scorer))
     except TDAError as exc:
         raise NotLean(str(exc)) from exc

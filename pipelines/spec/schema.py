@@ -20,9 +20,10 @@ from typing import Any
 from stores._io import fingerprint
 from stores.digests import content_digest
 from tda.errors import ConfigError
+from tda.featurizers.spec import SPECS, spec_settings
 from tda.scorers.trak import check_lambda_rel
 
-
+from pipelines.layout import FINGERPRINT_VERSION
 from pipelines.spec.method import find_method
 from pipelines.spec.checks import _choice, _key, _positive  # noqa: F401  (re-exported)
 from pipelines.spec.workflows import PROTOCOLS, CurateConfig, UnlearnConfig, ValidateConfig  # noqa: F401
@@ -144,9 +145,10 @@ class FeaturizeConfig:
     groups=1) with a Kronecker pair ``k_out x k_in`` without forming it (LoGra, tda.featurizers.factored):
     the feature width is then ``sum over layers of k_out * k_in`` (``k`` and ``backend`` are
     unused), ``params`` names modules (or prefixes) instead of parameters, and parameters of
-    other layers (norms, embeddings) are skipped and listed in the store manifest. ``k_in`` /
-    ``k_out`` are ignored by the dense projection (set away from their defaults they still
-    enter the fingerprint, so such a run folder is not reused).
+    other layers (norms, embeddings) are skipped and listed in the store manifest. A setting the
+    chosen projection ignores (``k_in`` / ``k_out`` for dense, ``projector`` for sparse, ...) is
+    not in the fingerprint, so changing it reuses the stored features (run folders made before
+    fingerprint scheme 2 still count it: :data:`pipelines.layout.FINGERPRINT_VERSION`).
     """
 
     k: int = 1024  # projection dimension
@@ -169,7 +171,7 @@ class FeaturizeConfig:
         _choice(self, "dtype", ("float32", "float16"))
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "dense", "fast_jl"))
-        _choice(self, "projection", ("auto", "dense", "sparse", "factored", "tensorsketch"))
+        _choice(self, "projection", ("auto", *SPECS))  # the registered projections (tda.featurizers.spec)
         if self.projection in ("sparse", "auto") and self.k % self.nonzeros:
             raise ConfigError(f"featurize.k ({self.k}) must be a multiple of featurize.nonzeros ({self.nonzeros}) "
                               "for the sparse projection; change one of them")
@@ -386,25 +388,49 @@ def stable_dict(cfg: RunConfig) -> dict[str, Any]:
 OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction", "text_chars")
 
 
-def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, outputs: bool = True) -> str:
+def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, outputs: bool = True,
+                        version: int = FINGERPRINT_VERSION) -> str:
     """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
     ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side),
-    with ``outputs=False`` the :data:`OUTPUT_KEYS`."""
+    with ``outputs=False`` the :data:`OUTPUT_KEYS`. ``version``: the fingerprint scheme
+    (:data:`pipelines.layout.FINGERPRINT_VERSION`; a run folder keeps the one it was made under):
+    from 2 on ``featurize`` enters as :func:`featurize_entry`, under 1 with every key."""
     d = stable_dict(cfg)
     for flag, section, keys in ((queries, "data", QUERY_KEYS), (outputs, "score", OUTPUT_KEYS)):
         if not flag:
             for key in keys:
                 d[section].pop(key, None)
+    if version >= 2:
+        d["featurize"] = featurize_entry(cfg.featurize)
     return fingerprint({s: d[s] for s in sections})
 
 
-def scorer_fingerprint(cfg: RunConfig) -> str:
+#: ``featurize`` keys that are settings of a projection: in fingerprints only as its typed spec
+PROJECTION_KEYS = ("projection", "k", "projector", "seed", "backend", "nonzeros", "k_in", "k_out")
+
+
+def projection_settings(f: FeaturizeConfig) -> dict[str, Any]:
+    """``featurize``'s projection settings under the names :func:`tda.featurizers.spec.projection_spec`
+    takes (each projection keeps its own)."""
+    return {"k": f.k, "seed": f.seed, "kind": f.projector, "backend": f.backend, "nonzeros": f.nonzeros,
+            "k_in": f.k_in, "k_out": f.k_out}
+
+
+def featurize_entry(f: FeaturizeConfig) -> dict[str, Any]:
+    """``featurize`` as fingerprint scheme 2 hashes it: the keys every projection reads, and under
+    ``projection`` the chosen projection's typed spec (:func:`tda.featurizers.spec.spec_settings`:
+    only its own keys; ``auto`` those of what it may resolve to)."""
+    entry = {key: value for key, value in dataclasses.asdict(f).items() if key not in PROJECTION_KEYS}
+    return {**entry, "projection": spec_settings(f.projection, **projection_settings(f))}
+
+
+def scorer_fingerprint(cfg: RunConfig, version: int = FINGERPRINT_VERSION) -> str:
     """Hash of what the fitted scorer and the index depend on: the training side of the feature
     sections, the scorer's settings and the index settings (not the output keys, and not the
     queries unless the scorer is query-bound: its fitted state holds scores of the run's queries, MAGIC)."""
     method = find_method(cfg.score.scorer)
     bound = method is not None and method.query_bound
-    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=bound, outputs=False)
+    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=bound, outputs=False, version=version)
 
 
 FEATURE_SECTIONS = ("data", "model", "train", "featurize")

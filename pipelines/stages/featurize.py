@@ -25,7 +25,7 @@ from tda.errors import CheckpointError, StoreError
 from pipelines.executors import make_executor
 from pipelines.families.base import decide_projection
 from pipelines.families.registry import family_for
-from pipelines.layout import RunPaths, checkpoint_digest, json_field, load_checkpoint_list
+from pipelines.layout import RunPaths, checkpoint_digest, fingerprint_version, json_field, load_checkpoint_list
 from pipelines.run import collate_for, datasets_for, feature_fingerprint, feature_kind, make_featurizer
 from pipelines.spec.schema import RunConfig
 
@@ -36,15 +36,16 @@ def open_store(cfg: RunConfig, paths: RunPaths, split: str, n: int, spec: dict, 
     """The split's store; ``k`` is the feature width (default ``featurize.k``)."""
     f = cfg.featurize
     ckpts = load_checkpoint_list(paths)
-    fp = feature_fingerprint(cfg, split) + f"-{split}"
-    folder = paths.store(split)
+    version = fingerprint_version(paths)  # the run folder's scheme: an older folder keeps its stores
+    fp = feature_fingerprint(cfg, split, version) + f"-{split}"
+    folder, scheme = paths.store(split), ({"fingerprint_version": version} if version >= 2 else {})
     if split == "query" and folder.is_dir() and json_field(folder / "manifest.json", "fingerprint") != fp:
         # the queries changed, or a replacement was killed half-way (no readable manifest left):
         # query features are derived data and we hold the run lock
         logger.info("the queries changed: replacing %s", folder)
         remove_tree(folder)
     return FeatureStore.create(paths.store(split), n=n, k=k or f.k, checkpoints=[c["id"] for c in ckpts],
-                               shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split},
+                               shard_size=f.shard_size, fingerprint=fp, spec={**spec, "split": split, **scheme},
                                dtype=f.dtype)
 
 

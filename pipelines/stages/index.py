@@ -20,7 +20,7 @@ from stores import FeatureStore, FaissIndex, build_index, index_files, scorer_st
 from stores.index import RECALL_TARGET, exact_recall, index_space
 from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreError, TDAError
 
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.schema import RunConfig, scorer_fingerprint
 from pipelines.methods.scorers import build_scorer
 
@@ -34,7 +34,7 @@ def scorer_for(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
     """Fit the scorer on the train store, save its state, build and save the FAISS index."""
-    fp, scorer = scorer_fingerprint(cfg), scorer_for(cfg, paths)  # built once: checked, then fitted
+    fp, scorer = scorer_fingerprint(cfg, fingerprint_version(paths)), scorer_for(cfg, paths)  # built once: checked, then fitted
     markers = (scorer_state.marker_path(paths.scorer), index_files.marker_path(paths.index))
     space = index_files.marker_field(paths.index, "space") or "plain"  # an older tda indexed TRAK unwhitened
     if scorer_state.fitted_for(paths.scorer, fp) and index_files.marker_field(paths.index, "fingerprint") == fp \
@@ -126,7 +126,7 @@ def check_inputs_unchanged(cfg: RunConfig, paths: RunPaths) -> None:
 def load_scorer(cfg: RunConfig, paths: RunPaths):
     """The fitted scorer saved by the index stage (no pickle), read by :func:`stores.scorer_state.load`."""
     try:
-        state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg))
+        state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg, fingerprint_version(paths)))
     except IndexMismatchError:  # fitted for another configuration, or a fit that never finished
         check_inputs_unchanged(cfg, paths)  # a changed checkpoint or data file: refitting would not do
         raise
@@ -138,7 +138,7 @@ def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int, scorer: 
     space and the store (:func:`stores.index_files.load`); ``scorer``: the run's, when the caller
     has it (else it is built to learn its space)."""
     space = index_space(scorer if scorer is not None else scorer_for(cfg, paths))
-    return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg), dim=dim, n=n_train, space=space)
+    return index_files.load(paths.index, fingerprint=scorer_fingerprint(cfg, fingerprint_version(paths)), dim=dim, n=n_train, space=space)
 
 
 #: a training row whose features are this many times the median row's is broken input, not signal

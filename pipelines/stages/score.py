@@ -19,7 +19,7 @@ from tda.core.features import FeatureBlock, concat_blocks
 from tda.core.kernel import iter_score_blocks
 
 from pipelines.families import family_for
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
 from pipelines.methods.scorers import feature_kind
 from pipelines.stages.index import _View, load_index, load_scorer
@@ -55,7 +55,7 @@ def score_outputs(cfg: RunConfig, paths: RunPaths) -> dict[str, Path]:
 
 def scores_current(cfg: RunConfig, paths: RunPaths) -> bool:
     """The stored scores were made with this config's settings and match their recorded sha256."""
-    fp = section_fingerprint(cfg, *SCORE_SECTIONS)
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS, version=fingerprint_version(paths))
     if scores_files.marker_field(paths.scores, "fingerprint") != fp:
         return False
     want = scores_files.marker_field(paths.scores, "sha256")
@@ -70,7 +70,8 @@ def scores_current(cfg: RunConfig, paths: RunPaths) -> bool:
 def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[str, Path]:
     """Dense scores (written block by block into a memmap, resumable; skipped with
     ``score.dense: false``) and top-k per query from the index."""
-    fp, outputs = section_fingerprint(cfg, *SCORE_SECTIONS), score_outputs(cfg, paths)
+    fp = section_fingerprint(cfg, *SCORE_SECTIONS, version=fingerprint_version(paths))
+    outputs = score_outputs(cfg, paths)
     if scores_current(cfg, paths):
         return outputs
     train, query = FeatureStore.open(paths.store("train")), FeatureStore.open(paths.store("query"))

@@ -27,7 +27,7 @@ from pipelines.executors import make_executor
 from pipelines.families import Retraining, family_for
 from pipelines.families.classifier import ClassifierSubsetJob
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.method import method_for
 from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
 from pipelines.stages.validate_scorers import scores_for, validation_scorers
@@ -195,7 +195,8 @@ def stage_validate(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> di
     with make_executor(e.kind, e.address, e.workers) as executor:
         gt.compute(job, executor, progress)
         folds = split_folds(m, v.subsets, v.tune_fraction, v.seed)
-        result = {"scores_fingerprint": section_fingerprint(cfg, *SCORE_SECTIONS, outputs=False),
+        result = {"scores_fingerprint": section_fingerprint(cfg, *SCORE_SECTIONS, outputs=False,
+                                                            version=fingerprint_version(paths)),
                   "protocol": v.protocol, "n_train": len(train), "n_queries": m, "subsets": v.subsets,
                   "alpha": gt.spec.alpha, "models_per_subset": gt.spec.models_per_subset,
                   "checkpoints": len(train.checkpoints), "folds": {k: len(x) for k, x in folds.items()},

@@ -31,7 +31,7 @@ from tda.errors import ConfigError, StoreError
 
 from pipelines.workflows.curate_check import interval, run_arms
 from pipelines.families import family_for
-from pipelines.layout import RunPaths
+from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.schema import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def calibration_for(cfg: RunConfig, paths: RunPaths) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("scores_fingerprint") != section_fingerprint(
-            cfg, *SCORE_SECTIONS, outputs=False):
+            cfg, *SCORE_SECTIONS, outputs=False, version=fingerprint_version(paths)):
         if path.is_file():
             logger.warning("%s was made for other scores (another scorer or setting): its calibration is not used; "
                            "run `tda validate` with this config to calibrate", path)
