@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from tda.errors import TDAError
 
+from pipelines.methods.bound import one_command
 from pipelines.stages import RUN_STAGES
 
 #: ``tda query`` runs its BLAS and OpenMP on one thread (unless these are set): its linear algebra
@@ -162,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         for var in QUERY_THREADS:  # before numpy and faiss load: see QUERY_THREADS
             os.environ.setdefault(var, "1")
     try:
-        if command.run_folder is not None:  # a folder's recorded code runs only if asked
-            from pipelines.imports import untrusted_run
+        with one_command():  # what each command derives from a run, it derives once (pipelines.methods.bound)
+            if command.run_folder is not None:  # a folder's recorded code runs only if asked
+                from pipelines.imports import untrusted_run
 
-            with untrusted_run(Path(args.run).resolve(), args.trust_code):
-                return command.load()(args)
-        return command.load()(args)
+                with untrusted_run(Path(args.run).resolve(), args.trust_code):
+                    return command.load()(args)
+            return command.load()(args)
     except TDAError as exc:
         print(f"tda: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

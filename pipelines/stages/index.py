@@ -22,14 +22,14 @@ from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesE
 
 from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.schema import RunConfig, scorer_fingerprint
-from pipelines.methods.scorers import build_scorer
+from pipelines.methods.bound import bind
 
 logger = logging.getLogger(__name__)
 
 
 def scorer_for(cfg: RunConfig, paths: RunPaths | None = None) -> Any:
-    """The run's (unfitted) scorer, from the scorer registry."""
-    return build_scorer(cfg, paths)
+    """The run's (unfitted) scorer, from the scorer registry (a new one: fitting changes it)."""
+    return bind(cfg, paths).scorer()
 
 
 def stage_index(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> FaissIndex:
@@ -124,13 +124,19 @@ def check_inputs_unchanged(cfg: RunConfig, paths: RunPaths) -> None:
 
 
 def load_scorer(cfg: RunConfig, paths: RunPaths):
-    """The fitted scorer saved by the index stage (no pickle), read by :func:`stores.scorer_state.load`."""
-    try:
-        state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg, fingerprint_version(paths)))
-    except IndexMismatchError:  # fitted for another configuration, or a fit that never finished
-        check_inputs_unchanged(cfg, paths)  # a changed checkpoint or data file: refitting would not do
-        raise
-    return scorer_for(cfg, paths).load_state_dict(state)
+    """The fitted scorer saved by the index stage (no pickle), read by :func:`stores.scorer_state.load`
+    once per command (:meth:`pipelines.methods.bound.BoundRun.fitted_scorer`: the score stage and the
+    report of one ``tda run`` share it)."""
+    run = bind(cfg, paths)
+
+    def read() -> Any:
+        try:
+            state = scorer_state.load(paths.scorer, scorer_fingerprint(cfg, fingerprint_version(paths)))
+        except IndexMismatchError:  # fitted for another configuration, or a fit that never finished
+            check_inputs_unchanged(cfg, paths)  # a changed checkpoint or data file: refitting would not do
+            raise
+        return run.scorer().load_state_dict(state)
+    return run.fitted_scorer(read)
 
 
 def load_index(cfg: RunConfig, paths: RunPaths, dim: int, n_train: int, scorer: Any = None) -> FaissIndex:

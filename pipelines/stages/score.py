@@ -18,10 +18,9 @@ from stores import FeatureStore, scores_files
 from tda.core.features import FeatureBlock, concat_blocks
 from tda.core.kernel import iter_score_blocks
 
-from pipelines.families import family_for
 from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
-from pipelines.methods.scorers import feature_kind
+from pipelines.methods.bound import bind
 from pipelines.stages.index import _View, load_index, load_scorer
 
 logger = logging.getLogger(__name__)
@@ -88,8 +87,8 @@ def stage_score(cfg: RunConfig, paths: RunPaths, progress: bool = True) -> dict[
     scores_files.save_topk(paths.scores, query_ids=qblk.ids, train_ids=train.ids(), proponent_ids=top.proponent_ids,
                            proponent_scores=top.proponent_scores, opponent_ids=top.opponent_ids,
                            opponent_scores=top.opponent_scores)
-    family = family_for(cfg)
-    family.extra_results(cfg, paths, scorer, feature_kind(cfg, family))
+    run = bind(cfg, paths)
+    run.family.extra_results(cfg, paths, scorer, run.kind)
     scores_files.save_marker(paths.scores, fingerprint=fp, n_query=len(query), n_train=len(train),
                              dense=cfg.score.dense, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return outputs
