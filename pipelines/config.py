@@ -24,9 +24,11 @@ from typing import Any
 from tda.errors import ConfigError, reading
 
 from pipelines.spec.yaml_strict import load_yaml
-from pipelines.spec.schema import (FEATURE_SECTIONS, IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, OUTPUT_KEYS, QUERY_KEYS,  # noqa: F401
-                     SCORE_SECTIONS, DataConfig, ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig, TrainConfig,
-                     ValidateConfig, _build, scorer_fingerprint, section_fingerprint, stable_dict)
+from pipelines.spec.schema import (IMPORT_KEYS, INPUT_KEYS, LATER_KEYS, QUERY_KEYS, DataConfig,  # noqa: F401
+                                   ExecutorConfig, FeaturizeConfig, IndexConfig, ModelConfig, RunConfig, ScoreConfig,
+                                   TrainConfig, ValidateConfig, _build)
+from pipelines.spec.fingerprints import (FEATURE_SECTIONS, OUTPUT_KEYS, SCORE_SECTIONS,  # noqa: F401
+                                         scorer_fingerprint, section_fingerprint, stable_dict)
 
 #: ``(section, key)`` of every path-valued key: the inputs, and where ground truth is kept.
 #: Import strings (:data:`IMPORT_KEYS`): ``path/file.py:fn`` resolves its file, ``module:fn`` imports from ``code_dir``.

@@ -28,7 +28,8 @@ from stores._io import fingerprint, save_json, save_npy, sha256_file
 from tda.errors import ConfigError, FingerprintMismatchError, ForeignStoreError, StoreCorruptError
 from tda.validation import sample_subsets
 
-from pipelines.spec.schema import PROTOCOLS, RunConfig, stable_dict
+from pipelines.spec.schema import PROTOCOLS, RunConfig
+from pipelines.spec.fingerprints import stable_dict
 
 FORMAT = "tda-retraining-results"
 logger = logging.getLogger(__name__)

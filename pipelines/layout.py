@@ -20,7 +20,7 @@ INPUTS_FILE = "inputs.json"
 #: texts of text data in ``labels/texts.npz``
 LABELS_DIR = "labels"
 #: The fingerprint scheme of the run folders made now, recorded in ``run.json`` as ``fingerprint_version``:
-#: 2 hashes ``featurize`` as the chosen projection's typed spec (:func:`pipelines.spec.schema.section_fingerprint`);
+#: 2 hashes ``featurize`` as the chosen projection's typed spec (:func:`pipelines.spec.fingerprints.section_fingerprint`);
 #: 1 (a ``run.json`` without the field) hashed every ``featurize`` key, used or not.
 FINGERPRINT_VERSION = 2
 

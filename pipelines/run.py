@@ -25,8 +25,8 @@ from pipelines.families import family_for, resolve_device  # noqa: F401
 from pipelines.layout import (FINGERPRINT_VERSION, INPUTS_FILE, RUN_FILE, RunPaths, fingerprint_version,  # noqa: F401
                               load_checkpoint_list)
 from pipelines.spec.method import method_for
-from pipelines.spec.schema import (FEATURE_SECTIONS, QUERY_KEYS, RunConfig, _build, input_digests,  # noqa: F401
-                                   section_fingerprint)
+from pipelines.spec.schema import QUERY_KEYS, RunConfig, _build, input_digests
+from pipelines.spec.fingerprints import FEATURE_SECTIONS, section_fingerprint
 from pipelines.methods.scorers import feature_kind
 
 
@@ -137,7 +137,7 @@ def describe_change(old: Any, new: dict[str, Any]) -> str:
 def feature_fingerprint(cfg: RunConfig, split: str = "query", version: int = FINGERPRINT_VERSION) -> str:
     """Hash of everything the stored features of ``split`` depend on (config sections plus the
     family's tag); ``split="train"`` leaves out the choice of queries (:data:`QUERY_KEYS`);
-    ``version``: the fingerprint scheme (:func:`pipelines.spec.schema.section_fingerprint`)."""
+    ``version``: the fingerprint scheme (:func:`pipelines.spec.fingerprints.section_fingerprint`)."""
     family = family_for(cfg)
     method = method_for(cfg.score.scorer)  # a preconditioned query featurizer (EK-FAC) tags its features
     preconditioned = f"-{method.name}" if split != "train" and method.preconditioned_queries else ""

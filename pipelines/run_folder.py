@@ -66,7 +66,8 @@ def check_finished(cfg: RunConfig, paths: RunPaths, finish: str) -> None:
 def differing_keys(cfg: RunConfig, paths: RunPaths, shown: int = 5) -> str:
     """``data.train_size 2000 here, 1000 in the run; ...``: the feature-side keys where ``cfg`` and
     the folder's recorded run differ (as hashed: inputs by content digest)."""
-    from pipelines.spec.schema import FEATURE_SECTIONS, QUERY_KEYS, stable_dict
+    from pipelines.spec.schema import QUERY_KEYS
+    from pipelines.spec.fingerprints import FEATURE_SECTIONS, stable_dict
 
     try:
         theirs = stable_dict(recorded_config(paths, check=False))

@@ -16,8 +16,9 @@ from pipelines.config import load_config
 from pipelines.families import family_for
 from pipelines.run import claim_run_dir, feature_fingerprint, run_record
 from pipelines.run_folder import recorded_config
-from pipelines.spec.schema import FEATURE_SECTIONS, QUERY_KEYS, SCORE_SECTIONS, scorer_fingerprint, section_fingerprint, \
-    stable_dict
+from pipelines.spec.fingerprints import (FEATURE_SECTIONS, SCORE_SECTIONS, scorer_fingerprint, section_fingerprint,
+                                         stable_dict)
+from pipelines.spec.schema import QUERY_KEYS
 from pipelines.methods.scorers import feature_kind
 from stores._io import fingerprint
 from tda.errors import FingerprintMismatchError

@@ -42,7 +42,8 @@ from tda.featurizers.representations import RepresentationFeaturizer
 from tda.models.tasks import Task
 
 from pipelines.layout import RunPaths, json_field, load_checkpoint_list
-from pipelines.spec.schema import _build, projection_settings
+from pipelines.spec.schema import _build
+from pipelines.spec.fingerprints import projection_settings
 from pipelines.spec.options import score_options
 
 if TYPE_CHECKING:

@@ -35,7 +35,8 @@ from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.method import find_method
 from pipelines.report import label_fields, label_name, text_fields
 from pipelines.run_folder import QUERY_NEEDS, RunLabels, check_complete, dataset_labels, recorded_config, stored_features
-from pipelines.spec.schema import RunConfig, scorer_fingerprint
+from pipelines.spec.schema import RunConfig
+from pipelines.spec.fingerprints import scorer_fingerprint
 
 #: families whose gradient scorers run per draw (``SlotScorer``, whose width needs the model): a
 #: method that may score ``slots`` features is not lean on them (TRAK, scoring the grid, is)

@@ -1,8 +1,9 @@
-"""The typed run configuration: one dataclass per section, and the fingerprints of sections.
+"""The typed run configuration: one dataclass per section.
 
 Every section is a dataclass with checks in ``__post_init__``; unknown keys raise
-:class:`ConfigError` with a "did you mean" suggestion. :func:`section_fingerprint` hashes the
-resolved sections an artifact depends on, so features are reused when only scoring settings
+:class:`ConfigError` with a "did you mean" suggestion.
+:func:`pipelines.spec.fingerprints.section_fingerprint` hashes the resolved sections an artifact
+depends on, so features are reused when only scoring settings
 change and refused when the projection or data change. Reading YAML, resolving paths and the
 checks that need the model family live in :mod:`pipelines.config` (this module imports no family).
 """
@@ -13,18 +14,13 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-
-from stores._io import fingerprint
 from stores.digests import content_digest
 from tda.errors import ConfigError
-from tda.featurizers.spec import SPECS, spec_settings
+from tda.featurizers.spec import SPECS
 from tda.scorers.trak import check_lambda_rel
 
-from pipelines.layout import FINGERPRINT_VERSION
-from pipelines.spec.method import find_method
 from pipelines.spec.checks import _choice, _key, _positive  # noqa: F401  (re-exported)
 from pipelines.spec.workflows import PROTOCOLS, CurateConfig, UnlearnConfig, ValidateConfig  # noqa: F401
 
@@ -359,79 +355,3 @@ def input_digests(cfg: RunConfig) -> dict[str, Any]:
         digests = [content_digest(v) or v for v in values]
         out[f"{section}.{key}"] = digests if isinstance(value, list) else digests[0]
     return out
-
-
-def stable_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as a dict without the :data:`LATER_KEYS` that sit at their defaults,
-    so hashes of configs written before those keys existed do not change; input paths replaced by
-    their content digests (:func:`input_digests`) and code files by their names."""
-    d = cfg.to_dict()
-    for key in UNHASHED_KEYS:
-        d.pop(key, None)
-    for section, key in UNHASHED_SECTION_KEYS:
-        d[section].pop(key, None)
-    for name, digest in input_digests(cfg).items():
-        section, key = name.split(".")
-        d[section][key] = {"sha256": digest}
-    for section, key in IMPORT_KEYS:
-        value = d[section].get(key)
-        if isinstance(value, str) and ".py:" in value:
-            file, _, fn = value.rpartition(":")
-            d[section][key] = f"{Path(file).name}:{fn}"
-    for (section, key), default in LATER_KEYS.items():
-        if section in d and d[section].get(key) == default:
-            del d[section][key]
-    return d
-
-
-#: Score keys that change only what is written or printed, never the fitted scorer or index.
-OUTPUT_KEYS = ("topk", "show", "block_rows", "dense", "influential_fraction", "text_chars")
-
-
-def section_fingerprint(cfg: RunConfig, *sections: str, queries: bool = True, outputs: bool = True,
-                        version: int = FINGERPRINT_VERSION) -> str:
-    """Hash of the named sections of the resolved config (see :func:`stable_dict`); with
-    ``queries=False`` the :data:`QUERY_KEYS` are left out (fingerprints of the training side),
-    with ``outputs=False`` the :data:`OUTPUT_KEYS`. ``version``: the fingerprint scheme
-    (:data:`pipelines.layout.FINGERPRINT_VERSION`; a run folder keeps the one it was made under):
-    from 2 on ``featurize`` enters as :func:`featurize_entry`, under 1 with every key."""
-    d = stable_dict(cfg)
-    for flag, section, keys in ((queries, "data", QUERY_KEYS), (outputs, "score", OUTPUT_KEYS)):
-        if not flag:
-            for key in keys:
-                d[section].pop(key, None)
-    if version >= 2:
-        d["featurize"] = featurize_entry(cfg.featurize)
-    return fingerprint({s: d[s] for s in sections})
-
-
-#: ``featurize`` keys that are settings of a projection: in fingerprints only as its typed spec
-PROJECTION_KEYS = ("projection", "k", "projector", "seed", "backend", "nonzeros", "k_in", "k_out")
-
-
-def projection_settings(f: FeaturizeConfig) -> dict[str, Any]:
-    """``featurize``'s projection settings under the names :func:`tda.featurizers.spec.projection_spec`
-    takes (each projection keeps its own)."""
-    return {"k": f.k, "seed": f.seed, "kind": f.projector, "backend": f.backend, "nonzeros": f.nonzeros,
-            "k_in": f.k_in, "k_out": f.k_out}
-
-
-def featurize_entry(f: FeaturizeConfig) -> dict[str, Any]:
-    """``featurize`` as fingerprint scheme 2 hashes it: the keys every projection reads, and under
-    ``projection`` the chosen projection's typed spec (:func:`tda.featurizers.spec.spec_settings`:
-    only its own keys; ``auto`` those of what it may resolve to)."""
-    entry = {key: value for key, value in dataclasses.asdict(f).items() if key not in PROJECTION_KEYS}
-    return {**entry, "projection": spec_settings(f.projection, **projection_settings(f))}
-
-
-def scorer_fingerprint(cfg: RunConfig, version: int = FINGERPRINT_VERSION) -> str:
-    """Hash of what the fitted scorer and the index depend on: the training side of the feature
-    sections, the scorer's settings and the index settings (not the output keys, and not the
-    queries unless the scorer is query-bound: its fitted state holds scores of the run's queries, MAGIC)."""
-    method = find_method(cfg.score.scorer)
-    bound = method is not None and method.query_bound
-    return section_fingerprint(cfg, *SCORE_SECTIONS, queries=bound, outputs=False, version=version)
-
-
-FEATURE_SECTIONS = ("data", "model", "train", "featurize")
-SCORE_SECTIONS = FEATURE_SECTIONS + ("score", "index")

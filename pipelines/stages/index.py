@@ -21,7 +21,8 @@ from stores.index import RECALL_TARGET, exact_recall, index_space
 from tda.errors import IndexMismatchError, InputChangedError, NonFiniteFeaturesError, StoreError, TDAError
 
 from pipelines.layout import RunPaths, fingerprint_version
-from pipelines.spec.schema import RunConfig, scorer_fingerprint
+from pipelines.spec.schema import RunConfig
+from pipelines.spec.fingerprints import scorer_fingerprint
 from pipelines.methods.bound import bind
 
 logger = logging.getLogger(__name__)

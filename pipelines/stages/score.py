@@ -19,7 +19,8 @@ from tda.core.features import FeatureBlock, concat_blocks
 from tda.core.kernel import iter_score_blocks
 
 from pipelines.layout import RunPaths, fingerprint_version
-from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
+from pipelines.spec.schema import RunConfig
+from pipelines.spec.fingerprints import SCORE_SECTIONS, section_fingerprint
 from pipelines.methods.bound import bind
 from pipelines.stages.index import _View, load_index, load_scorer
 

@@ -29,7 +29,8 @@ from pipelines.families.classifier import ClassifierSubsetJob
 from pipelines.ground_truth import GroundTruth, GroundTruthSpec, ResultStore, job_fingerprint, run_seed  # noqa: F401
 from pipelines.layout import RunPaths, fingerprint_version
 from pipelines.spec.method import method_for
-from pipelines.spec.schema import SCORE_SECTIONS, RunConfig, section_fingerprint
+from pipelines.spec.schema import RunConfig
+from pipelines.spec.fingerprints import SCORE_SECTIONS, section_fingerprint
 from pipelines.stages.validate_scorers import scores_for, validation_scorers
 
 

@@ -90,7 +90,7 @@ def calibration_for(cfg: RunConfig, paths: RunPaths) -> dict[str, Any] | None:
     """The validator's fitted line for the run's scorer, or None when ``tda validate`` has not run
     on these scores (another scorer, ridge, feature or data setting: its line would be wrong), or
     its ``validation.json`` cannot be read."""
-    from pipelines.spec.schema import SCORE_SECTIONS, section_fingerprint
+    from pipelines.spec.fingerprints import SCORE_SECTIONS, section_fingerprint
 
     path = workflow_results.path(paths.root, "validation")
     try:
