@@ -46,6 +46,10 @@ Buckets and signs of one layer side come from a numpy PCG64 stream seeded by ``(
 checkpoint, crc32(layer name), side)`` (the parameter's name for embeddings and shared
 weights; side 2 for a vector), so any process regenerates them; they are cached per device and
 dtype. Sums run in fp32 (fp64 for fp64 captures) with ``torch.fft`` on the CPU or on CUDA alike.
+
+By default a batch is summed with few, large operations (:mod:`tda.projections.sketch_batch`:
+signed formed gradients of many layers scattered together, embeddings without ``mod k``);
+``batched=False`` sums one layer at a time, the same features up to rounding.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +67,8 @@ from torch import Tensor
 from tda.errors import ConfigError, ShapeError
 from tda.gradients.captures import (CHUNK_ELEMENTS, MATRIX_LAYOUTS, NORM_LAYOUTS, SIDES, CapturedLayers, Captures, LayerSpec,
                        regroup)
+from tda.projections.sketch_batch import (WORKSPACE_ELEMENTS, SketchBatch, count_sketch, embedding_entries, formed_into,
+                                         sketch_fft, sketch_formed, spectrum)
 from tda.projections.sketch_layers import covered_sizes, embedding_sketch, norm_grads, shared_sq_norm, term_sq_norm
 
 #: Relative costs per element against one multiply-add of forming ``G`` by batched matmul,
@@ -88,34 +95,6 @@ class TensorSketchSpec:
     params: tuple[str, ...]
 
 
-def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, k: int) -> Tensor:
-    """CountSketch of each row: ``out[r, buckets[j]] += signs[j] x[r, j]``; x (R, d) -> (R, k)."""
-    return x.new_zeros(x.shape[0], k).scatter_add_(1, buckets.expand(x.shape[0], -1), x * signs)
-
-
-def spectrum(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
-             k: int) -> Tensor:
-    """``sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t))``: a (B, N, d_in), delta (B, N, d_out) ->
-    (B, k // 2 + 1) complex, the spectrum of the unscaled sketch."""
-    b, n = a.shape[:2]
-    fa = torch.fft.rfft(count_sketch(a.reshape(b * n, -1), *side_in, k), dim=1)  # (B N, k/2 + 1)
-    fd = torch.fft.rfft(count_sketch(delta.reshape(b * n, -1), *side_out, k), dim=1)
-    return fa.mul_(fd).reshape(b, n, -1).sum(dim=1) if n > 1 else fa.mul_(fd)  # (B, k/2 + 1)
-
-
-def sketch_fft(a: Tensor, delta: Tensor, side_in: tuple[Tensor, Tensor], side_out: tuple[Tensor, Tensor],
-               k: int) -> Tensor:
-    """``irfft(sum_t rfft(CS_in(a_t)) * rfft(CS_out(delta_t)))``: (B, k), unscaled."""
-    return torch.fft.irfft(spectrum(a, delta, side_in, side_out, k), n=k, dim=1)
-
-
-def sketch_formed(a: Tensor, delta: Tensor, cols: Tensor, signs: Tensor, k: int) -> Tensor:
-    """``G = sum_t delta_t a_t^T`` formed, then scattered by the combined hash: (B, k), unscaled.
-    ``cols`` / ``signs``: (d_out d_in,) row-major over ``(i, j)``."""
-    g = (delta.transpose(1, 2) @ a).reshape(a.shape[0], -1)  # (B, d_out d_in)
-    return count_sketch(g, cols, signs, k)
-
-
 class TensorSketchProjector(CapturedLayers):
     """TensorSketch of the selected layers' gradients into ``k`` shared outputs.
 
@@ -128,9 +107,16 @@ class TensorSketchProjector(CapturedLayers):
         k: projection dimension (the feature width). seed: base seed.
         method: ``"auto"`` (per layer and batch the cheaper of the two ways), ``"fft"`` or
             ``"form"`` (force one; same features up to rounding, for tests and benchmarks).
+        batched: sum a batch with few large operations (:mod:`tda.projections.sketch_batch`: the
+            formed layers' signed gradients scattered together); ``False``: one layer at a time
+            (the reference; same features up to rounding).
     """
 
-    def __init__(self, layers: Sequence[LayerSpec], k: int = 1024, seed: int = 0, method: str = "auto") -> None:
+    #: elements of the batched path's reused workspace (see :data:`tda.projections.sketch_batch.WORKSPACE_ELEMENTS`)
+    workspace_elements = WORKSPACE_ELEMENTS
+
+    def __init__(self, layers: Sequence[LayerSpec], k: int = 1024, seed: int = 0, method: str = "auto",
+                 batched: bool = True) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"tensorsketch k must be an integer >= 1, got {k!r}")
         if isinstance(seed, bool) or seed < 0:
@@ -143,7 +129,12 @@ class TensorSketchProjector(CapturedLayers):
         self.sizes = covered_sizes(self.layers)  # covered parameter -> entries, a shared weight once
         self.dim = sum(self.sizes.values())
         self.scale = math.sqrt(self.k / self.dim)
-        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.batched = bool(batched)
+        self._wrap = any(s.layout == "embedding" for s in self.layers)  # buckets up to 2k: see SketchBatch
+        self._bound = sum(s.d_in * s.d_out if s.layout in MATRIX_LAYOUTS else s.d_out * len(s.params)
+                          for s in self.layers if s.layout != "embedding")  # workspace columns a batch can use
+        self._cache: dict[tuple, Any] = {}
+        self._work: dict[tuple, Tensor] = {}
 
     @property
     def spec(self) -> TensorSketchSpec:
@@ -210,9 +201,36 @@ class TensorSketchProjector(CapturedLayers):
         self._cache[key] = pair
         return pair
 
+    def _row_signs(self, checkpoint: int, layer: LayerSpec, like: Tensor) -> tuple[Tensor, Tensor]:
+        """An embedding's row buckets and signs, the sign 0 on its padding row, cached."""
+        key = (checkpoint, layer.name, "rows", str(like.device), like.dtype)
+        if key not in self._cache:
+            buckets, signs = self._side(checkpoint, layer, "out", like)
+            if layer.padding_idx >= 0:
+                signs = signs.clone()
+                signs[layer.padding_idx] = 0
+            self._cache[key] = (buckets, signs)
+        return self._cache[key]
+
+    def _group_index(self, checkpoint: int, like: Tensor, keys: tuple, parts: list[Tensor]) -> Tensor:
+        """The buckets of a group of layers scattered together, concatenated, cached."""
+        key = (checkpoint, "group", keys, str(like.device))
+        if key not in self._cache:
+            self._cache[key] = torch.cat(parts)
+        return self._cache[key]
+
+    def _workspace(self, like: Tensor, n: int) -> Tensor:
+        """A flat scratch tensor of at least ``n`` elements of ``like``'s dtype and device, reused."""
+        key = (str(like.device), like.dtype)
+        work = self._work.get(key)
+        if work is None or work.numel() < n:
+            work = self._work[key] = like.new_empty(n)
+        return work
+
     def clear_cache(self) -> None:
-        """Drop cached hashes (e.g. after the last batch of a checkpoint)."""
+        """Drop cached hashes and the workspace (e.g. after the last batch of a checkpoint)."""
         self._cache.clear()
+        self._work.clear()
 
     def path(self, layer: LayerSpec, positions: int) -> str:
         """``"fft"`` or ``"form"``: the cheaper way to sketch ``layer`` seen at ``positions``
@@ -282,6 +300,53 @@ class TensorSketchProjector(CapturedLayers):
             raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
         return total.clamp_min(0).sqrt()
 
+    def _inputs(self, captures: Captures) -> Iterator[tuple[LayerSpec, Tensor, Tensor]]:
+        """Per layer that ran, ``(layer, a, delta)`` with its calls as extra positions; checks
+        that every layer saw the same examples."""
+        rows: int | None = None
+        for layer, mats in self._calls(captures):
+            if not mats:
+                continue
+            for a, _ in mats:
+                if rows is not None and a.shape[0] != rows:
+                    raise ShapeError(f"layer {layer.name} was captured for {a.shape[0]} examples, the layers "
+                                     f"before it for {rows}; capture all layers from one batch")
+                rows = a.shape[0]
+            a, delta = mats[0] if len(mats) == 1 else (torch.cat([m[i] for m in mats], dim=1) for i in (0, 1))
+            yield layer, a, delta
+        if rows is None:
+            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
+
+    def _project_batched(self, inputs: Iterator[tuple[LayerSpec, Tensor, Tensor]], checkpoint: int) -> Tensor:
+        """The unscaled sketch (B, k) of the batched path (:class:`SketchBatch`)."""
+        acc: SketchBatch | None = None
+        for layer, a, delta in inputs:
+            if acc is None:
+                like = delta if layer.layout == "embedding" else a
+                acc = SketchBatch(a.shape[0], self.k, like, self._wrap, partial(self._workspace, like),
+                                  partial(self._group_index, checkpoint, like), self._bound, self.workspace_elements)
+            if layer.layout in NORM_LAYOUTS:
+                for param, g in zip(layer.params, norm_grads(layer, a, delta)):
+                    buckets, signs = self._vector(checkpoint, param, layer.d_out, acc.buf)
+                    for lo, hi, view in acc.slots(("vector", param), buckets):
+                        torch.mul(g[lo: hi], signs, out=view)
+            elif layer.layout == "embedding":
+                ids_side, cols = self._row_signs(checkpoint, layer, delta), self._side(checkpoint, layer, "in", delta)
+                step = max(1, CHUNK_ELEMENTS // max(a.shape[1] * layer.d_in, 1))
+                for lo in range(0, a.shape[0], step):
+                    acc.scatter(lo, *embedding_entries(a[lo: lo + step], delta[lo: lo + step], *ids_side, cols))
+            elif self.path(layer, a.shape[1]) == "form":
+                sides = (self._side(checkpoint, layer, "in", a), self._side(checkpoint, layer, "out", a))
+                formed_into(acc, layer, a.to(acc.dtype), delta.to(acc.dtype), self._side(checkpoint, layer, "formed", a),
+                            sides)
+            else:
+                sides = (self._side(checkpoint, layer, "in", a), self._side(checkpoint, layer, "out", a))
+                step = max(1, CHUNK_ELEMENTS // max(a.shape[1] * (self.k + 2), 1))
+                for lo in range(0, a.shape[0], step):
+                    acc.add_spectrum(lo, spectrum(a[lo: lo + step], delta[lo: lo + step], *sides, self.k))
+        assert acc is not None  # _inputs raises when no layer ran
+        return acc.result()
+
     def project(self, captures: Captures, checkpoint: int) -> Tensor:
         """Features from per-layer captures.
 
@@ -299,24 +364,15 @@ class TensorSketchProjector(CapturedLayers):
         """
         if checkpoint < 0:
             raise ConfigError(f"checkpoint id must be >= 0, got {checkpoint}")
+        if self.batched:
+            return self._project_batched(self._inputs(captures), checkpoint).mul_(self.scale)
         acc: dict[str, Tensor] = {}
-        rows: int | None = None
-        for layer, mats in self._calls(captures):
-            if not mats:
-                continue
-            for a, _ in mats:
-                if rows is not None and a.shape[0] != rows:
-                    raise ShapeError(f"layer {layer.name} was captured for {a.shape[0]} examples, the layers "
-                                     f"before it for {rows}; capture all layers from one batch")
-                rows = a.shape[0]
-            a, delta = mats[0] if len(mats) == 1 else (torch.cat([m[i] for m in mats], dim=1) for i in (0, 1))
+        for layer, a, delta in self._inputs(captures):
             if layer.layout in MATRIX_LAYOUTS:  # calls as extra positions: (B, N, d)
                 self._sketch_layer(layer, a, delta, checkpoint, acc)
             else:
                 self._sketch_term(layer, a, delta, checkpoint, acc)
-        if rows is None:
-            raise ShapeError("no selected layer ran in the forward pass; check the layer selection")
-        out = acc.get("real")
+        out = acc["real"] if "real" in acc else None
         if "spectrum" in acc:
             waves = torch.fft.irfft(acc["spectrum"], n=self.k, dim=1)
             out = waves if out is None else out.add_(waves)
