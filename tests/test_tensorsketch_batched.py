@@ -54,7 +54,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("workspace", [None, 40])
+@pytest.mark.parametrize("workspace", [None, 40, 400])
 @pytest.mark.parametrize("method", ["auto", "form", "fft"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", sorted(CASES))

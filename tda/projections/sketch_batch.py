@@ -30,11 +30,16 @@ from typing import Callable, Hashable, Iterator
 import torch
 from torch import Tensor
 
+from tda.errors import ShapeError
 from tda.gradients.captures import LayerSpec
 
 #: Elements of the shared workspace of formed gradients (a batch's small layers go into it
 #: together; a bigger layer is done a chunk of examples at a time within it).
 WORKSPACE_ELEMENTS = 1 << 22
+#: A layer shares the workspace (and the scatter) when its formed gradients are at most
+#: ``1 / SHARED`` of it; a bigger one is written by the GEMM straight into the workspace (no copy)
+#: and scattered on its own.
+SHARED = 8
 
 
 def count_sketch(x: Tensor, buckets: Tensor, signs: Tensor, k: int) -> Tensor:
@@ -96,10 +101,10 @@ class SketchBatch:
     def slots(self, key: Hashable, buckets: Tensor) -> Iterator[tuple[int, int, Tensor]]:
         """Places to write a signed gradient of ``len(buckets)`` entries per example: yields
         ``(lo, hi, view)`` with ``view`` (hi - lo, d) for examples ``lo:hi``; write it before the
-        next step. Small ones share the workspace (scattered together later), a big one is
-        scattered chunk by chunk."""
+        next step. Small ones share the workspace (a strided view, scattered together later), a
+        big one gets it whole (contiguous), chunk by chunk, each scattered at once."""
         d = buckets.shape[0]
-        if d <= self.cap:
+        if d <= self.cap and d * self.rows <= self.budget // SHARED:
             if self._used + d > self.cap:
                 self.flush()
             yield 0, self.rows, self._grid[:, self._used: self._used + d]
@@ -144,35 +149,64 @@ class SketchBatch:
         return out
 
 
-def formed_into(acc: SketchBatch, layer: LayerSpec, a: Tensor, delta: Tensor, formed: tuple[Tensor, Tensor],
+def plain_matrices(layer: LayerSpec, inp: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """A linear layer's ``a`` (B, N, d_in - 1), WITHOUT the ones column of its bias, and ``delta``
+    (B, N, d_out), fp32 (fp64 for fp64 inputs): :func:`tda.gradients.captures.layer_matrices` less
+    the copy of ``a`` that the column costs (:func:`formed_into` adds the bias row itself)."""
+    dtype = torch.float64 if inp.dtype == torch.float64 else torch.float32
+    b = inp.shape[0]
+    a, delta = inp.to(dtype).reshape(b, -1, inp.shape[-1]), grad.to(dtype).reshape(b, -1, grad.shape[-1])
+    if (a.shape[-1] + 1, delta.shape[-1]) != (layer.d_in, layer.d_out):
+        raise ShapeError(f"layer {layer.name}: captured widths {a.shape[-1] + 1}, {delta.shape[-1]} but the projector "
+                         f"expects {layer.d_in}, {layer.d_out}")
+    if a.shape[1] != delta.shape[1]:
+        raise ShapeError(f"layer {layer.name}: {a.shape[1]} input positions but {delta.shape[1]} output positions")
+    return a, delta
+
+
+def formed_into(acc: SketchBatch, layer: LayerSpec, a: Tensor, delta: Tensor, formed_t: tuple[Tensor, Tensor],
                 sides: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
-    """Write a layer's signed formed gradient ``s(i, j) G_ij`` into ``acc``'s slots; ``formed``:
-    the combined ``(buckets, signs)`` (d_out d_in,), ``sides``: the in and out ones. The signs
-    are folded into the operands where that is fewer products (``N (d_in + d_out) <= d_in d_out``),
-    else multiplied into ``G`` on its way into the workspace."""
-    cols, signs = formed
+    """Write a layer's signed formed gradient into ``acc``'s slots, transposed: ``G^T = sum_t a_t
+    delta_t^T`` (d_in, d_out), whose rows (``d_out`` wide) the GEMM writes faster; ``formed_t``: the
+    combined ``(buckets, signs)`` over ``G^T`` (d_in d_out,), ``sides``: the in and out ones. ``a``
+    without its ones column (:func:`plain_matrices`) gets the bias row ``sum_t delta_t`` added.
+    The signs are folded into the operands where that is fewer products (``N (d_in + d_out) <=
+    d_in d_out``), else multiplied into ``G^T`` on its way into the workspace."""
+    cols, signs = formed_t
     fold = a.shape[1] * (layer.d_in + layer.d_out) <= layer.d_in * layer.d_out
     s_in, s_out = sides[0][1], sides[1][1]
+    width = a.shape[-1]
+    bias, w = width < layer.d_in, width * layer.d_out  # the bias row, if any, after G^T's first w entries
     for lo, hi, view in acc.slots(("formed", layer.name), cols):
-        x, y = (delta[lo: hi] * s_out, a[lo: hi] * s_in) if fold else (delta[lo: hi], a[lo: hi])
+        x, y = (a[lo: hi] * s_in[:width], delta[lo: hi] * s_out) if fold else (a[lo: hi], delta[lo: hi])
         if view.is_contiguous():  # a chunk of a big layer: straight into the workspace
-            torch.bmm(x.transpose(1, 2), y, out=view.view(hi - lo, layer.d_out, layer.d_in))
-            if not fold:
+            torch.bmm(x.transpose(1, 2), y, out=view.view(hi - lo, layer.d_in, layer.d_out)[:, :width])
+            if bias:
+                torch.sum(y, dim=1, out=view[:, w:])
+            if fold and bias:
+                view[:, w:].mul_(s_in[-1])
+            elif not fold:
                 view.mul_(signs)
             continue
         g = torch.bmm(x.transpose(1, 2), y).view(hi - lo, -1)  # bmm into a strided view is slow
-        view.copy_(g) if fold else torch.mul(g, signs, out=view)
+        view[:, :w].copy_(g) if fold else torch.mul(g, signs[:w], out=view[:, :w])
+        if bias:
+            torch.mul(y.sum(dim=1), s_in[-1] if fold else signs[w:], out=view[:, w:])
 
 
 def embedding_entries(ids: Tensor, delta: Tensor, row_buckets: Tensor, row_signs: Tensor, cols: tuple[Tensor, Tensor]
                       ) -> tuple[Tensor, Tensor]:
     """Buckets in ``[0, 2k)`` (no ``mod k``) and signed values of an embedding's entries
-    ``(id_t, j)``: ids (B, N), delta (B, N, D) -> both (B, N D); ``row_signs`` is 0 on a padding row."""
+    ``(id_t, j)``: ids (B, N), delta (B, N, D) -> both (B, N D); ``row_signs`` is 0 on a padding row.
+    Ids shared by the batch (position ids, expanded: stride 0) give one row of buckets, expanded."""
     b = ids.shape[0]
+    if b > 1 and ids.stride(0) == 0:
+        index = (row_buckets[ids[0]].unsqueeze(-1) + cols[0]).reshape(1, -1).expand(b, -1)
+        return index, (delta * (row_signs[ids[0]].unsqueeze(-1) * cols[1])).reshape(b, -1)
     index = (row_buckets[ids].unsqueeze(-1) + cols[0]).reshape(b, -1)
     values = (delta * cols[1]).mul_(row_signs[ids].unsqueeze(-1)).reshape(b, -1)
     return index, values
 
 
-__all__ = ["WORKSPACE_ELEMENTS", "SketchBatch", "count_sketch", "embedding_entries", "formed_into", "sketch_fft",
-           "sketch_formed", "spectrum"]
+__all__ = ["WORKSPACE_ELEMENTS", "SketchBatch", "count_sketch", "embedding_entries", "formed_into", "plain_matrices",
+           "sketch_fft", "sketch_formed", "spectrum"]

@@ -68,7 +68,7 @@ from tda.errors import ConfigError, ShapeError
 from tda.gradients.captures import (CHUNK_ELEMENTS, MATRIX_LAYOUTS, NORM_LAYOUTS, SIDES, CapturedLayers, Captures, LayerSpec,
                        regroup)
 from tda.projections.sketch_batch import (WORKSPACE_ELEMENTS, SketchBatch, count_sketch, embedding_entries, formed_into,
-                                         sketch_fft, sketch_formed, spectrum)
+                                         plain_matrices, sketch_fft, sketch_formed, spectrum)
 from tda.projections.sketch_layers import covered_sizes, embedding_sketch, norm_grads, shared_sq_norm, term_sq_norm
 
 #: Relative costs per element against one multiply-add of forming ``G`` by batched matmul,
@@ -185,15 +185,18 @@ class TensorSketchProjector(CapturedLayers):
         return self._cache[key]
 
     def _side(self, checkpoint: int, layer: LayerSpec, side: str, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Buckets and signs of ``side`` ("in", "out", or "formed": the combined (d_out d_in,)
-        hash of :func:`sketch_formed`) on ``like``'s device and dtype, cached."""
+        """Buckets and signs of ``side`` ("in", "out", "formed": the combined (d_out d_in,) hash of
+        :func:`sketch_formed`, row-major over ``G``, or "formed_t": the same over ``G^T``,
+        (d_in d_out,)) on ``like``'s device and dtype, cached."""
         key = (checkpoint, layer.name, side, str(like.device), like.dtype)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        if side == "formed":
+        if side in ("formed", "formed_t"):
             (h_in, s_in), (h_out, s_out) = (self._side(checkpoint, layer, s, like) for s in ("in", "out"))
-            cols = (h_out[:, None] + h_in[None, :]) % self.k  # (d_out, d_in), row-major as G
+            if side == "formed_t":
+                (h_in, s_in), (h_out, s_out) = (h_out, s_out), (h_in, s_in)
+            cols = (h_out[:, None] + h_in[None, :]) % self.k  # row-major as G (G^T)
             pair = (cols.reshape(-1), (s_out[:, None] * s_in[None, :]).reshape(-1))
         else:
             buckets, signs = self.hashes(checkpoint, layer, side)
@@ -304,7 +307,10 @@ class TensorSketchProjector(CapturedLayers):
         """Per layer that ran, ``(layer, a, delta)`` with its calls as extra positions; checks
         that every layer saw the same examples."""
         rows: int | None = None
-        for layer, mats in self._calls(captures):
+        raw = [self.batched and s.bias and s.layout in ("linear", "conv1d") for s in self.layers]
+        rest = [[] if r else calls for r, calls in zip(raw, captures)] if len(captures) == len(self.layers) else captures
+        for (layer, mats), r, calls in zip(self._calls(rest), raw, captures):  # r: a without the ones column
+            mats = [plain_matrices(layer, inp, grad) for inp, grad in calls] if r else mats
             if not mats:
                 continue
             for a, _ in mats:
@@ -337,10 +343,11 @@ class TensorSketchProjector(CapturedLayers):
                     acc.scatter(lo, *embedding_entries(a[lo: lo + step], delta[lo: lo + step], *ids_side, cols))
             elif self.path(layer, a.shape[1]) == "form":
                 sides = (self._side(checkpoint, layer, "in", a), self._side(checkpoint, layer, "out", a))
-                formed_into(acc, layer, a.to(acc.dtype), delta.to(acc.dtype), self._side(checkpoint, layer, "formed", a),
+                formed_into(acc, layer, a.to(acc.dtype), delta.to(acc.dtype), self._side(checkpoint, layer, "formed_t", a),
                             sides)
             else:
                 sides = (self._side(checkpoint, layer, "in", a), self._side(checkpoint, layer, "out", a))
+                a = a if a.shape[-1] == layer.d_in else torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
                 step = max(1, CHUNK_ELEMENTS // max(a.shape[1] * (self.k + 2), 1))
                 for lo in range(0, a.shape[0], step):
                     acc.add_spectrum(lo, spectrum(a[lo: lo + step], delta[lo: lo + step], *sides, self.k))
