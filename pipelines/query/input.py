@@ -24,10 +24,33 @@ from tda.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def _flat_image_row(path: Path, stored: np.ndarray, column: str) -> dict[str, Any]:
+    """A picture for a run whose images are stored flat (one row of ``n`` values, e.g. MNIST's 784):
+    taken only as a grayscale picture of ``n`` pixels, read row by row (how such rows are made)."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("L"))
+    if pixels.size != stored.size:
+        raise DataError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels; the run's images are stored flat, "
+                        f"{stored.size} values per row: give a grayscale picture of {stored.size} pixels (e.g. "
+                        f"{_side(stored.size)}) or a rows file of flat rows")
+    return {column: pixels.reshape(-1).astype(stored.dtype if stored.dtype.kind in "iuf" else np.uint8).tolist()}
+
+
+def _side(n: int) -> str:
+    root = int(round(n ** 0.5))
+    return f"{root}x{root}" if root * root == n else f"{n}x1"
+
+
 def _image_row(path: Path, template: Any, column: str) -> dict[str, Any]:
     from PIL import Image
 
     stored = np.asarray(template[0][column])
+    if stored.ndim == 1:
+        return _flat_image_row(path, stored, column)
+    if stored.ndim not in (2, 3):
+        raise DataError(f"the run's image column {column!r} holds {stored.ndim}-d values; give a rows file instead "
+                        "of a picture")
     img = Image.open(path)
     img = img.convert("L") if stored.ndim == 2 else img.convert("RGB")
     pixels = np.asarray(img)
