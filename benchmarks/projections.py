@@ -1,15 +1,19 @@
 """LDS and featurization time of the dense, sparse, factored and tensorsketch projections at
-(about) equal width, TRAK with the automatic ridge, per family (issue 14: the default projection).
+(about) equal width, and of ``auto`` (what it chose recorded), TRAK with the automatic ridge,
+per family (issue 14: the default projection; issue 26: the char LM and a Hugging Face classifier).
 
-For each family config of benchmarks/families/ (MNIST MLP, CIFAR-2 CNN, char LM) every
-projection gets its own `tda run` (same seeds: the same checkpoints) and `tda validate` under
-the classic protocol on one shared, cached ground truth (keyed by data, model and train only).
-The factored projection's per-layer ``k_in = k_out`` is chosen so its width is the closest to
+For each family config of benchmarks/families/ (MNIST MLP, CIFAR-2 CNN, char LM, and the
+Hugging Face BERT classifier on AG News, ``hf_bert``, whose model folder, data files and
+fine-tuned checkpoints benchmarks/hf_bert_family.py makes offline first) every projection gets
+its own `tda run` (same seeds: the same checkpoints) and `tda validate` under the classic
+protocol on one shared, cached ground truth (keyed by data, model and train only). The
+factored projection's per-layer ``k_in = k_out`` is chosen so its width is the closest to
 ``featurize.k`` from below; the tensorsketch width is ``featurize.k``, as dense and sparse.
 Featurization time is the wall time of `tda run --only featurize` (train and query sets, every
 model; including ~3 s of process start-up).
 
-    python benchmarks/projections.py                          # the three families
+    python benchmarks/projections.py                          # the four families
+    python benchmarks/projections.py --only hf_bert           # the Hugging Face classifier
     python benchmarks/projections.py --only mnist_mlp --projections dense sparse
     python benchmarks/projections.py --projections dense sparse tensorsketch
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -25,13 +30,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "families"
-FAMILIES = ("mnist_mlp", "cifar2_cnn", "char_lm")
-PROJECTIONS = ("dense", "sparse", "factored", "tensorsketch")
+FAMILIES = ("mnist_mlp", "cifar2_cnn", "char_lm", "hf_bert")  # the default list
+PROJECTIONS = ("dense", "sparse", "factored", "tensorsketch", "auto")
 
 
-def tda(*args: str) -> float:
+def prepare(fam: str) -> None:
+    """Make what a family's config names and no run makes (hf_bert: folder, data, checkpoints)."""
+    if fam == "hf_bert":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from hf_bert_family import prepare as prepare_hf_bert
+
+        prepare_hf_bert()
+
+
+def tda(*args: str, capture: bool = False) -> float | tuple[float, str]:
+    """Wall time of a `tda` command (and its output, with ``capture``)."""
     start = time.time()
-    subprocess.run([sys.executable, "-m", "pipelines.cli.main", *args], check=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli.main", *args], check=True, cwd=ROOT,
+                          capture_output=capture, text=True)
+    if capture:
+        print(done.stdout, end="")
+        print(done.stderr, end="", file=sys.stderr)
+        return time.time() - start, done.stdout + done.stderr
     return time.time() - start
 
 
@@ -63,7 +83,7 @@ def measure(cfg: Path, cache: Path, projection: str, k: int) -> dict:
         sets += ["--set", f"featurize.k_in={side}", "--set", f"featurize.k_out={side}"]
     run = cache / projection
     tda("run", str(cfg), "--out", str(run), "--quiet", "--only", "train", *sets)
-    featurize_s = tda("run", str(cfg), "--out", str(run), "--quiet", "--only", "featurize", *sets)
+    featurize_s, said = tda("run", str(cfg), "--out", str(run), "--quiet", "--only", "featurize", *sets, capture=True)
     tda("run", str(cfg), "--out", str(run), "--quiet", *sets)
     wall = tda("validate", str(cfg), "--out", str(run), "--quiet", *sets, "--set", "validate.protocol=classic",
                "--set", "validate.scorers=[trak]", "--set", f"validate.ground_truth_dir={cache / 'gt'}")
@@ -72,6 +92,13 @@ def measure(cfg: Path, cache: Path, projection: str, k: int) -> dict:
     out = {"projection": projection, "width": width, "lds": rep["mean"], "ci": [rep["ci_low"], rep["ci_high"]],
            "featurize_s": featurize_s, "validate_s": wall, "subsets": res["subsets"],
            "lambda": res["scorers"]["trak"].get("lambda", {})}
+    if projection == "auto":  # what it chose: the stored training features' projection, and the run's reason
+        from pipelines.families.base import recorded_projection
+        from pipelines.layout import RunPaths
+
+        reason = re.search(r"projection \w+ \(auto: (.*?)\)(?: \([\d.]+s\))?$", said, re.M)
+        out["chose"] = recorded_projection(RunPaths(run))
+        out["reason"] = reason.group(1) if reason else ""
     done.write_text(json.dumps(out))
     return out
 
@@ -82,9 +109,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=FAMILIES)
     ap.add_argument("--projections", nargs="*", default=list(PROJECTIONS), choices=PROJECTIONS)
     args = ap.parse_args()
-    rows = []
+    rows, start = [], time.time()
     for fam in args.only or FAMILIES:
         cfg = CONFIGS / f"{fam}.yaml"
+        prepare(fam)
         sys.path.insert(0, str(ROOT))
         from pipelines.config import load_config
 
@@ -92,16 +120,19 @@ def main() -> None:
         for proj in args.projections:
             r = measure(cfg, args.cache / fam, proj, k)
             rows.append((fam, r))
+            chose = f" chose {r['chose']} ({r['reason']})" if "chose" in r else ""
             print(f"{fam:>11} {proj:>12} width {r['width']:>5}  LDS {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
-                  f"  featurize {r['featurize_s']:.1f} s", flush=True)
+                  f"  featurize {r['featurize_s']:.1f} s{chose}", flush=True)
     print("\n| family | projection | width | LDS (classic, TRAK auto ridge) | LDS - dense | featurize s |")
     print("|---|---|---|---|---|---|")
     dense = {fam: r["lds"] for fam, r in rows if r["projection"] == "dense"}
     for fam, r in rows:
         diff = f"{r['lds'] - dense[fam]:+.3f}" if fam in dense else ""
         fs = f"{r['featurize_s']:.1f}"
-        print(f"| {fam} | {r['projection']} | {r['width']} | {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] "
+        name = f"{r['projection']} ({r['chose']})" if "chose" in r else r["projection"]
+        print(f"| {fam} | {name} | {r['width']} | {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] "
               f"| {diff} | {fs} |")
+    print(f"\nwall time {time.time() - start:.0f} s (cached measurements reused)")
 
 
 if __name__ == "__main__":
