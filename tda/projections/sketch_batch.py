@@ -176,22 +176,19 @@ def formed_into(acc: SketchBatch, layer: LayerSpec, a: Tensor, delta: Tensor, fo
     fold = a.shape[1] * (layer.d_in + layer.d_out) <= layer.d_in * layer.d_out
     s_in, s_out = sides[0][1], sides[1][1]
     width = a.shape[-1]
-    bias, w = width < layer.d_in, width * layer.d_out  # the bias row, if any, after G^T's first w entries
-    for lo, hi, view in acc.slots(("formed", layer.name), cols):
+    w = width * layer.d_out  # G^T's entries without the bias row (its last d_out, if any)
+    for lo, hi, view in acc.slots(("formed", layer.name), cols[:w]):
         x, y = (a[lo: hi] * s_in[:width], delta[lo: hi] * s_out) if fold else (a[lo: hi], delta[lo: hi])
         if view.is_contiguous():  # a chunk of a big layer: straight into the workspace
-            torch.bmm(x.transpose(1, 2), y, out=view.view(hi - lo, layer.d_in, layer.d_out)[:, :width])
-            if bias:
-                torch.sum(y, dim=1, out=view[:, w:])
-            if fold and bias:
-                view[:, w:].mul_(s_in[-1])
-            elif not fold:
-                view.mul_(signs)
+            torch.bmm(x.transpose(1, 2), y, out=view.view(hi - lo, width, layer.d_out))
+            if not fold:
+                view.mul_(signs[:w])
             continue
         g = torch.bmm(x.transpose(1, 2), y).view(hi - lo, -1)  # bmm into a strided view is slow
-        view[:, :w].copy_(g) if fold else torch.mul(g, signs[:w], out=view[:, :w])
-        if bias:
-            torch.mul(y.sum(dim=1), s_in[-1] if fold else signs[w:], out=view[:, w:])
+        view.copy_(g) if fold else torch.mul(g, signs[:w], out=view)
+    if width < layer.d_in:  # the bias row sum_t delta_t, with signs s_in(last) s_out
+        for lo, hi, view in acc.slots(("bias", layer.name), cols[w:]):
+            torch.mul(delta[lo: hi].sum(dim=1), signs[w:], out=view)
 
 
 def embedding_entries(ids: Tensor, delta: Tensor, row_buckets: Tensor, row_signs: Tensor, cols: tuple[Tensor, Tensor]
