@@ -31,7 +31,6 @@ class OddSparse:
     """The SJLT with two nonzeros per coordinate under the odd seed ``2 seed + 1``."""
 
     name: ClassVar[str] = NAME
-    captures: ClassVar[bool] = False
     width_is_k: ClassVar[bool] = True
     k: int = 1024
     seed: int = 0

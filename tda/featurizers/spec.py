@@ -7,9 +7,9 @@ name turns into a featurizer: :class:`tda.Attributor`, the pipeline families
 (:func:`pipelines.families.base.gradient_featurizer`) and :class:`tda.featurizers.diffusion.DiffusionFeaturizer`
 all build theirs here.
 
-A new projection is one frozen dataclass with a ``name``, its settings as fields, its traits
-(``captures``: it sketches captured layers, so ``params`` names modules; ``width_is_k``: its
-feature width is ``k``) and a ``featurizer(model, task, ...)`` method, registered with
+A new projection is one frozen dataclass with a ``name``, its settings as fields, one trait
+(``width_is_k``: its feature width is ``k``, else a ``width(model, param_names)`` method says what
+it is) and a ``featurizer(model, task, ...)`` method, registered with
 :func:`register_projection`; the Attributor (``projection="<name>"``) and ``featurize.projection``
 in a config then take it. ``tests/test_projection_plugin.py`` adds one from a test file.
 
@@ -43,7 +43,6 @@ class DenseProjection:
     """``P^T g`` with a dense ``d x k`` matrix (``kind`` entries; ``backend`` ``fast_jl`` on CUDA)."""
 
     name: ClassVar[str] = "dense"
-    captures: ClassVar[bool] = False
     width_is_k: ClassVar[bool] = True
     k: int = 1024
     seed: int = 0
@@ -60,7 +59,6 @@ class SparseProjection:
     """SJLT with ``nonzeros`` entries per gradient coordinate (:class:`tda.projections.sparse.SparseProjector`)."""
 
     name: ClassVar[str] = "sparse"
-    captures: ClassVar[bool] = False
     width_is_k: ClassVar[bool] = True
     k: int = 1024
     seed: int = 0
@@ -76,7 +74,6 @@ class TensorSketchProjection:
     """Each covered layer's gradient sketched into ``k`` outputs without forming it (:mod:`tda.projections.tensorsketch`)."""
 
     name: ClassVar[str] = "tensorsketch"
-    captures: ClassVar[bool] = True
     width_is_k: ClassVar[bool] = True
     k: int = 1024
     seed: int = 0
@@ -90,7 +87,6 @@ class FactoredProjection:
     """A Kronecker pair ``k_out x k_in`` per layer (LoGra, :mod:`tda.featurizers.factored`); ``None``: identity."""
 
     name: ClassVar[str] = "factored"
-    captures: ClassVar[bool] = True
     width_is_k: ClassVar[bool] = False
     k_in: int | None = 16
     k_out: int | None = 16
