@@ -26,6 +26,7 @@ A new family is one file in this package: subclass, then ``register_family(MyFam
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -41,6 +42,7 @@ from tda.featurizers.spec import SPECS, make_featurizer, projection_spec
 from tda.featurizers.representations import RepresentationFeaturizer
 from tda.models.tasks import Task
 
+from pipelines.held import held, run_key
 from pipelines.layout import RunPaths, json_field, load_checkpoint_list
 from pipelines.spec.schema import _build
 from pipelines.spec.fingerprints import projection_settings
@@ -64,6 +66,12 @@ class Family:
     label_key: str | None = None  # batch entry of class labels (label-aware representations), if any
     trains: bool = True  # has a training recipe (else model.checkpoints is required)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A family's ``datasets`` is read once per command (:func:`held_datasets`)."""
+        super().__init_subclass__(**kwargs)
+        if "datasets" in cls.__dict__:
+            cls.datasets = held_datasets(cls.__dict__["datasets"], cls)  # type: ignore[method-assign]
+
     def measure_key(self, cfg: RunConfig) -> dict[str, Any]:
         """What the LDS ground truth's measured f depends on beyond data, model and train (hashed
         into its cache key when not empty; empty keeps the classifier's and LM's keys as they were)."""
@@ -72,6 +80,11 @@ class Family:
     # -- the protocol
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         raise NotImplementedError
+
+    def data_files(self, cfg: RunConfig, paths: RunPaths | None) -> list[Path]:
+        """Files in the run folder that :meth:`datasets` reads (a command reads the data sets again
+        once one of them changed: :mod:`pipelines.held`); default none."""
+        return []
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         raise NotImplementedError
@@ -346,6 +359,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("featurize.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(name)
+
+
+def held_datasets(load: Callable[..., dict[str, Any]], owner: type) -> Callable[..., dict[str, Any]]:
+    """``load`` (a family's ``datasets``) read once per command and configuration, again when a
+    file of :meth:`Family.data_files` changed (:func:`pipelines.held.held`); each call
+    returns its own dict of the data sets (a caller may replace an entry)."""
+    @functools.wraps(load)
+    def datasets(self: Family, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
+        key = ("datasets", owner.__module__, owner.__qualname__, *run_key(cfg, paths))
+        return dict(held(key, lambda: self.data_files(cfg, paths), lambda: load(self, cfg, paths)))
+    return datasets
 
 
 def collated(dataset: Any, collate: Callable) -> dict[str, torch.Tensor]:

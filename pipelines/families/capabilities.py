@@ -33,6 +33,7 @@ from tda.models.tasks import Task
 
 from pipelines.imports import import_object
 from pipelines.layout import load_checkpoint_list
+from pipelines.held import held, run_key
 from pipelines.families.jobs import SubsetJob
 from pipelines.families.registry import family_for
 
@@ -177,8 +178,14 @@ class TaskCapabilities:
             raise ConfigError(f"per-example predictions need a classification or causal-LM task; model.task gives "
                               f"{type(task).__name__} of kind {task.kind!r}")
         files = [paths.checkpoint_file(e) for e in final_checkpoints(load_checkpoint_list(paths))]
-        return example_predictions(self.build_model(cfg), files, self.datasets(cfg, paths)[split],  # type: ignore[attr-defined]
-                                   self.collate(cfg), task, cfg.featurize.batch_size)  # type: ignore[attr-defined]
+
+        def predict() -> dict[str, np.ndarray]:
+            return example_predictions(self.build_model(cfg), files, self.datasets(cfg, paths)[split],  # type: ignore[attr-defined]
+                                       self.collate(cfg), task, cfg.featurize.batch_size)  # type: ignore[attr-defined]
+
+        read = [paths.checkpoint_list, *files, *self.data_files(cfg, paths)]  # type: ignore[attr-defined]
+        kept = held(("predictions", split, *run_key(cfg, paths)), lambda: read, predict)
+        return {key: value.copy() for key, value in kept.items()}  # once per command (pipelines.held)
 
     def query_accuracy(self, cfg: RunConfig, paths: RunPaths) -> float | None:
         """Mean top-1 accuracy of the attributed checkpoints on the run's queries (None: no classes)."""

@@ -137,6 +137,9 @@ class DiffusionFamily(Representations, Retraining, Reporting, Family):
     def generated_path(paths: RunPaths) -> Path:
         return paths.checkpoints / "generated.npz"
 
+    def data_files(self, cfg: RunConfig, paths: RunPaths | None) -> list[Path]:
+        return [self.generated_path(paths)] if paths is not None and self.options(cfg).generate else []
+
     def datasets(self, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         """Train images; queries: the query split, then the generated images (with ``paths``)."""
         d, o = cfg.data, self.options(cfg)

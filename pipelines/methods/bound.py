@@ -7,9 +7,10 @@ built model.
 Inside :func:`one_command` (``tda`` wraps every command in it) :func:`bind` returns the same
 :class:`BoundRun` for the same configuration and folder, so the index stage, the score stage and
 the report of one ``tda run`` share them; outside it (library calls, tests) every :func:`bind` is
-a new one. Models and data sets are not held: a model build draws from the random state that
-training seeds, and the train stage may write the queries (generated images) that a later stage
-reads.
+a new one. Inside it a family's data sets and per-example predictions are read once too, and again
+when a file they were read from changed (:mod:`pipelines.held`: the diffusion train stage
+writes the queries a later stage reads). Models are not held: a model build draws from the random
+state that training seeds, and training and checkpoint loads change the module.
 
 This module imports neither torch nor numpy at import time (``tda`` enters :func:`one_command`
 before a command sets its thread limits).
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
+
+from pipelines.held import holding
 
 if TYPE_CHECKING:
     from pipelines.families.base import Family
@@ -89,10 +92,12 @@ def bind(cfg: RunConfig, paths: RunPaths | None = None) -> BoundRun:
 
 @contextmanager
 def one_command() -> Iterator[None]:
-    """Within: :func:`bind` returns one :class:`BoundRun` per configuration and run folder."""
+    """Within: :func:`bind` returns one :class:`BoundRun` per configuration and run folder, and
+    data sets and predictions are read once (:func:`pipelines.held.holding`)."""
     global _SCOPE
     saved, _SCOPE = _SCOPE, {}
     try:
-        yield
+        with holding():
+            yield
     finally:
         _SCOPE = saved

@@ -1,0 +1,75 @@
+"""What a command reads from a run's data, read once: data sets and per-example predictions.
+
+Inside :func:`holding` (``tda`` enters it for every command through
+:func:`pipelines.methods.bound.one_command`) :func:`held` keeps the value ``make()`` returns under
+a key, together with a marker of the files it was read from (path, inode, size, modification
+time). The next :func:`held` with the same key returns the kept value while the files are
+unchanged, and calls ``make()`` again once one of them changed: a stage that writes what a later
+stage reads (the diffusion train stage's generated queries, a retrained checkpoint) is seen by it.
+Outside :func:`holding` (library calls, tests, dask workers) every call is ``make()``.
+
+Nothing random is held: a data set load draws from no global random state (subsets, label noise
+and shuffles take their own seeds), so reading a data set once or nine times gives one answer.
+Models are not held (a model is mutated by training and by loading a checkpoint into it).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from pipelines.layout import RunPaths
+    from pipelines.spec.schema import RunConfig
+
+T = TypeVar("T")
+_HELD: dict[tuple, tuple[tuple, Any]] | None = None
+_LOCK = threading.Lock()
+
+
+@contextmanager
+def holding() -> Iterator[None]:
+    """Within: :func:`held` keeps what it reads until the files it was read from change."""
+    global _HELD
+    saved, _HELD = _HELD, {}
+    try:
+        yield
+    finally:
+        _HELD = saved
+
+
+def run_key(cfg: RunConfig, paths: RunPaths | None) -> tuple[str, str | None]:
+    """The configuration (every key) and the run folder, as a key of :func:`held`."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str), None if paths is None else str(paths.root)
+
+
+def files_marker(files: Iterable[Path]) -> tuple:
+    """(path, inode, size, mtime) of each file; (path, None) for one that does not exist."""
+    out = []
+    for f in files:
+        try:
+            st = Path(f).stat()
+        except FileNotFoundError:
+            out.append((str(f), None))
+        else:
+            out.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def held(key: tuple, files: Callable[[], Iterable[Path]], make: Callable[[], T]) -> T:
+    """``make()``, kept under ``key`` inside :func:`holding` while ``files()`` are unchanged."""
+    if _HELD is None:
+        return make()
+    marker = files_marker(files())
+    with _LOCK:
+        kept = _HELD.get(key)
+    if kept is not None and kept[0] == marker:
+        return kept[1]
+    value = make()  # an exception is not kept: the next call tries again
+    with _LOCK:
+        _HELD[key] = (marker, value)
+    return value
