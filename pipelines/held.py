@@ -2,9 +2,10 @@
 
 Inside :func:`holding` (``tda`` enters it for every command through
 :func:`pipelines.methods.bound.one_command`) :func:`held` keeps the value ``make()`` returns under
-a key, together with a marker of the files it was read from (path, inode, size, modification
-time). The next :func:`held` with the same key returns the kept value while the files are
-unchanged, and calls ``make()`` again once one of them changed: a stage that writes what a later
+a key, together with a marker of the run folder it was asked for and of the files it was read
+from (path, inode, size, modification time). The next :func:`held` with the same key returns the
+kept value while the marker is the same, and calls ``make()`` again (keeping only the new value)
+once it differs: a stage that writes what a later
 stage reads (the diffusion train stage's generated queries, a retrained checkpoint) is seen by it.
 Outside :func:`holding` (library calls, tests, dask workers) every call is ``make()``.
 
@@ -42,9 +43,9 @@ def holding() -> Iterator[None]:
         _HELD = saved
 
 
-def run_key(cfg: RunConfig, paths: RunPaths | None) -> tuple[str, str | None]:
-    """The configuration (every key) and the run folder, as a key of :func:`held`."""
-    return json.dumps(cfg.to_dict(), sort_keys=True, default=str), None if paths is None else str(paths.root)
+def config_key(cfg: RunConfig) -> str:
+    """The configuration (every key), as part of a key of :func:`held`."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
 
 
 def files_marker(files: Iterable[Path]) -> tuple:
@@ -60,11 +61,13 @@ def files_marker(files: Iterable[Path]) -> tuple:
     return tuple(out)
 
 
-def held(key: tuple, files: Callable[[], Iterable[Path]], make: Callable[[], T]) -> T:
-    """``make()``, kept under ``key`` inside :func:`holding` while ``files()`` are unchanged."""
+def held(key: tuple, files: Callable[[], Iterable[Path]], make: Callable[[], T], folder: RunPaths | None = None) -> T:
+    """``make()``, kept under ``key`` inside :func:`holding` while it is asked for the same run
+    ``folder`` and ``files()`` are unchanged. One value per key: asked for another folder (or
+    none), it is made again and replaces the kept one, so a command keeps one copy of a data set."""
     if _HELD is None:
         return make()
-    marker = files_marker(files())
+    marker = (None if folder is None else str(folder.root), files_marker(files()))
     with _LOCK:
         kept = _HELD.get(key)
     if kept is not None and kept[0] == marker:

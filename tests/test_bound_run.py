@@ -81,10 +81,11 @@ def test_data_sets_read_once_per_command_and_again_when_their_files_change(tmp_p
         assert second["extra"].tolist() == [0, 1, 2]
         np.save(tmp_path / "extra.npy", np.arange(5))  # a stage rewrote a file the data sets read
         assert family.datasets(cfg, paths)["extra"].tolist() == [0, 1, 2, 3, 4] and _CountingFamily.loads == 2
-        family.datasets(cfg)  # no run folder: another key
-        assert _CountingFamily.loads == 3
+        assert "extra" not in family.datasets(cfg) and _CountingFamily.loads == 3  # no run folder: read anew
+        family.datasets(cfg, paths)  # one copy is kept: the folder's data sets are read again
+        assert _CountingFamily.loads == 4
     family.datasets(cfg, paths), family.datasets(cfg, paths)  # outside a command: every call loads
-    assert _CountingFamily.loads == 5
+    assert _CountingFamily.loads == 6
 
 
 def test_a_tiny_run_loads_its_data_sets_twice(tmp_path, monkeypatch) -> None:
@@ -94,8 +95,8 @@ def test_a_tiny_run_loads_its_data_sets_twice(tmp_path, monkeypatch) -> None:
     loads = []
     real = held.held
 
-    def counting(key, files, make):
-        return real(key, files, lambda: loads.append(key[0]) or make())
+    def counting(key, files, make, folder=None):
+        return real(key, files, lambda: loads.append(key[0]) or make(), folder)
 
     monkeypatch.setattr(base, "held", counting)
     cfg = tmp_path / "tiny.yaml"

@@ -42,7 +42,7 @@ from tda.featurizers.spec import SPECS, make_featurizer, projection_spec
 from tda.featurizers.representations import RepresentationFeaturizer
 from tda.models.tasks import Task
 
-from pipelines.held import held, run_key
+from pipelines.held import config_key, held
 from pipelines.layout import RunPaths, json_field, load_checkpoint_list
 from pipelines.spec.schema import _build
 from pipelines.spec.fingerprints import projection_settings
@@ -362,13 +362,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def held_datasets(load: Callable[..., dict[str, Any]], owner: type) -> Callable[..., dict[str, Any]]:
-    """``load`` (a family's ``datasets``) read once per command and configuration, again when a
-    file of :meth:`Family.data_files` changed (:func:`pipelines.held.held`); each call
+    """``load`` (a family's ``datasets``) read once per command and configuration, again when
+    asked for another run folder (or none) or a file of :meth:`Family.data_files` changed (:func:`pipelines.held.held`); each call
     returns its own dict of the data sets (a caller may replace an entry)."""
     @functools.wraps(load)
     def datasets(self: Family, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
-        key = ("datasets", owner.__module__, owner.__qualname__, *run_key(cfg, paths))
-        return dict(held(key, lambda: self.data_files(cfg, paths), lambda: load(self, cfg, paths)))
+        key = ("datasets", owner.__module__, owner.__qualname__, config_key(cfg))
+        return dict(held(key, lambda: self.data_files(cfg, paths), lambda: load(self, cfg, paths), paths))
     return datasets
 
 

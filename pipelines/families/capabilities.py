@@ -33,7 +33,7 @@ from tda.models.tasks import Task
 
 from pipelines.imports import import_object
 from pipelines.layout import load_checkpoint_list
-from pipelines.held import held, run_key
+from pipelines.held import config_key, held
 from pipelines.families.jobs import SubsetJob
 from pipelines.families.registry import family_for
 
@@ -184,7 +184,7 @@ class TaskCapabilities:
                                        self.collate(cfg), task, cfg.featurize.batch_size)  # type: ignore[attr-defined]
 
         read = [paths.checkpoint_list, *files, *self.data_files(cfg, paths)]  # type: ignore[attr-defined]
-        kept = held(("predictions", split, *run_key(cfg, paths)), lambda: read, predict)
+        kept = held(("predictions", split, config_key(cfg)), lambda: read, predict, paths)
         return {key: value.copy() for key, value in kept.items()}  # once per command (pipelines.held)
 
     def query_accuracy(self, cfg: RunConfig, paths: RunPaths) -> float | None:
