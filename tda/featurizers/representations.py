@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tda.errors import ConfigError, DataError, ShapeError
-from tda.featurizers.gradient import StateDict, apply_checkpoint, load_checkpoint
+from tda.featurizers.gradient import StateDict, featurize_loop
 from tda.gradients.per_example import check_finite, eval_mode
 from tda.models.tasks import Batch
 
@@ -301,12 +301,10 @@ class RepresentationFeaturizer:
         checkpoint: int,
         batches: Iterable[tuple[np.ndarray, Batch]],
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Yield ``(ids (B,) int64, features (B, h) float32, q (B,) ones)`` per batch."""
-        apply_checkpoint(self.model, load_checkpoint(state), f"checkpoint {checkpoint}")
-        self.model.to(self.device)
-        for ids, batch in batches:
-            feats, q = self.featurize_batch(batch, ids, checkpoint)
-            yield np.asarray(ids, dtype=np.int64), feats, q
+        """Yield ``(ids (B,) int64, features (B, h) float32, q (B,) ones)`` per batch (the loop every
+        featurizer shares: :func:`tda.featurizers.gradient.featurize_loop`)."""
+        yield from featurize_loop(self.model, self.device, self.featurize_batch, state, checkpoint, batches,
+                                  lambda: None)
 
 
 __all__ = ["RepresentationFeaturizer", "find_module", "hidden_states", "label_error_features", "pool"]

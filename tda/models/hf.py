@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from tda.errors import CheckpointError, ConfigError, DataError, MissingDependencyError, ShapeError
 from tda.models.lm import completion_log_prob
-from tda.models.tasks import Batch, ModelCall, Task, classification_loss_weight, classification_margin, margin_and_loss_weight
+from tda.models.tasks import Batch, MarginTask, ModelCall, Task
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _call(model: ModelCall, batch: Batch, keys: Sequence[str]) -> Tensor:
                           "(a batched pass over padded rows needs it)") from exc
 
 
-class HFClassificationTask(Task):
+class HFClassificationTask(MarginTask):
     """Margin output of a transformers sequence classifier, ``Q = 1 - p_y``.
 
     The model gets the ``input_keys`` found in the batch as keywords; its ``.logits`` (B, C) give
@@ -138,28 +138,15 @@ class HFClassificationTask(Task):
     """
 
     name = "hf-classification-margin"
-    kind = "classification"
 
     def __init__(self, label_key: str = "labels", input_keys: Sequence[str] = HF_INPUT_KEYS) -> None:
         self.label_key, self.input_keys = label_key, tuple(input_keys)
-
-    def logits(self, model: ModelCall, batch: Batch) -> Tensor:
-        return self._logits(model, batch)
 
     def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
         if self.label_key not in batch:
             raise ShapeError(f"batch has no {self.label_key!r} entry (has {sorted(batch)}); pass "
                              "HFClassificationTask(label_key=...) naming the labels")
         return _call(model, batch, self.input_keys)
-
-    def output(self, model: ModelCall, batch: Batch) -> Tensor:
-        return classification_margin(self._logits(model, batch), batch[self.label_key])
-
-    def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
-        return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
-
-    def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        return margin_and_loss_weight(self, HFClassificationTask, model, batch)
 
     def example_groups(self, batch: Batch) -> list[tuple[Tensor, Batch]]:
         return trim_padding(batch)

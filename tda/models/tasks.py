@@ -117,29 +117,44 @@ def classification_loss_weight(logits: Tensor, y: Tensor) -> Tensor:
     return 1.0 - probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
 
 
-def margin_and_loss_weight(task: Task, owner: type, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
-    """A margin classifier's f and Q from one logits call (``task._logits``, labels at
-    ``task.label_key``); a subclass of ``owner`` with its own ``output`` or ``loss_weight`` gets
-    ``(output, None)``, so its own Q is computed by :meth:`Task.loss_weight`."""
-    if type(task).output is not owner.output or type(task).loss_weight is not owner.loss_weight:
-        return task.output(model, batch), None
-    logits = task._logits(model, batch)  # type: ignore[attr-defined]
-    y = batch[task.label_key]  # type: ignore[attr-defined]
-    return classification_margin(logits, y), classification_loss_weight(logits.detach(), y)
+class MarginTask(Task):
+    """A classifier attributed through its margin: subclasses give ``_logits(model, batch)`` (B, C)
+    and ``label_key``; ``f`` is :func:`classification_margin`, ``Q`` :func:`classification_loss_weight`,
+    both from one logits call (:meth:`output_and_loss_weight`)."""
+
+    label_key: str
+    kind = "classification"
+
+    def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def logits(self, model: ModelCall, batch: Batch) -> Tensor:
+        return self._logits(model, batch)
+
+    def output(self, model: ModelCall, batch: Batch) -> Tensor:
+        return classification_margin(self._logits(model, batch), batch[self.label_key])
+
+    def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
+        return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
+
+    def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """f and Q from one logits call; a subclass with its own ``output`` or ``loss_weight`` gets
+        ``(output, None)``, so its own Q is computed by :meth:`Task.loss_weight`."""
+        if type(self).output is not MarginTask.output or type(self).loss_weight is not MarginTask.loss_weight:
+            return self.output(model, batch), None
+        logits = self._logits(model, batch)
+        y = batch[self.label_key]
+        return classification_margin(logits, y), classification_loss_weight(logits.detach(), y)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(MarginTask):
     """Margin output for a classifier taking ``batch[input_key]`` and labels ``batch[label_key]``."""
 
     name = "classification-margin"
-    kind = "classification"
 
     def __init__(self, input_key: str = "x", label_key: str = "y") -> None:
         self.input_key = input_key
         self.label_key = label_key
-
-    def logits(self, model: ModelCall, batch: Batch) -> Tensor:
-        return self._logits(model, batch)
 
     def _logits(self, model: ModelCall, batch: Batch) -> Tensor:
         for key in (self.input_key, self.label_key):
@@ -155,12 +170,3 @@ class ClassificationTask(Task):
             raise ShapeError(f"the model returned a {type(logits).__name__}, not a (B, C) tensor of class scores; "
                              f"{hint}")
         return logits
-
-    def output(self, model: ModelCall, batch: Batch) -> Tensor:
-        return classification_margin(self._logits(model, batch), batch[self.label_key])
-
-    def loss_weight(self, model: ModelCall, batch: Batch) -> Tensor:
-        return classification_loss_weight(self._logits(model, batch), batch[self.label_key])
-
-    def output_and_loss_weight(self, model: ModelCall, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        return margin_and_loss_weight(self, ClassificationTask, model, batch)
