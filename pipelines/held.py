@@ -3,10 +3,11 @@
 Inside :func:`holding` (``tda`` enters it for every command through
 :func:`pipelines.methods.bound.one_command`) :func:`held` keeps the value ``make()`` returns under
 a key, together with a marker of the run folder it was asked for and of the files it was read
-from (path, inode, size, modification time). The next :func:`held` with the same key returns the
-kept value while the marker is the same, and calls ``make()`` again (keeping only the new value)
-once it differs: a stage that writes what a later
-stage reads (the diffusion train stage's generated queries, a retrained checkpoint) is seen by it.
+from (path, size, modification and change times, inode). The next :func:`held` with the same key
+returns the kept value while the marker is the same, and calls ``make()`` again (keeping only the
+new value) once it differs: a stage that writes what a later stage reads (the diffusion train
+stage's generated queries, a retrained checkpoint) is seen by it. :func:`pipelines.methods.bound.bind`
+keeps a command's bound runs here too.
 Outside :func:`holding` (library calls, tests, dask workers) every call is ``make()``.
 
 Nothing random is held: a data set load draws from no global random state (subsets, label noise
@@ -49,15 +50,15 @@ def config_key(cfg: RunConfig) -> str:
 
 
 def files_marker(files: Iterable[Path]) -> tuple:
-    """(path, inode, size, mtime) of each file; (path, None) for one that does not exist."""
+    """Each file's path and :func:`stores.digests.stat_stamp`; (path, None) for one that does not exist."""
+    from stores.digests import stat_stamp  # here, not at import: `tda` imports this before numpy's thread limits
+
     out = []
     for f in files:
         try:
-            st = Path(f).stat()
+            out.append((str(f), *stat_stamp(Path(f).stat())))
         except FileNotFoundError:
             out.append((str(f), None))
-        else:
-            out.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
 
 

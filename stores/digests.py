@@ -32,7 +32,8 @@ def _tda_made(folder: Path) -> bool:
 TDA_MARKERS = ("run.json", ".lock", "manifest.json")
 
 
-def _stamp(st: os.stat_result) -> list[int]:
+def stat_stamp(st: os.stat_result) -> list[int]:
+    """What changes when a file is rewritten: size, modification and change times, inode."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
@@ -66,7 +67,7 @@ class DigestCache:
 
     def file_digest(self, path: Path) -> str:
         key = str(Path(path).resolve())
-        stamp = _stamp(os.stat(key))
+        stamp = stat_stamp(os.stat(key))
         hit = self._memo.get(key)
         if hit is not None and list(hit[0]) == stamp:
             return hit[1]

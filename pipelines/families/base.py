@@ -363,8 +363,9 @@ def resolve_device(name: str) -> torch.device:
 
 def held_datasets(load: Callable[..., dict[str, Any]], owner: type) -> Callable[..., dict[str, Any]]:
     """``load`` (a family's ``datasets``) read once per command and configuration, again when
-    asked for another run folder (or none) or a file of :meth:`Family.data_files` changed (:func:`pipelines.held.held`); each call
-    returns its own dict of the data sets (a caller may replace an entry)."""
+    asked for another run folder (or none) or a file of :meth:`Family.data_files` changed
+    (:func:`pipelines.held.held`); each call returns its own dict of the data sets (a caller may
+    replace an entry)."""
     @functools.wraps(load)
     def datasets(self: Family, cfg: RunConfig, paths: RunPaths | None = None) -> dict[str, Any]:
         key = ("datasets", owner.__module__, owner.__qualname__, config_key(cfg))

@@ -18,21 +18,18 @@ before a command sets its thread limits).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from pipelines.held import holding
+from pipelines.held import config_key, held, holding
 
 if TYPE_CHECKING:
     from pipelines.families.base import Family
     from pipelines.layout import RunPaths
     from pipelines.spec.method import Method
     from pipelines.spec.schema import RunConfig
-
-_SCOPE: dict[tuple[str, str | None], "BoundRun"] | None = None
 
 
 class BoundRun:
@@ -82,22 +79,11 @@ class BoundRun:
 
 def bind(cfg: RunConfig, paths: RunPaths | None = None) -> BoundRun:
     """The command's :class:`BoundRun` of ``cfg`` and ``paths`` (a new one outside :func:`one_command`)."""
-    if _SCOPE is None:
-        return BoundRun(cfg, paths)
-    key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), None if paths is None else str(paths.root))
-    if key not in _SCOPE:
-        _SCOPE[key] = BoundRun(cfg, paths)
-    return _SCOPE[key]
+    key = ("bound", config_key(cfg), None if paths is None else str(paths.root))
+    return held(key, tuple, lambda: BoundRun(cfg, paths))
 
 
-@contextmanager
-def one_command() -> Iterator[None]:
+def one_command() -> AbstractContextManager[None]:
     """Within: :func:`bind` returns one :class:`BoundRun` per configuration and run folder, and
-    data sets and predictions are read once (:func:`pipelines.held.holding`)."""
-    global _SCOPE
-    saved, _SCOPE = _SCOPE, {}
-    try:
-        with holding():
-            yield
-    finally:
-        _SCOPE = saved
+    data sets and predictions are read once (the scope of :func:`pipelines.held.holding`)."""
+    return holding()

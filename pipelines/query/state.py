@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from stores import FeatureStore
+from stores.digests import stat_stamp
 from tda.errors import DataError, InputChangedError, QueryError, TDAError
 from tda.core.features import FeatureBlock
 
@@ -245,10 +246,10 @@ class Service:
 
 
 def _stamp(path: Any) -> tuple | None:
-    """(size, mtime_ns) of a file, or of every file of a folder (a save_pretrained checkpoint)."""
+    """:func:`stores.digests.stat_stamp` of a file, or of every file of a folder (a save_pretrained checkpoint)."""
     try:
         files = sorted(path.iterdir()) if path.is_dir() else [path]
-        return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        return tuple((f.name, *stat_stamp(f.stat())) for f in files)
     except OSError:
         return None
 
